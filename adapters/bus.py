@@ -1,0 +1,72 @@
+"""RabbitMQ: the connection and the contract's topology, declared idempotently at start-up.
+
+Commands land in a quorum queue with a dead-letter exchange and a delivery limit, so a message
+that keeps failing ends in `failover.dead` instead of looping. Events leave through a channel
+with publisher confirms and `on_return_raises`, so an unroutable or unconfirmed publish is an
+error, never a silent loss.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+
+COMMANDS_EXCHANGE = "failover.commands"
+EVENTS_EXCHANGE = "failover.events"
+DLX_EXCHANGE = "failover.dlx"
+DEAD_QUEUE = "failover.dead"
+COMMANDS_QUEUE = "failover.commands"
+PROJECTOR_QUEUE = "failover.projector"
+REASON_HEADER = "x-failover-reason"
+
+
+async def connect(url: str, *, ca_file: str | None = None, name: str = "failover") -> AbstractRobustConnection:
+    """A robust connection (it reconnects and restores its channels, queues and consumers)."""
+    kwargs: dict[str, object] = {"client_properties": {"connection_name": name}}
+    if url.startswith("amqps://"):
+        kwargs["ssl_context"] = ssl.create_default_context(cafile=ca_file)
+    return await aio_pika.connect_robust(url, **kwargs)  # type: ignore[arg-type]
+
+
+@dataclass
+class Topology:
+    """References to what was declared. Kept by the caller: robust objects are restored on
+    reconnect only while someone holds them."""
+
+    channel: AbstractRobustChannel
+    commands: AbstractExchange
+    events: AbstractExchange
+    dlx: AbstractExchange
+    dead: AbstractQueue
+
+
+async def declare(connection: AbstractRobustConnection) -> Topology:
+    """Declare the exchanges and the dead-letter queue; returns a confirming channel."""
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    commands = await channel.declare_exchange(COMMANDS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    events = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    dlx = await channel.declare_exchange(DLX_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
+    dead = await channel.declare_queue(DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+    await dead.bind(dlx, routing_key="#")
+    return Topology(channel=channel, commands=commands, events=events, dlx=dlx, dead=dead)  # type: ignore[arg-type]
+
+
+async def declare_work_queue(channel: AbstractRobustChannel, name: str, exchange: str, *,
+                             delivery_limit: int, prefetch: int) -> AbstractQueue:
+    """A durable quorum queue bound with `#`, dead-lettering to `failover.dlx`."""
+    await channel.set_qos(prefetch_count=prefetch)
+    queue = await channel.declare_queue(name, durable=True, arguments={
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": DLX_EXCHANGE,
+        "x-delivery-limit": delivery_limit,
+    })
+    await queue.bind(exchange, routing_key="#")
+    return queue

@@ -1,0 +1,203 @@
+"""CloudStack adapter on the `cs` package's asyncio client (request signing is the library's).
+
+Async commands are sent with `fetch_result=False` so the `id` and `jobid` of the first answer
+can be recorded before waiting (a resumable step needs both); waiting polls
+`queryAsyncJobResult`. CloudStack's errors become the engine's: 431 (a refused request) is a
+`RefusedError`, 5xx, timeouts and connection failures are `TransientError`s, answers of the
+wrong shape are `MalformedResponse`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from cs import AIOCloudStack, CloudStackApiException, CloudStackException
+
+from schemas.common import is_uuid_text
+from statemachine.errors import MalformedResponse, RefusedError, StepError, TransientError
+from statemachine.ports import AsyncStart, CsSnapshot, CsVm, CsVolume, DeploySpec
+
+Timer = Callable[[str, str, str, float], None]  # adapter, operation, outcome, seconds
+
+
+class CloudStackAdapter:
+    """`statemachine.ports.CloudStackPort` for one CloudStack endpoint."""
+
+    def __init__(self, endpoint: str, api_key: str, secret_key: str, *, session: aiohttp.ClientSession,
+                 poll_interval: float = 2.0, timeout: float = 60.0, observe: Timer | None = None) -> None:
+        self._cs = AIOCloudStack(endpoint=endpoint, key=api_key, secret=secret_key, session=session,
+                                 timeout=int(timeout), fetch_result=False)
+        self._poll = poll_interval
+        self._observe = observe or (lambda *a: None)
+        self._zones: dict[str, str] = {}
+
+    async def _call(self, command: str, **params: Any) -> dict[str, Any]:
+        began = time.monotonic()
+        outcome = "error"
+        try:
+            result = await getattr(self._cs, command)(**params)
+            if not isinstance(result, dict):
+                raise MalformedResponse("CloudStack", f"{command} answered {type(result).__name__}, not an object")
+            outcome = "ok"
+            return result
+        except CloudStackApiException as exc:
+            raise _translate(command, exc) from exc
+        except CloudStackException as exc:  # non-JSON body, malformed document, timeout
+            raise MalformedResponse("CloudStack", f"{command}: {exc.args[0] if exc.args else exc}") from exc
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise TransientError("CLOUDSTACK_UNREACHABLE",
+                                 f"CloudStack did not answer {command} ({type(exc).__name__}: {exc}); "
+                                 "check FAILOVER_CLOUDSTACK_URL and the network") from exc
+        except (KeyError, ValueError, TypeError) as exc:
+            raise MalformedResponse("CloudStack", f"{command}: {exc}") from exc
+        finally:
+            self._observe("cloudstack", command, outcome, time.monotonic() - began)
+
+    async def _async(self, command: str, **params: Any) -> AsyncStart:
+        data = await self._call(command, **params)
+        job = data.get("jobid")
+        if not isinstance(job, str):
+            raise MalformedResponse("CloudStack", f"{command} answered without a jobid")
+        rid = data.get("id")
+        return AsyncStart(resource_id=rid if isinstance(rid, str) else None, job_id=job)
+
+    @staticmethod
+    def _items(data: dict[str, Any], key: str) -> list[dict[str, Any]]:
+        items = data.get(key, [])
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise MalformedResponse("CloudStack", f"list of {key} has the wrong shape")
+        return items
+
+    # ------------------------------------------------------------------ port
+
+    async def resolve_zone(self, zone: str) -> str:
+        if is_uuid_text(zone):
+            return zone
+        if zone not in self._zones:
+            zones = self._items(await self._call("listZones", name=zone), "zone")
+            match = [z for z in zones if z.get("name") == zone]
+            if not match:
+                raise RefusedError("ZONE_NOT_FOUND", f"CloudStack has no zone named {zone!r}; check FAILOVER_ZONE")
+            self._zones[zone] = str(match[0]["id"])
+        return self._zones[zone]
+
+    async def wait_job(self, job_id: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            data = await self._call("queryAsyncJobResult", jobid=job_id)
+            status = data.get("jobstatus")
+            if status == 1:
+                result = data.get("jobresult", {})
+                return result if isinstance(result, dict) else {}
+            if status == 2:
+                result = data.get("jobresult") or {}
+                text = result.get("errortext") if isinstance(result, dict) else str(result)
+                raise TransientError("CLOUDSTACK_JOB_FAILED", f"CloudStack async job {job_id} failed: {text}")
+            if status != 0:
+                raise MalformedResponse("CloudStack", f"queryAsyncJobResult jobstatus={status!r}")
+            if time.monotonic() >= deadline:
+                raise TransientError("CLOUDSTACK_JOB_TIMEOUT",
+                                     f"CloudStack async job {job_id} did not finish within {timeout:.0f} s")
+            await asyncio.sleep(min(self._poll, max(0.0, deadline - time.monotonic())) or 0.01)
+
+    async def create_snapshot(self, volume_id: str, name: str) -> AsyncStart:
+        return await self._async("createSnapshot", volumeid=volume_id, name=name)
+
+    def _snapshot(self, s: dict[str, Any]) -> CsSnapshot:
+        try:
+            return CsSnapshot(id=str(s["id"]), name=str(s.get("name", "")), volume_id=str(s.get("volumeid", "")),
+                              state=str(s["state"]), revertable=bool(s.get("revertable", False)))
+        except KeyError as exc:
+            raise MalformedResponse("CloudStack", f"snapshot without {exc}") from exc
+
+    async def find_snapshot(self, name: str, volume_id: str) -> CsSnapshot | None:
+        items = self._items(await self._call("listSnapshots", volumeid=volume_id, name=name), "snapshot")
+        found = [self._snapshot(s) for s in items if s.get("name") == name]
+        found = [s for s in found if s.state.lower() not in ("error", "destroyed")]
+        return found[0] if found else None
+
+    async def get_snapshot(self, snapshot_id: str) -> CsSnapshot | None:
+        items = self._items(await self._call("listSnapshots", id=snapshot_id), "snapshot")
+        return self._snapshot(items[0]) if items else None
+
+    async def revert_snapshot(self, snapshot_id: str) -> AsyncStart:
+        return await self._async("revertSnapshot", id=snapshot_id)
+
+    async def delete_snapshot(self, snapshot_id: str) -> AsyncStart:
+        return await self._async("deleteSnapshot", id=snapshot_id)
+
+    async def deploy_vm(self, spec: DeploySpec) -> AsyncStart:
+        if "~" in spec.name or "~" in spec.display_name:  # `cs` signs "~" differently from CloudStack
+            raise StepError("INVALID_NAME", "VM names must not contain '~'")
+        params: dict[str, Any] = {
+            "serviceofferingid": spec.service_offering_id, "templateid": spec.template_id,
+            "zoneid": spec.zone_id, "name": spec.name, "displayname": spec.display_name,
+            "networkids": list(spec.network_ids), "startvm": False,
+            "details": {"cpuNumber": spec.cpu_count, "memory": spec.memory_mb},
+        }
+        if spec.disk_offering_id:
+            params["diskofferingid"] = spec.disk_offering_id
+        return await self._async("deployVirtualMachine", **params)
+
+    def _vm(self, v: dict[str, Any]) -> CsVm:
+        try:
+            return CsVm(id=str(v["id"]), name=str(v.get("name", "")), state=str(v["state"]))
+        except KeyError as exc:
+            raise MalformedResponse("CloudStack", f"virtual machine without {exc}") from exc
+
+    async def find_vm(self, name: str) -> CsVm | None:
+        items = self._items(await self._call("listVirtualMachines", name=name), "virtualmachine")
+        found = [self._vm(v) for v in items if v.get("name") == name]
+        found = [v for v in found if v.state not in ("Destroyed", "Expunging", "Error")]
+        return found[0] if found else None
+
+    async def get_vm(self, vm_id: str) -> CsVm | None:
+        items = self._items(await self._call("listVirtualMachines", id=vm_id), "virtualmachine")
+        return self._vm(items[0]) if items else None
+
+    async def start_vm(self, vm_id: str) -> AsyncStart:
+        return await self._async("startVirtualMachine", id=vm_id)
+
+    async def stop_vm(self, vm_id: str) -> AsyncStart:
+        return await self._async("stopVirtualMachine", id=vm_id, forced=True)
+
+    async def destroy_vm(self, vm_id: str) -> AsyncStart:
+        return await self._async("destroyVirtualMachine", id=vm_id, expunge=True)
+
+    async def list_vm_volumes(self, vm_id: str) -> list[CsVolume]:
+        items = self._items(await self._call("listVolumes", virtualmachineid=vm_id), "volume")
+        out = []
+        for v in items:
+            try:
+                dev = v.get("deviceid")
+                out.append(CsVolume(id=str(v["id"]), name=str(v.get("name", "")), type=str(v["type"]),
+                                    vm_id=v.get("virtualmachineid"), device_id=int(dev) if dev is not None else None))
+            except (KeyError, ValueError) as exc:
+                raise MalformedResponse("CloudStack", f"volume without {exc}") from exc
+        return out
+
+    async def delete_volume(self, volume_id: str) -> None:
+        try:
+            await self._call("deleteVolume", id=volume_id)
+        except RefusedError as exc:
+            items = self._items(await self._call("listVolumes", id=volume_id), "volume")
+            if items:  # still there: the refusal stands
+                raise exc from None
+
+
+def _translate(command: str, exc: CloudStackApiException) -> StepError:
+    error = exc.error if isinstance(exc.error, dict) else {}
+    code = error.get("errorcode")
+    if code is None and exc.response is not None:
+        code = getattr(exc.response, "status", None)
+    text = error.get("errortext") or str(exc)
+    if code == 401:
+        return RefusedError("CLOUDSTACK_AUTH", "CloudStack refused the API key or signature (401); check "
+                                               "FAILOVER_CLOUDSTACK_API_KEY and FAILOVER_CLOUDSTACK_SECRET_KEY")
+    if isinstance(code, int) and 400 <= code < 500:
+        return RefusedError("CLOUDSTACK_REFUSED", f"CloudStack refused {command} ({code}): {text}")
+    return TransientError("CLOUDSTACK_ERROR", f"CloudStack failed {command} ({code}): {text}")

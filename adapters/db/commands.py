@@ -1,0 +1,224 @@
+"""Recording commands: each command becomes, in ONE transaction, a `job_commands` row (the
+idempotency key), and either a new job with its `JobAccepted`, a change to an existing job, or
+a `JobRejected`. Only after that commit is the delivery acked."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from schemas.commands import (
+    CancelRequested,
+    CleanupRequested,
+    Command,
+    FailoverRequested,
+    RollbackRequested,
+)
+from schemas.common import STEPS_BY_JOB_TYPE, utc_now
+from schemas.events import JobAccepted, JobRejected
+
+from .engine import utcnow
+from .store import SEED_JOB_TYPES, outbox_row
+from .tables import failover_jobs, job_commands, outbox, vm_replication_contexts
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: str  # accepted | duplicate | rejected_<reason> | signalled
+    job_id: str | None = None  # a job this process now owns and should run
+    detail: str | None = None
+
+
+def _is_duplicate_key(exc: IntegrityError, key: str) -> bool:
+    return "Duplicate entry" in str(exc.orig) and key in str(exc.orig)
+
+
+class CommandRecorder:
+    """Turns validated commands into jobs or rejections (guarantee 1: one job per request)."""
+
+    def __init__(self, engine: AsyncEngine, owner: str, lease_seconds: float) -> None:
+        self.engine = engine
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+        self.on_outbox: Any = lambda: None
+
+    def _expiry(self) -> Any:
+        return func.date_add(func.now(6), text(f"INTERVAL {int(self.lease_seconds * 1e6)} MICROSECOND"))
+
+    async def record(self, cmd: Command) -> Decision:
+        async with self.engine.begin() as conn:
+            try:
+                await conn.execute(job_commands.insert().values(
+                    request_id=str(cmd.request_id), command_type=cmd.type, outcome="received",
+                    received_at=utcnow()))
+            except IntegrityError:
+                return Decision("duplicate")
+            if isinstance(cmd, FailoverRequested):
+                decision = await self._failover(conn, cmd)
+            elif isinstance(cmd, CleanupRequested):
+                decision = await self._cleanup(conn, cmd)
+            elif isinstance(cmd, CancelRequested):
+                decision = await self._cancel(conn, cmd)
+            else:
+                decision = await self._rollback(conn, cmd)
+            await conn.execute(update(job_commands).where(job_commands.c.request_id == str(cmd.request_id))
+                               .values(outcome=decision.outcome, job_id=decision.job_id, detail=decision.detail))
+        self.on_outbox()
+        return decision
+
+    async def reject_invalid(self, request_id: uuid.UUID, command_type: str | None, vm_id: str | None,
+                             detail: str, job_type: str | None = None) -> Decision:
+        """A readable request_id but an invalid command: `JobRejected` `invalid`, once."""
+        async with self.engine.begin() as conn:
+            try:
+                await conn.execute(job_commands.insert().values(
+                    request_id=str(request_id), command_type=(command_type or "unknown")[:64],
+                    outcome="rejected_invalid", detail=detail, received_at=utcnow()))
+            except IntegrityError:
+                return Decision("duplicate")
+            await self._reject(conn, request_id, "invalid", detail, job_type=job_type, vm_id=vm_id)
+        self.on_outbox()
+        return Decision("rejected_invalid", detail=detail)
+
+    # ------------------------------------------------------------------ each command
+
+    async def _reject(self, conn: AsyncConnection, request_id: uuid.UUID, reason: str, detail: str, *,
+                      job_type: str | None, vm_id: str | None, correlation_id: uuid.UUID | None = None) -> Decision:
+        event = JobRejected(
+            event_id=uuid.uuid4(), job_id=request_id, job_type=job_type, vm_id=vm_id, sequence=1,
+            correlation_id=correlation_id or request_id, causation_id=request_id, occurred_at=utc_now(),
+            reason=reason, detail=detail)
+        await conn.execute(text("SAVEPOINT rej"))
+        try:
+            await conn.execute(outbox.insert().values(**outbox_row(event)))
+        except IntegrityError:
+            # a job already owns this id's stream (e.g. cancel's request_id equal to a job id)
+            await conn.execute(text("ROLLBACK TO SAVEPOINT rej"))
+        return Decision(f"rejected_{reason}", detail=detail)
+
+    async def _new_job(self, conn: AsyncConnection, *, job_id: str, job_type: str, vm_id: str, vm_name: str,
+                       correlation_id: str, requested_by: str, options: dict[str, Any] | None,
+                       active_vm_id: str | None, parent_job_id: str | None = None,
+                       plan: dict[str, Any] | None = None) -> None:
+        now = utcnow()
+        await conn.execute(failover_jobs.insert().values(
+            job_id=job_id, request_id=job_id, vm_id=vm_id, job_type=SEED_JOB_TYPES[job_type],
+            status="pending", source_vm_name=vm_name, created_at=now, updated_at=now,
+            correlation_id=correlation_id, parent_job_id=parent_job_id, requested_by=requested_by,
+            options=options or {}, plan=plan, last_sequence=1, active_vm_id=active_vm_id,
+            lease_owner=self.owner, lease_expires_at=self._expiry()))
+        steps = STEPS_BY_JOB_TYPE[job_type]  # type: ignore[index]
+        event = JobAccepted(
+            event_id=uuid.uuid4(), job_id=uuid.UUID(job_id), job_type=job_type, vm_id=vm_id, sequence=1,
+            correlation_id=uuid.UUID(correlation_id), causation_id=uuid.UUID(job_id), occurred_at=utc_now(),
+            vm_name=vm_name, requested_by=requested_by,
+            steps=[{"name": s, "order": i + 1} for i, s in enumerate(steps)])
+        await conn.execute(outbox.insert().values(**outbox_row(event)))
+
+    async def _failover(self, conn: AsyncConnection, cmd: FailoverRequested) -> Decision:
+        job_type = "test-failover" if cmd.failover_type == "test" else "live-failover"
+        job_id = str(cmd.request_id)
+        vm = (await conn.execute(select(vm_replication_contexts.c.vm_name).where(
+            vm_replication_contexts.c.vmware_vm_id == cmd.vm_id))).first()
+        if vm is None:
+            return await self._reject(conn, cmd.request_id, "not_found",
+                                      f"VM {cmd.vm_id!r} is not in vm_replication_contexts: check the vm_id "
+                                      "(the source VM's vmware_vm_id) or replicate the VM first",
+                                      job_type=job_type, vm_id=cmd.vm_id)
+        await conn.execute(text("SAVEPOINT job"))
+        try:
+            await self._new_job(conn, job_id=job_id, job_type=job_type, vm_id=cmd.vm_id, vm_name=vm.vm_name,
+                                correlation_id=job_id, requested_by=cmd.requested_by,
+                                options=cmd.options.model_dump(), active_vm_id=cmd.vm_id)
+        except IntegrityError as exc:
+            await conn.execute(text("ROLLBACK TO SAVEPOINT job"))
+            if not _is_duplicate_key(exc, "active_vm_id"):
+                raise
+            blocker = (await conn.execute(select(
+                failover_jobs.c.job_id, failover_jobs.c.job_type, failover_jobs.c.status,
+                failover_jobs.c.rolled_back).where(failover_jobs.c.active_vm_id == cmd.vm_id))).first()
+            return await self._reject(conn, cmd.request_id, "conflict", _conflict_detail(cmd.vm_id, blocker),
+                                      job_type=job_type, vm_id=cmd.vm_id)
+        return Decision("accepted", job_id=job_id)
+
+    async def _cleanup(self, conn: AsyncConnection, cmd: CleanupRequested) -> Decision:
+        parent_id = str(cmd.failover_job_id)
+        parent = (await conn.execute(select(failover_jobs).where(failover_jobs.c.job_id == parent_id)
+                                     .with_for_update())).first()
+        if parent is None or parent.job_type == "cleanup":
+            return await self._reject(conn, cmd.request_id, "not_found",
+                                      f"no failover job {parent_id}: check the failover_job_id",
+                                      job_type="cleanup", vm_id=None)
+        why = None
+        if parent.job_type == "live":
+            why = "it is a live failover, which is permanent and cannot be cleaned up"
+        elif parent.status == "cleaned_up":
+            why = "it has already been cleaned up"
+        elif parent.status != "completed":
+            why = f"it is {parent.status}; only a completed test failover can be cleaned up"
+        elif parent.cleanup_job_id:
+            why = f"cleanup job {parent.cleanup_job_id} is already running for it"
+        if why:
+            return await self._reject(conn, cmd.request_id, "not_allowed",
+                                      f"failover job {parent_id} cannot be cleaned up: {why}",
+                                      job_type="cleanup", vm_id=parent.vm_id,
+                                      correlation_id=uuid.UUID(parent_id))
+        job_id = str(cmd.request_id)
+        await self._new_job(conn, job_id=job_id, job_type="cleanup", vm_id=parent.vm_id,
+                            vm_name=parent.source_vm_name, correlation_id=parent_id,
+                            requested_by=cmd.requested_by, options=None, active_vm_id=None,
+                            parent_job_id=parent_id, plan=parent.plan)
+        await conn.execute(update(failover_jobs).where(failover_jobs.c.job_id == parent_id)
+                           .values(cleanup_job_id=job_id, updated_at=utcnow()))
+        return Decision("accepted", job_id=job_id)
+
+    async def _cancel(self, conn: AsyncConnection, cmd: CancelRequested) -> Decision:
+        job = (await conn.execute(select(failover_jobs).where(failover_jobs.c.job_id == str(cmd.job_id))
+                                  .with_for_update())).first()
+        if job is None:
+            return await self._reject(conn, cmd.request_id, "not_found", f"no job {cmd.job_id}",
+                                      job_type=None, vm_id=None)
+        if job.ended:
+            return await self._reject(conn, cmd.request_id, "not_allowed",
+                                      f"job {cmd.job_id} has already ended ({job.status}); only a running "
+                                      "job can be cancelled", job_type=None, vm_id=job.vm_id)
+        await conn.execute(update(failover_jobs).where(failover_jobs.c.job_id == job.job_id)
+                           .values(cancel_requested=True, updated_at=utcnow()))
+        return Decision("signalled", job_id=None)
+
+    async def _rollback(self, conn: AsyncConnection, cmd: RollbackRequested) -> Decision:
+        job = (await conn.execute(select(failover_jobs).where(failover_jobs.c.job_id == str(cmd.job_id))
+                                  .with_for_update())).first()
+        if job is None:
+            return await self._reject(conn, cmd.request_id, "not_found", f"no job {cmd.job_id}",
+                                      job_type=None, vm_id=None)
+        if job.job_type == "cleanup" or job.status != "failed" or job.rolled_back is None or bool(job.rolled_back):
+            return await self._reject(conn, cmd.request_id, "not_allowed",
+                                      f"job {cmd.job_id} is {job.status} (rolled_back={job.rolled_back}); a "
+                                      "rollback can be retried only for a failed failover whose rollback "
+                                      "did not complete", job_type=None, vm_id=job.vm_id)
+        await conn.execute(update(failover_jobs).where(failover_jobs.c.job_id == job.job_id).values(
+            ended=False, rollback_requested=True, lease_owner=self.owner, lease_expires_at=self._expiry(),
+            updated_at=utcnow()))
+        return Decision("accepted", job_id=job.job_id)
+
+
+def _conflict_detail(vm_id: str, blocker: Any) -> str:
+    if blocker is None:
+        return f"VM {vm_id!r} has another job starting at this moment; retry later"
+    what = {"test": "test failover", "live": "live failover", "cleanup": "cleanup"}.get(blocker.job_type,
+                                                                                       blocker.job_type)
+    if blocker.status == "completed" and blocker.job_type == "test":
+        todo = "publish a CleanupRequested for it first"
+    elif blocker.status == "completed" and blocker.job_type == "live":
+        todo = "the VM has been failed over for good"
+    elif blocker.status == "failed":
+        todo = "its rollback did not complete: finish it with a RollbackRequested (failoverctl rollback)"
+    else:
+        todo = "wait for it to end, or cancel it"
+    return f"VM {vm_id!r} is held by {what} job {blocker.job_id} ({blocker.status}): {todo}"

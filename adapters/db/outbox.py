@@ -1,0 +1,70 @@
+"""The outbox relay's side of the database: unsent events in commit order, marking them sent,
+and the leader lease that lets one relay at a time publish (so each job's events leave in
+sequence order)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, text, update
+from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .engine import from_db_time, utcnow
+from .tables import leases, outbox
+
+
+@dataclass(frozen=True)
+class OutboxEvent:
+    id: int
+    event_id: str
+    job_id: str
+    event_type: str
+    correlation_id: str
+    body: str
+    created_at_epoch: float
+
+
+class OutboxStore:
+    def __init__(self, engine: AsyncEngine, owner: str) -> None:
+        self.engine = engine
+        self.owner = owner
+
+    async def acquire_leadership(self, name: str, lease_seconds: float) -> bool:
+        """Take or keep the named lease; True while this process holds it."""
+        expiry = func.date_add(func.now(6), text(f"INTERVAL {int(lease_seconds * 1e6)} MICROSECOND"))
+        async with self.engine.begin() as conn:
+            stmt = mysql_insert(leases).values(name=name, owner=self.owner, expires_at=expiry)
+            free = (leases.c.owner == self.owner) | (leases.c.expires_at < func.now(6))
+            await conn.execute(stmt.on_duplicate_key_update(
+                owner=func.if_(free, self.owner, leases.c.owner),
+                expires_at=func.if_(free, stmt.inserted.expires_at, leases.c.expires_at)))
+            owner = (await conn.execute(select(leases.c.owner).where(leases.c.name == name))).scalar_one()
+        return bool(owner == self.owner)
+
+    async def release_leadership(self, name: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(update(leases).where(leases.c.name == name, leases.c.owner == self.owner)
+                               .values(expires_at=func.now(6)))
+
+    async def unsent(self, limit: int) -> list[OutboxEvent]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(
+                select(outbox.c.id, outbox.c.event_id, outbox.c.job_id, outbox.c.event_type,
+                       outbox.c.correlation_id, outbox.c.body, outbox.c.created_at)
+                .where(outbox.c.published_at.is_(None)).order_by(outbox.c.id).limit(limit))).all()
+        return [OutboxEvent(r.id, r.event_id, r.job_id, r.event_type, r.correlation_id, r.body,
+                            from_db_time(r.created_at) or 0.0) for r in rows]
+
+    async def mark_sent(self, ids: list[int]) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(published_at=utcnow()))
+
+    async def backlog(self) -> tuple[int, float]:
+        """(unsent events, age in seconds of the oldest one)."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(text(
+                "SELECT COUNT(*), TIMESTAMPDIFF(MICROSECOND, MIN(created_at), UTC_TIMESTAMP(6)) "
+                "FROM outbox WHERE published_at IS NULL"))).first()
+        count, age = (row[0], row[1]) if row else (0, None)
+        return int(count or 0), float(age or 0) / 1e6

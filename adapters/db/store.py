@@ -1,0 +1,172 @@
+"""The job store: lease-fenced transactions of a job (state + outbox + ledger together),
+and the leases by which one process owns a running job."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import func, or_, select, text, update
+from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from schemas.events import Event
+from statemachine.errors import LeaseLost
+from statemachine.ports import Commit, JobRow, LedgerEntry
+
+from .engine import from_db_time, to_db_time, utcnow
+from .tables import failover_jobs, outbox, resource_ledger, vm_replication_contexts
+
+_JOB_TYPES = {"test": "test-failover", "live": "live-failover", "cleanup": "cleanup"}
+SEED_JOB_TYPES = {v: k for k, v in _JOB_TYPES.items()}  # contract job type -> seed column value
+_TIME_COLUMNS = {"started_at", "completed_at", "lease_expires_at"}
+
+
+def outbox_row(event: Event) -> dict[str, Any]:
+    return {
+        "event_id": str(event.event_id),
+        "job_id": str(event.job_id),
+        "sequence": event.sequence,
+        "event_type": event.type,
+        "correlation_id": str(event.correlation_id),
+        "body": event.model_dump_json(),
+        "created_at": utcnow(),
+    }
+
+
+def _ledger_row(job_id: str, e: LedgerEntry) -> dict[str, Any]:
+    now = utcnow()
+    return {
+        "job_id": job_id, "resource_key": e.key, "resource_type": e.resource_type, "action": e.action,
+        "resource_id": e.resource_id, "name": e.name, "status": e.status, "cs_job_id": e.cs_job_id,
+        "operation_id": e.operation_id, "data": e.data, "created_at": now, "updated_at": now,
+    }
+
+
+def row_to_job(r: Any) -> JobRow:
+    return JobRow(
+        job_id=r.job_id, request_id=r.request_id, job_type=_JOB_TYPES.get(r.job_type, r.job_type),
+        vm_id=r.vm_id, vm_name=r.source_vm_name, correlation_id=r.correlation_id,
+        parent_job_id=r.parent_job_id, requested_by=r.requested_by, status=r.status,
+        last_sequence=r.last_sequence, resume_state=r.resume_state, options=r.options or {},
+        plan=r.plan or {}, cancel_requested=bool(r.cancel_requested),
+        rollback_requested=bool(r.rollback_requested), failed_step=r.failed_step,
+        error_code=r.error_code, error_message=r.error_message,
+        created_at=from_db_time(r.created_at) or 0.0, started_at=from_db_time(r.started_at),
+    )
+
+
+class JobStore:
+    """`statemachine.ports.JobStorePort` on MariaDB, fenced by `owner`'s lease."""
+
+    def __init__(self, engine: AsyncEngine, owner: str, on_outbox: Callable[[], None] = lambda: None) -> None:
+        self.engine = engine
+        self.owner = owner
+        self.on_outbox = on_outbox
+        self.transactions = 0  # counted for the benchmark's transactions-per-job figure
+
+    async def commit(self, job: JobRow, commit: Commit) -> bool:
+        values: dict[str, Any] = {}
+        for key, value in commit.job.items():
+            if key in _TIME_COLUMNS:
+                value = to_db_time(value)
+            values[key] = value
+        if "plan" in values and values["plan"] is not None:
+            values["network_mappings"] = json.dumps(values["plan"].get("networks"))
+            values["source_vm_spec"] = json.dumps({k: values["plan"].get(k) for k in (
+                "cpu_count", "memory_mb", "os_type", "volumes")})
+        new_seq = job.last_sequence + len(commit.events)
+        values["last_sequence"] = new_seq
+        values["updated_at"] = utcnow()
+        async with self.engine.begin() as conn:
+            self.transactions += 1
+            result = await conn.execute(
+                update(failover_jobs)
+                .where(failover_jobs.c.job_id == job.job_id, failover_jobs.c.lease_owner == self.owner,
+                       failover_jobs.c.last_sequence == job.last_sequence)
+                .values(**values)
+            )
+            if result.rowcount != 1:
+                raise LeaseLost(job.job_id)
+            if commit.events:
+                await conn.execute(outbox.insert(), [outbox_row(e) for e in commit.events])
+            for entry in commit.ledger:
+                stmt = mysql_insert(resource_ledger).values(**_ledger_row(job.job_id, entry))
+                await conn.execute(stmt.on_duplicate_key_update(
+                    resource_id=stmt.inserted.resource_id, name=stmt.inserted.name,
+                    status=stmt.inserted.status, cs_job_id=stmt.inserted.cs_job_id,
+                    operation_id=stmt.inserted.operation_id, data=stmt.inserted.data,
+                    updated_at=stmt.inserted.updated_at))
+            if commit.vm_status:
+                await conn.execute(
+                    update(vm_replication_contexts)
+                    .where(vm_replication_contexts.c.vmware_vm_id == job.vm_id)
+                    .values(current_status=commit.vm_status, updated_at=utcnow()))
+            if commit.parent and job.parent_job_id:
+                await conn.execute(
+                    update(failover_jobs).where(failover_jobs.c.job_id == job.parent_job_id)
+                    .values(**commit.parent, updated_at=utcnow()))
+            cancel = (await conn.execute(
+                select(failover_jobs.c.cancel_requested).where(failover_jobs.c.job_id == job.job_id)
+            )).scalar_one()
+        if commit.events:
+            self.on_outbox()
+        return bool(cancel)
+
+    async def ledger(self, job_id: str) -> list[LedgerEntry]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(
+                select(resource_ledger).where(resource_ledger.c.job_id == job_id).order_by(resource_ledger.c.id)
+            )).all()
+        return [LedgerEntry(key=r.resource_key, resource_type=r.resource_type, action=r.action,
+                            status=r.status, resource_id=r.resource_id, name=r.name, cs_job_id=r.cs_job_id,
+                            operation_id=r.operation_id, data=r.data or {}) for r in rows]
+
+    async def load(self, job_id: str) -> JobRow | None:
+        async with self.engine.connect() as conn:
+            r = (await conn.execute(select(failover_jobs).where(failover_jobs.c.job_id == job_id))).first()
+        return row_to_job(r) if r is not None else None
+
+    # ------------------------------------------------------------------ leases
+
+    def _expiry(self, seconds: float) -> Any:
+        return func.date_add(func.now(6), text(f"INTERVAL {int(seconds * 1_000_000)} MICROSECOND"))
+
+    async def claim(self, limit: int, lease_seconds: float) -> list[JobRow]:
+        """Take up to `limit` unowned (or expired) unended jobs; never waits on another
+        process's locks (SKIP LOCKED), holds no lock after it returns."""
+        if limit <= 0:
+            return []
+        async with self.engine.begin() as conn:
+            ids = (await conn.execute(
+                select(failover_jobs.c.job_id)
+                .where(failover_jobs.c.ended.is_(False),
+                       or_(failover_jobs.c.lease_expires_at.is_(None),
+                           failover_jobs.c.lease_expires_at < func.now(6)))
+                .order_by(failover_jobs.c.id).limit(limit).with_for_update(skip_locked=True)
+            )).scalars().all()
+            if not ids:
+                return []
+            await conn.execute(
+                update(failover_jobs).where(failover_jobs.c.job_id.in_(ids))
+                .values(lease_owner=self.owner, lease_expires_at=self._expiry(lease_seconds),
+                        attempts=failover_jobs.c.attempts + 1))
+            rows = (await conn.execute(select(failover_jobs).where(failover_jobs.c.job_id.in_(ids)))).all()
+        return [row_to_job(r) for r in rows]
+
+    async def renew(self, lease_seconds: float) -> int:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(failover_jobs)
+                .where(failover_jobs.c.lease_owner == self.owner, failover_jobs.c.ended.is_(False))
+                .values(lease_expires_at=self._expiry(lease_seconds)))
+        return int(result.rowcount)
+
+    async def release_all(self) -> None:
+        """Hand every unended job of this process back (SIGTERM): another may take it at once."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(failover_jobs)
+                .where(failover_jobs.c.lease_owner == self.owner, failover_jobs.c.ended.is_(False))
+                .values(lease_owner=None, lease_expires_at=None))

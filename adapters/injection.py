@@ -1,0 +1,79 @@
+"""Driver-injection adapter: runs `FAILOVER_VIRTIO_INJECT_COMMAND` with the device path and
+the job id appended as separate arguments. Never through a shell; bounded by a timeout; every
+output line is handed to the caller (it becomes a `LogRecorded` event)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from statemachine.errors import StepError
+
+from .cloudstack import Timer
+
+
+class InjectionFailed(StepError):
+    pass
+
+
+class InjectionScript:
+    """`statemachine.ports.InjectionPort` running a local program."""
+
+    def __init__(self, argv: Sequence[str], *, timeout: float, observe: Timer | None = None) -> None:
+        self._argv = list(argv)
+        self._timeout = timeout
+        self._observe = observe or (lambda *a: None)
+
+    async def inject(self, device_path: str, job_id: str, on_line: Callable[[str], Awaitable[None]]) -> None:
+        argv = [*self._argv, device_path, job_id]
+        began = time.monotonic()
+        tail: collections.deque[str] = collections.deque(maxlen=20)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        except OSError as exc:
+            self._observe("injection", "inject", "error", time.monotonic() - began)
+            raise InjectionFailed("DRIVER_INJECTION_NOT_RUN",
+                                  f"cannot run the injection command {argv[0]!r}: {exc.strerror}; check "
+                                  "FAILOVER_VIRTIO_INJECT_COMMAND") from exc
+
+        async def pump() -> None:
+            assert proc.stdout is not None
+            while line := await proc.stdout.readline():
+                text = line.decode("utf-8", "replace").rstrip()
+                if text:
+                    tail.append(text)
+                    await on_line(text)
+
+        try:
+            await asyncio.wait_for(asyncio.gather(pump(), proc.wait()), self._timeout)
+        except TimeoutError:
+            _kill(proc)
+            await proc.wait()
+            self._observe("injection", "inject", "error", time.monotonic() - began)
+            raise InjectionFailed("DRIVER_INJECTION_TIMEOUT",
+                                  f"the injection command did not finish within {self._timeout:.0f} s and was "
+                                  "killed; raise FAILOVER_INJECT_TIMEOUT_SECONDS or check the appliance. "
+                                  f"Last output: {' | '.join(tail) or '(none)'}") from None
+        except BaseException:
+            _kill(proc)
+            raise
+        ok = proc.returncode == 0
+        self._observe("injection", "inject", "ok" if ok else "error", time.monotonic() - began)
+        if not ok:
+            raise InjectionFailed("DRIVER_INJECTION_FAILED",
+                                  f"the injection command exited with status {proc.returncode}. "
+                                  f"Last output: {' | '.join(tail) or '(none)'}")
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

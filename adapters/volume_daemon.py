@@ -1,0 +1,104 @@
+"""Volume Daemon adapter (HTTP/JSON): attach, attach-root, detach, operation polling, lookup."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from statemachine.errors import MalformedResponse, RefusedError, TransientError
+from statemachine.ports import DaemonOperation, DaemonVolume
+
+from .cloudstack import Timer
+
+
+class VolumeDaemonAdapter:
+    """`statemachine.ports.VolumeDaemonPort` against `FAILOVER_VOLUME_DAEMON_URL`."""
+
+    def __init__(self, base_url: str, *, session: aiohttp.ClientSession, poll_interval: float = 2.0,
+                 timeout: float = 60.0, observe: Timer | None = None) -> None:
+        self._base = base_url.rstrip("/") + "/api/v1"
+        self._session = session
+        self._poll = poll_interval
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._observe = observe or (lambda *a: None)
+
+    async def _request(self, method: str, path: str, operation: str, body: dict[str, Any] | None = None) -> Any:
+        began = time.monotonic()
+        outcome = "error"
+        try:
+            async with self._session.request(method, self._base + path, json=body, timeout=self._timeout) as resp:
+                text = await resp.text()
+                try:
+                    data = await resp.json(content_type=None) if text else None
+                except ValueError as exc:
+                    raise MalformedResponse("the Volume Daemon", f"{operation}: not JSON") from exc
+                if resp.status >= 500:
+                    raise TransientError("VOLUME_DAEMON_ERROR",
+                                         f"the Volume Daemon failed {operation} ({resp.status}): {_err(data)}")
+                if resp.status >= 400:
+                    raise RefusedError("VOLUME_DAEMON_REFUSED",
+                                       f"the Volume Daemon refused {operation} ({resp.status}): {_err(data)}")
+                if not isinstance(data, dict):
+                    raise MalformedResponse("the Volume Daemon", f"{operation} answered {type(data).__name__}")
+                outcome = "ok"
+                return data
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise TransientError("VOLUME_DAEMON_UNREACHABLE",
+                                 f"the Volume Daemon did not answer {operation} ({type(exc).__name__}); "
+                                 "check FAILOVER_VOLUME_DAEMON_URL and that the daemon runs") from exc
+        finally:
+            self._observe("volume_daemon", operation, outcome, time.monotonic() - began)
+
+    async def get_volume(self, volume_id: str) -> DaemonVolume:
+        d = await self._request("GET", f"/volumes/{quote(volume_id, safe='')}", "get_volume")
+        try:
+            dev = d.get("device_id")
+            return DaemonVolume(volume_id=str(d["volume_id"]), vm_id=d.get("vm_id"),
+                                device_id=int(dev) if dev is not None else None,
+                                device_path=d.get("device_path"), type=str(d.get("type", "")))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise MalformedResponse("the Volume Daemon", f"volume {volume_id}: {exc}") from exc
+
+    async def _start(self, volume_id: str, action: str, body: dict[str, Any]) -> str:
+        d = await self._request("POST", f"/volumes/{quote(volume_id, safe='')}/{action}", action, body)
+        op = d.get("id")
+        if not isinstance(op, str):
+            raise MalformedResponse("the Volume Daemon", f"{action} answered without an operation id")
+        return op
+
+    async def attach(self, volume_id: str, vm_id: str) -> str:
+        return await self._start(volume_id, "attach", {"vm_id": vm_id})
+
+    async def attach_root(self, volume_id: str, vm_id: str) -> str:
+        return await self._start(volume_id, "attach-root", {"vm_id": vm_id})
+
+    async def detach(self, volume_id: str) -> str:
+        return await self._start(volume_id, "detach", {})
+
+    async def wait_operation(self, operation_id: str, timeout: float) -> DaemonOperation:
+        deadline = time.monotonic() + timeout
+        while True:
+            d = await self._request("GET", f"/operations/{quote(operation_id, safe='')}", "get_operation")
+            status = d.get("status")
+            if status in ("completed", "failed"):
+                response = d.get("response") or {}
+                if not isinstance(response, dict):
+                    raise MalformedResponse("the Volume Daemon", "operation response is not an object")
+                return DaemonOperation(id=operation_id, status=status, error=d.get("error"),
+                                       device_id=response.get("device_id"), device_path=response.get("device_path"))
+            if status not in ("pending", "executing"):
+                raise MalformedResponse("the Volume Daemon", f"operation status {status!r}")
+            if time.monotonic() >= deadline:
+                raise TransientError("VOLUME_OPERATION_TIMEOUT",
+                                     f"Volume Daemon operation {operation_id} did not finish within {timeout:.0f} s")
+            await asyncio.sleep(min(self._poll, max(0.01, deadline - time.monotonic())))
+
+
+def _err(data: Any) -> str:
+    if isinstance(data, dict):
+        return str(data.get("error") or data)
+    return str(data)[:200]

@@ -1,0 +1,228 @@
+"""Wiring: `serve` builds everything here, in one place, from the settings.
+
+Nothing connects at import time. Tests and the benchmark call `run_service` with their own
+settings, exactly as `failoverctl serve` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Iterable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+import aiohttp
+from sqlalchemy import text
+
+from adapters import bus
+from adapters.cloudstack import CloudStackAdapter
+from adapters.db.commands import CommandRecorder
+from adapters.db.engine import make_engine
+from adapters.db.outbox import OutboxStore
+from adapters.db.platform import PlatformTables
+from adapters.db.projections import Projections
+from adapters.db.store import JobStore
+from adapters.injection import InjectionScript
+from adapters.volume_daemon import VolumeDaemonAdapter
+from consumers.commands import CommandConsumer
+from consumers.projector import Projector
+from publishers.relay import OutboxRelay
+from statemachine.context import EngineConfig, JobContext, Observer, Ports
+from statemachine.machine import STATES, build_machine
+from statemachine.ports import JobRow
+
+from . import metrics as m
+from .health import named_checks, start_health_server
+from .runner import JobRunner
+from .settings import Settings
+
+log = logging.getLogger("failover.service")
+ROLES = ("orchestrator", "relay", "projector")
+
+
+def owner_id(settings: Settings) -> str:
+    return settings.process_name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def engine_config(s: Settings) -> EngineConfig:
+    return EngineConfig(
+        zone=s.zone, template_id=s.template_id, service_offering_id=s.service_offering_id,
+        disk_offering_id=s.disk_offering_id, default_network_id=s.network_id,
+        appliance_vm_id=s.appliance_vm_id, snapshot_timeout=s.snapshot_timeout_seconds,
+        async_job_timeout=s.async_job_timeout_seconds, volume_operation_timeout=s.volume_operation_timeout_seconds,
+        retry_attempts=s.retry_attempts, retry_backoff=s.retry_backoff_seconds)
+
+
+def _observer(runner_ref: list[JobRunner]) -> Observer:
+    def state_changed(job_id: str, old: str | None, new: str | None) -> None:
+        if runner_ref:
+            runner_ref[0].state_changed(job_id, old, new)
+
+    return Observer(
+        step_finished=lambda jt, step, outcome, s: m.STEP_DURATION.labels(job_type=jt, step=step, outcome=outcome).observe(s),
+        job_started=lambda jt: m.JOBS_STARTED.labels(job_type=jt).inc(),
+        job_ended=lambda jt, outcome, s: (m.JOBS_ENDED.labels(job_type=jt, outcome=outcome).inc(),
+                                          m.JOB_DURATION.labels(job_type=jt, outcome=outcome).observe(s)),
+        rollback_ended=lambda outcome: m.ROLLBACKS.labels(outcome=outcome).inc(),
+        state_changed=state_changed,
+        retried=lambda code, message: None,
+    )
+
+
+@dataclass
+class Service:
+    """A running `serve` process's parts (tests reach in for counts and state)."""
+
+    settings: Settings
+    owner: str
+    roles: tuple[str, ...]
+    store: JobStore | None = None
+    runner: JobRunner | None = None
+    relay: OutboxRelay | None = None
+    health_port: int | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, service: Service | None = None,
+                      install_signals: bool = True) -> Service:
+    """Run until SIGTERM/SIGINT (or `service.stop` is set), then drain and return."""
+    roles = tuple(roles)
+    svc = service or Service(settings=settings, owner=owner_id(settings), roles=roles)
+    svc.roles = roles
+    async with AsyncExitStack() as stack:
+        engine = make_engine(settings.database_url.get_secret_value(), pool_size=20)
+        stack.push_async_callback(engine.dispose)
+        connection = await bus.connect(settings.amqp_url.get_secret_value(), ca_file=settings.amqp_ca_file,
+                                       name=f"failover {svc.owner}")
+        stack.push_async_callback(connection.close)
+        topology = await bus.declare(connection)
+
+        async def db_ok() -> bool:
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            return True
+
+        async def broker_ok() -> bool:
+            return not connection.is_closed and connection.connected.is_set()
+
+        health = await start_health_server(settings.metrics_host, settings.metrics_port,
+                                           named_checks({"database": db_ok, "broker": broker_ok}))
+        stack.push_async_callback(health.close)
+        svc.health_port = health.port
+
+        tasks: list[asyncio.Task[None]] = []
+        relay = None
+        if "relay" in roles:
+            relay = OutboxRelay(OutboxStore(engine, svc.owner), topology.events, batch=settings.outbox_batch,
+                                poll_seconds=settings.outbox_poll_seconds, lease_seconds=settings.lease_seconds,
+                                published=lambda t: m.EVENTS_PUBLISHED.labels(type=t).inc())
+            svc.relay = relay
+            tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
+        wake = relay.wake if relay is not None else (lambda: None)
+
+        projector = None
+        if "projector" in roles:
+            pchannel = await connection.channel()
+            pqueue = await bus.declare_work_queue(pchannel, bus.PROJECTOR_QUEUE, bus.EVENTS_EXCHANGE,
+                                                  delivery_limit=settings.delivery_limit,
+                                                  prefetch=settings.projector_prefetch)
+
+            def observe(applied: int, dupes: int, lags: list[float]) -> None:
+                m.PROJECTOR_EVENTS.labels(projector="views", outcome="applied").inc(applied)
+                m.PROJECTOR_EVENTS.labels(projector="views", outcome="duplicate").inc(dupes)
+                for lag in lags:
+                    m.PROJECTOR_LAG.observe(max(0.0, lag))
+
+            projector = Projector(pqueue, Projections(engine), batch=settings.projector_prefetch, observe=observe)
+            await projector.start()
+
+        consumer = None
+        if "orchestrator" in roles:
+            http = aiohttp.ClientSession()
+            stack.push_async_callback(http.close)
+            store = JobStore(engine, svc.owner, on_outbox=wake)
+            svc.store = store
+            ports = Ports(
+                cloudstack=CloudStackAdapter(
+                    settings.cloudstack_url, settings.cloudstack_api_key.get_secret_value(),
+                    settings.cloudstack_secret_key.get_secret_value(), session=http,
+                    poll_interval=settings.poll_interval_seconds, timeout=settings.http_timeout_seconds,
+                    observe=m.observe_adapter_call),
+                volumes=VolumeDaemonAdapter(settings.volume_daemon_url, session=http,
+                                            poll_interval=settings.poll_interval_seconds,
+                                            timeout=settings.http_timeout_seconds, observe=m.observe_adapter_call),
+                injection=InjectionScript(settings.inject_argv, timeout=settings.inject_timeout_seconds,
+                                          observe=m.observe_adapter_call),
+                platform=PlatformTables(engine),
+                store=store,
+            )
+            config = engine_config(settings)
+            runner_ref: list[JobRunner] = []
+            observer = _observer(runner_ref)
+
+            def make_context(row: JobRow) -> JobContext:
+                return JobContext(row=row, ports=ports, config=config, observer=observer)
+
+            runner = JobRunner(store, build_machine(), make_context, capacity=settings.max_concurrent_jobs,
+                               lease_seconds=settings.lease_seconds, claim_interval=settings.claim_interval_seconds)
+            runner_ref.append(runner)
+            svc.runner = runner
+            tasks.append(asyncio.create_task(runner.run(), name="job-runner"))
+            recorder = CommandRecorder(engine, svc.owner, settings.lease_seconds)
+            recorder.on_outbox = wake
+            cchannel = await connection.channel(publisher_confirms=True)
+            cqueue = await bus.declare_work_queue(cchannel, bus.COMMANDS_QUEUE, bus.COMMANDS_EXCHANGE,
+                                                  delivery_limit=settings.delivery_limit,
+                                                  prefetch=settings.command_prefetch)
+            dlx = await cchannel.get_exchange(bus.DLX_EXCHANGE)
+            consumer = CommandConsumer(cqueue, dlx, recorder, max_bytes=settings.max_message_bytes,
+                                       on_accepted=runner.adopt,
+                                       count=lambda t, o: m.COMMANDS.labels(type=t, outcome=o).inc())
+            await consumer.start()
+            tasks.append(asyncio.create_task(_gauges(runner, OutboxStore(engine, svc.owner)), name="gauges"))
+
+        if install_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, svc.stop.set)
+        log.info("serving", extra={"fields": {"roles": list(roles), "owner": svc.owner,
+                                              "metrics_port": health.port, **settings.safe_summary()}})
+        svc.ready.set()
+        await svc.stop.wait()
+
+        # ---- drain (guarantee 9): stop taking commands, hand jobs back, flush the outbox
+        log.info("draining: no new commands; running jobs stop at their next safe point")
+        began = time.monotonic()
+        if consumer is not None:
+            await consumer.stop()
+        if svc.runner is not None:
+            await svc.runner.drain(settings.drain_seconds)
+        if projector is not None:
+            await projector.stop()
+        if relay is not None:
+            remaining = max(1.0, settings.drain_seconds - (time.monotonic() - began))
+            await relay.flush(remaining)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        log.info("drained in %.1f s", time.monotonic() - began)
+    return svc
+
+
+async def _gauges(runner: JobRunner, outbox: OutboxStore) -> None:
+    steps = [s for s in STATES if s not in ("completed", "failed", "cancelled", "cleaned_up")]
+    while True:
+        with contextlib.suppress(Exception):
+            m.set_job_state_gauges(runner.entered.values(), time.time(), known_states=steps)
+            count, age = await outbox.backlog()
+            m.OUTBOX_BACKLOG.set(count)
+            m.OUTBOX_OLDEST_UNSENT_AGE.set(age)
+        await asyncio.sleep(5)

@@ -1,0 +1,174 @@
+"""Settings: read once from the environment (and a `.env` file), validated, never logged raw.
+
+The names and defaults are part of the public contract (CONTRACT.md section 3); the ones
+marked "addition" are ours and optional.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import shlex
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+_UUID_RE = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
+_LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
+
+
+def is_uuid(value: str) -> bool:
+    """True when `value` has the 8-4-4-4-12 hex form CloudStack uses for ids."""
+    return bool(_UUID_RE.match(value))
+
+
+def _is_local(host: str) -> bool:
+    if host in _LOCAL_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by `***`, safe to log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ConnectionSettings(BaseSettings):
+    """What every command needs: the broker and the database (clients, `db upgrade`)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FAILOVER_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    database_url: SecretStr = SecretStr("mysql+asyncmy://root@127.0.0.1:3306/failover")
+    amqp_ca_file: str | None = None  # CA bundle for amqps:// (addition)
+    max_message_bytes: int = Field(default=256 * 1024, ge=1024)  # addition
+    log_format: str = "auto"  # auto | json | text (addition)
+    log_level: str = "INFO"  # addition
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_scheme(cls, value: SecretStr) -> SecretStr:
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in ("amqp", "amqps"):
+            raise ValueError(f"must be an amqp:// or amqps:// URL, got scheme {scheme!r}")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _db_scheme(cls, value: SecretStr) -> SecretStr:
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if not scheme.startswith("mysql") and not scheme.startswith("mariadb"):
+            raise ValueError(
+                f"must be a MariaDB/MySQL URL such as mysql+asyncmy://user@host/db, got {scheme!r}"
+            )
+        return value
+
+
+class Settings(ConnectionSettings):
+    """Every setting of `failoverctl serve`. Environment variables are `FAILOVER_<NAME>`."""
+
+    # --- contract settings -------------------------------------------------------------
+    cloudstack_url: str
+    cloudstack_api_key: SecretStr
+    cloudstack_secret_key: SecretStr
+    zone: str
+    template_id: str
+    service_offering_id: str
+    disk_offering_id: str | None = None
+    network_id: str
+    appliance_vm_id: str
+    volume_daemon_url: str = "http://127.0.0.1:8090"
+    virtio_inject_command: str = "sudo /opt/migratekit/bin/inject-virtio-drivers.sh"
+    metrics_port: int = Field(default=9108, ge=0, le=65535)
+
+    # --- additions ------------------------------------------------------------------------
+    metrics_host: str = "0.0.0.0"
+    max_concurrent_jobs: int = Field(default=200, ge=1)  # jobs one process runs at once
+    command_prefetch: int = Field(default=64, ge=1)
+    projector_prefetch: int = Field(default=256, ge=1)
+    delivery_limit: int = Field(default=5, ge=1)  # quorum queue redeliveries before DLX
+    lease_seconds: PositiveFloat = 30.0  # a running job's lease; renewed every third of it
+    claim_interval_seconds: PositiveFloat = 1.0  # how often to look for unowned jobs
+    outbox_poll_seconds: PositiveFloat = 0.2
+    outbox_batch: int = Field(default=500, ge=1)
+    poll_interval_seconds: PositiveFloat = 2.0  # CloudStack async job / daemon op polling
+    snapshot_timeout_seconds: PositiveFloat = 1800.0
+    async_job_timeout_seconds: PositiveFloat = 1800.0
+    volume_operation_timeout_seconds: PositiveFloat = 600.0
+    inject_timeout_seconds: PositiveFloat = 3600.0
+    http_timeout_seconds: PositiveFloat = 60.0
+    retry_attempts: int = Field(default=5, ge=1)  # tries of a transient failure
+    retry_backoff_seconds: PositiveFloat = 2.0  # first backoff, doubles, capped at 60 s
+    drain_seconds: PositiveFloat = 30.0  # SIGTERM: how long to wait for steps in flight
+    process_name: str | None = None  # lease owner id; default host:pid:random
+
+    @field_validator("cloudstack_url", "volume_daemon_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"must be an http:// or https:// URL with a host, got scheme {parts.scheme!r}"
+            )
+        return value.rstrip("/")
+
+    @field_validator("virtio_inject_command")
+    @classmethod
+    def _command_splits(cls, value: str) -> str:
+        try:
+            argv = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"cannot be split into arguments: {exc}") from exc
+        if not argv:
+            raise ValueError("must name a program")
+        return value
+
+    @model_validator(mode="after")
+    def _warn_plain_http(self) -> Settings:
+        for name in ("cloudstack_url", "volume_daemon_url"):
+            parts = urlsplit(getattr(self, name))
+            if parts.scheme == "http" and not _is_local(parts.hostname or ""):
+                log.warning(
+                    "FAILOVER_%s uses plain http to %s: API keys and signed requests travel "
+                    "unencrypted; use https:// outside a trusted network",
+                    name.upper(),
+                    parts.hostname,
+                )
+        return self
+
+    @property
+    def inject_argv(self) -> list[str]:
+        """The injection command as an argument list (never run through a shell)."""
+        return shlex.split(self.virtio_inject_command)
+
+    def safe_summary(self) -> dict[str, object]:
+        """The settings with secrets removed, for the start-up log line."""
+        return {
+            "amqp_url": redact_url(self.amqp_url.get_secret_value()),
+            "database_url": redact_url(self.database_url.get_secret_value()),
+            "cloudstack_url": self.cloudstack_url,
+            "zone": self.zone,
+            "volume_daemon_url": self.volume_daemon_url,
+            "appliance_vm_id": self.appliance_vm_id,
+            "metrics_port": self.metrics_port,
+            "max_concurrent_jobs": self.max_concurrent_jobs,
+        }

@@ -1,0 +1,218 @@
+"""What a running step sees: its job, the ports, and the means to emit events and keep the
+ledger, all written through the job store in lease-fenced transactions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from schemas.common import utc_now
+from schemas.events import Event, LogRecorded
+
+from .errors import StepError
+from .ports import (
+    CloudStackPort,
+    Commit,
+    InjectionPort,
+    JobRow,
+    JobStorePort,
+    LedgerEntry,
+    PlatformPort,
+    VolumeDaemonPort,
+)
+
+log = logging.getLogger("failover.job")
+T = TypeVar("T")
+
+_PY_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARN": logging.WARNING, "ERROR": logging.ERROR}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The settings the steps need (built from `failover.settings.Settings`)."""
+
+    zone: str
+    template_id: str
+    service_offering_id: str
+    disk_offering_id: str | None
+    default_network_id: str
+    appliance_vm_id: str
+    snapshot_timeout: float = 1800.0
+    async_job_timeout: float = 1800.0
+    volume_operation_timeout: float = 600.0
+    retry_attempts: int = 5
+    retry_backoff: float = 2.0
+    retry_backoff_max: float = 60.0
+
+
+@dataclass(frozen=True)
+class Ports:
+    cloudstack: CloudStackPort
+    volumes: VolumeDaemonPort
+    injection: InjectionPort
+    platform: PlatformPort
+    store: JobStorePort
+
+
+@dataclass
+class Observer:
+    """Hooks for metrics; the engine calls them, the wiring fills them in."""
+
+    step_finished: Callable[[str, str, str, float], None] = lambda job_type, step, outcome, s: None
+    job_started: Callable[[str], None] = lambda job_type: None
+    job_ended: Callable[[str, str, float], None] = lambda job_type, outcome, s: None
+    rollback_ended: Callable[[str], None] = lambda outcome: None
+    state_changed: Callable[[str, str | None, str | None], None] = lambda job_id, old, new: None
+    retried: Callable[[str, str], None] = lambda code, message: None
+
+
+@dataclass
+class JobContext:
+    """One job's handle on the world while a process owns it."""
+
+    row: JobRow
+    ports: Ports
+    config: EngineConfig
+    observer: Observer = field(default_factory=Observer)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _pending_logs: list[tuple[str, str, str | None, dict[str, Any]]] = field(default_factory=list)
+    _ledger: dict[str, LedgerEntry] | None = None
+    cancel_seen: bool = False
+    draining: bool = False  # the process is shutting down: stop at the next safe point
+    current_step: str | None = None
+
+    # ------------------------------------------------------------------ events
+
+    def _common(self, sequence: int, causation_id: str | None = None) -> dict[str, Any]:
+        return {
+            "event_id": uuid.uuid4(),
+            "job_id": self.row.job_id,
+            "job_type": self.row.job_type,
+            "vm_id": self.row.vm_id,
+            "sequence": sequence,
+            "correlation_id": self.row.correlation_id,
+            "causation_id": causation_id or self.row.request_id,
+            "occurred_at": utc_now(),
+        }
+
+    def log(self, level: str, message: str, **fields: Any) -> None:
+        """A structured log line of this job: a `LogRecorded` event (sent with the next
+        commit, or by `flush`) and a line in the process log."""
+        self._pending_logs.append((level, message, self.current_step, fields))
+        log.log(
+            _PY_LEVELS.get(level, logging.INFO),
+            message,
+            extra={
+                "job_id": self.row.job_id,
+                "correlation_id": self.row.correlation_id,
+                "step": self.current_step,
+                "fields": fields,
+            },
+        )
+
+    async def commit(
+        self,
+        events: list[tuple[type[Event], dict[str, Any]]] | None = None,
+        *,
+        job: dict[str, Any] | None = None,
+        ledger: list[LedgerEntry] | None = None,
+        vm_status: str | None = None,
+        parent: dict[str, Any] | None = None,
+    ) -> bool:
+        """Write the pending logs, then `events`, with the job and ledger changes, in one
+        lease-fenced transaction. Returns whether a cancel has been requested."""
+        async with self._lock:
+            logs, self._pending_logs = self._pending_logs, []
+            seq = self.row.last_sequence
+            built: list[Event] = []
+            for level, message, step, fields in logs:
+                seq += 1
+                built.append(
+                    LogRecorded(
+                        **self._common(seq), level=level, message=message, step=step, fields=fields
+                    )
+                )
+            for cls, extra in events or []:
+                seq += 1
+                built.append(cls(**self._common(seq), **extra))
+            try:
+                cancel = await self.ports.store.commit(
+                    self.row,
+                    Commit(
+                        events=built,
+                        job=job or {},
+                        ledger=ledger or [],
+                        vm_status=vm_status,
+                        parent=parent or {},
+                    ),
+                )
+            except BaseException:
+                self._pending_logs[:0] = logs
+                raise
+            self.row.last_sequence = seq
+            for key, value in (job or {}).items():
+                if hasattr(self.row, key):
+                    setattr(self.row, key, value)
+            if ledger and self._ledger is not None:
+                for entry in ledger:
+                    self._ledger[entry.key] = entry
+            self.cancel_seen = self.cancel_seen or cancel
+            return cancel
+
+    async def flush(self) -> None:
+        """Send the pending log lines now (long steps call it to show progress)."""
+        if self._pending_logs:
+            await self.commit()
+
+    # ------------------------------------------------------------------ ledger
+
+    async def ledger(self) -> dict[str, LedgerEntry]:
+        """The job's ledger by key (loaded once per ownership, then kept current)."""
+        if self._ledger is None:
+            self._ledger = {e.key: e for e in await self.ports.store.ledger(self.row.job_id)}
+        return self._ledger
+
+    async def record(self, entry: LedgerEntry) -> LedgerEntry:
+        """Write a ledger entry (with any pending log lines) before or after a call."""
+        await self.ledger()
+        await self.commit(ledger=[entry])
+        return entry
+
+    # ------------------------------------------------------------------ retries
+
+    async def retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run an idempotent unit of work, retrying transient failures with backoff."""
+        cfg = self.config
+        retry = AsyncRetrying(
+            stop=stop_after_attempt(cfg.retry_attempts),
+            wait=wait_exponential(multiplier=cfg.retry_backoff, max=cfg.retry_backoff_max),
+            retry=retry_if_exception(lambda e: isinstance(e, StepError) and e.transient),
+            reraise=True,
+            before_sleep=lambda state: self._retry_note(what, state.attempt_number, state.outcome),
+        )
+        async for attempt in retry:
+            with attempt:
+                return await call()
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    def _retry_note(self, what: str, attempt: int, outcome: Any) -> None:
+        exc = outcome.exception() if outcome is not None else None
+        code = getattr(exc, "code", "ERROR")
+        self.observer.retried(code, str(exc))
+        self.log("WARN", f"{what}: attempt {attempt} failed, retrying", error=str(exc), code=code)
+
+
+def monotonic() -> float:
+    return time.monotonic()

@@ -1,0 +1,244 @@
+"""The engine: one `JobModel` per running job on the shared machine, driven to an end state.
+
+Entering a step's state runs the step (its adapters) and commits its events; the model then
+names the next trigger, and `drive` fires it. A step is re-entered after a crash (`resume`),
+never skipped or run twice: the ledger makes its actions idempotent. Cancels are seen at the
+safe points between steps, never in the middle of an adapter call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from transitions import EventData
+from transitions.extensions.asyncio import AsyncMachine
+
+from schemas.events import (
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
+    RollbackCompleted,
+    RollbackFailed,
+    RollbackStarted,
+    StepCompleted,
+    StepFailed,
+    StepSkipped,
+    StepStarted,
+)
+
+from .context import JobContext
+from .errors import LeaseLost, StepError
+from .machine import STEP_STATES, steps_for
+from .steps.failover import FAILOVER_STEP_FUNCS, StepResult
+from .steps.undo import CLEANUP_STEP_FUNCS, Target, manual_actions, planned_actions, undo_all
+
+STEP_FUNCS = {**FAILOVER_STEP_FUNCS, **CLEANUP_STEP_FUNCS}
+_END = {"completed", "failed", "cancelled", "cleaned_up"}
+
+
+def _percent(order: int, total: int) -> int:
+    return round(100 * order / total)
+
+
+class JobModel:
+    """A job as a model of the shared machine. Callbacks are named in `machine.build_machine`."""
+
+    state: str
+
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+        self.next_trigger: str | None = None
+        self.resuming = False
+        self.failure: StepError | None = None
+        self.rollback_ok: bool | None = None
+
+    # conditions
+    def is_failover(self, event: EventData) -> bool:
+        return self.ctx.row.job_type != "cleanup"
+
+    def is_cleanup(self, event: EventData) -> bool:
+        return self.ctx.row.job_type == "cleanup"
+
+    def was_cancelled(self, event: EventData) -> bool:
+        return self.ctx.row.cancel_requested or self.ctx.cancel_seen
+
+    # ------------------------------------------------------------------ steps
+
+    async def enter_step(self, event: EventData) -> None:
+        ctx, step = self.ctx, event.state.name
+        row = ctx.row
+        steps = steps_for(row.job_type)
+        order, total = steps.index(step) + 1, len(steps)
+        ctx.current_step = step
+        ctx.observer.state_changed(row.job_id, event.transition.source, step)
+        if self.resuming:
+            self.resuming = False
+            ctx.log("INFO", f"resuming step {step} (job taken over after an interruption)")
+            await ctx.commit(job={"status": step})
+        else:
+            await ctx.commit(
+                [(StepStarted, {"step": step, "step_order": order, "total_steps": total,
+                                "percent_complete": _percent(order - 1, total)})],
+                job={"status": step, **({"started_at": time.time()} if order == 1 else {})},
+            )
+        began = time.monotonic()
+        try:
+            result: StepResult = await STEP_FUNCS[step](ctx)
+        except StepError as exc:
+            ctx.observer.step_finished(row.job_type, step, "failed", time.monotonic() - began)
+            ctx.log("ERROR", f"step {step} failed: {exc.message}", code=exc.code)
+            self.failure = exc
+            await ctx.commit(
+                [(StepFailed, {"step": step, "step_order": order,
+                               "error": {"code": exc.code, "message": exc.message},
+                               "attempts": 1 if not exc.transient else ctx.config.retry_attempts})],
+                job={"failed_step": step, "error_code": exc.code, "error_message": exc.message},
+            )
+            self.next_trigger = "fail"
+            return
+        outcome = "skipped" if result.skipped else "completed"
+        ctx.observer.step_finished(row.job_type, step, outcome, time.monotonic() - began)
+        job: dict[str, Any] = {"resume_state": step}
+        if step == "pre-failover-validation":
+            job["plan"] = row.plan
+        if result.skipped:
+            ev: tuple[Any, dict[str, Any]] = (StepSkipped, {
+                "step": step, "step_order": order, "percent_complete": _percent(order, total),
+                "reason": result.skipped})
+        else:
+            ev = (StepCompleted, {"step": step, "step_order": order,
+                                  "percent_complete": _percent(order, total), "outputs": result.outputs})
+        cancel = await ctx.commit([ev], job=job)
+        ctx.current_step = None
+        if cancel and order < total:
+            ctx.log("WARN", f"cancel requested: stopping after step {step}")
+            self.next_trigger = "cancel"
+        else:
+            self.next_trigger = "step_done"
+
+    # ------------------------------------------------------------------ rollback
+
+    async def enter_rollback(self, event: EventData) -> None:
+        ctx, row = self.ctx, self.ctx.row
+        ctx.current_step = None
+        ctx.observer.state_changed(row.job_id, event.transition.source, "rolling_back")
+        target = Target(plan=row.plan, ledger=dict(await ctx.ledger()))
+        if self.resuming:
+            self.resuming = False
+            ctx.log("INFO", "resuming the rollback (job taken over after an interruption)")
+            await ctx.commit(job={"status": "rolling_back"})
+        else:
+            cancelled = self.was_cancelled(event)
+            reason = "cancel requested" if cancelled else (
+                f"step {row.failed_step} failed: {row.error_code}" if row.failed_step else "rollback requested")
+            await ctx.commit(
+                [(RollbackStarted, {"reason": reason, "actions": planned_actions(target, everything=False)})],
+                job={"status": "rolling_back", "resume_state": None, "rollback_requested": False},
+            )
+        try:
+            await undo_all(ctx, target, everything=False)
+        except StepError as exc:
+            ctx.log("ERROR", f"rollback failed: {exc.message}", code=exc.code)
+            manual = await manual_actions(ctx, target, everything=False)
+            ctx.observer.rollback_ended("failed")
+            await ctx.commit([(RollbackFailed, {"error": {"code": exc.code, "message": exc.message},
+                                                "manual_actions": manual})],
+                             job={"rolled_back": False})
+            self.rollback_ok = False
+            self.next_trigger = "rollback_incomplete"
+            return
+        ctx.observer.rollback_ended("completed")
+        await ctx.commit([(RollbackCompleted, {"actions": target.actions})], job={"rolled_back": True})
+        self.rollback_ok = True
+        self.next_trigger = "rolled_back"
+
+    # ------------------------------------------------------------------ ends
+
+    async def enter_end(self, event: EventData) -> None:
+        ctx, row, state = self.ctx, self.ctx.row, event.state.name
+        ctx.observer.state_changed(row.job_id, event.transition.source, None)
+        duration = max(0.0, time.time() - row.created_at)
+        job: dict[str, Any] = {"status": state, "ended": True, "completed_at": time.time(),
+                               "lease_owner": None, "lease_expires_at": None}
+        vm_status = None
+        parent: dict[str, Any] = {}
+        if state == "completed":
+            ledger = await ctx.ledger()
+            if row.job_type == "cleanup":
+                outputs: dict[str, Any] = {"failover_job_id": row.parent_job_id}
+                vm_status = "ready_for_failover"
+                parent = {"status": "cleaned_up", "active_vm_id": None}
+            else:
+                snaps = [{"volume_id": e.data.get("volume_id"), "snapshot_id": e.resource_id}
+                         for k, e in ledger.items() if k.startswith("snapshot:")]
+                outputs = {"destination_vm_id": ledger["vm"].resource_id, "snapshots": snaps,
+                           "vm_name": row.plan.get("cs_name")}
+                vm_status = "failed_over_test" if row.job_type == "test-failover" else "failed_over_live"
+            events: list[tuple[Any, dict[str, Any]]] = [
+                (JobCompleted, {"outputs": outputs, "duration_seconds": round(duration, 3)})]
+        elif state == "cancelled":
+            rolled = row.job_type != "cleanup" and bool(self.rollback_ok)
+            events = [(JobCancelled, {"rolled_back": rolled})]
+            job["active_vm_id"] = None
+            if row.job_type == "cleanup":
+                parent = {"cleanup_job_id": None}
+        else:  # failed
+            error = {"code": row.error_code or "FAILED", "message": row.error_message or "the job failed"}
+            if row.job_type == "cleanup":
+                rolled = False
+                parent = {"cleanup_job_id": None}
+            else:
+                rolled = bool(self.rollback_ok)
+            if rolled or row.job_type == "cleanup":
+                job["active_vm_id"] = None
+            events = [(JobFailed, {"failed_step": row.failed_step, "error": error, "rolled_back": rolled})]
+        await ctx.commit(events, job=job, vm_status=vm_status, parent=parent)
+        outcome = state
+        ctx.observer.job_ended(row.job_type, outcome, duration)
+        self.next_trigger = None
+
+
+async def drive(machine: AsyncMachine, ctx: JobContext) -> str:
+    """Run a job this process owns from its persisted state to an end state (or until its
+    lease is lost). Returns the state it stopped in."""
+    row = ctx.row
+    model = JobModel(ctx)
+    initial = row.status
+    machine.add_model(model, initial=initial)
+    try:
+        if initial == "pending":
+            if row.cancel_requested:
+                model.next_trigger = "cancel"
+            else:
+                ctx.observer.job_started(row.job_type)
+                model.next_trigger = "start"
+        elif initial in STEP_STATES:
+            if row.resume_state == initial:  # the step completed before the interruption
+                model.next_trigger = "cancel" if row.cancel_requested else "step_done"
+            else:
+                model.resuming, model.next_trigger = True, "resume"
+        elif initial == "rolling_back":
+            model.resuming, model.next_trigger = True, "resume"
+        elif initial == "failed" and row.rollback_requested:
+            model.next_trigger = "retry_rollback"
+        while model.next_trigger:
+            if ctx.draining and model.next_trigger in ("start", "step_done", "cancel"):
+                return model.state  # a safe point: the next owner carries on from here
+            trigger, model.next_trigger = model.next_trigger, None
+            ok = await model.trigger(trigger)  # type: ignore[attr-defined]
+            if not ok:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError
+                raise RuntimeError(f"trigger {trigger!r} not allowed from state {model.state!r}")
+        return model.state
+    except LeaseLost:
+        return model.state
+    finally:
+        machine.remove_model(model)
+
+
+def is_ended(state: str) -> bool:
+    return state in _END

@@ -1,0 +1,47 @@
+"""Errors the engine understands. Adapters translate foreign errors into these at the edge."""
+
+from __future__ import annotations
+
+
+class StepError(Exception):
+    """A step cannot go on. `code` is stable (it ends up in events and tables); `message`
+    tells an operator what happened and what to do. `transient` errors are retried."""
+
+    def __init__(self, code: str, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.transient = transient
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class TransientError(StepError):
+    """Worth another try: a 5xx, a timeout, a connection refused, an operation not finished."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message, transient=True)
+
+
+class RefusedError(StepError):
+    """The outside system refused the request (CloudStack 431, a daemon 4xx): never retried."""
+
+
+class MalformedResponse(StepError):
+    """An answer of the wrong shape: the outside system or something in between is broken."""
+
+    def __init__(self, system: str, detail: str) -> None:
+        super().__init__(
+            "MALFORMED_RESPONSE",
+            f"{system} answered with a malformed response ({detail}); check the {system} "
+            "service and any proxy in front of it",
+        )
+
+
+class LeaseLost(Exception):
+    """Another process owns this job now (our lease expired): stop touching it at once."""
+
+
+class JobCancelled(Exception):
+    """A cancel was requested and the job reached a safe point."""

@@ -1,0 +1,285 @@
+"""The six steps of a test or live failover (CONTRACT.md section 1)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from statemachine.context import JobContext
+from statemachine.errors import StepError
+from statemachine.naming import sanitize_vm_name, test_vm_name
+from statemachine.ports import DeploySpec, LedgerEntry
+
+from .resources import ensure_attached, ensure_detached, ensure_snapshot, ensure_vm, run_vm_command
+
+# A device node as the appliance sees it: /dev/vdb, /dev/sdc, /dev/xvdd, /dev/nvme1n1 or a
+# /dev/disk/by-... link. Anything else (relative paths, "..", spaces, options) is refused.
+DEVICE_PATH = re.compile(r"^/dev/(?:[a-z]{1,4}[a-z0-9]{1,8}|disk/by-[a-z]+/[A-Za-z0-9_.:-]{1,128})$")
+
+
+@dataclass
+class StepResult:
+    outputs: dict[str, Any] = field(default_factory=dict)
+    skipped: str | None = None  # the reason, when the step did not apply
+
+
+def _plan(ctx: JobContext) -> dict[str, Any]:
+    return ctx.row.plan
+
+
+def _volumes(ctx: JobContext) -> list[dict[str, Any]]:
+    return list(_plan(ctx)["volumes"])
+
+
+def _root(ctx: JobContext) -> dict[str, Any]:
+    return next(v for v in _volumes(ctx) if v["root"])
+
+
+# --------------------------------------------------------------------------- 1
+
+
+async def pre_failover_validation(ctx: JobContext) -> StepResult:
+    """Check the platform tables and the volumes; resolve the plan every later step follows."""
+    platform, vm_id = ctx.ports.platform, ctx.row.vm_id
+    vm = await platform.vm_context(vm_id)
+    if vm is None:
+        raise StepError("VM_NOT_FOUND", f"VM {vm_id!r} is not in vm_replication_contexts; replicate it first")
+    job = await platform.newest_replication_job(vm_id)
+    if job is None:
+        raise StepError("NO_REPLICATION", f"VM {vm_id!r} has no replication job; replicate it first")
+    if job.status != "completed":
+        raise StepError(
+            "REPLICATION_NOT_COMPLETED",
+            f"the newest replication job {job.id} of VM {vm_id!r} is {job.status!r}, not 'completed'; "
+            "wait for it to finish (or run a new sync) and request the failover again",
+        )
+    disks = await platform.disks(job.id)
+    if not disks:
+        raise StepError("NO_DISKS", f"replication job {job.id} has no disks in vm_disks")
+    missing = [d.disk_id for d in disks if d.volume_id is None]
+    if missing:
+        raise StepError(
+            "VOLUME_NOT_FOUND",
+            f"disk(s) {', '.join(missing)} of replication job {job.id} point to no ossea_volumes row; "
+            "repair vm_disks.ossea_volume_id before failing over",
+        )
+    ordered = sorted(disks, key=lambda d: (d.unit_number if d.unit_number is not None else 1 << 30, d.disk_id))
+    test = ctx.row.job_type == "test-failover"
+    mappings = await platform.network_mappings(vm_id, test=test)
+    networks: list[str] = []
+    for m in mappings:
+        if m.destination_network_id not in networks:
+            networks.append(m.destination_network_id)
+    network_source = ("test" if test else "production") + " network mappings"
+    if not networks:
+        networks, network_source = [ctx.config.default_network_id], "FAILOVER_NETWORK_ID"
+    appliance = ctx.config.appliance_vm_id
+    volumes: list[dict[str, Any]] = []
+    for index, disk in enumerate(ordered):
+        assert disk.volume_id is not None
+        state = await ctx.retrying("look up volume", lambda v=disk.volume_id: ctx.ports.volumes.get_volume(v))
+        if state.vm_id != appliance:
+            raise StepError(
+                "VOLUME_NOT_ON_APPLIANCE",
+                f"volume {disk.volume_id} (disk {disk.disk_id}) is attached to "
+                f"{state.vm_id or 'no VM'}, not to the appliance {appliance}; "
+                "re-attach it to the appliance (or finish the job that holds it) first",
+            )
+        volumes.append(
+            {
+                "volume_id": disk.volume_id,
+                "disk_id": disk.disk_id,
+                "unit_number": disk.unit_number,
+                "size_gb": disk.size_gb,
+                "root": index == 0,
+                "appliance_device_id": state.device_id,
+            }
+        )
+    option = ctx.row.options.get("driver_injection", "auto")
+    windows = "windows" in (vm.os_type or "").lower()
+    inject = option == "always" or (option == "auto" and windows)
+    name = sanitize_vm_name(vm.vm_name)
+    plan = {
+        "replication_job_id": job.id,
+        "vm_name": vm.vm_name,
+        "cs_name": test_vm_name(name, ctx.row.job_id) if test else name,
+        "display_name": "".join(c for c in vm.vm_name if c.isprintable() and c != "~")[:250] or name,
+        "cpu_count": vm.cpu_count or 1,
+        "memory_mb": vm.memory_mb or 1024,
+        "os_type": vm.os_type,
+        "inject": inject,
+        "inject_reason": f"options.driver_injection={option}, os_type={vm.os_type!r}",
+        "networks": networks,
+        "network_source": network_source,
+        "volumes": volumes,
+    }
+    ctx.row.plan = plan
+    ctx.log("INFO", f"validated VM {vm.vm_name}: {len(volumes)} volume(s), networks from {network_source}",
+            volumes=[v["volume_id"] for v in volumes], networks=networks)
+    return StepResult(
+        outputs={
+            "replication_job_id": job.id,
+            "volumes": [v["volume_id"] for v in volumes],
+            "root_volume_id": volumes[0]["volume_id"],
+            "networks": networks,
+            "vm_name": plan["cs_name"],
+        }
+    )
+
+
+# --------------------------------------------------------------------------- 2
+
+
+async def cloudstack_snapshot(ctx: JobContext) -> StepResult:
+    """One BackedUp snapshot per replicated volume; a test failover needs them revertable."""
+    kind = "test" if ctx.row.job_type == "test-failover" else "live"
+    snaps = []
+    for vol in _volumes(ctx):
+        volume_id = vol["volume_id"]
+        name = f"{kind}-failover-{ctx.row.job_id[:8]}-{volume_id[:8]}"
+        snap = await ctx.retrying(
+            f"snapshot of volume {volume_id}", lambda v=volume_id, n=name: ensure_snapshot(ctx, v, n)
+        )
+        ctx.log("INFO", f"snapshot {snap.id} of volume {volume_id} is BackedUp", snapshot_id=snap.id,
+                volume_id=volume_id, revertable=snap.revertable)
+        snaps.append({"volume_id": volume_id, "snapshot_id": snap.id, "revertable": snap.revertable})
+    if kind == "test":
+        bad = [s for s in snaps if not s["revertable"]]
+        if bad:
+            raise StepError(
+                "SNAPSHOT_NOT_REVERTABLE",
+                "snapshot(s) " + ", ".join(f"{s['snapshot_id']} (volume {s['volume_id']})" for s in bad)
+                + " cannot be reverted on this primary storage, so a test failover could not be undone; "
+                "nothing was written to the volumes. Use storage that supports snapshot revert "
+                "(e.g. Ceph RBD, or KVM with qcow2) for test failovers",
+            )
+    root = snaps[0]["snapshot_id"]
+    await ctx.commit(job={"ossea_snapshot_id": root})
+    return StepResult(outputs={"snapshots": [{"volume_id": s["volume_id"], "snapshot_id": s["snapshot_id"]} for s in snaps]})
+
+
+# --------------------------------------------------------------------------- 3
+
+
+async def virtio_driver_injection(ctx: JobContext) -> StepResult:
+    """Inject the VirtIO drivers into the root volume while the appliance holds it."""
+    plan = _plan(ctx)
+    if not plan["inject"]:
+        return StepResult(skipped=f"driver injection not needed ({plan['inject_reason']})")
+    root = _root(ctx)["volume_id"]
+    ledger = await ctx.ledger()
+    entry = ledger.get(f"write:{root}")
+    if entry is not None and entry.status == "done":
+        return StepResult(outputs={"device_path": entry.data.get("device_path"), "resumed": True})
+    info = await ctx.retrying("device path lookup", lambda: ctx.ports.volumes.get_volume(root))
+    path = info.device_path
+    if info.vm_id != ctx.config.appliance_vm_id or not path:
+        raise StepError(
+            "DEVICE_PATH_UNKNOWN",
+            f"the Volume Daemon reports no device path on the appliance for root volume {root}; "
+            "check that the volume is attached to the appliance",
+        )
+    if not DEVICE_PATH.match(path) or ".." in path:
+        raise StepError(
+            "DEVICE_PATH_INVALID",
+            f"the Volume Daemon returned {path!r} for volume {root}, which is not a /dev device path; "
+            "the injection script was not run. Check the Volume Daemon",
+        )
+    entry = LedgerEntry(key=f"write:{root}", resource_type="volume", action="write", resource_id=root,
+                        data={"device_path": path, "by": "virtio-driver-injection"})
+    await ctx.record(entry)  # before the script runs: the volume may be written from now on
+
+    async def on_line(line: str) -> None:
+        ctx.log("INFO", line, source="inject-virtio-drivers", device_path=path)
+        await ctx.flush()
+
+    await ctx.ports.injection.inject(path, ctx.row.job_id, on_line)
+    entry.status = "done"
+    await ctx.record(entry)
+    return StepResult(outputs={"device_path": path})
+
+
+# --------------------------------------------------------------------------- 4
+
+
+async def vm_creation(ctx: JobContext) -> StepResult:
+    """Deploy the VM stopped, with the source VM's CPU and memory and the mapped networks."""
+    plan, cfg = _plan(ctx), ctx.config
+    zone_id = await ctx.retrying("zone lookup", lambda: ctx.ports.cloudstack.resolve_zone(cfg.zone))
+    spec = DeploySpec(
+        name=plan["cs_name"],
+        display_name=plan["display_name"],
+        zone_id=zone_id,
+        template_id=cfg.template_id,
+        service_offering_id=cfg.service_offering_id,
+        disk_offering_id=cfg.disk_offering_id,
+        network_ids=plan["networks"],
+        cpu_count=plan["cpu_count"],
+        memory_mb=plan["memory_mb"],
+    )
+    vm_id = await ctx.retrying("deploy VM", lambda: ensure_vm(ctx, spec))
+    ctx.log("INFO", f"VM {spec.name} deployed stopped", destination_vm_id=vm_id)
+    await ctx.commit(job={"destination_vm_id": vm_id})
+    return StepResult(outputs={"destination_vm_id": vm_id, "name": spec.name, "zone_id": zone_id})
+
+
+# --------------------------------------------------------------------------- 5
+
+
+async def volume_attachment(ctx: JobContext) -> StepResult:
+    """Give up the disks the deploy made; move the replicated volumes to the VM, root first."""
+    cs, ledger = ctx.ports.cloudstack, await ctx.ledger()
+    vm_id = ledger["vm"].resource_id
+    assert vm_id is not None
+    replicated = {v["volume_id"] for v in _volumes(ctx)}
+    discarded = []
+    for vol in await ctx.retrying("list VM volumes", lambda: cs.list_vm_volumes(vm_id)):
+        if vol.id in replicated:
+            continue
+        await ctx.retrying(f"detach {vol.type} {vol.id}", lambda v=vol.id: ensure_detached(ctx, f"discard:{v}", v))
+        await ctx.retrying(f"delete volume {vol.id}", lambda v=vol.id: cs.delete_volume(v))
+        ctx.log("INFO", f"removed the deploy's {vol.type} volume {vol.id}", volume_id=vol.id)
+        discarded.append(vol.id)
+    for vol in _volumes(ctx):
+        v = vol["volume_id"]
+        await ctx.retrying(f"detach {v} from the appliance", lambda v=v, d=vol: ensure_detached(
+            ctx, f"detach:{v}", v, data={"appliance_device_id": d["appliance_device_id"]}))
+    attached = []
+    for vol in _volumes(ctx):  # root first (device 0), then the others in unit_number order
+        v = vol["volume_id"]
+        device = await ctx.retrying(f"attach {v}", lambda v=v, r=vol["root"]: ensure_attached(
+            ctx, f"attach:{v}", v, vm_id, root=r))
+        ctx.log("INFO", f"volume {v} attached to {vm_id} as device {device}", volume_id=v, device_id=device)
+        attached.append({"volume_id": v, "device_id": device})
+    return StepResult(outputs={"discarded_volumes": discarded, "attached": attached})
+
+
+# --------------------------------------------------------------------------- 6
+
+
+async def vm_startup_validation(ctx: JobContext) -> StepResult:
+    """Start the VM and wait until CloudStack reports it Running."""
+    ledger = await ctx.ledger()
+    vm_id = ledger["vm"].resource_id
+    assert vm_id is not None
+    await ctx.retrying("start VM", lambda: run_vm_command(ctx, "start:vm", vm_id, "start"))
+    vm = await ctx.retrying("VM state", lambda: ctx.ports.cloudstack.get_vm(vm_id))
+    if vm is None or vm.state != "Running":
+        raise StepError(
+            "VM_NOT_RUNNING",
+            f"VM {vm_id} is {vm.state if vm else 'gone'} after start, expected Running; "
+            "check its console in CloudStack",
+        )
+    ctx.log("INFO", f"VM {vm.name} is Running", destination_vm_id=vm_id)
+    return StepResult(outputs={"destination_vm_id": vm_id, "state": vm.state})
+
+
+FAILOVER_STEP_FUNCS = {
+    "pre-failover-validation": pre_failover_validation,
+    "cloudstack-snapshot": cloudstack_snapshot,
+    "virtio-driver-injection": virtio_driver_injection,
+    "vm-creation": vm_creation,
+    "volume-attachment": volume_attachment,
+    "vm-startup-validation": vm_startup_validation,
+}

@@ -1,0 +1,192 @@
+"""Resumable resource operations: each looks up what may already exist (by the ledger, by
+the deterministic name, by the saved CloudStack job id or daemon operation id) before it
+creates or moves anything, so re-entering a step after a crash does every action once."""
+
+from __future__ import annotations
+
+from statemachine.context import JobContext
+from statemachine.errors import StepError, TransientError
+from statemachine.ports import CsSnapshot, CsVm, DeploySpec, LedgerEntry
+
+
+async def _entry(ctx: JobContext, key: str, resource_type: str, action: str, **kw: object) -> LedgerEntry:
+    ledger = await ctx.ledger()
+    entry = ledger.get(key)
+    if entry is None:
+        entry = LedgerEntry(key=key, resource_type=resource_type, action=action, **kw)  # type: ignore[arg-type]
+        await ctx.record(entry)
+    return entry
+
+
+async def _wait_cs(ctx: JobContext, entry: LedgerEntry, timeout: float) -> None:
+    """Wait for the entry's CloudStack job; a failed job is forgotten so a retry starts anew."""
+    assert entry.cs_job_id is not None
+    try:
+        await ctx.ports.cloudstack.wait_job(entry.cs_job_id, timeout)
+    except StepError as exc:
+        if exc.code == "CLOUDSTACK_JOB_FAILED":
+            entry.cs_job_id = None
+            entry.resource_id = None
+            await ctx.record(entry)
+        raise
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+async def ensure_snapshot(ctx: JobContext, volume_id: str, name: str) -> CsSnapshot:
+    """A `BackedUp` snapshot of the volume, taken at most once for this job."""
+    cs = ctx.ports.cloudstack
+    entry = await _entry(
+        ctx, f"snapshot:{volume_id}", "snapshot", "create", name=name, data={"volume_id": volume_id}
+    )
+    if entry.status != "done":
+        if entry.cs_job_id is None and entry.resource_id is None:
+            found = await cs.find_snapshot(name, volume_id)
+            if found is not None:
+                entry.resource_id = found.id
+            else:
+                start = await cs.create_snapshot(volume_id, name)
+                entry.resource_id, entry.cs_job_id = start.resource_id, start.job_id
+            await ctx.record(entry)
+        if entry.cs_job_id is not None:
+            await _wait_cs(ctx, entry, ctx.config.snapshot_timeout)
+    snap = await cs.get_snapshot(entry.resource_id or "") if entry.resource_id else None
+    if snap is None:
+        entry.cs_job_id = entry.resource_id = None
+        entry.status = "intended"
+        await ctx.record(entry)
+        raise TransientError(
+            "SNAPSHOT_MISSING", f"snapshot {name} of volume {volume_id} vanished; taking it again"
+        )
+    if snap.state.lower() == "error":
+        raise TransientError("SNAPSHOT_ERROR", f"snapshot {snap.id} of volume {volume_id} is in state Error")
+    if snap.state != "BackedUp":
+        raise TransientError(
+            "SNAPSHOT_NOT_READY", f"snapshot {snap.id} is {snap.state}, expected BackedUp"
+        )
+    if entry.status != "done":
+        entry.status = "done"
+        entry.data["revertable"] = snap.revertable
+        await ctx.record(entry)
+    return snap
+
+
+# --------------------------------------------------------------------------- the VM
+
+
+async def ensure_vm(ctx: JobContext, spec: DeploySpec) -> str:
+    """The job's VM, deployed stopped, at most once; returns its id."""
+    cs = ctx.ports.cloudstack
+    entry = await _entry(ctx, "vm", "vm", "create", name=spec.name)
+    if entry.status == "done" and entry.resource_id:
+        return entry.resource_id
+    if entry.cs_job_id is None and entry.resource_id is None:
+        found = await cs.find_vm(spec.name)
+        if found is not None:
+            entry.resource_id = found.id
+        else:
+            start = await cs.deploy_vm(spec)
+            entry.resource_id, entry.cs_job_id = start.resource_id, start.job_id
+        await ctx.record(entry)
+    if entry.cs_job_id is not None:
+        await _wait_cs(ctx, entry, ctx.config.async_job_timeout)
+    vm = await cs.get_vm(entry.resource_id or "") if entry.resource_id else None
+    if vm is None:
+        entry.resource_id = entry.cs_job_id = None
+        await ctx.record(entry)
+        raise TransientError("VM_MISSING", f"the deployed VM {spec.name} is not found; deploying again")
+    entry.status = "done"
+    await ctx.record(entry)
+    return vm.id
+
+
+async def vm_of(ctx: JobContext, ledger: dict[str, LedgerEntry]) -> CsVm | None:
+    """The job's VM as CloudStack has it now (by the ledger's id, else by its name)."""
+    cs = ctx.ports.cloudstack
+    entry = ledger.get("vm")
+    if entry is None:
+        return None
+    if entry.resource_id:
+        return await cs.get_vm(entry.resource_id)
+    return await cs.find_vm(entry.name) if entry.name else None
+
+
+async def run_vm_command(ctx: JobContext, key: str, vm_id: str, command: str) -> None:
+    """start / stop / destroy, with the async job id saved before waiting."""
+    cs = ctx.ports.cloudstack
+    entry = await _entry(ctx, key, "vm", command, resource_id=vm_id)
+    if entry.status == "done":
+        return
+    if entry.cs_job_id is None:
+        call = {"start": cs.start_vm, "stop": cs.stop_vm, "destroy": cs.destroy_vm}[command]
+        start = await call(vm_id)
+        entry.cs_job_id = start.job_id
+        await ctx.record(entry)
+    await _wait_cs(ctx, entry, ctx.config.async_job_timeout)
+    entry.status = "done"
+    await ctx.record(entry)
+
+
+# --------------------------------------------------------------------------- volume moves
+
+
+async def ensure_detached(ctx: JobContext, key: str, volume_id: str, *, data: dict[str, object] | None = None) -> None:
+    """The volume detached from whatever VM holds it, through the Volume Daemon."""
+    vd = ctx.ports.volumes
+    entry = await _entry(ctx, key, "volume", "detach", resource_id=volume_id, data=dict(data or {}))
+    if entry.status == "done":
+        return
+    if entry.operation_id is not None:
+        await _wait_op(ctx, entry)
+    current = await vd.get_volume(volume_id)
+    if current.vm_id is not None:
+        entry.data.setdefault("from_vm_id", current.vm_id)
+        entry.data.setdefault("from_device_id", current.device_id)
+        entry.operation_id = await vd.detach(volume_id)
+        await ctx.record(entry)
+        await _wait_op(ctx, entry)
+    entry.status = "done"
+    await ctx.record(entry)
+
+
+async def ensure_attached(ctx: JobContext, key: str, volume_id: str, vm_id: str, *, root: bool) -> int | None:
+    """The volume attached to `vm_id` (as device 0 when `root`), through the Volume Daemon."""
+    vd = ctx.ports.volumes
+    entry = await _entry(
+        ctx, key, "volume", "attach-root" if root else "attach", resource_id=volume_id, data={"vm_id": vm_id}
+    )
+    if entry.status == "done":
+        return entry.data.get("device_id")  # type: ignore[return-value]
+    if entry.operation_id is not None:
+        await _wait_op(ctx, entry)
+    current = await vd.get_volume(volume_id)
+    if current.vm_id == vm_id and (not root or current.device_id == 0):
+        pass
+    elif current.vm_id is not None:
+        raise StepError(
+            "VOLUME_BUSY",
+            f"volume {volume_id} is attached to VM {current.vm_id}, not free to attach to {vm_id}; "
+            "detach it or check which job holds it",
+        )
+    else:
+        entry.operation_id = await (vd.attach_root if root else vd.attach)(volume_id, vm_id)
+        await ctx.record(entry)
+        await _wait_op(ctx, entry)
+        current = await vd.get_volume(volume_id)
+    entry.status = "done"
+    entry.data["device_id"] = current.device_id
+    await ctx.record(entry)
+    return current.device_id
+
+
+async def _wait_op(ctx: JobContext, entry: LedgerEntry) -> None:
+    assert entry.operation_id is not None
+    op = await ctx.ports.volumes.wait_operation(entry.operation_id, ctx.config.volume_operation_timeout)
+    if op.status != "completed":
+        entry.operation_id = None
+        await ctx.record(entry)
+        raise TransientError(
+            "VOLUME_OPERATION_FAILED",
+            f"Volume Daemon operation {op.id} on volume {entry.resource_id} ended {op.status}: {op.error}",
+        )

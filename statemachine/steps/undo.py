@@ -1,0 +1,304 @@
+"""Putting the world back: the phases shared by a failed job's rollback and a cleanup.
+
+Every phase reads the world as it is now (CloudStack and the Volume Daemon) and the ledger of
+the failover, so it can run again after a crash, or after a partial earlier attempt, and only
+do what is still left. The order is the one that never loses a replica: stop the VM, detach
+the replicated volumes from it, only then destroy it (destroying a VM destroys its ROOT
+volume), revert what was written, give the volumes back to the appliance in their original
+order, and delete the snapshots last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from statemachine.context import JobContext
+from statemachine.errors import StepError
+from statemachine.ports import LedgerEntry
+
+from .resources import ensure_attached, ensure_detached, run_vm_command, vm_of
+
+
+@dataclass
+class Target:
+    """What is being undone: a failover's plan and ledger (the job's own, or a cleanup's parent)."""
+
+    plan: dict[str, Any]
+    ledger: dict[str, LedgerEntry]
+    actions: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def volumes(self) -> list[dict[str, Any]]:
+        return list(self.plan.get("volumes") or [])
+
+    def written(self, everything: bool) -> list[dict[str, Any]]:
+        """Volumes whose content may have changed: all once the VM was started (or for a
+        cleanup), else the root volume if the injection ran."""
+        if everything or "start:vm" in self.ledger:
+            return self.volumes
+        return [v for v in self.volumes if f"write:{v['volume_id']}" in self.ledger]
+
+    def snapshot_of(self, volume_id: str) -> str | None:
+        entry = self.ledger.get(f"snapshot:{volume_id}")
+        return entry.resource_id if entry else None
+
+    def note(self, action: str, resource_type: str, resource_id: str, detail: str | None = None) -> None:
+        self.actions.append(
+            {"action": action, "resource_type": resource_type, "resource_id": resource_id, "detail": detail}
+        )
+
+
+def planned_actions(target: Target, everything: bool) -> list[dict[str, Any]]:
+    """What a rollback will undo, in order (for `RollbackStarted`)."""
+    out: list[dict[str, Any]] = []
+    vm = target.ledger.get("vm")
+    vm_id = (vm.resource_id or vm.name or "") if vm else ""
+    if vm and "start:vm" in target.ledger:
+        out.append({"action": "stop", "resource_type": "vm", "resource_id": vm_id, "detail": None})
+    for key, entry in target.ledger.items():
+        if key.startswith("attach:"):
+            out.append({"action": "detach", "resource_type": "volume", "resource_id": entry.resource_id,
+                        "detail": f"from VM {vm_id}"})
+    if vm:
+        out.append({"action": "destroy", "resource_type": "vm", "resource_id": vm_id, "detail": None})
+    for vol in target.written(everything):
+        out.append({"action": "revert", "resource_type": "volume", "resource_id": vol["volume_id"],
+                    "detail": f"to snapshot {target.snapshot_of(vol['volume_id'])}"})
+    moved = [e for k, e in target.ledger.items() if k.startswith(("detach:", "write:"))]
+    for entry in moved:
+        if entry.key.startswith("detach:") or everything:
+            out.append({"action": "reattach", "resource_type": "volume", "resource_id": entry.resource_id,
+                        "detail": "to the appliance"})
+    for key, entry in target.ledger.items():
+        if key.startswith("snapshot:"):
+            out.append({"action": "delete", "resource_type": "snapshot",
+                        "resource_id": entry.resource_id or entry.name, "detail": None})
+    return [a for a in out if a["resource_id"]]
+
+
+# --------------------------------------------------------------------------- phases
+
+
+async def power_off(ctx: JobContext, target: Target) -> None:
+    vm = await ctx.retrying("VM state", lambda: vm_of(ctx, target.ledger))
+    if vm is not None and vm.state not in ("Stopped", "Destroyed", "Expunging"):
+        await ctx.retrying("stop VM", lambda: run_vm_command(ctx, "undo:stop", vm.id, "stop"))
+        target.note("stop", "vm", vm.id)
+        ctx.log("INFO", f"VM {vm.id} stopped", vm_id=vm.id)
+
+
+async def detach_from_vm(ctx: JobContext, target: Target) -> None:
+    vm = await ctx.retrying("VM state", lambda: vm_of(ctx, target.ledger))
+    if vm is None:
+        return
+    for vol in target.volumes:
+        v = vol["volume_id"]
+        state = await ctx.retrying("volume state", lambda v=v: ctx.ports.volumes.get_volume(v))
+        if state.vm_id == vm.id:
+            await ctx.retrying(f"detach {v}", lambda v=v: ensure_detached(ctx, f"undo:detach:{v}", v))
+            target.note("detach", "volume", v, f"from VM {vm.id}")
+            ctx.log("INFO", f"volume {v} detached from VM {vm.id}", volume_id=v)
+
+
+async def delete_vm(ctx: JobContext, target: Target) -> None:
+    cs = ctx.ports.cloudstack
+    vm = await ctx.retrying("VM state", lambda: vm_of(ctx, target.ledger))
+    if vm is None or vm.state in ("Destroyed", "Expunging"):
+        return
+    replicated = {v["volume_id"] for v in target.volumes}
+    still = [v.id for v in await ctx.retrying("list VM volumes", lambda: cs.list_vm_volumes(vm.id))
+             if v.id in replicated]
+    if still:  # guarantee 5: destroying the VM would destroy the replica attached as its ROOT
+        raise StepError(
+            "REPLICA_STILL_ATTACHED",
+            f"VM {vm.id} still holds replicated volume(s) {', '.join(still)}; it was not destroyed. "
+            "Detach them first",
+        )
+    await ctx.retrying("destroy VM", lambda: run_vm_command(ctx, "undo:destroy", vm.id, "destroy"))
+    target.note("destroy", "vm", vm.id)
+    ctx.log("INFO", f"VM {vm.id} destroyed", vm_id=vm.id)
+
+
+async def revert_volumes(ctx: JobContext, target: Target, everything: bool) -> None:
+    cs, vd = ctx.ports.cloudstack, ctx.ports.volumes
+    for vol in target.written(everything):
+        v = vol["volume_id"]
+        snapshot = target.snapshot_of(v)
+        if snapshot is None:
+            raise StepError("SNAPSHOT_MISSING", f"volume {v} was written but has no snapshot in the ledger")
+        key = f"undo:revert:{v}"
+        if target.ledger.get(key) and target.ledger[key].status == "done":
+            continue
+        state = await ctx.retrying("volume state", lambda v=v: vd.get_volume(v))
+        if state.vm_id is not None:  # revertSnapshot needs the volume detached (or its VM stopped)
+            await ctx.retrying(f"detach {v}", lambda v=v, d=vol["appliance_device_id"]: ensure_detached(
+                ctx, f"undo:predetach:{v}", v, data={"appliance_device_id": d}))
+
+        async def revert(v: str = v, snapshot: str = snapshot, key: str = key) -> None:
+            entry = target.ledger.get(key) or LedgerEntry(key=key, resource_type="volume", action="revert",
+                                                           resource_id=v, data={"snapshot_id": snapshot})
+            if entry.cs_job_id is None:
+                start = await cs.revert_snapshot(snapshot)
+                entry.cs_job_id = start.job_id
+                await ctx.record(entry)
+                target.ledger[key] = entry
+            try:
+                await cs.wait_job(entry.cs_job_id, ctx.config.async_job_timeout)
+            except StepError:
+                entry.cs_job_id = None
+                await ctx.record(entry)
+                raise
+            entry.status = "done"
+            await ctx.record(entry)
+
+        await ctx.retrying(f"revert {v}", revert)
+        target.note("revert", "volume", v, f"to snapshot {snapshot}")
+        ctx.log("INFO", f"volume {v} reverted to snapshot {snapshot}", volume_id=v, snapshot_id=snapshot)
+
+
+async def reattach_to_appliance(ctx: JobContext, target: Target) -> None:
+    """Every replicated volume back on the appliance, in its original relative order."""
+    vd, appliance = ctx.ports.volumes, ctx.config.appliance_vm_id
+    ordered = sorted(target.volumes, key=lambda v: (v["appliance_device_id"] or 0, v["unit_number"] or 0))
+    states = {}
+    for vol in ordered:
+        v = vol["volume_id"]
+        states[v] = await ctx.retrying("volume state", lambda v=v: vd.get_volume(v))
+    elsewhere = [v for v, s in states.items() if s.vm_id not in (None, appliance)]
+    if elsewhere:
+        raise StepError("VOLUME_BUSY", f"volume(s) {', '.join(elsewhere)} are attached to another VM")
+    missing = [i for i, vol in enumerate(ordered) if states[vol["volume_id"]].vm_id is None]
+    if not missing:
+        return
+    # Re-attaching takes the lowest free device ids: to keep the original order, volumes
+    # after the first missing one come off and go back on in order too.
+    for vol in ordered[missing[0]:]:
+        v = vol["volume_id"]
+        if states[v].vm_id == appliance:
+            await ctx.retrying(f"detach {v}", lambda v=v: ensure_detached(ctx, f"undo:reorder:{v}", v))
+    for vol in ordered[missing[0]:]:
+        v = vol["volume_id"]
+        device = await ctx.retrying(f"attach {v} to the appliance", lambda v=v: ensure_attached(
+            ctx, f"undo:reattach:{v}", v, appliance, root=False))
+        target.note("reattach", "volume", v, f"to the appliance as device {device}")
+        ctx.log("INFO", f"volume {v} re-attached to the appliance as device {device}", volume_id=v,
+                device_id=device)
+
+
+async def delete_snapshots(ctx: JobContext, target: Target) -> None:
+    cs = ctx.ports.cloudstack
+    for key, entry in list(target.ledger.items()):
+        if not key.startswith("snapshot:"):
+            continue
+        volume_id = entry.data.get("volume_id", "")
+        snap = None
+        if entry.resource_id:
+            snap = await ctx.retrying("snapshot state", lambda e=entry: cs.get_snapshot(e.resource_id or ""))
+        elif entry.name:
+            snap = await ctx.retrying("snapshot lookup", lambda e=entry, v=volume_id: cs.find_snapshot(e.name or "", v))
+        if snap is None:
+            continue
+
+        async def delete(snapshot_id: str = snap.id) -> None:
+            start = await cs.delete_snapshot(snapshot_id)
+            await cs.wait_job(start.job_id, ctx.config.async_job_timeout)
+
+        await ctx.retrying(f"delete snapshot {snap.id}", delete)
+        target.note("delete", "snapshot", snap.id)
+        ctx.log("INFO", f"snapshot {snap.id} deleted", snapshot_id=snap.id)
+
+
+async def undo_all(ctx: JobContext, target: Target, everything: bool) -> None:
+    """The whole undo, in the only safe order."""
+    await power_off(ctx, target)
+    await detach_from_vm(ctx, target)
+    await delete_vm(ctx, target)
+    await revert_volumes(ctx, target, everything)
+    await reattach_to_appliance(ctx, target)
+    await delete_snapshots(ctx, target)
+
+
+async def manual_actions(ctx: JobContext, target: Target, everything: bool) -> list[dict[str, Any]]:
+    """What an operator must still do, from the world as it is now (best effort: where a
+    lookup fails, the ledger's ids are listed)."""
+    out: list[dict[str, Any]] = []
+    cs, vd, appliance = ctx.ports.cloudstack, ctx.ports.volumes, ctx.config.appliance_vm_id
+    try:
+        vm = await vm_of(ctx, target.ledger)
+    except Exception:
+        entry = target.ledger.get("vm")
+        vm = None
+        if entry and entry.resource_id:
+            out.append({"action": "destroy", "resource_type": "vm", "resource_id": entry.resource_id,
+                        "detail": "stop it, detach every replicated volume from it, then destroy it"})
+    if vm is not None and vm.state not in ("Destroyed", "Expunging"):
+        out.append({"action": "destroy", "resource_type": "vm", "resource_id": vm.id,
+                    "detail": "stop it, detach every replicated volume from it, then destroy it (expunge)"})
+    written = {v["volume_id"] for v in target.written(everything)}
+    for vol in target.volumes:
+        v = vol["volume_id"]
+        reverted = target.ledger.get(f"undo:revert:{v}")
+        if v in written and not (reverted and reverted.status == "done"):
+            out.append({"action": "revert", "resource_type": "volume", "resource_id": v,
+                        "detail": f"revert to snapshot {target.snapshot_of(v)} while detached"})
+        try:
+            state = await vd.get_volume(v)
+            on_appliance = state.vm_id == appliance
+        except Exception:
+            on_appliance = False
+        if not on_appliance:
+            out.append({"action": "reattach", "resource_type": "volume", "resource_id": v,
+                        "detail": f"attach to the appliance {appliance} (original device "
+                                  f"{vol['appliance_device_id']})"})
+    for key, entry in target.ledger.items():
+        if key.startswith("snapshot:") and entry.resource_id:
+            try:
+                exists = await cs.get_snapshot(entry.resource_id) is not None
+            except Exception:
+                exists = True
+            if exists:
+                out.append({"action": "delete", "resource_type": "snapshot", "resource_id": entry.resource_id,
+                            "detail": "delete it once the volume is reverted and back on the appliance"})
+    return out
+
+
+# --------------------------------------------------------------------------- cleanup steps
+
+
+async def _cleanup_target(ctx: JobContext) -> Target:
+    parent = ctx.row.parent_job_id
+    assert parent is not None
+    ledger = {e.key: e for e in await ctx.ports.store.ledger(parent)}
+    # the cleanup's own entries (undo:*) make its phases resumable
+    ledger.update({k: e for k, e in (await ctx.ledger()).items()})
+    return Target(plan=ctx.row.plan, ledger=ledger)
+
+
+def _cleanup_step(phase: str):  # type: ignore[no-untyped-def]
+    async def run(ctx: JobContext) -> Any:
+        from .failover import StepResult
+
+        target = await _cleanup_target(ctx)
+        if phase == "power-off":
+            await power_off(ctx, target)
+        elif phase == "volume-detachment":
+            await detach_from_vm(ctx, target)
+        elif phase == "vm-deletion":
+            await delete_vm(ctx, target)
+        elif phase == "snapshot-revert":
+            await revert_volumes(ctx, target, everything=True)
+        elif phase == "volume-reattachment":
+            await reattach_to_appliance(ctx, target)
+        elif phase == "snapshot-deletion":
+            await delete_snapshots(ctx, target)
+        return StepResult(outputs={"actions": target.actions})
+
+    return run
+
+
+CLEANUP_STEP_FUNCS = {
+    name: _cleanup_step(name)
+    for name in ("power-off", "volume-detachment", "vm-deletion", "snapshot-revert",
+                 "volume-reattachment", "snapshot-deletion")
+}
