@@ -1,0 +1,154 @@
+"""Async jobs (CloudStack) and operations (Volume Daemon) completing on timers.
+
+Each job or operation is one ``loop.call_later`` handle: nothing polls, so thousands of
+pending jobs with multi-second latencies cost nothing while they wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from emulators.model import (
+    JOB_FAILED,
+    JOB_SUCCEEDED,
+    AsyncJob,
+    CloudStackError,
+    Latency,
+    Operation,
+    cs_time,
+    internal_error,
+    iso_time,
+    new_id,
+)
+
+JobAction = Callable[[], dict[str, Any]]
+OperationAction = Callable[[], dict[str, Any] | None]
+
+
+class JobRunner:
+    """Owns the async jobs and daemon operations and the timers that finish them."""
+
+    def __init__(self, latency: Callable[[], Latency]) -> None:
+        self._latency = latency
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._closing = asyncio.Event()
+        self.jobs: dict[str, AsyncJob] = {}
+        self.operations: dict[str, Operation] = {}
+
+    def reset(self) -> None:
+        """Forget every job and operation; the pending ones never finish."""
+        self._cancel_timers()
+        self.jobs = {}
+        self.operations = {}
+
+    def close(self) -> None:
+        """Stop every timer and release whatever waits in ``hang``."""
+        self._cancel_timers()
+        self._closing.set()
+
+    async def hang(self) -> None:
+        """Wait until ``close``: how a request "never" answers."""
+        await self._closing.wait()
+
+    def _cancel_timers(self) -> None:
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+
+    # --------------------------------------------------------------- async jobs
+    def submit_job(
+        self,
+        command: str,
+        instance_type: str | None,
+        instance_id: str | None,
+        run: JobAction,
+        on_fail: Callable[[], None] | None = None,
+        fault: str | None = None,
+    ) -> AsyncJob:
+        """Queue an async job whose ``run`` applies its effect after the job latency.
+
+        ``run`` returns the job result (e.g. ``{"volume": {...}}``) or raises CloudStackError,
+        which fails the job. Fault ``async_fail`` fails it without running; ``timeout`` leaves
+        it pending forever. ``on_fail`` undoes a transitional state when the job fails.
+        """
+        job = AsyncJob(new_id(), command, instance_type, instance_id)
+        self.jobs[job.id] = job
+        if fault != "timeout":
+            self._timers[job.id] = asyncio.get_running_loop().call_later(
+                self._latency().async_job_seconds,
+                self._finish_job,
+                job,
+                run,
+                on_fail,
+                fault == "async_fail",
+            )
+        return job
+
+    def _finish_job(
+        self,
+        job: AsyncJob,
+        run: JobAction,
+        on_fail: Callable[[], None] | None,
+        injected_failure: bool,
+    ) -> None:
+        self._timers.pop(job.id, None)
+        job.completed = cs_time()
+        try:
+            if injected_failure:
+                raise internal_error(f"Injected fault: the {job.command} job failed")
+            result = run()
+        except Exception as exc:
+            if on_fail is not None:
+                on_fail()
+            job.status, job.result_code = JOB_FAILED, 530
+            job.result = {"errorcode": 530, "errortext": _text(exc)}
+        else:
+            job.status, job.result_code, job.result = JOB_SUCCEEDED, 0, result
+
+    # ------------------------------------------------------- daemon operations
+    def submit_operation(
+        self,
+        op_type: str,
+        volume_id: str,
+        vm_id: str | None,
+        request: dict[str, Any],
+        run: OperationAction,
+        fault: str | None = None,
+    ) -> Operation:
+        """Queue a daemon operation: ``pending``, ``executing`` on the next loop turn, then
+        ``completed`` or ``failed`` after the operation latency (``timeout``: never)."""
+        op = Operation(new_id(), op_type, volume_id, vm_id, request)
+        self.operations[op.id] = op
+        loop = asyncio.get_running_loop()
+        loop.call_soon(self._start_operation, op)
+        if fault != "timeout":
+            self._timers[op.id] = loop.call_later(
+                self._latency().operation_seconds,
+                self._finish_operation,
+                op,
+                run,
+                fault == "async_fail",
+            )
+        return op
+
+    def _start_operation(self, op: Operation) -> None:
+        if op.status == "pending" and self.operations.get(op.id) is op:
+            op.status, op.updated_at = "executing", iso_time()
+
+    def _finish_operation(self, op: Operation, run: OperationAction, injected: bool) -> None:
+        self._timers.pop(op.id, None)
+        try:
+            if injected:
+                raise internal_error(f"Injected fault: the {op.type} operation failed")
+            op.response = run()
+        except Exception as exc:
+            op.status, op.error = "failed", _text(exc)
+        else:
+            op.status = "completed"
+        op.updated_at = op.completed_at = iso_time()
+
+
+def _text(exc: Exception) -> str:
+    return exc.errortext if isinstance(exc, CloudStackError) else f"Internal error: {exc}"

@@ -1,0 +1,303 @@
+"""Prometheus metric definitions of the failover service.
+
+Every metric lives on prometheus-client's default ``REGISTRY``. The objects below are
+definitions, not connections, so defining them at import time is safe; the code that runs jobs,
+adapters, the outbox relay and the projectors updates them, and ``failover.health`` serves them
+on ``/metrics``.
+
+Each ``failoverctl serve`` process exposes its own values and Prometheus adds an ``instance``
+label to every series it scrapes, so dashboards and alerts ``sum`` over instances.
+
+Label sets with a closed list of values (job types, outcomes, command types) are created at
+import time with value 0. Prometheus' ``increase()`` cannot see the first increment of a series
+that did not exist before it, so a counter that an alert watches (a failed rollback, a
+dead-lettered command) must be exported at 0 before it ever moves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from importlib import metadata
+from typing import Final, Literal
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+__all__ = [
+    "ADAPTERS",
+    "ADAPTER_CALLS",
+    "ADAPTER_CALL_DURATION",
+    "ADAPTER_OUTCOMES",
+    "ALL_METRIC_NAMES",
+    "BUILD_INFO",
+    "COMMANDS",
+    "COMMAND_OUTCOMES",
+    "COMMAND_TYPES",
+    "EVENTS_PUBLISHED",
+    "HISTOGRAM_METRIC_NAMES",
+    "JOBS_ENDED",
+    "JOBS_IN_PROGRESS",
+    "JOBS_STARTED",
+    "JOB_DURATION",
+    "JOB_OUTCOMES",
+    "JOB_STATE_OLDEST",
+    "JOB_TYPES",
+    "OUTBOX_BACKLOG",
+    "OUTBOX_OLDEST_UNSENT_AGE",
+    "PROJECTOR_EVENTS",
+    "PROJECTOR_LAG",
+    "ROLLBACKS",
+    "ROLLBACK_OUTCOMES",
+    "STEP_DURATION",
+    "STEP_OUTCOMES",
+    "AdapterName",
+    "AdapterOutcome",
+    "CommandOutcome",
+    "JobOutcome",
+    "JobType",
+    "ProjectorOutcome",
+    "RollbackOutcome",
+    "StepOutcome",
+    "observe_adapter_call",
+    "set_job_state_gauges",
+]
+
+JobType = Literal["test-failover", "live-failover", "cleanup"]
+JobOutcome = Literal["completed", "failed", "cancelled"]
+StepOutcome = Literal["completed", "failed", "skipped"]
+AdapterName = Literal["cloudstack", "volume_daemon", "injection", "platform_db"]
+AdapterOutcome = Literal["ok", "error", "retry"]
+RollbackOutcome = Literal["completed", "failed"]
+CommandOutcome = Literal[
+    "accepted",
+    "duplicate",
+    "rejected_invalid",
+    "rejected_conflict",
+    "rejected_not_found",
+    "rejected_not_allowed",
+    "dead_lettered",
+]
+ProjectorOutcome = Literal["applied", "duplicate"]
+
+JOB_TYPES: Final[tuple[str, ...]] = ("test-failover", "live-failover", "cleanup")
+JOB_OUTCOMES: Final[tuple[str, ...]] = ("completed", "failed", "cancelled")
+STEP_OUTCOMES: Final[tuple[str, ...]] = ("completed", "failed", "skipped")
+ADAPTERS: Final[tuple[str, ...]] = ("cloudstack", "volume_daemon", "injection", "platform_db")
+ADAPTER_OUTCOMES: Final[tuple[str, ...]] = ("ok", "error", "retry")
+ROLLBACK_OUTCOMES: Final[tuple[str, ...]] = ("completed", "failed")
+COMMAND_TYPES: Final[tuple[str, ...]] = (
+    "FailoverRequested",
+    "CleanupRequested",
+    "CancelRequested",
+    "RollbackRequested",
+    "unknown",
+)
+COMMAND_OUTCOMES: Final[tuple[str, ...]] = (
+    "accepted",
+    "duplicate",
+    "rejected_invalid",
+    "rejected_conflict",
+    "rejected_not_found",
+    "rejected_not_allowed",
+    "dead_lettered",
+)
+
+# --- jobs -------------------------------------------------------------------------------------
+
+JOBS_STARTED: Final = Counter(
+    "failover_jobs_started_total",
+    "Jobs this process started (accepted and began running).",
+    ["job_type"],
+)
+JOBS_ENDED: Final = Counter(
+    "failover_jobs_ended_total",
+    "Jobs this process ended, by outcome.",
+    ["job_type", "outcome"],
+)
+JOB_DURATION: Final = Histogram(
+    "failover_job_duration_seconds",
+    "Wall-clock time from a job's acceptance to its end.",
+    ["job_type", "outcome"],
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
+)
+STEP_DURATION: Final = Histogram(
+    "failover_step_duration_seconds",
+    "Time one step of a job took, by step and outcome.",
+    ["job_type", "step", "outcome"],
+    buckets=(0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
+)
+JOBS_IN_PROGRESS: Final = Gauge(
+    "failover_jobs_in_progress",
+    "Jobs this process is running, by state-machine state (a step name or rolling_back).",
+    ["state"],
+)
+JOB_STATE_OLDEST: Final = Gauge(
+    "failover_job_state_oldest_seconds",
+    "Time the oldest job this process runs has spent in its current state, by state.",
+    ["state"],
+)
+
+# --- adapters ---------------------------------------------------------------------------------
+
+ADAPTER_CALLS: Final = Counter(
+    "failover_adapter_calls_total",
+    "Calls to the outside world, by adapter, operation and outcome (ok, error, retry).",
+    ["adapter", "operation", "outcome"],
+)
+ADAPTER_CALL_DURATION: Final = Histogram(
+    "failover_adapter_call_duration_seconds",
+    "Duration of calls to the outside world, by adapter and operation.",
+    ["adapter", "operation"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+)
+ROLLBACKS: Final = Counter(
+    "failover_rollbacks_total",
+    "Rollbacks this process finished, by outcome; a failed one needs an operator.",
+    ["outcome"],
+)
+
+# --- the bus ----------------------------------------------------------------------------------
+
+COMMANDS: Final = Counter(
+    "failover_commands_total",
+    "Command deliveries handled, by command type (or unknown) and outcome.",
+    ["type", "outcome"],
+)
+EVENTS_PUBLISHED: Final = Counter(
+    "failover_events_published_total",
+    "Events the outbox relay published (broker-confirmed), by event type.",
+    ["type"],
+)
+OUTBOX_BACKLOG: Final = Gauge(
+    "failover_outbox_backlog",
+    "Events committed to the outbox and not yet published.",
+)
+OUTBOX_OLDEST_UNSENT_AGE: Final = Gauge(
+    "failover_outbox_oldest_unsent_age_seconds",
+    "Age of the oldest committed and not yet published event (0 when none).",
+)
+
+# --- projectors -------------------------------------------------------------------------------
+
+PROJECTOR_LAG: Final = Histogram(
+    "failover_projector_lag_seconds",
+    "Time from an event's occurred_at to the commit of its projection.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+PROJECTOR_EVENTS: Final = Counter(
+    "failover_projector_events_total",
+    "Events a projector handled, by projector and outcome (applied, duplicate).",
+    ["projector", "outcome"],
+)
+
+# --- build ------------------------------------------------------------------------------------
+
+BUILD_INFO: Final = Info("failover_build", "Version of the failover service that is running.")
+
+ALL_METRIC_NAMES: Final[frozenset[str]] = frozenset(
+    {
+        "failover_jobs_started_total",
+        "failover_jobs_ended_total",
+        "failover_job_duration_seconds",
+        "failover_step_duration_seconds",
+        "failover_jobs_in_progress",
+        "failover_job_state_oldest_seconds",
+        "failover_adapter_calls_total",
+        "failover_adapter_call_duration_seconds",
+        "failover_rollbacks_total",
+        "failover_commands_total",
+        "failover_events_published_total",
+        "failover_outbox_backlog",
+        "failover_outbox_oldest_unsent_age_seconds",
+        "failover_projector_lag_seconds",
+        "failover_projector_events_total",
+        "failover_build_info",
+    }
+)
+"""The names a PromQL query uses: counters with ``_total``, histograms without their
+``_bucket``/``_sum``/``_count`` suffix, the info metric as ``failover_build_info``."""
+
+HISTOGRAM_METRIC_NAMES: Final[frozenset[str]] = frozenset(
+    {
+        "failover_job_duration_seconds",
+        "failover_step_duration_seconds",
+        "failover_adapter_call_duration_seconds",
+        "failover_projector_lag_seconds",
+    }
+)
+"""The members of ``ALL_METRIC_NAMES`` that are histograms (exported as ``_bucket``,
+``_sum`` and ``_count`` series)."""
+
+
+def _package_version() -> str:
+    """Return the installed project's version, or a marker when it runs from a source tree."""
+    try:
+        return metadata.version("failover-orchestrator")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _initialise_series() -> None:
+    """Export every closed-set label combination at 0 (see the module docstring)."""
+    BUILD_INFO.info({"version": _package_version()})
+    for job_type in JOB_TYPES:
+        JOBS_STARTED.labels(job_type=job_type)
+        for outcome in JOB_OUTCOMES:
+            JOBS_ENDED.labels(job_type=job_type, outcome=outcome)
+            JOB_DURATION.labels(job_type=job_type, outcome=outcome)
+    for rollback_outcome in ROLLBACK_OUTCOMES:
+        ROLLBACKS.labels(outcome=rollback_outcome)
+    for command_type in COMMAND_TYPES:
+        for command_outcome in COMMAND_OUTCOMES:
+            COMMANDS.labels(type=command_type, outcome=command_outcome)
+    OUTBOX_BACKLOG.set(0)
+    OUTBOX_OLDEST_UNSENT_AGE.set(0)
+
+
+_initialise_series()
+
+
+def observe_adapter_call(
+    adapter: AdapterName, operation: str, outcome: AdapterOutcome, seconds: float
+) -> None:
+    """Record one call to the outside world: its outcome and how long it took.
+
+    ``operation`` is the remote operation's name (a CloudStack API command such as
+    ``deployVirtualMachine``, a Volume Daemon operation such as ``attach``); keep it to a small
+    fixed set, never an id.
+    """
+    ADAPTER_CALLS.labels(adapter=adapter, operation=operation, outcome=outcome).inc()
+    ADAPTER_CALL_DURATION.labels(adapter=adapter, operation=operation).observe(seconds)
+
+
+def set_job_state_gauges(
+    entered_at: Iterable[tuple[str, float]],
+    now: float,
+    known_states: Iterable[str] = (),
+) -> None:
+    """Set ``failover_jobs_in_progress`` and ``failover_job_state_oldest_seconds``.
+
+    ``entered_at`` holds one ``(state, entered_at)`` pair per job this process runs, with
+    ``entered_at`` a timestamp on the same clock as ``now`` (``time.monotonic()`` or
+    ``time.time()``). States that had series before and hold no job now go to 0 rather than
+    vanishing, so a graph shows the drop. ``known_states`` are set to 0 too when idle (for
+    example every step name, so that a fresh process already exports them).
+    """
+    counts: dict[str, int] = {}
+    oldest: dict[str, float] = {}
+    for state, since in entered_at:
+        counts[state] = counts.get(state, 0) + 1
+        age = max(0.0, now - since)
+        oldest[state] = max(oldest.get(state, 0.0), age)
+    states = set(counts) | set(known_states) | _exported_states()
+    for state in states:
+        JOBS_IN_PROGRESS.labels(state=state).set(counts.get(state, 0))
+        JOB_STATE_OLDEST.labels(state=state).set(oldest.get(state, 0.0))
+
+
+def _exported_states() -> set[str]:
+    """Return the ``state`` label values the in-progress gauge already exports."""
+    exported: set[str] = set()
+    for family in JOBS_IN_PROGRESS.collect():
+        for sample in family.samples:
+            exported.add(sample.labels["state"])
+    return exported
