@@ -32,6 +32,7 @@ class CloudStackAdapter:
         self._cs = AIOCloudStack(endpoint=endpoint, key=api_key, secret=secret_key, session=session,
                                  timeout=int(timeout), fetch_result=False)
         self._poll = poll_interval
+        self._timeout = timeout  # per request: `cs` applies its own only to sessions it opens
         self._observe = observe or (lambda *a: None)
         self._zones: dict[str, str] = {}
 
@@ -39,7 +40,8 @@ class CloudStackAdapter:
         began = time.monotonic()
         outcome = "error"
         try:
-            result = await getattr(self._cs, command)(**params)
+            async with asyncio.timeout(self._timeout):
+                result = await getattr(self._cs, command)(**params)
             if not isinstance(result, dict):
                 raise MalformedResponse("CloudStack", f"{command} answered {type(result).__name__}, not an object")
             outcome = "ok"
@@ -47,6 +49,10 @@ class CloudStackAdapter:
         except CloudStackApiException as exc:
             raise _translate(command, exc) from exc
         except CloudStackException as exc:  # non-JSON body, malformed document, timeout
+            status = getattr(exc.response, "status", None)
+            if isinstance(status, int) and status >= 500:  # a proxy's error page: worth another try
+                raise TransientError("CLOUDSTACK_ERROR", f"CloudStack failed {command} ({status}), "
+                                                         "with an answer that is not CloudStack's") from exc
             raise MalformedResponse("CloudStack", f"{command}: {exc.args[0] if exc.args else exc}") from exc
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransientError("CLOUDSTACK_UNREACHABLE",
@@ -82,7 +88,10 @@ class CloudStackAdapter:
             match = [z for z in zones if z.get("name") == zone]
             if not match:
                 raise RefusedError("ZONE_NOT_FOUND", f"CloudStack has no zone named {zone!r}; check FAILOVER_ZONE")
-            self._zones[zone] = str(match[0]["id"])
+            zone_id = match[0].get("id")
+            if not isinstance(zone_id, str) or not zone_id:
+                raise MalformedResponse("CloudStack", f"zone {zone!r} listed without an id")
+            self._zones[zone] = zone_id
         return self._zones[zone]
 
     async def wait_job(self, job_id: str, timeout: float) -> dict[str, Any]:
@@ -114,10 +123,14 @@ class CloudStackAdapter:
         except KeyError as exc:
             raise MalformedResponse("CloudStack", f"snapshot without {exc}") from exc
 
-    async def find_snapshot(self, name: str, volume_id: str) -> CsSnapshot | None:
+    async def find_snapshots(self, name: str, volume_id: str) -> list[CsSnapshot]:
+        # CloudStack filters names with LIKE %name%: keep the exact ones
         items = self._items(await self._call("listSnapshots", volumeid=volume_id, name=name), "snapshot")
         found = [self._snapshot(s) for s in items if s.get("name") == name]
-        found = [s for s in found if s.state.lower() not in ("error", "destroyed")]
+        return [s for s in found if s.state.lower() != "destroyed"]
+
+    async def find_snapshot(self, name: str, volume_id: str) -> CsSnapshot | None:
+        found = [s for s in await self.find_snapshots(name, volume_id) if s.state.lower() != "error"]
         return found[0] if found else None
 
     async def get_snapshot(self, snapshot_id: str) -> CsSnapshot | None:
@@ -149,10 +162,13 @@ class CloudStackAdapter:
         except KeyError as exc:
             raise MalformedResponse("CloudStack", f"virtual machine without {exc}") from exc
 
-    async def find_vm(self, name: str) -> CsVm | None:
+    async def find_vms(self, name: str) -> list[CsVm]:
         items = self._items(await self._call("listVirtualMachines", name=name), "virtualmachine")
         found = [self._vm(v) for v in items if v.get("name") == name]
-        found = [v for v in found if v.state not in ("Destroyed", "Expunging", "Error")]
+        return [v for v in found if v.state not in ("Destroyed", "Expunging", "Expunged")]
+
+    async def find_vm(self, name: str) -> CsVm | None:
+        found = [v for v in await self.find_vms(name) if v.state != "Error"]
         return found[0] if found else None
 
     async def get_vm(self, vm_id: str) -> CsVm | None:
@@ -176,8 +192,8 @@ class CloudStackAdapter:
                 dev = v.get("deviceid")
                 out.append(CsVolume(id=str(v["id"]), name=str(v.get("name", "")), type=str(v["type"]),
                                     vm_id=v.get("virtualmachineid"), device_id=int(dev) if dev is not None else None))
-            except (KeyError, ValueError) as exc:
-                raise MalformedResponse("CloudStack", f"volume without {exc}") from exc
+            except (KeyError, ValueError, TypeError) as exc:
+                raise MalformedResponse("CloudStack", f"volume of the wrong shape ({exc})") from exc
         return out
 
     async def delete_volume(self, volume_id: str) -> None:

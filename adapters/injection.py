@@ -15,6 +15,10 @@ from statemachine.errors import StepError
 
 from .cloudstack import Timer
 
+_CHUNK = 65536
+_MAX_LINE = 2000  # characters of one output line handed over
+_MAX_TAIL = 8000  # characters of the output's tail in an error message
+
 
 class InjectionFailed(StepError):
     pass
@@ -42,13 +46,28 @@ class InjectionScript:
                                   f"cannot run the injection command {argv[0]!r}: {exc.strerror}; check "
                                   "FAILOVER_VIRTIO_INJECT_COMMAND") from exc
 
+        async def emit(line: bytes) -> None:
+            text = line.decode("utf-8", "replace").rstrip()
+            if len(text) > _MAX_LINE:  # it becomes a LogRecorded event and a TEXT column
+                text = f"{text[:_MAX_LINE]}... ({len(text) - _MAX_LINE} more characters)"
+            if text:
+                tail.append(text)
+                await on_line(text)
+
         async def pump() -> None:
+            # split the lines here: StreamReader.readline raises ValueError on a line over
+            # its 64 KiB limit (a progress bar redrawn with \r, say)
             assert proc.stdout is not None
-            while line := await proc.stdout.readline():
-                text = line.decode("utf-8", "replace").rstrip()
-                if text:
-                    tail.append(text)
-                    await on_line(text)
+            pending = b""
+            while chunk := await proc.stdout.read(_CHUNK):
+                *lines, pending = (pending + chunk).split(b"\n")
+                if len(pending) >= _CHUNK:  # no end of line in sight: hand it over as it is
+                    lines.append(pending)
+                    pending = b""
+                for line in lines:
+                    await emit(line)
+            if pending:
+                await emit(pending)
 
         try:
             await asyncio.wait_for(asyncio.gather(pump(), proc.wait()), self._timeout)
@@ -59,7 +78,7 @@ class InjectionScript:
             raise InjectionFailed("DRIVER_INJECTION_TIMEOUT",
                                   f"the injection command did not finish within {self._timeout:.0f} s and was "
                                   "killed; raise FAILOVER_INJECT_TIMEOUT_SECONDS or check the appliance. "
-                                  f"Last output: {' | '.join(tail) or '(none)'}") from None
+                                  f"Last output: {_tail(tail)}") from None
         except BaseException:
             _kill(proc)
             raise
@@ -68,7 +87,7 @@ class InjectionScript:
         if not ok:
             raise InjectionFailed("DRIVER_INJECTION_FAILED",
                                   f"the injection command exited with status {proc.returncode}. "
-                                  f"Last output: {' | '.join(tail) or '(none)'}")
+                                  f"Last output: {_tail(tail)}")
 
 
 def _kill(proc: asyncio.subprocess.Process) -> None:
@@ -77,3 +96,8 @@ def _kill(proc: asyncio.subprocess.Process) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _tail(tail: collections.deque[str]) -> str:
+    text = " | ".join(tail) or "(none)"
+    return text if len(text) <= _MAX_TAIL else "..." + text[-_MAX_TAIL:]

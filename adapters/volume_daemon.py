@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 
-from statemachine.errors import MalformedResponse, RefusedError, TransientError
+from statemachine.errors import MalformedResponse, NotFound, RefusedError, TransientError
 from statemachine.ports import DaemonOperation, DaemonVolume
 
 from .cloudstack import Timer
+
+_SYSTEM = "Volume Daemon"  # as MalformedResponse words it: "... check the Volume Daemon service"
 
 
 class VolumeDaemonAdapter:
@@ -31,19 +34,24 @@ class VolumeDaemonAdapter:
         outcome = "error"
         try:
             async with self._session.request(method, self._base + path, json=body, timeout=self._timeout) as resp:
-                text = await resp.text()
+                raw = await resp.read()
                 try:
-                    data = await resp.json(content_type=None) if text else None
-                except ValueError as exc:
-                    raise MalformedResponse("the Volume Daemon", f"{operation}: not JSON") from exc
+                    data = json.loads(raw.decode("utf-8")) if raw.strip() else None
+                except ValueError as exc:  # not UTF-8, not JSON
+                    if resp.status < 400:
+                        raise MalformedResponse(_SYSTEM, f"{operation}: not JSON") from exc
+                    data = raw.decode("utf-8", "replace")  # an error page (a proxy's): keep its status
                 if resp.status >= 500:
                     raise TransientError("VOLUME_DAEMON_ERROR",
                                          f"the Volume Daemon failed {operation} ({resp.status}): {_err(data)}")
+                if resp.status == 404:
+                    raise NotFound("VOLUME_DAEMON_NOT_FOUND",
+                                   f"the Volume Daemon does not know it ({operation}, 404): {_err(data)}")
                 if resp.status >= 400:
                     raise RefusedError("VOLUME_DAEMON_REFUSED",
                                        f"the Volume Daemon refused {operation} ({resp.status}): {_err(data)}")
                 if not isinstance(data, dict):
-                    raise MalformedResponse("the Volume Daemon", f"{operation} answered {type(data).__name__}")
+                    raise MalformedResponse(_SYSTEM, f"{operation} answered {type(data).__name__}")
                 outcome = "ok"
                 return data
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -61,13 +69,13 @@ class VolumeDaemonAdapter:
                                 device_id=int(dev) if dev is not None else None,
                                 device_path=d.get("device_path"), type=str(d.get("type", "")))
         except (KeyError, ValueError, TypeError) as exc:
-            raise MalformedResponse("the Volume Daemon", f"volume {volume_id}: {exc}") from exc
+            raise MalformedResponse(_SYSTEM, f"volume {volume_id}: {exc}") from exc
 
     async def _start(self, volume_id: str, action: str, body: dict[str, Any]) -> str:
         d = await self._request("POST", f"/volumes/{quote(volume_id, safe='')}/{action}", action, body)
         op = d.get("id")
         if not isinstance(op, str):
-            raise MalformedResponse("the Volume Daemon", f"{action} answered without an operation id")
+            raise MalformedResponse(_SYSTEM, f"{action} answered without an operation id")
         return op
 
     async def attach(self, volume_id: str, vm_id: str) -> str:
@@ -87,11 +95,11 @@ class VolumeDaemonAdapter:
             if status in ("completed", "failed"):
                 response = d.get("response") or {}
                 if not isinstance(response, dict):
-                    raise MalformedResponse("the Volume Daemon", "operation response is not an object")
+                    raise MalformedResponse(_SYSTEM, "operation response is not an object")
                 return DaemonOperation(id=operation_id, status=status, error=d.get("error"),
                                        device_id=response.get("device_id"), device_path=response.get("device_path"))
             if status not in ("pending", "executing"):
-                raise MalformedResponse("the Volume Daemon", f"operation status {status!r}")
+                raise MalformedResponse(_SYSTEM, f"operation status {status!r}")
             if time.monotonic() >= deadline:
                 raise TransientError("VOLUME_OPERATION_TIMEOUT",
                                      f"Volume Daemon operation {operation_id} did not finish within {timeout:.0f} s")
@@ -100,5 +108,5 @@ class VolumeDaemonAdapter:
 
 def _err(data: Any) -> str:
     if isinstance(data, dict):
-        return str(data.get("error") or data)
-    return str(data)[:200]
+        return str(data.get("error") or data)[:500]
+    return " ".join(str(data).split())[:200]

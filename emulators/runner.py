@@ -118,9 +118,13 @@ async def start_emulators(
     api_key: str = DEFAULT_API_KEY,
     secret_key: str = DEFAULT_SECRET_KEY,
     appliance_vm_id: str | None = None,
+    template_id: str | None = None,
+    service_offering_id: str | None = None,
+    network_id: str | None = None,
 ) -> EmulatorHandle:
     """Listen with the CloudStack and Volume Daemon apps (port 0: an ephemeral port)."""
-    world = World(api_key=api_key, secret_key=secret_key, appliance_vm_id=appliance_vm_id)
+    world = World(api_key=api_key, secret_key=secret_key, appliance_vm_id=appliance_vm_id,
+                  template_id=template_id, service_offering_id=service_offering_id, network_id=network_id)
     cs_runner, cs_port = await _listen(create_cloudstack_app(world), host, cloudstack_port)
     try:
         vd_runner, vd_port = await _listen(
@@ -152,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=DEFAULT_API_KEY)
     parser.add_argument("--secret-key", default=DEFAULT_SECRET_KEY)
     parser.add_argument("--appliance-vm-id", default=None)
+    parser.add_argument("--template-id", default=None, help="fixed id of the template (default: random)")
+    parser.add_argument("--service-offering-id", default=None, help="fixed id of the service offering")
+    parser.add_argument("--network-id", default=None, help="fixed id of default-net")
     parser.add_argument(
         "--state-file", type=Path, default=None, help="write URLs and ids here once listening"
     )
@@ -166,6 +173,9 @@ async def _serve(args: argparse.Namespace) -> None:
         api_key=args.api_key,
         secret_key=args.secret_key,
         appliance_vm_id=args.appliance_vm_id,
+        template_id=args.template_id,
+        service_offering_id=args.service_offering_id,
+        network_id=args.network_id,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -46,15 +46,23 @@ class WorldState:
     """All the emulated state, the seed, and the lookups the rules and the APIs use."""
 
     def __init__(
-        self, *, api_key: str, secret_key: str, appliance_vm_id: str | None = None
+        self,
+        *,
+        api_key: str,
+        secret_key: str,
+        appliance_vm_id: str | None = None,
+        template_id: str | None = None,
+        service_offering_id: str | None = None,
+        network_id: str | None = None,
     ) -> None:
         self.api_keys = {api_key: secret_key}
         # Fixed for the life of the process: reset() keeps them.
         self.zone_id = new_id()
-        self.template_id = new_id()
-        self.service_offering_id = new_id()
+        # fixed ids can be given, so a service configured in advance (compose) finds them
+        self.template_id = template_id or new_id()
+        self.service_offering_id = service_offering_id or new_id()
         self.disk_offering_id = new_id()
-        self.network_id = new_id()
+        self.network_id = network_id or new_id()
         self.test_network_id = new_id()
         self.appliance_vm_id = appliance_vm_id or new_id()
         self.account_id = new_id()

@@ -62,9 +62,13 @@ class BusClient:
         return queue
 
     async def events(self, queue: AbstractQueue, *, until_terminal: bool = True,
-                     timeout: float | None = None) -> AsyncIterator[Event]:
-        """Events in `sequence` order per job, without duplicates, until a job's last event."""
-        seen: dict[str, int] = {}
+                     timeout: float | None = None, after: dict[str, int] | None = None) -> AsyncIterator[Event]:
+        """Events in `sequence` order per job, without duplicates, until a job's last event.
+
+        A job's stream starts after `after[job_id]` when given, else at the first event seen
+        (a client that bound before publishing sees sequence 1 first; one that joins a running
+        job, or a rollback retry's continuation, starts where it joined)."""
+        seen: dict[str, int] = dict(after or {})
         held: dict[str, dict[int, Event]] = {}
         async with queue.iterator(timeout=timeout) as it:
             async for message in it:
@@ -74,7 +78,8 @@ class BusClient:
                     except InvalidEvent:
                         continue
                 key = str(event.job_id)
-                nxt = seen.get(key, 0) + 1
+                seen.setdefault(key, event.sequence - 1)
+                nxt = seen[key] + 1
                 if event.sequence < nxt:
                     continue
                 held.setdefault(key, {})[event.sequence] = event

@@ -202,9 +202,15 @@ class JobContext:
             reraise=True,
             before_sleep=lambda state: self._retry_note(what, state.attempt_number, state.outcome),
         )
-        async for attempt in retry:
-            with attempt:
-                return await call()
+        tries = 0
+        try:
+            async for attempt in retry:
+                with attempt:
+                    tries = attempt.retry_state.attempt_number
+                    return await call()
+        except StepError as exc:
+            exc.attempts = max(getattr(exc, "attempts", 1), tries)
+            raise
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
     def _retry_note(self, what: str, attempt: int, outcome: Any) -> None:

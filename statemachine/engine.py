@@ -93,7 +93,7 @@ class JobModel:
             await ctx.commit(
                 [(StepFailed, {"step": step, "step_order": order,
                                "error": {"code": exc.code, "message": exc.message},
-                               "attempts": 1 if not exc.transient else ctx.config.retry_attempts})],
+                               "attempts": exc.attempts})],
                 job={"failed_step": step, "error_code": exc.code, "error_message": exc.message},
             )
             self.next_trigger = "fail"
@@ -215,7 +215,9 @@ async def drive(machine: AsyncMachine, ctx: JobContext) -> str:
                 ctx.observer.job_started(row.job_type)
                 model.next_trigger = "start"
         elif initial in STEP_STATES:
-            if row.resume_state == initial:  # the step completed before the interruption
+            if row.failed_step == initial:  # its StepFailed was committed: go on as that run would
+                model.next_trigger = "fail"
+            elif row.resume_state == initial:  # the step completed before the interruption
                 model.next_trigger = "cancel" if row.cancel_requested else "step_done"
             else:
                 model.resuming, model.next_trigger = True, "resume"

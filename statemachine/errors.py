@@ -12,6 +12,7 @@ class StepError(Exception):
         self.code = code
         self.message = message
         self.transient = transient
+        self.attempts = 1  # how many tries it took (set by JobContext.retrying)
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -26,6 +27,10 @@ class TransientError(StepError):
 
 class RefusedError(StepError):
     """The outside system refused the request (CloudStack 431, a daemon 4xx): never retried."""
+
+
+class NotFound(RefusedError):
+    """The outside system does not know the resource (it is gone, or never was)."""
 
 
 class MalformedResponse(StepError):

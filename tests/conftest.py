@@ -86,14 +86,14 @@ def amqp_url() -> Iterator[str]:
             yield f"amqp://guest:guest@{params.host}:{params.port}/"
         return
     url = url or DEFAULT_AMQP
-    if shutil.which("rabbitmqctl") and urlsplit(url).path in ("", "/"):
-        made = subprocess.run(["rabbitmqctl", "add_vhost", TEST_VHOST], capture_output=True, text=True)
+    parts = urlsplit(url)
+    vhost = parts.path.lstrip("/") or TEST_VHOST
+    if shutil.which("rabbitmqctl") and vhost != "/":
+        made = subprocess.run(["rabbitmqctl", "add_vhost", vhost], capture_output=True, text=True)
         if made.returncode == 0 or "already_exists" in (made.stdout + made.stderr):
-            user = urlsplit(url).username or "guest"
-            subprocess.run(["rabbitmqctl", "set_permissions", "-p", TEST_VHOST, user, ".*", ".*", ".*"],
-                           capture_output=True, check=True)
-            parts = urlsplit(url)
-            url = urlunsplit(parts._replace(path="/" + TEST_VHOST))
+            subprocess.run(["rabbitmqctl", "set_permissions", "-p", vhost, parts.username or "guest",
+                            ".*", ".*", ".*"], capture_output=True, check=True)
+            url = urlunsplit(parts._replace(path="/" + vhost))
     asyncio.run(_clean_broker(url))
     yield url
 

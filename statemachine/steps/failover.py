@@ -233,14 +233,22 @@ async def volume_attachment(ctx: JobContext) -> StepResult:
     vm_id = ledger["vm"].resource_id
     assert vm_id is not None
     replicated = {v["volume_id"] for v in _volumes(ctx)}
+    listed = await ctx.retrying("list VM volumes", lambda: cs.list_vm_volumes(vm_id))
+    # what the deploy made: still on the VM, or (after a crash) detached but not yet deleted
+    own = [(v.id, v.type) for v in listed if v.id not in replicated]
+    own += [(e.resource_id, "detached") for k, e in ledger.items()
+            if k.startswith("discard:") and e.resource_id and not e.data.get("deleted")
+            and e.resource_id not in {i for i, _ in own}]
     discarded = []
-    for vol in await ctx.retrying("list VM volumes", lambda: cs.list_vm_volumes(vm_id)):
-        if vol.id in replicated:
-            continue
-        await ctx.retrying(f"detach {vol.type} {vol.id}", lambda v=vol.id: ensure_detached(ctx, f"discard:{v}", v))
-        await ctx.retrying(f"delete volume {vol.id}", lambda v=vol.id: cs.delete_volume(v))
-        ctx.log("INFO", f"removed the deploy's {vol.type} volume {vol.id}", volume_id=vol.id)
-        discarded.append(vol.id)
+    for volume_id, kind in own:
+        assert volume_id is not None
+        await ctx.retrying(f"detach {kind} {volume_id}", lambda v=volume_id: ensure_detached(ctx, f"discard:{v}", v))
+        await ctx.retrying(f"delete volume {volume_id}", lambda v=volume_id: cs.delete_volume(v))
+        entry = ledger[f"discard:{volume_id}"]
+        entry.data["deleted"] = True
+        await ctx.record(entry)
+        ctx.log("INFO", f"removed the deploy's {kind} volume {volume_id}", volume_id=volume_id)
+        discarded.append(volume_id)
     for vol in _volumes(ctx):
         v = vol["volume_id"]
         await ctx.retrying(f"detach {v} from the appliance", lambda v=v, d=vol: ensure_detached(

@@ -25,6 +25,10 @@ async def _wait_cs(ctx: JobContext, entry: LedgerEntry, timeout: float) -> None:
         await ctx.ports.cloudstack.wait_job(entry.cs_job_id, timeout)
     except StepError as exc:
         if exc.code == "CLOUDSTACK_JOB_FAILED":
+            # CloudStack keeps what a failed job created (state Error): remember it, so the
+            # rollback removes it too, and let a retry create a new one
+            if entry.resource_id:
+                entry.data.setdefault("failed_ids", []).append(entry.resource_id)
             entry.cs_job_id = None
             entry.resource_id = None
             await ctx.record(entry)
@@ -82,7 +86,15 @@ async def ensure_vm(ctx: JobContext, spec: DeploySpec) -> str:
     if entry.status == "done" and entry.resource_id:
         return entry.resource_id
     if entry.cs_job_id is None and entry.resource_id is None:
-        found = await cs.find_vm(spec.name)
+        found = None
+        for vm in await cs.find_vms(spec.name):
+            if vm.state == "Error":  # a failed deploy of ours holds the name: remove it first
+                await _destroy_failed(ctx, entry, vm.id)
+            elif found is None:
+                found = vm
+        for failed in list(entry.data.get("failed_ids", [])):
+            if await cs.get_vm(failed) is not None:
+                await _destroy_failed(ctx, entry, failed)
         if found is not None:
             entry.resource_id = found.id
         else:
@@ -101,6 +113,15 @@ async def ensure_vm(ctx: JobContext, spec: DeploySpec) -> str:
     return vm.id
 
 
+async def _destroy_failed(ctx: JobContext, entry: LedgerEntry, vm_id: str) -> None:
+    cs = ctx.ports.cloudstack
+    start = await cs.destroy_vm(vm_id)
+    await cs.wait_job(start.job_id, ctx.config.async_job_timeout)
+    ctx.log("WARN", f"removed VM {vm_id} left in state Error by a failed deploy", vm_id=vm_id)
+    entry.data["failed_ids"] = [i for i in entry.data.get("failed_ids", []) if i != vm_id]
+    await ctx.record(entry)
+
+
 async def vm_of(ctx: JobContext, ledger: dict[str, LedgerEntry]) -> CsVm | None:
     """The job's VM as CloudStack has it now (by the ledger's id, else by its name)."""
     cs = ctx.ports.cloudstack
@@ -109,7 +130,8 @@ async def vm_of(ctx: JobContext, ledger: dict[str, LedgerEntry]) -> CsVm | None:
         return None
     if entry.resource_id:
         return await cs.get_vm(entry.resource_id)
-    return await cs.find_vm(entry.name) if entry.name else None
+    found = await cs.find_vms(entry.name) if entry.name else []
+    return found[0] if found else None
 
 
 async def run_vm_command(ctx: JobContext, key: str, vm_id: str, command: str) -> None:
@@ -119,6 +141,13 @@ async def run_vm_command(ctx: JobContext, key: str, vm_id: str, command: str) ->
     if entry.status == "done":
         return
     if entry.cs_job_id is None:
+        # resumed after a crash between the call and recording its job id: look first
+        vm = await cs.get_vm(vm_id)
+        settled = {"start": ("Running",), "stop": ("Stopped",), "destroy": ("Destroyed", "Expunging")}[command]
+        if (vm is None and command == "destroy") or (vm is not None and vm.state in settled):
+            entry.status = "done"
+            await ctx.record(entry)
+            return
         call = {"start": cs.start_vm, "stop": cs.stop_vm, "destroy": cs.destroy_vm}[command]
         start = await call(vm_id)
         entry.cs_job_id = start.job_id

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from statemachine.context import JobContext
-from statemachine.errors import StepError
+from statemachine.errors import NotFound, StepError
 from statemachine.ports import LedgerEntry
 
 from .resources import ensure_attached, ensure_detached, run_vm_command, vm_of
@@ -82,7 +82,7 @@ def planned_actions(target: Target, everything: bool) -> list[dict[str, Any]]:
 
 async def power_off(ctx: JobContext, target: Target) -> None:
     vm = await ctx.retrying("VM state", lambda: vm_of(ctx, target.ledger))
-    if vm is not None and vm.state not in ("Stopped", "Destroyed", "Expunging"):
+    if vm is not None and vm.state in ("Running", "Starting", "Migrating", "Stopping"):
         await ctx.retrying("stop VM", lambda: run_vm_command(ctx, "undo:stop", vm.id, "stop"))
         target.note("stop", "vm", vm.id)
         ctx.log("INFO", f"VM {vm.id} stopped", vm_id=vm.id)
@@ -103,12 +103,23 @@ async def detach_from_vm(ctx: JobContext, target: Target) -> None:
 
 async def delete_vm(ctx: JobContext, target: Target) -> None:
     cs = ctx.ports.cloudstack
+    entry = target.ledger.get("vm")
+    for failed in list(entry.data.get("failed_ids", [])) if entry else []:
+        gone = await ctx.retrying("VM state", lambda f=failed: cs.get_vm(f))
+        if gone is not None and gone.state not in ("Destroyed", "Expunging"):
+            await ctx.retrying("destroy failed VM", lambda f=failed: run_vm_command(ctx, f"undo:destroy:{f}", f, "destroy"))
+            target.note("destroy", "vm", failed, "left in state Error by a failed deploy")
     vm = await ctx.retrying("VM state", lambda: vm_of(ctx, target.ledger))
-    if vm is None or vm.state in ("Destroyed", "Expunging"):
-        return
     replicated = {v["volume_id"] for v in target.volumes}
-    still = [v.id for v in await ctx.retrying("list VM volumes", lambda: cs.list_vm_volumes(vm.id))
-             if v.id in replicated]
+    leftovers = [e.resource_id for k, e in target.ledger.items()
+                 if k.startswith("discard:") and e.resource_id and not e.data.get("deleted")]
+    if vm is None or vm.state in ("Destroyed", "Expunging"):
+        await _delete_leftovers(ctx, target, leftovers)
+        return
+    on_vm = await ctx.retrying("list VM volumes", lambda: cs.list_vm_volumes(vm.id))
+    # a data disk the deploy made (disk offering) survives the VM's destruction: delete it after
+    leftovers += [v.id for v in on_vm if v.id not in replicated and v.type != "ROOT" and v.id not in leftovers]
+    still = [v.id for v in on_vm if v.id in replicated]
     if still:  # guarantee 5: destroying the VM would destroy the replica attached as its ROOT
         raise StepError(
             "REPLICA_STILL_ATTACHED",
@@ -118,6 +129,23 @@ async def delete_vm(ctx: JobContext, target: Target) -> None:
     await ctx.retrying("destroy VM", lambda: run_vm_command(ctx, "undo:destroy", vm.id, "destroy"))
     target.note("destroy", "vm", vm.id)
     ctx.log("INFO", f"VM {vm.id} destroyed", vm_id=vm.id)
+    await _delete_leftovers(ctx, target, leftovers)
+
+
+async def _delete_leftovers(ctx: JobContext, target: Target, volume_ids: list[str | None]) -> None:
+    """Volumes the deploy created that are not replicas: delete them (gone is fine)."""
+    cs = ctx.ports.cloudstack
+    for volume_id in volume_ids:
+        if not volume_id:
+            continue
+        try:
+            await ctx.retrying("volume state", lambda v=volume_id: ctx.ports.volumes.get_volume(v))
+        except NotFound:
+            continue  # a ROOT destroyed with its VM, or already deleted
+        await ctx.retrying(f"detach {volume_id}", lambda v=volume_id: ensure_detached(ctx, f"undo:discard:{v}", v))
+        await ctx.retrying(f"delete volume {volume_id}", lambda v=volume_id: cs.delete_volume(v))
+        target.note("delete", "volume", volume_id, "created by the deploy")
+        ctx.log("INFO", f"volume {volume_id} made by the deploy deleted", volume_id=volume_id)
 
 
 async def revert_volumes(ctx: JobContext, target: Target, everything: bool) -> None:
@@ -192,21 +220,28 @@ async def delete_snapshots(ctx: JobContext, target: Target) -> None:
         if not key.startswith("snapshot:"):
             continue
         volume_id = entry.data.get("volume_id", "")
-        snap = None
-        if entry.resource_id:
-            snap = await ctx.retrying("snapshot state", lambda e=entry: cs.get_snapshot(e.resource_id or ""))
-        elif entry.name:
-            snap = await ctx.retrying("snapshot lookup", lambda e=entry, v=volume_id: cs.find_snapshot(e.name or "", v))
-        if snap is None:
-            continue
+        # the snapshot, failed attempts (state Error), and any of that name a crash hid from us
+        ids = {i for i in [entry.resource_id, *entry.data.get("failed_ids", [])] if i}
+        if entry.name:
+            named = await ctx.retrying("snapshot lookup",
+                                       lambda e=entry, v=volume_id: cs.find_snapshots(e.name or "", v))
+            ids |= {s.id for s in named}
+        for snapshot_id in sorted(ids):
+            snap = await ctx.retrying("snapshot state", lambda i=snapshot_id: cs.get_snapshot(i))
+            if snap is None:
+                continue
+            if snap.state == "Creating":
+                raise StepError("SNAPSHOT_STILL_CREATING",
+                                f"snapshot {snap.id} of volume {volume_id} is still being created, so it cannot "
+                                "be deleted yet; delete it once CloudStack has finished or failed it")
 
-        async def delete(snapshot_id: str = snap.id) -> None:
-            start = await cs.delete_snapshot(snapshot_id)
-            await cs.wait_job(start.job_id, ctx.config.async_job_timeout)
+            async def delete(snapshot_id: str = snap.id) -> None:
+                start = await cs.delete_snapshot(snapshot_id)
+                await cs.wait_job(start.job_id, ctx.config.async_job_timeout)
 
-        await ctx.retrying(f"delete snapshot {snap.id}", delete)
-        target.note("delete", "snapshot", snap.id)
-        ctx.log("INFO", f"snapshot {snap.id} deleted", snapshot_id=snap.id)
+            await ctx.retrying(f"delete snapshot {snap.id}", delete)
+            target.note("delete", "snapshot", snap.id)
+            ctx.log("INFO", f"snapshot {snap.id} deleted", snapshot_id=snap.id)
 
 
 async def undo_all(ctx: JobContext, target: Target, everything: bool) -> None:

@@ -224,3 +224,20 @@ async def test_jobs_keep_their_fault_through_latency(
     answer = await cs.createSnapshot(volumeid=volume["id"])
     assert (await cs.queryAsyncJobResult(jobid=answer["jobid"]))["jobstatus"] == 0
     assert (await wait_job(cs, answer["jobid"]))["jobstatus"] == 2
+
+
+async def test_a_failed_deploy_leaves_an_error_vm_to_destroy(
+    emu: EmulatorHandle, cs: AIOCloudStack, control: EmulatorControl
+) -> None:
+    await control.add_fault("cloudstack", "async_fail", command="deployVirtualMachine")
+    answer = await cs.deployVirtualMachine(
+        serviceofferingid=emu.service_offering_id,
+        templateid=emu.template_id,
+        zoneid=emu.zone_id,
+        name="unlucky",
+    )
+    assert (await wait_job(cs, answer["jobid"]))["jobstatus"] == 2
+    [vm] = (await cs.listVirtualMachines(id=answer["id"]))["virtualmachine"]
+    assert vm["state"] == "Error"
+    await succeed(cs, "destroyVirtualMachine", id=vm["id"], expunge=True)
+    assert await cs.listVolumes(virtualmachineid=vm["id"]) == {}

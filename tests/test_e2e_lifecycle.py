@@ -1,0 +1,268 @@
+"""Every job leaves the world as it found it: rollback after a failure at each step, a failed
+rollback and its retry, cleanup of a test failover, cancel, live failover (end to end)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from adapters.db.tables import vm_replication_contexts
+from emulators.client import EmulatorControl
+from emulators.runner import EmulatorHandle
+from failover.client import BusClient
+from failover.seed import SeededVm, seed_vm
+from schemas.commands import CancelRequested, CleanupRequested, FailoverRequested, RollbackRequested
+from schemas.events import Event
+from schemas.common import FAILOVER_STEPS
+from statemachine.naming import sanitize_vm_name, test_vm_name
+
+from .helpers import ServeProcess, failover, failover_row, projected, run_command
+from .test_e2e_test_failover import check_stream
+from .world import assert_restored, view
+
+
+async def _seed(db: Any, control: EmulatorControl, emulators: EmulatorHandle, name: str, **kw: Any) -> SeededVm:
+    return await seed_vm(db, control, emulators.appliance_vm_id, vm_name=name,
+                         test_network_id=emulators.test_network_id, **kw)
+
+
+async def _vm_status(db: Any, vm_id: str) -> str:
+    async with db.connect() as conn:
+        return str((await conn.execute(select(vm_replication_contexts.c.current_status).where(
+            vm_replication_contexts.c.vmware_vm_id == vm_id))).scalar_one())
+
+
+def _types(events: list[Event]) -> list[str]:
+    return [e.type for e in events if e.type != "LogRecorded"]
+
+
+# a fault at each step: (step, api, command, kind, match builder)
+FAULTS = [
+    ("cloudstack-snapshot", "cloudstack", "createSnapshot", "refuse", lambda vm, job: {"volumeid": vm.volume_ids[1]}),
+    ("cloudstack-snapshot", "cloudstack", "createSnapshot", "async_fail", lambda vm, job: {"volumeid": vm.volume_ids[0]}),
+    ("virtio-driver-injection", "inject", "inject", "exit_nonzero", lambda vm, job: {}),
+    ("vm-creation", "cloudstack", "deployVirtualMachine", "async_fail", lambda vm, job: {}),
+    # every try of the step (FAILOVER_RETRY_ATTEMPTS=3) fails; the rollback's re-attach to the
+    # appliance, also an "attach", then works
+    ("volume-attachment", "volume-daemon", "attach", "async_fail", lambda vm, job: {"times": 3}),
+    ("volume-attachment", "volume-daemon", "attach-root", "timeout", lambda vm, job: {}),
+    ("vm-startup-validation", "cloudstack", "startVirtualMachine", "refuse", lambda vm, job: {}),
+]
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["test", "live"])
+@pytest.mark.parametrize(("step", "api", "command", "kind", "match"), FAULTS,
+                         ids=[f"{f[0]}-{f[3]}" for f in FAULTS])
+async def test_failure_at_each_step_rolls_everything_back(
+        serve: ServeProcess, bus: BusClient, db: Any, control: EmulatorControl, emulators: EmulatorHandle,
+        step: str, api: str, command: str, kind: str, match: Any, live: bool) -> None:
+    vm = await _seed(db, control, emulators, f"rb {step} {kind} {live}")
+    job_id = uuid.uuid4()
+    before = await view(control, vm.volume_ids, emulators.appliance_vm_id)
+    spec = match(vm, job_id)
+    times = spec.pop("times", 0)
+    await control.add_fault(api=api, command=command, kind=kind, match=spec, times=times)
+    events = await failover(bus, vm.vm_id, live=live, request_id=job_id, timeout=120)
+    await control.clear_faults()
+    check_stream(events, str(job_id))
+    failed = [e for e in events if e.type == "StepFailed"]
+    assert [e.step for e in failed] == [step], _types(events)
+    assert _types(events)[-3:] == ["RollbackStarted", "RollbackCompleted", "JobFailed"]
+    assert events[-1].rolled_back is True and events[-1].failed_step == step
+    assert_restored(before, await view(control, vm.volume_ids, emulators.appliance_vm_id))
+    row = await failover_row(db, str(job_id))
+    assert row.status == "failed" and row.rolled_back and row.active_vm_id is None
+    assert await _vm_status(db, vm.vm_id) == "ready_for_failover"
+    views = await projected(db, str(job_id))
+    statuses = {s.step_name: s.status for s in views["steps"]}
+    assert statuses[step] == "failed"
+    later = [s.step_name for s in views["steps"] if s.step_order > [x.step_order for x in views["steps"]
+                                                                    if x.step_name == step][0]]
+    assert all(statuses[s] == "pending" for s in later)
+    # a failed job that rolled back completely blocks nothing
+    again = await failover(bus, vm.vm_id, live=live, timeout=60)
+    assert again[-1].type == "JobCompleted"
+
+
+async def test_a_snapshot_that_never_finishes_is_left_to_the_operator_by_id(
+        serve: ServeProcess, bus: BusClient, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
+    """No one can delete a snapshot CloudStack is still creating: the rollback undoes the rest
+    and names that snapshot in `manual_actions` instead of pretending."""
+    vm = await _seed(db, control, emulators, "hung snapshot")
+    before = await view(control, vm.volume_ids, emulators.appliance_vm_id)
+    await control.add_fault(api="cloudstack", command="createSnapshot", kind="timeout",
+                            match={"volumeid": vm.volume_ids[0]}, times=0)
+    events = await failover(bus, vm.vm_id, timeout=120)
+    assert _types(events)[-3:] == ["RollbackStarted", "RollbackFailed", "JobFailed"]
+    after = await view(control, vm.volume_ids, emulators.appliance_vm_id)
+    manual = events[-2].model_dump(mode="json")["manual_actions"]
+    assert [(a["action"], a["resource_type"], a["resource_id"]) for a in manual] == [
+        ("delete", "snapshot", after["snapshots"][0])]
+    assert after["holders"] == before["holders"] and after["content"] == before["content"]
+    assert after["vms"] == before["vms"] and len(after["snapshots"]) == 1
+
+
+async def test_a_transient_failure_is_retried_and_the_job_completes(
+        serve: ServeProcess, bus: BusClient, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
+    vm = await _seed(db, control, emulators, "flaky cloud")
+    await control.add_fault(api="cloudstack", command="deployVirtualMachine", kind="server_error", times=1)
+    await control.add_fault(api="volume-daemon", command="attach-root", kind="async_fail", times=1)
+    events = await failover(bus, vm.vm_id)
+    assert events[-1].type == "JobCompleted"
+    warnings = [e.message for e in events if e.type == "LogRecorded" and e.level == "WARN"]
+    assert any("retrying" in w for w in warnings)
+
+
+async def test_a_non_revertable_snapshot_stops_a_test_failover_before_injection(
+        serve: ServeProcess, bus: BusClient, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
+    vm = await _seed(db, control, emulators, "no revert storage")
+    before = await view(control, vm.volume_ids, emulators.appliance_vm_id)
+    calls = len(await control.calls())
+    await control.add_fault(api="cloudstack", command="createSnapshot", kind="not_revertable", times=0)
+    events = await failover(bus, vm.vm_id)
+    failed = [e for e in events if e.type == "StepFailed"]
+    assert [(e.step, e.error.code) for e in failed] == [("cloudstack-snapshot", "SNAPSHOT_NOT_REVERTABLE")]
+    assert "cannot be reverted" in failed[0].error.message
+    assert not [c for c in (await control.calls())[calls:] if c["api"] == "inject"]
+    assert_restored(before, await view(control, vm.volume_ids, emulators.appliance_vm_id))
+
+
+async def test_failed_rollback_lists_manual_actions_and_rollback_requested_finishes_it(
+        serve: ServeProcess, bus: BusClient, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
+    vm = await _seed(db, control, emulators, "stuck rollback")
+    before = await view(control, vm.volume_ids, emulators.appliance_vm_id)
+    job_id = uuid.uuid4()
+    await control.add_fault(api="cloudstack", command="startVirtualMachine", kind="refuse", times=0)
+    await control.add_fault(api="cloudstack", command="deleteSnapshot", kind="refuse", times=0)
+    events = await failover(bus, vm.vm_id, request_id=job_id)
+    assert _types(events)[-3:] == ["RollbackStarted", "RollbackFailed", "JobFailed"]
+    assert events[-1].rolled_back is False
+    manual = events[-2].model_dump(mode="json")["manual_actions"]
+    snapshots = sorted((await view(control, vm.volume_ids, emulators.appliance_vm_id))["snapshots"])
+    assert sorted(a["resource_id"] for a in manual if a["resource_type"] == "snapshot") == snapshots
+    assert all(a["action"] == "delete" for a in manual)  # everything else was undone
+    # the VM stays blocked until the rollback completes
+    blocked = await failover(bus, vm.vm_id)
+    assert blocked[0].type == "JobRejected" and blocked[0].reason == "conflict"
+    assert "RollbackRequested" in blocked[0].detail
+
+    await control.clear_faults()
+    retry = RollbackRequested(request_id=uuid.uuid4(), job_id=job_id)
+    more = await run_command(bus, retry, job_id)
+    assert _types(more) == ["RollbackStarted", "RollbackCompleted", "JobFailed"]
+    assert more[0].sequence == events[-1].sequence + 1  # the same stream, continued
+    assert more[-1].rolled_back is True
+    assert_restored(before, await view(control, vm.volume_ids, emulators.appliance_vm_id))
+    # and a second retry is not allowed any more
+    refused = await run_command(bus, RollbackRequested(request_id=(rid := uuid.uuid4()), job_id=job_id), rid)
+    assert refused[0].type == "JobRejected" and refused[0].reason == "not_allowed"
+
+
+async def test_cleanup_puts_everything_back_content_included(
+        serve: ServeProcess, bus: BusClient, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
+    vm = await _seed(db, control, emulators, "cleanup me", disks=3)
+    before = await view(control, vm.volume_ids, emulators.appliance_vm_id)
+    job_id = uuid.uuid4()
+    done = await failover(bus, vm.vm_id, request_id=job_id)
+    assert done[-1].type == "JobCompleted"
+    during = await view(control, vm.volume_ids, emulators.appliance_vm_id)
+    assert during["content"] != before["content"]  # injection and boot wrote to the volumes
+    cleanup_id = uuid.uuid4()
+    events = await run_command(bus, CleanupRequested(request_id=cleanup_id, failover_job_id=job_id), cleanup_id)
+    check_stream(events, str(cleanup_id))
+    assert events[0].job_type == "cleanup" and str(events[0].correlation_id) == str(job_id)
+    assert [e.step for e in events if e.type == "StepCompleted"] == [
+        "power-off", "volume-detachment", "vm-deletion", "snapshot-revert", "volume-reattachment",
+        "snapshot-deletion"]
+    assert events[-1].type == "JobCompleted"
+    assert_restored(before, await view(control, vm.volume_ids, emulators.appliance_vm_id))
+    assert (await failover_row(db, str(job_id))).status == "cleaned_up"
+    assert await _vm_status(db, vm.vm_id) == "ready_for_failover"
+    # cleaned up: a second cleanup is refused, and a new failover is allowed
+    again = uuid.uuid4()
+    refused = await run_command(bus, CleanupRequested(request_id=again, failover_job_id=job_id), again)
+    assert refused[0].type == "JobRejected" and refused[0].reason == "not_allowed"
+    assert (await failover(bus, vm.vm_id))[-1].type == "JobCompleted"
+
+
+async def test_cleanup_refusals(serve: ServeProcess, bus: BusClient, db: Any, control: EmulatorControl,
+                                emulators: EmulatorHandle) -> None:
+    unknown = uuid.uuid4()
+    events = await run_command(bus, CleanupRequested(request_id=unknown, failover_job_id=uuid.uuid4()), unknown)
+    assert [(e.type, e.reason) for e in events] == [("JobRejected", "not_found")]
+    vm = await _seed(db, control, emulators, "live one", live_network_id=emulators.network_id)
+    live = await failover(bus, vm.vm_id, live=True)
+    assert live[-1].type == "JobCompleted"
+    rid = uuid.uuid4()
+    events = await run_command(bus, CleanupRequested(request_id=rid, failover_job_id=live[0].job_id), rid)
+    assert [(e.type, e.reason) for e in events] == [("JobRejected", "not_allowed")]
+    assert "live failover" in events[0].detail
+
+
+async def test_live_failover_is_permanent(serve: ServeProcess, bus: BusClient, db: Any, control: EmulatorControl,
+                                          emulators: EmulatorHandle) -> None:
+    prod = emulators.network_id
+    vm = await _seed(db, control, emulators, "Prod SQL 01", live_network_id=prod)
+    job_id = uuid.uuid4()
+    events = await failover(bus, vm.vm_id, live=True, request_id=job_id)
+    assert events[0].job_type == "live-failover" and events[-1].type == "JobCompleted"
+    outputs = events[-1].model_dump(mode="json")["outputs"]
+    world = await control.state()
+    new_vm = next(v for v in world["vms"] if v["id"] == outputs["destination_vm_id"])
+    assert new_vm["name"] == sanitize_vm_name("Prod SQL 01") == "prod-sql-01"
+    assert [n["networkid"] for n in new_vm["nic"]] == [prod]
+    kept = (await view(control, vm.volume_ids, emulators.appliance_vm_id))["snapshots"]
+    assert sorted(s["snapshot_id"] for s in outputs["snapshots"]) == kept and len(kept) == 2
+    assert await _vm_status(db, vm.vm_id) == "failed_over_live"
+    assert (await failover(bus, vm.vm_id, live=True))[0].reason == "conflict"
+
+
+@pytest.mark.parametrize("after_step", ["pre-failover-validation", "cloudstack-snapshot", "virtio-driver-injection",
+                                        "vm-creation", "volume-attachment"])
+async def test_cancel_at_each_step_rolls_back(serve: ServeProcess, bus: BusClient, db: Any,
+                                              control: EmulatorControl, emulators: EmulatorHandle,
+                                              after_step: str) -> None:
+    vm = await _seed(db, control, emulators, f"cancel after {after_step}")
+    before = await view(control, vm.volume_ids, emulators.appliance_vm_id)
+    # slow enough that the cancel arrives while the step is running
+    await control.set_latency(async_job_seconds=0.4, operation_seconds=0.4, api_seconds=0.1)
+    job_id = uuid.uuid4()
+    queue = await bus.bind(f"job.{job_id}.#")
+    await bus.publish(FailoverRequested(request_id=job_id, vm_id=vm.vm_id, failover_type="test"))
+    events: list[Event] = []
+
+    async def collect() -> None:
+        async for event in bus.events(queue):
+            events.append(event)
+            if event.type == "StepStarted" and event.step == after_step:
+                await bus.publish(CancelRequested(request_id=uuid.uuid4(), job_id=job_id))
+
+    await asyncio.wait_for(collect(), 120)
+    await control.set_latency(async_job_seconds=0, operation_seconds=0, api_seconds=0)
+    check_stream(events, str(job_id))
+    assert events[-1].type == "JobCancelled" and events[-1].rolled_back is True
+    completed = [e.step for e in events if e.type in ("StepCompleted", "StepSkipped")]
+    started = [e.step for e in events if e.type == "StepStarted"]
+    # it stops at the first safe point after the cancel is recorded: the end of the running
+    # step (or, when the step finished before the cancel arrived, of the next one)
+    nxt = FAILOVER_STEPS[FAILOVER_STEPS.index(after_step) + 1]
+    assert completed[-1] in (after_step, nxt)
+    assert started == completed  # nothing was left half-done
+    assert "StepFailed" not in _types(events)
+    assert "RollbackCompleted" in _types(events)
+    assert_restored(before, await view(control, vm.volume_ids, emulators.appliance_vm_id))
+    row = await failover_row(db, str(job_id))
+    assert row.status == "cancelled" and row.active_vm_id is None
+    # cancelling an ended job is refused
+    rid = uuid.uuid4()
+    refused = await run_command(bus, CancelRequested(request_id=rid, job_id=job_id), rid)
+    assert [(e.type, e.reason) for e in refused] == [("JobRejected", "not_allowed")]
+
+
+def test_test_vm_names_stay_valid() -> None:
+    name = test_vm_name(sanitize_vm_name("x" * 80), str(uuid.uuid4()))
+    assert len(name) <= 63 and "-test-" in name

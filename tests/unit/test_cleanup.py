@@ -1,0 +1,116 @@
+"""Cleanup of a test failover: the world as before the failover, from the failover's ledger."""
+
+from __future__ import annotations
+
+from transitions.extensions.asyncio import AsyncMachine
+
+from schemas.common import CLEANUP_STEPS
+from statemachine.engine import drive
+from tests.fakes import Harness, SeededVm, cancel_when, has_event, lose_lease_at
+
+from .helpers import assert_restored, assert_stream_ok, last, of_type
+
+
+async def _failed_over(h: Harness, machine: AsyncMachine, name: str = "WIN-CLEAN", disks: int = 3,
+                       gap: bool = True) -> tuple[SeededVm, dict, str]:  # type: ignore[type-arg]
+    vm = h.seed_vm(name, os_type="Windows Server 2019", disks=disks, gap=gap)
+    before = h.world.observable()
+    ctx = h.new_job(vm, "test-failover")
+    assert await drive(machine, ctx) == "completed"
+    # the test VM and the injection wrote to every volume
+    assert all("boot:" in h.world.volumes[v].content for v in vm.volume_ids)
+    return vm, before, ctx.row.job_id
+
+
+async def test_cleanup_puts_the_world_back(h: Harness, machine: AsyncMachine) -> None:
+    vm, before, failover_id = await _failed_over(h, machine)
+    cleanup = h.new_cleanup(failover_id)
+
+    assert await drive(machine, cleanup) == "completed"
+
+    events = h.events(cleanup.row.job_id)
+    assert_stream_ok(events)
+    expected = [t for step in CLEANUP_STEPS for t in ("StepStarted", "StepCompleted")]
+    assert [e.type for e in events if e.type != "LogRecorded"] == ["JobAccepted", *expected, "JobCompleted"]
+    assert [e.step for e in of_type(events, "StepCompleted")] == list(CLEANUP_STEPS)
+    for e in events:
+        assert e.job_type == "cleanup" and str(e.correlation_id) == failover_id
+    assert last(events, "JobCompleted").outputs == {"failover_job_id": failover_id}
+    assert_restored(h, before, vm)
+    assert h.store.row(failover_id).status == "cleaned_up"
+    assert h.store.columns[failover_id]["active_vm_id"] is None
+    # what each step did, in the safe order
+    outputs = {e.step: [a["action"] for a in e.outputs["actions"]] for e in of_type(events, "StepCompleted")}
+    assert outputs["power-off"] == ["stop"]
+    assert outputs["volume-detachment"] == ["detach"] * 3
+    assert outputs["vm-deletion"] == ["destroy"]
+    assert outputs["snapshot-revert"] == ["revert"] * 3
+    assert outputs["volume-reattachment"] == ["reattach"] * 3
+    assert outputs["snapshot-deletion"] == ["delete"] * 3
+
+
+async def test_cleanup_resumes_at_every_commit(machine: AsyncMachine) -> None:
+    failures = []
+    probe = Harness()
+    _, _, fid = await _failed_over(probe, machine, gap=False)
+    ctx = probe.new_cleanup(fid)
+    start = probe.store.commits
+    await drive(machine, ctx)
+    total = probe.store.commits - start
+    for cut in range(1, total + 1):
+        h = Harness()
+        vm, before, failover_id = await _failed_over(h, machine, gap=False)
+        cleanup = h.new_cleanup(failover_id)
+        h.store.hooks.append(lose_lease_at(cut))
+        first = await drive(machine, cleanup)
+        h.store.hooks.clear()
+        h.store.owner_ok = True
+        second = await drive(machine, await h.resume_context(cleanup.row.job_id))
+        try:
+            assert second == "completed"
+            assert_stream_ok(h.events(cleanup.row.job_id))
+            assert_restored(h, before, vm)
+            assert h.cloudstack.count("destroyVirtualMachine") == 1
+        except AssertionError as exc:
+            failures.append(f"cut at commit {cut} (first run stopped in {first!r}): {exc}")
+    assert not failures, f"{len(failures)} of {total} cut points failed:\n" + "\n".join(failures)
+
+
+async def test_a_failed_cleanup_is_not_rolled_back_and_can_run_again(h: Harness, machine: AsyncMachine) -> None:
+    vm, before, failover_id = await _failed_over(h, machine)
+    h.faults.add("revertSnapshot", "refused", nth=2)
+    first = h.new_cleanup(failover_id)
+
+    assert await drive(machine, first) == "failed"
+
+    events = h.events(first.row.job_id)
+    assert_stream_ok(events)
+    assert of_type(events, "RollbackStarted") == []
+    end = last(events, "JobFailed")
+    assert (end.failed_step, end.rolled_back) == ("snapshot-revert", False)
+    assert h.store.row(failover_id).status == "completed"  # still to be cleaned up
+    assert h.store.columns[failover_id]["cleanup_job_id"] is None
+    assert not any(h.world.volumes[v].destroyed for v in vm.volume_ids)
+
+    again = h.new_cleanup(failover_id)
+    assert await drive(machine, again) == "completed"
+    assert_restored(h, before, vm)
+    assert h.store.row(failover_id).status == "cleaned_up"
+
+
+async def test_a_cancelled_cleanup_stops_at_a_safe_point(h: Harness, machine: AsyncMachine) -> None:
+    vm, before, failover_id = await _failed_over(h, machine)
+    h.store.hooks.append(cancel_when(has_event("StepStarted", step="vm-deletion")))
+    cleanup = h.new_cleanup(failover_id)
+
+    assert await drive(machine, cleanup) == "cancelled"
+
+    events = h.events(cleanup.row.job_id)
+    assert_stream_ok(events)
+    assert [e.step for e in of_type(events, "StepCompleted")] == ["power-off", "volume-detachment", "vm-deletion"]
+    assert last(events, "JobCancelled").rolled_back is False
+    assert of_type(events, "RollbackStarted") == []
+    # a new cleanup finishes the job
+    h.store.hooks.clear()
+    assert await drive(machine, h.new_cleanup(failover_id)) == "completed"
+    assert_restored(h, before, vm)

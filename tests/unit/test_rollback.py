@@ -1,0 +1,363 @@
+"""Failures, retries, cancels and rollbacks: a failed or cancelled failover leaves the world as
+it found it (CONTRACT.md: no test VM, no snapshot, every replicated volume back on the
+appliance in its original relative order with its pre-failover content)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from transitions.extensions.asyncio import AsyncMachine
+
+from schemas.common import FAILOVER_STEPS
+from statemachine.engine import drive
+from tests.fakes import FaultKind, Harness, cancel_when, has_event
+
+from .helpers import (
+    appliance_order,
+    assert_failed_over,
+    assert_restored,
+    assert_stream_ok,
+    last,
+    of_type,
+)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A fault programmed on one call, and the step it must fail."""
+
+    op: str
+    step: str
+    kind: FaultKind = "refused"
+    nth: int = 1
+    times: int | None = 1
+    after: str | None = None  # arm the fault only once this operation has been called
+
+    def program(self, h: Harness) -> None:
+        if self.after:
+            h.faults.arm_after(self.after, self.op, self.kind, times=self.times)
+        else:
+            h.faults.add(self.op, self.kind, nth=self.nth, times=self.times)
+
+    def __str__(self) -> str:
+        return f"{self.op}#{self.nth}{'-after-' + self.after if self.after else ''}-{self.kind}"
+
+
+# get-volume: each validation looks every volume up once, then the injection looks the root up
+FAILURES = [
+    Failure("createSnapshot", "cloudstack-snapshot", nth=2),  # one snapshot exists already
+    Failure("createSnapshot", "cloudstack-snapshot", nth=3),
+    Failure("queryAsyncJobResult", "cloudstack-snapshot", "refused", nth=2),
+    Failure("get-volume", "virtio-driver-injection", nth=4),  # the device path lookup
+    Failure("inject", "virtio-driver-injection"),  # refused before it ran
+    Failure("inject", "virtio-driver-injection", "job_fail"),  # it wrote, then failed
+    Failure("deployVirtualMachine", "vm-creation"),
+    Failure("listZones", "vm-creation"),
+    Failure("listVolumes", "volume-attachment"),
+    Failure("detach", "volume-attachment", nth=1),  # the template's root disk
+    Failure("deleteVolume", "volume-attachment"),  # the template's root disk, detached already
+    Failure("detach", "volume-attachment", nth=3),  # the second replicated volume
+    Failure("attach-root", "volume-attachment"),
+    Failure("attach", "volume-attachment", nth=2),  # the root is on the VM, one data disk too
+    Failure("startVirtualMachine", "vm-startup-validation"),
+    Failure("startVirtualMachine", "vm-startup-validation", "job_fail", times=None),  # every attempt
+    Failure("listVirtualMachines", "vm-startup-validation", after="startVirtualMachine"),  # it booted
+]
+
+
+@pytest.mark.parametrize("failure", FAILURES, ids=str)
+@pytest.mark.parametrize("gap", [False, True], ids=["packed", "interleaved"])
+async def test_a_failure_rolls_everything_back(
+    h: Harness, machine: AsyncMachine, failure: Failure, gap: bool
+) -> None:
+    vm = h.seed_vm("WIN-APP", os_type="Windows Server 2016", disks=3, gap=gap)
+    before = h.world.observable()
+    order = appliance_order(h, vm)
+    failure.program(h)
+    ctx = h.new_job(vm, "test-failover")
+
+    assert await drive(machine, ctx) == "failed"
+
+    events = h.events(ctx.row.job_id)
+    assert_stream_ok(events)
+    step_failed = last(events, "StepFailed")
+    assert step_failed.step == failure.step
+    if failure.kind == "refused":
+        assert step_failed.attempts == 1
+    kinds = [e.type for e in events if e.type != "LogRecorded"]
+    assert kinds[-4:] == ["StepFailed", "RollbackStarted", "RollbackCompleted", "JobFailed"]
+    started = [e.step for e in of_type(events, "StepStarted")]
+    assert started == list(FAILOVER_STEPS[: FAILOVER_STEPS.index(failure.step) + 1])
+    end = last(events, "JobFailed")
+    assert end.rolled_back is True and end.failed_step == failure.step
+    assert end.error.code == step_failed.error.code
+    assert last(events, "RollbackStarted").reason.startswith(f"step {failure.step} failed")
+    assert_restored(h, before, vm)
+    assert appliance_order(h, vm) == order
+    row = h.store.row(ctx.row.job_id)
+    assert row.status == "failed" and h.store.columns[ctx.row.job_id]["rolled_back"] is True
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        Failure("listVolumes", "volume-attachment"),  # before the deploy's disks are given up
+        Failure("deleteVolume", "volume-attachment", nth=2),  # the ROOT is deleted, the DATA disk detached
+        Failure("attach", "volume-attachment"),
+    ],
+    ids=str,
+)
+async def test_the_deploys_own_disks_are_removed_by_the_rollback(machine: AsyncMachine, failure: Failure) -> None:
+    """With FAILOVER_DISK_OFFERING_ID the deploy makes a data disk too: destroying the VM would
+    only detach it (CloudStack keeps data disks), so the rollback must delete it."""
+    h = Harness(disk_offering=True)
+    vm = h.seed_vm("WIN-OFFER", os_type="Linux", disks=2)
+    before = h.world.observable()
+    failure.program(h)
+    ctx = h.new_job(vm, "test-failover")
+    assert await drive(machine, ctx) == "failed"
+    assert last(h.events(ctx.row.job_id), "JobFailed").rolled_back is True
+    assert_restored(h, before, vm)
+
+
+async def test_written_volumes_are_reverted(h: Harness, machine: AsyncMachine) -> None:
+    """The VM booted (writing every volume) and the injection wrote the root: all reverted."""
+    vm = h.seed_vm("WIN-BOOT", os_type="Windows", disks=2)
+    original = {v: h.world.volumes[v].content for v in vm.volume_ids}
+    h.faults.arm_after("startVirtualMachine", "listVirtualMachines")
+    ctx = h.new_job(vm, "test-failover")
+
+    assert await drive(machine, ctx) == "failed"
+
+    assert h.cloudstack.count("revertSnapshot") == 2
+    assert {v: h.world.volumes[v].content for v in vm.volume_ids} == original
+    actions = last(h.events(ctx.row.job_id), "RollbackCompleted").actions
+    assert [a.action for a in actions] == ["stop", "detach", "detach", "destroy", "revert", "revert",
+                                           "reattach", "reattach", "delete", "delete"]
+    planned = last(h.events(ctx.row.job_id), "RollbackStarted").actions
+    assert {a.action for a in planned} >= {"stop", "detach", "destroy", "revert", "reattach", "delete"}
+
+
+async def test_the_replicated_root_never_dies_with_the_vm(h: Harness, machine: AsyncMachine) -> None:
+    """Guarantee 5: the rollback detaches the replica (a ROOT of the test VM) before destroying."""
+    vm = h.seed_vm("WIN-ROOT", os_type="Windows", disks=2)
+    h.faults.add("attach", "refused")  # after attach-root made the replica the VM's ROOT
+    ctx = h.new_job(vm, "test-failover")
+    assert await drive(machine, ctx) == "failed"
+    assert not any(h.world.volumes[v].destroyed for v in vm.volume_ids)
+    assert h.world.volumes[vm.root_volume_id].type == "DATADISK"
+    destroys = [i for i, (op, _) in enumerate(h.cloudstack.calls) if op == "destroyVirtualMachine"]
+    assert len(destroys) == 1
+    assert h.volumes.count("detach") >= 3  # template root, 2 replicas off the appliance, root off the VM
+
+
+# --------------------------------------------------------------------------- transient failures
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        Failure("createSnapshot", "cloudstack-snapshot", "transient"),
+        Failure("queryAsyncJobResult", "cloudstack-snapshot", "transient"),
+        Failure("get-volume", "pre-failover-validation", "transient"),
+        Failure("get-volume", "virtio-driver-injection", "transient", nth=3),
+        Failure("listZones", "vm-creation", "transient"),
+        Failure("deployVirtualMachine", "vm-creation", "transient"),
+        Failure("deployVirtualMachine", "vm-creation", "job_fail"),  # leaves a VM in Error
+        Failure("listVolumes", "volume-attachment", "transient"),
+        Failure("detach", "volume-attachment", "transient", nth=2),
+        Failure("detach", "volume-attachment", "job_fail", nth=2),  # the operation fails
+        Failure("attach-root", "volume-attachment", "job_fail"),
+        Failure("attach", "volume-attachment", "transient"),
+        Failure("get-operation", "volume-attachment", "transient"),
+        Failure("deleteVolume", "volume-attachment", "transient"),
+        Failure("startVirtualMachine", "vm-startup-validation", "transient"),
+        Failure("startVirtualMachine", "vm-startup-validation", "job_fail"),
+    ],
+    ids=str,
+)
+async def test_a_transient_failure_once_is_retried(h: Harness, machine: AsyncMachine, failure: Failure) -> None:
+    vm = h.seed_vm("WIN-RETRY", os_type="Windows", disks=2)
+    failure.program(h)
+    ctx = h.new_job(vm, "test-failover")
+
+    assert await drive(machine, ctx) == "completed"
+
+    assert h.faults.rules[0].fired == 1
+    events = h.events(ctx.row.job_id)
+    assert_stream_ok(events)
+    assert of_type(events, "StepFailed") == []
+    warns = [e for e in of_type(events, "LogRecorded") if e.level == "WARN"]
+    assert any("retrying" in w.message for w in warns)
+    assert_failed_over(h, vm, last(events, "JobCompleted").outputs["destination_vm_id"])
+
+
+async def test_a_failed_snapshot_job_is_retried_and_the_failed_one_left_for_cleanup(
+    h: Harness, machine: AsyncMachine
+) -> None:
+    """CloudStack keeps a snapshot whose job failed (state Error); the retry takes a new one,
+    the ledger remembers the failed one."""
+    vm = h.seed_vm("WIN-SNAPFAIL", os_type="Linux", disks=2)
+    h.faults.add("createSnapshot", "job_fail")
+    ctx = h.new_job(vm, "test-failover")
+    assert await drive(machine, ctx) == "completed"
+    backed = [s for s in h.world.live_snapshots() if s.state == "BackedUp"]
+    assert sorted(s.volume_id for s in backed) == sorted(vm.volume_ids)
+    failed = [s for s in h.world.live_snapshots() if s.state == "Error"]
+    assert len(failed) == 1
+    entry = h.store.ledger_now(ctx.row.job_id)[f"snapshot:{failed[0].volume_id}"]
+    assert failed[0].id in entry.data.get("failed_ids", [])
+
+
+async def test_a_persistent_transient_failure_exhausts_the_retries(h: Harness, machine: AsyncMachine) -> None:
+    vm = h.seed_vm("WIN-DOWN", os_type="Windows", disks=2)
+    before = h.world.observable()
+    h.faults.add("deployVirtualMachine", "transient", times=None)
+    ctx = h.new_job(vm, "test-failover")
+    assert await drive(machine, ctx) == "failed"
+    assert h.cloudstack.count("deployVirtualMachine") == h.config.retry_attempts
+    failed = last(h.events(ctx.row.job_id), "StepFailed")
+    assert (failed.step, failed.error.code, failed.attempts) == ("vm-creation", "CLOUDSTACK_ERROR", 3)
+    assert_restored(h, before, vm)
+
+
+async def test_step_failed_attempts_counts_the_real_attempts(h: Harness, machine: AsyncMachine) -> None:
+    """The injection is not retried: a transient error from it is one attempt, not retry_attempts."""
+    vm = h.seed_vm("WIN-INJ", os_type="Windows", disks=1)
+    h.faults.add("inject", "transient")
+    ctx = h.new_job(vm, "test-failover")
+    assert await drive(machine, ctx) == "failed"
+    assert len(h.injection.calls) == 1
+    assert last(h.events(ctx.row.job_id), "StepFailed").attempts == 1
+
+
+# --------------------------------------------------------------------------- snapshots that cannot be reverted
+
+
+async def test_a_non_revertable_snapshot_stops_a_test_failover_before_injection(
+    h: Harness, machine: AsyncMachine
+) -> None:
+    vm = h.seed_vm("WIN-NOREVERT", os_type="Windows", disks=2, revertable=False)
+    before = h.world.observable()
+    ctx = h.new_job(vm, "test-failover")
+
+    assert await drive(machine, ctx) == "failed"
+
+    events = h.events(ctx.row.job_id)
+    assert_stream_ok(events)
+    end = last(events, "JobFailed")
+    assert (end.failed_step, end.error.code, end.rolled_back) == (
+        "cloudstack-snapshot", "SNAPSHOT_NOT_REVERTABLE", True)
+    assert h.injection.calls == []
+    assert "virtio-driver-injection" not in [e.step for e in of_type(events, "StepStarted")]
+    assert h.cloudstack.count("revertSnapshot") == 0
+    assert h.cloudstack.count("deleteSnapshot") == 2
+    assert_restored(h, before, vm)
+
+
+async def test_a_non_revertable_snapshot_is_fine_for_a_live_failover(h: Harness, machine: AsyncMachine) -> None:
+    vm = h.seed_vm("WIN-LIVE", os_type="Windows", disks=2, revertable=False)
+    ctx = h.new_job(vm, "live-failover")
+    assert await drive(machine, ctx) == "completed"
+    assert len(h.injection.calls) == 1
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+@pytest.mark.parametrize("step", FAILOVER_STEPS[:-1])
+async def test_cancel_stops_after_the_running_step_and_rolls_back(
+    h: Harness, machine: AsyncMachine, step: str
+) -> None:
+    vm = h.seed_vm("WIN-CANCEL", os_type="Windows", disks=3, gap=True)
+    before = h.world.observable()
+    h.store.hooks.append(cancel_when(has_event("StepStarted", step=step)))
+    ctx = h.new_job(vm, "test-failover")
+
+    assert await drive(machine, ctx) == "cancelled"
+
+    events = h.events(ctx.row.job_id)
+    assert_stream_ok(events)
+    index = FAILOVER_STEPS.index(step)
+    assert [e.step for e in of_type(events, "StepStarted")] == list(FAILOVER_STEPS[: index + 1])
+    finished = [e.step for e in events if e.type in ("StepCompleted", "StepSkipped")]
+    assert finished == list(FAILOVER_STEPS[: index + 1])  # the step ran to its end: a safe point
+    kinds = [e.type for e in events if e.type != "LogRecorded"]
+    assert kinds[-3:] == ["RollbackStarted", "RollbackCompleted", "JobCancelled"]
+    assert last(events, "RollbackStarted").reason == "cancel requested"
+    assert last(events, "JobCancelled").rolled_back is True
+    assert of_type(events, "JobFailed") == []
+    assert any(e.level == "WARN" and "cancel" in e.message for e in of_type(events, "LogRecorded"))
+    assert_restored(h, before, vm)
+    assert h.store.row(ctx.row.job_id).status == "cancelled"
+
+
+async def test_cancel_during_the_last_step_is_too_late(h: Harness, machine: AsyncMachine) -> None:
+    vm = h.seed_vm("WIN-LATE", os_type="Windows", disks=2)
+    h.store.hooks.append(cancel_when(has_event("StepStarted", step=FAILOVER_STEPS[-1])))
+    ctx = h.new_job(vm, "test-failover")
+    assert await drive(machine, ctx) == "completed"
+    assert_failed_over(h, vm, last(h.events(ctx.row.job_id), "JobCompleted").outputs["destination_vm_id"])
+
+
+# --------------------------------------------------------------------------- a rollback that fails, and its retry
+
+
+async def test_a_failed_rollback_lists_manual_actions_and_can_be_retried(h: Harness, machine: AsyncMachine) -> None:
+    vm = h.seed_vm("WIN-STUCK", os_type="Windows", disks=2)
+    before = h.world.observable()
+    h.faults.add("startVirtualMachine", "refused")
+    h.faults.add("revertSnapshot", "refused", times=None)
+    ctx = h.new_job(vm, "test-failover")
+    job_id = ctx.row.job_id
+
+    assert await drive(machine, ctx) == "failed"
+
+    events = h.events(job_id)
+    assert_stream_ok(events)
+    kinds = [e.type for e in events if e.type != "LogRecorded"]
+    assert kinds[-4:] == ["StepFailed", "RollbackStarted", "RollbackFailed", "JobFailed"]
+    rb = last(events, "RollbackFailed")
+    assert rb.error.code == "CLOUDSTACK_REFUSED"
+    snapshots = {s.volume_id: s.id for s in h.world.live_snapshots()}
+    manual = {(a.action, a.resource_type, a.resource_id) for a in rb.manual_actions}
+    for v in vm.volume_ids:  # the real CloudStack ids, all of them
+        assert ("revert", "volume", v) in manual
+        assert ("reattach", "volume", v) in manual
+        assert ("delete", "snapshot", snapshots[v]) in manual
+    assert not any(a.action == "destroy" for a in rb.manual_actions)  # the VM is gone already
+    end = last(events, "JobFailed")
+    assert (end.rolled_back, end.failed_step) == (False, "vm-startup-validation")
+    assert h.store.columns[job_id]["rolled_back"] is False
+    assert not any(h.world.volumes[v].destroyed for v in vm.volume_ids)
+
+    # RollbackRequested: the command recorder flags the row, a process drives it again
+    h.faults.clear()
+    h.store.request_rollback(job_id)
+    retry = await h.resume_context(job_id)
+    assert await drive(machine, retry) == "failed"
+
+    events = h.events(job_id)
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    kinds = [e.type for e in events if e.type != "LogRecorded"]
+    assert kinds[-3:] == ["RollbackStarted", "RollbackCompleted", "JobFailed"]
+    end = last(events, "JobFailed")
+    assert (end.rolled_back, end.failed_step, end.error.code) == (True, "vm-startup-validation", "CLOUDSTACK_REFUSED")
+    assert_restored(h, before, vm)
+    row = h.store.row(job_id)
+    assert row.status == "failed" and row.rollback_requested is False
+
+
+async def test_a_failed_rollback_leaves_the_replicas_intact(h: Harness, machine: AsyncMachine) -> None:
+    """The VM cannot be destroyed: the replicas were detached from it first, so none is lost."""
+    vm = h.seed_vm("WIN-NODESTROY", os_type="Linux", disks=2)
+    h.faults.add("startVirtualMachine", "refused")
+    h.faults.add("destroyVirtualMachine", "refused", times=None)
+    ctx = h.new_job(vm, "test-failover")
+    assert await drive(machine, ctx) == "failed"
+    rb = last(h.events(ctx.row.job_id), "RollbackFailed")
+    vm_cs_id = h.store.ledger_now(ctx.row.job_id)["vm"].resource_id
+    assert ("destroy", "vm", vm_cs_id) in {(a.action, a.resource_type, a.resource_id) for a in rb.manual_actions}
+    assert not any(h.world.volumes[v].destroyed for v in vm.volume_ids)
+    assert all(h.world.volumes[v].vm_id is None for v in vm.volume_ids)
