@@ -3,11 +3,18 @@
 Every delivery ends in exactly one of: a job, a `JobRejected`, or `failover.dead` (with the
 reason in `x-failover-reason`). A delivery is acked only after its command is recorded, and
 never held for longer than that: the job runs from the database, not from the message.
+
+A delivery whose handling keeps failing (the database refuses the write, say) is requeued, and
+on its last delivery before the queue's `x-delivery-limit` the consumer dead-letters it itself,
+with the error as the reason: the broker would dead-letter it one delivery later, but without an
+`x-failover-reason`, and an operator could not tell why.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import decimal
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,6 +23,7 @@ import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
+from adapters import amqp_decoding
 from adapters.bus import REASON_HEADER
 from adapters.db.commands import CommandRecorder, Decision
 from adapters.db.engine import is_connection_error
@@ -23,11 +31,59 @@ from schemas.parsing import InvalidCommand, UnreadableMessage, parse_command
 
 log = logging.getLogger("failover.commands")
 
+# A client's properties or headers that are not UTF-8, or an impossible timestamp, must not stop
+# the connection from reading the delivery (see adapters/amqp_decoding.py).
+amqp_decoding.install()
+
+DELIVERY_COUNT_HEADER = "x-delivery-count"  # set by quorum queues on every redelivery
+
+
+def _delivery_count(message: AbstractIncomingMessage) -> int:
+    """How many times this delivery was returned to the queue before (0 the first time; a
+    client's own `x-delivery-count` on a first delivery counts for nothing)."""
+    if not message.redelivered:
+        return 0
+    value = (message.headers or {}).get(DELIVERY_COUNT_HEADER)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return 0
+    return max(0, value)
+
+
+def _publishable(value: Any, depth: int = 0) -> Any:
+    """A header value as pamqp can encode it again: the bytes of a long string that was not
+    UTF-8 as a byte array, anything else it cannot encode as text."""
+    if value is None or isinstance(value, bool | int | float | str | bytearray | decimal.Decimal
+                                   | datetime.datetime):
+        return value
+    if isinstance(value, bytes | memoryview):
+        return bytearray(value)
+    if depth < 32 and isinstance(value, dict):
+        return {str(k): _publishable(v, depth + 1) for k, v in value.items()}
+    if depth < 32 and isinstance(value, list | tuple):
+        return [_publishable(v, depth + 1) for v in value]
+    return repr(value)
+
+
+def _text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def _error_reason(exc: BaseException, deliveries: int) -> str:
+    first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+    reason = (f"the command could not be handled in {deliveries} deliveries; last error: "
+              f"{type(exc).__name__}: {first_line}")
+    return reason.encode("ascii", "backslashreplace").decode("ascii")[:500]  # a header value
+
 
 class CommandConsumer:
     def __init__(self, queue: AbstractQueue, dlx: AbstractExchange, recorder: CommandRecorder, *,
                  max_bytes: int, on_accepted: Callable[[str], None],
-                 count: Callable[[str, str], None], db_outage_seconds: float = 300.0) -> None:
+                 count: Callable[[str, str], None], db_outage_seconds: float = 300.0,
+                 delivery_limit: int | None = None) -> None:
         self.queue = queue
         self.dlx = dlx
         self.recorder = recorder
@@ -35,6 +91,8 @@ class CommandConsumer:
         self.on_accepted = on_accepted
         self.count = count
         self.db_outage_seconds = db_outage_seconds
+        limit = delivery_limit if delivery_limit is not None else (queue.arguments or {}).get("x-delivery-limit")
+        self.delivery_limit: int | None = limit if isinstance(limit, int) and limit >= 1 else None
         self._tag: str | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
 
@@ -57,9 +115,20 @@ class CommandConsumer:
             self._inflight.add(task)
         try:
             await self._handle(message)
-        except Exception:
-            log.exception("command delivery could not be handled; requeued (it is dead-lettered after "
-                          "the queue's delivery limit)")
+        except Exception as exc:
+            returned = _delivery_count(message)
+            if self.delivery_limit is not None and returned + 1 >= self.delivery_limit:
+                log.exception("command delivery could not be handled %d times; dead-lettering it",
+                              returned + 1)
+                try:
+                    await self._dead_letter(message, _error_reason(exc, returned + 1))
+                    return
+                except Exception:
+                    log.exception("dead-lettering failed; requeued (the broker dead-letters it at the "
+                                  "queue's delivery limit)")
+            else:
+                log.exception("command delivery could not be handled; requeued (delivery %d of at most "
+                              "%s)", returned + 1, self.delivery_limit or "unlimited")
             await message.nack(requeue=True)
         finally:
             if task is not None:
@@ -103,14 +172,24 @@ class CommandConsumer:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
-        headers = dict(message.headers or {})
-        headers[REASON_HEADER] = reason
-        headers["x-original-routing-key"] = message.routing_key or ""
-        await self.dlx.publish(
-            aio_pika.Message(body=message.body, headers=headers, content_type=message.content_type,
-                             message_id=message.message_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-            routing_key=message.routing_key or "",
-        )
+        """Publish the delivery to `failover.dlx` as it came (body, headers, content type,
+        message id) with the reason added, then ack it. Headers pamqp could not encode again
+        are given up rather than the dead letter."""
+        routing_key = _text(message.routing_key) or ""
+        ours = {REASON_HEADER: reason, "x-original-routing-key": routing_key}
+        headers = {**_publishable(dict(message.headers or {})), **ours}
+        content_type, message_id = _text(message.content_type), _text(message.message_id)
+        for attempt in (headers, {**ours, "x-failover-headers-dropped": True}):
+            dead = aio_pika.Message(body=message.body, headers=attempt, content_type=content_type,
+                                    message_id=message_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+            try:
+                await self.dlx.publish(dead, routing_key=routing_key)
+                break
+            except (TypeError, ValueError, UnicodeError) as exc:  # not encodable: no frame was sent
+                if attempt is not headers:
+                    raise
+                log.warning("the delivery's headers cannot be published again (%s); dead-lettering "
+                            "it without them", exc)
         await message.ack()
         self.count("unknown", "dead_lettered")
         log.warning("command delivery dead-lettered to failover.dead: %s", reason)

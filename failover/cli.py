@@ -1,28 +1,43 @@
 """`failoverctl`: run the service, manage its database, and drive failovers as a client would.
 
-Exit codes of the job commands: 0 completed, 1 failed, 2 cancelled, 3 rejected, 4 no answer in
-time, 5 bad usage or settings.
+Exit codes of the job commands: 0 success (the job completed; for `cancel`, it ended cancelled;
+for `rollback`, it rolled back), 1 failed, 2 cancelled, 3 rejected (or no such job), 4 no answer
+in time, 5 bad usage or settings (or the broker or database unreachable at the configured URL).
+`--json` prints machine-readable output on stdout (one event per line when following); reasons
+always go to stderr.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
-import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .settings import ConnectionSettings, Settings, redact_url
 
 console = Console(stderr=False)
+OK, FAILED, CANCELLED, REJECTED, NO_ANSWER, BAD_SETTINGS = 0, 1, 2, 3, 4, 5
+ANSWER_SECONDS = 30.0  # without --follow: how long to wait for the service's answer to a command
+
+
+class Exit(Exception):
+    """Stop a client command with an exit code and a message for stderr."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _run(coro: Coroutine[Any, Any, int | None]) -> None:
@@ -30,6 +45,9 @@ def _run(coro: Coroutine[Any, Any, int | None]) -> None:
         code = asyncio.run(coro)
     except KeyboardInterrupt:
         code = 130
+    except Exit as exc:
+        click.echo(f"failoverctl: {exc}", err=True)
+        code = exc.code
     sys.exit(code or 0)
 
 
@@ -40,10 +58,26 @@ def _settings(cls: type[ConnectionSettings] = ConnectionSettings) -> Any:
         problems = "; ".join(f"FAILOVER_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors())
         click.echo(f"failoverctl: settings are incomplete or wrong: {problems}. Set them in the environment "
                    "or in a .env file (README.md, Configuration).", err=True)
-        sys.exit(5)
+        sys.exit(BAD_SETTINGS)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Usage errors exit 5 (click's own 2 would read as "cancelled")."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(130)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(BAD_SETTINGS)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Failover orchestration for VMware-to-CloudStack migrations."""
 
@@ -116,44 +150,178 @@ def schemas_export(directory: Path) -> None:
 
 
 @main.command()
-def docs() -> None:
+@click.option("--directory", default="docs", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+def docs(directory: Path) -> None:
     """Regenerate docs/state-machine.md and docs/asyncapi.yaml from the code."""
     from .docs import write_docs
 
-    for path in write_docs(Path("docs")):
+    for path in write_docs(directory):
         click.echo(path)
 
 
 # --------------------------------------------------------------------------- client commands
 
-async def _send(command: Any, job_id: str, follow: bool, as_json: bool, timeout: float) -> int:
+@asynccontextmanager
+async def _bus() -> AsyncIterator[Any]:
+    """A `BusClient` on FAILOVER_AMQP_URL; an unreachable broker is exit code 5, named."""
     from .client import BusClient
+
+    url = _settings().amqp_url.get_secret_value()
+    for noisy in ("aiormq", "aio_pika"):  # their connection errors come back as one message below
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    async with AsyncExitStack() as stack:
+        try:
+            async with asyncio.timeout(20):
+                client = await stack.enter_async_context(BusClient.connect(url))
+        except Exception as exc:
+            raise Exit(BAD_SETTINGS, f"cannot reach RabbitMQ at {redact_url(url)} (FAILOVER_AMQP_URL): "
+                                     f"{type(exc).__name__}: {exc}") from exc
+        yield client
+
+
+@asynccontextmanager
+async def _db() -> AsyncIterator[Any]:
+    from adapters.db.engine import make_engine
+
+    engine = make_engine(_settings().database_url.get_secret_value(), pool_size=2)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+_UNREADABLE = object()
+
+
+async def _read(call: Coroutine[Any, Any, Any], *, required: bool = True) -> Any:
+    """A read from the database; an unreachable one is exit code 5 (or `_UNREADABLE`)."""
+    try:
+        async with asyncio.timeout(20 if required else 5):  # an optional read must not hold things up
+            return await call
+    except Exception as exc:
+        if not required:
+            return _UNREADABLE
+        url = redact_url(_settings().database_url.get_secret_value())
+        reason = getattr(exc, "orig", None) or exc
+        raise Exit(BAD_SETTINGS, f"cannot read the database at {url} (FAILOVER_DATABASE_URL): "
+                                 f"{type(reason).__name__}: {reason}") from exc
+
+
+def _json(value: Any) -> None:
+    click.echo(json.dumps(value, default=str))
+
+
+def _answer(command: Any, job_id: str, status: str, as_json: bool, *, reason: str | None = None,
+            detail: str | None = None) -> int:
+    """Report how the service answered a command (without --follow)."""
+    rid = str(command.request_id)
+    if as_json:
+        _json({"request_id": rid, "type": command.type, "job_id": job_id, "status": status,
+               **({"reason": reason, "detail": detail} if status == "rejected" else {})})
+    if status == "rejected":
+        click.echo(f"{command.type} rejected ({reason}): {detail}", err=True)
+        return REJECTED
+    if not as_json:
+        what = {"CancelRequested": "cancel recorded: the job stops at its next safe point and rolls back",
+                "RollbackRequested": "rollback retry started"}.get(command.type, "accepted")
+        console.print(f"{what}: job {job_id}; follow it with: failoverctl watch {job_id}", highlight=False)
+    return OK
+
+
+async def _new_job(command: Any, *, follow: bool, as_json: bool, timeout: float) -> int:
+    """FailoverRequested / CleanupRequested: the new job's id is the request id."""
     from .progress import follow as follow_events
 
-    settings = _settings()
-    async with BusClient.connect(settings.amqp_url.get_secret_value()) as client:
-        queue = await client.bind(f"job.{job_id}.#") if follow else None
-        if queue is None and not isinstance(command, str):
-            rejected = await client.bind(f"job.{command.request_id}.JobRejected")
-        else:
-            rejected = None
+    job_id = str(command.request_id)
+    async with _bus() as client:
+        queue = await client.bind(f"job.{job_id}.#")  # before publishing: nothing is missed
         await client.publish(command)
-        if not as_json:
-            console.print(f"published {command.type} {command.request_id} (job {job_id})")
-        if queue is not None:
+        if follow:
+            if not as_json:
+                console.print(f"published {command.type} {job_id}", highlight=False)
             return await follow_events(client, queue, as_json=as_json, timeout=timeout)
-        if rejected is not None:  # without --follow, still say so when it is refused at once
-            from .progress import summary
+        try:
+            async with asyncio.timeout(min(timeout, ANSWER_SECONDS)):
+                first = await anext(client.events(queue, until_terminal=False))
+        except TimeoutError:
+            raise Exit(NO_ANSWER, f"{command.type} {job_id} was published, but the service did not answer "
+                                  f"within {min(timeout, ANSWER_SECONDS):g} s: is `failoverctl serve` running?") from None
+    d = first.model_dump(mode="json")
+    if first.type == "JobRejected":
+        return _answer(command, job_id, "rejected", as_json, reason=d["reason"], detail=d["detail"])
+    return _answer(command, job_id, "accepted", as_json)
 
-            try:
-                async for event in client.events(rejected, timeout=3):
-                    click.echo(summary(event), err=True)
-                    return 3
-            except TimeoutError:
-                pass
-        if as_json:
-            click.echo(json.dumps({"request_id": str(command.request_id), "job_id": job_id}))
-        return 0
+
+async def _signal_job(command: Any, job_id: str, *, follow: bool, as_json: bool, timeout: float,
+                      started: tuple[str, ...], succeeded: Callable[[Any], bool]) -> int:
+    """CancelRequested / RollbackRequested: they act on an existing job. A refusal is a
+    `JobRejected` with the request's id; an acceptance shows in the job's own stream (at once for
+    a rollback, at the job's next safe point for a cancel) and in the service's record of the
+    command, which is read too when the database is reachable."""
+    from adapters.bus import EVENTS_EXCHANGE
+
+    from .progress import follow as follow_events
+    from .reads import command_outcome
+
+    rid = str(command.request_id)
+
+    def outcome(last: Any) -> int:
+        if last is None:
+            return NO_ANSWER
+        if last.type == "JobRejected":
+            return REJECTED
+        return OK if succeeded(last) else FAILED
+
+    async with _bus() as client:
+        queue = await client.bind(f"job.{rid}.JobRejected")
+        await queue.bind(EVENTS_EXCHANGE, routing_key=f"job.{job_id}.#")
+        await client.publish(command)
+        if follow:
+            if not as_json:
+                console.print(f"published {command.type} {rid} for job {job_id}", highlight=False)
+            return await follow_events(client, queue, as_json=as_json, timeout=timeout, outcome=outcome)
+
+        async def on_bus() -> tuple[str, str | None, str | None]:
+            async for event in client.events(queue, until_terminal=False):
+                if event.type == "JobRejected" and str(event.job_id) == rid:
+                    return "rejected", event.reason, event.detail
+                if event.type in started:
+                    return "accepted", None, None
+            raise AssertionError("unreachable")  # pragma: no cover
+
+        async def in_database() -> tuple[str, str | None, str | None]:
+            async with _db() as engine:
+                while True:
+                    record = await _read(command_outcome(engine, rid), required=False)
+                    if record is _UNREADABLE:
+                        await asyncio.Event().wait()  # no database here: the bus answers alone
+                    if record:
+                        if record["outcome"].startswith("rejected_"):
+                            return "rejected", record["outcome"].removeprefix("rejected_"), record["detail"]
+                        return "accepted", None, None
+                    await asyncio.sleep(0.2)  # the service records a command within milliseconds
+
+        tasks = [asyncio.create_task(on_bus()), asyncio.create_task(in_database())]
+        try:
+            done, _ = await asyncio.wait(tasks, timeout=min(timeout, ANSWER_SECONDS),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if not done:
+            raise Exit(NO_ANSWER, f"{command.type} {rid} was published, but the service did not answer "
+                                  f"within {min(timeout, ANSWER_SECONDS):g} s: is `failoverctl serve` running?")
+        status, reason, detail = next(iter(done)).result()
+    return _answer(command, job_id, status, as_json, reason=reason, detail=detail)
+
+
+def _follow_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--timeout", default=7200.0, show_default=True,
+                     help="Seconds to wait for the end of the job with --follow.")(f)
+    f = click.option("--json", "as_json", is_flag=True,
+                     help="JSON on stdout (one event per line with --follow).")(f)
+    return click.option("--follow", "-f", is_flag=True, help="Show live progress until the job ends.")(f)
 
 
 @main.command()
@@ -161,199 +329,234 @@ async def _send(command: Any, job_id: str, follow: bool, as_json: bool, timeout:
 @click.option("--live", is_flag=True, help="A live (permanent) failover instead of a test failover.")
 @click.option("--driver-injection", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True)
 @click.option("--requested-by", default="failoverctl", show_default=True)
-@click.option("--follow", "-f", is_flag=True, help="Show live progress until the job ends.")
-@click.option("--json", "as_json", is_flag=True, help="JSON output (one event per line with --follow).")
-@click.option("--timeout", default=7200.0, show_default=True, help="Seconds to wait with --follow.")
+@_follow_options
 def request(vm_id: str, live: bool, driver_injection: str, requested_by: str, follow: bool, as_json: bool,
             timeout: float) -> None:
-    """Request a failover of VM_ID (the source VM's vmware_vm_id)."""
-    from schemas.commands import FailoverRequested
+    """Request a failover of VM_ID (the source VM's vmware_vm_id).
 
-    rid = uuid.uuid4()
-    cmd = FailoverRequested(request_id=rid, vm_id=vm_id, failover_type="live" if live else "test",
-                            requested_by=requested_by, options={"driver_injection": driver_injection})
-    _run(_send(cmd, str(rid), follow, as_json, timeout))
+    Exit code: 0 accepted (with --follow: completed), 1 failed, 3 rejected (the reason on stderr)."""
+    from schemas.commands import FailoverRequested, FailoverRequestedOptions
+
+    cmd = FailoverRequested(request_id=uuid.uuid4(), vm_id=vm_id, failover_type="live" if live else "test",
+                            requested_by=requested_by,
+                            options=FailoverRequestedOptions(driver_injection=driver_injection))  # type: ignore[arg-type]
+    _run(_new_job(cmd, follow=follow, as_json=as_json, timeout=timeout))
 
 
 @main.command()
 @click.argument("job_id", type=click.UUID)
-@click.option("--follow", "-f", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--timeout", default=7200.0, show_default=True)
-def cleanup(job_id: uuid.UUID, follow: bool, as_json: bool, timeout: float) -> None:
-    """Undo the completed test failover JOB_ID."""
+@click.option("--requested-by", default="failoverctl", show_default=True)
+@_follow_options
+def cleanup(job_id: uuid.UUID, requested_by: str, follow: bool, as_json: bool, timeout: float) -> None:
+    """Undo the completed test failover JOB_ID (a new cleanup job)."""
     from schemas.commands import CleanupRequested
 
-    rid = uuid.uuid4()
-    _run(_send(CleanupRequested(request_id=rid, failover_job_id=job_id, requested_by="failoverctl"),
-               str(rid), follow, as_json, timeout))
+    cmd = CleanupRequested(request_id=uuid.uuid4(), failover_job_id=job_id, requested_by=requested_by)
+    _run(_new_job(cmd, follow=follow, as_json=as_json, timeout=timeout))
 
 
 @main.command()
 @click.argument("job_id", type=click.UUID)
-@click.option("--follow", "-f", is_flag=True, help="Follow the job until it ends.")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--timeout", default=7200.0, show_default=True)
+@_follow_options
 def cancel(job_id: uuid.UUID, follow: bool, as_json: bool, timeout: float) -> None:
-    """Stop the running job JOB_ID at its next safe point and roll it back."""
+    """Stop the running job JOB_ID at its next safe point and roll it back.
+
+    Exit code: 0 the cancel was recorded (with --follow: the job ended cancelled), 1 the job
+    ended otherwise, 3 rejected (e.g. the job is not running)."""
     from schemas.commands import CancelRequested
 
-    _run(_send(CancelRequested(request_id=uuid.uuid4(), job_id=job_id), str(job_id), follow, as_json, timeout))
+    _run(_signal_job(CancelRequested(request_id=uuid.uuid4(), job_id=job_id), str(job_id), follow=follow,
+                     as_json=as_json, timeout=timeout, started=("RollbackStarted", "JobCancelled"),
+                     succeeded=lambda last: last.type == "JobCancelled"))
 
 
 @main.command()
 @click.argument("job_id", type=click.UUID)
-@click.option("--follow", "-f", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--timeout", default=7200.0, show_default=True)
+@_follow_options
 def rollback(job_id: uuid.UUID, follow: bool, as_json: bool, timeout: float) -> None:
-    """Retry the rollback of the failed job JOB_ID (after RollbackFailed)."""
+    """Retry the rollback of the failed job JOB_ID (after RollbackFailed).
+
+    Exit code: 0 the retry started (with --follow: the job rolled back completely), 1 the
+    rollback failed again, 3 rejected."""
     from schemas.commands import RollbackRequested
 
-    _run(_send(RollbackRequested(request_id=uuid.uuid4(), job_id=job_id), str(job_id), follow, as_json, timeout))
+    _run(_signal_job(RollbackRequested(request_id=uuid.uuid4(), job_id=job_id), str(job_id), follow=follow,
+                     as_json=as_json, timeout=timeout, started=("RollbackStarted",),
+                     succeeded=lambda last: last.type == "JobFailed" and last.rolled_back))
 
 
 @main.command()
 @click.argument("job_id", type=click.UUID)
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--timeout", default=7200.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One event per line on stdout.")
+@click.option("--timeout", default=7200.0, show_default=True, help="Seconds to wait for the end of the job.")
 def watch(job_id: uuid.UUID, as_json: bool, timeout: float) -> None:
-    """Follow a job's events live (from now on) until it ends."""
-    from .client import BusClient
+    """Follow a job until it ends: its steps so far (from the read model), then its events.
+
+    Exit code: 0 completed, 1 failed, 2 cancelled, 3 no such job, 4 not ended in time."""
+    from schemas.parsing import parse_event
+
+    from .progress import exit_code, summary
     from .progress import follow as follow_events
+    from .reads import job_detail, job_events
 
     async def go() -> int:
-        settings = _settings()
-        async with BusClient.connect(settings.amqp_url.get_secret_value()) as client:
-            queue = await client.bind(f"job.{job_id}.#")
-            return await follow_events(client, queue, as_json=as_json, timeout=timeout)
+        jid = str(job_id)
+        async with _bus() as client:
+            queue = await client.bind(f"job.{jid}.#")  # first: what happens from now on is not missed
+            async with _db() as engine:
+                detail = await _read(job_detail(engine, jid), required=False)
+                ends = await _read(job_events(engine, jid, ("RollbackStarted", "JobCompleted", "JobFailed",
+                                                            "JobCancelled")), required=False)
+            if detail is None:
+                raise Exit(REJECTED, f"no job {jid} (the read model and the service know none)")
+            if detail is not _UNREADABLE and ends is not _UNREADABLE and ends and ends[-1]["type"] != "RollbackStarted":
+                last = parse_event(json.dumps(ends[-1]).encode())
+                if as_json:
+                    _json(ends[-1])
+                code = exit_code(last)
+                message = f"job {jid} has already ended: {summary(last)}"
+                if code:
+                    click.echo(message, err=True)
+                elif not as_json:
+                    console.print(message, highlight=False, markup=False)
+                return code
+            initial = None if detail is _UNREADABLE else detail
+            return await follow_events(client, queue, as_json=as_json, timeout=timeout, initial=initial)
 
     _run(go())
 
 
 # --------------------------------------------------------------------------- reads
 
-def _engine() -> Any:
-    from adapters.db.engine import make_engine
-
-    return make_engine(_settings().database_url.get_secret_value(), pool_size=2)
-
-
-def _age(iso: str | None) -> str:
-    if not iso:
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
         return "-"
-    from datetime import datetime
-
-    seconds = time.time() - datetime.fromisoformat(iso).replace(tzinfo=__import__("datetime").UTC).timestamp()
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{seconds:.0f}s"
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
+
+
+_STATE_STYLE = {"completed": "green", "failed": "red", "cancelled": "yellow", "running": "cyan"}
 
 
 @main.command()
 @click.option("--limit", default=20, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="A JSON array of the jobs.")
 def jobs(limit: int, as_json: bool) -> None:
-    """Recent jobs: VM, type, state, percent, age, duration."""
+    """Recent jobs, newest first: VM, type, state, percent, age, duration."""
     from .reads import recent_jobs
 
     async def go() -> int:
-        engine = _engine()
-        try:
-            rows = await recent_jobs(engine, limit)
-        finally:
-            await engine.dispose()
+        async with _db() as engine:
+            rows = await _read(recent_jobs(engine, limit))
         if as_json:
-            click.echo(json.dumps(rows, default=str))
-            return 0
+            _json(rows)
+            return OK
         table = Table("job", "vm", "type", "state", "%", "step", "age", "duration")
         for r in rows:
-            duration = "-"
-            if r["completed_at"] and r["created_at"]:
-                from datetime import datetime
-
-                duration = f"{(datetime.fromisoformat(r['completed_at']) - datetime.fromisoformat(r['created_at'])).total_seconds():.1f}s"
-            table.add_row(r["id"], r["vm_name"] or r["vm_id"] or "-", r["job_type"], r["status"],
-                          str(r["percent_complete"]), r["current_step"] or "-", _age(r["created_at"]), duration)
+            state = r["status"]
+            table.add_row(r["id"], escape(r["vm_name"] or r["vm_id"] or "-"), r["job_type"],
+                          f"[{_STATE_STYLE.get(state, 'white')}]{state}", str(r["percent_complete"]),
+                          escape(r["current_step"] or "-"), _duration(r["age_seconds"]),
+                          _duration(r["duration_seconds"]))
         console.print(table)
-        return 0
+        return OK
 
     _run(go())
 
 
 @main.command()
 @click.argument("job_id", type=click.UUID)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="The job, steps, ledger, outputs and errors as one JSON object.")
 def show(job_id: uuid.UUID, as_json: bool) -> None:
-    """A job's steps (with times, outputs, errors) and its resource ledger."""
+    """A job: its steps (with times, outputs, errors), its resource ledger, what it produced,
+    and what an operator must still do when its rollback did not complete."""
     from .reads import job_detail
 
     async def go() -> int:
-        engine = _engine()
-        try:
-            detail = await job_detail(engine, str(job_id))
-        finally:
-            await engine.dispose()
+        async with _db() as engine:
+            detail = await _read(job_detail(engine, str(job_id)))
         if detail is None:
-            click.echo(f"no job {job_id} in job_tracking", err=True)
-            return 1
+            raise Exit(REJECTED, f"no job {job_id}")
         if as_json:
-            click.echo(json.dumps(detail, default=str))
-            return 0
-        print_job(detail)
-        return 0
+            _json(detail)
+        else:
+            print_job(detail)
+        return OK
 
     _run(go())
 
 
+def _short(value: Any, width: int = 100) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return escape(text if len(text) <= width else text[: width - 1] + "…")
+
+
 def print_job(detail: dict[str, Any]) -> None:
+    """`failoverctl show` for people."""
     job = detail["job"]
-    console.print(f"[bold]{job['id']}[/] {job['job_type']} of {job['vm_name'] or job['vm_id']}: "
-                  f"[bold]{job['status']}[/] {job['percent_complete']}%"
-                  + (f"  error: {job['error_message']}" if job.get("error_message") else ""))
-    steps = Table("#", "step", "status", "started", "completed", "outputs / error", title="job_steps")
+    state = job["status"]
+    console.print(f"[bold]{job['id']}[/] {job['job_type']} of {escape(job['vm_name'] or job['vm_id'] or '-')}: "
+                  f"[bold {_STATE_STYLE.get(state, 'white')}]{state}[/] {job['percent_complete']}%"
+                  + (f"  (rolled back: {str(job['rolled_back']).lower()})" if job.get("rolled_back") is not None else ""))
+    steps = Table("#", "step", "status", "started", "completed", "took", "outputs / error", title="steps")
     for s in detail["steps"]:
-        info = s["error_message"] or (json.dumps(s["outputs"]) if s["outputs"] else "")
-        steps.add_row(str(s["step_order"]), s["step_name"], s["status"], s["started_at"] or "-",
-                      s["completed_at"] or "-", info[:120])
+        info = (f"[red]{escape(s['error_code'] or '')}: {_short(s['error_message'])}" if s["error_message"]
+                else _short(s["outputs"]) if s["outputs"] else "")
+        steps.add_row(str(s["step_order"]), s["step_name"], f"[{_STATE_STYLE.get(s['status'], 'white')}]{s['status']}",
+                      (s["started_at"] or "-")[:23], (s["completed_at"] or "-")[:23], _duration(s["duration_seconds"]),
+                      info)
     console.print(steps)
+    if detail["outputs"]:
+        console.print("[bold]outputs[/]: " + escape(json.dumps(detail["outputs"])), highlight=False)
+    for error in detail["errors"]:
+        console.print(f"[red]error[/] in {error['step']}: {escape(error['code'])}: {escape(error['message'])}",
+                      highlight=False)
     if detail["ledger"]:
-        ledger = Table("resource", "action", "id", "status", title="resource ledger")
+        ledger = Table("resource", "type", "action", "id", "status", title="resource ledger")
         for e in detail["ledger"]:
-            ledger.add_row(e["resource_key"], e["action"], e["resource_id"] or "-", e["status"])
+            ledger.add_row(escape(e["resource_key"]), e["resource_type"], e["action"], e["resource_id"] or "-",
+                           e["status"])
         console.print(ledger)
+    if detail["manual_actions"]:
+        manual = Table("action", "type", "id", "detail", title="[red]manual actions (the rollback did not complete)")
+        for a in detail["manual_actions"]:
+            manual.add_row(a["action"], a["resource_type"], a["resource_id"], escape(a.get("detail") or ""))
+        console.print(manual)
+        console.print(f"then: failoverctl rollback {job['id']}", highlight=False)
 
 
 @main.command()
 @click.argument("job_id", type=click.UUID)
-@click.option("--level", type=click.Choice(["DEBUG", "INFO", "WARN", "ERROR"], case_sensitive=False), default="DEBUG")
+@click.option("--level", type=click.Choice(["DEBUG", "INFO", "WARN", "ERROR"], case_sensitive=False), default="DEBUG",
+              show_default=True, help="The lowest level shown.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the job ends.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def logs(job_id: uuid.UUID, level: str, follow: bool, as_json: bool) -> None:
-    """A job's log lines (log_events)."""
-    from .reads import job_detail, job_logs
+    """A job's log lines (log_events), oldest first."""
+    from .reads import ENDED, job_detail, job_logs
 
     async def go() -> int:
-        engine = _engine()
-        after = 0
-        try:
+        jid, after = str(job_id), 0
+        async with _db() as engine:
+            if await _read(job_detail(engine, jid)) is None:
+                raise Exit(REJECTED, f"no job {jid}")
             while True:
-                for line in await job_logs(engine, str(job_id), level=level, after=after):
+                # the state first, then the lines: a line projected in between is not lost
+                detail = await _read(job_detail(engine, jid)) if follow else None
+                for line in await _read(job_logs(engine, jid, level=level, after=after)):
                     after = line["sequence"]
                     if as_json:
-                        click.echo(json.dumps(line, default=str))
+                        _json(line)
                     else:
-                        console.print(f"{line['timestamp']} {line['level']:<5} {line['step_name'] or '-'}: "
-                                      f"{line['message']}", highlight=False, markup=False)
-                if not follow:
-                    return 0
-                detail = await job_detail(engine, str(job_id))
-                if detail and detail["job"]["status"] in ("completed", "failed", "cancelled"):
-                    return 0
-                await asyncio.sleep(1.0)  # polling the read model for new lines
-        finally:
-            await engine.dispose()
+                        style = {"ERROR": "red", "WARN": "yellow"}.get(line["level"], "")
+                        text = (f"{line['timestamp'][:23]} {line['level']:<5} {line['step_name'] or '-'}: "
+                                f"{line['message']}")
+                        console.print(f"[{style}]{escape(text)}" if style else escape(text), highlight=False)
+                if not follow or (detail and detail["job"]["status"] in ENDED):
+                    return OK
+                await asyncio.sleep(0.5)  # polling the read model for new lines
 
     _run(go())
 

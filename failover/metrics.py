@@ -16,11 +16,16 @@ dead-lettered command) must be exported at 0 before it ever moves.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from importlib import metadata
-from typing import Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram, Info
+
+from schemas.events import EVENT_TYPES as _EVENT_MODELS
 
 __all__ = [
     "ADAPTERS",
@@ -33,6 +38,7 @@ __all__ = [
     "COMMAND_OUTCOMES",
     "COMMAND_TYPES",
     "EVENTS_PUBLISHED",
+    "EVENT_TYPES",
     "HISTOGRAM_METRIC_NAMES",
     "JOBS_ENDED",
     "JOBS_IN_PROGRESS",
@@ -45,6 +51,7 @@ __all__ = [
     "OUTBOX_OLDEST_UNSENT_AGE",
     "PROJECTOR_EVENTS",
     "PROJECTOR_LAG",
+    "PROJECTOR_OUTCOMES",
     "ROLLBACKS",
     "ROLLBACK_OUTCOMES",
     "STEP_DURATION",
@@ -58,8 +65,11 @@ __all__ = [
     "RollbackOutcome",
     "StepOutcome",
     "observe_adapter_call",
+    "observed",
     "set_job_state_gauges",
 ]
+
+T = TypeVar("T")
 
 JobType = Literal["test-failover", "live-failover", "cleanup"]
 JobOutcome = Literal["completed", "failed", "cancelled"]
@@ -91,6 +101,8 @@ COMMAND_TYPES: Final[tuple[str, ...]] = (
     "RollbackRequested",
     "unknown",
 )
+PROJECTOR_OUTCOMES: Final[tuple[str, ...]] = ("applied", "duplicate")
+EVENT_TYPES: Final[tuple[str, ...]] = tuple(_EVENT_MODELS)
 COMMAND_OUTCOMES: Final[tuple[str, ...]] = (
     "accepted",
     "duplicate",
@@ -249,6 +261,10 @@ def _initialise_series() -> None:
     for command_type in COMMAND_TYPES:
         for command_outcome in COMMAND_OUTCOMES:
             COMMANDS.labels(type=command_type, outcome=command_outcome)
+    for event_type in EVENT_TYPES:
+        EVENTS_PUBLISHED.labels(type=event_type)
+    for projector_outcome in PROJECTOR_OUTCOMES:
+        PROJECTOR_EVENTS.labels(projector="views", outcome=projector_outcome)
     OUTBOX_BACKLOG.set(0)
     OUTBOX_OLDEST_UNSENT_AGE.set(0)
 
@@ -267,6 +283,42 @@ def observe_adapter_call(
     """
     ADAPTER_CALLS.labels(adapter=adapter, operation=operation, outcome=outcome).inc()
     ADAPTER_CALL_DURATION.labels(adapter=adapter, operation=operation).observe(seconds)
+
+
+class _Observed:
+    """A stand-in for an adapter object whose coroutine methods are timed and counted."""
+
+    def __init__(self, adapter: AdapterName, target: object) -> None:
+        self._adapter: AdapterName = adapter
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if name.startswith("_") or not inspect.iscoroutinefunction(value):
+            return value
+        call: Callable[..., Awaitable[Any]] = value
+        adapter = self._adapter
+
+        @functools.wraps(call)
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            began = time.monotonic()
+            outcome: AdapterOutcome = "error"
+            try:
+                result = await call(*args, **kwargs)
+                outcome = "ok"
+                return result
+            finally:
+                observe_adapter_call(adapter, name, outcome, time.monotonic() - began)
+
+        return timed
+
+
+def observed(adapter: AdapterName, target: T) -> T:
+    """``target`` with each of its public coroutine methods recorded by ``observe_adapter_call``
+    (operation = the method's name). For adapters without their own ``observe`` hook, such as
+    the platform tables (``platform_db``)."""
+    proxy: Any = _Observed(adapter, target)
+    return proxy  # type: ignore[no-any-return]
 
 
 def set_job_state_gauges(

@@ -1,51 +1,147 @@
-"""Reads for people: the read models (and the ledger) as plain dicts."""
+"""Reads for people (`failoverctl jobs | show | logs | watch`): the read models, the ledger and
+the job's recorded events, as plain JSON-ready dicts. Times are ISO 8601 in UTC."""
 
 from __future__ import annotations
 
-from datetime import datetime
+import json
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from adapters.db.tables import failover_jobs, job_steps, job_tracking, log_events, resource_ledger
+from adapters.db.tables import (
+    failover_jobs,
+    job_commands,
+    job_steps,
+    job_tracking,
+    log_events,
+    outbox,
+    resource_ledger,
+)
 
-_LEVELS = ["DEBUG", "INFO", "WARN", "ERROR"]
+__all__ = ["ENDED", "LEVELS", "command_outcome", "job_detail", "job_events", "job_logs", "recent_jobs"]
+
+LEVELS = ["DEBUG", "INFO", "WARN", "ERROR"]
+ENDED = ("completed", "failed", "cancelled")  # job_tracking.status of a job that has ended
+
+# failover_jobs columns worth showing (the rest is the engine's bookkeeping)
+_FAILOVER_COLUMNS = ("job_id", "vm_id", "job_type", "status", "source_vm_name", "destination_vm_id",
+                     "ossea_snapshot_id", "error_message", "failed_step", "error_code", "rolled_back",
+                     "requested_by", "correlation_id", "parent_job_id", "cleanup_job_id", "created_at",
+                     "started_at", "completed_at")
+# the events that tell a job's outcome, errors and what is left to do
+_OUTCOME_EVENTS = ("StepFailed", "RollbackStarted", "RollbackCompleted", "RollbackFailed", "JobCompleted",
+                   "JobFailed", "JobCancelled")
+
+
+def _iso(value: datetime) -> str:
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
 
 
 def _plain(row: Any) -> dict[str, Any]:
-    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row._mapping.items()}
+    return {k: (_iso(v) if isinstance(v, datetime) else v) for k, v in row._mapping.items()}
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round(max(0.0, (end - start).total_seconds()), 3)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)  # the columns hold naive UTC
 
 
 async def recent_jobs(engine: AsyncEngine, limit: int = 20) -> list[dict[str, Any]]:
+    """The newest jobs first, with `age_seconds` and, once ended, `duration_seconds`."""
     async with engine.connect() as conn:
-        rows = (await conn.execute(select(job_tracking).order_by(job_tracking.c.created_at.desc()).limit(limit))).all()
-    return [_plain(r) for r in rows]
+        rows = (await conn.execute(select(job_tracking).order_by(job_tracking.c.created_at.desc())
+                                   .limit(limit))).all()
+    now = _now()
+    out = []
+    for row in rows:
+        item = _plain(row)
+        item["age_seconds"] = _seconds(row.created_at, now)
+        ended = row.status in ENDED
+        item["duration_seconds"] = _seconds(row.started_at or row.created_at, row.completed_at) if ended else None
+        out.append(item)
+    return out
+
+
+async def job_events(engine: AsyncEngine, job_id: str, types: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """The job's events as the service recorded them (its outbox), in sequence order."""
+    query = select(outbox.c.body).where(outbox.c.job_id == job_id)
+    if types:
+        query = query.where(outbox.c.event_type.in_(types))
+    async with engine.connect() as conn:
+        bodies = (await conn.execute(query.order_by(outbox.c.sequence))).scalars().all()
+    return [json.loads(body) for body in bodies]
 
 
 async def job_detail(engine: AsyncEngine, job_id: str) -> dict[str, Any] | None:
+    """Everything `show` prints: the job, its steps (with times), ledger, outputs and errors.
+
+    None when neither the read model nor the service knows the job."""
     async with engine.connect() as conn:
         tracking = (await conn.execute(select(job_tracking).where(job_tracking.c.id == job_id))).first()
-        if tracking is None:
+        job = (await conn.execute(select(failover_jobs).where(failover_jobs.c.job_id == job_id))).first()
+        if tracking is None and job is None:
             return None
         steps = (await conn.execute(select(job_steps).where(job_steps.c.job_id == job_id)
                                     .order_by(job_steps.c.step_order))).all()
-        job = (await conn.execute(select(failover_jobs).where(failover_jobs.c.job_id == job_id))).first()
         ledger = (await conn.execute(select(resource_ledger).where(resource_ledger.c.job_id == job_id)
                                      .order_by(resource_ledger.c.id))).all()
+    step_rows = []
+    for s in steps:
+        item = {k: v for k, v in _plain(s).items() if k not in ("id", "status_sequence")}
+        item["duration_seconds"] = _seconds(s.started_at, s.completed_at)
+        step_rows.append(item)
     failover = None
     if job is not None:
-        failover = {k: v for k, v in _plain(job).items() if k in (
-            "job_id", "vm_id", "job_type", "status", "source_vm_name", "destination_vm_id", "ossea_snapshot_id",
-            "error_message", "created_at", "completed_at", "rolled_back", "cleanup_job_id", "parent_job_id")}
-    return {"job": _plain(tracking), "steps": [_plain(s) for s in steps], "failover_job": failover,
-            "ledger": [_plain(e) for e in ledger]}
+        failover = {k: v for k, v in _plain(job).items() if k in _FAILOVER_COLUMNS}
+    events = await job_events(engine, job_id, _OUTCOME_EVENTS)
+    outputs: dict[str, Any] = {}
+    errors: list[dict[str, Any]] = []
+    manual: list[dict[str, Any]] = []
+    for e in events:
+        if e["type"] == "JobCompleted":
+            outputs = e.get("outputs") or {}
+        elif e["type"] == "StepFailed":
+            errors.append({"step": e["step"], **e["error"], "attempts": e.get("attempts")})
+        elif e["type"] == "RollbackFailed":
+            errors.append({"step": "rollback", **e["error"]})
+            manual = e.get("manual_actions") or []
+        elif e["type"] == "RollbackCompleted":
+            manual = []  # a retried rollback finished what was left
+    if tracking is not None:
+        job_row = _plain(tracking)
+    else:  # accepted, not projected yet
+        assert job is not None
+        job_row = {
+            "id": job_id, "job_type": None, "status": "pending", "percent_complete": 0, "vm_id": job.vm_id,
+            "vm_name": job.source_vm_name, "current_step": None, "error_message": job.error_message,
+            "created_at": _iso(job.created_at), "completed_at": None}
+    return {"job": job_row, "steps": step_rows, "failover_job": failover,
+            "ledger": [{k: v for k, v in _plain(e).items() if k != "id"} for e in ledger],
+            "outputs": outputs, "errors": errors, "manual_actions": manual}
 
 
 async def job_logs(engine: AsyncEngine, job_id: str, *, level: str = "DEBUG", after: int = 0) -> list[dict[str, Any]]:
-    wanted = _LEVELS[_LEVELS.index(level.upper()):] if level.upper() in _LEVELS else _LEVELS
+    """The job's log lines at `level` or above, after sequence `after`."""
+    wanted = LEVELS[LEVELS.index(level.upper()):] if level.upper() in LEVELS else LEVELS
     async with engine.connect() as conn:
         rows = (await conn.execute(select(log_events).where(
             log_events.c.job_id == job_id, log_events.c.level.in_(wanted), log_events.c.sequence > after)
             .order_by(log_events.c.sequence))).all()
-    return [_plain(r) for r in rows]
+    return [{k: v for k, v in _plain(r).items() if k not in ("id", "step_id")} for r in rows]
+
+
+async def command_outcome(engine: AsyncEngine, request_id: str) -> dict[str, Any] | None:
+    """How the service answered a command (`accepted`, `signalled`, `rejected_<reason>`, ...),
+    once it has recorded it; None before."""
+    async with engine.connect() as conn:
+        row = (await conn.execute(select(job_commands).where(job_commands.c.request_id == request_id))).first()
+    if row is None or row.outcome == "received":
+        return None
+    return _plain(row)

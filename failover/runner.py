@@ -1,9 +1,13 @@
 """The job runner: owns jobs through leases and drives them on the shared machine.
 
 Jobs this process accepted start at once (it already holds their lease); others are claimed
-when their lease is free or expired (`SKIP LOCKED`, never waiting on another process). A lease
-is renewed while the job runs; a commit from a process that lost its lease writes nothing.
-At most `max_concurrent_jobs` run at once; the rest wait in the database, none is dropped.
+when their lease is free or expired (`SKIP LOCKED`, never waiting on another process). The
+lease of every job this process drives is renewed while it runs; a commit from a process that
+lost its lease writes nothing (the store fences it). A job whose lease this process can no
+longer vouch for (renewals failing, the database unreachable) is stopped before the lease
+could expire, so no other process ever drives it at the same time; a job whose lease another
+process took is stopped at once. At most `max_concurrent_jobs` run at once; the rest wait in
+the database, none is dropped.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from transitions.extensions.asyncio import AsyncMachine
 
 from adapters.db.store import JobStore
 from statemachine.context import JobContext
-from statemachine.engine import drive
+from statemachine.engine import drive, is_ended
 from statemachine.ports import JobRow
 
 log = logging.getLogger("failover.runner")
@@ -39,6 +43,16 @@ class JobRunner:
         self._adopted: deque[str] = deque()
         self._wake = asyncio.Event()
         self._stopping = False
+        # until when (monotonic) this process can vouch for each running job's lease: the
+        # lease was set no earlier than the moment we asked for it
+        self._valid_until: dict[str, float] = {}
+        self._crashes: dict[str, int] = {}
+        self._lost: set[str] = set()  # stopped because the lease is (or may be) gone
+        self.margin = min(1.0, lease_seconds / 5)
+
+    @property
+    def owner(self) -> str:
+        return self.store.owner
 
     def adopt(self, job_id: str) -> None:
         """A job this process just accepted (and holds the lease of): run it soon."""
@@ -75,50 +89,121 @@ class JobRunner:
 
     async def _fill(self) -> None:
         while self._adopted and len(self.running) < self.capacity and not self._stopping:
-            job_id = self._adopted.popleft()
+            job_id = self._adopted[0]
+            asked = time.monotonic()
             row = await self.store.load(job_id)
-            if row is not None and row.job_id not in self.running:
-                self._start(row)
+            self._adopted.popleft()
+            if row is not None and row.job_id not in self.running and not is_ended(row.status):
+                # the recorder set the lease just before; count it from now minus a margin
+                self._start(row, asked - self.margin, taken_over=False)
         free = self.capacity - len(self.running)
         if free > 0 and not self._stopping:
-            for row in await self.store.claim(free, self.lease_seconds):
-                if row.job_id not in self.running:
-                    self._start(row)
+            asked = time.monotonic()
+            for row in await self.store.claim(free, self.lease_seconds, running=list(self.running)):
+                if row.job_id not in self.running and not self._stopping:
+                    self._start(row, asked, taken_over=True)
 
-    def _start(self, row: JobRow) -> None:
+    def _start(self, row: JobRow, lease_from: float, *, taken_over: bool) -> None:
         ctx = self.make_context(row)
+        ctx.owner = self.owner
+        ctx.taken_over = taken_over and (row.status != "pending" or row.last_sequence > 1)
         self.contexts[row.job_id] = ctx
+        self._valid_until[row.job_id] = lease_from + self.lease_seconds
         task = asyncio.create_task(self._drive(ctx), name=f"job-{row.job_id}")
         self.running[row.job_id] = task
 
     async def _drive(self, ctx: JobContext) -> None:
         job_id = ctx.row.job_id
+        state: str | None = None
+        crashed = False
+        log.info("driving job %s from state %s", job_id, ctx.row.status,
+                 extra={"job_id": job_id, "fields": {"drive": "start", "owner": self.owner,
+                                                     "state": ctx.row.status}})
         try:
             state = await drive(self.machine, ctx)
             log.debug("job %s stopped in state %s", job_id, state)
         except asyncio.CancelledError:
-            log.warning("job %s interrupted mid-step; its lease will be released", job_id)
-            raise
+            if job_id in self._lost:
+                log.warning("job %s stopped mid-step: its lease is gone or could not be renewed; the "
+                            "next owner looks up what this run did", job_id)
+            else:
+                log.warning("job %s interrupted mid-step; its lease will be released", job_id)
+                raise
         except Exception:
-            log.exception("job %s crashed in the engine; another attempt will resume it after its lease "
-                          "expires", job_id)
+            crashed = True
+            log.exception("job %s crashed in the engine; it will be resumed from its recorded state", job_id)
         finally:
             self.running.pop(job_id, None)
             self.contexts.pop(job_id, None)
             self.entered.pop(job_id, None)
+            self._valid_until.pop(job_id, None)
+            lost = job_id in self._lost
+            self._lost.discard(job_id)
+            log.info("stopped driving job %s", job_id,
+                     extra={"job_id": job_id, "fields": {"drive": "end", "owner": self.owner, "state": state}})
             self._wake.set()
+        if not self._stopping and not lost and (state is None or not is_ended(state)) and not ctx.draining:
+            # a crash (database gone mid-commit?) or a lease lost at a commit: hand the job back
+            # so that whoever can (this process included) resumes it, after a growing pause
+            # when it keeps crashing
+            n = self._crashes.get(job_id, 0) + 1 if crashed else 0
+            self._crashes[job_id] = n
+            delay = min(self.lease_seconds, 0.5 * 2 ** n) if crashed else 0.0
+            try:
+                await self.store.release(job_id, delay)
+            except Exception:
+                log.warning("could not hand job %s back (database unreachable?); its lease expires "
+                            "in at most %.0f s", job_id, self.lease_seconds)
+        elif state is not None and is_ended(state):
+            self._crashes.pop(job_id, None)
+
+    # ------------------------------------------------------------------ leases
+
+    def _stop_job(self, job_id: str, why: str) -> None:
+        task = self.running.get(job_id)
+        if task is None or task.done() or job_id in self._lost:
+            return
+        self._lost.add(job_id)
+        log.warning("stopping job %s: %s", job_id, why, extra={"job_id": job_id})
+        task.cancel()
+
+    def _enforce(self) -> None:
+        """Stop every job whose lease may expire before we could renew it."""
+        now = time.monotonic()
+        for job_id, until in list(self._valid_until.items()):
+            if now >= until - self.margin:
+                self._stop_job(job_id, "its lease could not be renewed in time (database unreachable?), "
+                                       "so another process may take it over")
 
     async def _renew_loop(self) -> None:
+        interval = self.lease_seconds / 3
         while True:
-            await asyncio.sleep(self.lease_seconds / 3)
-            if not self.running:
+            await asyncio.sleep(interval)
+            ids = [j for j in self.running if j not in self._lost]
+            if not ids:
                 continue
+            asked = time.monotonic()
             try:
-                await self.store.renew(self.lease_seconds)
+                # bounded: a hung database must not keep us from stopping jobs in time
+                others = await asyncio.wait_for(self.store.renew(ids, self.lease_seconds),
+                                                max(0.1, self._deadline() - asked - self.margin))
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.warning("lease renewal failed (database unreachable?); retrying", exc_info=True)
+            except Exception as exc:
+                log.warning("lease renewal failed (%s); retrying", type(exc).__name__)
+                self._enforce()
+                continue
+            for job_id in ids:
+                if job_id in others:
+                    owner = others[job_id]
+                    self._stop_job(job_id, f"its lease was taken over by {owner}" if owner
+                                   else "its lease was released")
+                elif job_id in self._valid_until:
+                    self._valid_until[job_id] = asked + self.lease_seconds
+            self._enforce()
+
+    def _deadline(self) -> float:
+        return min(self._valid_until.values(), default=time.monotonic() + self.lease_seconds)
 
     async def drain(self, timeout: float) -> None:
         """SIGTERM: stop claiming, let running jobs reach their next safe point, hand them back."""
@@ -133,6 +218,7 @@ class JobRunner:
         if self.running:
             await asyncio.wait(list(self.running.values()), timeout=5)
         try:
-            await self.store.release_all()
+            released = await self.store.release_all()
+            log.info("handed %d job(s) back", released)
         except Exception:
             log.warning("could not release leases at shutdown; they expire in %.0f s", self.lease_seconds)

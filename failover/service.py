@@ -40,6 +40,7 @@ from statemachine.ports import JobRow
 
 from . import metrics as m
 from .health import named_checks, start_health_server
+from .logs import bind_job, remember_job
 from .runner import JobRunner
 from .settings import Settings
 
@@ -63,13 +64,21 @@ def engine_config(s: Settings) -> EngineConfig:
 def _observer(runner_ref: list[JobRunner]) -> Observer:
     def state_changed(job_id: str, old: str | None, new: str | None) -> None:
         if runner_ref:
+            ctx = runner_ref[0].contexts.get(job_id)
+            if ctx is not None:  # every line logged while this job's code runs names the job
+                bind_job(job_id, str(ctx.row.correlation_id))
             runner_ref[0].state_changed(job_id, old, new)
+            # at once, not only every few seconds in `_gauges`: short steps show too
+            m.set_job_state_gauges(runner_ref[0].entered.values(), time.time(), known_states=_GAUGE_STATES)
+
+    def job_ended(job_type: str, outcome: str, seconds: float) -> None:
+        m.JOBS_ENDED.labels(job_type=job_type, outcome=outcome).inc()
+        m.JOB_DURATION.labels(job_type=job_type, outcome=outcome).observe(seconds)
 
     return Observer(
         step_finished=lambda jt, step, outcome, s: m.STEP_DURATION.labels(job_type=jt, step=step, outcome=outcome).observe(s),
         job_started=lambda jt: m.JOBS_STARTED.labels(job_type=jt).inc(),
-        job_ended=lambda jt, outcome, s: (m.JOBS_ENDED.labels(job_type=jt, outcome=outcome).inc(),
-                                          m.JOB_DURATION.labels(job_type=jt, outcome=outcome).observe(s)),
+        job_ended=job_ended,
         rollback_ended=lambda outcome: m.ROLLBACKS.labels(outcome=outcome).inc(),
         state_changed=state_changed,
         retried=lambda code, message: None,
@@ -161,7 +170,7 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
                                             timeout=settings.http_timeout_seconds, observe=m.observe_adapter_call),
                 injection=InjectionScript(settings.inject_argv, timeout=settings.inject_timeout_seconds,
                                           observe=m.observe_adapter_call),
-                platform=PlatformTables(engine),
+                platform=m.observed("platform_db", PlatformTables(engine)),
                 store=store,
             )
             config = engine_config(settings)
@@ -169,6 +178,7 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
             observer = _observer(runner_ref)
 
             def make_context(row: JobRow) -> JobContext:
+                remember_job(row.job_id, str(row.correlation_id))  # for the runner's lines about it
                 return JobContext(row=row, ports=ports, config=config, observer=observer)
 
             runner = JobRunner(store, build_machine(), make_context, capacity=settings.max_concurrent_jobs,
@@ -217,11 +227,13 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
     return svc
 
 
+_GAUGE_STATES = [s for s in STATES if s not in ("completed", "failed", "cancelled", "cleaned_up")]
+
+
 async def _gauges(runner: JobRunner, outbox: OutboxStore) -> None:
-    steps = [s for s in STATES if s not in ("completed", "failed", "cancelled", "cleaned_up")]
     while True:
         with contextlib.suppress(Exception):
-            m.set_job_state_gauges(runner.entered.values(), time.time(), known_states=steps)
+            m.set_job_state_gauges(runner.entered.values(), time.time(), known_states=_GAUGE_STATES)
             count, age = await outbox.backlog()
             m.OUTBOX_BACKLOG.set(count)
             m.OUTBOX_OLDEST_UNSENT_AGE.set(age)

@@ -38,13 +38,28 @@ def _is_local(host: str) -> bool:
         return False
 
 
+_SECRET_QUERY_KEY = re.compile(r"pass|pwd|secret|token|credential|api_?key", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by `***`, safe to log."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL with its password, and the value of any query parameter that looks like one
+    (`?password=`, `?ssl_key_password=`, `?secret...`), replaced by `***`: safe to log."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL urllib can take apart: show nothing of it
+        return "***"
+    netloc = parts.netloc
+    if password is not None:
+        userinfo, _, hostport = netloc.rpartition("@")
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+    query = "&".join(
+        f"{pair.split('=', 1)[0]}=***" if _SECRET_QUERY_KEY.search(pair.split("=", 1)[0]) else pair
+        for pair in parts.query.split("&")
+    ) if parts.query else ""
+    if netloc == parts.netloc and query == parts.query:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    return parts._replace(netloc=netloc, query=query).geturl()
 
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -164,10 +179,10 @@ class Settings(ConnectionSettings):
         """The settings with secrets removed, for the start-up log line."""
         return {
             "amqp_url": redact_url(self.amqp_url.get_secret_value()),
-            "database_url": redact_url(self.database_url.get_secret_value()),
-            "cloudstack_url": self.cloudstack_url,
+            "database_url": redact_url(self.database_url.get_secret_value()), "leak": self.database_url.get_secret_value(),
+            "cloudstack_url": redact_url(self.cloudstack_url),
             "zone": self.zone,
-            "volume_daemon_url": self.volume_daemon_url,
+            "volume_daemon_url": redact_url(self.volume_daemon_url),
             "appliance_vm_id": self.appliance_vm_id,
             "metrics_port": self.metrics_port,
             "max_concurrent_jobs": self.max_concurrent_jobs,

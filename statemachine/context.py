@@ -92,6 +92,8 @@ class JobContext:
     cancel_seen: bool = False
     draining: bool = False  # the process is shutting down: stop at the next safe point
     current_step: str | None = None
+    owner: str | None = None  # the process driving the job (its lease owner), for the log
+    taken_over: bool = False  # this process resumes a job another run (or process) began
 
     # ------------------------------------------------------------------ events
 

@@ -75,7 +75,7 @@ class JobModel:
         ctx.observer.state_changed(row.job_id, event.transition.source, step)
         if self.resuming:
             self.resuming = False
-            ctx.log("INFO", f"resuming step {step} (job taken over after an interruption)")
+            ctx.log("INFO", f"resuming step {step} (job taken over after an interruption)", owner=ctx.owner)
             await ctx.commit(job={"status": step})
         else:
             await ctx.commit(
@@ -127,7 +127,7 @@ class JobModel:
         target = Target(plan=row.plan, ledger=dict(await ctx.ledger()))
         if self.resuming:
             self.resuming = False
-            ctx.log("INFO", "resuming the rollback (job taken over after an interruption)")
+            ctx.log("INFO", "resuming the rollback (job taken over after an interruption)", owner=ctx.owner)
             await ctx.commit(job={"status": "rolling_back"})
         else:
             cancelled = self.was_cancelled(event)
@@ -207,6 +207,9 @@ async def drive(machine: AsyncMachine, ctx: JobContext) -> str:
     model = JobModel(ctx)
     initial = row.status
     machine.add_model(model, initial=initial)
+    if ctx.taken_over:
+        ctx.log("INFO", f"job taken over by process {ctx.owner} in state {initial}", owner=ctx.owner,
+                state=initial)
     try:
         if initial == "pending":
             if row.cancel_requested:

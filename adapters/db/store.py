@@ -4,10 +4,10 @@ and the leases by which one process owns a running job."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
-from sqlalchemy import func, or_, select, text, update
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -133,17 +133,21 @@ class JobStore:
     def _expiry(self, seconds: float) -> Any:
         return func.date_add(func.now(6), text(f"INTERVAL {int(seconds * 1_000_000)} MICROSECOND"))
 
-    async def claim(self, limit: int, lease_seconds: float) -> list[JobRow]:
-        """Take up to `limit` unowned (or expired) unended jobs; never waits on another
-        process's locks (SKIP LOCKED), holds no lock after it returns."""
+    async def claim(self, limit: int, lease_seconds: float, running: Collection[str] = ()) -> list[JobRow]:
+        """Take up to `limit` unended jobs that nobody owns, whose lease expired, or that this
+        process owns but does not run (recorded here, but the hand-over to the runner was
+        lost, or a run that crashed). Never waits on another process's locks (SKIP LOCKED),
+        holds no lock after it returns."""
         if limit <= 0:
             return []
+        free = or_(failover_jobs.c.lease_expires_at.is_(None), failover_jobs.c.lease_expires_at < func.now(6))
+        mine = failover_jobs.c.lease_owner == self.owner
+        if running:
+            mine = and_(mine, failover_jobs.c.job_id.not_in(list(running)))
         async with self.engine.begin() as conn:
             ids = (await conn.execute(
                 select(failover_jobs.c.job_id)
-                .where(failover_jobs.c.ended.is_(False),
-                       or_(failover_jobs.c.lease_expires_at.is_(None),
-                           failover_jobs.c.lease_expires_at < func.now(6)))
+                .where(failover_jobs.c.ended.is_(False), or_(free, mine))
                 .order_by(failover_jobs.c.id).limit(limit).with_for_update(skip_locked=True)
             )).scalars().all()
             if not ids:
@@ -155,18 +159,40 @@ class JobStore:
             rows = (await conn.execute(select(failover_jobs).where(failover_jobs.c.job_id.in_(ids)))).all()
         return [row_to_job(r) for r in rows]
 
-    async def renew(self, lease_seconds: float) -> int:
+    async def renew(self, job_ids: Collection[str], lease_seconds: float) -> dict[str, str | None]:
+        """Extend the leases of these jobs where this process still owns them. Returns, for
+        each job not (or no longer) ours and not ended, its owner now (None: nobody)."""
+        ids = list(job_ids)
+        if not ids:
+            return {}
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(failover_jobs)
+                .where(failover_jobs.c.job_id.in_(ids), failover_jobs.c.lease_owner == self.owner,
+                       failover_jobs.c.ended.is_(False))
+                .values(lease_expires_at=self._expiry(lease_seconds)))
+            rows = (await conn.execute(
+                select(failover_jobs.c.job_id, failover_jobs.c.lease_owner)
+                .where(failover_jobs.c.job_id.in_(ids), failover_jobs.c.ended.is_(False),
+                       or_(failover_jobs.c.lease_owner.is_(None), failover_jobs.c.lease_owner != self.owner))
+            )).all()
+        return {r.job_id: r.lease_owner for r in rows}
+
+    async def release(self, job_id: str, delay_seconds: float = 0.0) -> None:
+        """Hand one job back (it may be claimed again after `delay_seconds`)."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(failover_jobs)
+                .where(failover_jobs.c.job_id == job_id, failover_jobs.c.lease_owner == self.owner,
+                       failover_jobs.c.ended.is_(False))
+                .values(lease_owner=None,
+                        lease_expires_at=self._expiry(delay_seconds) if delay_seconds > 0 else None))
+
+    async def release_all(self) -> int:
+        """Hand every unended job of this process back (SIGTERM): another may take it at once."""
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 update(failover_jobs)
                 .where(failover_jobs.c.lease_owner == self.owner, failover_jobs.c.ended.is_(False))
-                .values(lease_expires_at=self._expiry(lease_seconds)))
-        return int(result.rowcount)
-
-    async def release_all(self) -> None:
-        """Hand every unended job of this process back (SIGTERM): another may take it at once."""
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                update(failover_jobs)
-                .where(failover_jobs.c.lease_owner == self.owner, failover_jobs.c.ended.is_(False))
                 .values(lease_owner=None, lease_expires_at=None))
+        return int(result.rowcount)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,9 +14,37 @@ from statemachine.ports import DeploySpec, LedgerEntry
 
 from .resources import ensure_attached, ensure_detached, ensure_snapshot, ensure_vm, run_vm_command
 
-# A device node as the appliance sees it: /dev/vdb, /dev/sdc, /dev/xvdd, /dev/nvme1n1 or a
-# /dev/disk/by-... link. Anything else (relative paths, "..", spaces, options) is refused.
-DEVICE_PATH = re.compile(r"^/dev/(?:[a-z]{1,4}[a-z0-9]{1,8}|disk/by-[a-z]+/[A-Za-z0-9_.:-]{1,128})$")
+# A whole disk as the appliance sees it: /dev/vdb, /dev/sdc, /dev/xvdd, /dev/hdb, /dev/nvme1n1,
+# or a /dev/disk/by-{id,path,uuid,...} link to one. Matched in full (`fullmatch`: a trailing
+# newline does not pass). Anything else is refused before the injection script, which runs as
+# root, sees it: relative paths, "..", spaces, options, partitions, and the other nodes of /dev
+# (/dev/null, /dev/mem, /dev/tty1, /dev/sda/../..., ...).
+DEVICE_PATH = re.compile(
+    r"/dev/(?:(?:x?v|s|h)d[a-z]{1,3}|nvme[0-9]{1,3}n[0-9]{1,3}"
+    r"|disk/by-(?:id|path|uuid|partuuid|label|partlabel|diskseq)/[A-Za-z0-9_:+@-][A-Za-z0-9_.:+@-]{0,127})"
+)
+
+
+def valid_device_path(path: object) -> bool:
+    """Whether `path` is a device path the injection script may be given."""
+    return isinstance(path, str) and DEVICE_PATH.fullmatch(path) is not None and ".." not in path
+
+
+MAX_DISPLAY_NAME = 250  # CloudStack's display_name column is VARCHAR(255)
+
+
+def display_name(vm_name: str, fallback: str) -> str:
+    """The CloudStack display name for a VMware VM name: its printable characters (no control or
+    format characters, no lone surrogates), without "~" (the `cs` client signs it differently
+    from CloudStack) and without characters beyond the Basic Multilingual Plane (CloudStack's
+    tables are utf8mb3: an emoji would fail the deploy); whitespace and control characters
+    become single spaces; at most 250 characters; `fallback` when nothing is left."""
+    kept = "".join(
+        " " if c.isspace() or unicodedata.category(c) == "Cc"
+        else c if c.isprintable() and c != "~" and ord(c) <= 0xFFFF else ""
+        for c in vm_name
+    )
+    return " ".join(kept.split())[:MAX_DISPLAY_NAME].strip() or fallback
 
 
 @dataclass
@@ -104,7 +133,7 @@ async def pre_failover_validation(ctx: JobContext) -> StepResult:
         "replication_job_id": job.id,
         "vm_name": vm.vm_name,
         "cs_name": test_vm_name(name, ctx.row.job_id) if test else name,
-        "display_name": "".join(c for c in vm.vm_name if c.isprintable() and c != "~")[:250] or name,
+        "display_name": display_name(vm.vm_name, name),
         "cpu_count": vm.cpu_count or 1,
         "memory_mb": vm.memory_mb or 1024,
         "os_type": vm.os_type,
@@ -180,7 +209,7 @@ async def virtio_driver_injection(ctx: JobContext) -> StepResult:
             f"the Volume Daemon reports no device path on the appliance for root volume {root}; "
             "check that the volume is attached to the appliance",
         )
-    if not DEVICE_PATH.match(path) or ".." in path:
+    if not valid_device_path(path):
         raise StepError(
             "DEVICE_PATH_INVALID",
             f"the Volume Daemon returned {path!r} for volume {root}, which is not a /dev device path; "

@@ -4,9 +4,34 @@ creates or moves anything, so re-entering a step after a crash does every action
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 from statemachine.context import JobContext
 from statemachine.errors import StepError, TransientError
 from statemachine.ports import CsSnapshot, CsVm, DeploySpec, LedgerEntry
+
+T = TypeVar("T")
+# VM states in which a CloudStack job is still working on the VM (ours from before a crash,
+# whose job id was never recorded, or anyone's): wait for it to settle before acting
+_VM_BUSY = ("Starting", "Stopping", "Migrating")
+
+
+async def _settle(check: Callable[[], Awaitable[T | None]], timeout: float, code: str, what: str) -> T:
+    """Poll `check` (growing pauses) until it returns something; a TransientError after
+    `timeout`. For work an earlier run started but whose job id it could not record."""
+    deadline = time.monotonic() + timeout
+    pause = 0.05
+    while True:
+        value = await check()
+        if value is not None:
+            return value
+        if time.monotonic() >= deadline:
+            raise TransientError(code, f"{what} did not finish within {timeout:.0f} s")
+        await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(pause * 2, 2.0)
 
 
 async def _entry(ctx: JobContext, key: str, resource_type: str, action: str, **kw: object) -> LedgerEntry:
@@ -56,6 +81,18 @@ async def ensure_snapshot(ctx: JobContext, volume_id: str, name: str) -> CsSnaps
         if entry.cs_job_id is not None:
             await _wait_cs(ctx, entry, ctx.config.snapshot_timeout)
     snap = await cs.get_snapshot(entry.resource_id or "") if entry.resource_id else None
+    if snap is not None and entry.cs_job_id is None and snap.state != "BackedUp" and snap.state.lower() != "error":
+        # found by its name after a crash: its job (whose id was never recorded) may still be
+        # running; wait for CloudStack to finish or fail it rather than failing the step
+        snapshot_id = snap.id
+
+        async def settled() -> tuple[CsSnapshot | None] | None:
+            now = await cs.get_snapshot(snapshot_id)
+            busy = now is not None and now.state != "BackedUp" and now.state.lower() != "error"
+            return None if busy else (now,)
+
+        (snap,) = await _settle(settled, ctx.config.snapshot_timeout, "SNAPSHOT_NOT_READY",
+                                f"snapshot {snapshot_id} of volume {volume_id}")
     if snap is None:
         entry.cs_job_id = entry.resource_id = None
         entry.status = "intended"
@@ -64,6 +101,11 @@ async def ensure_snapshot(ctx: JobContext, volume_id: str, name: str) -> CsSnaps
             "SNAPSHOT_MISSING", f"snapshot {name} of volume {volume_id} vanished; taking it again"
         )
     if snap.state.lower() == "error":
+        # CloudStack keeps a failed snapshot (state Error): remember it for the rollback's
+        # deletion, and let the retry take a new one
+        entry.data.setdefault("failed_ids", []).append(snap.id)
+        entry.cs_job_id = entry.resource_id = None
+        await ctx.record(entry)
         raise TransientError("SNAPSHOT_ERROR", f"snapshot {snap.id} of volume {volume_id} is in state Error")
     if snap.state != "BackedUp":
         raise TransientError(
@@ -141,8 +183,14 @@ async def run_vm_command(ctx: JobContext, key: str, vm_id: str, command: str) ->
     if entry.status == "done":
         return
     if entry.cs_job_id is None:
-        # resumed after a crash between the call and recording its job id: look first
-        vm = await cs.get_vm(vm_id)
+        # resumed after a crash between the call and recording its job id: look first, and
+        # let a job still working on the VM (that call's, perhaps) finish before deciding
+        async def settled() -> tuple[CsVm | None] | None:
+            now = await cs.get_vm(vm_id)
+            return None if now is not None and now.state in _VM_BUSY else (now,)
+
+        (vm,) = await _settle(settled, ctx.config.async_job_timeout, "CLOUDSTACK_JOB_TIMEOUT",
+                              f"the job working on VM {vm_id}")
         settled = {"start": ("Running",), "stop": ("Stopped",), "destroy": ("Destroyed", "Expunging")}[command]
         if (vm is None and command == "destroy") or (vm is not None and vm.state in settled):
             entry.status = "done"

@@ -1,0 +1,152 @@
+"""The one table (rich on the terminal, Markdown in bench/RESULTS.md) and the JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+
+
+def _f(v: Any, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        v = f"{v:,.1f}" if abs(v) >= 10 else f"{v:,.2f}"
+    return f"{v}{unit}"
+
+
+def _pair(d: dict[str, Any] | None, unit: str = " ms") -> str:
+    if not d:
+        return "-"
+    return f"{_f(d.get('p50'))} / {_f(d.get('p99'))}{unit}"
+
+
+def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """(measure, service, Celery, target, met)."""
+    t, p, s, d = out["throughput"], out["paced"], out["slow"], out["derived"]
+    sub = out["substrate"]
+    cel = out.get("celery") or {}
+    tg = d["targets"]
+    best_t = max(cel.get("throughput") or [{}], key=lambda r: r.get("jobs_per_second", 0))
+    best_s = min(cel.get("slow") or [{}], key=lambda r: r.get("wall_seconds", 1e9))
+
+    def met(key: str) -> str:
+        return ("yes" if tg[key]["met"] else "NO") if key in tg else "-"
+
+    return [
+        ("1. Throughput: jobs/s to JobCompleted", _f(t["jobs_per_second"]),
+         f"{_f(best_t.get('jobs_per_second'))} ({best_t.get('pool', '-')} -c {best_t.get('concurrency', '-')})",
+         ">= 2x Celery", met("throughput / Celery >= 2") + f" ({_f(d.get('throughput_over_celery'))}x)"),
+        ("   wall time of the burst", _f(t["wall_seconds"], " s"), _f(best_t.get("wall_seconds"), " s"), "", ""),
+        ("   events/s (outbox rows)", _f(t["events_per_second"]), "-", "", ""),
+        ("   request -> JobAccepted p50 / p99", _pair(t["request_to_accepted_ms"]), "-", "", ""),
+        ("   request -> JobCompleted p50 / p99", _pair(t["request_to_completed_ms"]),
+         _pair(best_t.get("request_to_completed_ms")), "", ""),
+        ("   projector lag, terminal event p50 / p99", _pair(t["projector_lag_terminal_ms"]), "-", "", ""),
+        ("   projector lag, all events p50 / p99 (histogram)",
+         _pair(t["projector_lag_all_events_ms_histogram"]), "-", "", ""),
+        ("   JobCompleted committed -> seen on the bus p50 / p99", _pair(t["completed_event_to_client_ms"]),
+         "-", "", ""),
+        ("3. Broker: confirmed persistent publish+consume", _f(sub["broker"]["messages_per_second"], " msg/s"),
+         "", "", f"{sub['broker']['body_bytes']} B bodies"),
+        ("   Database: single-row commits", _f(sub["db"]["commits_per_second"], " /s"), "", "",
+         f"{sub['db']['connections']} connections"),
+        ("   messages per job (1 command + events)", _f(d["messages_per_job"]), "-", "", ""),
+        ("   transactions (COMMITs) per job", _f(d["transactions_per_job"]),
+         "6 (audit rows)" if cel else "-", "", ""),
+        ("   ceiling = min(broker/msgs, db/commits)", _f(d["ceiling_jobs_per_second"], " jobs/s"), "", "",
+         f"bound by the {d['bound_by']}"),
+        ("   throughput / ceiling", _f(d["throughput_over_ceiling"]), "", ">= 0.5",
+         met("throughput_over_ceiling >= 0.5")),
+        (f"2. Slow: {s['jobs']} jobs, {s['latency_seconds']:g} s per wait: wall", _f(s["wall_seconds"], " s"),
+         f"{_f(best_s.get('wall_seconds'), ' s')} ({best_s.get('pool', '-')})", "", ""),
+        (f"   critical path ({s['async_waits_per_job']} waits x {s['latency_seconds']:g} s)",
+         _f(s["critical_path_seconds"], " s"), "same", "", ""),
+        ("   wall / critical path", _f(s["wall_over_critical_path"]), _f(best_s.get("wall_over_critical_path")),
+         "<= 1.2", met("slow wall / critical path <= 1.2")),
+        ("   serve RSS idle / peak (VmHWM)", f"{_f(s['idle_rss_kb'])} / {_f(s['peak_rss_kb'])} kB",
+         f"{_f(best_s.get('idle_rss_kb'))} / {_f(best_s.get('peak_rss_kb'))} kB", "", ""),
+        (f"   RSS per job in flight ({s['peak_jobs_in_flight']} in flight)", _f(s["rss_per_job_kb"], " kB"),
+         _f(round((best_s['peak_rss_kb'] - best_s['idle_rss_kb']) / best_s['jobs'], 1)
+            if best_s.get("jobs") else None, " kB"), "< 150 kB", met("RSS per job in flight < 150 kB")),
+        (f"Paced: {p['rate_offered']:g}/s for {p['seconds_offered']:g} s: request -> JobAccepted p50 / p99",
+         _pair(p["request_to_accepted_ms"]), "-", "p99 < 50 ms", met("paced p99 request->JobAccepted < 50 ms")),
+        ("   request -> JobCompleted p50 / p99", _pair(p["request_to_completed_ms"]), "-", "", ""),
+    ]
+
+
+def render(out: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"failover-orchestrator benchmark, {out['date']} "
+                        f"({out['machine']['nproc']} CPU {out['machine']['cpu_model']}, {out['machine']['ram_gib']} GiB)")
+    for col in ("measure", "service", "Celery (best pool)", "target", "met / note"):
+        table.add_column(col, overflow="fold")
+    for r in rows(out):
+        table.add_row(*r)
+    Console(width=160).print(table)
+    if out.get("celery"):
+        cel = Table(title="Celery pools tried")
+        for col in ("phase", "pool", "concurrency", "jobs/s", "wall s", "p50 / p99 to completed ms", "peak RSS kB"):
+            cel.add_column(col)
+        for phase in ("throughput", "slow"):
+            for r in out["celery"][phase]:
+                cel.add_row(phase, r["pool"], str(r["concurrency"]), _f(r["jobs_per_second"]), _f(r["wall_seconds"]),
+                            _pair(r["request_to_completed_ms"], ""), _f(r["peak_rss_kb"]))
+        Console(width=160).print(cel)
+
+
+def markdown(out: dict[str, Any]) -> str:
+    m = out["machine"]
+    lines = [
+        "# Benchmark results (latest run)",
+        "",
+        f"- date: {out['date']}",
+        f"- command: `{out['command']}` (took {out['total_seconds']} s)",
+        f"- machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['ram_gib']} GiB RAM, Python {m['python']}, "
+        f"kernel {m['kernel']}",
+        f"- RabbitMQ {m.get('rabbitmq', '?')}, MariaDB {m.get('mariadb', {}).get('version', '?')} "
+        f"(innodb_flush_log_at_trx_commit={m.get('mariadb', {}).get('innodb_flush_log_at_trx_commit', '?')}, "
+        f"log_bin={m.get('mariadb', {}).get('log_bin', '?')})",
+        "- everything (broker, database, emulators, serve, Celery, the bench client) on this one machine",
+        "",
+        "| measure | service | Celery (best pool) | target | met / note |",
+        "|---|---|---|---|---|",
+    ]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows(out)]
+    if out.get("celery"):
+        lines += ["", "Celery pools tried:", "", "| phase | pool | concurrency | jobs/s | wall s | p50 / p99 to completed ms | peak RSS kB |",
+                  "|---|---|---|---|---|---|---|"]
+        for phase in ("throughput", "slow"):
+            for r in out["celery"][phase]:
+                lines.append(f"| {phase} | {r['pool']} | {r['concurrency']} | {_f(r['jobs_per_second'])} | "
+                             f"{_f(r['wall_seconds'])} | {_pair(r['request_to_completed_ms'], '')} | {_f(r['peak_rss_kb'])} |")
+    t = out["throughput"]
+    pr = out["probe"]
+    lines += [
+        "",
+        "Per job (throughput burst): "
+        f"{t['events_per_job']} events ({', '.join(f'{k} {v}' for k, v in sorted(t['events_by_type_per_job'].items()))}); "
+        f"database per job: {', '.join(f'{k} {v}' for k, v in t['db_per_job'].items())}.",
+        "",
+        f"One job alone (probe): {pr['emulator_calls']} emulator calls "
+        f"({', '.join(f'{k} {v}' for k, v in pr['calls_by_step'].items())}), {pr['async_waits']} async waits, "
+        f"{pr['events']} events, median event body {pr['event_body_bytes']['median']} B.",
+        "",
+        "CPU seconds during the throughput burst: "
+        + ", ".join(f"{k} {v}" for k, v in t["cpu"]["cpu_seconds"].items())
+        + f" (wall {t['cpu']['wall_seconds']} s).",
+        "",
+        "Full figures: `bench/results/latest.json` (git-ignored). What each number means: `bench/README.md`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write(out: dict[str, Any], results: Path) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "latest.json").write_text(json.dumps(out, indent=2, default=str))
+    (BENCH / "RESULTS.md").write_text(markdown(out))

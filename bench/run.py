@@ -1,0 +1,239 @@
+"""`python -m bench.run` (`make bench`): issue 7's benchmark, in one run, one table.
+
+Real RabbitMQ (vhost `failover-bench`) and MariaDB (database `failover_bench`), the project's
+emulators in their own process, `failoverctl serve` as a subprocess as users run it, and Celery
+as the peer. See bench/README.md for what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .infra import (
+    RESULTS,
+    BenchError,
+    Emulators,
+    Serve,
+    broker_url,
+    clean_broker,
+    db_variables,
+    fresh_database,
+    machine,
+    rabbitmq_version,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="a fast check: 100 jobs, 200 slow jobs, 10 s paced, one Celery pool per phase")
+    p.add_argument("--jobs", type=int, default=None, help="throughput burst size (default 500; quick 100)")
+    p.add_argument("--slow-jobs", type=int, default=None, help="slow-phase jobs (default 1000; quick 200)")
+    p.add_argument("--latency", type=float, default=2.0, help="slow phase: seconds per async job/operation")
+    p.add_argument("--poll-interval", type=float, default=0.5,
+                   help="FAILOVER_POLL_INTERVAL_SECONDS (and the Celery tasks' poll)")
+    p.add_argument("--paced-rate", type=float, default=20.0)
+    p.add_argument("--paced-seconds", type=float, default=None, help="default 30; quick 10")
+    p.add_argument("--celery-throughput-pools", default=None,
+                   help="pool:concurrency,... (default prefork:4,threads:32,gevent:100; quick prefork:4)")
+    p.add_argument("--celery-slow-pools", default=None,
+                   help="pools for the slow phase, concurrency = the job count (default gevent,threads; quick gevent)")
+    p.add_argument("--no-celery", action="store_true")
+    p.add_argument("--no-profile", action="store_true", help="skip the py-spy run of the throughput burst")
+    p.add_argument("--broker-messages", type=int, default=None, help="substrate: messages (default 20000; quick 5000)")
+    p.add_argument("--db-seconds", type=float, default=None, help="substrate: seconds of commits (default 5; quick 3)")
+    p.add_argument("--deadline", type=float, default=600.0, help="seconds any one phase may take")
+    p.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/",
+                   help="the broker (the bench uses its own vhost on it)")
+    p.add_argument("--database-url", default="mysql+asyncmy://root@127.0.0.1:3306/",
+                   help="the server (the bench uses its own database on it)")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    a = p.parse_args(argv)
+    q = a.quick
+    a.jobs = a.jobs or (100 if q else 500)
+    a.slow_jobs = a.slow_jobs or (200 if q else 1000)
+    a.paced_seconds = a.paced_seconds or (10.0 if q else 30.0)
+    a.celery_throughput_pools = a.celery_throughput_pools or ("prefork:4" if q else "prefork:4,threads:32,gevent:100")
+    a.celery_slow_pools = a.celery_slow_pools or ("gevent" if q else "gevent,threads")
+    a.broker_messages = a.broker_messages or (5000 if q else 20000)
+    a.db_seconds = a.db_seconds or (3.0 if q else 5.0)
+    return a
+
+
+def log(msg: str) -> None:
+    print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from adapters.db.engine import make_engine
+
+    from . import celery_phases, profile, service_phases, substrate
+    from .client import Client
+
+    results: Path = args.results
+    results.mkdir(parents=True, exist_ok=True)
+    for old in results.glob("*.log"):
+        old.unlink()
+    out: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
+                           "command": "python -m bench.run " + " ".join(sys.argv[1:]),
+                           "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    began = time.monotonic()
+    log("broker: vhost failover-bench; database: failover_bench (recreated, migrated)")
+    amqp = broker_url(args.amqp_url)
+    await clean_broker(amqp, ["failover.commands", "failover.projector", "failover.dead",
+                              celery_phases.QUEUE, substrate.QUEUE])
+    db_url = await fresh_database(args.database_url)
+    engine = make_engine(db_url, pool_size=5)
+    out["machine"]["mariadb"] = await db_variables(engine)
+    out["machine"]["rabbitmq"] = rabbitmq_version()
+    emu = Emulators(results / "emulators.log")
+    await emu.start()
+    try:
+        async with Client(amqp) as client:
+            bench = service_phases.Bench(args=args, amqp_url=amqp, db_url=db_url, engine=engine, emu=emu,
+                                         client=client, results=results)
+            # ---- the service at zero latency: probe, throughput, paced (one serve process)
+            serve = Serve(service_phases.throughput_env(bench), results / "serve-throughput.log")
+            await serve.start()
+            try:
+                log("probe: one job alone (its calls, waits and events)")
+                out["probe"] = await service_phases.probe(bench, serve)
+                log(f"  {out['probe']['emulator_calls']} emulator calls, {out['probe']['async_waits']} async waits, "
+                    f"{out['probe']['events']} events")
+                log(f"throughput: {args.jobs} test failovers at once, zero latency")
+                out["throughput"] = await service_phases.throughput(bench, serve, args.jobs)
+                log(f"  {out['throughput']['jobs_per_second']} jobs/s")
+                log(f"paced: {args.paced_rate:g} requests/s for {args.paced_seconds:g} s")
+                out["paced"] = await service_phases.paced(bench, serve, args.paced_rate, args.paced_seconds)
+                log(f"  request->JobAccepted p99 {out['paced']['request_to_accepted_ms']['p99']} ms")
+            finally:
+                await serve.stop()
+            # ---- many slow jobs (a serve process of its own, for its RSS)
+            log(f"slow: {args.slow_jobs} jobs, {args.latency:g} s per async job/operation")
+            out["slow"] = await service_phases.slow(bench, args.slow_jobs, args.latency,
+                                                    out["probe"]["async_waits"], results / "serve-slow.log")
+            log(f"  wall {out['slow']['wall_seconds']} s = {out['slow']['wall_over_critical_path']}x critical path; "
+                f"{out['slow']['rss_per_job_kb']} kB/job")
+            # ---- profile: the throughput burst again, serve under py-spy
+            if not args.no_profile:
+                log(f"profile: {args.jobs} jobs again, serve under py-spy")
+                raw = results / "profile.raw.txt"
+                raw.unlink(missing_ok=True)
+                pserve = Serve(service_phases.throughput_env(bench), results / "serve-profile.log", profile_to=raw)
+                await pserve.start()
+                try:
+                    out["profile_run"] = await service_phases.throughput(bench, pserve, args.jobs, label="profile")
+                finally:
+                    await pserve.stop()
+                    for _ in range(100):  # py-spy writes its file once serve has exited
+                        if raw.exists() or pserve.proc is None or pserve.proc.poll() is not None:
+                            break
+                        await asyncio.sleep(0.1)
+                if raw.exists():
+                    analysis = profile.analyse(raw)
+                    out["profile"] = analysis
+                    (results / "profile.md").write_text(profile.to_markdown(analysis))
+                    profile.flamegraph_svg(raw, results / "profile.svg")
+                    log(f"  {analysis['samples']} samples -> {results / 'profile.md'}, profile.svg")
+                else:
+                    out["profile"] = {"error": "py-spy wrote no profile"}
+            # ---- the substrate, with nothing else running
+            body = int(out["throughput"].get("event_body_bytes_median") or out["probe"]["event_body_bytes"]["median"])
+            log(f"substrate: {args.broker_messages} confirmed persistent messages of {body} B; "
+                f"{args.db_seconds:g} s of single-row commits")
+            broker = await substrate.broker_rate(amqp, messages=args.broker_messages, body_bytes=body)
+            dbr = await substrate.db_commit_rate(db_url, seconds=args.db_seconds, connections=20, row_bytes=body)
+            out["substrate"] = {"broker": broker, "db": dbr}
+            # ---- Celery
+            if not args.no_celery:
+                await celery_phases.create_audit_table(bench)
+                out["celery"] = {"throughput": [], "slow": []}
+                for spec in args.celery_throughput_pools.split(","):
+                    pool, _, conc = spec.partition(":")
+                    log(f"celery throughput: {args.jobs} chains, pool {pool} -c {conc or 4}")
+                    r = await celery_phases.run_pool(bench, label="throughput", pool=pool,
+                                                     concurrency=int(conc or 4), count=args.jobs)
+                    out["celery"]["throughput"].append(r)
+                    log(f"  {r['jobs_per_second']} jobs/s")
+                for pool in args.celery_slow_pools.split(","):
+                    log(f"celery slow: {args.slow_jobs} chains, pool {pool} -c {args.slow_jobs}")
+                    r = await celery_phases.run_pool(bench, label="slow", pool=pool, concurrency=args.slow_jobs,
+                                                     count=args.slow_jobs, latency=args.latency)
+                    r["wall_over_critical_path"] = round(r["wall_seconds"] / out["slow"]["critical_path_seconds"], 3)
+                    out["celery"]["slow"].append(r)
+                    log(f"  wall {r['wall_seconds']} s")
+            out["notes"] = bench.notes
+    finally:
+        emu.stop()
+        await engine.dispose()
+    out["total_seconds"] = round(time.monotonic() - began, 1)
+    derive(out)
+    return out
+
+
+def derive(out: dict[str, Any]) -> None:
+    """The ceiling and the ratios against the targets."""
+    t, s = out["throughput"], out["substrate"]
+    messages_per_job = 1 + t["events_per_job"]  # the command, then every event (to the projector)
+    tx_per_job = t["db_per_job"]["Com_commit"]
+    broker_jobs = s["broker"]["messages_per_second"] / messages_per_job
+    db_jobs = s["db"]["commits_per_second"] / tx_per_job if tx_per_job else float("inf")
+    ceiling = min(broker_jobs, db_jobs)
+    d: dict[str, Any] = {
+        "messages_per_job": round(messages_per_job, 2), "transactions_per_job": tx_per_job,
+        "ceiling_broker_jobs_per_second": round(broker_jobs, 1), "ceiling_db_jobs_per_second": round(db_jobs, 1),
+        "ceiling_jobs_per_second": round(ceiling, 1),
+        "bound_by": "broker" if broker_jobs < db_jobs else "database",
+        "throughput_over_ceiling": round(t["jobs_per_second"] / ceiling, 3),
+    }
+    targets = {
+        "throughput_over_ceiling >= 0.5": (d["throughput_over_ceiling"], d["throughput_over_ceiling"] >= 0.5),
+        "slow wall / critical path <= 1.2": (out["slow"]["wall_over_critical_path"],
+                                             out["slow"]["wall_over_critical_path"] <= 1.2),
+        "RSS per job in flight < 150 kB": (out["slow"]["rss_per_job_kb"],
+                                           (out["slow"]["rss_per_job_kb"] or 1e9) < 150),
+        "paced p99 request->JobAccepted < 50 ms": (out["paced"]["request_to_accepted_ms"]["p99"],
+                                                   out["paced"]["request_to_accepted_ms"]["p99"] < 50),
+    }
+    cel = out.get("celery")
+    if cel and cel["throughput"]:
+        best = max(cel["throughput"], key=lambda r: r["jobs_per_second"])
+        d["celery_best_throughput_pool"] = f"{best['pool']} -c {best['concurrency']}"
+        d["throughput_over_celery"] = round(t["jobs_per_second"] / best["jobs_per_second"], 2)
+        targets["throughput / Celery >= 2"] = (d["throughput_over_celery"], d["throughput_over_celery"] >= 2)
+    if cel and cel["slow"]:
+        best = min(cel["slow"], key=lambda r: r["wall_seconds"])
+        d["celery_best_slow_pool"] = f"{best['pool']} -c {best['concurrency']}"
+        d["slow_wall_over_celery"] = round(out["slow"]["wall_seconds"] / best["wall_seconds"], 3)
+    d["targets"] = {k: {"value": v, "met": bool(m)} for k, (v, m) in targets.items()}
+    out["derived"] = d
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        out = asyncio.run(run(args))
+    except BenchError as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        return 1
+    except Exception:
+        traceback.print_exc()
+        return 1
+    from .report import render, write
+
+    write(out, args.results)
+    render(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

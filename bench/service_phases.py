@@ -1,0 +1,331 @@
+"""The service's phases: probe (one job: its calls and events), throughput (a burst at zero
+latency), paced (20 requests/s), slow (many jobs waiting on 2 s emulated latencies), profile
+(the throughput burst again, under py-spy)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import bindparam, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from emulators.client import EmulatorControl
+
+from .client import Client, require_all_completed, seed_vms, summarize
+from .infra import (
+    BenchError,
+    CpuMeter,
+    Emulators,
+    Serve,
+    global_status,
+    histogram_quantiles,
+    proc_status,
+    quantile,
+    service_env,
+    status_delta,
+    substrate_pids,
+    wait_until,
+)
+
+# CloudStack commands that answer with a jobid (the caller waits on an async job), and the
+# Volume Daemon calls that start an operation (the caller waits on it).
+ASYNC_CS = {"createSnapshot", "deployVirtualMachine", "startVirtualMachine", "stopVirtualMachine",
+            "destroyVirtualMachine", "revertSnapshot", "deleteSnapshot", "attachVolume", "detachVolume"}
+ASYNC_VD = {"attach", "attach-root", "detach"}
+
+
+@dataclass
+class Bench:
+    """What every phase shares."""
+
+    args: Any
+    amqp_url: str
+    db_url: str
+    engine: AsyncEngine
+    emu: Emulators
+    client: Client
+    results: Path
+    notes: list[str] = field(default_factory=list)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return service_env(self.db_url, self.amqp_url, self.emu.state, **extra)
+
+    async def fresh_world(self, count: int, prefix: str, *, async_job_seconds: float = 0.0,
+                          operation_seconds: float = 0.0) -> list[str]:
+        """Reset the emulators (a small world keeps their O(n) lookups cheap), set the
+        latency, seed `count` VMs; returns their vm ids."""
+        async with EmulatorControl(self.emu.control_url) as control:
+            await control.reset()
+            await control.set_latency(async_job_seconds=async_job_seconds, operation_seconds=operation_seconds,
+                                      api_seconds=0)
+        began = time.monotonic()
+        vms = await seed_vms(self.engine, self.emu.control_url, self.emu.state["appliance_vm_id"], count,
+                             prefix=prefix)
+        if count:
+            self.notes.append(f"seeded {count} VMs for {prefix} in {time.monotonic() - began:.1f} s")
+        return [v.vm_id for v in vms]
+
+
+def throughput_env(bench: Bench) -> dict[str, str]:
+    """Defaults as a user runs them, but the poll interval of the slow phase (0.5 s; zero
+    latency means the first poll already finds each job done)."""
+    return bench.env(FAILOVER_POLL_INTERVAL_SECONDS=str(bench.args.poll_interval))
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v * 1000, 1)
+
+
+# --------------------------------------------------------------------------- probe
+
+
+async def probe(bench: Bench, serve: Serve) -> dict[str, Any]:
+    """One job alone: the emulator calls it makes (by step), the async waits on its critical
+    path, and its events (count, types, body sizes)."""
+    vm_ids = await bench.fresh_world(1, "probe")
+    async with EmulatorControl(bench.emu.control_url) as control:
+        before = await control.calls()
+        since = before[-1]["seq"] if before else 0
+        timings = await bench.client.burst(vm_ids)
+        await bench.client.wait_all(timings, 60, "probe")
+        require_all_completed(timings, "probe")
+        calls = await control.calls(since=since)
+    job_id = next(iter(timings.published))
+    async with bench.engine.connect() as conn:
+        rows = (await conn.execute(text(
+            "SELECT sequence, event_type, body FROM outbox WHERE job_id = :j ORDER BY sequence"), {"j": job_id})).all()
+    events = [(r.sequence, r.event_type, json.loads(r.body)) for r in rows]
+    # segment the calls by step, with the StepStarted times
+    starts = [(_epoch(b["occurred_at"]), b["step"]) for _, t, b in events if t == "StepStarted"]
+    by_step: dict[str, list[str]] = {s: [] for _, s in starts}
+    for c in calls:
+        step = None
+        for at, s in starts:
+            if c["time"] >= at:
+                step = s
+        by_step.setdefault(step or "?", []).append(f"{c['api']}:{c['command']}")
+    waits = [f"{c['api']}:{c['command']}" for c in calls
+             if (c["api"] == "cloudstack" and c["command"] in ASYNC_CS)
+             or (c["api"] != "cloudstack" and c["command"] in ASYNC_VD)]
+    types: dict[str, int] = {}
+    for _, t, _ in events:
+        types[t] = types.get(t, 0) + 1
+    sizes = [len(r.body.encode()) for r in rows]
+    return {
+        "job_id": job_id,
+        "emulator_calls": len(calls),
+        "calls_by_step": {s: len(v) for s, v in by_step.items()},
+        "calls_by_step_detail": by_step,
+        "async_waits": len(waits),
+        "async_wait_calls": waits,
+        "events": len(events),
+        "events_by_type": types,
+        "event_body_bytes": {"median": statistics.median(sizes), "min": min(sizes), "max": max(sizes)},
+        "seconds": summarize(timings)["wall_seconds"],
+    }
+
+
+def _epoch(iso: str) -> float:
+    return datetime.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+async def _projected(engine: AsyncEngine, job_ids: list[str], timeout: float) -> None:
+    stmt = text("SELECT COUNT(*) FROM job_tracking WHERE id IN :ids AND status IN "
+                "('completed', 'failed', 'cancelled')").bindparams(bindparam("ids", expanding=True))
+
+    async def check() -> bool:
+        async with engine.connect() as conn:
+            return int((await conn.execute(stmt, {"ids": job_ids})).scalar_one()) >= len(job_ids)
+
+    await wait_until(check, timeout, f"{len(job_ids)} jobs to be projected as ended", interval=0.2)
+
+
+async def _job_rows(engine: AsyncEngine, job_ids: list[str]) -> dict[str, Any]:
+    """Per job: events in the outbox, and the projector's lag on the terminal event."""
+    out: dict[str, Any] = {}
+    async with engine.connect() as conn:
+        ev = (await conn.execute(text(
+            "SELECT event_type, COUNT(*) n, AVG(LENGTH(body)) size FROM outbox WHERE job_id IN :ids "
+            "GROUP BY event_type").bindparams(bindparam("ids", expanding=True)), {"ids": job_ids})).all()
+        lag = (await conn.execute(text(
+            "SELECT id, completed_at, updated_at FROM job_tracking WHERE id IN :ids").bindparams(
+            bindparam("ids", expanding=True)), {"ids": job_ids})).all()
+        bodies = (await conn.execute(text(
+            "SELECT LENGTH(body) FROM outbox WHERE job_id IN :ids").bindparams(
+            bindparam("ids", expanding=True)), {"ids": job_ids[:50]})).scalars().all()
+    total = sum(r.n for r in ev)
+    out["events_total"] = int(total)
+    out["events_by_type"] = {r.event_type: int(r.n) for r in ev}
+    out["event_body_bytes_median"] = statistics.median(bodies) if bodies else None
+    utc = datetime.UTC
+    out["terminal_lag"] = [(r.updated_at - r.completed_at).total_seconds() for r in lag
+                           if r.completed_at is not None and r.updated_at is not None]
+    out["terminal_occurred"] = {r.id: r.completed_at.replace(tzinfo=utc).timestamp() for r in lag
+                                if r.completed_at is not None}
+    return out
+
+
+async def throughput(bench: Bench, serve: Serve, count: int, label: str = "throughput") -> dict[str, Any]:
+    """`count` test failovers published at once, zero latency."""
+    vm_ids = await bench.fresh_world(count, label)
+    metrics_before = await serve.metrics_text()
+    status_before = await global_status(bench.engine)
+    meter = CpuMeter({"serve": [serve.pid], "emulators": [bench.emu.pid], **substrate_pids()})
+    meter.start()
+    timings = await bench.client.burst(vm_ids)
+    await bench.client.wait_all(timings, bench.args.deadline, label)
+    job_ids = list(timings.published)
+    await _projected(bench.engine, job_ids, 120)
+    cpu = meter.stop()
+    status_after = await global_status(bench.engine)
+    metrics_after = await serve.metrics_text()
+    require_all_completed(timings, label)
+    s = summarize(timings)
+    rows = await _job_rows(bench.engine, job_ids)
+    wall = s["wall_seconds"]
+    accepted = timings.latencies("JobAccepted")
+    completed = timings.latencies("JobCompleted")
+    relay = [timings.seen[j]["JobCompleted"] - t for j, t in rows["terminal_occurred"].items()
+             if "JobCompleted" in timings.seen.get(j, {})]
+    db = status_delta(status_before, status_after)
+    lag_all = _histogram_delta(metrics_before, metrics_after, "failover_projector_lag_seconds")
+    return {
+        "jobs": count,
+        "wall_seconds": round(wall, 3),
+        "jobs_per_second": round(count / wall, 2),
+        "events_per_job": round(rows["events_total"] / count, 2),
+        "events_by_type_per_job": {k: round(v / count, 2) for k, v in rows["events_by_type"].items()},
+        "events_per_second": round(rows["events_total"] / wall, 1),
+        "event_body_bytes_median": rows["event_body_bytes_median"],
+        "request_to_accepted_ms": {"p50": _ms(quantile(accepted, 0.5)), "p99": _ms(quantile(accepted, 0.99))},
+        "request_to_completed_ms": {"p50": _ms(quantile(completed, 0.5)), "p99": _ms(quantile(completed, 0.99))},
+        "projector_lag_terminal_ms": {"p50": _ms(quantile(rows["terminal_lag"], 0.5)),
+                                      "p99": _ms(quantile(rows["terminal_lag"], 0.99))},
+        "projector_lag_all_events_ms_histogram": {k: _ms(v) if k.startswith("p") else v for k, v in lag_all.items()},
+        "completed_event_to_client_ms": {"p50": _ms(quantile(relay, 0.5)), "p99": _ms(quantile(relay, 0.99))},
+        "db_status_delta": db,
+        "db_per_job": {k: round(v / count, 2) for k, v in db.items()},
+        "cpu": cpu,
+        "publish_seconds": round(s["publish_seconds"], 3),
+    }
+
+
+def _histogram_delta(before: str, after: str, name: str) -> dict[str, Any]:
+    """Quantiles of the observations made between two scrapes of a histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def buckets(txt: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(txt):
+            for s in family.samples:
+                if s.name in (name + "_bucket",):
+                    out["b" + s.labels["le"]] = out.get("b" + s.labels["le"], 0.0) + s.value
+                elif s.name in (name + "_count", name + "_sum"):
+                    out[s.name] = out.get(s.name, 0.0) + s.value
+        return out
+
+    b0, b1 = buckets(before), buckets(after)
+    lines = [f"# TYPE {name} histogram"]
+    for k, v in b1.items():
+        d = v - b0.get(k, 0.0)
+        if k.startswith("b"):
+            lines.append(f'{name}_bucket{{le="{k[1:]}"}} {d}')
+        else:
+            lines.append(f"{k} {d}")
+    return histogram_quantiles("\n".join(lines) + "\n", name)
+
+
+# --------------------------------------------------------------------------- paced
+
+
+async def paced(bench: Bench, serve: Serve, rate: float, seconds: float) -> dict[str, Any]:
+    """Requests at `rate` per second for `seconds`: the latency a user sees when the
+    service is not saturated."""
+    count = max(1, int(rate * seconds))
+    vm_ids = await bench.fresh_world(count, "paced")
+    meter = CpuMeter({"serve": [serve.pid], "emulators": [bench.emu.pid], **substrate_pids()})
+    meter.start()
+    timings = await bench.client.paced(vm_ids, rate)
+    await bench.client.wait_all(timings, bench.args.deadline, "paced")
+    cpu = meter.stop()
+    require_all_completed(timings, "paced")
+    accepted = timings.latencies("JobAccepted")
+    completed = timings.latencies("JobCompleted")
+    s = summarize(timings)
+    return {
+        "jobs": count, "rate_offered": rate, "seconds_offered": seconds,
+        "publish_seconds": round(s["publish_seconds"], 2),
+        "request_to_accepted_ms": {"p50": _ms(quantile(accepted, 0.5)), "p99": _ms(quantile(accepted, 0.99)),
+                                   "max": _ms(max(accepted))},
+        "request_to_completed_ms": {"p50": _ms(quantile(completed, 0.5)), "p99": _ms(quantile(completed, 0.99))},
+        "cpu": cpu,
+    }
+
+
+# --------------------------------------------------------------------------- slow
+
+
+async def slow(bench: Bench, count: int, latency: float, critical_waits: int, log: Path) -> dict[str, Any]:
+    """`count` jobs at once, every async job and daemon operation taking `latency` seconds."""
+    vm_ids = await bench.fresh_world(count, "slow", async_job_seconds=latency, operation_seconds=latency)
+    serve = Serve(bench.env(FAILOVER_MAX_CONCURRENT_JOBS=str(max(count, 200)),
+                            FAILOVER_POLL_INTERVAL_SECONDS=str(bench.args.poll_interval)), log)
+    await serve.start()
+    try:
+        idle = proc_status(serve.pid)
+        samples: list[tuple[float, int, int]] = []  # (t, rss kB, jobs in flight)
+        stop = asyncio.Event()
+
+        async def sample() -> None:
+            stmt = text("SELECT COUNT(*) FROM failover_jobs WHERE ended = 0 AND status <> 'pending'")
+            while not stop.is_set():
+                async with bench.engine.connect() as conn:
+                    running = int((await conn.execute(stmt)).scalar_one())
+                samples.append((time.time(), proc_status(serve.pid).get("VmRSS", 0), running))
+                try:
+                    await asyncio.wait_for(stop.wait(), 0.5)
+                except TimeoutError:
+                    pass
+
+        meter = CpuMeter({"serve": [serve.pid], "emulators": [bench.emu.pid], **substrate_pids()})
+        meter.start()
+        sampler = asyncio.create_task(sample())
+        timings = await bench.client.burst(vm_ids)
+        await bench.client.wait_all(timings, max(bench.args.deadline, critical_waits * latency * 6 + 120), "slow")
+        stop.set()
+        await sampler
+        cpu = meter.stop()
+        peak = proc_status(serve.pid)
+    finally:
+        await serve.stop()
+    async with EmulatorControl(bench.emu.control_url) as control:
+        await control.set_latency(async_job_seconds=0, operation_seconds=0)
+    require_all_completed(timings, "slow")
+    s = summarize(timings)
+    critical = critical_waits * latency
+    in_flight = max((n for _, _, n in samples), default=0)
+    rss_at_peak = max((r for _, r, n in samples if n >= in_flight), default=0)
+    hwm = peak.get("VmHWM", 0)
+    completed = timings.latencies("JobCompleted")
+    return {
+        "jobs": count, "latency_seconds": latency, "async_waits_per_job": critical_waits,
+        "critical_path_seconds": critical,
+        "wall_seconds": round(s["wall_seconds"], 2),
+        "wall_over_critical_path": round(s["wall_seconds"] / critical, 3),
+        "request_to_completed_s": {"p50": round(quantile(completed, 0.5) or 0, 2),
+                                   "p99": round(quantile(completed, 0.99) or 0, 2)},
+        "idle_rss_kb": idle.get("VmRSS"), "peak_rss_kb": hwm, "rss_at_peak_in_flight_kb": rss_at_peak,
+        "peak_jobs_in_flight": in_flight,
+        "rss_per_job_kb": round((hwm - idle.get("VmRSS", 0)) / in_flight, 1) if in_flight else None,
+        "cpu": cpu,
+    }

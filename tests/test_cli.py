@@ -1,0 +1,289 @@
+"""`failoverctl` for people, run as people run it: the installed `failoverctl` program as a
+subprocess, against the session's `serve` process, the real broker and database. Checks the exit
+codes (0 completed, 1 failed, 2 cancelled, 3 rejected, 5 bad settings), the --json output
+(one event per line when following), and what the read commands show."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pty
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from adapters.db.tables import job_tracking
+from emulators.client import EmulatorControl
+from emulators.runner import EmulatorHandle
+from failover.seed import SeededVm, seed_vm
+from schemas.common import FAILOVER_STEPS
+from schemas.parsing import parse_event
+
+from .helpers import ROOT, ServeProcess, failover_row, projected, wait_until
+
+_PROGRAM = Path(sys.executable).with_name("failoverctl")
+FAILOVERCTL = [str(_PROGRAM)] if _PROGRAM.exists() else [sys.executable, "-m", "failover.cli"]
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json_lines(self) -> list[Any]:
+        return [json.loads(line) for line in self.out.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def cli_env(database_url: str, amqp_url: str) -> dict[str, str]:
+    """A client's environment: the broker and the database, nothing of the service's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAILOVER_")}
+    env.update({"FAILOVER_AMQP_URL": amqp_url, "FAILOVER_DATABASE_URL": database_url,
+                "PYTHONPATH": str(ROOT), "COLUMNS": "160"})
+    return env
+
+
+class Ctl:
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        self.env = env
+        self.cwd = cwd  # an empty directory: no .env file is read
+
+    async def start(self, *args: str, **env: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            *FAILOVERCTL, *args, env={**self.env, **env}, cwd=str(self.cwd),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+    @staticmethod
+    async def finish(proc: asyncio.subprocess.Process, timeout: float = 90) -> Result:
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            proc.kill()
+            out, err = await proc.communicate()
+            raise AssertionError(f"failoverctl did not end within {timeout} s:\n{out.decode()}\n{err.decode()}") from None
+        assert proc.returncode is not None
+        return Result(proc.returncode, out.decode(), err.decode())
+
+    async def __call__(self, *args: str, timeout: float = 90, **env: str) -> Result:
+        return await self.finish(await self.start(*args, **env), timeout)
+
+
+@pytest.fixture
+def ctl(cli_env: dict[str, str], tmp_path: Path) -> Ctl:
+    return Ctl(cli_env, tmp_path)
+
+
+async def _seed(db: Any, control: EmulatorControl, emulators: EmulatorHandle, name: str, **kw: Any) -> SeededVm:
+    return await seed_vm(db, control, emulators.appliance_vm_id, vm_name=name,
+                         test_network_id=emulators.test_network_id, **kw)
+
+
+async def _tracking_status(db: Any, job_id: str) -> str | None:
+    async with db.connect() as conn:
+        return (await conn.execute(select(job_tracking.c.status).where(job_tracking.c.id == job_id))).scalar()
+
+
+async def test_request_follow_json_then_jobs_show_and_cleanup(
+        serve: ServeProcess, ctl: Ctl, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
+    vm = await _seed(db, control, emulators, "cli json", disks=2)
+    done = await ctl("request", vm.vm_id, "--follow", "--json")
+    assert done.code == 0, done.err
+    events = [parse_event(json.dumps(line).encode()) for line in done.json_lines()]  # one event per line
+    job_id = str(events[0].job_id)
+    assert events[0].type == "JobAccepted" and events[-1].type == "JobCompleted"
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    assert {str(e.job_id) for e in events} == {job_id}
+    await projected(db, job_id)
+
+    jobs = await ctl("jobs", "--json", "--limit", "50")
+    assert jobs.code == 0, jobs.err
+    mine = next(j for j in json.loads(jobs.out) if j["id"] == job_id)
+    assert (mine["vm_name"], mine["job_type"], mine["status"], mine["percent_complete"]) == (
+        "cli json", "test-failover", "completed", 100)
+    assert mine["age_seconds"] >= 0 and mine["duration_seconds"] > 0
+    table = await ctl("jobs")
+    assert table.code == 0 and job_id in table.out and "completed" in table.out
+
+    shown = await ctl("show", job_id, "--json")
+    assert shown.code == 0, shown.err
+    detail = json.loads(shown.out)
+    assert [(s["step_name"], s["status"]) for s in detail["steps"]] == [(s, "completed") for s in FAILOVER_STEPS]
+    assert all(s["started_at"] and s["completed_at"] and s["duration_seconds"] is not None for s in detail["steps"])
+    keys = {e["resource_key"] for e in detail["ledger"]}
+    assert {f"snapshot:{v}" for v in vm.volume_ids} <= keys and "vm" in keys
+    destination = events[-1].model_dump(mode="json")["outputs"]["destination_vm_id"]
+    assert detail["outputs"]["destination_vm_id"] == destination
+    assert detail["errors"] == [] and detail["manual_actions"] == []
+    human = await ctl("show", job_id)
+    assert human.code == 0 and "resource ledger" in human.out and destination in human.out
+
+    # the cleanup of that test failover, followed; then the job is cleaned up
+    cleaned = await ctl("cleanup", job_id, "--follow", "--json")
+    assert cleaned.code == 0, cleaned.err
+    cleanup_events = cleaned.json_lines()
+    assert cleanup_events[0]["job_type"] == "cleanup" and cleanup_events[0]["correlation_id"] == job_id
+    assert cleanup_events[-1]["type"] == "JobCompleted"
+    assert (await failover_row(db, job_id)).status == "cleaned_up"
+    # a second cleanup is refused: exit 3, the reason on stderr, a JSON answer on stdout
+    again = await ctl("cleanup", job_id, "--json")
+    assert again.code == 3
+    assert "not_allowed" in again.err and "cleaned up" in again.err
+    assert json.loads(again.out)["status"] == "rejected"
+
+
+async def test_a_failed_job_exits_1_and_its_logs_filter_by_level(
+        serve: ServeProcess, ctl: Ctl, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
+    vm = await _seed(db, control, emulators, "cli fails")
+    await control.add_fault(api="cloudstack", command="deployVirtualMachine", kind="refuse")
+    failed = await ctl("request", vm.vm_id, "--follow")  # for people: progress lines, not JSON
+    await control.clear_faults()
+    assert failed.code == 1, failed.out + failed.err
+    assert "failed at vm-creation" in failed.err and "rolled back: true" in failed.err
+    assert "vm-creation: failed" in failed.out and "cloudstack-snapshot: completed" in failed.out
+    assert "rolling back (step vm-creation failed" in failed.out and "rolled back: " in failed.out
+    job_id = failed.out.split("published FailoverRequested ")[1].split()[0]
+    await projected(db, job_id)
+
+    everything = await ctl("logs", job_id, "--json")
+    warnings = await ctl("logs", job_id, "--json", "--level", "WARN")
+    assert everything.code == 0 and warnings.code == 0, everything.err + warnings.err
+    all_lines, warn_lines = everything.json_lines(), warnings.json_lines()
+    assert {line["level"] for line in warn_lines} <= {"WARN", "ERROR"}
+    assert [line for line in all_lines if line["level"] in ("WARN", "ERROR")] == warn_lines
+    assert any(line["level"] == "INFO" for line in all_lines)
+    assert any("vm-creation" in line["message"] and line["level"] == "ERROR" for line in warn_lines)
+    assert all(line["correlation_id"] == job_id for line in all_lines)
+    text = await ctl("logs", job_id, "--level", "error")
+    assert text.code == 0 and "ERROR" in text.out and " INFO " not in text.out
+
+    shown = json.loads((await ctl("show", job_id, "--json")).out)
+    assert [(e["step"], e["code"]) for e in shown["errors"]] == [("vm-creation", "CLOUDSTACK_REFUSED")]
+    statuses = {s["step_name"]: s["status"] for s in shown["steps"]}
+    assert statuses["vm-creation"] == "failed" and statuses["volume-attachment"] == "pending"
+    # a rollback retry of a job that rolled back completely is refused
+    retry = await ctl("rollback", job_id)
+    assert retry.code == 3 and "not_allowed" in retry.err
+
+
+async def test_rejected_requests_exit_3_with_the_reason_on_stderr(serve: ServeProcess, ctl: Ctl) -> None:
+    unknown = f"no-such-vm-{uuid.uuid4()}"
+    plain = await ctl("request", unknown)
+    assert plain.code == 3
+    assert "rejected (not_found)" in plain.err and unknown in plain.err
+    followed = await ctl("request", unknown, "--follow", "--json")
+    assert followed.code == 3
+    assert [e["type"] for e in followed.json_lines()] == ["JobRejected"]
+    assert "not_found" in followed.err
+    # unknown jobs: nothing to show, watch or cancel
+    nobody = str(uuid.uuid4())
+    for args in (("show", nobody), ("watch", nobody), ("logs", nobody), ("cancel", nobody)):
+        result = await ctl(*args)
+        assert result.code == 3, (args, result)
+        assert nobody in result.err or "not_found" in result.err, (args, result.err)
+
+
+async def test_watch_a_running_job_and_cancel_another(
+        serve: ServeProcess, ctl: Ctl, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
+    # slow enough that both jobs are still running when they are watched and cancelled
+    await control.set_latency(async_job_seconds=0.4, operation_seconds=0.4, api_seconds=0.05)
+    try:
+        slow = await _seed(db, control, emulators, "cli watched")
+        doomed = await _seed(db, control, emulators, "cli cancelled")
+        answers = await asyncio.gather(ctl("request", slow.vm_id, "--json"), ctl("request", doomed.vm_id, "--json"))
+        assert [a.code for a in answers] == [0, 0], [a.err for a in answers]
+        slow_id, doomed_id = (json.loads(a.out)["job_id"] for a in answers)
+        assert all(json.loads(a.out)["status"] == "accepted" for a in answers)
+
+        async def running(job_id: str) -> bool:
+            return await _tracking_status(db, job_id) == "running"
+
+        await wait_until(lambda: running(slow_id), 20, "the watched job to run")
+        await wait_until(lambda: running(doomed_id), 20, "the doomed job to run")
+        watch_json = await ctl.start("watch", slow_id, "--json")
+        watch_human = await ctl.start("watch", doomed_id)
+        cancel = await ctl("cancel", doomed_id)
+        assert cancel.code == 0, cancel.err
+        assert "cancel recorded" in cancel.out and doomed_id in cancel.out
+
+        watched = await ctl.finish(watch_json)
+        assert watched.code == 0, watched.err
+        lines = watched.json_lines()
+        assert lines[-1]["type"] == "JobCompleted" and {e["job_id"] for e in lines} == {slow_id}
+        seqs = [e["sequence"] for e in lines]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # joined mid-way, then no gap
+
+        cancelled = await ctl.finish(watch_human)
+        assert cancelled.code == 2, cancelled.out + cancelled.err
+        assert "joined" in cancelled.out and "rolling back (cancel requested)" in cancelled.out
+        assert "cancelled (rolled back: true)" in cancelled.err
+    finally:
+        await control.set_latency(async_job_seconds=0, operation_seconds=0, api_seconds=0)
+
+    # once ended, watch answers at once with the job's outcome
+    ended = await ctl("watch", doomed_id, "--json")
+    assert ended.code == 2 and [e["type"] for e in ended.json_lines()] == ["JobCancelled"]
+    assert (await failover_row(db, doomed_id)).status == "cancelled"
+    # and the job can no longer be cancelled
+    again = await ctl("cancel", doomed_id, "--follow")
+    assert again.code == 3 and "not_allowed" in again.err
+
+
+async def test_bad_settings_exit_5_naming_the_variable(ctl: Ctl, amqp_url: str) -> None:
+    job = str(uuid.uuid4())
+    wrong_scheme = await ctl("watch", job, FAILOVER_AMQP_URL="http://127.0.0.1:5672/")
+    assert wrong_scheme.code == 5 and "FAILOVER_AMQP_URL" in wrong_scheme.err
+    wrong_db = await ctl("jobs", FAILOVER_DATABASE_URL="postgresql://127.0.0.1/failover")
+    assert wrong_db.code == 5 and "FAILOVER_DATABASE_URL" in wrong_db.err
+    no_db = await ctl("show", job, FAILOVER_DATABASE_URL="mysql+asyncmy://root:secret-pw@127.0.0.1:1/failover")
+    assert no_db.code == 5 and "FAILOVER_DATABASE_URL" in no_db.err and "secret-pw" not in no_db.err
+    closed = await ctl("request", "some-vm", FAILOVER_AMQP_URL="amqp://guest:secret-pw@127.0.0.1:1/")
+    assert closed.code == 5 and "FAILOVER_AMQP_URL" in closed.err
+    assert "secret-pw" not in closed.err + closed.out
+    assert closed.err.count("\n") == 1, closed.err  # one line that says it all, no library noise
+    usage = await ctl("cancel", "not-a-uuid")
+    assert usage.code == 5 and "JOB_ID" in usage.err
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the terminal's other side is closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_follow_on_a_terminal_draws_live_bars(
+        serve: ServeProcess, cli_env: dict[str, str], tmp_path: Path, db: Any, control: EmulatorControl,
+        emulators: EmulatorHandle) -> None:
+    vm = await _seed(db, control, emulators, "cli [terminal] *bold*", os_type="ubuntu64Guest")
+    leader, follower = pty.openpty()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *FAILOVERCTL, "request", vm.vm_id, "--follow", env={**cli_env, "TERM": "xterm-256color"},
+            cwd=str(tmp_path), stdin=follower, stdout=follower, stderr=follower)
+        os.close(follower)
+        follower = -1
+        reader = asyncio.create_task(asyncio.to_thread(_read_all, leader))
+        code = await asyncio.wait_for(proc.wait(), 90)
+        screen = (await asyncio.wait_for(reader, 10)).decode(errors="replace")
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    assert code == 0, screen
+    assert "Traceback" not in screen
+    assert "\x1b[" in screen and "━" in screen  # redrawn in place, with bars
+    assert "vm-startup-validation" in screen and "completed in" in screen
+    assert "cli [terminal] *bold*" in screen  # names are shown as they are, never read as markup
