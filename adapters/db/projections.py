@@ -1,19 +1,22 @@
 """The read models, folded from the events only (guarantee 6).
 
-A batch of events is applied in one transaction together with the record of which
-(`job_id`, `sequence`) pairs were applied, so a redelivered or re-published event is a
-no-op. Every update is guarded by the sequence of the event that last set the field, so the
-fold gives the same rows whatever order the events arrive in.
+A batch of events is folded in memory, then written with a handful of statements whatever its
+size (one upsert per table), in one transaction together with the record of which
+(`job_id`, `sequence`) pairs were applied, so a redelivered or re-published event is a no-op.
+Every field is guarded by the sequence of the event that set it (`status_sequence`), so the
+rows come out the same whatever order the events arrive in, in one batch or across batches.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, tuple_, update
-from sqlalchemy.dialects.mysql import insert as mysql_insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy import bindparam, select, text, tuple_
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas.events import (
     Event,
@@ -32,11 +35,215 @@ from schemas.events import (
 )
 
 from .engine import utcnow
-from .tables import job_steps, job_tracking, log_events, projected_events
+from .tables import projected_events
+
+# MariaDB evaluates ON DUPLICATE KEY UPDATE assignments left to right, each seeing the ones
+# before: every guarded column is assigned before `status_sequence` itself.
+_NEWER = "VALUES(status_sequence) > status_sequence"
+
+UPSERT_JOBS = text(f"""
+INSERT INTO job_tracking (id, job_type, operation, status, percent_complete, started_at, completed_at,
+    metadata, vm_id, vm_name, correlation_id, requested_by, current_step, error_message, rolled_back,
+    last_sequence, status_sequence, created_at, updated_at)
+VALUES (:id, :job_type, :operation, :status, :percent, :started_at, :completed_at, :metadata, :vm_id,
+    :vm_name, :correlation_id, :requested_by, :current_step, :error_message, :rolled_back, :last_sequence,
+    :status_sequence, :created_at, :updated_at)
+ON DUPLICATE KEY UPDATE
+    job_type = IF(VALUES(job_type) <> '', VALUES(job_type), job_type),
+    operation = IF(VALUES(operation) <> '', VALUES(operation), operation),
+    metadata = COALESCE(VALUES(metadata), metadata),
+    vm_name = COALESCE(VALUES(vm_name), vm_name),
+    requested_by = COALESCE(VALUES(requested_by), requested_by),
+    created_at = IF(VALUES(metadata) IS NOT NULL, VALUES(created_at), created_at),
+    started_at = COALESCE(VALUES(started_at), started_at),
+    percent_complete = GREATEST(percent_complete, VALUES(percent_complete)),
+    last_sequence = GREATEST(last_sequence, VALUES(last_sequence)),
+    status = IF({_NEWER}, VALUES(status), status),
+    current_step = IF({_NEWER}, VALUES(current_step), current_step),
+    completed_at = IF({_NEWER}, COALESCE(VALUES(completed_at), completed_at), completed_at),
+    error_message = IF({_NEWER}, COALESCE(VALUES(error_message), error_message), error_message),
+    rolled_back = IF({_NEWER}, COALESCE(VALUES(rolled_back), rolled_back), rolled_back),
+    updated_at = VALUES(updated_at),
+    status_sequence = GREATEST(status_sequence, VALUES(status_sequence))
+""")
+
+UPSERT_STEPS = text(f"""
+INSERT INTO job_steps (job_id, step_name, step_order, status, started_at, completed_at, error_message,
+    error_code, outputs, status_sequence)
+VALUES (:job_id, :step_name, :step_order, :status, :started_at, :completed_at, :error_message, :error_code,
+    :outputs, :status_sequence)
+ON DUPLICATE KEY UPDATE
+    started_at = COALESCE(started_at, VALUES(started_at)),
+    completed_at = COALESCE(completed_at, VALUES(completed_at)),
+    status = IF({_NEWER}, VALUES(status), status),
+    error_message = IF({_NEWER}, COALESCE(VALUES(error_message), error_message), error_message),
+    error_code = IF({_NEWER}, COALESCE(VALUES(error_code), error_code), error_code),
+    outputs = IF({_NEWER}, COALESCE(VALUES(outputs), outputs), outputs),
+    status_sequence = GREATEST(status_sequence, VALUES(status_sequence))
+""")
+
+INSERT_LOGS = text("""
+INSERT IGNORE INTO log_events (job_id, correlation_id, level, message, fields, timestamp, sequence, step_name)
+VALUES (:job_id, :correlation_id, :level, :message, :fields, :timestamp, :sequence, :step_name)
+""")
+
+LINK_LOG_STEPS = text("""
+UPDATE log_events l JOIN job_steps s ON s.job_id = l.job_id AND s.step_name = l.step_name
+SET l.step_id = s.id
+WHERE l.step_id IS NULL AND l.step_name IS NOT NULL AND l.job_id IN :jobs
+""").bindparams(bindparam("jobs", expanding=True))
 
 
-def _naive(event: Event) -> Any:
-    return event.occurred_at.replace(tzinfo=None)
+def _naive(value: datetime) -> datetime:
+    return value.replace(tzinfo=None)
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, default=str)
+
+
+@dataclass
+class _Job:
+    """One job's row in job_tracking, as this batch says it should become."""
+
+    id: str
+    job_type: str = ""
+    vm_id: str | None = None
+    correlation_id: str | None = None
+    metadata: Any = None
+    vm_name: str | None = None
+    requested_by: str | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    percent: int = 0
+    last_sequence: int = 0
+    status: str = "pending"
+    status_sequence: int = 0
+    current_step: str | None = None
+    completed_at: datetime | None = None
+    error_message: str | None = None
+    rolled_back: bool | None = None
+
+    def status_event(self, seq: int, status: str, current_step: str | None, **extra: Any) -> None:
+        if seq > self.status_sequence:
+            self.status, self.status_sequence, self.current_step = status, seq, current_step
+            self.completed_at = extra.get("completed_at")
+            self.error_message = extra.get("error_message")
+            self.rolled_back = extra.get("rolled_back")
+
+    def row(self, now: datetime) -> dict[str, Any]:
+        return {
+            "id": self.id, "job_type": self.job_type, "operation": self.job_type, "status": self.status,
+            "percent": self.percent, "started_at": self.started_at, "completed_at": self.completed_at,
+            "metadata": _json(self.metadata), "vm_id": self.vm_id, "vm_name": self.vm_name,
+            "correlation_id": self.correlation_id, "requested_by": self.requested_by,
+            "current_step": self.current_step, "error_message": self.error_message,
+            "rolled_back": self.rolled_back, "last_sequence": self.last_sequence,
+            "status_sequence": self.status_sequence, "created_at": self.created_at or now, "updated_at": now,
+        }
+
+
+@dataclass
+class _Step:
+    job_id: str
+    step_name: str
+    step_order: int
+    status: str = "pending"
+    status_sequence: int = 0
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    error_message: str | None = None
+    error_code: str | None = None
+    outputs: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def status_event(self, seq: int, status: str, **values: Any) -> None:
+        if seq > self.status_sequence:
+            self.status, self.status_sequence = status, seq
+            self.error_message = values.get("error_message")
+            self.error_code = values.get("error_code")
+            self.outputs = values.get("outputs")
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id, "step_name": self.step_name, "step_order": self.step_order,
+            "status": self.status, "started_at": self.started_at, "completed_at": self.completed_at,
+            "error_message": self.error_message, "error_code": self.error_code,
+            "outputs": _json(self.outputs), "status_sequence": self.status_sequence,
+        }
+
+
+class _Fold:
+    """The batch's events folded into rows."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, _Job] = {}
+        self.steps: dict[tuple[str, str], _Step] = {}
+        self.logs: list[dict[str, Any]] = []
+
+    def job(self, e: Event) -> _Job:
+        job = self.jobs.get(str(e.job_id))
+        if job is None:
+            job = self.jobs[str(e.job_id)] = _Job(id=str(e.job_id))
+        job.job_type = job.job_type or (e.job_type or "")
+        job.vm_id = job.vm_id or e.vm_id
+        job.correlation_id = job.correlation_id or str(e.correlation_id)
+        job.last_sequence = max(job.last_sequence, e.sequence)
+        return job
+
+    def step(self, job_id: str, name: str, order: int) -> _Step:
+        key = (job_id, name)
+        step = self.steps.get(key)
+        if step is None:
+            step = self.steps[key] = _Step(job_id=job_id, step_name=name, step_order=order)
+        return step
+
+    def add(self, e: Event) -> None:
+        job, seq, at = self.job(e), e.sequence, _naive(e.occurred_at)
+        jid = job.id
+        if isinstance(e, JobAccepted):
+            job.metadata = {"vm_name": e.vm_name, "requested_by": e.requested_by,
+                            "steps": [s.model_dump() for s in e.steps]}
+            job.vm_name, job.requested_by, job.created_at, job.started_at = e.vm_name, e.requested_by, at, at
+            for s in e.steps:
+                self.step(jid, s.name, s.order)
+            job.status_event(seq, "pending", None)
+        elif isinstance(e, StepStarted):
+            step = self.step(jid, e.step, e.step_order)
+            step.started_at = step.started_at or at
+            step.status_event(seq, "running")
+            job.status_event(seq, "running", e.step)
+            job.percent = max(job.percent, e.percent_complete)
+        elif isinstance(e, (StepCompleted, StepSkipped)):
+            step = self.step(jid, e.step, e.step_order)
+            step.completed_at = step.completed_at or at
+            if isinstance(e, StepCompleted):
+                step.status_event(seq, "completed", outputs=e.outputs)
+            else:
+                step.status_event(seq, "skipped", outputs={"reason": e.reason})
+            job.percent = max(job.percent, e.percent_complete)
+        elif isinstance(e, StepFailed):
+            step = self.step(jid, e.step, e.step_order)
+            step.completed_at = step.completed_at or at
+            step.status_event(seq, "failed", error_message=e.error.message, error_code=e.error.code)
+        elif isinstance(e, LogRecorded):
+            self.logs.append({"job_id": jid, "correlation_id": str(e.correlation_id), "level": e.level,
+                              "message": e.message, "fields": _json(e.fields), "timestamp": at,
+                              "sequence": seq, "step_name": e.step})
+        elif isinstance(e, RollbackStarted):
+            job.status_event(seq, "running", "rolling_back")
+        elif isinstance(e, (RollbackCompleted, RollbackFailed)):
+            job.status_event(seq, "running", "rolled_back" if isinstance(e, RollbackCompleted) else
+                             "rollback_failed", rolled_back=isinstance(e, RollbackCompleted))
+        elif isinstance(e, JobCompleted):
+            job.status_event(seq, "completed", None, completed_at=at)
+            job.percent = 100
+        elif isinstance(e, JobFailed):
+            job.status_event(seq, "failed", None, completed_at=at, error_message=e.error.message,
+                             rolled_back=e.rolled_back)
+        elif isinstance(e, JobCancelled):
+            job.status_event(seq, "cancelled", None, completed_at=at, rolled_back=e.rolled_back)
+        # JobRejected: a command that never became a job has no row in the job views
 
 
 class Projections:
@@ -52,107 +259,27 @@ class Projections:
             unique.setdefault((str(e.job_id), e.sequence), e)
         async with self.engine.begin() as conn:
             keys = list(unique)
-            seen = set((await conn.execute(
+            seen = {tuple(r) for r in (await conn.execute(
                 select(projected_events.c.job_id, projected_events.c.sequence)
                 .where(tuple_(projected_events.c.job_id, projected_events.c.sequence).in_(keys))
-            )).tuples().all())
+            )).all()}
             new = [unique[k] for k in keys if k not in seen]
             if new:
                 now = utcnow()
                 await conn.execute(projected_events.insert(), [
                     {"job_id": str(e.job_id), "sequence": e.sequence, "projected_at": now} for e in new])
-                for e in sorted(new, key=lambda e: (str(e.job_id), e.sequence)):
-                    await self._apply(conn, e)
+                fold = _Fold()
+                for e in new:
+                    if e.type != "JobRejected":
+                        fold.add(e)
+                if fold.jobs:
+                    await conn.execute(UPSERT_JOBS, [j.row(now) for j in fold.jobs.values()])
+                if fold.steps:
+                    await conn.execute(UPSERT_STEPS, [s.row() for s in fold.steps.values()])
+                if fold.logs:
+                    await conn.execute(INSERT_LOGS, fold.logs)
+                # a log line may arrive before its step's row: link both ways round
+                jobs = sorted({row["job_id"] for row in fold.logs if row["step_name"]} | {j for j, _ in fold.steps})
+                if jobs:
+                    await conn.execute(LINK_LOG_STEPS, {"jobs": jobs})
         return len(new), len(events) - len(new)
-
-    async def _apply(self, conn: AsyncConnection, e: Event) -> None:
-        job_id, seq, at = str(e.job_id), e.sequence, _naive(e)
-        if isinstance(e, JobAccepted):
-            await self._ensure_job(conn, e, metadata={"vm_name": e.vm_name, "requested_by": e.requested_by,
-                                                      "steps": [s.model_dump() for s in e.steps]})
-            await conn.execute(update(job_tracking).where(job_tracking.c.id == job_id).values(
-                vm_name=e.vm_name, requested_by=e.requested_by, operation=e.job_type or "",
-                job_type=e.job_type or ""))
-            stmt = mysql_insert(job_steps)
-            await conn.execute(stmt.prefix_with("IGNORE"), [
-                {"job_id": job_id, "step_name": s.name, "step_order": s.order, "status": "pending"}
-                for s in e.steps])
-            await self._status(conn, job_id, seq, "pending", started_at=at)
-        elif isinstance(e, StepStarted):
-            await self._ensure_job(conn, e)
-            await self._step(conn, job_id, e.step, e.step_order, seq, "running", started_at=at)
-            await self._status(conn, job_id, seq, "running", current_step=e.step)
-            await self._percent(conn, job_id, e.percent_complete)
-        elif isinstance(e, (StepCompleted, StepSkipped)):
-            await self._ensure_job(conn, e)
-            status = "completed" if isinstance(e, StepCompleted) else "skipped"
-            outputs = e.outputs if isinstance(e, StepCompleted) else {"reason": e.reason}
-            await self._step(conn, job_id, e.step, e.step_order, seq, status, completed_at=at, outputs=outputs)
-            await self._percent(conn, job_id, e.percent_complete)
-        elif isinstance(e, StepFailed):
-            await self._ensure_job(conn, e)
-            await self._step(conn, job_id, e.step, e.step_order, seq, "failed", completed_at=at,
-                             error_message=e.error.message, error_code=e.error.code)
-        elif isinstance(e, LogRecorded):
-            await self._ensure_job(conn, e)
-            step_id = None
-            if e.step:
-                step_id = (await conn.execute(select(job_steps.c.id).where(
-                    job_steps.c.job_id == job_id, job_steps.c.step_name == e.step))).scalar()
-            await conn.execute(mysql_insert(log_events).prefix_with("IGNORE").values(
-                job_id=job_id, step_id=step_id, correlation_id=str(e.correlation_id), level=e.level,
-                message=e.message, fields=e.fields, timestamp=at, sequence=seq, step_name=e.step))
-        elif isinstance(e, (RollbackStarted, RollbackCompleted, RollbackFailed)):
-            await self._ensure_job(conn, e)
-            step = {"RollbackStarted": "rolling_back", "RollbackCompleted": "rolled_back",
-                    "RollbackFailed": "rollback_failed"}[e.type]
-            await self._status(conn, job_id, seq, "running", current_step=step,
-                               rolled_back=None if isinstance(e, RollbackStarted) else isinstance(e, RollbackCompleted))
-        elif isinstance(e, JobCompleted):
-            await self._ensure_job(conn, e)
-            await self._status(conn, job_id, seq, "completed", completed_at=at, current_step=None)
-            await self._percent(conn, job_id, 100)
-        elif isinstance(e, JobFailed):
-            await self._ensure_job(conn, e)
-            await self._status(conn, job_id, seq, "failed", completed_at=at, error_message=e.error.message,
-                               rolled_back=e.rolled_back)
-        elif isinstance(e, JobCancelled):
-            await self._ensure_job(conn, e)
-            await self._status(conn, job_id, seq, "cancelled", completed_at=at, rolled_back=e.rolled_back)
-        await conn.execute(update(job_tracking).where(job_tracking.c.id == job_id).values(
-            last_sequence=func.greatest(job_tracking.c.last_sequence, seq), updated_at=utcnow()))
-
-    async def _ensure_job(self, conn: AsyncConnection, e: Event, metadata: dict[str, Any] | None = None) -> None:
-        now = utcnow()
-        stmt = mysql_insert(job_tracking).prefix_with("IGNORE").values(
-            id=str(e.job_id), job_type=e.job_type or "", operation=e.job_type or "", status="pending",
-            percent_complete=0, metadata=metadata, vm_id=e.vm_id, correlation_id=str(e.correlation_id),
-            created_at=_naive(e) if isinstance(e, JobAccepted) else now, updated_at=now)
-        await conn.execute(stmt)
-        if metadata is not None:
-            await conn.execute(update(job_tracking).where(job_tracking.c.id == str(e.job_id)).values(
-                metadata=metadata, created_at=_naive(e)))
-
-    async def _status(self, conn: AsyncConnection, job_id: str, seq: int, status: str, **values: Any) -> None:
-        values = {k: v for k, v in values.items() if v is not None or k == "current_step"}
-        await conn.execute(update(job_tracking).where(
-            job_tracking.c.id == job_id, job_tracking.c.status_sequence < seq).values(
-            status=status, status_sequence=seq, **values))
-
-    async def _percent(self, conn: AsyncConnection, job_id: str, percent: int) -> None:
-        await conn.execute(update(job_tracking).where(job_tracking.c.id == job_id).values(
-            percent_complete=func.greatest(job_tracking.c.percent_complete, percent)))
-
-    async def _step(self, conn: AsyncConnection, job_id: str, step: str, order: int, seq: int, status: str,
-                    **values: Any) -> None:
-        await conn.execute(mysql_insert(job_steps).prefix_with("IGNORE").values(
-            job_id=job_id, step_name=step, step_order=order, status="pending"))
-        stamps = {k: values.pop(k) for k in ("started_at", "completed_at") if k in values}
-        if stamps:  # times are set once, whatever the order of arrival
-            for k, v in stamps.items():
-                await conn.execute(update(job_steps).where(
-                    job_steps.c.job_id == job_id, job_steps.c.step_name == step).values(
-                    {k: func.coalesce(getattr(job_steps.c, k), v)}))
-        await conn.execute(update(job_steps).where(
-            job_steps.c.job_id == job_id, job_steps.c.step_name == step, job_steps.c.status_sequence < seq
-        ).values(status=status, status_sequence=seq, **values))
