@@ -81,9 +81,9 @@ def install() -> None:
     global _INSTALLED
     if _INSTALLED:
         return
-    decode.short_str = short_str  # type: ignore[assignment]
-    decode.timestamp = timestamp  # type: ignore[assignment]
-    decode.field_table = field_table  # type: ignore[assignment]
+    decode.short_str = short_str
+    decode.timestamp = timestamp  # type: ignore[assignment]  # None for an impossible one
+    decode.field_table = field_table
     decode.METHODS["shortstr"] = short_str
     decode.METHODS["timestamp"] = timestamp
     decode.METHODS["table"] = field_table

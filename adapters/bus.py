@@ -19,6 +19,8 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from adapters import amqp_decoding
+
 COMMANDS_EXCHANGE = "failover.commands"
 EVENTS_EXCHANGE = "failover.events"
 DLX_EXCHANGE = "failover.dlx"
@@ -30,6 +32,7 @@ REASON_HEADER = "x-failover-reason"
 
 async def connect(url: str, *, ca_file: str | None = None, name: str = "failover") -> AbstractRobustConnection:
     """A robust connection (it reconnects and restores its channels, queues and consumers)."""
+    amqp_decoding.install()  # a hostile header must not take the connection down (see there)
     kwargs: dict[str, object] = {"client_properties": {"connection_name": name}}
     if url.startswith("amqps://"):
         kwargs["ssl_context"] = ssl.create_default_context(cafile=ca_file)

@@ -21,6 +21,7 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from pamqp import encode as pamqp_encode
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from adapters import amqp_decoding
@@ -36,6 +37,8 @@ log = logging.getLogger("failover.commands")
 amqp_decoding.install()
 
 DELIVERY_COUNT_HEADER = "x-delivery-count"  # set by quorum queues on every redelivery
+_DEFAULT_FRAME_MAX = 131072  # RabbitMQ's default
+_HEADER_ROOM = 4096  # our two headers (<= ~1.3 KB), the other properties, the frame's own bytes
 
 
 def _delivery_count(message: AbstractIncomingMessage) -> int:
@@ -70,6 +73,14 @@ def _text(value: Any) -> str | None:
     if isinstance(value, bytes | bytearray):
         return bytes(value).decode("utf-8", "replace")
     return str(value)
+
+
+def _short(value: Any) -> str | None:
+    """A short-string property (at most 255 bytes of UTF-8), or None."""
+    text = _text(value)
+    if text is None:
+        return None
+    return text.encode("utf-8")[:255].decode("utf-8", "ignore")
 
 
 def _error_reason(exc: BaseException, deliveries: int) -> str:
@@ -173,23 +184,43 @@ class CommandConsumer:
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         """Publish the delivery to `failover.dlx` as it came (body, headers, content type,
-        message id) with the reason added, then ack it. Headers pamqp could not encode again
-        are given up rather than the dead letter."""
+        message id) with the reason added, then ack it.
+
+        The client's headers are given up (and `x-failover-headers-dropped` says so) when they
+        could not be encoded again, or when with ours added they might not fit in one frame: a
+        frame over the broker's `frame_max` would make it close the whole connection, which would
+        redeliver this message and fail again."""
         routing_key = _text(message.routing_key) or ""
-        ours = {REASON_HEADER: reason, "x-original-routing-key": routing_key}
-        headers = {**_publishable(dict(message.headers or {})), **ours}
-        content_type, message_id = _text(message.content_type), _text(message.message_id)
-        for attempt in (headers, {**ours, "x-failover-headers-dropped": True}):
-            dead = aio_pika.Message(body=message.body, headers=attempt, content_type=content_type,
-                                    message_id=message_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-            try:
-                await self.dlx.publish(dead, routing_key=routing_key)
-                break
-            except (TypeError, ValueError, UnicodeError) as exc:  # not encodable: no frame was sent
-                if attempt is not headers:
-                    raise
-                log.warning("the delivery's headers cannot be published again (%s); dead-lettering "
-                            "it without them", exc)
+        ours: dict[str, Any] = {REASON_HEADER: reason, "x-original-routing-key": routing_key}
+        client: dict[str, Any] = _publishable(dict(message.headers or {}))
+        budget = await self._header_budget()
+        try:
+            size: int | None = len(pamqp_encode.field_table(client))
+        except (TypeError, ValueError, UnicodeError, OverflowError):
+            size = None
+        if size is not None and size <= budget:
+            headers = {**client, **ours}
+        else:
+            why = "they cannot be encoded again" if size is None else f"{size} bytes, over {budget}"
+            headers = {**ours, "x-failover-headers-dropped": why}
+            log.warning("dead-lettering a delivery without its headers (%s)", why)
+        await self.dlx.publish(
+            aio_pika.Message(body=message.body, headers=headers, content_type=_short(message.content_type),
+                             message_id=_short(message.message_id),
+                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key="",  # failover.dlx is a fanout; the original key is in a header
+        )
         await message.ack()
         self.count("unknown", "dead_lettered")
         log.warning("command delivery dead-lettered to failover.dead: %s", reason)
+
+    async def _header_budget(self) -> int:
+        """How many bytes the client's headers may take in a dead letter: the connection's
+        negotiated `frame_max`, less room for our headers and the other properties."""
+        frame_max = _DEFAULT_FRAME_MAX
+        try:
+            underlay = await self.dlx.channel.get_underlay_channel()  # type: ignore[attr-defined]
+            frame_max = int(underlay.connection.connection_tune.frame_max) or _DEFAULT_FRAME_MAX
+        except Exception:  # the default is safe enough
+            pass
+        return max(0, frame_max - _HEADER_ROOM)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from transitions.extensions.asyncio import AsyncMachine
 
+from adapters.db.engine import is_connection_error
 from adapters.db.store import JobStore
 from statemachine.context import JobContext
 from statemachine.engine import drive, is_ended
@@ -49,6 +50,8 @@ class JobRunner:
         self._crashes: dict[str, int] = {}
         self._lost: set[str] = set()  # stopped because the lease is (or may be) gone
         self.margin = min(1.0, lease_seconds / 5)
+        self._loop_done: asyncio.Event | None = None  # set when the claiming loop has exited
+        self._renew_task: asyncio.Task[None] | None = None
 
     @property
     def owner(self) -> str:
@@ -66,6 +69,7 @@ class JobRunner:
             self.entered[job_id] = (new, time.time())
 
     async def run(self) -> None:
+        self._loop_done = asyncio.Event()
         renew = asyncio.create_task(self._renew_loop(), name="lease-renewal")
         try:
             while not self._stopping:
@@ -73,8 +77,12 @@ class JobRunner:
                     await self._fill()
                 except asyncio.CancelledError:
                     raise
-                except Exception:
-                    log.exception("claiming jobs failed (database unreachable?); retrying")
+                except Exception as exc:
+                    if is_connection_error(exc):
+                        log.warning("claiming jobs failed: the database is unreachable (%s); retrying",
+                                    type(exc).__name__)
+                    else:
+                        log.exception("claiming jobs failed; retrying")
                     await asyncio.sleep(1.0)
                 self._wake.clear()
                 if self._adopted and len(self.running) < self.capacity:
@@ -84,18 +92,26 @@ class JobRunner:
                 except TimeoutError:
                     pass
         finally:
-            renew.cancel()
-            await asyncio.gather(renew, return_exceptions=True)
+            self._loop_done.set()
+            if not self._stopping:
+                renew.cancel()
+                await asyncio.gather(renew, return_exceptions=True)
+            else:  # keep renewing the jobs still finishing their steps until the drain ends
+                self._renew_task = renew  # cancelled by drain()
 
     async def _fill(self) -> None:
         while self._adopted and len(self.running) < self.capacity and not self._stopping:
             job_id = self._adopted[0]
+            if job_id in self.running:
+                self._adopted.popleft()
+                continue
             asked = time.monotonic()
-            row = await self.store.load(job_id)
+            # the recorder gave this process the lease; take it afresh (the job may have waited
+            # here for capacity), unless another process has claimed it meanwhile
+            row = await self.store.take(job_id, self.lease_seconds)
             self._adopted.popleft()
             if row is not None and row.job_id not in self.running and not is_ended(row.status):
-                # the recorder set the lease just before; count it from now minus a margin
-                self._start(row, asked - self.margin, taken_over=False)
+                self._start(row, asked, taken_over=False)
         free = self.capacity - len(self.running)
         if free > 0 and not self._stopping:
             asked = time.monotonic()
@@ -176,6 +192,20 @@ class JobRunner:
                                        "so another process may take it over")
 
     async def _renew_loop(self) -> None:
+        enforcer = asyncio.create_task(self._enforce_loop(), name="lease-enforcement")
+        try:
+            await self._renewals()
+        finally:
+            enforcer.cancel()
+            await asyncio.gather(enforcer, return_exceptions=True)
+
+    async def _enforce_loop(self) -> None:
+        """Independent of the renewals (which may hang on a dead database): stop in time."""
+        while True:
+            await asyncio.sleep(self.margin / 2)
+            self._enforce()
+
+    async def _renewals(self) -> None:
         interval = self.lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
@@ -184,14 +214,11 @@ class JobRunner:
                 continue
             asked = time.monotonic()
             try:
-                # bounded: a hung database must not keep us from stopping jobs in time
-                others = await asyncio.wait_for(self.store.renew(ids, self.lease_seconds),
-                                                max(0.1, self._deadline() - asked - self.margin))
+                others = await asyncio.wait_for(self.store.renew(ids, self.lease_seconds), self.lease_seconds)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("lease renewal failed (%s); retrying", type(exc).__name__)
-                self._enforce()
                 continue
             for job_id in ids:
                 if job_id in others:
@@ -200,25 +227,32 @@ class JobRunner:
                                    else "its lease was released")
                 elif job_id in self._valid_until:
                     self._valid_until[job_id] = asked + self.lease_seconds
-            self._enforce()
-
-    def _deadline(self) -> float:
-        return min(self._valid_until.values(), default=time.monotonic() + self.lease_seconds)
 
     async def drain(self, timeout: float) -> None:
         """SIGTERM: stop claiming, let running jobs reach their next safe point, hand them back."""
         self._stopping = True
         self._wake.set()
+        began = time.monotonic()
+        loop_done = self._loop_done
+        if loop_done is not None:  # let a claim in progress finish: what it took is released below
+            try:
+                await asyncio.wait_for(loop_done.wait(), timeout)
+            except TimeoutError:
+                pass
         for ctx in self.contexts.values():
             ctx.draining = True
         if self.running:
-            await asyncio.wait(list(self.running.values()), timeout=timeout)
+            await asyncio.wait(list(self.running.values()), timeout=max(0.1, timeout - (time.monotonic() - began)))
         for task in list(self.running.values()):
             task.cancel()  # still mid-step after the drain time: the next owner looks up first
         if self.running:
             await asyncio.wait(list(self.running.values()), timeout=5)
+        renew = self._renew_task
+        if renew is not None:
+            renew.cancel()
+            await asyncio.gather(renew, return_exceptions=True)
         try:
-            released = await self.store.release_all()
+            released = await asyncio.wait_for(self.store.release_all(), 5)
             log.info("handed %d job(s) back", released)
         except Exception:
             log.warning("could not release leases at shutdown; they expire in %.0f s", self.lease_seconds)

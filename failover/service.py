@@ -14,7 +14,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
@@ -100,15 +100,29 @@ class Service:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class _CancelledStepNoise(logging.Filter):
+    """transitions logs an ERROR for every callback that is cancelled; the runner cancels a
+    job's step on purpose (its lease is in doubt, or the drain time is over), and says so."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CancelledError" not in record.getMessage()
+
+
 async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, service: Service | None = None,
                       install_signals: bool = True) -> Service:
     """Run until SIGTERM/SIGINT (or `service.stop` is set), then drain and return."""
     roles = tuple(roles)
+    noise = logging.getLogger("transitions.extensions.asyncio")
+    if not any(isinstance(f, _CancelledStepNoise) for f in noise.filters):
+        noise.addFilter(_CancelledStepNoise())
     svc = service or Service(settings=settings, owner=owner_id(settings), roles=roles)
     svc.roles = roles
     async with AsyncExitStack() as stack:
         engine = make_engine(settings.database_url.get_secret_value(), pool_size=20)
         stack.push_async_callback(engine.dispose)
+        # leases (jobs' and the relay's) on their own small pool: never starved by the commits
+        lease_engine = make_engine(settings.database_url.get_secret_value(), pool_size=2)
+        stack.push_async_callback(lease_engine.dispose)
         connection = await bus.connect(settings.amqp_url.get_secret_value(), ca_file=settings.amqp_ca_file,
                                        name=f"failover {svc.owner}")
         stack.push_async_callback(connection.close)
@@ -119,18 +133,22 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
                 await conn.execute(text("SELECT 1"))
             return True
 
+        async def serving() -> bool:  # queues declared, consumers started (not yet while starting)
+            return svc.ready.is_set() and not svc.stop.is_set()
+
         async def broker_ok() -> bool:
             return not connection.is_closed and connection.connected.is_set()
 
         health = await start_health_server(settings.metrics_host, settings.metrics_port,
-                                           named_checks({"database": db_ok, "broker": broker_ok}))
+                                           named_checks({"database": db_ok, "broker": broker_ok,
+                                                         "serving": serving}))
         stack.push_async_callback(health.close)
         svc.health_port = health.port
 
         tasks: list[asyncio.Task[None]] = []
         relay = None
         if "relay" in roles:
-            relay = OutboxRelay(OutboxStore(engine, svc.owner), topology.events, batch=settings.outbox_batch,
+            relay = OutboxRelay(OutboxStore(engine, svc.owner, lease_engine=lease_engine), topology.events, batch=settings.outbox_batch,
                                 poll_seconds=settings.outbox_poll_seconds, lease_seconds=settings.lease_seconds,
                                 published=lambda t: m.EVENTS_PUBLISHED.labels(type=t).inc())
             svc.relay = relay
@@ -157,7 +175,7 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
         if "orchestrator" in roles:
             http = aiohttp.ClientSession()
             stack.push_async_callback(http.close)
-            store = JobStore(engine, svc.owner, on_outbox=wake)
+            store = JobStore(engine, svc.owner, on_outbox=wake, lease_engine=lease_engine)
             svc.store = store
             ports = Ports(
                 cloudstack=CloudStackAdapter(
@@ -208,18 +226,23 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
         svc.ready.set()
         await svc.stop.wait()
 
-        # ---- drain (guarantee 9): stop taking commands, hand jobs back, flush the outbox
+        # ---- drain (guarantee 9): stop taking commands, hand jobs back, flush the outbox,
+        # all bounded by FAILOVER_DRAIN_SECONDS (plus a few seconds to cancel what is stuck)
         log.info("draining: no new commands; running jobs stop at their next safe point")
         began = time.monotonic()
+
+        def left(floor: float) -> float:
+            return max(floor, settings.drain_seconds - (time.monotonic() - began))
+
         if consumer is not None:
-            await consumer.stop()
+            await _bounded(consumer.stop(), 10.0, "stopping the command consumer")
         if svc.runner is not None:
-            await svc.runner.drain(settings.drain_seconds)
+            await svc.runner.drain(left(1.0))
         if projector is not None:
-            await projector.stop()
+            await _bounded(projector.stop(), 5.0, "stopping the projector")
         if relay is not None:
-            remaining = max(1.0, settings.drain_seconds - (time.monotonic() - began))
-            await relay.flush(remaining)
+            if not await relay.flush(left(2.0)):
+                log.warning("the outbox was not flushed completely; the next relay publishes the rest")
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -228,6 +251,13 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
 
 
 _GAUGE_STATES = [s for s in STATES if s not in ("completed", "failed", "cancelled", "cleaned_up")]
+
+
+async def _bounded(call: Awaitable[object], seconds: float, what: str) -> None:
+    try:
+        await asyncio.wait_for(call, seconds)
+    except Exception as exc:  # the broker may be gone: go on draining
+        log.warning("%s failed (%s); going on", what, type(exc).__name__)
 
 
 async def _gauges(runner: JobRunner, outbox: OutboxStore) -> None:

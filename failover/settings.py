@@ -179,7 +179,7 @@ class Settings(ConnectionSettings):
         """The settings with secrets removed, for the start-up log line."""
         return {
             "amqp_url": redact_url(self.amqp_url.get_secret_value()),
-            "database_url": redact_url(self.database_url.get_secret_value()), "leak": self.database_url.get_secret_value(),
+            "database_url": redact_url(self.database_url.get_secret_value()),
             "cloudstack_url": redact_url(self.cloudstack_url),
             "zone": self.zone,
             "volume_daemon_url": redact_url(self.volume_daemon_url),

@@ -22,6 +22,10 @@ log = logging.getLogger("failover.relay")
 LEASE = "outbox-relay"
 
 
+class PublishFailed(Exception):
+    """Some events of a batch were not confirmed: they are published again."""
+
+
 def to_message(event: OutboxEvent) -> aio_pika.Message:
     return aio_pika.Message(
         body=event.body.encode("utf-8"),
@@ -36,13 +40,15 @@ def to_message(event: OutboxEvent) -> aio_pika.Message:
 
 class OutboxRelay:
     def __init__(self, store: OutboxStore, exchange: AbstractExchange, *, batch: int, poll_seconds: float,
-                 lease_seconds: float, published: Callable[[str], None] = lambda t: None) -> None:
+                 lease_seconds: float, published: Callable[[str], None] = lambda t: None,
+                 confirm_timeout: float = 30.0) -> None:
         self.store = store
         self.exchange = exchange
         self.batch = batch
         self.poll_seconds = poll_seconds
         self.lease_seconds = lease_seconds
         self.published = published
+        self.confirm_timeout = confirm_timeout
         self._wake = asyncio.Event()
         self._stopping = False
         self.is_leader = False
@@ -55,21 +61,42 @@ class OutboxRelay:
     async def _leader(self) -> bool:
         now = time.monotonic()
         if now - self._lease_checked >= self.lease_seconds / 3:
+            self.is_leader = False  # until the database says otherwise
             self.is_leader = await self.store.acquire_leadership(LEASE, self.lease_seconds)
-            self._lease_checked = now
+            self._lease_checked = now  # counted from before the call: conservative
         return self.is_leader
 
     async def publish_once(self) -> int:
-        """Publish one batch of unsent events; returns how many."""
+        """Publish one batch of unsent events; returns how many were confirmed.
+
+        An event is marked sent only once the broker confirmed it. A publish that fails (the
+        broker is gone, the channel closed while the confirm was pending, the message was
+        returned) or is not confirmed within `confirm_timeout` stays in the outbox and goes
+        out again on the next round: never a silent loss, at worst a duplicate, which every
+        consumer drops by (`job_id`, `sequence`)."""
         events = await self.store.unsent(self.batch)
         if not events:
             return 0
-        await asyncio.gather(*(self.exchange.publish(
-            to_message(e), routing_key=f"job.{e.job_id}.{e.event_type}", mandatory=True) for e in events))
-        await self.store.mark_sent([e.id for e in events])
-        for e in events:
-            self.published(e.event_type)
-        return len(events)
+
+        async def one(e: OutboxEvent) -> None:
+            await asyncio.wait_for(self.exchange.publish(
+                to_message(e), routing_key=f"job.{e.job_id}.{e.event_type}", mandatory=True),
+                self.confirm_timeout)
+
+        results = await asyncio.gather(*(one(e) for e in events), return_exceptions=True)
+        confirmed = [e for e, r in zip(events, results, strict=True) if r is None]
+        failed = [r for r in results if r is not None]
+        if confirmed:
+            await self.store.mark_sent([e.id for e in confirmed])
+            for e in confirmed:
+                self.published(e.event_type)
+        if failed:
+            for r in failed:
+                if isinstance(r, asyncio.CancelledError):
+                    raise r
+            raise PublishFailed(f"{len(failed)} of {len(events)} events were not confirmed by the broker "
+                                f"({type(failed[0]).__name__}: {failed[0]}); they stay in the outbox")
+        return len(confirmed)
 
     async def run(self) -> None:
         while not self._stopping:
@@ -78,9 +105,13 @@ class OutboxRelay:
                     continue  # more waiting: no pause
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("outbox relay: publishing failed; retrying (events stay in the outbox)")
-                self._lease_checked = 0.0
+            except Exception as exc:
+                if isinstance(exc, PublishFailed):
+                    log.warning("outbox relay: %s; retrying", exc)
+                else:
+                    log.warning("outbox relay: publishing failed (%s: %s); retrying, the events stay in "
+                                "the outbox", type(exc).__name__, exc)
+                self._lease_checked = 0.0  # the lease may have lapsed meanwhile: check it first
                 await asyncio.sleep(1.0)
             self._wake.clear()
             try:
@@ -88,13 +119,31 @@ class OutboxRelay:
             except TimeoutError:
                 pass
 
-    async def flush(self, timeout: float) -> None:
-        """SIGTERM: publish what is left (if leader), then give the lease up."""
+    async def flush(self, timeout: float) -> bool:
+        """SIGTERM: publish what is left (if leader), then give the lease up so that another
+        relay takes over at once. Bounded by `timeout`; True when nothing was left behind."""
         self._stopping = True
+        self._wake.set()
         deadline = time.monotonic() + timeout
+        flushed = not self.is_leader
         try:
-            while time.monotonic() < deadline and self.is_leader and await self.publish_once():
-                pass
+            while self.is_leader and time.monotonic() < deadline:
+                try:
+                    async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                        if await self._leader() and await self.publish_once() == 0:
+                            flushed = True
+                            break
+                except Exception as exc:  # the broker or the database is gone: the next leader publishes
+                    log.warning("outbox relay: flushing failed (%s); %s", type(exc).__name__,
+                                "retrying" if time.monotonic() < deadline else "giving up")
+                    self._lease_checked = 0.0
+                    await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         finally:
             if self.is_leader:
-                await self.store.release_leadership(LEASE)
+                try:
+                    await asyncio.wait_for(self.store.release_leadership(LEASE), 5)
+                except Exception:
+                    log.warning("outbox relay: could not give the leader lease up; it expires in %.0f s",
+                                self.lease_seconds)
+                self.is_leader = False
+        return flushed

@@ -111,7 +111,11 @@ class ServeProcess:
             except aiohttp.ClientError:
                 return False
 
-        await wait_until(ready, timeout, "serve to be ready", interval=0.1)
+        try:
+            await wait_until(ready, timeout, "serve to be ready", interval=0.1)
+        except BaseException:
+            await self.kill()  # never leave an orphan behind a failed start
+            raise
 
     def log_tail(self, lines: int = 40) -> str:
         try:

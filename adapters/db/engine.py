@@ -10,17 +10,55 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+# The TLS options of a database URL (MySQL Connector / SQLAlchemy spellings), turned into one
+# verifying SSLContext here rather than left to the driver: asyncmy alone would not verify the
+# server for `?ssl=true` without a CA, and a context given in `connect_args` would silently drop
+# a client certificate named in the URL.
+TLS_OPTIONS = ("ssl", "ssl_ca", "ssl_capath", "ssl_cert", "ssl_key", "ssl_cipher", "ssl_check_hostname")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def _last(value: Any) -> str:
+    return str(value[-1] if isinstance(value, tuple | list) else value)
+
+
+def tls_context(options: dict[str, str]) -> ssl.SSLContext | None:
+    """The SSLContext for a database URL's TLS options; None when they ask for no TLS.
+
+    `ssl_ca` / `ssl_capath`: the CA to verify the server with (else the system's CAs);
+    `ssl_cert` + `ssl_key`: a client certificate; `ssl_cipher`; `ssl_check_hostname=false` to
+    accept a certificate for another name (the chain is still verified). `ssl=true` alone means
+    TLS verified against the system's CAs. At least TLS 1.2.
+    """
+    wanted = {k: v for k, v in options.items() if k != "ssl"}
+    if not wanted and options.get("ssl", "").strip().lower() in _FALSE:
+        return None
+    context = ssl.create_default_context(cafile=wanted.get("ssl_ca") or None,
+                                         capath=wanted.get("ssl_capath") or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if wanted.get("ssl_check_hostname", "true").strip().lower() in _FALSE:
+        context.check_hostname = False
+    if wanted.get("ssl_cert"):
+        context.load_cert_chain(wanted["ssl_cert"], keyfile=wanted.get("ssl_key") or None)
+    if wanted.get("ssl_cipher"):
+        context.set_ciphers(wanted["ssl_cipher"])
+    return context
+
 
 def make_engine(url: str, *, pool_size: int = 10, ssl_ca: str | None = None) -> AsyncEngine:
-    """An engine for `url`; its query string goes to the driver (e.g. `unix_socket=`), and
-    `ssl_ca` (or `?ssl_ca=` in the URL) turns TLS on with that CA bundle."""
+    """An engine for `url`; its query string goes to the driver (e.g. `unix_socket=`), except
+    the TLS options (`ssl_ca=`, `ssl_cert=`, `ssl_key=`, ... see `tls_context`), which turn TLS
+    on with a verifying context. `ssl_ca` given here counts as `?ssl_ca=`."""
     parsed = make_url(url)
     query = dict(parsed.query)
+    options = {key: _last(query.pop(key)) for key in TLS_OPTIONS if key in query}
+    if ssl_ca:
+        options["ssl_ca"] = ssl_ca
     connect_args: dict[str, Any] = {}
-    ca = ssl_ca or query.pop("ssl_ca", None)
-    if ca:
-        ctx = ssl.create_default_context(cafile=str(ca))
-        connect_args["ssl"] = ctx
+    if options:
+        context = tls_context(options)
+        if context is not None:
+            connect_args["ssl"] = context
         parsed = parsed.set(query=query)
     return create_async_engine(
         parsed,

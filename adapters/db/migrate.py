@@ -8,7 +8,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
+
+from .engine import make_engine
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -29,7 +30,7 @@ async def ensure_database(url: str) -> None:
         raise ValueError(
             "FAILOVER_DATABASE_URL names no database: add one, e.g. mysql+asyncmy://user@host/failover"
         )
-    server = create_async_engine(parsed.set(database=""))
+    server = make_engine(parsed.set(database="").render_as_string(hide_password=False), pool_size=1)
     try:
         async with server.begin() as conn:
             exists = (

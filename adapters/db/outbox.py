@@ -26,14 +26,15 @@ class OutboxEvent:
 
 
 class OutboxStore:
-    def __init__(self, engine: AsyncEngine, owner: str) -> None:
+    def __init__(self, engine: AsyncEngine, owner: str, *, lease_engine: AsyncEngine | None = None) -> None:
         self.engine = engine
+        self.lease_engine = lease_engine or engine  # the leader lease never waits for a busy pool
         self.owner = owner
 
     async def acquire_leadership(self, name: str, lease_seconds: float) -> bool:
         """Take or keep the named lease; True while this process holds it."""
         expiry = func.date_add(func.now(6), text(f"INTERVAL {int(lease_seconds * 1e6)} MICROSECOND"))
-        async with self.engine.begin() as conn:
+        async with self.lease_engine.begin() as conn:
             stmt = mysql_insert(leases).values(name=name, owner=self.owner, expires_at=expiry)
             free = (leases.c.owner == self.owner) | (leases.c.expires_at < func.now(6))
             await conn.execute(stmt.on_duplicate_key_update(
@@ -43,7 +44,7 @@ class OutboxStore:
         return bool(owner == self.owner)
 
     async def release_leadership(self, name: str) -> None:
-        async with self.engine.begin() as conn:
+        async with self.lease_engine.begin() as conn:
             await conn.execute(update(leases).where(leases.c.name == name, leases.c.owner == self.owner)
                                .values(expires_at=func.now(6)))
 

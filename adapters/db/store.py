@@ -60,8 +60,11 @@ def row_to_job(r: Any) -> JobRow:
 class JobStore:
     """`statemachine.ports.JobStorePort` on MariaDB, fenced by `owner`'s lease."""
 
-    def __init__(self, engine: AsyncEngine, owner: str, on_outbox: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, engine: AsyncEngine, owner: str, on_outbox: Callable[[], None] = lambda: None, *,
+                 lease_engine: AsyncEngine | None = None) -> None:
         self.engine = engine
+        # leases get their own small pool: a renewal must never wait behind the jobs' commits
+        self.lease_engine = lease_engine or engine
         self.owner = owner
         self.on_outbox = on_outbox
         self.transactions = 0  # counted for the benchmark's transactions-per-job figure
@@ -144,7 +147,7 @@ class JobStore:
         mine = failover_jobs.c.lease_owner == self.owner
         if running:
             mine = and_(mine, failover_jobs.c.job_id.not_in(list(running)))
-        async with self.engine.begin() as conn:
+        async with self.lease_engine.begin() as conn:
             ids = (await conn.execute(
                 select(failover_jobs.c.job_id)
                 .where(failover_jobs.c.ended.is_(False), or_(free, mine))
@@ -159,13 +162,28 @@ class JobStore:
             rows = (await conn.execute(select(failover_jobs).where(failover_jobs.c.job_id.in_(ids)))).all()
         return [row_to_job(r) for r in rows]
 
+    async def take(self, job_id: str, lease_seconds: float) -> JobRow | None:
+        """Take (or refresh) the lease of one job this process recorded, unless another
+        process has taken it meanwhile; the job's row when this process owns it now."""
+        free = or_(failover_jobs.c.lease_expires_at.is_(None), failover_jobs.c.lease_expires_at < func.now(6))
+        async with self.lease_engine.begin() as conn:
+            result = await conn.execute(
+                update(failover_jobs)
+                .where(failover_jobs.c.job_id == job_id, failover_jobs.c.ended.is_(False),
+                       or_(failover_jobs.c.lease_owner == self.owner, failover_jobs.c.lease_owner.is_(None), free))
+                .values(lease_owner=self.owner, lease_expires_at=self._expiry(lease_seconds)))
+            if result.rowcount != 1:
+                return None
+            r = (await conn.execute(select(failover_jobs).where(failover_jobs.c.job_id == job_id))).first()
+        return row_to_job(r) if r is not None else None
+
     async def renew(self, job_ids: Collection[str], lease_seconds: float) -> dict[str, str | None]:
         """Extend the leases of these jobs where this process still owns them. Returns, for
         each job not (or no longer) ours and not ended, its owner now (None: nobody)."""
         ids = list(job_ids)
         if not ids:
             return {}
-        async with self.engine.begin() as conn:
+        async with self.lease_engine.begin() as conn:
             await conn.execute(
                 update(failover_jobs)
                 .where(failover_jobs.c.job_id.in_(ids), failover_jobs.c.lease_owner == self.owner,
@@ -180,7 +198,7 @@ class JobStore:
 
     async def release(self, job_id: str, delay_seconds: float = 0.0) -> None:
         """Hand one job back (it may be claimed again after `delay_seconds`)."""
-        async with self.engine.begin() as conn:
+        async with self.lease_engine.begin() as conn:
             await conn.execute(
                 update(failover_jobs)
                 .where(failover_jobs.c.job_id == job_id, failover_jobs.c.lease_owner == self.owner,
@@ -190,7 +208,7 @@ class JobStore:
 
     async def release_all(self) -> int:
         """Hand every unended job of this process back (SIGTERM): another may take it at once."""
-        async with self.engine.begin() as conn:
+        async with self.lease_engine.begin() as conn:
             result = await conn.execute(
                 update(failover_jobs)
                 .where(failover_jobs.c.lease_owner == self.owner, failover_jobs.c.ended.is_(False))

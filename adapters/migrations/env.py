@@ -6,8 +6,8 @@ import asyncio
 
 from alembic import context
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
 
+from adapters.db.engine import make_engine
 from adapters.db.tables import metadata
 
 config = context.config
@@ -21,7 +21,7 @@ def _run(connection: Connection) -> None:
 
 async def _run_async() -> None:
     url = config.attributes.get("url") or config.get_main_option("sqlalchemy.url")
-    engine = create_async_engine(url)
+    engine = make_engine(url, pool_size=1)  # the same TLS and driver options as the service
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run)

@@ -116,6 +116,8 @@ class EventLog:
         self.queue_name = queue_name or f"crash-test-events-{uuid.uuid4().hex[:8]}"
         self.seen: list[Seen] = []
         self.by_job: dict[str, list[Seen]] = defaultdict(list)
+        self._first: dict[str, dict[int, Event]] = defaultdict(dict)  # job -> sequence -> event
+        self._contiguous: dict[str, int] = defaultdict(int)  # job -> n: events 1..n all seen
         self.unreadable = 0
         self._new = asyncio.Event()
         self.connection: AbstractRobustConnection | None = None
@@ -145,14 +147,24 @@ class EventLog:
             self.unreadable += 1
         else:
             seen = Seen(time.time(), event, message.message_id)
+            job = str(event.job_id)
             self.seen.append(seen)
-            self.by_job[str(event.job_id)].append(seen)
+            self.by_job[job].append(seen)
+            first = self._first[job]
+            first.setdefault(event.sequence, event)
+            n = self._contiguous[job]
+            while n + 1 in first:
+                n += 1
+            self._contiguous[job] = n
             self._new.set()
         # a delivery from before a reconnect cannot be acked: it comes again (deduplicated)
         with contextlib.suppress(Exception):
             await message.ack()
 
-    async def wait(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    async def wait(self, predicate: Callable[[], Any], timeout: float, what: str,
+                   every: float = 0.0) -> Any:
+        """Until `predicate()` is true: checked on each new event (at most once per `every`
+        seconds), and at least every quarter second."""
         deadline = time.monotonic() + timeout
         while True:
             value = predicate()
@@ -164,19 +176,23 @@ class EventLog:
             self._new.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._new.wait(), min(remaining, 0.25))
+            if every:
+                await asyncio.sleep(every)
 
     def stream(self, job_id: str) -> list[Event]:
         """The job's events by sequence, each once."""
-        out: dict[int, Event] = {}
-        for s in self.by_job.get(job_id, []):
-            out.setdefault(s.event.sequence, s.event)
-        return [out[k] for k in sorted(out)]
+        first = self._first.get(job_id, {})
+        return [first[k] for k in sorted(first)]
 
     def ended(self, job_id: str) -> Event | None:
-        stream = self.stream(job_id)
-        if stream and stream[-1].type in TERMINAL and list(range(1, len(stream) + 1)) == [
-                e.sequence for e in stream]:
-            return stream[-1]
+        """The job's last event, once every event up to it has been seen and it ends the job."""
+        first = self._first.get(job_id)
+        if not first:
+            return None
+        n = self._contiguous[job_id]
+        last = first.get(n)
+        if last is not None and n == max(first) and last.type in TERMINAL:
+            return last
         return None
 
     def has(self, job_id: str, type_: str, step: str | None = None) -> Seen | None:
@@ -187,8 +203,13 @@ class EventLog:
 
     async def wait_ended(self, job_ids: Iterable[str], timeout: float) -> None:
         ids = list(job_ids)
-        await self.wait(lambda: all(self.ended(j) for j in ids), timeout,
-                        f"{sum(1 for j in ids if not self.ended(j))} of {len(ids)} jobs to end")
+        try:
+            await self.wait(lambda: all(self.ended(j) for j in ids), timeout, "jobs to end",
+                            every=0.05 if len(ids) > 20 else 0.0)
+        except AssertionError:
+            left = [j for j in ids if not self.ended(j)]
+            raise AssertionError(f"timed out after {timeout:.0f} s: {len(left)} of {len(ids)} jobs did not "
+                                 f"end, e.g. {left[:3]}") from None
 
 
 def stream_problems(log: EventLog, job_id: str) -> list[str]:
@@ -408,7 +429,7 @@ def drive_intervals(log_paths: dict[str, Path], killed_at: dict[str, float],
     for name, path in log_paths.items():
         open_: dict[str, float] = {}
         for line in path.read_text(errors="replace").splitlines():
-            if '"drive_' not in line:
+            if '"drive": ' not in line:
                 continue
             try:
                 rec = json.loads(line)
@@ -425,14 +446,33 @@ def drive_intervals(log_paths: dict[str, Path], killed_at: dict[str, float],
     return out
 
 
+def open_drives(path: Path) -> set[str]:
+    """The jobs a process is driving now, from its log."""
+    driving: set[str] = set()
+    for line in path.read_text(errors="replace").splitlines():
+        if '"drive": ' not in line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        what = (rec.get("fields") or {}).get("drive")
+        if what == "start":
+            driving.add(rec.get("job_id"))
+        elif what == "end":
+            driving.discard(rec.get("job_id"))
+    return driving
+
+
 def overlaps(intervals: dict[str, list[tuple[str, float, float]]]) -> list[str]:
     """Jobs driven by two processes at the same time."""
     found = []
     for job, spans in intervals.items():
-        spans = sorted(spans, key=lambda s: s[1])
-        for a, b in zip(spans, spans[1:], strict=False):
-            if a[0] != b[0] and b[1] < a[2]:
-                found.append(f"job {job}: {a[0]} drove it until {a[2]:.3f}, {b[0]} from {b[1]:.3f}")
+        for i, a in enumerate(spans):
+            for b in spans[i + 1:]:
+                if a[0] != b[0] and a[1] < b[2] and b[1] < a[2]:
+                    found.append(f"job {job}: {a[0]} drove it {a[1]:.3f}-{a[2]:.3f}, "
+                                 f"{b[0]} {b[1]:.3f}-{b[2]:.3f}")
     return found
 
 

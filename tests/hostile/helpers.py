@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -205,6 +204,10 @@ def rabbitmqctl_available() -> bool:
     return shutil.which("rabbitmqctl") is not None
 
 
+def rabbitmqctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, check=check)
+
+
 @contextlib.asynccontextmanager
 async def private_stack(database_url: str, amqp_url: str, suffix: str, *, migrate: bool = True
                         ) -> AsyncIterator[Stack]:
@@ -214,10 +217,9 @@ async def private_stack(database_url: str, amqp_url: str, suffix: str, *, migrat
     parts = urlsplit(amqp_url)
     vhost = f"{parts.path.lstrip('/') or 'failover-test'}-{suffix}"
     user = parts.username or "guest"
-    subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True)
-    subprocess.run(["rabbitmqctl", "add_vhost", vhost], capture_output=True, check=True)
-    subprocess.run(["rabbitmqctl", "set_permissions", "-p", vhost, user, ".*", ".*", ".*"],
-                   capture_output=True, check=True)
+    await asyncio.to_thread(rabbitmqctl, "delete_vhost", vhost, check=False)
+    await asyncio.to_thread(rabbitmqctl, "add_vhost", vhost)
+    await asyncio.to_thread(rabbitmqctl, "set_permissions", "-p", vhost, user, ".*", ".*", ".*")
     parsed = make_url(database_url)
     name = f"{parsed.database}_{suffix}"
     server = create_async_engine(parsed.set(database=""))
@@ -233,8 +235,34 @@ async def private_stack(database_url: str, amqp_url: str, suffix: str, *, migrat
         async with server.begin() as conn:
             await conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
         await server.dispose()
-        subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True)
+        await asyncio.to_thread(rabbitmqctl, "delete_vhost", vhost, check=False)
 
 
-def env_without_failover() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("FAILOVER_")}
+async def serving(serve: Any, timeout: float = 30.0) -> None:
+    """Wait until a `serve` process has declared everything and consumes (its "serving" log
+    line): /readyz answers 200 a little earlier, before the command queue exists."""
+    async def logged() -> bool:
+        if serve.proc is not None and serve.proc.returncode is not None:
+            raise AssertionError(f"serve exited with {serve.proc.returncode}: {serve.log_tail()}")
+        try:
+            return '"message": "serving"' in serve.log_path.read_text(errors="replace")
+        except OSError:
+            return False
+
+    await wait_until(logged, timeout, "serve to log that it is serving", interval=0.05)
+
+
+@contextlib.asynccontextmanager
+async def running(serve: Any) -> AsyncIterator[Any]:
+    """A `ServeProcess` started (and killed if it does not get ready), serving, then stopped."""
+    try:
+        await serve.start()
+        await serving(serve)
+    except BaseException:
+        await serve.kill()
+        raise
+    try:
+        yield serve
+    finally:
+        await serve.stop()
+

@@ -117,6 +117,23 @@ async def test_a_timestamp_property_beyond_year_9999_does_not_stop_the_service(
             assert answer.reason == expected
 
 
+async def test_headers_that_just_fit_a_frame_do_not_break_the_dead_letter(
+        serve: ServeProcess, bus: BusClient, watcher: Watcher) -> None:
+    """A client's headers just under the broker's frame_max: with the reason added, a copy
+    would be over it, and the broker would close the service's connection for it."""
+    underlay = await bus.channel.get_underlay_channel()
+    frame_max = int(underlay.connection.connection_tune.frame_max)
+    message_id = await publish_raw(bus.channel, NOT_JSON, headers={"x-pad": "p" * (frame_max - 160)})
+    letter = await watcher.dead_letter(message_id, timeout=15)
+    assert letter.reason.startswith("body is not JSON")
+    assert "x-failover-headers-dropped" in letter.headers and "x-pad" not in letter.headers
+    assert "x-first-death-reason" not in letter.headers
+    # and headers that fit are kept
+    message_id = await publish_raw(bus.channel, NOT_JSON, headers={"x-pad": "p" * (frame_max // 2)})
+    letter = await watcher.dead_letter(message_id, timeout=15)
+    assert len(letter.headers["x-pad"]) == frame_max // 2
+
+
 async def test_the_dead_letter_keeps_what_it_can_and_the_connection_never_failed(
         serve: ServeProcess, bus: BusClient, watcher: Watcher) -> None:
     message_id = await publish_raw(bus.channel, NOT_JSON, headers={

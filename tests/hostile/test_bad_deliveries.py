@@ -62,7 +62,7 @@ DEAD: list[tuple[str, Callable[[], bytes], str]] = [
     ("request-id-int", lambda: _ascii(command(request_id=42)), "request_id"),
     ("request-id-sql", lambda: _ascii(command(request_id="1' OR '1'='1")), "request_id"),
     ("request-id-no-dashes", lambda: _ascii(command(request_id=uuid.uuid4().hex)), "request_id"),
-    ("request-id-braces", lambda: _ascii(command(request_id="{%s}" % uuid.uuid4())), "request_id"),
+    ("request-id-braces", lambda: _ascii(command(request_id=f"{{{uuid.uuid4()}}}")), "request_id"),
     ("request-id-object", lambda: _ascii(command(request_id={"uuid": str(uuid.uuid4())})), "request_id"),
     ("over-the-limit", lambda: _sized(LIMIT + 1), "over the limit"),
     ("far-over-the-limit", lambda: _sized(4 * LIMIT), "over the limit"),

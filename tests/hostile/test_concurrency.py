@@ -22,12 +22,27 @@ from emulators.runner import start_emulators
 from failover.seed import seed_vm
 from tests.helpers import ServeProcess, metric, service_env
 
-from .helpers import Watcher, command, private_stack, publish_raw, rabbitmqctl_available
+from .helpers import Watcher, command, private_stack, publish_raw, rabbitmqctl_available, serving
 
 pytestmark = pytest.mark.skipif(not rabbitmqctl_available(), reason="needs rabbitmqctl for a private vhost")
 
 JOBS = 20
 CAPACITY = 2
+SIZE_LIMIT = 4096  # FAILOVER_MAX_MESSAGE_BYTES of this test's serve process
+
+
+async def _the_size_limit_is_the_setting(watcher: Watcher) -> None:
+    for size, answered in ((SIZE_LIMIT, True), (SIZE_LIMIT + 1, False)):
+        body = command(vm_id="no-such-vm", padding="")
+        body["padding"] = "x" * (size - len(json.dumps(body).encode()))
+        raw = json.dumps(body).encode()
+        assert len(raw) == size
+        message_id = await publish_raw(watcher.channel, raw)
+        kind, answer = await watcher.outcome(message_id, body["request_id"])
+        if answered:
+            assert kind == "event" and answer.reason == "not_found", answer
+        else:
+            assert kind == "dead" and f"over the limit of {SIZE_LIMIT} bytes" in answer.reason, answer
 
 
 def most_at_once(intervals: Iterable[tuple[float, float]]) -> int:
@@ -55,7 +70,8 @@ async def test_a_burst_waits_its_turn_and_nothing_is_dropped(
         emu = await start_emulators()
         engine = make_engine(stack.database_url, pool_size=2)
         serve = ServeProcess(service_env(stack.database_url, stack.amqp_url, emu,
-                                         FAILOVER_MAX_CONCURRENT_JOBS=str(CAPACITY)), tmp_path / "serve.log")
+                                         FAILOVER_MAX_CONCURRENT_JOBS=str(CAPACITY),
+                                         FAILOVER_MAX_MESSAGE_BYTES=str(SIZE_LIMIT)), tmp_path / "serve.log")
         watcher: Watcher | None = None
         sampling = True
         samples: list[float] = []
@@ -66,10 +82,12 @@ async def test_a_burst_waits_its_turn_and_nothing_is_dropped(
                 await control.set_latency(async_job_seconds=0.2, operation_seconds=0.1)
                 try:
                     await serve.start()
+                    await serving(serve)
                 except BaseException:
                     await serve.kill()
                     raise
                 watcher = await Watcher.start(stack.amqp_url)
+                await _the_size_limit_is_the_setting(watcher)
 
                 async def sample() -> None:
                     while sampling:
@@ -87,7 +105,8 @@ async def test_a_burst_waits_its_turn_and_nothing_is_dropped(
             # all of them ran, to the end
             assert [s[-1].type for s in streams] == ["JobCompleted"] * JOBS
             async with engine.connect() as conn:
-                recorded = (await conn.execute(select(func.count()).select_from(job_commands))).scalar_one()
+                recorded = (await conn.execute(select(func.count()).select_from(job_commands).where(
+                    job_commands.c.outcome == "accepted"))).scalar_one()
                 completed = (await conn.execute(select(func.count()).select_from(failover_jobs).where(
                     failover_jobs.c.status == "completed"))).scalar_one()
             assert recorded == JOBS and completed == JOBS

@@ -37,7 +37,7 @@ NAMES = [
     ("../../etc/passwd", LINUX),
     ("-123 starts with a digit-", LINUX),
     ("Ü" * 191, LINUX),
-    ("Ⅻ Ｆｕｌｌｗｉｄｔｈ ﬁ café", WINDOWS),
+    ("Ⅻ Ｆｕｌｌｗｉｄｔｈ ﬁ café", WINDOWS),  # noqa: RUF001 - full-width on purpose
 ]
 
 
@@ -165,7 +165,7 @@ async def test_a_malformed_answer_fails_the_step_and_rolls_back(
     assert failed[0].attempts == 1  # a broken answer is not retried blindly
     assert events[-1].type == "JobFailed" and events[-1].rolled_back is True, events[-3:]
     assert_restored(before, await view(control, vm.volume_ids, emulators.appliance_vm_id))
-    fault = [f for f in await control.faults() if f["command"] == command][0]
+    fault = next(f for f in await control.faults() if f["command"] == command)
     assert fault["fired"] == 1
     async with aiohttp.ClientSession() as http, http.get(serve.metrics_url + "/readyz") as resp:
         assert resp.status == 200

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import uuid
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from .helpers import Watcher, command, publish_raw, wait_until
 from .test_amqp_properties import RawStr
 
 LIMIT = 256 * 1024
-MAX_EXAMPLES = 300
+MAX_EXAMPLES = int(os.environ.get("HOSTILE_PROPERTY_EXAMPLES", "300"))  # more for a longer hunt
 _UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 KNOWN_FIELDS = {"type", "schema_version", "request_id", "vm_id", "failover_type", "requested_by", "options",
                 "failover_job_id", "job_id"}
@@ -188,7 +189,7 @@ def unreadable(draw: st.DrawFn, ctx: Context) -> bytes:
         else:
             fields["request_id"] = draw(
                 not_a_string | st.text(max_size=40) | st.uuids().map(lambda u: u.hex)
-                | st.uuids().map(lambda u: "{%s}" % u) | st.uuids().map(lambda u: f" {u}")
+                | st.uuids().map(lambda u: f"{{{u}}}") | st.uuids().map(lambda u: f" {u}")
                 | st.uuids().map(lambda u: f"urn:uuid:{u}"))
         return json.dumps(fields).encode()
     if kind == "truncated":

@@ -25,7 +25,7 @@ from emulators.runner import start_emulators
 from failover.seed import seed_vm
 from tests.helpers import ServeProcess, service_env
 
-from .helpers import Watcher, command, private_stack, publish_raw, rabbitmqctl_available
+from .helpers import Watcher, command, private_stack, publish_raw, rabbitmqctl_available, serving
 
 pytestmark = pytest.mark.skipif(not rabbitmqctl_available(), reason="needs rabbitmqctl for a private vhost")
 
@@ -114,6 +114,7 @@ async def test_no_secret_in_logs_events_or_tables(database_url: str, amqp_url: s
             assert serve.env["FAILOVER_CLOUDSTACK_SECRET_KEY"] == CS_SECRET
             try:
                 await serve.start()
+                await serving(serve)
             except BaseException:
                 await serve.kill()
                 raise
