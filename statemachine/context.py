@@ -143,7 +143,7 @@ class JobContext:
                 seq += 1
                 built.append(
                     LogRecorded(
-                        **self._common(seq), level=level, message=message, step=step, fields=fields
+                        **self._common(seq), level=level, message=message, step=step, fields=fields,  # type: ignore[arg-type]
                     )
                 )
             for cls, extra in events or []:
@@ -194,8 +194,9 @@ class JobContext:
 
     # ------------------------------------------------------------------ retries
 
-    async def retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Run an idempotent unit of work, retrying transient failures with backoff."""
+    async def retrying(self, what: str, call: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Run an idempotent unit of work, `call(*args, **kwargs)`, retrying transient
+        failures with backoff."""
         cfg = self.config
         retry = AsyncRetrying(
             stop=stop_after_attempt(cfg.retry_attempts),
@@ -209,7 +210,7 @@ class JobContext:
             async for attempt in retry:
                 with attempt:
                     tries = attempt.retry_state.attempt_number
-                    return await call()
+                    return await call(*args, **kwargs)
         except StepError as exc:
             exc.attempts = max(getattr(exc, "attempts", 1), tries)
             raise

@@ -72,7 +72,7 @@ class JobModel:
         steps = steps_for(row.job_type)
         order, total = steps.index(step) + 1, len(steps)
         ctx.current_step = step
-        ctx.observer.state_changed(row.job_id, event.transition.source, step)
+        ctx.observer.state_changed(row.job_id, (event.transition.source if event.transition else None), step)
         if self.resuming:
             self.resuming = False
             ctx.log("INFO", f"resuming step {step} (job taken over after an interruption)", owner=ctx.owner)
@@ -123,7 +123,7 @@ class JobModel:
     async def enter_rollback(self, event: EventData) -> None:
         ctx, row = self.ctx, self.ctx.row
         ctx.current_step = None
-        ctx.observer.state_changed(row.job_id, event.transition.source, "rolling_back")
+        ctx.observer.state_changed(row.job_id, (event.transition.source if event.transition else None), "rolling_back")
         target = Target(plan=row.plan, ledger=dict(await ctx.ledger()))
         if self.resuming:
             self.resuming = False
@@ -158,7 +158,7 @@ class JobModel:
 
     async def enter_end(self, event: EventData) -> None:
         ctx, row, state = self.ctx, self.ctx.row, event.state.name
-        ctx.observer.state_changed(row.job_id, event.transition.source, None)
+        ctx.observer.state_changed(row.job_id, (event.transition.source if event.transition else None), None)
         duration = max(0.0, time.time() - row.created_at)
         job: dict[str, Any] = {"status": state, "ended": True, "completed_at": time.time(),
                                "lease_owner": None, "lease_expires_at": None}

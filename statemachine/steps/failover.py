@@ -107,7 +107,7 @@ async def pre_failover_validation(ctx: JobContext) -> StepResult:
     volumes: list[dict[str, Any]] = []
     for index, disk in enumerate(ordered):
         assert disk.volume_id is not None
-        state = await ctx.retrying("look up volume", lambda v=disk.volume_id: ctx.ports.volumes.get_volume(v))
+        state = await ctx.retrying("look up volume", ctx.ports.volumes.get_volume, disk.volume_id)
         if state.vm_id != appliance:
             raise StepError(
                 "VOLUME_NOT_ON_APPLIANCE",
@@ -168,7 +168,7 @@ async def cloudstack_snapshot(ctx: JobContext) -> StepResult:
         volume_id = vol["volume_id"]
         name = f"{kind}-failover-{ctx.row.job_id[:8]}-{volume_id[:8]}"
         snap = await ctx.retrying(
-            f"snapshot of volume {volume_id}", lambda v=volume_id, n=name: ensure_snapshot(ctx, v, n)
+            f"snapshot of volume {volume_id}", ensure_snapshot, ctx, volume_id, name
         )
         ctx.log("INFO", f"snapshot {snap.id} of volume {volume_id} is BackedUp", snapshot_id=snap.id,
                 volume_id=volume_id, revertable=snap.revertable)
@@ -271,8 +271,8 @@ async def volume_attachment(ctx: JobContext) -> StepResult:
     discarded = []
     for volume_id, kind in own:
         assert volume_id is not None
-        await ctx.retrying(f"detach {kind} {volume_id}", lambda v=volume_id: ensure_detached(ctx, f"discard:{v}", v))
-        await ctx.retrying(f"delete volume {volume_id}", lambda v=volume_id: cs.delete_volume(v))
+        await ctx.retrying(f"detach {kind} {volume_id}", ensure_detached, ctx, f"discard:{volume_id}", volume_id)
+        await ctx.retrying(f"delete volume {volume_id}", cs.delete_volume, volume_id)
         entry = ledger[f"discard:{volume_id}"]
         entry.data["deleted"] = True
         await ctx.record(entry)
@@ -280,13 +280,13 @@ async def volume_attachment(ctx: JobContext) -> StepResult:
         discarded.append(volume_id)
     for vol in _volumes(ctx):
         v = vol["volume_id"]
-        await ctx.retrying(f"detach {v} from the appliance", lambda v=v, d=vol: ensure_detached(
-            ctx, f"detach:{v}", v, data={"appliance_device_id": d["appliance_device_id"]}))
+        await ctx.retrying(f"detach {v} from the appliance", ensure_detached, ctx, f"detach:{v}", v,
+                           data={"appliance_device_id": vol["appliance_device_id"]})
     attached = []
     for vol in _volumes(ctx):  # root first (device 0), then the others in unit_number order
         v = vol["volume_id"]
-        device = await ctx.retrying(f"attach {v}", lambda v=v, r=vol["root"]: ensure_attached(
-            ctx, f"attach:{v}", v, vm_id, root=r))
+        device = await ctx.retrying(f"attach {v}", ensure_attached, ctx, f"attach:{v}", v, vm_id,
+                                    root=vol["root"])
         ctx.log("INFO", f"volume {v} attached to {vm_id} as device {device}", volume_id=v, device_id=device)
         attached.append({"volume_id": v, "device_id": device})
     return StepResult(outputs={"discarded_volumes": discarded, "attached": attached})

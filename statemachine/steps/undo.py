@@ -11,6 +11,7 @@ order, and delete the snapshots last.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from statemachine.context import JobContext
@@ -94,9 +95,9 @@ async def detach_from_vm(ctx: JobContext, target: Target) -> None:
         return
     for vol in target.volumes:
         v = vol["volume_id"]
-        state = await ctx.retrying("volume state", lambda v=v: ctx.ports.volumes.get_volume(v))
+        state = await ctx.retrying("volume state", ctx.ports.volumes.get_volume, v)
         if state.vm_id == vm.id:
-            await ctx.retrying(f"detach {v}", lambda v=v: ensure_detached(ctx, f"undo:detach:{v}", v))
+            await ctx.retrying(f"detach {v}", ensure_detached, ctx, f"undo:detach:{v}", v)
             target.note("detach", "volume", v, f"from VM {vm.id}")
             ctx.log("INFO", f"volume {v} detached from VM {vm.id}", volume_id=v)
 
@@ -105,9 +106,9 @@ async def delete_vm(ctx: JobContext, target: Target) -> None:
     cs = ctx.ports.cloudstack
     entry = target.ledger.get("vm")
     for failed in list(entry.data.get("failed_ids", [])) if entry else []:
-        gone = await ctx.retrying("VM state", lambda f=failed: cs.get_vm(f))
+        gone = await ctx.retrying("VM state", cs.get_vm, failed)
         if gone is not None and gone.state not in ("Destroyed", "Expunging"):
-            await ctx.retrying("destroy failed VM", lambda f=failed: run_vm_command(ctx, f"undo:destroy:{f}", f, "destroy"))
+            await ctx.retrying("destroy failed VM", run_vm_command, ctx, f"undo:destroy:{failed}", failed, "destroy")
             target.note("destroy", "vm", failed, "left in state Error by a failed deploy")
     vm = await ctx.retrying("VM state", lambda: vm_of(ctx, target.ledger))
     replicated = {v["volume_id"] for v in target.volumes}
@@ -132,18 +133,18 @@ async def delete_vm(ctx: JobContext, target: Target) -> None:
     await _delete_leftovers(ctx, target, leftovers)
 
 
-async def _delete_leftovers(ctx: JobContext, target: Target, volume_ids: list[str | None]) -> None:
+async def _delete_leftovers(ctx: JobContext, target: Target, volume_ids: Sequence[str | None]) -> None:
     """Volumes the deploy created that are not replicas: delete them (gone is fine)."""
     cs = ctx.ports.cloudstack
     for volume_id in volume_ids:
         if not volume_id:
             continue
         try:
-            await ctx.retrying("volume state", lambda v=volume_id: ctx.ports.volumes.get_volume(v))
+            await ctx.retrying("volume state", ctx.ports.volumes.get_volume, volume_id)
         except NotFound:
             continue  # a ROOT destroyed with its VM, or already deleted
-        await ctx.retrying(f"detach {volume_id}", lambda v=volume_id: ensure_detached(ctx, f"undo:discard:{v}", v))
-        await ctx.retrying(f"delete volume {volume_id}", lambda v=volume_id: cs.delete_volume(v))
+        await ctx.retrying(f"detach {volume_id}", ensure_detached, ctx, f"undo:discard:{volume_id}", volume_id)
+        await ctx.retrying(f"delete volume {volume_id}", cs.delete_volume, volume_id)
         target.note("delete", "volume", volume_id, "created by the deploy")
         ctx.log("INFO", f"volume {volume_id} made by the deploy deleted", volume_id=volume_id)
 
@@ -158,10 +159,10 @@ async def revert_volumes(ctx: JobContext, target: Target, everything: bool) -> N
         key = f"undo:revert:{v}"
         if target.ledger.get(key) and target.ledger[key].status == "done":
             continue
-        state = await ctx.retrying("volume state", lambda v=v: vd.get_volume(v))
+        state = await ctx.retrying("volume state", vd.get_volume, v)
         if state.vm_id is not None:  # revertSnapshot needs the volume detached (or its VM stopped)
-            await ctx.retrying(f"detach {v}", lambda v=v, d=vol["appliance_device_id"]: ensure_detached(
-                ctx, f"undo:predetach:{v}", v, data={"appliance_device_id": d}))
+            await ctx.retrying(f"detach {v}", ensure_detached, ctx, f"undo:predetach:{v}", v,
+                               data={"appliance_device_id": vol["appliance_device_id"]})
 
         async def revert(v: str = v, snapshot: str = snapshot, key: str = key) -> None:
             entry = target.ledger.get(key) or LedgerEntry(key=key, resource_type="volume", action="revert",
@@ -192,7 +193,7 @@ async def reattach_to_appliance(ctx: JobContext, target: Target) -> None:
     states = {}
     for vol in ordered:
         v = vol["volume_id"]
-        states[v] = await ctx.retrying("volume state", lambda v=v: vd.get_volume(v))
+        states[v] = await ctx.retrying("volume state", vd.get_volume, v)
     elsewhere = [v for v, s in states.items() if s.vm_id not in (None, appliance)]
     if elsewhere:
         raise StepError("VOLUME_BUSY", f"volume(s) {', '.join(elsewhere)} are attached to another VM")
@@ -204,11 +205,11 @@ async def reattach_to_appliance(ctx: JobContext, target: Target) -> None:
     for vol in ordered[missing[0]:]:
         v = vol["volume_id"]
         if states[v].vm_id == appliance:
-            await ctx.retrying(f"detach {v}", lambda v=v: ensure_detached(ctx, f"undo:reorder:{v}", v))
+            await ctx.retrying(f"detach {v}", ensure_detached, ctx, f"undo:reorder:{v}", v)
     for vol in ordered[missing[0]:]:
         v = vol["volume_id"]
-        device = await ctx.retrying(f"attach {v} to the appliance", lambda v=v: ensure_attached(
-            ctx, f"undo:reattach:{v}", v, appliance, root=False))
+        device = await ctx.retrying(f"attach {v} to the appliance", ensure_attached, ctx,
+                                    f"undo:reattach:{v}", v, appliance, root=False)
         target.note("reattach", "volume", v, f"to the appliance as device {device}")
         ctx.log("INFO", f"volume {v} re-attached to the appliance as device {device}", volume_id=v,
                 device_id=device)
@@ -224,10 +225,10 @@ async def delete_snapshots(ctx: JobContext, target: Target) -> None:
         ids = {i for i in [entry.resource_id, *entry.data.get("failed_ids", [])] if i}
         if entry.name:
             named = await ctx.retrying("snapshot lookup",
-                                       lambda e=entry, v=volume_id: cs.find_snapshots(e.name or "", v))
+                                       cs.find_snapshots, entry.name or "", volume_id)
             ids |= {s.id for s in named}
         for snapshot_id in sorted(ids):
-            snap = await ctx.retrying("snapshot state", lambda i=snapshot_id: cs.get_snapshot(i))
+            snap = await ctx.retrying("snapshot state", cs.get_snapshot, snapshot_id)
             if snap is None:
                 continue
             if snap.state == "Creating":
