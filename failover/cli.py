@@ -40,9 +40,20 @@ class Exit(Exception):
         self.code = code
 
 
+def _loop_factory() -> Any:
+    """uvloop when installed (libuv's event loop: the service spends most of its time in
+    socket I/O, where it is much cheaper than asyncio's default), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return None
+    return uvloop.new_event_loop
+
+
 def _run(coro: Coroutine[Any, Any, int | None]) -> None:
     try:
-        code = asyncio.run(coro)
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            code = runner.run(coro)
     except KeyboardInterrupt:
         code = 130
     except Exit as exc:
