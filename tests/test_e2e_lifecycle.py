@@ -266,3 +266,32 @@ async def test_cancel_at_each_step_rolls_back(serve: ServeProcess, bus: BusClien
 def test_test_vm_names_stay_valid() -> None:
     name = test_vm_name(sanitize_vm_name("x" * 80), str(uuid.uuid4()))
     assert len(name) <= 63 and "-test-" in name
+
+
+async def test_a_running_job_blocks_its_vm_and_cannot_be_cleaned_up(
+        serve: ServeProcess, bus: BusClient, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
+    vm = await _seed(db, control, emulators, "busy vm")
+    await control.set_latency(async_job_seconds=0.5, operation_seconds=0.5)
+    job_id = uuid.uuid4()
+    queue = await bus.bind(f"job.{job_id}.#")
+    await bus.publish(FailoverRequested(request_id=job_id, vm_id=vm.vm_id, failover_type="test"))
+    answers: dict[str, Event] = {}
+    events: list[Event] = []
+
+    async def collect() -> None:
+        async for event in bus.events(queue):
+            events.append(event)
+            if event.type == "StepStarted" and event.step == "cloudstack-snapshot" and not answers:
+                second = await failover(bus, vm.vm_id)  # a second failover of the same VM
+                answers["failover"] = second[0]
+                rid = uuid.uuid4()
+                early = await run_command(bus, CleanupRequested(request_id=rid, failover_job_id=job_id), rid)
+                answers["cleanup"] = early[0]
+
+    await asyncio.wait_for(collect(), 120)
+    await control.set_latency(async_job_seconds=0, operation_seconds=0)
+    assert events[-1].type == "JobCompleted"  # the running job was not disturbed
+    assert (answers["failover"].type, answers["failover"].reason) == ("JobRejected", "conflict")
+    assert str(job_id) in answers["failover"].detail and "wait for it to end, or cancel it" in answers["failover"].detail
+    assert (answers["cleanup"].type, answers["cleanup"].reason) == ("JobRejected", "not_allowed")
+    assert "only a completed test failover" in answers["cleanup"].detail
