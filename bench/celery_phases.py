@@ -19,7 +19,19 @@ import aio_pika
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from .infra import ROOT, BenchError, CpuMeter, children, proc_status, quantile, substrate_pids, wait_until
+from .infra import (
+    CELERY_USER,
+    ROOT,
+    USER_PASSWORD,
+    BenchError,
+    CpuMeter,
+    children,
+    proc_status,
+    quantile,
+    substrate_pids,
+    user_stats,
+    wait_until,
+)
 from .service_phases import Bench
 
 QUEUE = "bench.celery"
@@ -44,15 +56,19 @@ def celery_env(bench: Bench, run_id: str) -> dict[str, str]:
         "BENCH_CELERY_POLL": str(bench.args.poll_interval),
         "BENCH_CELERY_DB_HOST": u.host or "127.0.0.1",
         "BENCH_CELERY_DB_PORT": str(u.port or 3306),
-        "BENCH_CELERY_DB_USER": u.username or "root",
-        "BENCH_CELERY_DB_PASSWORD": u.password or "",
+        "BENCH_CELERY_DB_USER": CELERY_USER,
+        "BENCH_CELERY_DB_PASSWORD": USER_PASSWORD,
         "BENCH_CELERY_DB_NAME": u.database or "failover_bench",
     }
 
 
 async def create_audit_table(bench: Bench) -> None:
     async with bench.engine.begin() as conn:
-        await conn.execute(text("DROP TABLE IF EXISTS celery_audit"))
+        exists = (await conn.execute(text(
+            "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() "
+            "AND TABLE_NAME = 'celery_audit'"))).scalar_one()
+        if exists:
+            await conn.execute(text("DROP TABLE celery_audit"))
         await conn.execute(text(
             "CREATE TABLE celery_audit (id BIGINT AUTO_INCREMENT PRIMARY KEY, run_id VARCHAR(64) NOT NULL, "
             "job_id VARCHAR(36) NOT NULL, step VARCHAR(64) NOT NULL, status VARCHAR(32) NOT NULL, "
@@ -65,7 +81,7 @@ async def delete_queue(amqp_url: str) -> None:
     try:
         ch = await conn.channel()
         await ch.queue_delete(QUEUE)
-    except Exception:  # noqa: BLE001 - absent
+    except Exception:
         pass
     finally:
         await conn.close()
@@ -83,7 +99,7 @@ class Worker:
 
     async def start(self, amqp_url: str, timeout: float = 60.0) -> None:
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # noqa: ASYNC220
             [sys.executable, "-m", "celery", "-A", "bench.celery_peer", "worker", "-P", self.pool,
              "-c", str(self.concurrency), "-Q", QUEUE, "--loglevel", "WARNING", "--without-gossip",
              "--without-mingle", "--without-heartbeat", "-n", f"bench-{self.pool}@%h"],
@@ -98,7 +114,7 @@ class Worker:
                 ch = await conn.channel()
                 try:
                     q = await ch.declare_queue(QUEUE, passive=True)
-                except Exception:  # noqa: BLE001 - not declared yet
+                except Exception:
                     return False
                 return bool(q.declaration_result.consumer_count)
             finally:
@@ -123,7 +139,7 @@ class Worker:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            while self.proc.poll() is None and time.monotonic() < deadline:
+            while self.proc.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
             if self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGQUIT)
@@ -164,6 +180,7 @@ async def run_pool(bench: Bench, *, label: str, pool: str, concurrency: int, cou
                 return int((await c.execute(warm_stmt, {"r": run_id})).scalar_one()) >= warm
 
         await wait_until(warmed, 120, f"the celery worker ({pool}) to warm up", interval=0.2)
+        quiet = await bench.quiet(*worker.pids())
         idle_rss = sum(proc_status(p).get("VmRSS", 0) for p in worker.pids())
         meter = CpuMeter({"celery": worker.pids(), "emulators": [bench.emu.pid], **substrate_pids()})
         jobs = [(str(uuid.uuid4()), v) for v in vm_ids]
@@ -173,6 +190,7 @@ async def run_pool(bench: Bench, *, label: str, pool: str, concurrency: int, cou
             published[job[0]] = time.time()
             celery_peer.failover_chain(*job).apply_async()
 
+        us0 = await user_stats(bench.engine, CELERY_USER)
         meter.start()
         first = time.time()
         with ThreadPoolExecutor(8) as ex:
@@ -189,6 +207,7 @@ async def run_pool(bench: Bench, *, label: str, pool: str, concurrency: int, cou
 
         await wait_until(finished, bench.args.deadline, f"{count} celery chains ({pool})", interval=0.25)
         cpu = meter.stop()
+        us1 = await user_stats(bench.engine, CELERY_USER)
         hwm = sum(proc_status(p).get("VmHWM", 0) for p in worker.pids())
         async with bench.engine.connect() as c:
             rows = (await c.execute(text(
@@ -204,10 +223,13 @@ async def run_pool(bench: Bench, *, label: str, pool: str, concurrency: int, cou
     wall = last - first
     lat = [ends[j] - t for j, t in published.items() if j in ends]
     return {
-        "pool": pool, "concurrency": concurrency, "jobs": count, "audit_rows": tasks,
+        "pool": pool, "concurrency": concurrency, "jobs": count, "audit_rows": tasks, "quiet_wait": quiet,
         "wall_seconds": round(wall, 3), "jobs_per_second": round(count / wall, 2),
         "publish_seconds": round(publish_seconds, 3),
         "request_to_completed_ms": {"p50": round((quantile(lat, 0.5) or 0) * 1000, 1),
                                     "p99": round((quantile(lat, 0.99) or 0) * 1000, 1)},
-        "idle_rss_kb": idle_rss, "peak_rss_kb": hwm, "cpu": cpu,
+        "idle_rss_kb": idle_rss, "peak_rss_kb": hwm,
+        "worker_cpu_ms_per_job": round(1000 * cpu["cpu_seconds"]["celery"] / count, 1),
+        "db_per_job": {k: round((us1[k] - us0[k]) / count, 3) for k in us0},
+        "cpu": cpu,
     }

@@ -89,7 +89,7 @@ async def clean_broker(url: str, queues: list[str]) -> None:
             channel = await connection.channel()
             try:
                 await channel.queue_delete(name)
-            except Exception:  # noqa: BLE001 - absent
+            except Exception:
                 pass
 
 
@@ -97,8 +97,38 @@ def rabbitmq_version() -> str:
     try:
         out = subprocess.run(["rabbitmqctl", "version"], capture_output=True, text=True, timeout=30)
         return out.stdout.strip() or "?"
-    except Exception:  # noqa: BLE001
+    except Exception:
         return "?"
+
+
+SERVICE_PACKAGES = ("statemachine", "consumers", "publishers", "schemas", "adapters", "emulators", "failover")
+
+
+def snapshot_code(dest: Path) -> dict[str, Any]:
+    """Copy the service's packages as they are now: every process of one run (serve, the
+    emulators, the migrations) runs this copy, so edits others make to the work tree meanwhile
+    cannot mix two versions of the code into one run. Returns a hash of what was copied."""
+    import hashlib
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    digest = hashlib.sha256()
+    for pkg in SERVICE_PACKAGES:
+        shutil.copytree(ROOT / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for path in sorted(dest.rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(dest)).encode())
+            digest.update(path.read_bytes())
+    return {"snapshot": str(dest), "sha256": digest.hexdigest()[:16]}
+
+
+CODE_DIR: Path = ROOT  # where serve, the emulators and the migrations import the service from
+
+
+def set_code_dir(path: Path) -> None:
+    global CODE_DIR
+    CODE_DIR = path
 
 
 async def fresh_database(base_url: str) -> str:
@@ -112,10 +142,70 @@ async def fresh_database(base_url: str) -> str:
     finally:
         await server.dispose()
     url = parsed.set(database=BENCH_DB).render_as_string(hide_password=False)
-    from adapters.db.migrate import upgrade
-
-    await asyncio.to_thread(upgrade, url)
+    done = await asyncio.to_thread(subprocess.run, [
+        sys.executable, "-c", "import sys; from adapters.db.migrate import upgrade; upgrade(sys.argv[1])", url],
+        cwd=str(CODE_DIR), env={**os.environ, "PYTHONPATH": str(CODE_DIR)}, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BenchError(f"the migrations failed: {done.stderr[-2000:]}")
     return url
+
+
+SERVICE_USER = "failover_bench"
+CELERY_USER = "celery_bench"
+USER_PASSWORD = "failover-bench"  # a local benchmark account, on its own database only
+
+
+async def ensure_users(engine: AsyncEngine) -> None:
+    """The service and the Celery worker each connect as their own user, so that MariaDB's
+    per-user statistics count their statements and transactions exactly (the server is shared
+    with whatever else runs on this machine; its global counters are not)."""
+    async with engine.begin() as conn:
+        have = {(r[0], r[1]) for r in (await conn.execute(text(
+            "SELECT User, Host FROM mysql.user WHERE User IN (:a, :b)"), {"a": SERVICE_USER, "b": CELERY_USER})).all()}
+        for user in (SERVICE_USER, CELERY_USER):
+            for host in ("localhost", "127.0.0.1", "%"):
+                if (user, host) not in have:
+                    await conn.execute(text(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY '{USER_PASSWORD}'"))
+                await conn.execute(text(f"GRANT ALL PRIVILEGES ON `{BENCH_DB}`.* TO '{user}'@'{host}'"))
+
+
+def user_url(url: str, user: str) -> str:
+    return make_url(url).set(username=user, password=USER_PASSWORD).render_as_string(hide_password=False)
+
+
+async def set_userstat(engine: AsyncEngine, on: bool | None) -> bool | None:
+    """Turn MariaDB's per-user statistics on (or back to what they were); returns the old value."""
+    async with engine.begin() as conn:
+        row = (await conn.execute(text("SHOW GLOBAL VARIABLES LIKE 'userstat'"))).first()
+        old = None if row is None else str(row[1]).upper() in ("ON", "1")
+        if on is not None and row is not None:
+            await conn.execute(text(f"SET GLOBAL userstat = {1 if on else 0}"))
+    return old
+
+
+USER_STAT_COLUMNS = ("SELECT_COMMANDS", "UPDATE_COMMANDS", "OTHER_COMMANDS", "COMMIT_TRANSACTIONS",
+                     "ROLLBACK_TRANSACTIONS", "ROWS_INSERTED", "ROWS_UPDATED", "ROWS_READ", "BYTES_RECEIVED",
+                     "BYTES_SENT", "BUSY_TIME", "CPU_TIME", "TOTAL_CONNECTIONS")
+
+
+async def user_stats(engine: AsyncEngine, user: str) -> dict[str, float]:
+    async with engine.connect() as conn:
+        row = (await conn.execute(text(
+            "SELECT " + ", ".join(USER_STAT_COLUMNS) + " FROM information_schema.USER_STATISTICS WHERE USER = :u"),
+            {"u": user})).first()
+    return {c.lower(): float(row[i]) if row is not None else 0.0 for i, c in enumerate(USER_STAT_COLUMNS)}
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured, and the files changed in the work tree (others edit it meanwhile)."""
+    def run(*argv: str) -> str:
+        try:
+            return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=20).stdout.rstrip()
+        except Exception:
+            return ""
+
+    changed = [line[3:] for line in run("status", "--porcelain").splitlines() if line[3:] and not line[3:].startswith("bench/")]
+    return {"head": run("rev-parse", "--short", "HEAD").strip(), "changed_outside_bench": changed}
 
 
 async def global_status(engine: AsyncEngine, names: tuple[str, ...] = (
@@ -193,31 +283,95 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (all cores), from /proc/stat."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / _TICKS
+
+
+def loadavg() -> float:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError):
+        return 0.0
+
+
 @dataclass
 class CpuMeter:
-    """CPU seconds used by named processes between `start()` and `stop()`."""
+    """CPU seconds used by named processes between `start()` and `stop()`, and by everything
+    else on the machine ("foreign": other people's work on a shared machine)."""
 
     pids: dict[str, list[int]] = field(default_factory=dict)
     _start: dict[str, float] = field(default_factory=dict)
     _t0: float = 0.0
+    _busy0: float = 0.0
+    _load0: float = 0.0
 
-    def _read(self) -> dict[str, float]:
-        return {name: sum(cpu_seconds(p) for p in pids) for name, pids in self.pids.items()}
+    _per_pid: dict[int, float] = field(default_factory=dict)
 
     def start(self) -> None:
-        self._start = self._read()
+        self.pids.setdefault("bench client", [os.getpid()])
+        self._per_pid = {p: cpu_seconds(p) for pids in self.pids.values() for p in pids}
         self._t0 = time.monotonic()
+        self._busy0 = machine_busy_seconds()
+        self._load0 = loadavg()
 
     def stop(self) -> dict[str, Any]:
         wall = time.monotonic() - self._t0
-        end = self._read()
-        used = {name: round(end[name] - self._start.get(name, 0.0), 2) for name in end}
+        used: dict[str, float] = {}
+        for name, pids in self.pids.items():
+            total = 0.0
+            for p in pids:
+                end = cpu_seconds(p)
+                if end > 0:  # a process that exited meanwhile reads 0: leave it out
+                    total += max(0.0, end - self._per_pid.get(p, 0.0))
+            used[name] = round(total, 2)
+        busy = machine_busy_seconds() - self._busy0
+        used["foreign (rest of the machine)"] = round(max(0.0, busy - sum(used.values())), 2)
         return {"wall_seconds": round(wall, 2), "cpu_seconds": used,
-                "cpu_percent_of_one_core": {k: round(100 * v / wall, 1) if wall else 0.0 for k, v in used.items()}}
+                "cpu_percent_of_one_core": {k: round(100 * v / wall, 1) if wall else 0.0 for k, v in used.items()},
+                "machine_busy_percent": round(100 * busy / wall / (os.cpu_count() or 1), 1) if wall else 0.0,
+                "loadavg_start_end": [self._load0, loadavg()]}
 
 
-def substrate_pids() -> dict[str, list[int]]:
-    return {"rabbitmq": pids_named("beam.smp"), "mariadb": pids_named("mariadbd")}
+def _serves_port(pid: int, port: int) -> bool:
+    """Whether the process's command line names no other port than `port` (test suites start
+    private servers with --port=...; the shared ones use their defaults)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    ports = [a.split(b"=", 1)[1] for a in args if a.startswith(b"--port=")]
+    return not ports or ports == [str(port).encode()]
+
+
+def substrate_pids(db_port: int = 3306) -> dict[str, list[int]]:
+    """The broker and the database this bench uses (not the private servers of test runs)."""
+    return {"rabbitmq": [p for p in pids_named("beam.smp") if _serves_port(p, 5672)],
+            "mariadb": [p for p in pids_named("mariadbd") if _serves_port(p, db_port)]}
+
+
+async def quiet_machine(known: list[int], *, max_wait: float = 45.0, threshold: float = 0.3,
+                        window: float = 1.0, needed: int = 3) -> dict[str, Any]:
+    """Wait (at most `max_wait`) until the rest of the machine uses less than `threshold` of one
+    core for `needed` consecutive windows: other work on a shared machine skews every rate.
+    Returns how long it waited and the foreign load seen last."""
+    began = time.monotonic()
+    calm = 0
+    foreign = 0.0
+    while True:
+        busy0, mine0 = machine_busy_seconds(), sum(cpu_seconds(p) for p in known)
+        await asyncio.sleep(window)
+        busy1, mine1 = machine_busy_seconds(), sum(cpu_seconds(p) for p in known)
+        foreign = max(0.0, (busy1 - busy0) - (mine1 - mine0)) / window
+        calm = calm + 1 if foreign < threshold else 0
+        waited = time.monotonic() - began
+        if calm >= needed or waited >= max_wait:
+            return {"waited_seconds": round(waited, 1), "foreign_cores": round(foreign, 2), "quiet": calm >= needed}
 
 
 def machine() -> dict[str, Any]:
@@ -256,10 +410,10 @@ class Emulators:
     async def start(self, timeout: float = 30.0) -> None:
         self.state_file.unlink(missing_ok=True)
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # noqa: ASYNC220
             [sys.executable, "-m", "emulators", "--cloudstack-port", "0", "--volume-daemon-port", "0",
              "--state-file", str(self.state_file)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
+            stdout=log, stderr=subprocess.STDOUT, cwd=str(CODE_DIR), env={**os.environ, "PYTHONPATH": str(CODE_DIR)})
 
         async def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
@@ -309,7 +463,7 @@ def service_env(database_url: str, amqp_url: str, emu: dict[str, Any], **extra: 
         "FAILOVER_VIRTIO_INJECT_COMMAND": f"{sys.executable} -m emulators.inject --control-url {emu['control_url']}",
         "FAILOVER_LOG_FORMAT": "json",
         "FAILOVER_LOG_LEVEL": "INFO",
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": str(CODE_DIR),
     })
     env.update(extra)
     return env
@@ -345,9 +499,9 @@ class Serve:
         if self.profile_to is not None:
             pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             argv = [pyspy, "record", "--nonblocking", "-r", str(self.profile_rate), "-f", "raw",
-                    "-o", str(self.profile_to), "--"] + argv
+                    "-o", str(self.profile_to), "--", *argv]
         self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(argv, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+        self.proc = subprocess.Popen(argv, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(CODE_DIR))  # noqa: ASYNC220
 
         async def ready() -> bool:
             assert self.proc is not None
@@ -386,7 +540,7 @@ class Serve:
         if self.proc.poll() is None:
             os.kill(self.pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            while self.proc.poll() is None and time.monotonic() < deadline:
+            while self.proc.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
             if self.proc.poll() is None:
                 self.proc.kill()
@@ -446,5 +600,5 @@ def quantile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, int(round(q * len(ordered) + 0.5)) - 1))
+    index = min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))
     return ordered[index]

@@ -29,6 +29,31 @@ CATEGORIES = (  # (name, substrings of the file path), first match wins
 )
 
 
+# Named places, by inclusive time (a sample counts once per place even if several frames match).
+SPOTS: tuple[tuple[str, Any], ...] = (
+    ("JobStore.commit (a job's lease-fenced transactions)", lambda f, file: f == "JobStore.commit"),
+    ("  of which JobContext.record (ledger writes)", lambda f, file: f == "JobContext.record"),
+    ("Projections.apply (the projector's SQL)", lambda f, file: f == "Projections.apply"),
+    ("Projector, whole (parse, apply, ack)", lambda f, file: f.startswith("Projector.")),
+    ("CommandRecorder (command -> job + JobAccepted)", lambda f, file: f.startswith("CommandRecorder.")),
+    ("OutboxRelay (publish + mark sent)", lambda f, file: f.startswith("OutboxRelay.")),
+    ("OutboxStore (unsent, mark_sent, leadership)", lambda f, file: f.startswith("OutboxStore.")),
+    ("PlatformTables (validation reads)", lambda f, file: f.startswith("PlatformTables.")),
+    ("JobStore ledger/load/claim/renew", lambda f, file: f in ("JobStore.ledger", "JobStore.load", "JobStore.claim",
+                                                               "JobStore.renew")),
+    ("SQLAlchemy pool pre-ping (a round trip per checkout)", lambda f, file: "_do_ping" in f),
+    ("SQLAlchemy statement compile / cache key", lambda f, file: "sqlalchemy/sql/" in file),
+    ("CloudStackAdapter._call (HTTP, signing)", lambda f, file: f == "CloudStackAdapter._call"),
+    ("VolumeDaemonAdapter._request (HTTP)", lambda f, file: f == "VolumeDaemonAdapter._request"),
+    ("logging (process log lines)", lambda f, file: "logging/" in file or "failover/logs.py" in file),
+    ("pydantic (events: build, dump, parse)", lambda f, file: "pydantic" in file),
+    ("prometheus_client", lambda f, file: "prometheus_client/" in file),
+    ("aio-pika / aiormq / pamqp (AMQP)", lambda f, file: any(x in file for x in ("aio_pika/", "aiormq/", "pamqp/"))),
+    ("aiohttp (HTTP client)", lambda f, file: "aiohttp/" in file),
+    ("start-up imports", lambda f, file: f == "_find_and_load"),
+)
+
+
 def parse(path: Path) -> list[tuple[list[tuple[str, str]], int]]:
     """[(frames root->leaf as (func, file)), count]."""
     out = []
@@ -83,11 +108,25 @@ def analyse(path: Path, top: int = 25) -> dict[str, Any]:
                 if category(file) == "the service's own code":
                     project_incl[key] += count
 
+    spots: Counter[str] = Counter()
+    sql_writes = 0
+    for frames, count in stacks:
+        for label, match in SPOTS:
+            if any(match(f, file) for f, file in frames):
+                spots[label] += count
+        if frames and frames[-1][0].endswith(".write") and "selector_events" in frames[-1][1]:
+            caller = next((file for f, file in reversed(frames[:-1]) if "asyncio" not in file), "")
+            if "sqlalchemy/" in caller:
+                sql_writes += count
+
     def pct(n: int) -> float:
         return round(100 * n / total, 1) if total else 0.0
 
     return {
         "samples": total,
+        "spots_inclusive": [(label, pct(spots[label])) for label, _ in SPOTS],
+        "sql_socket_writes_own": pct(sql_writes),
+        "sqlalchemy_own": pct(cats["sqlalchemy"]),
         "by_library_own_time": [(k, pct(v)) for k, v in cats.most_common()],
         "top_own_time": [(k, pct(v)) for k, v in own.most_common(top)],
         "top_inclusive": [(k, pct(v)) for k, v in incl.most_common(top)],
@@ -96,12 +135,18 @@ def analyse(path: Path, top: int = 25) -> dict[str, Any]:
 
 
 def to_markdown(a: dict[str, Any]) -> str:
-    lines = [f"Samples: {a['samples']} (py-spy, 100 Hz, idle excluded)", ""]
+    lines = [f"Samples: {a['samples']} (py-spy, 100 Hz, idle excluded)", "",
+             "### Named places (inclusive: the share of samples with that place on the stack)", "",
+             "| % of CPU samples | place |", "|---:|---|"]
+    lines += [f"| {p} | {k} |" for k, p in a["spots_inclusive"]]
+    lines += ["", f"SQL statements' socket writes (asyncmy, leaf `_SelectorSocketTransport.write` under "
+                  f"SQLAlchemy): {a['sql_socket_writes_own']}% own time; SQLAlchemy's own Python: "
+                  f"{a['sqlalchemy_own']}% own time.", ""]
     for title, key in (("Own time by library (leaf frame's file)", "by_library_own_time"),
                        ("Top functions by own time", "top_own_time"),
                        ("Top service functions by inclusive time", "top_inclusive_service_code")):
         lines += [f"### {title}", "", "| % of CPU samples | where |", "|---:|---|"]
-        lines += [f"| {p} | `{html.escape(k)}` |" for k, p in a[key]]
+        lines += [f"| {p} | `{k.replace('|', '/')}` |" for k, p in a[key]]
         lines.append("")
     return "\n".join(lines)
 

@@ -23,9 +23,42 @@ def _pair(d: dict[str, Any] | None, unit: str = " ms") -> str:
     return f"{_f(d.get('p50'))} / {_f(d.get('p99'))}{unit}"
 
 
+def _median(values: list[float]) -> float | None:
+    import statistics
+
+    return statistics.median(values) if values else None
+
+
+def _kinds(sql: dict[str, Any], kind: str) -> float:
+    return sum(v for k, v in sql.get("per_job", {}).items() if k == kind)
+
+
+def _sql_line(sql: dict[str, Any]) -> str:
+    if not sql:
+        return "-"
+    return (f"{_f(sql['round_trips_per_job'])} ({_f(_kinds(sql, 'SELECT'))} / {_f(_kinds(sql, 'INSERT'))} / "
+            f"{_f(_kinds(sql, 'UPDATE'))})")
+
+
+def _celery_commits(best: dict[str, Any]) -> str:
+    db = best.get("db_per_job")
+    if not db:
+        return "-"
+    return _f(round(db["other_commands"] - db["rollback_transactions"], 2))  # COMMITs: the "other" statements
+
+
+def _celery_sql(best: dict[str, Any]) -> str:
+    db = best.get("db_per_job")
+    if not db:
+        return "-"
+    total = db["select_commands"] + db["update_commands"] + db["other_commands"]
+    return f"{_f(round(total, 2))} ({_f(db['select_commands'])} / {_f(db['update_commands'])} / 0)"
+
+
 def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     """(measure, service, Celery, target, met)."""
     t, p, s, d = out["throughput"], out["paced"], out["slow"], out["derived"]
+    sql = (out.get("profile_run") or {}).get("sql") or {}
     sub = out["substrate"]
     cel = out.get("celery") or {}
     tg = d["targets"]
@@ -40,6 +73,8 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
          f"{_f(best_t.get('jobs_per_second'))} ({best_t.get('pool', '-')} -c {best_t.get('concurrency', '-')})",
          ">= 2x Celery", met("throughput / Celery >= 2") + f" ({_f(d.get('throughput_over_celery'))}x)"),
         ("   wall time of the burst", _f(t["wall_seconds"], " s"), _f(best_t.get("wall_seconds"), " s"), "", ""),
+        ("   CPU per job (serve process / Celery worker)", _f(t["serve_cpu_ms_per_job"], " ms"),
+         _f(best_t.get("worker_cpu_ms_per_job"), " ms"), "", "serve is one Python process"),
         ("   events/s (outbox rows)", _f(t["events_per_second"]), "-", "", ""),
         ("   request -> JobAccepted p50 / p99", _pair(t["request_to_accepted_ms"]), "-", "", ""),
         ("   request -> JobCompleted p50 / p99", _pair(t["request_to_completed_ms"]),
@@ -49,13 +84,26 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
          _pair(t["projector_lag_all_events_ms_histogram"]), "-", "", ""),
         ("   JobCompleted committed -> seen on the bus p50 / p99", _pair(t["completed_event_to_client_ms"]),
          "-", "", ""),
+        ("   any event committed -> published by the relay p50 / p99", _pair(t.get("outbox_commit_to_published_ms")),
+         "-", "", "the relay's backlog"),
+        ("   one job alone: request -> JobAccepted / -> JobCompleted",
+         f"{_f(out['probe'].get('request_to_accepted_ms'))} / {_f(out['probe'].get('request_to_completed_ms'))} ms",
+         "-", "", "no queue: the service's own latency"),
+        ("   one job alone: event committed -> published by the relay, median / max",
+         _pair({"p50": _median(out["probe"]["outbox_commit_to_published_ms"]),
+                "p99": max(out["probe"]["outbox_commit_to_published_ms"] or [0])}), "-", "", "p99 column = max"),
         ("3. Broker: confirmed persistent publish+consume", _f(sub["broker"]["messages_per_second"], " msg/s"),
          "", "", f"{sub['broker']['body_bytes']} B bodies"),
         ("   Database: single-row commits", _f(sub["db"]["commits_per_second"], " /s"), "", "",
          f"{sub['db']['connections']} connections"),
         ("   messages per job (1 command + events)", _f(d["messages_per_job"]), "-", "", ""),
-        ("   transactions (COMMITs) per job", _f(d["transactions_per_job"]),
-         "6 (audit rows)" if cel else "-", "", ""),
+        ("   transactions (COMMITs) per job", _f(d["transactions_per_job"]), _celery_commits(best_t), "",
+         "counted on the wire" if "wire" in d.get("transactions_source", "") else "server-wide Com_commit"),
+        ("   SQL round trips per job: statements + pings (of which SELECT / INSERT / UPDATE)",
+         _sql_line(sql), _celery_sql(best_t), "", "the profiled burst" if sql else ""),
+        ("   read-only transactions (ROLLBACK) / pings per job",
+         f"{_f(sql.get('rollbacks_per_job'))} / {_f(sql.get('pings_per_job'))}" if sql else "-",
+         _f((best_t.get("db_per_job") or {}).get("rollback_transactions")), "", ""),
         ("   ceiling = min(broker/msgs, db/commits)", _f(d["ceiling_jobs_per_second"], " jobs/s"), "", "",
          f"bound by the {d['bound_by']}"),
         ("   throughput / ceiling", _f(d["throughput_over_ceiling"]), "", ">= 0.5",
@@ -66,6 +114,8 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
          _f(s["critical_path_seconds"], " s"), "same", "", ""),
         ("   wall / critical path", _f(s["wall_over_critical_path"]), _f(best_s.get("wall_over_critical_path")),
          "<= 1.2", met("slow wall / critical path <= 1.2")),
+        ("   event committed -> published by the relay p50 / p99", _pair(s.get("outbox_commit_to_published_ms")),
+         "-", "", ""),
         ("   serve RSS idle / peak (VmHWM)", f"{_f(s['idle_rss_kb'])} / {_f(s['peak_rss_kb'])} kB",
          f"{_f(best_s.get('idle_rss_kb'))} / {_f(best_s.get('peak_rss_kb'))} kB", "", ""),
         (f"   RSS per job in flight ({s['peak_jobs_in_flight']} in flight)", _f(s["rss_per_job_kb"], " kB"),
@@ -108,6 +158,8 @@ def markdown(out: dict[str, Any]) -> str:
         f"- command: `{out['command']}` (took {out['total_seconds']} s)",
         f"- machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['ram_gib']} GiB RAM, Python {m['python']}, "
         f"kernel {m['kernel']}",
+        f"- code measured: HEAD {out.get('code', {}).get('head', '?')}; files changed in the work tree outside "
+        f"bench/ at the time: {', '.join(out.get('code', {}).get('changed_outside_bench', [])) or 'none'}",
         f"- RabbitMQ {m.get('rabbitmq', '?')}, MariaDB {m.get('mariadb', {}).get('version', '?')} "
         f"(innodb_flush_log_at_trx_commit={m.get('mariadb', {}).get('innodb_flush_log_at_trx_commit', '?')}, "
         f"log_bin={m.get('mariadb', {}).get('log_bin', '?')})",
@@ -118,29 +170,56 @@ def markdown(out: dict[str, Any]) -> str:
     ]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows(out)]
     if out.get("celery"):
-        lines += ["", "Celery pools tried:", "", "| phase | pool | concurrency | jobs/s | wall s | p50 / p99 to completed ms | peak RSS kB |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "Celery pools tried:", "", "| phase | pool | concurrency | jobs/s | wall s | p50 / p99 to completed ms | worker CPU ms/job | peak RSS kB | foreign CPU s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for phase in ("throughput", "slow"):
             for r in out["celery"][phase]:
                 lines.append(f"| {phase} | {r['pool']} | {r['concurrency']} | {_f(r['jobs_per_second'])} | "
-                             f"{_f(r['wall_seconds'])} | {_pair(r['request_to_completed_ms'], '')} | {_f(r['peak_rss_kb'])} |")
+                             f"{_f(r['wall_seconds'])} | {_pair(r['request_to_completed_ms'], '')} | {_f(r.get('worker_cpu_ms_per_job'))} | "
+                             f"{_f(r['peak_rss_kb'])} | {r['cpu']['cpu_seconds'].get('foreign (rest of the machine)', '-')} |")
     t = out["throughput"]
     pr = out["probe"]
+    s_ = out["slow"]
     lines += [
         "",
         "Per job (throughput burst): "
-        f"{t['events_per_job']} events ({', '.join(f'{k} {v}' for k, v in sorted(t['events_by_type_per_job'].items()))}); "
-        f"database per job: {', '.join(f'{k} {v}' for k, v in t['db_per_job'].items())}.",
+        f"{t['events_per_job']} events ({', '.join(f'{k} {v}' for k, v in sorted(t['events_by_type_per_job'].items()))}).",
+        "",
+        "Slow phase, jobs whose first step started in each 20 s after the first request: "
+        + (", ".join(f"{k}-{int(k) + 20} s: {v}" for k, v in (s_.get("started_per_20s") or {}).items()) or "-") + ".",
+        "",
+        "SQL per job on the wire (profiled burst): "
+        + ", ".join(f"{k} {v}" for k, v in ((out.get('profile_run') or {}).get('sql') or {}).get('per_job', {}).items())
+        + "; by table: "
+        + ", ".join(f"{k} {v}" for k, v in list(((out.get('profile_run') or {}).get('sql') or {}).get(
+            'by_table_per_job', {}).items())[:8]) + ".",
+        "",
+        "SQL for one job alone (probe, no batching in the projector or relay): "
+        + ", ".join(f"{k} {v}" for k, v in (pr.get('sql') or {}).get('per_job', {}).items()) + ".",
         "",
         f"One job alone (probe): {pr['emulator_calls']} emulator calls "
         f"({', '.join(f'{k} {v}' for k, v in pr['calls_by_step'].items())}), {pr['async_waits']} async waits, "
         f"{pr['events']} events, median event body {pr['event_body_bytes']['median']} B.",
         "",
-        "CPU seconds during the throughput burst: "
-        + ", ".join(f"{k} {v}" for k, v in t["cpu"]["cpu_seconds"].items())
-        + f" (wall {t['cpu']['wall_seconds']} s).",
+        "CPU seconds during each phase (for the Celery rows the serve column is the Celery worker; "
+        "\"foreign\" is everything else on the machine: this box is shared, and other work lowers every "
+        "rate; each measurement first waits up to --quiet-wait s for the machine to calm down):",
         "",
-        "Full figures: `bench/results/latest.json` (git-ignored). What each number means: `bench/README.md`.",
+        "| phase | wall s | " + " | ".join(t["cpu"]["cpu_seconds"]) + " | machine busy % | load avg start, end |",
+        "|---|---|" + "---|" * len(t["cpu"]["cpu_seconds"]) + "---|---|",
+    ]
+    phases = [("throughput", t), ("paced", out["paced"]), ("slow", out["slow"])]
+    phases += [(f"celery {ph} {r['pool']}", r) for ph in ("throughput", "slow") for r in (out.get("celery") or {}).get(ph, [])]
+    for name, phase in phases:
+        c = phase["cpu"]
+        lines.append(f"| {name} | {c['wall_seconds']} | " + " | ".join(
+            str(c["cpu_seconds"].get(k, c["cpu_seconds"].get("celery", "-") if k == "serve" else "-"))
+            for k in t["cpu"]["cpu_seconds"])
+                     + f" | {c.get('machine_busy_percent', '-')} | {c.get('loadavg_start_end', '-')} |")
+    lines += [
+        "",
+        "Full figures: `bench/results/latest.json` (git-ignored). What each number means: `bench/README.md`. "
+        "Hot spots and the ranked levers: `bench/PROFILE.md`.",
         "",
     ]
     return "\n".join(lines)
@@ -149,4 +228,6 @@ def markdown(out: dict[str, Any]) -> str:
 def write(out: dict[str, Any], results: Path) -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / "latest.json").write_text(json.dumps(out, indent=2, default=str))
-    (BENCH / "RESULTS.md").write_text(markdown(out))
+    # bench/RESULTS.md only for a run into the default results folder (a trial elsewhere keeps it)
+    target = BENCH / "RESULTS.md" if results.resolve() == (BENCH / "results").resolve() else results / "RESULTS.md"
+    target.write_text(markdown(out))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -18,9 +19,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from emulators.client import EmulatorControl
 
+from . import sqlcount
 from .client import Client, require_all_completed, seed_vms, summarize
 from .infra import (
-    BenchError,
+    SERVICE_USER,
     CpuMeter,
     Emulators,
     Serve,
@@ -28,9 +30,12 @@ from .infra import (
     histogram_quantiles,
     proc_status,
     quantile,
+    quiet_machine,
     service_env,
     status_delta,
     substrate_pids,
+    user_stats,
+    user_url,
     wait_until,
 )
 
@@ -52,10 +57,31 @@ class Bench:
     emu: Emulators
     client: Client
     results: Path
+    sql: Any = None  # a SqlCounter (bench/sqlcount.py) the service may connect through
     notes: list[str] = field(default_factory=list)
 
-    def env(self, **extra: str) -> dict[str, str]:
-        return service_env(self.db_url, self.amqp_url, self.emu.state, **extra)
+    @property
+    def service_db_url(self) -> str:
+        """The service connects as its own user (exact per-user statistics)."""
+        return user_url(self.db_url, SERVICE_USER)
+
+    def env(self, *, counted: bool = False, **extra: str) -> dict[str, str]:
+        """`counted`: through the statement-counting proxy (exact SQL per job; a little slower)."""
+        url = self.service_db_url
+        if counted and self.sql is not None:
+            from sqlalchemy.engine import make_url
+
+            url = make_url(url).set(host="127.0.0.1", port=self.sql.port).render_as_string(hide_password=False)
+        return service_env(url, self.amqp_url, self.emu.state, **extra)
+
+    async def quiet(self, *pids: int) -> dict[str, Any]:
+        """Wait (bounded) for the rest of this shared machine to calm down before a measurement."""
+        known = [os.getpid(), self.emu.pid, *pids, *[p for ps in substrate_pids().values() for p in ps]]
+        result = await quiet_machine(known, max_wait=self.args.quiet_wait)
+        if not result["quiet"]:
+            self.notes.append(f"the machine was busy with other work (foreign {result['foreign_cores']} cores) "
+                              f"after waiting {result['waited_seconds']} s")
+        return result
 
     async def fresh_world(self, count: int, prefix: str, *, async_job_seconds: float = 0.0,
                           operation_seconds: float = 0.0) -> list[str]:
@@ -73,10 +99,10 @@ class Bench:
         return [v.vm_id for v in vms]
 
 
-def throughput_env(bench: Bench) -> dict[str, str]:
+def throughput_env(bench: Bench, counted: bool = False) -> dict[str, str]:
     """Defaults as a user runs them, but the poll interval of the slow phase (0.5 s; zero
     latency means the first poll already finds each job done)."""
-    return bench.env(FAILOVER_POLL_INTERVAL_SECONDS=str(bench.args.poll_interval))
+    return bench.env(counted=counted, FAILOVER_POLL_INTERVAL_SECONDS=str(bench.args.poll_interval))
 
 
 def _ms(v: float | None) -> float | None:
@@ -93,11 +119,20 @@ async def probe(bench: Bench, serve: Serve) -> dict[str, Any]:
     async with EmulatorControl(bench.emu.control_url) as control:
         before = await control.calls()
         since = before[-1]["seq"] if before else 0
+        us0 = await user_stats(bench.engine, SERVICE_USER)
+        sql0 = bench.sql.snapshot() if bench.sql is not None else None
         timings = await bench.client.burst(vm_ids)
         await bench.client.wait_all(timings, 60, "probe")
         require_all_completed(timings, "probe")
         calls = await control.calls(since=since)
     job_id = next(iter(timings.published))
+    await _projected(bench.engine, [job_id], 30)
+    us1 = await user_stats(bench.engine, SERVICE_USER)
+    sql1 = bench.sql.snapshot() if bench.sql is not None else None
+    async with bench.engine.connect() as conn:
+        sent = (await conn.execute(text(
+            "SELECT TIMESTAMPDIFF(MICROSECOND, created_at, published_at) / 1e3 FROM outbox "
+            "WHERE job_id = :j AND published_at IS NOT NULL ORDER BY sequence"), {"j": job_id})).scalars().all()
     async with bench.engine.connect() as conn:
         rows = (await conn.execute(text(
             "SELECT sequence, event_type, body FROM outbox WHERE job_id = :j ORDER BY sequence"), {"j": job_id})).all()
@@ -129,6 +164,11 @@ async def probe(bench: Bench, serve: Serve) -> dict[str, Any]:
         "events_by_type": types,
         "event_body_bytes": {"median": statistics.median(sizes), "min": min(sizes), "max": max(sizes)},
         "seconds": summarize(timings)["wall_seconds"],
+        "request_to_accepted_ms": _ms(timings.latencies("JobAccepted")[0]),
+        "request_to_completed_ms": _ms(timings.latencies("JobCompleted")[0]),
+        "db_user_stats_delta": {k: us1[k] - us0[k] for k in us0},
+        "outbox_commit_to_published_ms": [round(float(x), 1) for x in sent],
+        "sql": sqlcount.delta(sql0, sql1, 1) if sql0 is not None and sql1 is not None else None,
     }
 
 
@@ -148,6 +188,18 @@ async def _projected(engine: AsyncEngine, job_ids: list[str], timeout: float) ->
             return int((await conn.execute(stmt, {"ids": job_ids})).scalar_one()) >= len(job_ids)
 
     await wait_until(check, timeout, f"{len(job_ids)} jobs to be projected as ended", interval=0.2)
+
+
+async def publish_lag(engine: AsyncEngine, job_ids: list[str]) -> dict[str, Any]:
+    """The outbox relay's delay: published_at - created_at of every event of these jobs (ms)."""
+    async with engine.connect() as conn:
+        lags = (await conn.execute(text(
+            "SELECT TIMESTAMPDIFF(MICROSECOND, created_at, published_at) / 1e3 FROM outbox "
+            "WHERE job_id IN :ids AND published_at IS NOT NULL").bindparams(
+            bindparam("ids", expanding=True)), {"ids": job_ids})).scalars().all()
+    values = [float(v) for v in lags]
+    return {"events": len(values), "p50": quantile(values, 0.5), "p99": quantile(values, 0.99),
+            "max": max(values) if values else None}
 
 
 async def _job_rows(engine: AsyncEngine, job_ids: list[str]) -> dict[str, Any]:
@@ -175,11 +227,15 @@ async def _job_rows(engine: AsyncEngine, job_ids: list[str]) -> dict[str, Any]:
     return out
 
 
-async def throughput(bench: Bench, serve: Serve, count: int, label: str = "throughput") -> dict[str, Any]:
+async def throughput(bench: Bench, serve: Serve, count: int, label: str = "throughput",
+                     counted: bool = False) -> dict[str, Any]:
     """`count` test failovers published at once, zero latency."""
     vm_ids = await bench.fresh_world(count, label)
+    quiet = await bench.quiet(serve.pid)
     metrics_before = await serve.metrics_text()
     status_before = await global_status(bench.engine)
+    us0 = await user_stats(bench.engine, SERVICE_USER)
+    sql0 = bench.sql.snapshot() if counted and bench.sql is not None else None
     meter = CpuMeter({"serve": [serve.pid], "emulators": [bench.emu.pid], **substrate_pids()})
     meter.start()
     timings = await bench.client.burst(vm_ids)
@@ -188,6 +244,8 @@ async def throughput(bench: Bench, serve: Serve, count: int, label: str = "throu
     await _projected(bench.engine, job_ids, 120)
     cpu = meter.stop()
     status_after = await global_status(bench.engine)
+    us1 = await user_stats(bench.engine, SERVICE_USER)
+    sql1 = bench.sql.snapshot() if counted and bench.sql is not None else None
     metrics_after = await serve.metrics_text()
     require_all_completed(timings, label)
     s = summarize(timings)
@@ -198,6 +256,7 @@ async def throughput(bench: Bench, serve: Serve, count: int, label: str = "throu
     relay = [timings.seen[j]["JobCompleted"] - t for j, t in rows["terminal_occurred"].items()
              if "JobCompleted" in timings.seen.get(j, {})]
     db = status_delta(status_before, status_after)
+    us = {k: us1[k] - us0[k] for k in us0}
     lag_all = _histogram_delta(metrics_before, metrics_after, "failover_projector_lag_seconds")
     return {
         "jobs": count,
@@ -213,10 +272,16 @@ async def throughput(bench: Bench, serve: Serve, count: int, label: str = "throu
                                       "p99": _ms(quantile(rows["terminal_lag"], 0.99))},
         "projector_lag_all_events_ms_histogram": {k: _ms(v) if k.startswith("p") else v for k, v in lag_all.items()},
         "completed_event_to_client_ms": {"p50": _ms(quantile(relay, 0.5)), "p99": _ms(quantile(relay, 0.99))},
-        "db_status_delta": db,
-        "db_per_job": {k: round(v / count, 2) for k, v in db.items()},
+        "db_server_wide_delta": db,
+        "db_server_wide_per_job": {k: round(v / count, 2) for k, v in db.items()},
+        "db_user_stats_delta": us,
+        "db_per_job": {k: round(v / count, 3) for k, v in us.items()},
+        "serve_cpu_ms_per_job": round(1000 * cpu["cpu_seconds"]["serve"] / count, 1),
         "cpu": cpu,
         "publish_seconds": round(s["publish_seconds"], 3),
+        "sql": sqlcount.delta(sql0, sql1, count) if sql0 is not None and sql1 is not None else None,
+        "quiet_wait": quiet,
+        "outbox_commit_to_published_ms": await publish_lag(bench.engine, job_ids),
     }
 
 
@@ -253,6 +318,7 @@ async def paced(bench: Bench, serve: Serve, rate: float, seconds: float) -> dict
     service is not saturated."""
     count = max(1, int(rate * seconds))
     vm_ids = await bench.fresh_world(count, "paced")
+    quiet = await bench.quiet(serve.pid)
     meter = CpuMeter({"serve": [serve.pid], "emulators": [bench.emu.pid], **substrate_pids()})
     meter.start()
     timings = await bench.client.paced(vm_ids, rate)
@@ -263,12 +329,14 @@ async def paced(bench: Bench, serve: Serve, rate: float, seconds: float) -> dict
     completed = timings.latencies("JobCompleted")
     s = summarize(timings)
     return {
-        "jobs": count, "rate_offered": rate, "seconds_offered": seconds,
+        "jobs": count, "rate_offered": rate, "seconds_offered": seconds, "quiet_wait": quiet,
         "publish_seconds": round(s["publish_seconds"], 2),
         "request_to_accepted_ms": {"p50": _ms(quantile(accepted, 0.5)), "p99": _ms(quantile(accepted, 0.99)),
                                    "max": _ms(max(accepted))},
         "request_to_completed_ms": {"p50": _ms(quantile(completed, 0.5)), "p99": _ms(quantile(completed, 0.99))},
+        "serve_cpu_ms_per_job": round(1000 * cpu["cpu_seconds"]["serve"] / count, 1),
         "cpu": cpu,
+        "outbox_commit_to_published_ms": await publish_lag(bench.engine, list(timings.published)),
     }
 
 
@@ -282,6 +350,7 @@ async def slow(bench: Bench, count: int, latency: float, critical_waits: int, lo
                             FAILOVER_POLL_INTERVAL_SECONDS=str(bench.args.poll_interval)), log)
     await serve.start()
     try:
+        quiet = await bench.quiet(serve.pid)
         idle = proc_status(serve.pid)
         samples: list[tuple[float, int, int]] = []  # (t, rss kB, jobs in flight)
         stop = asyncio.Event()
@@ -318,7 +387,7 @@ async def slow(bench: Bench, count: int, latency: float, critical_waits: int, lo
     hwm = peak.get("VmHWM", 0)
     completed = timings.latencies("JobCompleted")
     return {
-        "jobs": count, "latency_seconds": latency, "async_waits_per_job": critical_waits,
+        "jobs": count, "latency_seconds": latency, "async_waits_per_job": critical_waits, "quiet_wait": quiet,
         "critical_path_seconds": critical,
         "wall_seconds": round(s["wall_seconds"], 2),
         "wall_over_critical_path": round(s["wall_seconds"] / critical, 3),
@@ -327,5 +396,18 @@ async def slow(bench: Bench, count: int, latency: float, critical_waits: int, lo
         "idle_rss_kb": idle.get("VmRSS"), "peak_rss_kb": hwm, "rss_at_peak_in_flight_kb": rss_at_peak,
         "peak_jobs_in_flight": in_flight,
         "rss_per_job_kb": round((hwm - idle.get("VmRSS", 0)) / in_flight, 1) if in_flight else None,
+        "serve_cpu_ms_per_job": round(1000 * cpu["cpu_seconds"]["serve"] / count, 1),
         "cpu": cpu,
+        "outbox_commit_to_published_ms": await publish_lag(bench.engine, list(timings.published)),
+        "started_per_20s": await _starts(bench.engine, list(timings.published)),
     }
+
+
+async def _starts(engine: AsyncEngine, job_ids: list[str]) -> dict[int, int]:
+    """How many jobs started (first step) in each 20 s after the first: the ramp-up."""
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text(
+            "SELECT FLOOR(TIMESTAMPDIFF(SECOND, (SELECT MIN(created_at) FROM failover_jobs WHERE job_id IN :ids), "
+            "started_at) / 20) * 20 b, COUNT(*) FROM failover_jobs WHERE job_id IN :ids AND started_at IS NOT NULL "
+            "GROUP BY b ORDER BY b").bindparams(bindparam("ids", expanding=True)), {"ids": job_ids})).all()
+    return {int(r[0]): int(r[1]) for r in rows}

@@ -31,7 +31,7 @@ async def broker_rate(url: str, *, messages: int, body_bytes: int, window: int =
         setup = await pub_conn.channel()
         try:
             await setup.queue_delete(QUEUE)
-        except Exception:  # noqa: BLE001
+        except Exception:
             setup = await pub_conn.channel()
         await setup.declare_queue(QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
         channel = await pub_conn.channel(publisher_confirms=True)
@@ -88,7 +88,10 @@ async def db_commit_rate(db_url: str, *, seconds: float, connections: int, row_b
     warnings.filterwarnings("ignore", message=".*Unknown table.*")
     setup = await asyncmy.connect(**kw)
     async with setup.cursor() as cur:
-        await cur.execute("DROP TABLE IF EXISTS bench_commits")
+        await cur.execute("SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() "
+                          "AND TABLE_NAME = 'bench_commits'")
+        if (await cur.fetchone())[0]:
+            await cur.execute("DROP TABLE bench_commits")
         await cur.execute("CREATE TABLE bench_commits (id BIGINT AUTO_INCREMENT PRIMARY KEY, "
                           "k VARCHAR(36) NOT NULL, body LONGTEXT NOT NULL, at DATETIME(6) NOT NULL) "
                           "ENGINE=InnoDB")
@@ -118,7 +121,7 @@ async def db_commit_rate(db_url: str, *, seconds: float, connections: int, row_b
     wall = time.monotonic() - began
     cpu = meter.stop()
     async with setup.cursor() as cur:
-        await cur.execute("DROP TABLE IF EXISTS bench_commits")
+        await cur.execute("DROP TABLE bench_commits")
     await setup.commit()
     setup.close()
     return {"commits": count, "seconds": round(wall, 3), "connections": connections, "row_bytes": row_bytes,

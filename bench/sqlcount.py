@@ -1,0 +1,101 @@
+"""A counting TCP proxy between `serve` and MariaDB: every command the service sends, by kind
+(COMMIT, ROLLBACK, SELECT, INSERT, UPDATE, ping, ...) and table. MariaDB's own counters are
+server-wide (this server is shared) or count statements rather than transactions, so the
+exact per-job figures come from here. It forwards bytes unchanged; it only reads the
+client's command packets (MySQL protocol: 3-byte length, sequence id, command byte)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import Counter
+from typing import Any
+
+_TABLE = re.compile(r"\b(?:INTO|UPDATE|FROM)\s+`?([A-Za-z_][A-Za-z0-9_]*)`?", re.IGNORECASE)
+COM_QUERY, COM_PING, COM_QUIT = 0x03, 0x0E, 0x01
+
+
+class SqlCounter:
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.kinds: Counter[str] = Counter()
+        self.by_table: Counter[str] = Counter()
+        self.connections = 0
+        self._server: asyncio.base_events.Server | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"kinds": dict(self.kinds), "by_table": dict(self.by_table), "connections": self.connections}
+
+    def _count(self, payload: bytes) -> None:
+        cmd = payload[0]
+        if cmd == COM_QUERY:
+            sql = payload[1:200].decode("utf-8", "replace").lstrip()
+            kind = sql.split(None, 1)[0].upper() if sql else "?"
+            self.kinds[kind] += 1
+            if kind in ("SELECT", "INSERT", "UPDATE", "DELETE"):
+                m = _TABLE.search(payload[1:2000].decode("utf-8", "replace"))
+                self.by_table[f"{kind} {m.group(1) if m else '?'}"] += 1
+        elif cmd == COM_PING:
+            self.kinds["PING"] += 1
+        elif cmd != COM_QUIT:
+            self.kinds[f"command 0x{cmd:02x}"] += 1
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+
+        async def client_to_server() -> None:
+            buf = b""
+            try:
+                while data := await reader.read(65536):
+                    up_writer.write(data)
+                    buf += data
+                    while len(buf) >= 4:
+                        length = int.from_bytes(buf[:3], "little")
+                        if len(buf) < 4 + length:
+                            break
+                        if buf[3] == 0 and length:  # a new command (seq 0), not a handshake packet
+                            self._count(buf[4:4 + length])
+                        buf = buf[4 + length:]
+                    await up_writer.drain()
+            finally:
+                up_writer.close()
+
+        async def server_to_client() -> None:
+            try:
+                while data := await up_reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            finally:
+                writer.close()
+
+        await asyncio.gather(client_to_server(), server_to_client(), return_exceptions=True)
+
+
+def delta(before: dict[str, Any], after: dict[str, Any], jobs: int) -> dict[str, Any]:
+    """Per job, between two snapshots."""
+    def sub(a: dict[str, int], b: dict[str, int]) -> dict[str, float]:
+        keys = set(a) | set(b)
+        return {k: round((b.get(k, 0) - a.get(k, 0)) / jobs, 2) for k in sorted(keys, key=lambda k: -(b.get(k, 0) - a.get(k, 0)))
+                if b.get(k, 0) - a.get(k, 0)}
+
+    kinds = sub(before["kinds"], after["kinds"])
+    return {"per_job": kinds, "by_table_per_job": sub(before["by_table"], after["by_table"]),
+            "statements_per_job": round(sum(v for k, v in kinds.items() if k != "PING"), 2),
+            "round_trips_per_job": round(sum(kinds.values()), 2),
+            "commits_per_job": kinds.get("COMMIT", 0.0), "rollbacks_per_job": kinds.get("ROLLBACK", 0.0),
+            "pings_per_job": kinds.get("PING", 0.0)}
