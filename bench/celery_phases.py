@@ -99,7 +99,7 @@ class Worker:
 
     async def start(self, amqp_url: str, timeout: float = 60.0) -> None:
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(  # noqa: ASYNC220
+        self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "bench.celery_peer", "worker", "-P", self.pool,
              "-c", str(self.concurrency), "-Q", QUEUE, "--loglevel", "WARNING", "--without-gossip",
              "--without-mingle", "--without-heartbeat", "-n", f"bench-{self.pool}@%h"],

@@ -410,7 +410,7 @@ class Emulators:
     async def start(self, timeout: float = 30.0) -> None:
         self.state_file.unlink(missing_ok=True)
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(  # noqa: ASYNC220
+        self.proc = subprocess.Popen(
             [sys.executable, "-m", "emulators", "--cloudstack-port", "0", "--volume-daemon-port", "0",
              "--state-file", str(self.state_file)],
             stdout=log, stderr=subprocess.STDOUT, cwd=str(CODE_DIR), env={**os.environ, "PYTHONPATH": str(CODE_DIR)})
@@ -501,7 +501,7 @@ class Serve:
             argv = [pyspy, "record", "--nonblocking", "-r", str(self.profile_rate), "-f", "raw",
                     "-o", str(self.profile_to), "--", *argv]
         self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(argv, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(CODE_DIR))  # noqa: ASYNC220
+        self.proc = subprocess.Popen(argv, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(CODE_DIR))
 
         async def ready() -> bool:
             assert self.proc is not None

@@ -92,8 +92,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from .sqlcount import SqlCounter
 
     results: Path = args.results
-    results.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
-    for old in results.glob("*.log"):  # noqa: ASYNC240
+    results.mkdir(parents=True, exist_ok=True)
+    for old in results.glob("*.log"):
         old.unlink()
     out: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
                            "command": "python -m bench.run " + " ".join(sys.argv[1:]),

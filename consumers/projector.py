@@ -160,5 +160,5 @@ async def _settle(call: object) -> None:
     (the broker requeued it when the old channel closed): ignore that."""
     try:
         await call  # type: ignore[misc]
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log.debug("projector: could not settle a delivery (%s); the broker delivers it again", exc)

@@ -49,7 +49,12 @@ class JobRunner:
         self._valid_until: dict[str, float] = {}
         self._crashes: dict[str, int] = {}
         self._lost: set[str] = set()  # stopped because the lease is (or may be) gone
-        self.margin = min(1.0, lease_seconds / 5)
+        # a job is stopped this long before its lease could run out (event-loop lag, a slow
+        # database): a fifth of the lease
+        self.margin = lease_seconds / 5
+        store.on_lease = self._extended  # a commit extends the job's lease
+        store.on_commit = self._committed
+        self._active: set[str] = set()  # jobs this process has committed for since taking them
         self._loop_done: asyncio.Event | None = None  # set when the claiming loop has exited
         self._renew_task: asyncio.Task[None] | None = None
 
@@ -123,10 +128,31 @@ class JobRunner:
         ctx = self.make_context(row)
         ctx.owner = self.owner
         ctx.taken_over = taken_over and (row.status != "pending" or row.last_sequence > 1)
-        self.contexts[row.job_id] = ctx
-        self._valid_until[row.job_id] = lease_from + self.lease_seconds
-        task = asyncio.create_task(self._drive(ctx), name=f"job-{row.job_id}")
-        self.running[row.job_id] = task
+        job_id = row.job_id
+        self.contexts[job_id] = ctx
+        self._valid_until[job_id] = lease_from + self.lease_seconds
+        task = asyncio.create_task(self._drive(ctx), name=f"job-{job_id}")
+        self.running[job_id] = task
+        # also when the task is cancelled before it ever ran (then _drive's finally never runs)
+        task.add_done_callback(lambda t, job_id=job_id: self._forget(job_id, t))  # type: ignore[misc]
+
+    def _forget(self, job_id: str, task: asyncio.Task[None]) -> None:
+        if self.running.get(job_id) is task:
+            del self.running[job_id]
+            self.contexts.pop(job_id, None)
+            self.entered.pop(job_id, None)
+            self._valid_until.pop(job_id, None)
+            self._active.discard(job_id)
+            self._lost.discard(job_id)
+            self._wake.set()
+
+    def _committed(self, job_id: str) -> None:
+        """A commit of the job succeeded: from the first one on, this process acts on the job
+        (every drive begins with a fenced commit: what came before it did nothing)."""
+        if job_id in self.running and job_id not in self._active:
+            self._active.add(job_id)
+            log.info("acting on job %s", job_id,
+                     extra={"job_id": job_id, "fields": {"drive": "active", "owner": self.owner}})
 
     async def _drive(self, ctx: JobContext) -> None:
         job_id = ctx.row.job_id
@@ -136,51 +162,59 @@ class JobRunner:
                  extra={"job_id": job_id, "fields": {"drive": "start", "owner": self.owner,
                                                      "state": ctx.row.status}})
         try:
-            state = await drive(self.machine, ctx)
-            log.debug("job %s stopped in state %s", job_id, state)
-        except asyncio.CancelledError:
-            if job_id in self._lost:
+            try:
+                state = await drive(self.machine, ctx)
+                log.debug("job %s stopped in state %s", job_id, state)
+            except asyncio.CancelledError:
+                if job_id not in self._lost:
+                    log.warning("job %s interrupted mid-step; its lease will be released", job_id)
+                    raise
                 log.warning("job %s stopped mid-step: its lease is gone or could not be renewed; the "
                             "next owner looks up what this run did", job_id)
-            else:
-                log.warning("job %s interrupted mid-step; its lease will be released", job_id)
-                raise
-        except Exception:
-            crashed = True
-            log.exception("job %s crashed in the engine; it will be resumed from its recorded state", job_id)
+            except Exception as exc:
+                crashed = True
+                if is_connection_error(exc):  # a commit failed: its outcome is unknown, so stop here
+                    log.warning("job %s stopped: the database is unreachable (%s); it will be resumed from "
+                                "its recorded state", job_id, type(exc).__name__)
+                else:
+                    log.exception("job %s crashed in the engine; it will be resumed from its recorded state",
+                                  job_id)
+            if state is not None and is_ended(state):
+                self._crashes.pop(job_id, None)
+            elif not self._stopping and job_id not in self._lost and not ctx.draining:
+                # a crash (database gone mid-commit?) or a lease lost at a commit: hand the job
+                # back (while it still counts as running here, so that this process's own claim
+                # does not take it in between) for whoever can to resume it, after a growing
+                # pause when it keeps crashing
+                n = self._crashes.get(job_id, 0) + 1 if crashed else 0
+                self._crashes[job_id] = n
+                delay = min(self.lease_seconds, 0.5 * 2 ** n) if crashed else 0.0
+                try:
+                    await self.store.release(job_id, delay)
+                except Exception:
+                    log.warning("could not hand job %s back (database unreachable?); its lease expires "
+                                "in at most %.0f s", job_id, self.lease_seconds)
         finally:
-            self.running.pop(job_id, None)
-            self.contexts.pop(job_id, None)
-            self.entered.pop(job_id, None)
-            self._valid_until.pop(job_id, None)
-            lost = job_id in self._lost
-            self._lost.discard(job_id)
             log.info("stopped driving job %s", job_id,
                      extra={"job_id": job_id, "fields": {"drive": "end", "owner": self.owner, "state": state}})
-            self._wake.set()
-        if not self._stopping and not lost and (state is None or not is_ended(state)) and not ctx.draining:
-            # a crash (database gone mid-commit?) or a lease lost at a commit: hand the job back
-            # so that whoever can (this process included) resumes it, after a growing pause
-            # when it keeps crashing
-            n = self._crashes.get(job_id, 0) + 1 if crashed else 0
-            self._crashes[job_id] = n
-            delay = min(self.lease_seconds, 0.5 * 2 ** n) if crashed else 0.0
-            try:
-                await self.store.release(job_id, delay)
-            except Exception:
-                log.warning("could not hand job %s back (database unreachable?); its lease expires "
-                            "in at most %.0f s", job_id, self.lease_seconds)
-        elif state is not None and is_ended(state):
-            self._crashes.pop(job_id, None)
+            task = asyncio.current_task()
+            if task is not None:
+                self._forget(job_id, task)
 
     # ------------------------------------------------------------------ leases
+
+    def _extended(self, job_id: str, until: float) -> None:
+        if job_id in self._valid_until and job_id not in self._lost:
+            self._valid_until[job_id] = max(self._valid_until[job_id], until)
 
     def _stop_job(self, job_id: str, why: str) -> None:
         task = self.running.get(job_id)
         if task is None or task.done() or job_id in self._lost:
             return
         self._lost.add(job_id)
-        log.warning("stopping job %s: %s", job_id, why, extra={"job_id": job_id})
+        # from here on the job's task does nothing more: it is cancelled at its current await
+        log.warning("stopping job %s: %s", job_id, why,
+                    extra={"job_id": job_id, "fields": {"drive": "stop", "owner": self.owner}})
         task.cancel()
 
     def _enforce(self) -> None:
@@ -188,8 +222,8 @@ class JobRunner:
         now = time.monotonic()
         for job_id, until in list(self._valid_until.items()):
             if now >= until - self.margin:
-                self._stop_job(job_id, "its lease could not be renewed in time (database unreachable?), "
-                                       "so another process may take it over")
+                self._stop_job(job_id, f"its lease was last renewed {now - until + self.lease_seconds:.1f} s ago "
+                                       "(database unreachable or slow?), so another process may take it over")
 
     async def _renew_loop(self) -> None:
         enforcer = asyncio.create_task(self._enforce_loop(), name="lease-enforcement")
@@ -201,20 +235,29 @@ class JobRunner:
 
     async def _enforce_loop(self) -> None:
         """Independent of the renewals (which may hang on a dead database): stop in time."""
+        tick = self.margin / 2
         while True:
-            await asyncio.sleep(self.margin / 2)
+            before = time.monotonic()
+            await asyncio.sleep(tick)
+            lag = time.monotonic() - before - tick
+            if lag > self.margin:
+                log.warning("the event loop lagged %.1f s (CPU starved?): leases may run out before they "
+                            "are renewed", lag)
             self._enforce()
 
     async def _renewals(self) -> None:
         interval = self.lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
-            ids = [j for j in self.running if j not in self._lost]
+            asked = time.monotonic()
+            # a job that committed lately has had its lease extended by that commit
+            ids = [j for j in self.running if j not in self._lost
+                   and self._valid_until.get(j, 0.0) - asked < self.lease_seconds - interval]
             if not ids:
                 continue
-            asked = time.monotonic()
             try:
-                others = await asyncio.wait_for(self.store.renew(ids, self.lease_seconds), self.lease_seconds)
+                renewed, others = await asyncio.wait_for(self.store.renew(ids, self.lease_seconds),
+                                                         self.lease_seconds)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -225,8 +268,8 @@ class JobRunner:
                     owner = others[job_id]
                     self._stop_job(job_id, f"its lease was taken over by {owner}" if owner
                                    else "its lease was released")
-                elif job_id in self._valid_until:
-                    self._valid_until[job_id] = asked + self.lease_seconds
+                elif job_id in renewed and job_id in self._valid_until:
+                    self._valid_until[job_id] = max(self._valid_until[job_id], asked + self.lease_seconds)
 
     async def drain(self, timeout: float) -> None:
         """SIGTERM: stop claiming, let running jobs reach their next safe point, hand them back."""

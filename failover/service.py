@@ -175,7 +175,8 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
         if "orchestrator" in roles:
             http = aiohttp.ClientSession()
             stack.push_async_callback(http.close)
-            store = JobStore(engine, svc.owner, on_outbox=wake, lease_engine=lease_engine)
+            store = JobStore(engine, svc.owner, on_outbox=wake, lease_engine=lease_engine,
+                             lease_seconds=settings.lease_seconds)
             svc.store = store
             ports = Ports(
                 cloudstack=CloudStackAdapter(
@@ -203,7 +204,7 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
                                lease_seconds=settings.lease_seconds, claim_interval=settings.claim_interval_seconds)
             runner_ref.append(runner)
             svc.runner = runner
-            tasks.append(asyncio.create_task(runner.run(), name="job-runner"))
+            tasks.append(asyncio.create_task(runner.run(), name="runner"))  # not job-*: see logs.py
             recorder = CommandRecorder(engine, svc.owner, settings.lease_seconds)
             recorder.on_outbox = wake
             cchannel = await connection.channel(publisher_confirms=True)

@@ -100,6 +100,9 @@ class OutboxRelay:
 
     async def run(self) -> None:
         while not self._stopping:
+            # cleared before reading the outbox, so a commit made while we publish wakes the
+            # next round instead of being lost until the poll interval
+            self._wake.clear()
             try:
                 if await self._leader() and await self.publish_once() >= self.batch:
                     continue  # more waiting: no pause
@@ -113,7 +116,6 @@ class OutboxRelay:
                                 "the outbox", type(exc).__name__, exc)
                 self._lease_checked = 0.0  # the lease may have lapsed meanwhile: check it first
                 await asyncio.sleep(1.0)
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
             except TimeoutError:

@@ -16,8 +16,8 @@ from emulators.runner import EmulatorHandle
 from failover.client import BusClient
 from failover.seed import SeededVm, seed_vm
 from schemas.commands import CancelRequested, CleanupRequested, FailoverRequested, RollbackRequested
-from schemas.events import Event
 from schemas.common import FAILOVER_STEPS
+from schemas.events import Event
 from statemachine.naming import sanitize_vm_name, test_vm_name
 
 from .helpers import ServeProcess, failover, failover_row, projected, run_command

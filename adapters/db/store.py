@@ -3,12 +3,15 @@ and the leases by which one process owns a running job."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Callable, Collection
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any, TypeVar
 
 from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas.events import Event
@@ -18,6 +21,7 @@ from statemachine.ports import Commit, JobRow, LedgerEntry
 from .engine import from_db_time, to_db_time, utcnow
 from .tables import failover_jobs, outbox, resource_ledger, vm_replication_contexts
 
+T = TypeVar("T")
 _JOB_TYPES = {"test": "test-failover", "live": "live-failover", "cleanup": "cleanup"}
 SEED_JOB_TYPES = {v: k for k, v in _JOB_TYPES.items()}  # contract job type -> seed column value
 _TIME_COLUMNS = {"started_at", "completed_at", "lease_expires_at"}
@@ -57,15 +61,40 @@ def row_to_job(r: Any) -> JobRow:
     )
 
 
+_RETRYABLE = (1205, 1213)  # lock wait timeout, deadlock: the transaction was rolled back
+
+
+def _retryable(exc: BaseException) -> bool:
+    code = getattr(getattr(exc, "orig", None), "args", (None,))
+    return isinstance(exc, DBAPIError) and bool(code) and code[0] in _RETRYABLE
+
+
+async def _again(what: Callable[[], Awaitable[T]], tries: int = 4) -> T:
+    """Run a transaction again when MariaDB rolled it back for a deadlock or a lock wait
+    timeout (nothing of it was written)."""
+    for attempt in range(1, tries + 1):
+        try:
+            return await what()
+        except DBAPIError as exc:
+            if attempt == tries or not _retryable(exc):
+                raise
+            await asyncio.sleep(0.01 * attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 class JobStore:
     """`statemachine.ports.JobStorePort` on MariaDB, fenced by `owner`'s lease."""
 
     def __init__(self, engine: AsyncEngine, owner: str, on_outbox: Callable[[], None] = lambda: None, *,
-                 lease_engine: AsyncEngine | None = None) -> None:
+                 lease_engine: AsyncEngine | None = None, lease_seconds: float | None = None) -> None:
         self.engine = engine
-        # leases get their own small pool: a renewal must never wait behind the jobs' commits
+        # renewals get their own small pool: they must never wait behind the jobs' commits
         self.lease_engine = lease_engine or engine
         self.owner = owner
+        self.lease_seconds = lease_seconds
+        # told (job id, monotonic time until which the lease is surely valid) after a commit
+        self.on_lease: Callable[[str, float], None] = lambda job_id, until: None
+        self.on_commit: Callable[[str], None] = lambda job_id: None  # after every successful commit
         self.on_outbox = on_outbox
         self.transactions = 0  # counted for the benchmark's transactions-per-job figure
 
@@ -82,40 +111,57 @@ class JobStore:
         new_seq = job.last_sequence + len(commit.events)
         values["last_sequence"] = new_seq
         values["updated_at"] = utcnow()
-        async with self.engine.begin() as conn:
-            self.transactions += 1
-            result = await conn.execute(
-                update(failover_jobs)
-                .where(failover_jobs.c.job_id == job.job_id, failover_jobs.c.lease_owner == self.owner,
-                       failover_jobs.c.last_sequence == job.last_sequence)
-                .values(**values)
-            )
-            if result.rowcount != 1:
-                raise LeaseLost(job.job_id)
-            if commit.events:
-                await conn.execute(outbox.insert(), [outbox_row(e) for e in commit.events])
-            for entry in commit.ledger:
-                stmt = mysql_insert(resource_ledger).values(**_ledger_row(job.job_id, entry))
-                await conn.execute(stmt.on_duplicate_key_update(
-                    resource_id=stmt.inserted.resource_id, name=stmt.inserted.name,
-                    status=stmt.inserted.status, cs_job_id=stmt.inserted.cs_job_id,
-                    operation_id=stmt.inserted.operation_id, data=stmt.inserted.data,
-                    updated_at=stmt.inserted.updated_at))
-            if commit.vm_status:
-                await conn.execute(
-                    update(vm_replication_contexts)
-                    .where(vm_replication_contexts.c.vmware_vm_id == job.vm_id)
-                    .values(current_status=commit.vm_status, updated_at=utcnow()))
-            if commit.parent and job.parent_job_id:
-                await conn.execute(
-                    update(failover_jobs).where(failover_jobs.c.job_id == job.parent_job_id)
-                    .values(**commit.parent, updated_at=utcnow()))
-            cancel = (await conn.execute(
-                select(failover_jobs.c.cancel_requested).where(failover_jobs.c.job_id == job.job_id)
-            )).scalar_one()
+        if self.lease_seconds and "lease_expires_at" not in values:
+            # a commit of a job whose lease is valid extends it: the lease then runs out only
+            # while the job waits (the runner renews it meanwhile) or when this process is gone
+            values["lease_expires_at"] = func.greatest(failover_jobs.c.lease_expires_at,
+                                                       self._expiry(self.lease_seconds))
+        asked = time.monotonic()
+
+        async def write() -> bool:
+            async with self.engine.begin() as conn:
+                self.transactions += 1
+                # the fence: this process's lease, not expired (an expired lease may have been
+                # taken by another process already), and nobody else committed meanwhile
+                result = await conn.execute(
+                    update(failover_jobs)
+                    .where(failover_jobs.c.job_id == job.job_id, failover_jobs.c.lease_owner == self.owner,
+                           failover_jobs.c.lease_expires_at > func.now(6),
+                           failover_jobs.c.last_sequence == job.last_sequence)
+                    .values(**values)
+                )
+                if result.rowcount != 1:
+                    raise LeaseLost(job.job_id)
+                if commit.events:
+                    await conn.execute(outbox.insert(), [outbox_row(e) for e in commit.events])
+                for entry in commit.ledger:
+                    stmt = mysql_insert(resource_ledger).values(**_ledger_row(job.job_id, entry))
+                    await conn.execute(stmt.on_duplicate_key_update(
+                        resource_id=stmt.inserted.resource_id, name=stmt.inserted.name,
+                        status=stmt.inserted.status, cs_job_id=stmt.inserted.cs_job_id,
+                        operation_id=stmt.inserted.operation_id, data=stmt.inserted.data,
+                        updated_at=stmt.inserted.updated_at))
+                if commit.vm_status:
+                    await conn.execute(
+                        update(vm_replication_contexts)
+                        .where(vm_replication_contexts.c.vmware_vm_id == job.vm_id)
+                        .values(current_status=commit.vm_status, updated_at=utcnow()))
+                if commit.parent and job.parent_job_id:
+                    await conn.execute(
+                        update(failover_jobs).where(failover_jobs.c.job_id == job.parent_job_id)
+                        .values(**commit.parent, updated_at=utcnow()))
+                cancel = (await conn.execute(
+                    select(failover_jobs.c.cancel_requested).where(failover_jobs.c.job_id == job.job_id)
+                )).scalar_one()
+            return bool(cancel)
+
+        cancel = await _again(write)
+        self.on_commit(job.job_id)
         if commit.events:
             self.on_outbox()
-        return bool(cancel)
+        if self.lease_seconds and "lease_expires_at" not in commit.job:
+            self.on_lease(job.job_id, asked + self.lease_seconds)
+        return cancel
 
     async def ledger(self, job_id: str) -> list[LedgerEntry]:
         async with self.engine.connect() as conn:
@@ -139,34 +185,45 @@ class JobStore:
     async def claim(self, limit: int, lease_seconds: float, running: Collection[str] = ()) -> list[JobRow]:
         """Take up to `limit` unended jobs that nobody owns, whose lease expired, or that this
         process owns but does not run (recorded here, but the hand-over to the runner was
-        lost, or a run that crashed). Never waits on another process's locks (SKIP LOCKED),
-        holds no lock after it returns."""
+        lost, or a run that stopped). Holds no lock while it looks: the candidates come from a
+        plain (non-locking) read, and the conditional UPDATE re-checks each one against its
+        latest committed version, so of two processes racing for a job exactly one gets it.
+
+        (`SELECT ... FOR UPDATE SKIP LOCKED` would lock, under REPEATABLE READ, every unended
+        row the scan passes, running jobs of other processes included, until the claim
+        commits: their lease renewals and commits then wait for it.)"""
         if limit <= 0:
             return []
         free = or_(failover_jobs.c.lease_expires_at.is_(None), failover_jobs.c.lease_expires_at < func.now(6))
         mine = failover_jobs.c.lease_owner == self.owner
         if running:
             mine = and_(mine, failover_jobs.c.job_id.not_in(list(running)))
-        async with self.lease_engine.begin() as conn:
-            ids = (await conn.execute(
-                select(failover_jobs.c.job_id)
-                .where(failover_jobs.c.ended.is_(False), or_(free, mine))
-                .order_by(failover_jobs.c.id).limit(limit).with_for_update(skip_locked=True)
+        claimable = and_(failover_jobs.c.ended.is_(False), or_(free, mine))
+        async with self.engine.connect() as conn:
+            candidates = (await conn.execute(
+                select(failover_jobs.c.job_id).where(claimable).order_by(failover_jobs.c.id).limit(limit)
             )).scalars().all()
-            if not ids:
-                return []
-            await conn.execute(
-                update(failover_jobs).where(failover_jobs.c.job_id.in_(ids))
-                .values(lease_owner=self.owner, lease_expires_at=self._expiry(lease_seconds),
-                        attempts=failover_jobs.c.attempts + 1))
-            rows = (await conn.execute(select(failover_jobs).where(failover_jobs.c.job_id.in_(ids)))).all()
-        return [row_to_job(r) for r in rows]
+            await conn.rollback()
+        if not candidates:
+            return []
+        async def take_them() -> list[Any]:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    update(failover_jobs).where(failover_jobs.c.job_id.in_(candidates), claimable)
+                    .values(lease_owner=self.owner, lease_expires_at=self._expiry(lease_seconds),
+                            attempts=failover_jobs.c.attempts + 1))
+                return list((await conn.execute(select(failover_jobs).where(
+                    failover_jobs.c.job_id.in_(candidates), failover_jobs.c.lease_owner == self.owner,
+                    failover_jobs.c.ended.is_(False)))).all())
+
+        rows = await _again(take_them)
+        return [row_to_job(r) for r in rows if r.job_id not in running]
 
     async def take(self, job_id: str, lease_seconds: float) -> JobRow | None:
         """Take (or refresh) the lease of one job this process recorded, unless another
         process has taken it meanwhile; the job's row when this process owns it now."""
         free = or_(failover_jobs.c.lease_expires_at.is_(None), failover_jobs.c.lease_expires_at < func.now(6))
-        async with self.lease_engine.begin() as conn:
+        async with self.engine.begin() as conn:
             result = await conn.execute(
                 update(failover_jobs)
                 .where(failover_jobs.c.job_id == job_id, failover_jobs.c.ended.is_(False),
@@ -177,28 +234,41 @@ class JobStore:
             r = (await conn.execute(select(failover_jobs).where(failover_jobs.c.job_id == job_id))).first()
         return row_to_job(r) if r is not None else None
 
-    async def renew(self, job_ids: Collection[str], lease_seconds: float) -> dict[str, str | None]:
-        """Extend the leases of these jobs where this process still owns them. Returns, for
-        each job not (or no longer) ours and not ended, its owner now (None: nobody)."""
-        ids = list(job_ids)
+    async def renew(self, job_ids: Collection[str], lease_seconds: float) -> tuple[set[str], dict[str, str | None]]:
+        """Extend the leases of these jobs where this process still owns them. A job whose row
+        is locked right now is being committed by this process, and that commit extends its
+        lease: it is skipped rather than waited for (a renewal must not queue behind every
+        running job's commit). Returns the jobs renewed, and for each job no longer ours its
+        owner now (None: nobody)."""
+        ids = sorted(job_ids)
         if not ids:
-            return {}
-        async with self.lease_engine.begin() as conn:
-            await conn.execute(
-                update(failover_jobs)
-                .where(failover_jobs.c.job_id.in_(ids), failover_jobs.c.lease_owner == self.owner,
-                       failover_jobs.c.ended.is_(False))
-                .values(lease_expires_at=self._expiry(lease_seconds)))
+            return set(), {}
+
+        async def extend() -> set[str]:
+            async with self.lease_engine.begin() as conn:
+                mine = (await conn.execute(
+                    select(failover_jobs.c.job_id)
+                    .where(failover_jobs.c.job_id.in_(ids), failover_jobs.c.lease_owner == self.owner,
+                           failover_jobs.c.ended.is_(False))
+                    .with_for_update(skip_locked=True))).scalars().all()
+                if mine:
+                    await conn.execute(
+                        update(failover_jobs).where(failover_jobs.c.job_id.in_(mine))
+                        .values(lease_expires_at=self._expiry(lease_seconds)))
+            return set(mine)
+
+        renewed = await _again(extend)
+        async with self.lease_engine.connect() as conn:
             rows = (await conn.execute(
                 select(failover_jobs.c.job_id, failover_jobs.c.lease_owner)
                 .where(failover_jobs.c.job_id.in_(ids), failover_jobs.c.ended.is_(False),
                        or_(failover_jobs.c.lease_owner.is_(None), failover_jobs.c.lease_owner != self.owner))
             )).all()
-        return {r.job_id: r.lease_owner for r in rows}
+        return renewed, {r.job_id: r.lease_owner for r in rows}
 
     async def release(self, job_id: str, delay_seconds: float = 0.0) -> None:
         """Hand one job back (it may be claimed again after `delay_seconds`)."""
-        async with self.lease_engine.begin() as conn:
+        async with self.engine.begin() as conn:
             await conn.execute(
                 update(failover_jobs)
                 .where(failover_jobs.c.job_id == job_id, failover_jobs.c.lease_owner == self.owner,
@@ -208,7 +278,7 @@ class JobStore:
 
     async def release_all(self) -> int:
         """Hand every unended job of this process back (SIGTERM): another may take it at once."""
-        async with self.lease_engine.begin() as conn:
+        async with self.engine.begin() as conn:
             result = await conn.execute(
                 update(failover_jobs)
                 .where(failover_jobs.c.lease_owner == self.owner, failover_jobs.c.ended.is_(False))

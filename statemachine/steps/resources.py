@@ -145,14 +145,14 @@ async def ensure_vm(ctx: JobContext, spec: DeploySpec) -> str:
         await ctx.record(entry)
     if entry.cs_job_id is not None:
         await _wait_cs(ctx, entry, ctx.config.async_job_timeout)
-    vm = await cs.get_vm(entry.resource_id or "") if entry.resource_id else None
-    if vm is None:
+    deployed = await cs.get_vm(entry.resource_id or "") if entry.resource_id else None
+    if deployed is None:
         entry.resource_id = entry.cs_job_id = None
         await ctx.record(entry)
         raise TransientError("VM_MISSING", f"the deployed VM {spec.name} is not found; deploying again")
     entry.status = "done"
     await ctx.record(entry)
-    return vm.id
+    return deployed.id
 
 
 async def _destroy_failed(ctx: JobContext, entry: LedgerEntry, vm_id: str) -> None:
@@ -185,11 +185,11 @@ async def run_vm_command(ctx: JobContext, key: str, vm_id: str, command: str) ->
     if entry.cs_job_id is None:
         # resumed after a crash between the call and recording its job id: look first, and
         # let a job still working on the VM (that call's, perhaps) finish before deciding
-        async def settled() -> tuple[CsVm | None] | None:
+        async def not_busy() -> tuple[CsVm | None] | None:
             now = await cs.get_vm(vm_id)
             return None if now is not None and now.state in _VM_BUSY else (now,)
 
-        (vm,) = await _settle(settled, ctx.config.async_job_timeout, "CLOUDSTACK_JOB_TIMEOUT",
+        (vm,) = await _settle(not_busy, ctx.config.async_job_timeout, "CLOUDSTACK_JOB_TIMEOUT",
                               f"the job working on VM {vm_id}")
         settled = {"start": ("Running",), "stop": ("Stopped",), "destroy": ("Destroyed", "Expunging")}[command]
         if (vm is None and command == "destroy") or (vm is not None and vm.state in settled):
@@ -234,7 +234,7 @@ async def ensure_attached(ctx: JobContext, key: str, volume_id: str, vm_id: str,
         ctx, key, "volume", "attach-root" if root else "attach", resource_id=volume_id, data={"vm_id": vm_id}
     )
     if entry.status == "done":
-        return entry.data.get("device_id")  # type: ignore[return-value]
+        return entry.data.get("device_id")
     if entry.operation_id is not None:
         await _wait_op(ctx, entry)
     current = await vd.get_volume(volume_id)

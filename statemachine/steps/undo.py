@@ -10,8 +10,8 @@ order, and delete the snapshots last.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from statemachine.context import JobContext

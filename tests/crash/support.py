@@ -422,12 +422,16 @@ def _iso(ts: str) -> float:
 
 def drive_intervals(log_paths: dict[str, Path], killed_at: dict[str, float],
                     ended_at: float) -> dict[str, list[tuple[str, float, float]]]:
-    """Per job: (process, from, to) of every time a process drove it, from the processes' JSON
-    logs (`drive_start` / `drive_end` lines of the runner). A process killed while driving
-    drove until its kill."""
+    """Per job: (process, from, to) of every time a process acted on it, from the processes'
+    JSON logs (the runner's `drive` lines). A process acts on a job from its first successful
+    commit after taking it (every drive begins with a commit fenced by the lease: a process
+    that took a job but was fenced off did nothing) until the job's task finishes or the
+    runner cancels it (it does nothing more from there); a process killed while acting acted
+    until its kill."""
     out: dict[str, list[tuple[str, float, float]]] = defaultdict(list)
     for name, path in log_paths.items():
         open_: dict[str, float] = {}
+        stopped: dict[str, float] = {}  # the runner cancelled the job's task (lease in doubt)
         for line in path.read_text(errors="replace").splitlines():
             if '"drive": ' not in line:
                 continue
@@ -437,12 +441,17 @@ def drive_intervals(log_paths: dict[str, Path], killed_at: dict[str, float],
                 continue
             what = (rec.get("fields") or {}).get("drive")
             job = rec.get("job_id")
-            if what == "start":
+            if what == "start":  # taken: acting from its first successful (fenced) commit on
+                open_.pop(job, None)
+                stopped.pop(job, None)
+            elif what == "active":
                 open_[job] = _iso(rec["time"])
+            elif what == "stop" and job in open_:
+                stopped[job] = _iso(rec["time"])
             elif what == "end" and job in open_:
-                out[job].append((name, open_.pop(job), _iso(rec["time"])))
+                out[job].append((name, open_.pop(job), min(_iso(rec["time"]), stopped.pop(job, 1e18))))
         for job, began in open_.items():
-            out[job].append((name, began, killed_at.get(name, ended_at)))
+            out[job].append((name, began, min(killed_at.get(name, ended_at), stopped.get(job, 1e18))))
     return out
 
 
