@@ -1,13 +1,16 @@
 """The job runner: owns jobs through leases and drives them on the shared machine.
 
 Jobs this process accepted start at once (it already holds their lease); others are claimed
-when their lease is free or expired (`SKIP LOCKED`, never waiting on another process). The
-lease of every job this process drives is renewed while it runs; a commit from a process that
-lost its lease writes nothing (the store fences it). A job whose lease this process can no
-longer vouch for (renewals failing, the database unreachable) is stopped before the lease
-could expire, so no other process ever drives it at the same time; a job whose lease another
-process took is stopped at once. At most `max_concurrent_jobs` run at once; the rest wait in
-the database, none is dropped.
+when their lease is free or expired, or when this process owns them but does not run them
+(its hand-over was lost, or its run stopped), without waiting on another process's locks.
+Every commit of a job extends its lease (the store fences commits: this process's lease, not
+expired); while a job waits on the outside world the runner renews its lease. A job whose
+lease this process can no longer vouch for (renewals failing or late: the database is
+unreachable, the event loop starved) is stopped a fifth of the lease before the lease could
+run out, so no other process ever acts on it at the same time; a job whose lease another
+process took is stopped at once. A job's first action after it is taken is a fenced commit,
+so a process that lost the race for it does nothing. At most `max_concurrent_jobs` run at
+once; the rest wait in the database, none is dropped.
 """
 
 from __future__ import annotations

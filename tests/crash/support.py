@@ -89,14 +89,6 @@ def derived_vhost(amqp_url: str, suffix: str) -> str:
     return urlunsplit(parts._replace(path="/" + vhost))
 
 
-def delete_vhost(amqp_url: str) -> None:
-    from urllib.parse import urlsplit
-
-    vhost = urlsplit(amqp_url).path.lstrip("/")
-    if vhost and shutil.which("rabbitmqctl"):
-        subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True, timeout=60)
-
-
 # --------------------------------------------------------------------------- events
 
 
@@ -506,7 +498,6 @@ class Cell:
     processes: list[ServeProcess] = field(default_factory=list)
     logs: dict[str, Path] = field(default_factory=dict)
     _n: int = 0
-    owns_vhost: bool = True
 
     async def open(self) -> Cell:
         await fresh_database(self.db_url)

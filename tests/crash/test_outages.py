@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import func, select
 
 from adapters.bus import DEAD_QUEUE
-from adapters.db.tables import failover_jobs, job_commands
+from adapters.db.tables import failover_jobs, job_commands, resource_ledger
 from failover.client import BusClient
 from failover.seed import SeededVm, seed_vm
 from schemas.commands import FailoverRequested
@@ -135,7 +135,7 @@ async def test_rabbitmq_restart_during_50_jobs(private_mariadb: PrivateMariaDB, 
         half = JOBS // 2
         await publish(cell.amqp_url, vms[:half], ids[:half])
         # the broker goes while the jobs are mid-way
-        await cell.log.wait(lambda: mid_way(cell, ids[:half]), 120, "the jobs to be mid-way")
+        await wait_until(lambda: _async(mid_way(cell, ids[:half])), 120, "the jobs to be mid-way", interval=0.01)
         in_flight = sum(1 for j in ids[:half] if not cell.log.ended(j))
         began = time.monotonic()
         await private_rabbitmq.stop()
@@ -172,14 +172,14 @@ async def test_mariadb_gone_for_15_seconds(private_mariadb: PrivateMariaDB, priv
         ids = [str(uuid.uuid4()) for _ in vms]
         early = JOBS - 10
         await publish(cell.amqp_url, vms[:early], ids[:early])
-        await cell.log.wait(lambda: mid_way(cell, ids[:early]), 120, "the jobs to be mid-way")
+        await wait_until(lambda: _async(mid_way(cell, ids[:early])), 120, "the jobs to be mid-way", interval=0.01)
         in_flight = sum(1 for j in ids[:early] if not cell.log.ended(j))
         # some jobs wait on CloudStack jobs that outlast the outage: they make no commit that
         # could fail, only their lease runs out, so the runner must stop them in time
-        world = cell.emu.world
+        older = set(cell.emu.world.jobs)
         await cell.control.set_latency(async_job_seconds=OUTAGE_SECONDS + 5)
-        mark = len(world.calls.entries)
-        await wait_until(lambda: _waiting(world, mark, 3), 30, "jobs to wait on long CloudStack jobs")
+        await wait_until(lambda: _waiting(cell, older, 3), 30,
+                         "jobs to wait on long CloudStack jobs (their ids recorded)")
         await cell.control.set_latency(async_job_seconds=0.5)
         await cell.db.dispose()  # the test's own pool: its connections die with the server
         began = time.monotonic()
@@ -213,18 +213,31 @@ async def test_mariadb_gone_for_15_seconds(private_mariadb: PrivateMariaDB, priv
 
 
 def mid_way(cell: Cell, ids: list[str]) -> bool:
-    """Most jobs have a VM, none has ended yet (or the fault would come too late)."""
-    assert cell.log is not None
-    created = sum(1 for j in ids if cell.log.has(j, "StepCompleted", "vm-creation"))
-    if any(cell.log.ended(j) for j in ids):
-        raise AssertionError("a job ended before the fault: raise the emulators' latency")
-    return created >= len(ids) // 2
+    """Half the jobs have asked for their VM, none has started it yet (so none has ended).
+    Read from the emulators' call log, which has no delay (the events reach the test later)."""
+    assert cell.emu is not None
+    calls = cell.emu.world.calls.entries
+    deploys = sum(1 for c in calls if c["command"] == "deployVirtualMachine")
+    if any(c["command"] == "startVirtualMachine" for c in calls):
+        raise AssertionError("a job started its VM before the fault: raise the emulators' latency")
+    return deploys >= len(ids) // 2
 
 
-async def _waiting(world: Any, since: int, n: int) -> bool:
-    started = [c for c in world.calls.entries[since:] if c["command"] in (
-        "createSnapshot", "deployVirtualMachine", "startVirtualMachine") and c["status"] == 200]
-    return len(started) >= n
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def _waiting(cell: Cell, older: set[str], n: int) -> bool:
+    """`n` jobs wait on (long) CloudStack jobs started since `older`, still running, their job
+    ids in the ledger (so they have nothing left to commit until those jobs end)."""
+    assert cell.emu is not None and cell.db is not None
+    pending = [job_id for job_id, job in cell.emu.world.jobs.items() if job.status == 0 and job_id not in older]
+    if len(pending) < n:
+        return False
+    async with cell.db.connect() as conn:
+        recorded = (await conn.execute(select(func.count()).select_from(resource_ledger)
+                                       .where(resource_ledger.c.cs_job_id.in_(pending)))).scalar_one()
+    return recorded >= n
 
 
 async def _after(moment: float) -> bool:
@@ -249,7 +262,7 @@ async def test_both_away_with_production_leases(private_mariadb: PrivateMariaDB,
                              os_type="ubuntu64Guest", disks=2) for i in range(2 * n)]
         ids = [str(uuid.uuid4()) for _ in vms]
         await publish(cell.amqp_url, vms[:n], ids[:n])
-        await cell.log.wait(lambda: mid_way(cell, ids[:n]), 120, "the jobs to be mid-way")
+        await wait_until(lambda: _async(mid_way(cell, ids[:n])), 120, "the jobs to be mid-way", interval=0.01)
         await cell.db.dispose()
         await private_mariadb.stop()
         await wait_ready([serve], False, "database", 30)
