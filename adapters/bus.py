@@ -12,6 +12,7 @@ import ssl
 from dataclasses import dataclass
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractExchange,
     AbstractQueue,
@@ -28,6 +29,16 @@ DEAD_QUEUE = "failover.dead"
 COMMANDS_QUEUE = "failover.commands"
 PROJECTOR_QUEUE = "failover.projector"
 REASON_HEADER = "x-failover-reason"
+
+
+# aiormq queues a connection's outgoing frames in a queue of 10, and a publisher holds its
+# channel's lock while it waits for room there: a batch of publishes then leaves one message
+# per event-loop turn, which in a process busy with many jobs is tens of milliseconds each (the
+# outbox relay fell 15-30 s behind under load). With room for a whole relay batch (at most
+# FAILOVER_OUTBOX_BATCH events, three frames each) it leaves in a few turns. Bounded memory:
+# nothing else publishes in bulk.
+FRAME_BUFFER_SIZE = 4096
+aiormq.Connection.FRAME_BUFFER_SIZE = max(aiormq.Connection.FRAME_BUFFER_SIZE, FRAME_BUFFER_SIZE)
 
 
 async def connect(url: str, *, ca_file: str | None = None, name: str = "failover") -> AbstractRobustConnection:

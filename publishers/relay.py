@@ -8,13 +8,14 @@ consumers de-duplicate by (`job_id`, `sequence`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 import aio_pika
-from aio_pika.abc import AbstractExchange
+from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from adapters.db.outbox import OutboxEvent, OutboxStore
 
@@ -53,6 +54,7 @@ class OutboxRelay:
         self._stopping = False
         self.is_leader = False
         self._lease_checked = 0.0
+        self._running: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
         """Something was committed to the outbox: publish it now rather than at the next poll."""
@@ -78,10 +80,21 @@ class OutboxRelay:
         if not events:
             return 0
 
+        # aio-pika's Exchange.publish holds the channel's lock until each message is written to
+        # the socket (and the writer yields after each such write), so a batch leaves one
+        # message per event-loop turn: in a process busy with many jobs that is tens of
+        # milliseconds each, and the relay fell 15-30 s behind. The channel's own publish with
+        # wait=False queues every frame at once (see adapters/bus.py for the room it needs);
+        # each still waits for its confirm (a Basic.Nack, or a return with on_return_raises,
+        # is an error).
+        robust: AbstractChannel = self.exchange.channel  # type: ignore[attr-defined]
+        channel = await asyncio.wait_for(robust.get_underlay_channel(), self.confirm_timeout)
+
         async def one(e: OutboxEvent) -> None:
-            await asyncio.wait_for(self.exchange.publish(
-                to_message(e), routing_key=f"job.{e.job_id}.{e.event_type}", mandatory=True),
-                self.confirm_timeout)
+            message = to_message(e)
+            await asyncio.wait_for(channel.basic_publish(  # type: ignore[call-arg]
+                message.body, exchange=self.exchange.name, routing_key=f"job.{e.job_id}.{e.event_type}",
+                properties=message.properties, mandatory=True, wait=False), self.confirm_timeout)
 
         results = await asyncio.gather(*(one(e) for e in events), return_exceptions=True)
         confirmed = [e for e, r in zip(events, results, strict=True) if r is None]
@@ -99,6 +112,7 @@ class OutboxRelay:
         return len(confirmed)
 
     async def run(self) -> None:
+        self._running = asyncio.current_task()
         while not self._stopping:
             # cleared before reading the outbox, so a commit made while we publish wakes the
             # next round instead of being lost until the poll interval
@@ -123,22 +137,42 @@ class OutboxRelay:
 
     async def flush(self, timeout: float) -> bool:
         """SIGTERM: publish what is left (if leader), then give the lease up so that another
-        relay takes over at once. Bounded by `timeout`; True when nothing was left behind."""
+        relay takes over at once. Bounded by `timeout`; True when nothing was left behind.
+
+        The run loop is stopped first (it ends its round: an event it is publishing is marked
+        sent, not left half-done), and leadership is asked of the database, not taken from
+        `is_leader`: the loop clears that flag while it renews the lease, and a flush that read
+        it then would return at once with the last events still in the outbox."""
         self._stopping = True
         self._wake.set()
         deadline = time.monotonic() + timeout
-        flushed = not self.is_leader
+        if self._running is not None and not self._running.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._running), max(0.1, timeout / 2))
+            except (TimeoutError, asyncio.CancelledError):
+                self._running.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._running
+            except Exception:  # the loop's own failure: flushing below retries
+                pass
+        flushed = False
+        self._lease_checked = 0.0
         try:
-            while self.is_leader and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
                 try:
                     async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
-                        if await self._leader() and await self.publish_once() == 0:
+                        self._lease_checked = 0.0
+                        if not await self._leader():
+                            flushed = True  # another relay leads: it publishes what is left
+                            break
+                        if await self.publish_once() == 0:
                             flushed = True
                             break
+                except TimeoutError:
+                    break
                 except Exception as exc:  # the broker or the database is gone: the next leader publishes
                     log.warning("outbox relay: flushing failed (%s); %s", type(exc).__name__,
                                 "retrying" if time.monotonic() < deadline else "giving up")
-                    self._lease_checked = 0.0
                     await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         finally:
             if self.is_leader:

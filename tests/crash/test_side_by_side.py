@@ -18,12 +18,13 @@ import asyncio
 import statistics
 import time
 import uuid
+from datetime import UTC
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
-from adapters.db.tables import failover_jobs
+from adapters.db.tables import failover_jobs, outbox
 from failover.seed import seed_vm
 from schemas.commands import FailoverRequested
 from schemas.common import FAILOVER_STEPS
@@ -135,6 +136,20 @@ async def test_three_processes_200_jobs_one_killed_halfway(
         acting = [min(start for name, start, _ in spans_of(intervals, j) if start > killed_at) - killed_at
                   for j in taken]
 
+        # where the time between the new owner's commit and the test seeing its event goes:
+        # the outbox relay (commit -> published with a confirm) or the way to the test
+        relay_delay, delivery_delay = [], []
+        async with cell.db.connect() as conn:
+            for j in taken:
+                first = min((s for s in log.by_job[j] if s.event.occurred_at.timestamp() > killed_at),
+                            key=lambda s: s.event.sequence)
+                row = (await conn.execute(select(outbox.c.created_at, outbox.c.published_at).where(
+                    outbox.c.event_id == str(first.event.event_id)))).first()
+                if row is not None and row.published_at is not None:
+                    published = row.published_at.replace(tzinfo=UTC).timestamp()
+                    relay_delay.append(published - row.created_at.replace(tzinfo=UTC).timestamp())
+                    delivery_delay.append(first.arrived - published)
+
         # the read models equal the fold of the events; nothing left in the outbox or leased
         await projected_all(cell.db, log, ids, 120)
         problems += await projection_problems(cell.db, log, ids)
@@ -153,6 +168,9 @@ async def test_three_processes_200_jobs_one_killed_halfway(
               + (f"median {statistics.median(takeover):.2f} s, max {max(takeover):.2f} s" if takeover else "-")
               + (f" (kill -> first commit of the new owner: median {statistics.median(acting):.2f} s, "
                  f"max {max(acting):.2f} s; lease 5 s)" if acting else "")
+              + (f"; of that, commit -> published by the relay: median {statistics.median(relay_delay):.2f} s, "
+                 f"published -> seen by the test: median {statistics.median(delivery_delay):.2f} s"
+                 if relay_delay else "")
               + f"; {sum(len(v) for v in intervals.values())} drive intervals checked, "
                 f"{sum(len(log.by_job[j]) for j in ids)} deliveries folded")
         assert not problems, "\n".join(problems[:40])
