@@ -88,6 +88,8 @@ class JobContext:
     observer: Observer = field(default_factory=Observer)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _pending_logs: list[tuple[str, str, str | None, dict[str, Any]]] = field(default_factory=list)
+    # ledger entries recorded with `durable=False`: written with the job's next commit
+    _pending_ledger: dict[str, LedgerEntry] = field(default_factory=dict)
     _ledger: dict[str, LedgerEntry] | None = None
     cancel_seen: bool = False
     draining: bool = False  # the process is shutting down: stop at the next safe point
@@ -137,6 +139,9 @@ class JobContext:
         lease-fenced transaction. Returns whether a cancel has been requested."""
         async with self._lock:
             logs, self._pending_logs = self._pending_logs, []
+            deferred, self._pending_ledger = self._pending_ledger, {}
+            if deferred:  # the newer state of an entry wins (usually the same object anyway)
+                ledger = list({**deferred, **{e.key: e for e in ledger or []}}.values())
             seq = self.row.last_sequence
             built: list[Event] = []
             for level, message, step, fields in logs:
@@ -162,6 +167,7 @@ class JobContext:
                 )
             except BaseException:
                 self._pending_logs[:0] = logs
+                self._pending_ledger = {**deferred, **self._pending_ledger}
                 raise
             self.row.last_sequence = seq
             for key, value in (job or {}).items():
@@ -186,10 +192,20 @@ class JobContext:
             self._ledger = {e.key: e for e in await self.ports.store.ledger(self.row.job_id)}
         return self._ledger
 
-    async def record(self, entry: LedgerEntry) -> LedgerEntry:
-        """Write a ledger entry (with any pending log lines) before or after a call."""
-        await self.ledger()
-        await self.commit(ledger=[entry])
+    async def record(self, entry: LedgerEntry, *, durable: bool = True) -> LedgerEntry:
+        """Write a ledger entry (with any pending log lines) before or after a call.
+
+        `durable=False` is for an entry whose loss in a crash costs only a look-up on resume:
+        the "done" of a resource whose CloudStack job id or Volume Daemon operation id is
+        already recorded (a resumed step waits on that job or operation again, finds it
+        ended, and records the "done" itself). It goes with the job's next commit, at the
+        latest the step's end; never use it for what a resume could not find out again."""
+        ledger = await self.ledger()
+        if durable:
+            await self.commit(ledger=[entry])
+        else:
+            self._pending_ledger[entry.key] = entry
+            ledger[entry.key] = entry
         return entry
 
     # ------------------------------------------------------------------ retries

@@ -271,7 +271,8 @@ async def volume_attachment(ctx: JobContext) -> StepResult:
     discarded = []
     for volume_id, kind in own:
         assert volume_id is not None
-        await ctx.retrying(f"detach {kind} {volume_id}", ensure_detached, ctx, f"discard:{volume_id}", volume_id)
+        await ctx.retrying(f"detach {kind} {volume_id}", ensure_detached, ctx, f"discard:{volume_id}", volume_id,
+                           durable=True)
         await ctx.retrying(f"delete volume {volume_id}", cs.delete_volume, volume_id)
         entry = ledger[f"discard:{volume_id}"]
         entry.data["deleted"] = True

@@ -114,7 +114,7 @@ async def ensure_snapshot(ctx: JobContext, volume_id: str, name: str) -> CsSnaps
     if entry.status != "done":
         entry.status = "done"
         entry.data["revertable"] = snap.revertable
-        await ctx.record(entry)
+        await ctx.record(entry, durable=False)  # its job id is recorded: a resume finds it done
     return snap
 
 
@@ -151,7 +151,7 @@ async def ensure_vm(ctx: JobContext, spec: DeploySpec) -> str:
         await ctx.record(entry)
         raise TransientError("VM_MISSING", f"the deployed VM {spec.name} is not found; deploying again")
     entry.status = "done"
-    await ctx.record(entry)
+    await ctx.record(entry, durable=False)  # its id is recorded: a resume finds it deployed
     return deployed.id
 
 
@@ -194,7 +194,7 @@ async def run_vm_command(ctx: JobContext, key: str, vm_id: str, command: str) ->
         settled = {"start": ("Running",), "stop": ("Stopped",), "destroy": ("Destroyed", "Expunging")}[command]
         if (vm is None and command == "destroy") or (vm is not None and vm.state in settled):
             entry.status = "done"
-            await ctx.record(entry)
+            await ctx.record(entry, durable=False)  # nothing was called: a resume looks again
             return
         call = {"start": cs.start_vm, "stop": cs.stop_vm, "destroy": cs.destroy_vm}[command]
         start = await call(vm_id)
@@ -202,14 +202,19 @@ async def run_vm_command(ctx: JobContext, key: str, vm_id: str, command: str) ->
         await ctx.record(entry)
     await _wait_cs(ctx, entry, ctx.config.async_job_timeout)
     entry.status = "done"
-    await ctx.record(entry)
+    await ctx.record(entry, durable=False)  # its job id is recorded: a resume waits on it again
 
 
 # --------------------------------------------------------------------------- volume moves
 
 
-async def ensure_detached(ctx: JobContext, key: str, volume_id: str, *, data: dict[str, object] | None = None) -> None:
-    """The volume detached from whatever VM holds it, through the Volume Daemon."""
+async def ensure_detached(ctx: JobContext, key: str, volume_id: str, *, data: dict[str, object] | None = None,
+                          durable: bool = False) -> None:
+    """The volume detached from whatever VM holds it, through the Volume Daemon.
+
+    Its "done" goes with the job's next commit unless `durable`: a caller that next deletes
+    the volume (with no record before that call) needs it written first, or a resume would
+    wait for the detach and then not find the volume."""
     vd = ctx.ports.volumes
     entry = await _entry(ctx, key, "volume", "detach", resource_id=volume_id, data=dict(data or {}))
     if entry.status == "done":
@@ -224,7 +229,7 @@ async def ensure_detached(ctx: JobContext, key: str, volume_id: str, *, data: di
         await ctx.record(entry)
         await _wait_op(ctx, entry)
     entry.status = "done"
-    await ctx.record(entry)
+    await ctx.record(entry, durable=durable)  # its operation id is recorded: a resume finds it ended
 
 
 async def ensure_attached(ctx: JobContext, key: str, volume_id: str, vm_id: str, *, root: bool) -> int | None:
@@ -253,7 +258,7 @@ async def ensure_attached(ctx: JobContext, key: str, volume_id: str, vm_id: str,
         current = await vd.get_volume(volume_id)
     entry.status = "done"
     entry.data["device_id"] = current.device_id
-    await ctx.record(entry)
+    await ctx.record(entry, durable=False)  # its operation id is recorded: a resume finds it ended
     return current.device_id
 
 

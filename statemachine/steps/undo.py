@@ -143,7 +143,8 @@ async def _delete_leftovers(ctx: JobContext, target: Target, volume_ids: Sequenc
             await ctx.retrying("volume state", ctx.ports.volumes.get_volume, volume_id)
         except NotFound:
             continue  # a ROOT destroyed with its VM, or already deleted
-        await ctx.retrying(f"detach {volume_id}", ensure_detached, ctx, f"undo:discard:{volume_id}", volume_id)
+        await ctx.retrying(f"detach {volume_id}", ensure_detached, ctx, f"undo:discard:{volume_id}", volume_id,
+                           durable=True)
         await ctx.retrying(f"delete volume {volume_id}", cs.delete_volume, volume_id)
         target.note("delete", "volume", volume_id, "created by the deploy")
         ctx.log("INFO", f"volume {volume_id} made by the deploy deleted", volume_id=volume_id)
@@ -179,7 +180,7 @@ async def revert_volumes(ctx: JobContext, target: Target, everything: bool) -> N
                 await ctx.record(entry)
                 raise
             entry.status = "done"
-            await ctx.record(entry)
+            await ctx.record(entry, durable=False)  # its job id is recorded: a resume waits on it again
 
         await ctx.retrying(f"revert {v}", revert)
         target.note("revert", "volume", v, f"to snapshot {snapshot}")

@@ -152,11 +152,11 @@ async def test_resume_a_rollback_at_every_commit(machine: AsyncMachine, make: Sc
 async def test_a_lost_lease_writes_nothing_more(h: Harness, machine: AsyncMachine) -> None:
     vm = h.seed_vm("WIN-FENCE", disks=2)
     ctx = h.new_job(vm)
-    h.store.hooks.append(lose_lease_at(10))
+    h.store.hooks.append(lose_lease_at(11))
     state = await drive(machine, ctx)
     stored = h.store.row(ctx.row.job_id)
     assert stored.status == state or stored.resume_state == state
-    assert h.store.commits == 9
+    assert h.store.commits == 10
     assert not any(m for m in machine.models if getattr(m, "ctx", None) is ctx)
     # the process keeps nothing it could still write: the next commit from it is fenced too
     h.store.hooks.clear()
