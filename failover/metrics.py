@@ -346,6 +346,19 @@ def set_job_state_gauges(
         JOB_STATE_OLDEST.labels(state=state).set(oldest.get(state, 0.0))
 
 
+def move_job_state(before: str | None, after: str | None) -> None:
+    """One job of this process left `before` (None: it was not running here) for `after`
+    (None: it stopped running here). Counted by one, without recounting every job (that was
+    O(jobs) per transition: 7% of serve's CPU with 300 jobs in flight); `set_job_state_gauges`
+    still recounts every few seconds."""
+    if before == after:
+        return
+    if before is not None:
+        JOBS_IN_PROGRESS.labels(state=before).dec()
+    if after is not None:
+        JOBS_IN_PROGRESS.labels(state=after).inc()
+
+
 def _exported_states() -> set[str]:
     """Return the ``state`` label values the in-progress gauge already exports."""
     exported: set[str] = set()

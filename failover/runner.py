@@ -44,6 +44,9 @@ class JobRunner:
         self.running: dict[str, asyncio.Task[None]] = {}
         self.contexts: dict[str, JobContext] = {}
         self.entered: dict[str, tuple[str, float]] = {}  # job -> (state, since) for the gauges
+        # told (state before, state after) whenever a job of this process changes state, starts
+        # or stops here: the in-progress gauge moves by one instead of being recounted
+        self.on_state: Callable[[str | None, str | None], None] = lambda before, after: None
         self._adopted: deque[str] = deque()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -71,10 +74,10 @@ class JobRunner:
         self._wake.set()
 
     def state_changed(self, job_id: str, old: str | None, new: str | None) -> None:
-        if new is None:
-            self.entered.pop(job_id, None)
-        else:
+        before = self.entered.pop(job_id, None)
+        if new is not None:
             self.entered[job_id] = (new, time.time())
+        self.on_state(before[0] if before else None, new)
 
     async def run(self) -> None:
         self._loop_done = asyncio.Event()
@@ -143,7 +146,9 @@ class JobRunner:
         if self.running.get(job_id) is task:
             del self.running[job_id]
             self.contexts.pop(job_id, None)
-            self.entered.pop(job_id, None)
+            before = self.entered.pop(job_id, None)
+            if before is not None:
+                self.on_state(before[0], None)
             self._valid_until.pop(job_id, None)
             self._active.discard(job_id)
             self._lost.discard(job_id)

@@ -67,9 +67,9 @@ def _observer(runner_ref: list[JobRunner]) -> Observer:
             ctx = runner_ref[0].contexts.get(job_id)
             if ctx is not None:  # every line logged while this job's code runs names the job
                 bind_job(job_id, str(ctx.row.correlation_id))
+            # the in-progress gauge moves at once (runner.on_state), not only every few seconds
+            # in `_gauges`: short steps show too
             runner_ref[0].state_changed(job_id, old, new)
-            # at once, not only every few seconds in `_gauges`: short steps show too
-            m.set_job_state_gauges(runner_ref[0].entered.values(), time.time(), known_states=_GAUGE_STATES)
 
     def job_ended(job_type: str, outcome: str, seconds: float) -> None:
         m.JOBS_ENDED.labels(job_type=job_type, outcome=outcome).inc()
@@ -202,6 +202,7 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
 
             runner = JobRunner(store, build_machine(), make_context, capacity=settings.max_concurrent_jobs,
                                lease_seconds=settings.lease_seconds, claim_interval=settings.claim_interval_seconds)
+            runner.on_state = m.move_job_state
             runner_ref.append(runner)
             svc.runner = runner
             tasks.append(asyncio.create_task(runner.run(), name="runner"))  # not job-*: see logs.py

@@ -381,3 +381,23 @@ async def test_job_state_gauges_count_and_age_and_drop_to_zero(
         assert _value(samples, "failover_jobs_in_progress", state=state) == 0
         assert _value(samples, "failover_job_state_oldest_seconds", state=state) == 0
         assert any(s.labels["state"] == state for s in samples["failover_jobs_in_progress"])
+
+
+async def test_a_state_change_moves_the_in_progress_gauge_by_one(
+    http: aiohttp.ClientSession, server: HealthServer
+) -> None:
+    """Between the periodic recounts the gauge moves with each transition (no recount of every
+    job per transition), and it agrees with the recount."""
+    metrics.set_job_state_gauges([("vm-creation", 1.0), ("vm-creation", 2.0)], now=3.0)
+    metrics.move_job_state(None, "pre-failover-validation")  # a job starts here
+    metrics.move_job_state("vm-creation", "volume-attachment")
+    metrics.move_job_state("vm-creation", None)  # a job stops running here
+    metrics.move_job_state("volume-attachment", "volume-attachment")  # not a move
+    samples = await _scrape(http, server)
+    moved = {s: _value(samples, "failover_jobs_in_progress", state=s)
+             for s in ("pre-failover-validation", "vm-creation", "volume-attachment")}
+    assert moved == {"pre-failover-validation": 1, "vm-creation": 0, "volume-attachment": 1}
+    metrics.set_job_state_gauges([("pre-failover-validation", 1.0), ("volume-attachment", 2.0)], now=3.0)
+    samples = await _scrape(http, server)
+    assert {s: _value(samples, "failover_jobs_in_progress", state=s) for s in moved} == moved
+    metrics.set_job_state_gauges([], now=4.0)
