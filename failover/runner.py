@@ -146,9 +146,7 @@ class JobRunner:
         if self.running.get(job_id) is task:
             del self.running[job_id]
             self.contexts.pop(job_id, None)
-            before = self.entered.pop(job_id, None)
-            if before is not None:
-                self.on_state(before[0], None)
+            self.state_changed(job_id, None, None)  # it no longer runs here
             self._valid_until.pop(job_id, None)
             self._active.discard(job_id)
             self._lost.discard(job_id)

@@ -10,37 +10,26 @@ from datetime import UTC, datetime
 
 import aio_pika
 import pytest
-from sqlalchemy import func, select, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from adapters.db.engine import make_engine
-from adapters.db.migrate import upgrade
 from adapters.db.outbox import OutboxStore
 from adapters.db.store import outbox_row
 from adapters.db.tables import outbox
 from publishers.relay import OutboxRelay
 from schemas.events import LogRecorded
 
+from .crash.support import derived_database, fresh_database
+
 EVENTS = 120
 
 
 @pytest.fixture(scope="module")
 async def relay_db(database_url: str) -> AsyncIterator[AsyncEngine]:
-    url = make_url(database_url)
-    name = f"{url.database}_relay"
-    server = create_async_engine(url.set(database=""))
-    async with server.begin() as conn:
-        await conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
-        await conn.execute(text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
-    rendered = url.set(database=name).render_as_string(hide_password=False)
-    await asyncio.to_thread(upgrade, rendered)
-    engine = make_engine(rendered, pool_size=4)
+    engine = make_engine(await fresh_database(derived_database(database_url, "relay")), pool_size=4)
     yield engine
     await engine.dispose()
-    async with server.begin() as conn:
-        await conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
-    await server.dispose()
 
 
 async def _unsent(db: AsyncEngine) -> int:

@@ -13,7 +13,6 @@ from sqlalchemy import and_, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.sql.expression import Update
 
 from schemas.events import Event
@@ -156,18 +155,10 @@ class JobStore:
                   if self.lease_seconds and "lease_expires_at" not in values else None)
         # (a commit of a job whose lease is valid extends it: the lease then runs out only
         # while the job waits, when the runner renews it, or when this process is gone)
-        if any(isinstance(v, ClauseElement) for v in values.values()):  # not one of ours: built as it is
-            stmt = update(failover_jobs).where(_FENCE).values(**values)
-            if extend is not None:
-                stmt = stmt.values(lease_expires_at=func.greatest(
-                    failover_jobs.c.lease_expires_at, self._expiry(self.lease_seconds or 0)))
-            guarded = stmt.where(failover_jobs.c.cancel_requested.is_(False))
-            params: dict[str, Any] = {}
-        else:
-            columns = tuple(sorted(values))
-            stmt = fenced_update(columns, extend, unless_cancelled=False)
-            guarded = fenced_update(columns, extend, unless_cancelled=True)
-            params = {f"v_{c}": values[c] for c in columns}
+        columns = tuple(sorted(values))
+        stmt = fenced_update(columns, extend, unless_cancelled=False)
+        guarded = fenced_update(columns, extend, unless_cancelled=True)
+        params: dict[str, Any] = {f"v_{c}": values[c] for c in columns}
         params.update(f_job_id=job.job_id, f_owner=self.owner, f_sequence=job.last_sequence)
         rows = [outbox_row(e) for e in commit.events]
         ledger = [_ledger_row(job.job_id, entry) for entry in commit.ledger]
