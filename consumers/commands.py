@@ -16,7 +16,7 @@ import asyncio
 import datetime
 import decimal
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aio_pika
@@ -28,6 +28,7 @@ from adapters import amqp_decoding
 from adapters.bus import REASON_HEADER
 from adapters.db.commands import CommandRecorder, Decision
 from adapters.db.engine import is_connection_error
+from adapters.db.outbox import OutboxEvent
 from schemas.parsing import InvalidCommand, UnreadableMessage, parse_command
 
 log = logging.getLogger("failover.commands")
@@ -94,13 +95,17 @@ class CommandConsumer:
     def __init__(self, queue: AbstractQueue, dlx: AbstractExchange, recorder: CommandRecorder, *,
                  max_bytes: int, on_accepted: Callable[[str], None],
                  count: Callable[[str, str], None], db_outage_seconds: float = 300.0,
-                 delivery_limit: int | None = None) -> None:
+                 delivery_limit: int | None = None,
+                 publish_first: Callable[[Sequence[OutboxEvent]], Awaitable[object]] | None = None) -> None:
         self.queue = queue
         self.dlx = dlx
         self.recorder = recorder
         self.max_bytes = max_bytes
         self.on_accepted = on_accepted
         self.count = count
+        # the relay's publish_now: a decision's JobAccepted / JobRejected goes out as soon as it
+        # is committed instead of queueing behind other jobs' events (publishers/relay.py)
+        self.publish_first = publish_first
         self.db_outage_seconds = db_outage_seconds
         limit = delivery_limit if delivery_limit is not None else (queue.arguments or {}).get("x-delivery-limit")
         self.delivery_limit: int | None = limit if isinstance(limit, int) and limit >= 1 else None
@@ -158,17 +163,24 @@ class CommandConsumer:
             bad = invalid
             decision = await self._with_db(lambda: self.recorder.reject_invalid(
                 bad.request_id, bad.command_type, bad.vm_id, bad.detail, bad.job_type))
+            await self._publish_first(decision)
             await message.ack()
             self.count(bad.command_type or "unknown", decision.outcome)
             log.info("command %s rejected: %s", bad.request_id, bad.detail)
             return
         decision = await self._with_db(lambda: self.recorder.record(command))
+        # before the job can start (and emit more): its first event leads its stream
+        await self._publish_first(decision)
         await message.ack()
         self.count(command.type, "accepted" if decision.outcome == "signalled" else decision.outcome)
         log.info("command %s %s recorded: %s%s", command.type, command.request_id, decision.outcome,
                  f" ({decision.detail})" if decision.detail else "")
         if decision.job_id:
             self.on_accepted(decision.job_id)
+
+    async def _publish_first(self, decision: Decision) -> None:
+        if decision.events and self.publish_first is not None:
+            await self.publish_first(decision.events)
 
     async def _with_db(self, call: Callable[[], Awaitable[Decision]]) -> Decision:
         """Record, waiting out a database outage (bounded) instead of bouncing the message."""

@@ -107,8 +107,7 @@ class Projector:
                         return await self._one_by_one(events, messages)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)
-        for m in messages:
-            await _settle(m.ack())
+        await _ack_all(messages)
         return applied, dupes
 
     async def _one_by_one(self, events: list[Event], messages: list[AbstractIncomingMessage]) -> tuple[int, int]:
@@ -153,6 +152,19 @@ def _unreachable(exc: BaseException) -> bool:
     code = getattr(getattr(exc, "orig", None), "args", (None,))
     code = code[0] if code else None
     return not isinstance(code, int) or code in (1040, 1053, 1927, 2002, 2003, 2005, 2006, 2013)
+
+
+async def _ack_all(messages: list[AbstractIncomingMessage]) -> None:
+    """Ack a batch with one frame: `multiple` acks every delivery of the channel up to the last
+    one, and every earlier delivery is in this batch or an earlier one, all settled already (one
+    worker, deliveries in order). A batch that spans a reconnect (two channels) is acked one by
+    one: the old channel's deliveries come again anyway."""
+    last = messages[-1]
+    if all(m.channel is last.channel for m in messages):
+        await _settle(last.ack(multiple=True))
+    else:
+        for m in messages:
+            await _settle(m.ack())
 
 
 async def _settle(call: object) -> None:

@@ -3,6 +3,13 @@
 One relay at a time publishes (a leader lease in the database), in commit order, so each job's
 events leave in `sequence` order. A crash between publish and mark publishes the event again:
 consumers de-duplicate by (`job_id`, `sequence`).
+
+The first event of a new stream (`JobAccepted`, `JobRejected`) does not wait for its turn:
+`publish_now` sends it as soon as its transaction commits, so a client hears back in one round
+trip however long the queue of other jobs' events is. Nothing of its job can be in the outbox
+before it, and its job starts only after it is confirmed, so the order of every job's events
+holds; until the relay marks it sent (with its next batch) the relay skips it. Should the
+publish fail, the event is left to the relay like any other.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 
 import aio_pika
@@ -55,6 +62,8 @@ class OutboxRelay:
         self.is_leader = False
         self._lease_checked = 0.0
         self._running: asyncio.Task[None] | None = None
+        self._direct: set[int] = set()  # outbox ids publish_now is sending or has sent: skipped
+        self._direct_sent: list[int] = []  # ... confirmed: marked sent with the next batch
 
     def wake(self) -> None:
         """Something was committed to the outbox: publish it now rather than at the next poll."""
@@ -68,17 +77,80 @@ class OutboxRelay:
             self._lease_checked = now  # counted from before the call: conservative
         return self.is_leader
 
+    async def publish_now(self, events: Collection[OutboxEvent]) -> bool:
+        """Publish events that need not wait for the relay's queue (the first event of a new
+        stream: no earlier event of its job exists), now, with confirms. True once all are
+        confirmed; on any failure False, and the relay publishes them in its turn. Never raises
+        (but for a cancel): the events are committed, so they go out either way."""
+        if not events:
+            return True
+        ids = [e.id for e in events]
+        self._direct.update(ids)
+        try:
+            channel = await asyncio.wait_for(self._channel(), self.confirm_timeout)
+            results = await asyncio.gather(*(self._publish(channel, e) for e in events), return_exceptions=True)
+        except asyncio.CancelledError:
+            self._direct.difference_update(ids)
+            raise
+        except Exception as exc:
+            results = [exc] * len(ids)
+        done = True
+        for e, r in zip(events, results, strict=True):
+            if r is None:
+                self._direct_sent.append(e.id)
+                self.published(e.event_type)
+            else:
+                done = False
+                self._direct.discard(e.id)  # the relay's now
+                log.info("outbox relay: event %s (%s) not sent at once (%s); it goes with the next batch",
+                         e.event_id, e.event_type, type(r).__name__)
+        if not done:
+            self.wake()  # the relay publishes the others now
+        # (the confirmed ones are marked sent with the relay's next round: a commit's wake,
+        # or its poll when idle; waking it for each would make many tiny rounds under load)
+        return done
+
+    async def _mark_direct(self) -> None:
+        """Another process's relay leads: mark what `publish_now` sent, or it goes again."""
+        sent, self._direct_sent = self._direct_sent, []
+        try:
+            await self.store.mark_sent(sent)
+        except BaseException:
+            self._direct_sent[:0] = sent
+            raise
+        self._direct.difference_update(sent)
+
+    async def _channel(self) -> AbstractChannel:
+        robust: AbstractChannel = self.exchange.channel  # type: ignore[attr-defined]
+        return await robust.get_underlay_channel()  # type: ignore[attr-defined, no-any-return]
+
+    async def _publish(self, channel: AbstractChannel, e: OutboxEvent) -> None:
+        message = to_message(e)
+        await asyncio.wait_for(channel.basic_publish(  # type: ignore[attr-defined]
+            message.body, exchange=self.exchange.name, routing_key=f"job.{e.job_id}.{e.event_type}",
+            properties=message.properties, mandatory=True, wait=False), self.confirm_timeout)
+
     async def publish_once(self) -> int:
-        """Publish one batch of unsent events; returns how many were confirmed.
+        """Publish one batch of unsent events; returns how many were confirmed (and marked
+        sent, with those `publish_now` sent meanwhile).
 
         An event is marked sent only once the broker confirmed it. A publish that fails (the
         broker is gone, the channel closed while the confirm was pending, the message was
         returned) or is not confirmed within `confirm_timeout` stays in the outbox and goes
         out again on the next round: never a silent loss, at worst a duplicate, which every
         consumer drops by (`job_id`, `sequence`)."""
-        events = await self.store.unsent(self.batch)
-        if not events:
-            return 0
+        direct_sent, self._direct_sent = self._direct_sent, []
+        try:
+            read = await self.store.unsent(self.batch)
+            events = [e for e in read if e.id not in self._direct]
+            if not events:
+                if direct_sent:
+                    await self.store.mark_sent(direct_sent)
+                    self._direct.difference_update(direct_sent)
+                return len(direct_sent)
+        except BaseException:
+            self._direct_sent[:0] = direct_sent
+            raise
 
         # aio-pika's Exchange.publish holds the channel's lock until each message is written to
         # the socket (and the writer yields after each such write), so a batch leaves one
@@ -87,20 +159,21 @@ class OutboxRelay:
         # wait=False queues every frame at once (see adapters/bus.py for the room it needs);
         # each still waits for its confirm (a Basic.Nack, or a return with on_return_raises,
         # is an error).
-        robust: AbstractChannel = self.exchange.channel  # type: ignore[attr-defined]
-        channel = await asyncio.wait_for(robust.get_underlay_channel(), self.confirm_timeout)
-
-        async def one(e: OutboxEvent) -> None:
-            message = to_message(e)
-            await asyncio.wait_for(channel.basic_publish(  # type: ignore[call-arg]
-                message.body, exchange=self.exchange.name, routing_key=f"job.{e.job_id}.{e.event_type}",
-                properties=message.properties, mandatory=True, wait=False), self.confirm_timeout)
-
-        results = await asyncio.gather(*(one(e) for e in events), return_exceptions=True)
+        try:
+            channel = await asyncio.wait_for(self._channel(), self.confirm_timeout)
+            results = await asyncio.gather(*(self._publish(channel, e) for e in events), return_exceptions=True)
+        except BaseException:
+            self._direct_sent[:0] = direct_sent
+            raise
         confirmed = [e for e, r in zip(events, results, strict=True) if r is None]
         failed = [r for r in results if r is not None]
-        if confirmed:
-            await self.store.mark_sent([e.id for e in confirmed])
+        if confirmed or direct_sent:
+            try:
+                await self.store.mark_sent([e.id for e in confirmed] + direct_sent)
+            except BaseException:
+                self._direct_sent[:0] = direct_sent
+                raise
+            self._direct.difference_update(direct_sent)
             for e in confirmed:
                 self.published(e.event_type)
         if failed:
@@ -109,7 +182,7 @@ class OutboxRelay:
                     raise r
             raise PublishFailed(f"{len(failed)} of {len(events)} events were not confirmed by the broker "
                                 f"({type(failed[0]).__name__}: {failed[0]}); they stay in the outbox")
-        return len(confirmed)
+        return len(confirmed) + len(direct_sent)
 
     async def run(self) -> None:
         self._running = asyncio.current_task()
@@ -120,6 +193,8 @@ class OutboxRelay:
             try:
                 if await self._leader() and await self.publish_once() >= self.batch:
                     continue  # more waiting: no pause
+                if not self.is_leader and self._direct_sent:
+                    await self._mark_direct()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

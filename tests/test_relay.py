@@ -4,6 +4,7 @@ session's `serve` process leads the relay of the shared test database)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -14,11 +15,10 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from adapters.db.engine import make_engine
-from adapters.db.outbox import OutboxStore
-from adapters.db.store import outbox_row
+from adapters.db.outbox import OutboxEvent, OutboxStore, insert_event, outbox_row
 from adapters.db.tables import outbox
 from publishers.relay import OutboxRelay
-from schemas.events import LogRecorded
+from schemas.events import JobAccepted, LogRecorded
 
 from .crash.support import derived_database, fresh_database
 
@@ -76,3 +76,90 @@ async def test_flush_publishes_everything_even_while_the_loop_renews_its_lease(
                 if len(set(got)) == EVENTS:
                     break
         assert sorted(set(got)) == list(range(1, EVENTS + 1))
+
+
+def _accepted(job_id: uuid.UUID) -> JobAccepted:
+    return JobAccepted(event_id=uuid.uuid4(), job_id=job_id, job_type="test-failover", vm_id="vm-relay", sequence=1,
+                       correlation_id=job_id, causation_id=job_id, occurred_at=datetime.now(UTC), vm_name="relay",
+                       requested_by="tests", steps=[{"name": "pre-failover-validation", "order": 1}])
+
+
+def _line(job_id: uuid.UUID, sequence: int) -> LogRecorded:
+    return LogRecorded(event_id=uuid.uuid4(), job_id=job_id, job_type="test-failover", vm_id="vm-relay",
+                       causation_id=job_id, sequence=sequence, correlation_id=job_id,
+                       occurred_at=datetime.now(UTC), level="INFO", message=f"line {sequence}")
+
+
+async def _received(queue: aio_pika.abc.AbstractQueue, deadline: float = 10.0) -> tuple[str, int]:
+    """The next message on `queue` as (event type, sequence), waiting for it up to `deadline`."""
+    end = asyncio.get_running_loop().time() + deadline
+    while True:
+        message = await queue.get(fail=False)
+        if message is not None:
+            await message.ack()
+            return str(message.type), int(json.loads(message.body)["sequence"])
+        assert asyncio.get_running_loop().time() < end, "no message arrived"
+        await asyncio.sleep(0.02)
+
+
+async def test_publish_now_sends_a_first_event_at_once_and_the_relay_does_not_send_it_again(
+        relay_db: AsyncEngine, amqp_url: str) -> None:
+    """A job's JobAccepted goes out as soon as it is committed, without the relay's turn (its
+    loop is not even running here); the relay then marks it sent with its next batch instead
+    of publishing it a second time, and publishes the job's later events after it."""
+    job_id, first = await _first_event(relay_db)
+    connection = await aio_pika.connect_robust(amqp_url)
+    async with connection:
+        exchange, queue = await _exchange_and_queue(connection)
+        relay = _relay(relay_db, exchange)
+        assert await relay.publish_now([first]) is True
+        assert await _received(queue) == ("JobAccepted", 1)
+        assert await _unsent(relay_db) == 1  # sent, marked with the relay's next batch
+
+        async with relay_db.begin() as conn:
+            await insert_event(conn, _line(job_id, 2))
+        assert await relay.publish_once() == 2  # one published, one marked
+        assert await _unsent(relay_db) == 0
+        assert await _received(queue) == ("LogRecorded", 2)
+        assert await queue.get(fail=False) is None, "the relay published the first event a second time"
+
+
+async def test_a_first_event_that_could_not_be_sent_at_once_goes_with_the_relay(
+        relay_db: AsyncEngine, amqp_url: str) -> None:
+    """The broker returns the publish (nothing bound yet): publish_now says so, and the event,
+    committed, goes out with the relay's next batch."""
+    _, first = await _first_event(relay_db)
+    connection = await aio_pika.connect_robust(amqp_url)
+    async with connection:
+        exchange, queue = await _exchange_and_queue(connection, bind=False)
+        relay = _relay(relay_db, exchange, confirm_timeout=5)
+        assert await relay.publish_now([first]) is False
+        assert await _unsent(relay_db) == 1
+        await queue.bind(exchange, routing_key="#")
+        assert await relay.publish_once() == 1
+        assert await _received(queue) == ("JobAccepted", 1)
+        assert await _unsent(relay_db) == 0
+
+
+async def _first_event(db: AsyncEngine) -> tuple[uuid.UUID, OutboxEvent]:
+    """An empty outbox, then a new job's JobAccepted committed to it."""
+    job_id = uuid.uuid4()
+    async with db.begin() as conn:
+        await conn.execute(outbox.delete())
+        return job_id, await insert_event(conn, _accepted(job_id))
+
+
+def _relay(db: AsyncEngine, exchange: aio_pika.abc.AbstractExchange, **kwargs: float) -> OutboxRelay:
+    return OutboxRelay(OutboxStore(db, f"relay-test-{uuid.uuid4().hex[:6]}"), exchange, batch=50,
+                       poll_seconds=30, lease_seconds=10, **kwargs)
+
+
+async def _exchange_and_queue(connection: aio_pika.abc.AbstractRobustConnection, *, bind: bool = True) -> tuple[
+        aio_pika.abc.AbstractExchange, aio_pika.abc.AbstractQueue]:
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    exchange = await channel.declare_exchange(f"relay-test-{uuid.uuid4().hex[:8]}", aio_pika.ExchangeType.TOPIC,
+                                              auto_delete=True)
+    queue = await channel.declare_queue(exclusive=True)
+    if bind:
+        await queue.bind(exchange, routing_key="#")
+    return exchange, queue

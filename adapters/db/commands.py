@@ -23,8 +23,9 @@ from schemas.common import STEPS_BY_JOB_TYPE, utc_now
 from schemas.events import JobAccepted, JobRejected
 
 from .engine import utcnow
-from .store import SEED_JOB_TYPES, outbox_row
-from .tables import failover_jobs, job_commands, outbox, vm_replication_contexts
+from .outbox import OutboxEvent, insert_event
+from .store import SEED_JOB_TYPES
+from .tables import failover_jobs, job_commands, vm_replication_contexts
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class Decision:
     outcome: str  # accepted | duplicate | rejected_<reason> | signalled
     job_id: str | None = None  # a job this process now owns and should run
     detail: str | None = None
+    # the first event of a new stream written with the decision (JobAccepted, JobRejected): no
+    # earlier event of its job can be waiting in the outbox, so it may be published at once
+    events: tuple[OutboxEvent, ...] = ()
 
 
 def _is_duplicate_key(exc: IntegrityError, key: str) -> bool:
@@ -81,9 +85,9 @@ class CommandRecorder:
                     outcome="rejected_invalid", detail=detail, received_at=utcnow()))
             except IntegrityError:
                 return Decision("duplicate")
-            await self._reject(conn, request_id, "invalid", detail, job_type=job_type, vm_id=vm_id)
+            decision = await self._reject(conn, request_id, "invalid", detail, job_type=job_type, vm_id=vm_id)
         self.on_outbox()
-        return Decision("rejected_invalid", detail=detail)
+        return decision
 
     # ------------------------------------------------------------------ each command
 
@@ -95,16 +99,17 @@ class CommandRecorder:
             reason=reason, detail=detail)
         await conn.execute(text("SAVEPOINT rej"))
         try:
-            await conn.execute(outbox.insert().values(**outbox_row(event)))
+            written = await insert_event(conn, event)
         except IntegrityError:
             # a job already owns this id's stream (e.g. cancel's request_id equal to a job id)
             await conn.execute(text("ROLLBACK TO SAVEPOINT rej"))
-        return Decision(f"rejected_{reason}", detail=detail)
+            return Decision(f"rejected_{reason}", detail=detail)
+        return Decision(f"rejected_{reason}", detail=detail, events=(written,))
 
     async def _new_job(self, conn: AsyncConnection, *, job_id: str, job_type: str, vm_id: str, vm_name: str,
                        correlation_id: str, requested_by: str, options: dict[str, Any] | None,
                        active_vm_id: str | None, parent_job_id: str | None = None,
-                       plan: dict[str, Any] | None = None) -> None:
+                       plan: dict[str, Any] | None = None) -> OutboxEvent:
         now = utcnow()
         await conn.execute(failover_jobs.insert().values(
             job_id=job_id, request_id=job_id, vm_id=vm_id, job_type=SEED_JOB_TYPES[job_type],
@@ -118,7 +123,7 @@ class CommandRecorder:
             correlation_id=uuid.UUID(correlation_id), causation_id=uuid.UUID(job_id), occurred_at=utc_now(),
             vm_name=vm_name, requested_by=requested_by,
             steps=[{"name": s, "order": i + 1} for i, s in enumerate(steps)])
-        await conn.execute(outbox.insert().values(**outbox_row(event)))
+        return await insert_event(conn, event)
 
     async def _failover(self, conn: AsyncConnection, cmd: FailoverRequested) -> Decision:
         job_type = "test-failover" if cmd.failover_type == "test" else "live-failover"
@@ -132,7 +137,7 @@ class CommandRecorder:
                                       job_type=job_type, vm_id=cmd.vm_id)
         await conn.execute(text("SAVEPOINT job"))
         try:
-            await self._new_job(conn, job_id=job_id, job_type=job_type, vm_id=cmd.vm_id, vm_name=vm.vm_name,
+            accepted = await self._new_job(conn, job_id=job_id, job_type=job_type, vm_id=cmd.vm_id, vm_name=vm.vm_name,
                                 correlation_id=job_id, requested_by=cmd.requested_by,
                                 options=cmd.options.model_dump(), active_vm_id=cmd.vm_id)
         except IntegrityError as exc:
@@ -144,7 +149,7 @@ class CommandRecorder:
                 failover_jobs.c.rolled_back).where(failover_jobs.c.active_vm_id == cmd.vm_id))).first()
             return await self._reject(conn, cmd.request_id, "conflict", _conflict_detail(cmd.vm_id, blocker),
                                       job_type=job_type, vm_id=cmd.vm_id)
-        return Decision("accepted", job_id=job_id)
+        return Decision("accepted", job_id=job_id, events=(accepted,))
 
     async def _cleanup(self, conn: AsyncConnection, cmd: CleanupRequested) -> Decision:
         parent_id = str(cmd.failover_job_id)
@@ -169,13 +174,13 @@ class CommandRecorder:
                                       job_type="cleanup", vm_id=parent.vm_id,
                                       correlation_id=uuid.UUID(parent_id))
         job_id = str(cmd.request_id)
-        await self._new_job(conn, job_id=job_id, job_type="cleanup", vm_id=parent.vm_id,
+        accepted = await self._new_job(conn, job_id=job_id, job_type="cleanup", vm_id=parent.vm_id,
                             vm_name=parent.source_vm_name, correlation_id=parent_id,
                             requested_by=cmd.requested_by, options=None, active_vm_id=None,
                             parent_job_id=parent_id, plan=parent.plan)
         await conn.execute(update(failover_jobs).where(failover_jobs.c.job_id == parent_id)
                            .values(cleanup_job_id=job_id, updated_at=utcnow()))
-        return Decision("accepted", job_id=job_id)
+        return Decision("accepted", job_id=job_id, events=(accepted,))
 
     async def _cancel(self, conn: AsyncConnection, cmd: CancelRequested) -> Decision:
         job = (await conn.execute(select(failover_jobs).where(failover_jobs.c.job_id == str(cmd.job_id))

@@ -8,10 +8,14 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from schemas.events import Event
 
 from .engine import from_db_time, utcnow
 from .tables import leases, outbox
+
+OUTBOX_INSERT = outbox.insert()
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,27 @@ class OutboxEvent:
     correlation_id: str
     body: str
     created_at_epoch: float
+
+
+def outbox_row(event: Event) -> dict[str, object]:
+    return {
+        "event_id": str(event.event_id),
+        "job_id": str(event.job_id),
+        "sequence": event.sequence,
+        "event_type": event.type,
+        "correlation_id": str(event.correlation_id),
+        "body": event.model_dump_json(),
+        "created_at": utcnow(),
+    }
+
+
+async def insert_event(conn: AsyncConnection, event: Event) -> OutboxEvent:
+    """Write one event to the outbox in `conn`'s transaction; the row as the relay reads it."""
+    row = outbox_row(event)
+    result = await conn.execute(OUTBOX_INSERT, row)
+    return OutboxEvent(int(result.inserted_primary_key[0]), str(row["event_id"]), str(row["job_id"]),
+                       str(row["event_type"]), str(row["correlation_id"]), str(row["body"]),
+                       from_db_time(row["created_at"]) or 0.0)  # type: ignore[arg-type]
 
 
 class OutboxStore:

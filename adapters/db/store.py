@@ -15,29 +15,17 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.expression import Update
 
-from schemas.events import Event
 from statemachine.errors import LeaseLost
 from statemachine.ports import Commit, JobRow, LedgerEntry
 
 from .engine import from_db_time, to_db_time, utcnow
-from .tables import failover_jobs, outbox, resource_ledger, vm_replication_contexts
+from .outbox import OUTBOX_INSERT, outbox_row
+from .tables import failover_jobs, resource_ledger, vm_replication_contexts
 
 T = TypeVar("T")
 _JOB_TYPES = {"test": "test-failover", "live": "live-failover", "cleanup": "cleanup"}
 SEED_JOB_TYPES = {v: k for k, v in _JOB_TYPES.items()}  # contract job type -> seed column value
 _TIME_COLUMNS = {"started_at", "completed_at", "lease_expires_at"}
-
-
-def outbox_row(event: Event) -> dict[str, Any]:
-    return {
-        "event_id": str(event.event_id),
-        "job_id": str(event.job_id),
-        "sequence": event.sequence,
-        "event_type": event.type,
-        "correlation_id": str(event.correlation_id),
-        "body": event.model_dump_json(),
-        "created_at": utcnow(),
-    }
 
 
 def _ledger_row(job_id: str, e: LedgerEntry) -> dict[str, Any]:
@@ -92,7 +80,6 @@ LEDGER_UPSERT = _LEDGER_INSERT.on_duplicate_key_update(
     status=_LEDGER_INSERT.inserted.status, cs_job_id=_LEDGER_INSERT.inserted.cs_job_id,
     operation_id=_LEDGER_INSERT.inserted.operation_id, data=_LEDGER_INSERT.inserted.data,
     updated_at=_LEDGER_INSERT.inserted.updated_at)
-OUTBOX_INSERT = outbox.insert()
 # the fence: this process's lease, not expired (an expired lease may have been taken by another
 # process already), and nobody else committed meanwhile
 _FENCE = and_(failover_jobs.c.job_id == bindparam("f_job_id"), failover_jobs.c.lease_owner == bindparam("f_owner"),

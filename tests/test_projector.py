@@ -1,0 +1,85 @@
+"""The projector against the real MariaDB and RabbitMQ, on a queue and a database of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import aio_pika
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from adapters.db.engine import make_engine
+from adapters.db.outbox import OutboxEvent
+from adapters.db.projections import Projections
+from adapters.db.tables import projected_events
+from consumers.projector import Projector
+from publishers.relay import to_message
+from schemas.events import Event, JobAccepted, LogRecorded
+
+from .crash.support import derived_database, fresh_database
+
+EVENTS = 120
+
+
+@pytest.fixture(scope="module")
+async def projector_db(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = make_engine(await fresh_database(derived_database(database_url, "projector")), pool_size=4)
+    yield engine
+    await engine.dispose()
+
+
+def _events(job_id: uuid.UUID) -> list[Event]:
+    common = {"job_id": job_id, "job_type": "test-failover", "vm_id": "vm-projector", "correlation_id": job_id,
+              "causation_id": job_id}
+    first: Event = JobAccepted(event_id=uuid.uuid4(), sequence=1, occurred_at=datetime.now(UTC), vm_name="p",
+                               requested_by="tests", steps=[{"name": "pre-failover-validation", "order": 1}],
+                               **common)
+    return [first] + [LogRecorded(event_id=uuid.uuid4(), sequence=i, occurred_at=datetime.now(UTC), level="INFO",
+                                  message=f"line {i}", **common) for i in range(2, EVENTS + 1)]
+
+
+async def _projected(db: AsyncEngine, job_id: uuid.UUID) -> int:
+    async with db.connect() as conn:
+        return int((await conn.execute(select(func.count()).select_from(projected_events)
+                                       .where(projected_events.c.job_id == str(job_id)))).scalar_one())
+
+
+async def test_every_delivery_is_acked_once_its_batch_is_applied(projector_db: AsyncEngine, amqp_url: str) -> None:
+    """Batches are acked with one `multiple` ack each: after the events are projected and the
+    projector's channel is closed, nothing is left in the queue to be delivered again (an
+    unacked delivery would go back to it), and every event was applied once."""
+    job_id = uuid.uuid4()
+    name = f"projector-test-{uuid.uuid4().hex[:8]}"
+    connection = await aio_pika.connect_robust(amqp_url)
+    async with connection:
+        setup = await connection.channel(publisher_confirms=True)
+        exchange = await setup.declare_exchange(name, aio_pika.ExchangeType.TOPIC, auto_delete=True)
+        queue = await setup.declare_queue(name, auto_delete=False)
+        await queue.bind(exchange, routing_key="#")
+        try:
+            for e in _events(job_id):  # queued before the projector starts: full batches
+                await exchange.publish(to_message(OutboxEvent(0, str(e.event_id), str(job_id), e.type, str(job_id),
+                                                              e.model_dump_json(), 0.0)),
+                                       routing_key=f"job.{job_id}.{e.type}")
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=50)
+            handled: list[int] = []  # told after a batch is applied and acked
+            projector = Projector(await channel.get_queue(name), Projections(projector_db), batch=50,
+                                  observe=lambda applied, dupes, lags: handled.append(applied + dupes))
+            await projector.start()
+            deadline = asyncio.get_running_loop().time() + 30
+            while sum(handled) < EVENTS:
+                assert asyncio.get_running_loop().time() < deadline, "the events were not handled in 30 s"
+                await asyncio.sleep(0.05)
+            assert len(handled) < EVENTS, f"no batching: {handled}"
+            await projector.stop()
+            await channel.close()  # an unacked delivery goes back to the queue now
+            left = await setup.declare_queue(name, passive=True)
+            assert left.declaration_result.message_count == 0
+            assert await _projected(projector_db, job_id) == EVENTS
+        finally:
+            await setup.queue_delete(name)
