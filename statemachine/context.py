@@ -91,6 +91,9 @@ class JobContext:
     # ledger entries recorded with `durable=False`: written with the job's next commit
     _pending_ledger: dict[str, LedgerEntry] = field(default_factory=dict)
     _ledger: dict[str, LedgerEntry] | None = None
+    # events (and job columns) staged by `stage`: written first by the job's next commit
+    _staged: list[tuple[type[Event], dict[str, Any]]] = field(default_factory=list)
+    _staged_job: dict[str, Any] = field(default_factory=dict)
     cancel_seen: bool = False
     draining: bool = False  # the process is shutting down: stop at the next safe point
     current_step: str | None = None
@@ -126,6 +129,24 @@ class JobContext:
             },
         )
 
+    def stage(self, events: list[tuple[type[Event], dict[str, Any]]], *, job: dict[str, Any] | None = None) -> None:
+        """Have `events` (after the log lines so far) and `job`'s columns written first by the
+        job's next commit, instead of a transaction of their own: a step's end rides the next
+        step's start (or the job's end). Only for what a resume can redo: a crash before that
+        commit runs the step again, its ledger making it idempotent."""
+        self._staged.extend(self._log_events())
+        self._staged.extend(events)
+        self._staged_job.update(job or {})
+
+    @property
+    def has_staged(self) -> bool:
+        return bool(self._staged)
+
+    def _log_events(self) -> list[tuple[type[Event], dict[str, Any]]]:
+        logs, self._pending_logs = self._pending_logs, []
+        return [(LogRecorded, {"level": level, "message": message, "step": step, "fields": fields})
+                for level, message, step, fields in logs]
+
     async def commit(
         self,
         events: list[tuple[type[Event], dict[str, Any]]] | None = None,
@@ -134,43 +155,50 @@ class JobContext:
         ledger: list[LedgerEntry] | None = None,
         vm_status: str | None = None,
         parent: dict[str, Any] | None = None,
+        unless_cancelled: bool = False,
     ) -> bool:
-        """Write the pending logs, then `events`, with the job and ledger changes, in one
-        lease-fenced transaction. Returns whether a cancel has been requested."""
+        """Write what is staged, the pending logs, then `events`, with the job and ledger
+        changes, in one lease-fenced transaction. Returns whether a cancel has been requested.
+
+        `unless_cancelled` (with something staged): `events`, `job`, `vm_status` and `parent`
+        are written only while no cancel is asked for; a True return then means they were not
+        (the staged part, the logs and the ledger always are)."""
         async with self._lock:
-            logs, self._pending_logs = self._pending_logs, []
+            staged, staged_job = self._staged, self._staged_job
+            self._staged, self._staged_job = [], {}
+            logs = self._pending_logs[:]
+            head_items = [*staged, *self._log_events()]
             deferred, self._pending_ledger = self._pending_ledger, {}
             if deferred:  # the newer state of an entry wins (usually the same object anyway)
                 ledger = list({**deferred, **{e.key: e for e in ledger or []}}.values())
             seq = self.row.last_sequence
-            built: list[Event] = []
-            for level, message, step, fields in logs:
+            head: list[Event] = []
+            for cls, extra in head_items:
                 seq += 1
-                built.append(
-                    LogRecorded(
-                        **self._common(seq), level=level, message=message, step=step, fields=fields,  # type: ignore[arg-type]
-                    )
-                )
+                head.append(cls(**self._common(seq), **extra))
+            head_seq = seq
+            tail: list[Event] = []
             for cls, extra in events or []:
                 seq += 1
-                built.append(cls(**self._common(seq), **extra))
+                tail.append(cls(**self._common(seq), **extra))
+            gated = unless_cancelled and bool(staged)
+            if gated:
+                commit = Commit(events=head, job=staged_job, ledger=ledger or [],
+                                tail=Commit(events=tail, job=job or {}, vm_status=vm_status, parent=parent or {}))
+            else:
+                commit = Commit(events=[*head, *tail], job={**staged_job, **(job or {})}, ledger=ledger or [],
+                                vm_status=vm_status, parent=parent or {})
             try:
-                cancel = await self.ports.store.commit(
-                    self.row,
-                    Commit(
-                        events=built,
-                        job=job or {},
-                        ledger=ledger or [],
-                        vm_status=vm_status,
-                        parent=parent or {},
-                    ),
-                )
+                cancel = await self.ports.store.commit(self.row, commit)
             except BaseException:
                 self._pending_logs[:0] = logs
                 self._pending_ledger = {**deferred, **self._pending_ledger}
+                self._staged[:0] = staged
+                self._staged_job = {**staged_job, **self._staged_job}
                 raise
-            self.row.last_sequence = seq
-            for key, value in (job or {}).items():
+            written = commit if gated and cancel else commit.with_tail()
+            self.row.last_sequence = head_seq if gated and cancel else seq
+            for key, value in written.job.items():
                 if hasattr(self.row, key):
                     setattr(self.row, key, value)
             if ledger and self._ledger is not None:
@@ -180,8 +208,9 @@ class JobContext:
             return cancel
 
     async def flush(self) -> None:
-        """Send the pending log lines now (long steps call it to show progress)."""
-        if self._pending_logs:
+        """Send the pending log lines (and what is staged) now (long steps call it to show
+        progress; a drain before it stops)."""
+        if self._pending_logs or self._staged:
             await self.commit()
 
     # ------------------------------------------------------------------ ledger

@@ -78,11 +78,19 @@ class JobModel:
             ctx.log("INFO", f"resuming step {step} (job taken over after an interruption)", owner=ctx.owner)
             await ctx.commit(job={"status": step})
         else:
-            await ctx.commit(
+            # the previous step's end, staged, is written with this start: one transaction
+            # between two steps, the safe point where a cancel is seen
+            after = ctx.has_staged
+            if await ctx.commit(
                 [(StepStarted, {"step": step, "step_order": order, "total_steps": total,
                                 "percent_complete": _percent(order - 1, total)})],
                 job={"status": step, **({"started_at": time.time()} if order == 1 else {})},
-            )
+                unless_cancelled=True,
+            ) and after:
+                ctx.current_step = None
+                ctx.log("WARN", f"cancel requested: stopping after step {steps[order - 2]}")
+                self.next_trigger = "cancel"
+                return
         began = time.monotonic()
         try:
             result: StepResult = await STEP_FUNCS[step](ctx)
@@ -110,13 +118,10 @@ class JobModel:
         else:
             ev = (StepCompleted, {"step": step, "step_order": order,
                                   "percent_complete": _percent(order, total), "outputs": result.outputs})
-        cancel = await ctx.commit([ev], job=job)
+        # written with the next step's start (or the job's end), which sees a cancel
+        ctx.stage([ev], job=job)
         ctx.current_step = None
-        if cancel and order < total:
-            ctx.log("WARN", f"cancel requested: stopping after step {step}")
-            self.next_trigger = "cancel"
-        else:
-            self.next_trigger = "step_done"
+        self.next_trigger = "step_done"
 
     # ------------------------------------------------------------------ rollback
 
@@ -230,6 +235,7 @@ async def drive(machine: AsyncMachine, ctx: JobContext) -> str:
             model.next_trigger = "retry_rollback"
         while model.next_trigger:
             if ctx.draining and model.next_trigger in ("start", "step_done", "cancel"):
+                await ctx.flush()  # the step's end, staged for the next start
                 return model.state  # a safe point: the next owner carries on from here
             trigger, model.next_trigger = model.next_trigger, None
             ok = await model.trigger(trigger)  # type: ignore[attr-defined]

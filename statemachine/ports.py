@@ -227,6 +227,17 @@ class Commit:
     ledger: list[LedgerEntry] = field(default_factory=list)
     vm_status: str | None = None  # vm_replication_contexts.current_status of the job's VM
     parent: dict[str, Any] = field(default_factory=dict)  # columns to set on the parent job
+    # written in the same transaction only while no cancel is asked for (its events follow
+    # these): a step's start rides the previous step's end, unless the job is to stop there
+    tail: Commit | None = None
+
+    def with_tail(self) -> Commit:
+        """This commit and its tail as one."""
+        if self.tail is None:
+            return self
+        t = self.tail
+        return Commit(events=[*self.events, *t.events], job={**self.job, **t.job}, ledger=[*self.ledger, *t.ledger],
+                      vm_status=t.vm_status or self.vm_status, parent={**self.parent, **t.parent})
 
 
 class JobStorePort(Protocol):
@@ -234,7 +245,8 @@ class JobStorePort(Protocol):
     owns the job raises `LeaseLost` and writes nothing."""
 
     async def commit(self, job: JobRow, commit: Commit) -> bool:
-        """Write it all in one transaction; return whether a cancel has been requested."""
+        """Write it all in one transaction; return whether a cancel has been requested (and
+        then the commit's `tail`, if any, was not written)."""
         ...
 
     async def ledger(self, job_id: str) -> list[LedgerEntry]: ...

@@ -813,6 +813,7 @@ class FakeJobStore:
         self.owner_ok = True
         self.commits = 0  # successful commits
         self.hooks: list[CommitHook] = []  # run first in every commit (may flip owner_ok or cancel)
+        self.cancel_after: set[str] = set()  # jobs whose cancel comes in just after this commit
 
     # ------------------------------------------------------------------ test controls
     def insert(self, row: JobRow, vm_name: str) -> None:
@@ -849,6 +850,9 @@ class FakeJobStore:
         stored = self.rows[job.job_id]
         if not self.owner_ok or stored.last_sequence != job.last_sequence:
             raise LeaseLost(job.job_id)
+        # a tail is written only while no cancel is asked for
+        cancelled = stored.cancel_requested
+        commit = commit if cancelled else commit.with_tail()
         # everything is checked before anything is written: the transaction is all or nothing
         expected = list(range(stored.last_sequence + 1, stored.last_sequence + 1 + len(commit.events)))
         got = [e.sequence for e in commit.events]
@@ -878,7 +882,10 @@ class FakeJobStore:
                     setattr(parent, key, copy.deepcopy(value))
         self.events.extend(commit.events)
         self.commits += 1
-        return stored.cancel_requested
+        if job.job_id in self.cancel_after:
+            self.cancel_after.discard(job.job_id)
+            stored.cancel_requested = True
+        return cancelled
 
     async def ledger(self, job_id: str) -> list[LedgerEntry]:
         await _network_turn()
@@ -919,12 +926,16 @@ def lose_lease_when(predicate: Callable[[Commit], bool]) -> CommitHook:
 
 
 def cancel_when(predicate: Callable[[Commit], bool]) -> CommitHook:
-    """A hook: a cancel is requested in the transaction of the first commit `predicate` matches."""
+    """A hook: a cancel is requested just after the first commit `predicate` matches (so the
+    commit that starts a step is not gated by it: the step runs, and the cancel is seen at the
+    next safe point)."""
 
     def hook(store: FakeJobStore, job: JobRow, commit: Commit) -> None:
-        if predicate(commit):
-            store.request_cancel(job.job_id)
+        if predicate(commit) and not fired:
+            fired.append(True)
+            store.cancel_after.add(job.job_id)  # once this commit is in: it is not gated by it
 
+    fired: list[bool] = []
     return hook
 
 
@@ -933,7 +944,7 @@ def has_event(type_name: str, **fields: Any) -> Callable[[Commit], bool]:
 
     def match(commit: Commit) -> bool:
         return any(e.type == type_name and all(getattr(e, k, None) == v for k, v in fields.items())
-                   for e in commit.events)
+                   for e in commit.with_tail().events)
 
     return match
 

@@ -125,7 +125,9 @@ class JobStore:
         self.on_outbox = on_outbox
         self.transactions = 0  # counted for the benchmark's transactions-per-job figure
 
-    async def commit(self, job: JobRow, commit: Commit) -> bool:
+    def _prepare(self, job: JobRow, commit: Commit) -> tuple[Update, Update, dict[str, Any], list[dict[str, Any]],
+                                                                list[dict[str, Any]]]:
+        """(guarded UPDATE, unguarded UPDATE, their parameters, outbox rows, ledger rows)."""
         values: dict[str, Any] = {}
         for key, value in commit.job.items():
             if key in _TIME_COLUMNS:
@@ -135,52 +137,57 @@ class JobStore:
             values["network_mappings"] = json.dumps(values["plan"].get("networks"))
             values["source_vm_spec"] = json.dumps({k: values["plan"].get(k) for k in (
                 "cpu_count", "memory_mb", "os_type", "volumes")})
-        new_seq = job.last_sequence + len(commit.events)
-        values["last_sequence"] = new_seq
+        values["last_sequence"] = job.last_sequence + len(commit.events)
         values["updated_at"] = utcnow()
         extend = (int(self.lease_seconds * 1_000_000)
                   if self.lease_seconds and "lease_expires_at" not in values else None)
         # (a commit of a job whose lease is valid extends it: the lease then runs out only
         # while the job waits, when the runner renews it, or when this process is gone)
         columns = tuple(sorted(values))
-        stmt = fenced_update(columns, extend, unless_cancelled=False)
-        guarded = fenced_update(columns, extend, unless_cancelled=True)
         params: dict[str, Any] = {f"v_{c}": values[c] for c in columns}
         params.update(f_job_id=job.job_id, f_owner=self.owner, f_sequence=job.last_sequence)
-        rows = [outbox_row(e) for e in commit.events]
-        ledger = [_ledger_row(job.job_id, entry) for entry in commit.ledger]
+        return (fenced_update(columns, extend, unless_cancelled=True),
+                fenced_update(columns, extend, unless_cancelled=False), params,
+                [outbox_row(e) for e in commit.events], [_ledger_row(job.job_id, entry) for entry in commit.ledger])
+
+    async def commit(self, job: JobRow, commit: Commit) -> bool:
+        # with a tail: all of it unless a cancel is asked for, else the head alone
+        whole = commit.with_tail()
+        full = self._prepare(job, whole)
+        head = self._prepare(job, commit) if commit.tail is not None else full
         asked = time.monotonic()
 
         async def write() -> bool:
             async with self.engine.begin() as conn:
                 self.transactions += 1
-                cancel = False
+                cancel, written, (guarded, _, params, out, led) = False, whole, full
                 if (await conn.execute(guarded, params)).rowcount != 1:
                     # the fence failed, or a cancel was asked for: the row is locked now (the
-                    # UPDATE read it by its key), so the unguarded UPDATE tells which
-                    if (await conn.execute(stmt, params)).rowcount != 1:
+                    # UPDATE read it by its key), so the unguarded UPDATE tells which (and
+                    # writes the head alone when there is a tail)
+                    cancel, written, (_, unguarded, params, out, led) = True, commit, head
+                    if (await conn.execute(unguarded, params)).rowcount != 1:
                         raise LeaseLost(job.job_id)
-                    cancel = True
-                if rows:
-                    await conn.execute(OUTBOX_INSERT, rows)
-                if ledger:
-                    await conn.execute(LEDGER_UPSERT, ledger)
-                if commit.vm_status:
+                if out:
+                    await conn.execute(OUTBOX_INSERT, out)
+                if led:
+                    await conn.execute(LEDGER_UPSERT, led)
+                if written.vm_status:
                     await conn.execute(
                         update(vm_replication_contexts)
                         .where(vm_replication_contexts.c.vmware_vm_id == job.vm_id)
-                        .values(current_status=commit.vm_status, updated_at=utcnow()))
-                if commit.parent and job.parent_job_id:
+                        .values(current_status=written.vm_status, updated_at=utcnow()))
+                if written.parent and job.parent_job_id:
                     await conn.execute(
                         update(failover_jobs).where(failover_jobs.c.job_id == job.parent_job_id)
-                        .values(**commit.parent, updated_at=utcnow()))
+                        .values(**written.parent, updated_at=utcnow()))
             return cancel
 
         cancel = await _again(write)
         self.on_commit(job.job_id)
-        if commit.events:
+        if whole.events:
             self.on_outbox()
-        if self.lease_seconds and "lease_expires_at" not in commit.job:
+        if self.lease_seconds and "lease_expires_at" not in whole.job:
             self.on_lease(job.job_id, asked + self.lease_seconds)
         return cancel
 

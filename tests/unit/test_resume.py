@@ -172,13 +172,15 @@ async def test_drain_stops_at_a_safe_point_and_a_new_owner_finishes(h: Harness, 
     ctx = h.new_job(vm)
 
     def drain(store, job, commit) -> None:  # type: ignore[no-untyped-def]
-        if has_event("StepCompleted", step="vm-creation")(commit):
+        if has_event("StepStarted", step="vm-creation")(commit):  # SIGTERM while the step runs
             ctx.draining = True
 
     h.store.hooks.append(drain)
     assert await drive(machine, ctx) == "vm-creation"
     row = h.store.row(ctx.row.job_id)
+    # the step's end, which would have ridden the next step's start, was written before stopping
     assert (row.status, row.resume_state) == ("vm-creation", "vm-creation")
+    assert of_type(h.events(ctx.row.job_id), "StepCompleted")[-1].step == "vm-creation"
     h.store.hooks.clear()
     resumed = await h.resume_context(ctx.row.job_id)
     assert await drive(machine, resumed) == "completed"
