@@ -133,6 +133,18 @@ class CloudStackAdapter:
         found = [s for s in await self.find_snapshots(name, volume_id) if s.state.lower() != "error"]
         return found[0] if found else None
 
+    def snapshot_in(self, job_result: dict[str, Any]) -> CsSnapshot | None:
+        s = job_result.get("snapshot")
+        if not isinstance(s, dict) or not {"id", "state", "revertable"} <= s.keys():
+            return None
+        return self._snapshot(s)
+
+    def vm_in(self, job_result: dict[str, Any]) -> CsVm | None:
+        v = job_result.get("virtualmachine")
+        if not isinstance(v, dict) or not {"id", "state"} <= v.keys():
+            return None
+        return self._vm(v)
+
     async def get_snapshot(self, snapshot_id: str) -> CsSnapshot | None:
         items = self._items(await self._call("listSnapshots", id=snapshot_id), "snapshot")
         return self._snapshot(items[0]) if items else None

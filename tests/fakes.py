@@ -460,7 +460,8 @@ class FakeWorld:
             snap.content = volume.content
             snap.state = "BackedUp"
             snap.revertable = volume.revertable_storage
-            return {"snapshot": {"id": snap.id, "state": snap.state}}
+            return {"snapshot": {"id": snap.id, "name": snap.name, "volumeid": snap.volume_id, "state": snap.state,
+                                 "revertable": snap.revertable}}
 
         def on_fail() -> None:
             snap.state = "Error"
@@ -557,6 +558,18 @@ class FakeCloudStack:
     @staticmethod
     def _snap(s: Snapshot) -> CsSnapshot:
         return CsSnapshot(s.id, s.name, s.volume_id, s.state, s.revertable)
+
+    def snapshot_in(self, job_result: dict[str, Any]) -> CsSnapshot | None:
+        s = job_result.get("snapshot")
+        if not isinstance(s, dict) or not {"id", "state", "revertable"} <= s.keys():
+            return None
+        return CsSnapshot(s["id"], s.get("name", ""), s.get("volumeid", ""), s["state"], s["revertable"])
+
+    def vm_in(self, job_result: dict[str, Any]) -> CsVm | None:
+        v = job_result.get("virtualmachine")
+        if not isinstance(v, dict) or not {"id", "state"} <= v.keys():
+            return None
+        return CsVm(v["id"], v.get("name", ""), v["state"])
 
     async def create_snapshot(self, volume_id: str, name: str) -> AsyncStart:
         fault = await self._begin("createSnapshot", volumeid=volume_id, name=name)

@@ -7,11 +7,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from statemachine.context import JobContext
 from statemachine.errors import StepError, TransientError
-from statemachine.ports import CsSnapshot, CsVm, DeploySpec, LedgerEntry
+from statemachine.ports import (
+    CsSnapshot,
+    CsVm,
+    DaemonOperation,
+    DeploySpec,
+    LedgerEntry,
+)
 
 T = TypeVar("T")
 # VM states in which a CloudStack job is still working on the VM (ours from before a crash,
@@ -34,20 +40,26 @@ async def _settle(check: Callable[[], Awaitable[T | None]], timeout: float, code
         pause = min(pause * 2, 2.0)
 
 
-async def _entry(ctx: JobContext, key: str, resource_type: str, action: str, **kw: object) -> LedgerEntry:
+async def _entry(ctx: JobContext, key: str, resource_type: str, action: str,
+                 **kw: object) -> tuple[LedgerEntry, bool]:
+    """The ledger entry of `key`, recorded now as intended if there is none; and whether it is
+    that fresh intent. A fresh intent means no call for it was ever made (the intent is
+    written before the call), so nothing made under its name need be looked for."""
     ledger = await ctx.ledger()
     entry = ledger.get(key)
     if entry is None:
         entry = LedgerEntry(key=key, resource_type=resource_type, action=action, **kw)  # type: ignore[arg-type]
         await ctx.record(entry)
-    return entry
+        return entry, True
+    return entry, False
 
 
-async def _wait_cs(ctx: JobContext, entry: LedgerEntry, timeout: float) -> None:
-    """Wait for the entry's CloudStack job; a failed job is forgotten so a retry starts anew."""
+async def _wait_cs(ctx: JobContext, entry: LedgerEntry, timeout: float) -> dict[str, Any]:
+    """Wait for the entry's CloudStack job (its result); a failed job is forgotten so a retry
+    starts anew."""
     assert entry.cs_job_id is not None
     try:
-        await ctx.ports.cloudstack.wait_job(entry.cs_job_id, timeout)
+        return await ctx.ports.cloudstack.wait_job(entry.cs_job_id, timeout)
     except StepError as exc:
         if exc.code == "CLOUDSTACK_JOB_FAILED":
             # CloudStack keeps what a failed job created (state Error): remember it, so the
@@ -66,12 +78,13 @@ async def _wait_cs(ctx: JobContext, entry: LedgerEntry, timeout: float) -> None:
 async def ensure_snapshot(ctx: JobContext, volume_id: str, name: str) -> CsSnapshot:
     """A `BackedUp` snapshot of the volume, taken at most once for this job."""
     cs = ctx.ports.cloudstack
-    entry = await _entry(
+    entry, fresh = await _entry(
         ctx, f"snapshot:{volume_id}", "snapshot", "create", name=name, data={"volume_id": volume_id}
     )
+    taken: CsSnapshot | None = None  # as the finished job returned it
     if entry.status != "done":
         if entry.cs_job_id is None and entry.resource_id is None:
-            found = await cs.find_snapshot(name, volume_id)
+            found = None if fresh else await cs.find_snapshot(name, volume_id)
             if found is not None:
                 entry.resource_id = found.id
             else:
@@ -79,8 +92,11 @@ async def ensure_snapshot(ctx: JobContext, volume_id: str, name: str) -> CsSnaps
                 entry.resource_id, entry.cs_job_id = start.resource_id, start.job_id
             await ctx.record(entry)
         if entry.cs_job_id is not None:
-            await _wait_cs(ctx, entry, ctx.config.snapshot_timeout)
-    snap = await cs.get_snapshot(entry.resource_id or "") if entry.resource_id else None
+            taken = cs.snapshot_in(await _wait_cs(ctx, entry, ctx.config.snapshot_timeout))
+    if taken is not None and taken.id == entry.resource_id and taken.state == "BackedUp":
+        snap: CsSnapshot | None = taken
+    else:
+        snap = await cs.get_snapshot(entry.resource_id or "") if entry.resource_id else None
     if snap is not None and entry.cs_job_id is None and snap.state != "BackedUp" and snap.state.lower() != "error":
         # found by its name after a crash: its job (whose id was never recorded) may still be
         # running; wait for CloudStack to finish or fail it rather than failing the step
@@ -124,12 +140,12 @@ async def ensure_snapshot(ctx: JobContext, volume_id: str, name: str) -> CsSnaps
 async def ensure_vm(ctx: JobContext, spec: DeploySpec) -> str:
     """The job's VM, deployed stopped, at most once; returns its id."""
     cs = ctx.ports.cloudstack
-    entry = await _entry(ctx, "vm", "vm", "create", name=spec.name)
+    entry, fresh = await _entry(ctx, "vm", "vm", "create", name=spec.name)
     if entry.status == "done" and entry.resource_id:
         return entry.resource_id
     if entry.cs_job_id is None and entry.resource_id is None:
         found = None
-        for vm in await cs.find_vms(spec.name):
+        for vm in [] if fresh else await cs.find_vms(spec.name):
             if vm.state == "Error":  # a failed deploy of ours holds the name: remove it first
                 await _destroy_failed(ctx, entry, vm.id)
             elif found is None:
@@ -143,9 +159,11 @@ async def ensure_vm(ctx: JobContext, spec: DeploySpec) -> str:
             start = await cs.deploy_vm(spec)
             entry.resource_id, entry.cs_job_id = start.resource_id, start.job_id
         await ctx.record(entry)
+    deployed = None
     if entry.cs_job_id is not None:
-        await _wait_cs(ctx, entry, ctx.config.async_job_timeout)
-    deployed = await cs.get_vm(entry.resource_id or "") if entry.resource_id else None
+        deployed = cs.vm_in(await _wait_cs(ctx, entry, ctx.config.async_job_timeout))
+    if deployed is None or deployed.id != entry.resource_id:
+        deployed = await cs.get_vm(entry.resource_id or "") if entry.resource_id else None
     if deployed is None:
         entry.resource_id = entry.cs_job_id = None
         await ctx.record(entry)
@@ -179,7 +197,7 @@ async def vm_of(ctx: JobContext, ledger: dict[str, LedgerEntry]) -> CsVm | None:
 async def run_vm_command(ctx: JobContext, key: str, vm_id: str, command: str) -> None:
     """start / stop / destroy, with the async job id saved before waiting."""
     cs = ctx.ports.cloudstack
-    entry = await _entry(ctx, key, "vm", command, resource_id=vm_id)
+    entry, _ = await _entry(ctx, key, "vm", command, resource_id=vm_id)
     if entry.status == "done":
         return
     if entry.cs_job_id is None:
@@ -216,7 +234,7 @@ async def ensure_detached(ctx: JobContext, key: str, volume_id: str, *, data: di
     the volume (with no record before that call) needs it written first, or a resume would
     wait for the detach and then not find the volume."""
     vd = ctx.ports.volumes
-    entry = await _entry(ctx, key, "volume", "detach", resource_id=volume_id, data=dict(data or {}))
+    entry, _ = await _entry(ctx, key, "volume", "detach", resource_id=volume_id, data=dict(data or {}))
     if entry.status == "done":
         return
     if entry.operation_id is not None:
@@ -235,7 +253,7 @@ async def ensure_detached(ctx: JobContext, key: str, volume_id: str, *, data: di
 async def ensure_attached(ctx: JobContext, key: str, volume_id: str, vm_id: str, *, root: bool) -> int | None:
     """The volume attached to `vm_id` (as device 0 when `root`), through the Volume Daemon."""
     vd = ctx.ports.volumes
-    entry = await _entry(
+    entry, _ = await _entry(
         ctx, key, "volume", "attach-root" if root else "attach", resource_id=volume_id, data={"vm_id": vm_id}
     )
     if entry.status == "done":
@@ -243,6 +261,7 @@ async def ensure_attached(ctx: JobContext, key: str, volume_id: str, vm_id: str,
     if entry.operation_id is not None:
         await _wait_op(ctx, entry)
     current = await vd.get_volume(volume_id)
+    device_id = current.device_id
     if current.vm_id == vm_id and (not root or current.device_id == 0):
         pass
     elif current.vm_id is not None:
@@ -254,15 +273,16 @@ async def ensure_attached(ctx: JobContext, key: str, volume_id: str, vm_id: str,
     else:
         entry.operation_id = await (vd.attach_root if root else vd.attach)(volume_id, vm_id)
         await ctx.record(entry)
-        await _wait_op(ctx, entry)
-        current = await vd.get_volume(volume_id)
+        op = await _wait_op(ctx, entry)
+        # the operation's response names the device; only an answer without it needs a look-up
+        device_id = op.device_id if op.device_id is not None else (await vd.get_volume(volume_id)).device_id
     entry.status = "done"
-    entry.data["device_id"] = current.device_id
+    entry.data["device_id"] = device_id
     await ctx.record(entry, durable=False)  # its operation id is recorded: a resume finds it ended
-    return current.device_id
+    return device_id
 
 
-async def _wait_op(ctx: JobContext, entry: LedgerEntry) -> None:
+async def _wait_op(ctx: JobContext, entry: LedgerEntry) -> DaemonOperation:
     assert entry.operation_id is not None
     op = await ctx.ports.volumes.wait_operation(entry.operation_id, ctx.config.volume_operation_timeout)
     if op.status != "completed":
@@ -272,3 +292,4 @@ async def _wait_op(ctx: JobContext, entry: LedgerEntry) -> None:
             "VOLUME_OPERATION_FAILED",
             f"Volume Daemon operation {op.id} on volume {entry.resource_id} ended {op.status}: {op.error}",
         )
+    return op

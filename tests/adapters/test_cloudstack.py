@@ -109,6 +109,10 @@ async def test_create_snapshot_wait_get_and_find(cloudstack: CloudStackAdapter, 
     snapshot = await cloudstack.get_snapshot(started.resource_id)
     assert snapshot == CsSnapshot(id=started.resource_id, name="failover-snap-1", volume_id=volume_id,
                                   state="BackedUp", revertable=True)
+    # the job's result holds the same snapshot: the step needs no listSnapshots after the wait
+    assert cloudstack.snapshot_in(result) == snapshot
+    assert cloudstack.snapshot_in({}) is None
+    assert cloudstack.snapshot_in({"snapshot": {"id": snapshot.id, "state": "BackedUp"}}) is None  # not whole
     assert (await world_item(control, "snapshots", snapshot.id))["content"] == "replica"
 
     assert await cloudstack.find_snapshot("failover-snap-1", volume_id) == snapshot
@@ -345,6 +349,8 @@ async def test_deploy_vm_stopped_with_the_spec(cloudstack: CloudStackAdapter, em
     assert found is not None and (found.id, found.name, found.state) == (
         started.resource_id, "win-2022-app", "Stopped")
     assert await cloudstack.get_vm(started.resource_id) == found
+    assert cloudstack.vm_in(result) == found  # the job's result holds the deployed VM
+    assert cloudstack.vm_in({"virtualmachine": "?"}) is None
     volumes = await cloudstack.list_vm_volumes(started.resource_id)
     assert [(v.type, v.device_id, v.vm_id) for v in volumes] == [("ROOT", 0, started.resource_id)]
 

@@ -132,11 +132,12 @@ async def test_disks_that_point_to_no_volume_fail_the_validation(
 
 # (api, command, variant, nth, the step that must fail)
 MALFORMED = [
-    ("cloudstack", "listSnapshots", "wrong_shape", 1, "cloudstack-snapshot"),
+    # (a first run lists no snapshot: it creates, and the finished job's result holds it)
+    ("cloudstack", "queryAsyncJobResult", "wrong_shape", 1, "cloudstack-snapshot"),
     ("cloudstack", "createSnapshot", "truncated", 1, "cloudstack-snapshot"),
     ("cloudstack", "createSnapshot", "wrong_shape", 2, "cloudstack-snapshot"),
     ("cloudstack", "queryAsyncJobResult", "truncated", 1, "cloudstack-snapshot"),
-    ("cloudstack", "listVirtualMachines", "wrong_shape", 1, "vm-creation"),
+    ("cloudstack", "listVirtualMachines", "wrong_shape", 1, "vm-startup-validation"),
     ("cloudstack", "deployVirtualMachine", "truncated", 1, "vm-creation"),
     ("cloudstack", "deployVirtualMachine", "wrong_shape", 1, "vm-creation"),
     ("cloudstack", "listVolumes", "wrong_shape", 1, "volume-attachment"),

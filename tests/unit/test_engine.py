@@ -20,6 +20,26 @@ from .helpers import assert_failed_over, assert_restored, assert_stream_ok, last
 # --------------------------------------------------------------------------- a Windows test failover
 
 
+async def test_a_fresh_job_looks_nothing_up_that_it_never_created(h: Harness, machine: AsyncMachine) -> None:
+    """With no ledger entry, nothing was ever created under a resource's name (the intent is
+    recorded before the create call), so a job's first run creates without listing by name
+    first, and takes the snapshot and the VM from the finished jobs' results instead of
+    listing them again. (A resumed step still looks first: tests/unit/test_resume.py.)"""
+    vm = h.seed_vm("WIN-FRESH", os_type="Windows Server 2019", disks=2)
+    assert await drive(machine, h.new_job(vm, "test-failover")) == "completed"
+    calls = h.cloudstack.calls
+    first_create = next(i for i, (op, _) in enumerate(calls) if op == "createSnapshot")
+    deploy = next(i for i, (op, _) in enumerate(calls) if op == "deployVirtualMachine")
+    assert not [c for c in calls[:first_create] if c[0] == "listSnapshots"]
+    assert not [c for c in calls[:deploy] if c[0] == "listVirtualMachines" and "name" in c[1]]
+    assert h.cloudstack.count("listSnapshots") == 0
+    assert h.cloudstack.count("createSnapshot") == 2
+    # an attach's operation names the device: no look-up of the volume after it (the job's
+    # last daemon calls are its last attach and that operation's wait)
+    ops = [op for op, _ in h.volumes.calls]
+    assert ops[-2:] == ["attach", "get-operation"], ops
+
+
 async def test_windows_test_failover_completes(h: Harness, machine: AsyncMachine) -> None:
     vm = h.seed_vm("WIN-SQL01", os_type="Windows Server 2019", disks=3)
     root_path = h.world.device_path(h.world.volumes[vm.root_volume_id])
