@@ -39,6 +39,7 @@ __all__ = [
     "COMMAND_TYPES",
     "EVENTS_PUBLISHED",
     "EVENT_TYPES",
+    "GC_PAUSE",
     "HISTOGRAM_METRIC_NAMES",
     "JOBS_ENDED",
     "JOBS_IN_PROGRESS",
@@ -67,6 +68,7 @@ __all__ = [
     "observe_adapter_call",
     "observed",
     "set_job_state_gauges",
+    "watch_gc",
 ]
 
 T = TypeVar("T")
@@ -201,12 +203,43 @@ PROJECTOR_EVENTS: Final = Counter(
     ["projector", "outcome"],
 )
 
+# --- the process ------------------------------------------------------------------------------
+
+GC_GENERATIONS: Final = (0, 1, 2)
+GC_PAUSE: Final = Histogram(
+    "failover_gc_pause_seconds",
+    "Pauses of Python's cyclic garbage collector in this process, by generation: every job, "
+    "command and event waits while one runs.",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+)
+
+
+def watch_gc() -> None:
+    """Time every collection into `GC_PAUSE` (idempotent)."""
+    import gc
+
+    if any(getattr(cb, "__name__", "") == "_gc_timer" for cb in gc.callbacks):
+        return
+    started: list[float] = [0.0]
+    children = {g: GC_PAUSE.labels(generation=str(g)) for g in GC_GENERATIONS}
+
+    def _gc_timer(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            children[info["generation"]].observe(time.perf_counter() - started[0])
+
+    gc.callbacks.append(_gc_timer)
+
+
 # --- build ------------------------------------------------------------------------------------
 
 BUILD_INFO: Final = Info("failover_build", "Version of the failover service that is running.")
 
 ALL_METRIC_NAMES: Final[frozenset[str]] = frozenset(
     {
+        "failover_gc_pause_seconds",
         "failover_jobs_started_total",
         "failover_jobs_ended_total",
         "failover_job_duration_seconds",
@@ -234,6 +267,7 @@ HISTOGRAM_METRIC_NAMES: Final[frozenset[str]] = frozenset(
         "failover_step_duration_seconds",
         "failover_adapter_call_duration_seconds",
         "failover_projector_lag_seconds",
+        "failover_gc_pause_seconds",
     }
 )
 """The members of ``ALL_METRIC_NAMES`` that are histograms (exported as ``_bucket``,
@@ -267,6 +301,8 @@ def _initialise_series() -> None:
         PROJECTOR_EVENTS.labels(projector="views", outcome=projector_outcome)
     OUTBOX_BACKLOG.set(0)
     OUTBOX_OLDEST_UNSENT_AGE.set(0)
+    for generation in GC_GENERATIONS:
+        GC_PAUSE.labels(generation=str(generation))
 
 
 _initialise_series()

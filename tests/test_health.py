@@ -401,3 +401,24 @@ async def test_a_state_change_moves_the_in_progress_gauge_by_one(
     samples = await _scrape(http, server)
     assert {s: _value(samples, "failover_jobs_in_progress", state=s) for s in moved} == moved
     metrics.set_job_state_gauges([], now=4.0)
+
+
+async def test_garbage_collector_pauses_are_timed(http: aiohttp.ClientSession, server: HealthServer) -> None:
+    """`serve` watches the collector (and freezes its start-up heap): each collection shows up
+    in failover_gc_pause_seconds under its generation, with its duration."""
+    import gc
+
+    metrics.watch_gc()
+    metrics.watch_gc()  # idempotent: one timer, not two
+    assert sum(getattr(cb, "__name__", "") == "_gc_timer" for cb in gc.callbacks) == 1
+    before = await _scrape(http, server)
+    gc.collect()
+    gc.collect(0)
+    after = await _scrape(http, server)
+
+    def delta(name: str, generation: str) -> float:
+        return _value(after, name, generation=generation) - _value(before, name, generation=generation)
+
+    assert delta("failover_gc_pause_seconds_count", "2") >= 1
+    assert delta("failover_gc_pause_seconds_count", "0") >= 1
+    assert delta("failover_gc_pause_seconds_sum", "2") > 0
