@@ -27,7 +27,7 @@ test-fast: venv services
 
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/mypy statemachine schemas
+	$(BIN)/mypy statemachine schemas adapters consumers publishers failover
 
 bench: venv services  ## the benchmarks (not part of the tests)
 	$(BIN)/pip install -q -e '.[bench]'

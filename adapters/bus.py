@@ -44,10 +44,8 @@ aiormq.Connection.FRAME_BUFFER_SIZE = max(aiormq.Connection.FRAME_BUFFER_SIZE, F
 async def connect(url: str, *, ca_file: str | None = None, name: str = "failover") -> AbstractRobustConnection:
     """A robust connection (it reconnects and restores its channels, queues and consumers)."""
     amqp_decoding.install()  # a hostile header must not take the connection down (see there)
-    kwargs: dict[str, object] = {"client_properties": {"connection_name": name}}
-    if url.startswith("amqps://"):
-        kwargs["ssl_context"] = ssl.create_default_context(cafile=ca_file)
-    return await aio_pika.connect_robust(url, **kwargs)  # type: ignore[arg-type]
+    ssl_context = ssl.create_default_context(cafile=ca_file) if url.startswith("amqps://") else None
+    return await aio_pika.connect_robust(url, client_properties={"connection_name": name}, ssl_context=ssl_context)
 
 
 @dataclass
@@ -70,7 +68,7 @@ async def declare(connection: AbstractRobustConnection) -> Topology:
     dlx = await channel.declare_exchange(DLX_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
     dead = await channel.declare_queue(DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
     await dead.bind(dlx, routing_key="#")
-    return Topology(channel=channel, commands=commands, events=events, dlx=dlx, dead=dead)  # type: ignore[arg-type]
+    return Topology(channel=channel, commands=commands, events=events, dlx=dlx, dead=dead)
 
 
 async def declare_work_queue(channel: AbstractRobustChannel, name: str, exchange: str, *,

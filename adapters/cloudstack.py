@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from cs import AIOCloudStack, CloudStackApiException, CloudStackException
@@ -21,7 +21,9 @@ from schemas.common import is_uuid_text
 from statemachine.errors import MalformedResponse, RefusedError, StepError, TransientError
 from statemachine.ports import AsyncStart, CsSnapshot, CsVm, CsVolume, DeploySpec
 
-Timer = Callable[[str, str, str, float], None]  # adapter, operation, outcome, seconds
+# adapter, operation, outcome, seconds: the metric labels of failover.metrics.observe_adapter_call
+CallOutcome = Literal["ok", "error", "retry"]
+Timer = Callable[[Literal["cloudstack", "volume_daemon", "injection"], str, CallOutcome, float], None]
 
 
 class CloudStackAdapter:
@@ -38,7 +40,7 @@ class CloudStackAdapter:
 
     async def _call(self, command: str, **params: Any) -> dict[str, Any]:
         began = time.monotonic()
-        outcome = "error"
+        outcome: CallOutcome = "error"
         try:
             async with asyncio.timeout(self._timeout):
                 result = await getattr(self._cs, command)(**params)

@@ -13,7 +13,7 @@ import aiohttp
 from statemachine.errors import MalformedResponse, NotFound, RefusedError, TransientError
 from statemachine.ports import DaemonOperation, DaemonVolume
 
-from .cloudstack import Timer
+from .cloudstack import CallOutcome, Timer
 
 _SYSTEM = "Volume Daemon"  # as MalformedResponse words it: "... check the Volume Daemon service"
 
@@ -31,7 +31,7 @@ class VolumeDaemonAdapter:
 
     async def _request(self, method: str, path: str, operation: str, body: dict[str, Any] | None = None) -> Any:
         began = time.monotonic()
-        outcome = "error"
+        outcome: CallOutcome = "error"
         try:
             async with self._session.request(method, self._base + path, json=body, timeout=self._timeout) as resp:
                 raw = await resp.read()

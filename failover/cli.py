@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from pydantic import ValidationError
@@ -26,6 +26,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from .settings import ConnectionSettings, Settings, redact_url
+
+if TYPE_CHECKING:  # only a type here: like the rest, schemas is imported by the commands that use it
+    from schemas.common import DriverInjection
 
 console = Console(stderr=False)
 OK, FAILED, CANCELLED, REJECTED, NO_ANSWER, BAD_SETTINGS = 0, 1, 2, 3, 4, 5
@@ -341,7 +344,7 @@ def _follow_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--driver-injection", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True)
 @click.option("--requested-by", default="failoverctl", show_default=True)
 @_follow_options
-def request(vm_id: str, live: bool, driver_injection: str, requested_by: str, follow: bool, as_json: bool,
+def request(vm_id: str, live: bool, driver_injection: DriverInjection, requested_by: str, follow: bool, as_json: bool,
             timeout: float) -> None:
     """Request a failover of VM_ID (the source VM's vmware_vm_id).
 
@@ -350,7 +353,7 @@ def request(vm_id: str, live: bool, driver_injection: str, requested_by: str, fo
 
     cmd = FailoverRequested(request_id=uuid.uuid4(), vm_id=vm_id, failover_type="live" if live else "test",
                             requested_by=requested_by,
-                            options=FailoverRequestedOptions(driver_injection=driver_injection))  # type: ignore[arg-type]
+                            options=FailoverRequestedOptions(driver_injection=driver_injection))
     _run(_new_job(cmd, follow=follow, as_json=as_json, timeout=timeout))
 
 
@@ -575,7 +578,7 @@ def logs(job_id: uuid.UUID, level: str, follow: bool, as_json: bool) -> None:
 @main.command()
 @click.option("--keep", is_flag=True, help="Leave the emulators and the service running afterwards.")
 @click.option("--driver-injection", type=click.Choice(["auto", "always", "never"]), default="auto")
-def demo(keep: bool, driver_injection: str) -> None:
+def demo(keep: bool, driver_injection: DriverInjection) -> None:
     """Run a test failover end to end on this machine (emulated CloudStack and Volume Daemon)."""
     from .demo import run_demo
 

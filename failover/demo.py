@@ -24,7 +24,8 @@ from rich.table import Table
 from adapters.db.engine import make_engine
 from adapters.db.migrate import ensure_database, upgrade
 from emulators.client import EmulatorControl
-from schemas.commands import FailoverRequested
+from schemas.commands import FailoverRequested, FailoverRequestedOptions
+from schemas.common import DriverInjection
 
 from .client import BusClient
 from .progress import follow
@@ -73,7 +74,7 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-async def run_demo(*, keep: bool = False, driver_injection: str = "auto") -> int:
+async def run_demo(*, keep: bool = False, driver_injection: DriverInjection = "auto") -> int:
     settings = ConnectionSettings()
     OUT.mkdir(exist_ok=True)
     db_url = settings.database_url.get_secret_value()
@@ -126,7 +127,8 @@ async def run_demo(*, keep: bool = False, driver_injection: str = "auto") -> int
                 console.rule("[bold]5. FailoverRequested (test), progress from the events")
                 job_id = uuid.uuid4()
                 command = FailoverRequested(request_id=job_id, vm_id=vm.vm_id, failover_type="test",
-                                            requested_by="demo", options={"driver_injection": driver_injection})
+                                            requested_by="demo",
+                                            options=FailoverRequestedOptions(driver_injection=driver_injection))
                 async with BusClient.connect(settings.amqp_url.get_secret_value()) as client:
                     queue = await client.bind(f"job.{job_id}.#")
                     await _publish_when_served(client, command, time.monotonic() + 60)

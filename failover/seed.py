@@ -62,7 +62,9 @@ async def seed_vm(engine: AsyncEngine, control: EmulatorControl, appliance_vm_id
                 result = await conn.execute(ossea_volumes.insert().values(
                     volume_id=volume_id, volume_name=f"{vm_name[:40]}-disk{unit}", size_gb=40 if unit == 0 else 100,
                     volume_type="DATADISK", status="attached", created_at=now, updated_at=now))
-                ossea_id = result.inserted_primary_key[0]
+                key = result.inserted_primary_key
+                assert key is not None  # typed Optional, but a single-row insert() always has its key
+                ossea_id = key[0]
             await conn.execute(vm_disks.insert().values(
                 job_id=job_id, vm_context_id=context_id, disk_id=f"disk-{2000 + unit}",
                 vmdk_path=f"[datastore1] {vm_name}/{vm_name}_{unit}.vmdk", size_gb=40 if unit == 0 else 100,

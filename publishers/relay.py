@@ -20,8 +20,10 @@ import logging
 import time
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime
+from typing import cast
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from adapters.db.outbox import OutboxEvent, OutboxStore
@@ -120,13 +122,15 @@ class OutboxRelay:
             raise
         self._direct.difference_update(sent)
 
-    async def _channel(self) -> AbstractChannel:
+    async def _channel(self) -> aiormq.Channel:
         robust: AbstractChannel = self.exchange.channel  # type: ignore[attr-defined]
-        return await robust.get_underlay_channel()  # type: ignore[attr-defined, no-any-return]
+        # typed as aiormq's abstract channel, whose basic_publish lacks the `wait` used below; it
+        # is always an aiormq.Channel
+        return cast(aiormq.Channel, await robust.get_underlay_channel())
 
-    async def _publish(self, channel: AbstractChannel, e: OutboxEvent) -> None:
+    async def _publish(self, channel: aiormq.Channel, e: OutboxEvent) -> None:
         message = to_message(e)
-        await asyncio.wait_for(channel.basic_publish(  # type: ignore[attr-defined]
+        await asyncio.wait_for(channel.basic_publish(
             message.body, exchange=self.exchange.name, routing_key=f"job.{e.job_id}.{e.event_type}",
             properties=message.properties, mandatory=True, wait=False), self.confirm_timeout)
 

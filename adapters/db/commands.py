@@ -19,8 +19,8 @@ from schemas.commands import (
     FailoverRequested,
     RollbackRequested,
 )
-from schemas.common import STEPS_BY_JOB_TYPE, utc_now
-from schemas.events import JobAccepted, JobRejected
+from schemas.common import STEPS_BY_JOB_TYPE, JobType, RejectReason, utc_now
+from schemas.events import JobAccepted, JobRejected, StepRef
 
 from .engine import utcnow
 from .outbox import OutboxEvent, insert_event
@@ -76,7 +76,7 @@ class CommandRecorder:
         return decision
 
     async def reject_invalid(self, request_id: uuid.UUID, command_type: str | None, vm_id: str | None,
-                             detail: str, job_type: str | None = None) -> Decision:
+                             detail: str, job_type: JobType | None = None) -> Decision:
         """A readable request_id but an invalid command: `JobRejected` `invalid`, once."""
         async with self.engine.begin() as conn:
             try:
@@ -91,8 +91,8 @@ class CommandRecorder:
 
     # ------------------------------------------------------------------ each command
 
-    async def _reject(self, conn: AsyncConnection, request_id: uuid.UUID, reason: str, detail: str, *,
-                      job_type: str | None, vm_id: str | None, correlation_id: uuid.UUID | None = None) -> Decision:
+    async def _reject(self, conn: AsyncConnection, request_id: uuid.UUID, reason: RejectReason, detail: str, *,
+                      job_type: JobType | None, vm_id: str | None, correlation_id: uuid.UUID | None = None) -> Decision:
         event = JobRejected(
             event_id=uuid.uuid4(), job_id=request_id, job_type=job_type, vm_id=vm_id, sequence=1,
             correlation_id=correlation_id or request_id, causation_id=request_id, occurred_at=utc_now(),
@@ -106,7 +106,7 @@ class CommandRecorder:
             return Decision(f"rejected_{reason}", detail=detail)
         return Decision(f"rejected_{reason}", detail=detail, events=(written,))
 
-    async def _new_job(self, conn: AsyncConnection, *, job_id: str, job_type: str, vm_id: str, vm_name: str,
+    async def _new_job(self, conn: AsyncConnection, *, job_id: str, job_type: JobType, vm_id: str, vm_name: str,
                        correlation_id: str, requested_by: str, options: dict[str, Any] | None,
                        active_vm_id: str | None, parent_job_id: str | None = None,
                        plan: dict[str, Any] | None = None) -> OutboxEvent:
@@ -117,16 +117,16 @@ class CommandRecorder:
             correlation_id=correlation_id, parent_job_id=parent_job_id, requested_by=requested_by,
             options=options or {}, plan=plan, last_sequence=1, active_vm_id=active_vm_id,
             lease_owner=self.owner, lease_expires_at=self._expiry()))
-        steps = STEPS_BY_JOB_TYPE[job_type]  # type: ignore[index]
+        steps = STEPS_BY_JOB_TYPE[job_type]
         event = JobAccepted(
             event_id=uuid.uuid4(), job_id=uuid.UUID(job_id), job_type=job_type, vm_id=vm_id, sequence=1,
             correlation_id=uuid.UUID(correlation_id), causation_id=uuid.UUID(job_id), occurred_at=utc_now(),
             vm_name=vm_name, requested_by=requested_by,
-            steps=[{"name": s, "order": i + 1} for i, s in enumerate(steps)])
+            steps=[StepRef(name=s, order=i + 1) for i, s in enumerate(steps)])
         return await insert_event(conn, event)
 
     async def _failover(self, conn: AsyncConnection, cmd: FailoverRequested) -> Decision:
-        job_type = "test-failover" if cmd.failover_type == "test" else "live-failover"
+        job_type = cmd.job_type
         job_id = str(cmd.request_id)
         vm = (await conn.execute(select(vm_replication_contexts.c.vm_name).where(
             vm_replication_contexts.c.vmware_vm_id == cmd.vm_id))).first()

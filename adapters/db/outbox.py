@@ -45,7 +45,9 @@ async def insert_event(conn: AsyncConnection, event: Event) -> OutboxEvent:
     """Write one event to the outbox in `conn`'s transaction; the row as the relay reads it."""
     row = outbox_row(event)
     result = await conn.execute(OUTBOX_INSERT, row)
-    return OutboxEvent(int(result.inserted_primary_key[0]), str(row["event_id"]), str(row["job_id"]),
+    key = result.inserted_primary_key
+    assert key is not None  # typed Optional, but a single-row insert() always has its key
+    return OutboxEvent(int(key[0]), str(row["event_id"]), str(row["job_id"]),
                        str(row["event_type"]), str(row["correlation_id"]), str(row["body"]),
                        from_db_time(row["created_at"]) or 0.0)  # type: ignore[arg-type]
 

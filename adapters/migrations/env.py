@@ -20,7 +20,8 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_async() -> None:
-    url = config.attributes.get("url") or config.get_main_option("sqlalchemy.url")
+    url: str | None = config.attributes.get("url") or config.get_main_option("sqlalchemy.url")
+    assert url is not None, "no database URL: adapters.db.migrate.alembic_config sets one"
     engine = make_engine(url, pool_size=1)  # the same TLS and driver options as the service
     try:
         async with engine.connect() as connection:
