@@ -81,6 +81,7 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         ("   jobs/s these cores allow even with a zero-CPU orchestrator (cores / the line above)",
          _f(d.get("jobs_per_second_with_a_free_orchestrator")), "", "",
          f"2x Celery = {_f(d.get('twice_celery_jobs_per_second'))}" if d.get("twice_celery_jobs_per_second") else ""),
+        *_multi_throughput_rows(out),
         ("   events/s (outbox rows)", _f(t["events_per_second"]), "-", "", ""),
         ("   request -> JobAccepted p50 / p99", _pair(t["request_to_accepted_ms"]), "-", "", ""),
         ("   request -> JobCompleted p50 / p99", _pair(t["request_to_completed_ms"]),
@@ -130,6 +131,35 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         (f"Paced: {p['rate_offered']:g}/s for {p['seconds_offered']:g} s: request -> JobAccepted p50 / p99",
          _pair(p["request_to_accepted_ms"]), "-", "p99 < 50 ms", met("paced p99 request->JobAccepted < 50 ms")),
         ("   request -> JobCompleted p50 / p99", _pair(p["request_to_completed_ms"]), "-", "", ""),
+        *_multi_paced_rows(out),
+    ]
+
+
+def _multi_throughput_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    tm, d = out.get("throughput_multi"), out["derived"]
+    if not tm:
+        return []
+    key = f"throughput / Celery >= 2, {tm['processes']} serve processes"
+    met = d["targets"].get(key)
+    return [
+        (f"   with {tm['processes']} serve processes side by side: jobs/s", _f(tm["jobs_per_second"]), "",
+         ">= 2x Celery", (("yes" if met["met"] else "NO") + f" ({_f(met['value'])}x)") if met else ""),
+        (f"   with {tm['processes']} serve processes: CPU per job (all of them) / request -> JobAccepted p50 / p99",
+         f"{_f(tm['serve_cpu_ms_per_job'], ' ms')} / {_pair(tm['request_to_accepted_ms'])}", "", "", ""),
+    ]
+
+
+def _multi_paced_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    pm, d = out.get("paced_multi"), out["derived"]
+    if not pm:
+        return []
+    key = f"paced p99 request->JobAccepted < 50 ms, {pm['processes']} serve processes"
+    met = d["targets"].get(key)
+    return [
+        (f"   with {pm['processes']} serve processes: request -> JobAccepted p50 / p99",
+         _pair(pm["request_to_accepted_ms"]), "-", "p99 < 50 ms", ("yes" if met["met"] else "NO") if met else ""),
+        (f"   with {pm['processes']} serve processes: request -> JobCompleted p50 / p99",
+         _pair(pm["request_to_completed_ms"]), "-", "", ""),
     ]
 
 
@@ -214,7 +244,11 @@ def markdown(out: dict[str, Any]) -> str:
         "| phase | wall s | " + " | ".join(t["cpu"]["cpu_seconds"]) + " | machine busy % | load avg start, end |",
         "|---|---|" + "---|" * len(t["cpu"]["cpu_seconds"]) + "---|---|",
     ]
-    phases = [("throughput", t), ("paced", out["paced"]), ("slow", out["slow"])]
+    phases = [("throughput", t), ("paced", out["paced"])]
+    for key, name in (("throughput_multi", "throughput"), ("paced_multi", "paced")):
+        if out.get(key):
+            phases.append((f"{name}, {out[key]['processes']} serve processes", out[key]))
+    phases.append(("slow", out["slow"]))
     phases += [(f"celery {ph} {r['pool']}", r) for ph in ("throughput", "slow") for r in (out.get("celery") or {}).get(ph, [])]
     for name, phase in phases:
         c = phase["cpu"]

@@ -227,16 +227,22 @@ async def _job_rows(engine: AsyncEngine, job_ids: list[str]) -> dict[str, Any]:
     return out
 
 
-async def throughput(bench: Bench, serve: Serve, count: int, label: str = "throughput",
+def _serves(serve: Serve | list[Serve]) -> list[Serve]:
+    return serve if isinstance(serve, list) else [serve]
+
+
+async def throughput(bench: Bench, serve: Serve | list[Serve], count: int, label: str = "throughput",
                      counted: bool = False) -> dict[str, Any]:
-    """`count` test failovers published at once, zero latency."""
+    """`count` test failovers published at once, zero latency (to one or several serve
+    processes: their CPU is added up)."""
+    serves = _serves(serve)
     vm_ids = await bench.fresh_world(count, label)
-    quiet = await bench.quiet(serve.pid)
-    metrics_before = await serve.metrics_text()
+    quiet = await bench.quiet(*(s.pid for s in serves))
+    metrics_before = [await s.metrics_text() for s in serves]
     status_before = await global_status(bench.engine)
     us0 = await user_stats(bench.engine, SERVICE_USER)
     sql0 = bench.sql.snapshot() if counted and bench.sql is not None else None
-    meter = CpuMeter({"serve": [serve.pid], "emulators": [bench.emu.pid], **substrate_pids()})
+    meter = CpuMeter({"serve": [s.pid for s in serves], "emulators": [bench.emu.pid], **substrate_pids()})
     meter.start()
     timings = await bench.client.burst(vm_ids)
     await bench.client.wait_all(timings, bench.args.deadline, label)
@@ -246,7 +252,7 @@ async def throughput(bench: Bench, serve: Serve, count: int, label: str = "throu
     status_after = await global_status(bench.engine)
     us1 = await user_stats(bench.engine, SERVICE_USER)
     sql1 = bench.sql.snapshot() if counted and bench.sql is not None else None
-    metrics_after = await serve.metrics_text()
+    metrics_after = [await s.metrics_text() for s in serves]
     require_all_completed(timings, label)
     s = summarize(timings)
     rows = await _job_rows(bench.engine, job_ids)
@@ -285,13 +291,14 @@ async def throughput(bench: Bench, serve: Serve, count: int, label: str = "throu
     }
 
 
-def _histogram_delta(before: str, after: str, name: str) -> dict[str, Any]:
-    """Quantiles of the observations made between two scrapes of a histogram."""
+def _histogram_delta(before: list[str], after: list[str], name: str) -> dict[str, Any]:
+    """Quantiles of the observations made between two scrapes of a histogram (of each serve
+    process, added up)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    def buckets(txt: str) -> dict[str, float]:
+    def buckets(texts: list[str]) -> dict[str, float]:
         out: dict[str, float] = {}
-        for family in text_string_to_metric_families(txt):
+        for family in (f for txt in texts for f in text_string_to_metric_families(txt)):
             for s in family.samples:
                 if s.name in (name + "_bucket",):
                     out["b" + s.labels["le"]] = out.get("b" + s.labels["le"], 0.0) + s.value
@@ -313,13 +320,14 @@ def _histogram_delta(before: str, after: str, name: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- paced
 
 
-async def paced(bench: Bench, serve: Serve, rate: float, seconds: float) -> dict[str, Any]:
+async def paced(bench: Bench, serve: Serve | list[Serve], rate: float, seconds: float) -> dict[str, Any]:
     """Requests at `rate` per second for `seconds`: the latency a user sees when the
     service is not saturated."""
+    serves = _serves(serve)
     count = max(1, int(rate * seconds))
     vm_ids = await bench.fresh_world(count, "paced")
-    quiet = await bench.quiet(serve.pid)
-    meter = CpuMeter({"serve": [serve.pid], "emulators": [bench.emu.pid], **substrate_pids()})
+    quiet = await bench.quiet(*(s.pid for s in serves))
+    meter = CpuMeter({"serve": [s.pid for s in serves], "emulators": [bench.emu.pid], **substrate_pids()})
     meter.start()
     timings = await bench.client.paced(vm_ids, rate)
     await bench.client.wait_all(timings, bench.args.deadline, "paced")
