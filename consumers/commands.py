@@ -96,7 +96,9 @@ class CommandConsumer:
                  max_bytes: int, on_accepted: Callable[[str], None],
                  count: Callable[[str, str], None], db_outage_seconds: float = 300.0,
                  delivery_limit: int | None = None,
-                 publish_first: Callable[[Sequence[OutboxEvent]], Awaitable[object]] | None = None) -> None:
+                 publish_first: Callable[[Sequence[OutboxEvent]], Awaitable[object]] | None = None,
+                 hold: Callable[[str], None] = lambda job_id: None,
+                 unhold: Callable[[str], None] = lambda job_id: None) -> None:
         self.queue = queue
         self.dlx = dlx
         self.recorder = recorder
@@ -106,6 +108,10 @@ class CommandConsumer:
         # the relay's publish_now: a decision's JobAccepted / JobRejected goes out as soon as it
         # is committed instead of queueing behind other jobs' events (publishers/relay.py)
         self.publish_first = publish_first
+        # the runner's hold / unhold: a job being recorded is not claimed before `on_accepted`
+        # (the job_id of a job a command creates is its request_id)
+        self.hold = hold
+        self.unhold = unhold
         self.db_outage_seconds = db_outage_seconds
         limit = delivery_limit if delivery_limit is not None else (queue.arguments or {}).get("x-delivery-limit")
         self.delivery_limit: int | None = limit if isinstance(limit, int) and limit >= 1 else None
@@ -168,15 +174,22 @@ class CommandConsumer:
             self.count(bad.command_type or "unknown", decision.outcome)
             log.info("command %s rejected: %s", bad.request_id, bad.detail)
             return
-        decision = await self._with_db(lambda: self.recorder.record(command))
-        # before the job can start (and emit more): its first event leads its stream
-        await self._publish_first(decision)
-        await message.ack()
+        held = str(command.request_id)
+        self.hold(held)
+        try:
+            decision = await self._with_db(lambda: self.recorder.record(command))
+            # before the job can start (and emit more): its first event leads its stream
+            await self._publish_first(decision)
+            await message.ack()
+        except BaseException:
+            self.unhold(held)  # recorded or not: claimable (a recorded job is resumed by a claim)
+            raise
         self.count(command.type, "accepted" if decision.outcome == "signalled" else decision.outcome)
         log.info("command %s %s recorded: %s%s", command.type, command.request_id, decision.outcome,
                  f" ({decision.detail})" if decision.detail else "")
         if decision.job_id:
             self.on_accepted(decision.job_id)
+        self.unhold(held)  # no-op when adopted
 
     async def _publish_first(self, decision: Decision) -> None:
         if decision.events and self.publish_first is not None:

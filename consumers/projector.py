@@ -62,7 +62,11 @@ class Projector:
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let the worker die: the deliveries come again
-                log.exception("projector: a batch of %d deliveries could not be handled", len(messages))
+                log.exception("projector: a batch of %d deliveries could not be handled; requeued", len(messages))
+                # settled now: the next batch's one `multiple` ack would otherwise ack them unapplied
+                for m in messages:
+                    if not m.processed:
+                        await _settle(m.nack(requeue=True))
                 await asyncio.sleep(1.0)
 
     async def _handle(self, messages: list[AbstractIncomingMessage]) -> None:

@@ -48,6 +48,9 @@ class JobRunner:
         # or stops here: the in-progress gauge moves by one instead of being recounted
         self.on_state: Callable[[str | None, str | None], None] = lambda before, after: None
         self._adopted: deque[str] = deque()
+        # jobs being recorded whose first event is not yet confirmed by the broker: not claimed
+        # (the job's next events would go out before it), started once adopted
+        self._held: set[str] = set()
         self._wake = asyncio.Event()
         self._stopping = False
         # until when (monotonic) this process can vouch for each running job's lease: the
@@ -68,8 +71,20 @@ class JobRunner:
     def owner(self) -> str:
         return self.store.owner
 
+    def hold(self, job_id: str) -> None:
+        """A command that may create job `job_id` is being recorded: until `adopt` or `unhold`,
+        this process's claims pass it by. (The recorder gives this process the job's lease as
+        it commits; a claim in between, taking a job this process owns but does not run, would
+        start it while its `JobAccepted` is still on its way to the broker.)"""
+        self._held.add(job_id)
+
+    def unhold(self, job_id: str) -> None:
+        """The command created no job, or failed: the job (if any) is claimable again."""
+        self._held.discard(job_id)
+
     def adopt(self, job_id: str) -> None:
         """A job this process just accepted (and holds the lease of): run it soon."""
+        self._held.discard(job_id)
         self._adopted.append(job_id)
         self._wake.set()
 
@@ -126,7 +141,10 @@ class JobRunner:
         free = self.capacity - len(self.running)
         if free > 0 and not self._stopping:
             asked = time.monotonic()
-            for row in await self.store.claim(free, self.lease_seconds, running=list(self.running)):
+            busy = [*self.running, *self._held]
+            for row in await self.store.claim(free, self.lease_seconds, running=busy):
+                if row.job_id in self._held:  # held while the claim ran: adopted or claimed later
+                    continue
                 if row.job_id not in self.running and not self._stopping:
                     self._start(row, asked, taken_over=True)
 

@@ -226,7 +226,8 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
             consumer = CommandConsumer(cqueue, dlx, recorder, max_bytes=settings.max_message_bytes,
                                        on_accepted=runner.adopt,
                                        count=lambda t, o: m.COMMANDS.labels(type=t, outcome=o).inc(),
-                                       publish_first=relay.publish_now if relay is not None else None)
+                                       publish_first=relay.publish_now if relay is not None else None,
+                                       hold=runner.hold, unhold=runner.unhold)
             await consumer.start()
             tasks.append(asyncio.create_task(_gauges(runner, OutboxStore(engine, svc.owner)), name="gauges"))
 

@@ -7,9 +7,10 @@ consumers de-duplicate by (`job_id`, `sequence`).
 The first event of a new stream (`JobAccepted`, `JobRejected`) does not wait for its turn:
 `publish_now` sends it as soon as its transaction commits, so a client hears back in one round
 trip however long the queue of other jobs' events is. Nothing of its job can be in the outbox
-before it, and its job starts only after it is confirmed, so the order of every job's events
-holds; until the relay marks it sent (with its next batch) the relay skips it. Should the
-publish fail, the event is left to the relay like any other.
+before it, and its job starts only once `publish_now` is done (the runner holds it until then),
+so the order of every job's events holds; until the relay marks it sent (with its next batch,
+or at the drain when another relay leads) the relay skips it. Should the publish fail, the
+event is left to the relay like any other.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ class OutboxRelay:
         self._running: asyncio.Task[None] | None = None
         self._direct: set[int] = set()  # outbox ids publish_now is sending or has sent: skipped
         self._direct_sent: list[int] = []  # ... confirmed: marked sent with the next batch
+        self._direct_calls = 0  # publish_now calls under way
+        self._direct_idle = asyncio.Event()  # set while there are none
+        self._direct_idle.set()
 
     def wake(self) -> None:
         """Something was committed to the outbox: publish it now rather than at the next poll."""
@@ -88,6 +92,16 @@ class OutboxRelay:
             return True
         ids = [e.id for e in events]
         self._direct.update(ids)
+        self._direct_calls += 1
+        self._direct_idle.clear()
+        try:
+            return await self._publish_now(events, ids)
+        finally:
+            self._direct_calls -= 1
+            if not self._direct_calls:
+                self._direct_idle.set()
+
+    async def _publish_now(self, events: Collection[OutboxEvent], ids: list[int]) -> bool:
         try:
             channel = await asyncio.wait_for(self._channel(), self.confirm_timeout)
             results = await asyncio.gather(*(self._publish(channel, e) for e in events), return_exceptions=True)
@@ -234,6 +248,10 @@ class OutboxRelay:
                     await self._running
             except Exception:  # the loop's own failure: flushing below retries
                 pass
+        # a first event being published at once (a command recorded as the drain began): its
+        # outcome decides whether it is marked sent or left to the relay, so wait for it
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._direct_idle.wait(), max(0.1, deadline - time.monotonic()))
         flushed = False
         self._lease_checked = 0.0
         try:
@@ -242,7 +260,11 @@ class OutboxRelay:
                     async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
                         self._lease_checked = 0.0
                         if not await self._leader():
-                            flushed = True  # another relay leads: it publishes what is left
+                            # another relay leads: it publishes what is left, but for what
+                            # publish_now sent: marked here, or it goes twice
+                            if self._direct_sent:
+                                await self._mark_direct()
+                            flushed = True
                             break
                         if await self.publish_once() == 0:
                             flushed = True

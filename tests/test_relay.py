@@ -163,3 +163,26 @@ async def _exchange_and_queue(connection: aio_pika.abc.AbstractRobustConnection,
     if bind:
         await queue.bind(exchange, routing_key="#")
     return exchange, queue
+
+
+async def test_a_relay_that_does_not_lead_marks_what_it_published_at_once_when_it_drains(
+        relay_db: AsyncEngine, amqp_url: str) -> None:
+    """Two processes: the other leads the relay. This one records a command and publishes its
+    JobAccepted at once, then drains: it marks that event sent itself, or the leader (which
+    skips only its own direct publishes) would publish it a second time."""
+    _, first = await _first_event(relay_db)
+    connection = await aio_pika.connect_robust(amqp_url)
+    async with connection:
+        exchange, queue = await _exchange_and_queue(connection)
+        leader = _relay(relay_db, exchange)
+        assert await leader._leader() is True
+        follower = _relay(relay_db, exchange)
+        assert await follower._leader() is False
+        assert await follower.publish_now([first]) is True
+        assert await _received(queue) == ("JobAccepted", 1)
+
+        assert await follower.flush(5) is True
+        assert await _unsent(relay_db) == 0, "the event sent at once was left for the leader to send again"
+        assert await leader.publish_once() == 0
+        assert await queue.get(fail=False) is None
+        await leader.flush(5)
