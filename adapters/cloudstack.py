@@ -2,7 +2,8 @@
 
 Async commands are sent with `fetch_result=False` so the `id` and `jobid` of the first answer
 can be recorded before waiting (a resumable step needs both); waiting polls
-`queryAsyncJobResult`. CloudStack's errors become the engine's: 431 (a refused request) is a
+`queryAsyncJobResult` once, then joins the adapter's shared poller, whose rounds ask about
+many waits with one `listAsyncJobs` (adapters/poller.py). CloudStack's errors become the engine's: 431 (a refused request) is a
 `RefusedError`, 5xx, timeouts and connection failures are `TransientError`s, answers of the
 wrong shape are `MalformedResponse`.
 """
@@ -11,15 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import aiohttp
 from cs import AIOCloudStack, CloudStackApiException, CloudStackException
 
+from adapters.poller import SharedPoller
 from schemas.common import is_uuid_text
 from statemachine.errors import MalformedResponse, RefusedError, StepError, TransientError
 from statemachine.ports import AsyncStart, CsSnapshot, CsVm, CsVolume, DeploySpec
+
+_PAGE = 500  # CloudStack's default.page.size
+# a listing of async jobs covers the waits that began at most this long before the newest one
+_LIST_WINDOW = timedelta(minutes=2)
 
 # adapter, operation, outcome, seconds: the metric labels of failover.metrics.observe_adapter_call
 CallOutcome = Literal["ok", "error", "retry"]
@@ -30,13 +37,16 @@ class CloudStackAdapter:
     """`statemachine.ports.CloudStackPort` for one CloudStack endpoint."""
 
     def __init__(self, endpoint: str, api_key: str, secret_key: str, *, session: aiohttp.ClientSession,
-                 poll_interval: float = 2.0, timeout: float = 60.0, observe: Timer | None = None) -> None:
+                 poll_interval: float = 2.0, timeout: float = 60.0, observe: Timer | None = None,
+                 batch_from: int = 8) -> None:
         self._cs = AIOCloudStack(endpoint=endpoint, key=api_key, secret=secret_key, session=session,
                                  timeout=int(timeout), fetch_result=False)
         self._poll = poll_interval
         self._timeout = timeout  # per request: `cs` applies its own only to sessions it opens
         self._observe = observe or (lambda *a: None)
         self._zones: dict[str, str] = {}
+        self._poller: SharedPoller[dict[str, Any]] = SharedPoller(poll_interval, batch_from, self._query,
+                                                                  self._list_jobs)
 
     async def _call(self, command: str, **params: Any) -> dict[str, Any]:
         began = time.monotonic()
@@ -96,24 +106,63 @@ class CloudStackAdapter:
             self._zones[zone] = zone_id
         return self._zones[zone]
 
+    def _outcome(self, data: dict[str, Any], job_id: str, command: str) -> dict[str, Any] | None:
+        """An async job's result once it succeeded; None while it runs; raises if it failed."""
+        status = data.get("jobstatus")
+        if status == 1:
+            result = data.get("jobresult", {})
+            return result if isinstance(result, dict) else {}
+        if status == 2:
+            result = data.get("jobresult") or {}
+            text = result.get("errortext") if isinstance(result, dict) else str(result)
+            raise TransientError("CLOUDSTACK_JOB_FAILED", f"CloudStack async job {job_id} failed: {text}")
+        if status != 0:
+            raise MalformedResponse("CloudStack", f"{command} jobstatus={status!r}")
+        return None
+
+    async def _query(self, job_id: str) -> dict[str, Any] | None:
+        return self._outcome(await self._call("queryAsyncJobResult", jobid=job_id), job_id, "queryAsyncJobResult")
+
     async def wait_job(self, job_id: str, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
+        """Asks once at once; then waits with the adapter's other waits (adapters/poller.py)."""
+        data = await self._call("queryAsyncJobResult", jobid=job_id)
+        result = self._outcome(data, job_id, "queryAsyncJobResult")
+        if result is not None:
+            return result
+        created = data.get("created")  # CloudStack's own clock: where a listing of its jobs starts
+        return await self._poller.wait(
+            job_id, timeout, lambda: TransientError(
+                "CLOUDSTACK_JOB_TIMEOUT", f"CloudStack async job {job_id} did not finish within {timeout:.0f} s"),
+            note=_cs_time(created) if isinstance(created, str) else None)
+
+    async def _list_jobs(self, notes: Mapping[str, object]) -> dict[str, Any]:
+        """One `listAsyncJobs` (paged) for the waits whose start CloudStack told us, from the
+        oldest of them; those it started long before the newest are left to their own polls,
+        so one slow job does not make every round list all the account's jobs since."""
+        starts = {k: v for k, v in notes.items() if isinstance(v, datetime)}
+        if not starts:
+            return {}
+        newest = max(starts.values())
+        listed = {k: t for k, t in starts.items() if newest - t <= _LIST_WINDOW}
+        since = min(listed.values())
+        found: dict[str, Any] = {}
+        page = 1
         while True:
-            data = await self._call("queryAsyncJobResult", jobid=job_id)
-            status = data.get("jobstatus")
-            if status == 1:
-                result = data.get("jobresult", {})
-                return result if isinstance(result, dict) else {}
-            if status == 2:
-                result = data.get("jobresult") or {}
-                text = result.get("errortext") if isinstance(result, dict) else str(result)
-                raise TransientError("CLOUDSTACK_JOB_FAILED", f"CloudStack async job {job_id} failed: {text}")
-            if status != 0:
-                raise MalformedResponse("CloudStack", f"queryAsyncJobResult jobstatus={status!r}")
-            if time.monotonic() >= deadline:
-                raise TransientError("CLOUDSTACK_JOB_TIMEOUT",
-                                     f"CloudStack async job {job_id} did not finish within {timeout:.0f} s")
-            await asyncio.sleep(min(self._poll, max(0.0, deadline - time.monotonic())) or 0.01)
+            data = await self._call("listAsyncJobs", startdate=since.strftime("%Y-%m-%dT%H:%M:%S+0000"),
+                                    page=page, pagesize=_PAGE)
+            jobs = self._items(data, "asyncjobs")
+            for j in jobs:
+                jid = j.get("jobid")
+                if isinstance(jid, str) and jid in listed:
+                    try:
+                        found[jid] = self._outcome(j, jid, "listAsyncJobs")
+                    except StepError as exc:
+                        found[jid] = exc
+            count = data.get("count", 0)
+            if len(jobs) < _PAGE or not isinstance(count, int) or page * _PAGE >= count:
+                break
+            page += 1
+        return found
 
     async def create_snapshot(self, volume_id: str, name: str) -> AsyncStart:
         return await self._async("createSnapshot", volumeid=volume_id, name=name)
@@ -231,3 +280,11 @@ def _translate(command: str, exc: CloudStackApiException) -> StepError:
     if isinstance(code, int) and 400 <= code < 500:
         return RefusedError("CLOUDSTACK_REFUSED", f"CloudStack refused {command} ({code}): {text}")
     return TransientError("CLOUDSTACK_ERROR", f"CloudStack failed {command} ({code}): {text}")
+
+
+def _cs_time(text: str) -> datetime | None:
+    """CloudStack's `created` (``2024-05-01T12:00:00+0000``), or None if it is not that."""
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S%z").astimezone(UTC)
+    except ValueError:
+        return None

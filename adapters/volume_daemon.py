@@ -1,10 +1,13 @@
-"""Volume Daemon adapter (HTTP/JSON): attach, attach-root, detach, operation polling, lookup."""
+"""Volume Daemon adapter (HTTP/JSON): attach, attach-root, detach, operation polling, lookup.
+
+Waiting on an operation asks about it once, then joins the adapter's shared poller, whose
+rounds list the running operations once for many waits (adapters/poller.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -14,7 +17,9 @@ from statemachine.errors import MalformedResponse, NotFound, RefusedError, Trans
 from statemachine.ports import DaemonOperation, DaemonVolume
 
 from .cloudstack import CallOutcome, Timer
+from .poller import SharedPoller
 
+_RUNNING = ("pending", "executing")
 _SYSTEM = "Volume Daemon"  # as MalformedResponse words it: "... check the Volume Daemon service"
 
 
@@ -22,14 +27,16 @@ class VolumeDaemonAdapter:
     """`statemachine.ports.VolumeDaemonPort` against `FAILOVER_VOLUME_DAEMON_URL`."""
 
     def __init__(self, base_url: str, *, session: aiohttp.ClientSession, poll_interval: float = 2.0,
-                 timeout: float = 60.0, observe: Timer | None = None) -> None:
+                 timeout: float = 60.0, observe: Timer | None = None, batch_from: int = 8) -> None:
         self._base = base_url.rstrip("/") + "/api/v1"
         self._session = session
         self._poll = poll_interval
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._observe = observe or (lambda *a: None)
+        self._poller: SharedPoller[DaemonOperation] = SharedPoller(poll_interval, batch_from, self._get, self._running)
 
-    async def _request(self, method: str, path: str, operation: str, body: dict[str, Any] | None = None) -> Any:
+    async def _request(self, method: str, path: str, operation: str, body: dict[str, Any] | None = None,
+                       expect: type = dict) -> Any:
         began = time.monotonic()
         outcome: CallOutcome = "error"
         try:
@@ -50,7 +57,7 @@ class VolumeDaemonAdapter:
                 if resp.status >= 400:
                     raise RefusedError("VOLUME_DAEMON_REFUSED",
                                        f"the Volume Daemon refused {operation} ({resp.status}): {_err(data)}")
-                if not isinstance(data, dict):
+                if not isinstance(data, expect):
                     raise MalformedResponse(_SYSTEM, f"{operation} answered {type(data).__name__}")
                 outcome = "ok"
                 return data
@@ -87,23 +94,41 @@ class VolumeDaemonAdapter:
     async def detach(self, volume_id: str) -> str:
         return await self._start(volume_id, "detach", {})
 
+    def _outcome(self, operation_id: str, d: dict[str, Any]) -> DaemonOperation | None:
+        status = d.get("status")
+        if status in ("completed", "failed"):
+            response = d.get("response") or {}
+            if not isinstance(response, dict):
+                raise MalformedResponse(_SYSTEM, "operation response is not an object")
+            return DaemonOperation(id=operation_id, status=status, error=d.get("error"),
+                                   device_id=response.get("device_id"), device_path=response.get("device_path"))
+        if status not in _RUNNING:
+            raise MalformedResponse(_SYSTEM, f"operation status {status!r}")
+        return None
+
+    async def _get(self, operation_id: str) -> DaemonOperation | None:
+        d = await self._request("GET", f"/operations/{quote(operation_id, safe='')}", "get_operation")
+        return self._outcome(operation_id, d)
+
     async def wait_operation(self, operation_id: str, timeout: float) -> DaemonOperation:
-        deadline = time.monotonic() + timeout
-        while True:
-            d = await self._request("GET", f"/operations/{quote(operation_id, safe='')}", "get_operation")
-            status = d.get("status")
-            if status in ("completed", "failed"):
-                response = d.get("response") or {}
-                if not isinstance(response, dict):
-                    raise MalformedResponse(_SYSTEM, "operation response is not an object")
-                return DaemonOperation(id=operation_id, status=status, error=d.get("error"),
-                                       device_id=response.get("device_id"), device_path=response.get("device_path"))
-            if status not in ("pending", "executing"):
-                raise MalformedResponse(_SYSTEM, f"operation status {status!r}")
-            if time.monotonic() >= deadline:
-                raise TransientError("VOLUME_OPERATION_TIMEOUT",
-                                     f"Volume Daemon operation {operation_id} did not finish within {timeout:.0f} s")
-            await asyncio.sleep(min(self._poll, max(0.01, deadline - time.monotonic())))
+        """Asks once at once; then waits with the adapter's other waits (adapters/poller.py)."""
+        done = await self._get(operation_id)
+        if done is not None:
+            return done
+        return await self._poller.wait(operation_id, timeout, lambda: TransientError(
+            "VOLUME_OPERATION_TIMEOUT", f"Volume Daemon operation {operation_id} did not finish within {timeout:.0f} s"))
+
+    async def _running(self, keys: Mapping[str, object]) -> dict[str, DaemonOperation | BaseException | None]:
+        """The operations still running, from one listing per running status: those still
+        running are settled (None); the others finished (or began after the listing) and are
+        asked about on their own."""
+        running: set[str] = set()
+        for status in _RUNNING:
+            listed = await self._request("GET", f"/operations?status={status}", "list_operations", expect=list)
+            for op in listed:
+                if isinstance(op, dict) and isinstance(op.get("id"), str):
+                    running.add(op["id"])
+        return {k: None for k in keys if k in running}
 
 
 def _err(data: Any) -> str:

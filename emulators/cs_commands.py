@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import takewhile
 from typing import Any
 
 from emulators import views
 from emulators.cs_params import Params
+from emulators.model import cs_time
 from emulators.world import World
 
 Handler = Callable[[World, Params, str | None], dict[str, Any]]
@@ -172,6 +174,19 @@ def query_async_job_result(world: World, p: Params, fault: str | None) -> dict[s
     return views.job_json(world, job)
 
 
+def list_async_jobs(world: World, p: Params, fault: str | None) -> dict[str, Any]:
+    """listAsyncJobs(startdate?, page?, pagesize?): the account's async jobs created at or
+    after startdate, oldest first, each as queryAsyncJobResult shows it."""
+    since = p.date("startdate")
+    if since is None:
+        jobs = list(world.jobs.values())
+    else:  # jobs are kept in the order they were created, stamped as cs_time prints: newest first
+        first = cs_time(since)
+        jobs = list(takewhile(lambda job: job.created >= first, reversed(world.jobs.values())))
+        jobs.reverse()
+    return _listing("asyncjobs", (views.job_json(world, job) for job in jobs), p)
+
+
 def deploy_virtual_machine(world: World, p: Params, fault: str | None) -> dict[str, Any]:
     """deployVirtualMachine(serviceofferingid, templateid, zoneid, name?, displayname?,
     networkids?, startvm?, details[0].cpuNumber?, details[0].memory?, diskofferingid?)."""
@@ -259,6 +274,7 @@ COMMANDS: dict[str, Command] = {
     "listVolumes": Command(list_volumes, False),
     "listSnapshots": Command(list_snapshots, False),
     "queryAsyncJobResult": Command(query_async_job_result, False),
+    "listAsyncJobs": Command(list_async_jobs, False),
     "deployVirtualMachine": Command(deploy_virtual_machine, True),
     "startVirtualMachine": Command(start_virtual_machine, True),
     "stopVirtualMachine": Command(stop_virtual_machine, True),

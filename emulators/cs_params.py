@@ -8,6 +8,7 @@ else the command is refused with 431 before it runs.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from emulators.model import CS_SERVER_API, PARAM_ERROR, CloudStackError
@@ -100,3 +101,20 @@ class Params:
                 f"Invalid parameter {name} value={value}: must be {minimum} or more"
             )
         return number
+
+    def date(self, name: str) -> datetime | None:
+        """A date parameter as CloudStack reads one: ``yyyy-MM-dd'T'HH:mm:ssZ`` (or a bare
+        ``yyyy-MM-dd``), or 431."""
+        value = self.get(name)
+        if value is None:
+            return None
+        for fmt in ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d"):
+            try:
+                moment = datetime.strptime(value, fmt)
+            except ValueError:
+                continue
+            return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+        raise self.error(
+            f"Unable to execute API command {self.command.lower()} due to invalid value. "
+            f"Invalid parameter {name} value={value}: not a date (yyyy-MM-dd'T'HH:mm:ssZ)"
+        )

@@ -126,6 +126,8 @@ class Settings(ConnectionSettings):
     outbox_poll_seconds: PositiveFloat = 0.2
     outbox_batch: int = Field(default=500, ge=1)
     poll_interval_seconds: PositiveFloat = 2.0  # CloudStack async job / daemon op polling
+    # from this many waits on one system at once, a poll round lists them with one request
+    poll_batch_from: int = Field(default=8, ge=1)
     snapshot_timeout_seconds: PositiveFloat = 1800.0
     async_job_timeout_seconds: PositiveFloat = 1800.0
     volume_operation_timeout_seconds: PositiveFloat = 600.0

@@ -351,3 +351,25 @@ async def test_async_job_lifecycle(
     # the effect comes with the job: until then the volume is still detached
     assert "virtualmachineid" not in (await cs.listVolumes(id=volume["id"]))["volume"][0]
     assert (await wait_job(cs, attach["jobid"]))["jobresult"]["volume"]["deviceid"] == 1
+
+
+async def test_list_async_jobs_from_a_start_date_with_pages(
+    emu: EmulatorHandle, cs: AIOCloudStack, control: EmulatorControl
+) -> None:
+    """listAsyncJobs(startdate): the account's jobs created at or after it, oldest first, each
+    as queryAsyncJobResult shows it (its jobresult once ended); paged; a bad date is a 431."""
+    await control.set_latency(async_job_seconds=0.2)
+    volume = await control.create_volume("listed", 5)
+    first = await cs.createSnapshot(volumeid=volume["id"])
+    second = await cs.createSnapshot(volumeid=volume["id"])
+    created = (await cs.queryAsyncJobResult(jobid=first["jobid"]))["created"]
+    listed = await cs.listAsyncJobs(startdate=created)
+    assert listed["count"] == 2
+    assert [j["jobid"] for j in listed["asyncjobs"]] == [first["jobid"], second["jobid"]]
+    assert all(j["jobstatus"] == 0 and "jobresult" not in j for j in listed["asyncjobs"])
+    await wait_job(cs, second["jobid"])
+    done = (await cs.listAsyncJobs(startdate=created, page=2, pagesize=1))["asyncjobs"]
+    assert [j["jobid"] for j in done] == [second["jobid"]] and done[0]["jobresult"]["snapshot"]["state"] == "BackedUp"
+    assert await cs.listAsyncJobs(startdate="2999-01-01T00:00:00+0000") == {}
+    status, error = await refused(cs.listAsyncJobs(startdate="yesterday"))
+    assert status == 431 and "startdate" in error["errortext"]

@@ -1,0 +1,125 @@
+"""One poll for many waits: the rounds of an adapter's shared poller.
+
+A job waiting on CloudStack or the Volume Daemon used to poll its own async job or operation
+every `FAILOVER_POLL_INTERVAL_SECONDS`: with a thousand jobs waiting at once, a thousand
+requests per interval, most answering "still running", and the orchestrator's one core spent
+on them. Here every wait registers with its adapter's poller, which runs one round per
+interval for all of them: while few waits are pending, each is asked about on its own, as
+before; from `min_batch` on, one listing (CloudStack's `listAsyncJobs`, the Volume Daemon's
+`GET /operations?status=`) answers for all, and only what the listing does not settle is asked
+about on its own.
+
+A round that fails (the system unreachable, an answer of the wrong shape) fails the waits it
+was polling for with that error, as their own poll would have: the engine retries them as
+before. A wait that is cancelled (its job's lease is gone) leaves the round at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Generic, TypeAlias, TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger("failover.adapters")
+
+# what a poll learns of one wait: its outcome (done), None (still running), or its error
+Outcome: TypeAlias = T | BaseException | None
+
+
+@dataclass(slots=True)
+class _Wait(Generic[T]):
+    future: asyncio.Future[T]
+    deadline: float
+    timed_out: Callable[[], BaseException]
+
+
+class SharedPoller(Generic[T]):
+    """`wait(key, ...)` resolves when a round finds `key` done (or failed, or past its deadline).
+
+    `poll_one(key)`: the outcome of one key (raises on failure). `poll_many(keys)`: outcomes of
+    many keys at once, by key; a key it leaves out is polled with `poll_one` in the same round.
+    `note` is whatever the wait's first (own) poll learned that `poll_many` can use."""
+
+    def __init__(self, interval: float, min_batch: int, poll_one: Callable[[str], Awaitable[T | None]],
+                 poll_many: Callable[[Mapping[str, object]], Awaitable[dict[str, Outcome[T]]]]) -> None:
+        self.interval = interval
+        self.min_batch = min_batch
+        self._poll_one = poll_one
+        self._poll_many = poll_many
+        self._waits: dict[str, list[_Wait[T]]] = {}
+        self._notes: dict[str, object] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.rounds = 0
+        self.batched_rounds = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._waits)
+
+    async def wait(self, key: str, timeout: float, timed_out: Callable[[], BaseException],
+                   note: object = None) -> T:
+        loop = asyncio.get_running_loop()
+        w = _Wait[T](loop.create_future(), time.monotonic() + timeout, timed_out)
+        self._waits.setdefault(key, []).append(w)
+        if note is not None:
+            self._notes[key] = note
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="shared-poller")
+        try:
+            return await w.future
+        finally:
+            waits = self._waits.get(key)
+            if waits is not None:
+                if w in waits:
+                    waits.remove(w)
+                if not waits:
+                    del self._waits[key]
+                    self._notes.pop(key, None)
+
+    async def _run(self) -> None:
+        while self._waits:
+            await asyncio.sleep(self.interval)
+            try:
+                await self._round()
+            except Exception as exc:  # never leave a wait hanging on a bug of the round
+                log.exception("shared poller: a round failed")
+                self._settle({k: exc for k in self._waits})
+
+    async def _round(self) -> None:
+        keys = list(self._waits)
+        if not keys:
+            return
+        self.rounds += 1
+        outcomes: dict[str, Outcome[T]] = {}
+        if len(keys) >= self.min_batch:
+            self.batched_rounds += 1
+            try:
+                outcomes = await self._poll_many({k: self._notes.get(k) for k in keys})
+            except Exception as exc:  # as each wait's own poll would have failed
+                self._settle({k: exc for k in keys})
+                return
+        alone = [k for k in keys if k not in outcomes]
+        if alone:
+            got = await asyncio.gather(*(self._poll_one(k) for k in alone), return_exceptions=True)
+            for k, r in zip(alone, got, strict=True):
+                if isinstance(r, asyncio.CancelledError):
+                    raise r
+                outcomes[k] = r
+        self._settle(outcomes)
+
+    def _settle(self, outcomes: Mapping[str, Outcome[T]]) -> None:
+        now = time.monotonic()
+        for key, outcome in outcomes.items():
+            for w in list(self._waits.get(key, ())):
+                if w.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    w.future.set_exception(outcome)
+                elif outcome is not None:
+                    w.future.set_result(outcome)
+                elif now >= w.deadline:
+                    w.future.set_exception(w.timed_out())

@@ -1,0 +1,140 @@
+"""Many waits at once, against the emulators over real HTTP: the adapters' shared poller asks
+about all of them with one listing per round (CloudStack's listAsyncJobs, the Volume Daemon's
+GET /operations?status=) instead of one request per wait, and each wait still ends as its own
+poll would have ended it: its result, its failure, its timeout."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from emulators.client import EmulatorControl
+from emulators.runner import EmulatorHandle
+from statemachine.errors import TransientError
+
+from .conftest import CloudStackFactory, DaemonFactory
+
+N = 12
+LATENCY = 0.4
+ROUND = 0.05
+
+
+async def _volumes(control: EmulatorControl, emu: EmulatorHandle, n: int = N) -> list[str]:
+    return [str((await control.create_volume(f"disk-{i}", 10, vm_id=emu.appliance_vm_id))["id"]) for i in range(n)]
+
+
+async def test_many_cloudstack_waits_share_one_listing_per_round(
+        make_cloudstack: CloudStackFactory, emu: EmulatorHandle, control: EmulatorControl) -> None:
+    cs = make_cloudstack(poll_interval=ROUND, batch_from=8)
+    volumes = await _volumes(control, emu)
+    await control.set_latency(async_job_seconds=LATENCY)
+    started = [await cs.create_snapshot(v, f"snap-{i}") for i, v in enumerate(volumes)]
+    results = await asyncio.gather(*(cs.wait_job(s.job_id, timeout=10) for s in started))
+
+    # each wait got its own job's result
+    assert [r["snapshot"]["id"] for r in results] == [s.resource_id for s in started]
+    assert all(r["snapshot"]["state"] == "BackedUp" for r in results)
+    queries = await control.calls(api="cloudstack", command="queryAsyncJobResult")
+    listings = await control.calls(api="cloudstack", command="listAsyncJobs")
+    # one own query per wait (at once, before it joins the rounds), then listings only
+    assert len(queries) == N
+    rounds = LATENCY / ROUND
+    assert 1 <= len(listings) <= 2 * rounds, len(listings)
+    assert all(call["params"].get("startdate") for call in listings)
+
+
+async def test_few_cloudstack_waits_are_polled_on_their_own(
+        make_cloudstack: CloudStackFactory, emu: EmulatorHandle, control: EmulatorControl) -> None:
+    """Below `batch_from` a listing of the account's jobs costs more than it saves."""
+    cs = make_cloudstack(poll_interval=ROUND, batch_from=8)
+    volumes = await _volumes(control, emu, 2)
+    await control.set_latency(async_job_seconds=LATENCY)
+    started = [await cs.create_snapshot(v, f"snap-{i}") for i, v in enumerate(volumes)]
+    await asyncio.gather(*(cs.wait_job(s.job_id, timeout=10) for s in started))
+    assert await control.calls(api="cloudstack", command="listAsyncJobs") == []
+    assert len(await control.calls(api="cloudstack", command="queryAsyncJobResult")) > 2 * 2
+
+
+async def test_a_failed_job_in_a_listing_fails_its_own_wait_only(
+        make_cloudstack: CloudStackFactory, emu: EmulatorHandle, control: EmulatorControl) -> None:
+    cs = make_cloudstack(poll_interval=ROUND, batch_from=8)
+    volumes = await _volumes(control, emu)
+    await control.set_latency(async_job_seconds=LATENCY)
+    await control.add_fault("cloudstack", "async_fail", command="createSnapshot", nth=5)
+    started = [await cs.create_snapshot(v, f"snap-{i}") for i, v in enumerate(volumes)]
+    results: list[Any] = await asyncio.gather(*(cs.wait_job(s.job_id, timeout=10) for s in started),
+                                              return_exceptions=True)
+    failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+    assert failed == [4]
+    error = results[4]
+    assert isinstance(error, TransientError) and error.code == "CLOUDSTACK_JOB_FAILED"
+    assert started[4].job_id in error.message
+    assert await control.calls(api="cloudstack", command="listAsyncJobs")
+
+
+async def test_waits_in_a_listing_time_out_each_after_its_own_timeout(
+        make_cloudstack: CloudStackFactory, emu: EmulatorHandle, control: EmulatorControl) -> None:
+    cs = make_cloudstack(poll_interval=ROUND, batch_from=8)
+    volumes = await _volumes(control, emu)
+    await control.add_fault("cloudstack", "timeout", command="createSnapshot", times=0)  # never finish
+    started = [await cs.create_snapshot(v, f"snap-{i}") for i, v in enumerate(volumes)]
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    results = await asyncio.gather(*(cs.wait_job(s.job_id, timeout=0.3) for s in started), return_exceptions=True)
+    assert loop.time() - began < 2.0
+    assert all(isinstance(r, TransientError) and r.code == "CLOUDSTACK_JOB_TIMEOUT" for r in results), results
+    assert await control.calls(api="cloudstack", command="listAsyncJobs")
+
+
+async def test_a_listing_that_fails_fails_the_waits_as_their_own_poll_would(
+        make_cloudstack: CloudStackFactory, emu: EmulatorHandle, control: EmulatorControl) -> None:
+    """CloudStack answers the listing with a 530: every wait of that round ends with the
+    transient error its own poll would have raised (the engine retries the step's wait)."""
+    cs = make_cloudstack(poll_interval=ROUND, batch_from=8)
+    volumes = await _volumes(control, emu)
+    await control.set_latency(async_job_seconds=LATENCY)
+    await control.add_fault("cloudstack", "server_error", command="listAsyncJobs")
+    started = [await cs.create_snapshot(v, f"snap-{i}") for i, v in enumerate(volumes)]
+    results = await asyncio.gather(*(cs.wait_job(s.job_id, timeout=10) for s in started), return_exceptions=True)
+    assert all(isinstance(r, TransientError) for r in results), results
+    # ... and the next waits, on the same adapter, are served by the next listings
+    again = await asyncio.gather(*(cs.wait_job(s.job_id, timeout=10) for s in started))
+    assert [r["snapshot"]["id"] for r in again] == [s.resource_id for s in started]
+
+
+async def test_a_cancelled_wait_leaves_the_rounds(
+        make_cloudstack: CloudStackFactory, emu: EmulatorHandle, control: EmulatorControl) -> None:
+    """A job whose lease is gone is cancelled mid-wait: the poller stops asking about it."""
+    cs = make_cloudstack(poll_interval=ROUND, batch_from=1)
+    [volume] = await _volumes(control, emu, 1)
+    await control.add_fault("cloudstack", "timeout", command="createSnapshot", times=0)
+    started = await cs.create_snapshot(volume, "abandoned")
+    task = asyncio.create_task(cs.wait_job(started.job_id, timeout=60))
+    deadline = asyncio.get_running_loop().time() + 5
+    while not await control.calls(api="cloudstack", command="listAsyncJobs"):
+        assert asyncio.get_running_loop().time() < deadline, "the wait never joined a listing"
+        await asyncio.sleep(0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cs._poller.pending == 0
+
+
+async def test_many_daemon_waits_share_the_listing_of_running_operations(
+        make_daemon: DaemonFactory, emu: EmulatorHandle, control: EmulatorControl) -> None:
+    daemon = make_daemon(poll_interval=ROUND, batch_from=8)
+    volumes = await _volumes(control, emu)
+    await control.set_latency(operation_seconds=LATENCY)
+    operations = [await daemon.detach(v) for v in volumes]
+    results = await asyncio.gather(*(daemon.wait_operation(op, timeout=10) for op in operations))
+    assert [r.id for r in results] == operations and all(r.status == "completed" for r in results)
+
+    gets = await control.calls(api="volume-daemon", command="get-operation")
+    listings = await control.calls(api="volume-daemon", command="list-operations")
+    # one own look at the start, one when the listing no longer shows it running
+    assert len(gets) == 2 * N, len(gets)
+    assert listings and {call["params"].get("status") for call in listings} == {"pending", "executing"}
+    state = {v["id"]: v for v in (await control.state())["volumes"]}
+    assert all(state[v]["vm_id"] is None for v in volumes), "an operation was reported done before it was"
