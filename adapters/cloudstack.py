@@ -45,8 +45,10 @@ class CloudStackAdapter:
         self._timeout = timeout  # per request: `cs` applies its own only to sessions it opens
         self._observe = observe or (lambda *a: None)
         self._zones: dict[str, str] = {}
-        self._poller: SharedPoller[dict[str, Any]] = SharedPoller(poll_interval, batch_from, self._query,
-                                                                  self._list_jobs)
+        self._poller: SharedPoller[dict[str, Any]] = SharedPoller(
+            poll_interval, batch_from, self._query, self._list_jobs,
+            unsupported=lambda exc: isinstance(exc, RefusedError),
+            listing="CloudStack's listAsyncJobs (for the API key's role)")
 
     async def _call(self, command: str, **params: Any) -> dict[str, Any]:
         began = time.monotonic()

@@ -45,9 +45,15 @@ class SharedPoller(Generic[T]):
     `note` is whatever the wait's first (own) poll learned that `poll_many` can use."""
 
     def __init__(self, interval: float, min_batch: int, poll_one: Callable[[str], Awaitable[T | None]],
-                 poll_many: Callable[[Mapping[str, object]], Awaitable[dict[str, Outcome[T]]]]) -> None:
+                 poll_many: Callable[[Mapping[str, object]], Awaitable[dict[str, Outcome[T]]]], *,
+                 unsupported: Callable[[BaseException], bool] = lambda exc: False,
+                 listing: str = "the listing") -> None:
         self.interval = interval
         self.min_batch = min_batch
+        # a refusal of the listing itself (an API the key's role may not call, a daemon without
+        # the route) is for good: from then on every wait is polled on its own
+        self._unsupported = unsupported
+        self._listing = listing
         self._poll_one = poll_one
         self._poll_many = poll_many
         self._waits: dict[str, list[_Wait[T]]] = {}
@@ -99,9 +105,13 @@ class SharedPoller(Generic[T]):
             self.batched_rounds += 1
             try:
                 outcomes = await self._poll_many({k: self._notes.get(k) for k in keys})
-            except Exception as exc:  # as each wait's own poll would have failed
-                self._settle({k: exc for k in keys})
-                return
+            except Exception as exc:
+                if not self._unsupported(exc):  # as each wait's own poll would have failed
+                    self._settle({k: exc for k in keys})
+                    return
+                self.min_batch = 2**62
+                log.warning("%s was refused (%s); every wait is polled on its own from now on: allow it "
+                            "to poll many waits with one request", self._listing, exc)
         alone = [k for k in keys if k not in outcomes]
         if alone:
             got = await asyncio.gather(*(self._poll_one(k) for k in alone), return_exceptions=True)

@@ -33,7 +33,10 @@ class VolumeDaemonAdapter:
         self._poll = poll_interval
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._observe = observe or (lambda *a: None)
-        self._poller: SharedPoller[DaemonOperation] = SharedPoller(poll_interval, batch_from, self._get, self._running)
+        self._poller: SharedPoller[DaemonOperation] = SharedPoller(
+            poll_interval, batch_from, self._get, self._running,
+            unsupported=lambda exc: isinstance(exc, RefusedError),  # NotFound too: no such route
+            listing="the Volume Daemon's GET /api/v1/operations?status=")
 
     async def _request(self, method: str, path: str, operation: str, body: dict[str, Any] | None = None,
                        expect: type = dict) -> Any:

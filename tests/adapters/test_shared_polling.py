@@ -138,3 +138,20 @@ async def test_many_daemon_waits_share_the_listing_of_running_operations(
     assert listings and {call["params"].get("status") for call in listings} == {"pending", "executing"}
     state = {v["id"]: v for v in (await control.state())["volumes"]}
     assert all(state[v]["vm_id"] is None for v in volumes), "an operation was reported done before it was"
+
+
+async def test_a_refused_listing_falls_back_to_one_poll_per_wait_for_good(
+        make_cloudstack: CloudStackFactory, emu: EmulatorHandle, control: EmulatorControl,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The API key's role may not be allowed listAsyncJobs: the waits are not failed for it,
+    each is polled on its own from then on, and the log says what to allow."""
+    cs = make_cloudstack(poll_interval=ROUND, batch_from=8)
+    volumes = await _volumes(control, emu)
+    await control.set_latency(async_job_seconds=LATENCY)
+    await control.add_fault("cloudstack", "refuse", command="listAsyncJobs", times=0)
+    started = [await cs.create_snapshot(v, f"snap-{i}") for i, v in enumerate(volumes)]
+    results = await asyncio.gather(*(cs.wait_job(s.job_id, timeout=10) for s in started))
+    assert [r["snapshot"]["id"] for r in results] == [s.resource_id for s in started]
+    assert len(await control.calls(api="cloudstack", command="listAsyncJobs")) == 1
+    assert len(await control.calls(api="cloudstack", command="queryAsyncJobResult")) > 2 * N
+    assert any("listAsyncJobs" in r.getMessage() and "polled on its own" in r.getMessage() for r in caplog.records)
