@@ -121,6 +121,7 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
          _f(s["critical_path_seconds"], " s"), "same", "", ""),
         ("   wall / critical path", _f(s["wall_over_critical_path"]), _f(best_s.get("wall_over_critical_path")),
          "<= 1.2", met("slow wall / critical path <= 1.2")),
+        *_slow_baseline_rows(out),
         ("   event committed -> published by the relay p50 / p99", _pair(s.get("outbox_commit_to_published_ms")),
          "-", "", ""),
         ("   serve RSS idle / peak (VmHWM)", f"{_f(s['idle_rss_kb'])} / {_f(s['peak_rss_kb'])} kB",
@@ -133,6 +134,25 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         ("   request -> JobCompleted p50 / p99", _pair(p["request_to_completed_ms"]), "-", "", ""),
         *_multi_paced_rows(out),
     ]
+
+
+def _slow_baseline_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    s, b, m = out["slow"], out.get("slow_one_poll_per_wait"), out.get("slow_multi")
+    rows: list[tuple[str, str, str, str, str]] = []
+    if m:
+        rows.append((f"   with {m['processes']} serve processes: wall / critical path",
+                     f"{_f(m['wall_seconds'], ' s')} / {_f(m['wall_over_critical_path'])}", "-", "<= 1.2",
+                     "yes" if m["wall_over_critical_path"] <= 1.2 else "NO"))
+    if not b:
+        return rows
+    serve, base = s["cpu"]["cpu_seconds"].get("serve"), b["cpu"]["cpu_seconds"].get("serve")
+    rows += [
+        ("   same, one poll per wait (no shared poller): wall / critical path",
+         f"{_f(b['wall_seconds'], ' s')} / {_f(b['wall_over_critical_path'])}", "-", "",
+         f"shared poller: {_f(round(b['wall_seconds'] / s['wall_seconds'], 2))}x faster"),
+        ("   serve CPU: shared poller / one poll per wait", f"{_f(serve, ' s')} / {_f(base, ' s')}", "-", "", ""),
+    ]
+    return rows
 
 
 def _multi_throughput_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
@@ -249,6 +269,10 @@ def markdown(out: dict[str, Any]) -> str:
         if out.get(key):
             phases.append((f"{name}, {out[key]['processes']} serve processes", out[key]))
     phases.append(("slow", out["slow"]))
+    if out.get("slow_multi"):
+        phases.append((f"slow, {out['slow_multi']['processes']} serve processes", out["slow_multi"]))
+    if out.get("slow_one_poll_per_wait"):
+        phases.append(("slow, one poll per wait", out["slow_one_poll_per_wait"]))
     phases += [(f"celery {ph} {r['pool']}", r) for ph in ("throughput", "slow") for r in (out.get("celery") or {}).get(ph, [])]
     for name, phase in phases:
         c = phase["cpu"]

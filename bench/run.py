@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve-processes", type=int, default=2,
                    help="also run the throughput and paced phases with this many serve processes side by "
                         "side (default 2, one per core here; 1 skips it)")
+    p.add_argument("--no-slow-baseline", action="store_true",
+                   help="skip the slow phase's second run with one poll per wait (FAILOVER_POLL_BATCH_FROM "
+                        "out of reach: how every wait polled before the shared poller)")
     p.add_argument("--no-celery", action="store_true")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy run of the throughput burst")
     p.add_argument("--profile-jobs", type=int, default=None,
@@ -174,6 +177,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                                     out["probe"]["async_waits"], results / "serve-slow.log")
             log(f"  wall {out['slow']['wall_seconds']} s = {out['slow']['wall_over_critical_path']}x critical path; "
                 f"{out['slow']['rss_per_job_kb']} kB/job")
+            if args.serve_processes > 1:  # as a user with these cores would run them
+                n = args.serve_processes
+                log(f"slow, {n} serve processes: {args.slow_jobs} jobs, {args.latency:g} s per async job/operation")
+                out["slow_multi"] = await service_phases.slow(
+                    bench, args.slow_jobs, args.latency, out["probe"]["async_waits"], results / "serve-slow-multi.log",
+                    processes=n)
+                log(f"  wall {out['slow_multi']['wall_seconds']} s = "
+                    f"{out['slow_multi']['wall_over_critical_path']}x critical path")
+            if not args.no_slow_baseline:  # side by side: the same phase with every wait polling alone
+                log(f"slow, one poll per wait: {args.slow_jobs} jobs, {args.latency:g} s per async job/operation")
+                out["slow_one_poll_per_wait"] = await service_phases.slow(
+                    bench, args.slow_jobs, args.latency, out["probe"]["async_waits"],
+                    results / "serve-slow-one-poll-per-wait.log", FAILOVER_POLL_BATCH_FROM=str(10**9))
+                log(f"  wall {out['slow_one_poll_per_wait']['wall_seconds']} s = "
+                    f"{out['slow_one_poll_per_wait']['wall_over_critical_path']}x critical path")
             # ---- profile: the throughput burst again, serve under py-spy
             if not args.no_profile:
                 log(f"profile: {args.profile_jobs} jobs again, serve under py-spy, its SQL counted on the wire")

@@ -351,13 +351,20 @@ async def paced(bench: Bench, serve: Serve | list[Serve], rate: float, seconds: 
 # --------------------------------------------------------------------------- slow
 
 
-async def slow(bench: Bench, count: int, latency: float, critical_waits: int, log: Path) -> dict[str, Any]:
-    """`count` jobs at once, every async job and daemon operation taking `latency` seconds."""
+async def slow(bench: Bench, count: int, latency: float, critical_waits: int, log: Path,
+               processes: int = 1, **env: str) -> dict[str, Any]:
+    """`count` jobs at once, every async job and daemon operation taking `latency` seconds
+    (`env`: settings of this run's serve processes, e.g. FAILOVER_POLL_BATCH_FROM). With more
+    than one process, RSS is the first one's (each runs about `count / processes` jobs)."""
     vm_ids = await bench.fresh_world(count, "slow", async_job_seconds=latency, operation_seconds=latency)
-    serve = Serve(bench.env(FAILOVER_MAX_CONCURRENT_JOBS=str(max(count, 200)),
-                            FAILOVER_POLL_INTERVAL_SECONDS=str(bench.args.poll_interval)), log)
-    await serve.start()
+    serves = [Serve(bench.env(FAILOVER_MAX_CONCURRENT_JOBS=str(max(count, 200)),
+                              FAILOVER_POLL_INTERVAL_SECONDS=str(bench.args.poll_interval), **env),
+                    log if processes == 1 else log.with_name(f"{log.stem}-{i + 1}{log.suffix}"))
+              for i in range(processes)]
+    serve = serves[0]
     try:
+        for one in serves:
+            await one.start()
         quiet = await bench.quiet(serve.pid)
         idle = proc_status(serve.pid)
         samples: list[tuple[float, int, int]] = []  # (t, rss kB, jobs in flight)
@@ -374,7 +381,7 @@ async def slow(bench: Bench, count: int, latency: float, critical_waits: int, lo
                 except TimeoutError:
                     pass
 
-        meter = CpuMeter({"serve": [serve.pid], "emulators": [bench.emu.pid], **substrate_pids()})
+        meter = CpuMeter({"serve": [one.pid for one in serves], "emulators": [bench.emu.pid], **substrate_pids()})
         meter.start()
         sampler = asyncio.create_task(sample())
         timings = await bench.client.burst(vm_ids)
@@ -384,7 +391,8 @@ async def slow(bench: Bench, count: int, latency: float, critical_waits: int, lo
         cpu = meter.stop()
         peak = proc_status(serve.pid)
     finally:
-        await serve.stop()
+        for one in serves:
+            await one.stop()
     async with EmulatorControl(bench.emu.control_url) as control:
         await control.set_latency(async_job_seconds=0, operation_seconds=0)
     require_all_completed(timings, "slow")
@@ -395,7 +403,7 @@ async def slow(bench: Bench, count: int, latency: float, critical_waits: int, lo
     hwm = peak.get("VmHWM", 0)
     completed = timings.latencies("JobCompleted")
     return {
-        "jobs": count, "latency_seconds": latency, "async_waits_per_job": critical_waits, "quiet_wait": quiet,
+        "jobs": count, "processes": processes, "latency_seconds": latency, "async_waits_per_job": critical_waits, "quiet_wait": quiet,
         "critical_path_seconds": critical,
         "wall_seconds": round(s["wall_seconds"], 2),
         "wall_over_critical_path": round(s["wall_seconds"] / critical, 3),
@@ -403,7 +411,7 @@ async def slow(bench: Bench, count: int, latency: float, critical_waits: int, lo
                                    "p99": round(quantile(completed, 0.99) or 0, 2)},
         "idle_rss_kb": idle.get("VmRSS"), "peak_rss_kb": hwm, "rss_at_peak_in_flight_kb": rss_at_peak,
         "peak_jobs_in_flight": in_flight,
-        "rss_per_job_kb": round((hwm - idle.get("VmRSS", 0)) / in_flight, 1) if in_flight else None,
+        "rss_per_job_kb": round((hwm - idle.get("VmRSS", 0)) / in_flight, 1) if in_flight and processes == 1 else None,
         "serve_cpu_ms_per_job": round(1000 * cpu["cpu_seconds"]["serve"] / count, 1),
         "cpu": cpu,
         "outbox_commit_to_published_ms": await publish_lag(bench.engine, list(timings.published)),
