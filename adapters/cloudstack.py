@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import aiohttp
@@ -25,8 +25,7 @@ from statemachine.errors import MalformedResponse, RefusedError, StepError, Tran
 from statemachine.ports import AsyncStart, CsSnapshot, CsVm, CsVolume, DeploySpec
 
 _PAGE = 500  # CloudStack's default.page.size
-# a listing of async jobs covers the waits that began at most this long before the newest one
-_LIST_WINDOW = timedelta(minutes=2)
+_PAGES = 4  # pages of listAsyncJobs a poll round reads at most (from the newest jobs back)
 
 # adapter, operation, outcome, seconds: the metric labels of failover.metrics.observe_adapter_call
 CallOutcome = Literal["ok", "error", "retry"]
@@ -47,7 +46,8 @@ class CloudStackAdapter:
         self._zones: dict[str, str] = {}
         self._poller: SharedPoller[dict[str, Any]] = SharedPoller(
             poll_interval, batch_from, self._query, self._list_jobs,
-            unsupported=lambda exc: isinstance(exc, RefusedError),
+            # 432: the command "does not exist or is not available for" the key's role
+            unsupported=lambda exc: isinstance(exc, RefusedError) and exc.code == "CLOUDSTACK_UNAVAILABLE",
             listing="CloudStack's listAsyncJobs (for the API key's role)")
 
     async def _call(self, command: str, **params: Any) -> dict[str, Any]:
@@ -135,35 +135,41 @@ class CloudStackAdapter:
         return await self._poller.wait(
             job_id, timeout, lambda: TransientError(
                 "CLOUDSTACK_JOB_TIMEOUT", f"CloudStack async job {job_id} did not finish within {timeout:.0f} s"),
-            note=_cs_time(created) if isinstance(created, str) else None)
+            note=created if isinstance(created, str) else None)
 
     async def _list_jobs(self, notes: Mapping[str, object]) -> dict[str, Any]:
-        """One `listAsyncJobs` (paged) for the waits whose start CloudStack told us, from the
-        oldest of them; those it started long before the newest are left to their own polls,
-        so one slow job does not make every round list all the account's jobs since."""
-        starts = {k: v for k, v in notes.items() if isinstance(v, datetime)}
+        """The outcomes of the waits whose start CloudStack told us, from `listAsyncJobs`.
+
+        CloudStack reads only the date of `startdate` (midnight, its own time zone: the date
+        its `created` shows) and lists by id, oldest first, 500 a page: so the count first,
+        then pages from the newest back, until every wait is found or the pages reach jobs
+        older than the oldest wait; at most `_PAGES` pages a round. A wait not found (older,
+        or not listed) is polled on its own."""
+        starts = {k: t for k, v in notes.items() if isinstance(v, str) and (t := _cs_time(v)) is not None}
         if not starts:
             return {}
-        newest = max(starts.values())
-        listed = {k: t for k, t in starts.items() if newest - t <= _LIST_WINDOW}
-        since = min(listed.values())
+        oldest_key = min(starts, key=lambda k: starts[k])
+        oldest, day = starts[oldest_key], str(notes[oldest_key])[:10]
+        count = (await self._call("listAsyncJobs", startdate=day, page=1, pagesize=1)).get("count", 0)
+        if not isinstance(count, int) or count < 0:
+            raise MalformedResponse("CloudStack", f"listAsyncJobs count={count!r}")
         found: dict[str, Any] = {}
-        page = 1
-        while True:
-            data = await self._call("listAsyncJobs", startdate=since.strftime("%Y-%m-%dT%H:%M:%S+0000"),
-                                    page=page, pagesize=_PAGE)
-            jobs = self._items(data, "asyncjobs")
+        last = -(-count // _PAGE)
+        for page in range(last, max(0, last - _PAGES), -1):
+            jobs = self._items(await self._call("listAsyncJobs", startdate=day, page=page, pagesize=_PAGE),
+                               "asyncjobs")
             for j in jobs:
                 jid = j.get("jobid")
-                if isinstance(jid, str) and jid in listed:
+                if isinstance(jid, str) and jid in starts:
                     try:
                         found[jid] = self._outcome(j, jid, "listAsyncJobs")
                     except StepError as exc:
                         found[jid] = exc
-            count = data.get("count", 0)
-            if len(jobs) < _PAGE or not isinstance(count, int) or page * _PAGE >= count:
+            if len(found) == len(starts):
                 break
-            page += 1
+            first = _cs_time(str(jobs[0].get("created"))) if jobs else None
+            if first is not None and first < oldest:  # the pages before hold older jobs only
+                break
         return found
 
     async def create_snapshot(self, volume_id: str, name: str) -> AsyncStart:
@@ -279,6 +285,9 @@ def _translate(command: str, exc: CloudStackApiException) -> StepError:
     if code == 401:
         return RefusedError("CLOUDSTACK_AUTH", "CloudStack refused the API key or signature (401); check "
                                                "FAILOVER_CLOUDSTACK_API_KEY and FAILOVER_CLOUDSTACK_SECRET_KEY")
+    if code == 432:
+        return RefusedError("CLOUDSTACK_UNAVAILABLE", f"CloudStack refused {command} ({code}): {text}; allow "
+                                                      f"{command} for the API key's role")
     if isinstance(code, int) and 400 <= code < 500:
         return RefusedError("CLOUDSTACK_REFUSED", f"CloudStack refused {command} ({code}): {text}")
     return TransientError("CLOUDSTACK_ERROR", f"CloudStack failed {command} ({code}): {text}")

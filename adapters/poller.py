@@ -9,9 +9,10 @@ before; from `min_batch` on, one listing (CloudStack's `listAsyncJobs`, the Volu
 `GET /operations?status=`) answers for all, and only what the listing does not settle is asked
 about on its own.
 
-A round that fails (the system unreachable, an answer of the wrong shape) fails the waits it
-was polling for with that error, as their own poll would have: the engine retries them as
-before. A wait that is cancelled (its job's lease is gone) leaves the round at once.
+A listing that fails is replaced, for that round, by each wait's own poll, whose error (the
+system unreachable, an answer of the wrong shape) is that wait's, as before; a listing refused
+as such (not allowed, no such route) turns batching off for good. A wait that is cancelled
+(its job's lease is gone) leaves the round at once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeAlias, TypeVar
+
+from statemachine.errors import TransientError
 
 T = TypeVar("T")
 log = logging.getLogger("failover.adapters")
@@ -87,13 +90,17 @@ class SharedPoller(Generic[T]):
                     self._notes.pop(key, None)
 
     async def _run(self) -> None:
-        while self._waits:
-            await asyncio.sleep(self.interval)
-            try:
-                await self._round()
-            except Exception as exc:  # never leave a wait hanging on a bug of the round
-                log.exception("shared poller: a round failed")
-                self._settle({k: exc for k in self._waits})
+        try:
+            while self._waits:
+                await asyncio.sleep(self.interval)
+                try:
+                    await self._round()
+                except Exception as exc:  # never leave a wait hanging on a bug of the round
+                    log.exception("shared poller: a round failed")
+                    self._settle({k: exc for k in self._waits})
+        finally:  # stopped (the loop is closing): no wait may be left without anyone polling for it
+            gone = TransientError("POLLER_STOPPED", "the adapter's poller stopped; the wait is tried again")
+            self._settle({k: gone for k in self._waits})
 
     async def _round(self) -> None:
         keys = list(self._waits)
@@ -105,20 +112,18 @@ class SharedPoller(Generic[T]):
             self.batched_rounds += 1
             try:
                 outcomes = await self._poll_many({k: self._notes.get(k) for k in keys})
-            except Exception as exc:
-                if not self._unsupported(exc):  # as each wait's own poll would have failed
-                    self._settle({k: exc for k in keys})
-                    return
-                self.min_batch = 2**62
-                log.warning("%s was refused (%s); every wait is polled on its own from now on: allow it "
-                            "to poll many waits with one request", self._listing, exc)
+            except Exception as exc:  # this round, each wait is polled on its own instead
+                if self._unsupported(exc):
+                    self.min_batch = 2**62
+                    log.warning("%s was refused (%s); every wait is polled on its own from now on: allow it "
+                                "to poll many waits with one request", self._listing, exc)
+                else:
+                    log.warning("%s failed (%s: %s); this round polls each wait on its own", self._listing,
+                                type(exc).__name__, exc)
         alone = [k for k in keys if k not in outcomes]
         if alone:
             got = await asyncio.gather(*(self._poll_one(k) for k in alone), return_exceptions=True)
-            for k, r in zip(alone, got, strict=True):
-                if isinstance(r, asyncio.CancelledError):
-                    raise r
-                outcomes[k] = r
+            outcomes.update(zip(alone, got, strict=True))
         self._settle(outcomes)
 
     def _settle(self, outcomes: Mapping[str, Outcome[T]]) -> None:
@@ -128,8 +133,19 @@ class SharedPoller(Generic[T]):
                 if w.future.done():
                     continue
                 if isinstance(outcome, BaseException):
-                    w.future.set_exception(outcome)
+                    # a copy per wait: the engine notes its attempts on the error it catches
+                    w.future.set_exception(_own(outcome))
                 elif outcome is not None:
                     w.future.set_result(outcome)
                 elif now >= w.deadline:
                     w.future.set_exception(w.timed_out())
+
+
+def _own(exc: BaseException) -> BaseException:
+    """A copy of an error for one wait (its attributes, args and cause), without calling its
+    `__init__`, whose signature is the error class's own."""
+    clone = exc.__class__.__new__(exc.__class__)
+    clone.__dict__.update(getattr(exc, "__dict__", {}))
+    clone.args = exc.args
+    clone.__cause__ = exc.__cause__
+    return clone

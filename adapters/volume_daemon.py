@@ -35,7 +35,7 @@ class VolumeDaemonAdapter:
         self._observe = observe or (lambda *a: None)
         self._poller: SharedPoller[DaemonOperation] = SharedPoller(
             poll_interval, batch_from, self._get, self._running,
-            unsupported=lambda exc: isinstance(exc, RefusedError),  # NotFound too: no such route
+            unsupported=lambda exc: isinstance(exc, NotFound),  # a daemon without the route
             listing="the Volume Daemon's GET /api/v1/operations?status=")
 
     async def _request(self, method: str, path: str, operation: str, body: dict[str, Any] | None = None,
@@ -128,8 +128,8 @@ class VolumeDaemonAdapter:
         running: set[str] = set()
         for status in _RUNNING:
             listed = await self._request("GET", f"/operations?status={status}", "list_operations", expect=list)
-            for op in listed:
-                if isinstance(op, dict) and isinstance(op.get("id"), str):
+            for op in listed:  # the filter is not taken on trust: a finished one is fetched
+                if isinstance(op, dict) and isinstance(op.get("id"), str) and op.get("status") in _RUNNING:
                     running.add(op["id"])
         return {k: None for k in keys if k in running}
 

@@ -181,15 +181,13 @@ class CommandConsumer:
             # before the job can start (and emit more): its first event leads its stream
             await self._publish_first(decision)
             await message.ack()
-        except BaseException:
-            self.unhold(held)  # recorded or not: claimable (a recorded job is resumed by a claim)
-            raise
+            if decision.job_id:
+                self.on_accepted(decision.job_id)
+        finally:  # adopted, or (recorded or not) claimable: a recorded job is resumed by a claim
+            self.unhold(held)
         self.count(command.type, "accepted" if decision.outcome == "signalled" else decision.outcome)
         log.info("command %s %s recorded: %s%s", command.type, command.request_id, decision.outcome,
                  f" ({decision.detail})" if decision.detail else "")
-        if decision.job_id:
-            self.on_accepted(decision.job_id)
-        self.unhold(held)  # no-op when adopted
 
     async def _publish_first(self, decision: Decision) -> None:
         if decision.events and self.publish_first is not None:

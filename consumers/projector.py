@@ -81,9 +81,12 @@ class Projector:
                 await _settle(m.reject(requeue=False))
         if not events:
             return
-        applied, dupes = await self._apply_batch(events, good)
+        applied, dupes = await self._apply_batch(events, good)  # settled: acked or dead-lettered
         now = time.time()
-        self.observe(applied, dupes, [now - e.occurred_at.timestamp() for e in events])
+        try:
+            self.observe(applied, dupes, [now - e.occurred_at.timestamp() for e in events])
+        except Exception:  # metrics only: the batch stays settled (a nack now would be refused)
+            log.exception("projector: recording the batch's metrics failed")
 
     async def _apply_batch(self, events: list[Event], messages: list[AbstractIncomingMessage]) -> tuple[int, int]:
         pause, tries, races = 0.2, 0, 0

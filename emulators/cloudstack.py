@@ -124,6 +124,9 @@ async def handle_api(request: web.Request) -> web.Response:
     if kind == "refuse":
         text = f"Injected fault: {command} refused"
         return _error(entry, name, PARAM_ERROR, text, CS_INVALID_PARAMETER)
+    if kind == "unavailable":  # as CloudStack answers a command the key's role may not call
+        text = f"The given command:{command} does not exist or it is not available for user"
+        return _error(entry, name, UNSUPPORTED_ACTION_ERROR, text, CS_SERVER_API)
     if kind == "server_error" or (kind == "async_fail" and not spec.is_async):
         text = f"Injected fault: internal error executing {command}"
         return _error(entry, name, INTERNAL_ERROR, text, CS_CLOUD_RUNTIME)

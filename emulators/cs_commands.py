@@ -175,8 +175,8 @@ def query_async_job_result(world: World, p: Params, fault: str | None) -> dict[s
 
 
 def list_async_jobs(world: World, p: Params, fault: str | None) -> dict[str, Any]:
-    """listAsyncJobs(startdate?, page?, pagesize?): the account's async jobs created at or
-    after startdate, oldest first, each as queryAsyncJobResult shows it."""
+    """listAsyncJobs(startdate?, page?, pagesize?): the account's async jobs created on or
+    after startdate's day, oldest first (by id), each as queryAsyncJobResult shows it."""
     since = p.date("startdate")
     if since is None:
         jobs = list(world.jobs.values())

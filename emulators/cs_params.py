@@ -7,6 +7,7 @@ else the command is refused with 431 before it runs.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -103,18 +104,20 @@ class Params:
         return number
 
     def date(self, name: str) -> datetime | None:
-        """A date parameter as CloudStack reads one: ``yyyy-MM-dd'T'HH:mm:ssZ`` (or a bare
-        ``yyyy-MM-dd``), or 431."""
+        """A date parameter as CloudStack reads one for most commands: its ``yyyy-MM-dd`` start
+        only (Java's ``SimpleDateFormat("yyyy-MM-dd").parse`` ignores what follows), midnight in
+        the server's time zone (UTC here); or 431."""
         value = self.get(name)
         if value is None:
             return None
-        for fmt in ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d"):
-            try:
-                moment = datetime.strptime(value, fmt)
-            except ValueError:
-                continue
-            return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
-        raise self.error(
-            f"Unable to execute API command {self.command.lower()} due to invalid value. "
-            f"Invalid parameter {name} value={value}: not a date (yyyy-MM-dd'T'HH:mm:ssZ)"
-        )
+        found = re.match(r"(\d{4})-(\d{1,2})-(\d{1,2})", value)
+        try:
+            if found is None:
+                raise ValueError(value)
+            year, month, day = (int(g) for g in found.groups())
+            return datetime(year, month, day, tzinfo=UTC)
+        except ValueError:
+            raise self.error(
+                f"Unable to execute API command {self.command.lower()} due to invalid value. "
+                f"Invalid parameter {name} value={value}: not a date (yyyy-MM-dd)"
+            ) from None

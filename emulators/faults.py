@@ -22,6 +22,7 @@ KINDS = (
     "not_revertable",
     "exit_nonzero",
     "hang",
+    "unavailable",
 )
 INJECT_KINDS = ("exit_nonzero", "hang", "timeout", "refuse", "server_error")
 MALFORMED_VARIANTS = ("truncated", "wrong_shape")

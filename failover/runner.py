@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 
 from transitions.extensions.asyncio import AsyncMachine
@@ -49,8 +49,9 @@ class JobRunner:
         self.on_state: Callable[[str | None, str | None], None] = lambda before, after: None
         self._adopted: deque[str] = deque()
         # jobs being recorded whose first event is not yet confirmed by the broker: not claimed
-        # (the job's next events would go out before it), started once adopted
-        self._held: set[str] = set()
+        # (the job's next events would go out before it), started once adopted. Counted: two
+        # deliveries of one request (a client's retry) each hold it until each is done
+        self._held: Counter[str] = Counter()
         self._wake = asyncio.Event()
         self._stopping = False
         # until when (monotonic) this process can vouch for each running job's lease: the
@@ -76,15 +77,18 @@ class JobRunner:
         this process's claims pass it by. (The recorder gives this process the job's lease as
         it commits; a claim in between, taking a job this process owns but does not run, would
         start it while its `JobAccepted` is still on its way to the broker.)"""
-        self._held.add(job_id)
+        self._held[job_id] += 1
 
     def unhold(self, job_id: str) -> None:
-        """The command created no job, or failed: the job (if any) is claimable again."""
-        self._held.discard(job_id)
+        """The delivery that held `job_id` is done (adopted, a duplicate, failed)."""
+        left = self._held[job_id] - 1
+        if left > 0:
+            self._held[job_id] = left
+        else:
+            del self._held[job_id]
 
     def adopt(self, job_id: str) -> None:
         """A job this process just accepted (and holds the lease of): run it soon."""
-        self._held.discard(job_id)
         self._adopted.append(job_id)
         self._wake.set()
 

@@ -79,6 +79,7 @@ async def test_a_job_starts_only_after_its_first_event_is_confirmed(runner_db: A
 
     confirm = asyncio.Event()
     first: list[str] = []
+    outcomes: list[str] = []
 
     async def publish_first(events: Sequence[OutboxEvent]) -> bool:  # the relay, its broker slow to confirm
         first.extend(e.event_type for e in events)
@@ -91,7 +92,7 @@ async def test_a_job_starts_only_after_its_first_event_is_confirmed(runner_db: A
         channel = await connection.channel(publisher_confirms=True)
         queue = await channel.declare_queue(exclusive=True)
         consumer = CommandConsumer(queue, channel.default_exchange, CommandRecorder(runner_db, owner, LEASE),
-                                   max_bytes=65536, on_accepted=runner.adopt, count=lambda t, o: None,
+                                   max_bytes=65536, on_accepted=runner.adopt, count=lambda t, o: outcomes.append(o),
                                    publish_first=publish_first, hold=runner.hold, unhold=runner.unhold)
         await consumer.start()
         try:
@@ -109,13 +110,22 @@ async def test_a_job_starts_only_after_its_first_event_is_confirmed(runner_db: A
             await runner._fill()  # a claim while the JobAccepted is unconfirmed
             assert started == [], "the job started before its JobAccepted was confirmed"
 
+            # the client retries: a second delivery of the request, a duplicate, is done at once;
+            # the first still holds the job
+            await channel.default_exchange.publish(
+                aio_pika.Message(command.model_dump_json().encode(), content_type="application/json"),
+                routing_key=queue.name)
+            await _until(lambda: outcomes == ["duplicate"], "the second delivery was found a duplicate")
+            await runner._fill()
+            assert started == [], "a duplicate delivery released the hold of the first"
+
             confirm.set()
             end = time.monotonic() + 10
             while not started:  # adopted once confirmed and acked
                 assert time.monotonic() < end, "the job was not started after its JobAccepted was confirmed"
                 await runner._fill()
                 await asyncio.sleep(0.01)
-            assert started == [str(request_id)]
+            assert started == [str(request_id)] and outcomes == ["duplicate", "accepted"]
             assert contexts[0].taken_over is False  # started as its recorder's, not claimed
         finally:
             await asyncio.gather(*runner.running.values(), return_exceptions=True)

@@ -88,20 +88,23 @@ async def test_waits_in_a_listing_time_out_each_after_its_own_timeout(
     assert await control.calls(api="cloudstack", command="listAsyncJobs")
 
 
-async def test_a_listing_that_fails_fails_the_waits_as_their_own_poll_would(
-        make_cloudstack: CloudStackFactory, emu: EmulatorHandle, control: EmulatorControl) -> None:
-    """CloudStack answers the listing with a 530: every wait of that round ends with the
-    transient error its own poll would have raised (the engine retries the step's wait)."""
+async def test_a_listing_that_fails_is_replaced_by_each_waits_own_poll_that_round(
+        make_cloudstack: CloudStackFactory, emu: EmulatorHandle, control: EmulatorControl,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """CloudStack answers one listing with a 530: no wait fails for it (each costs a job one of
+    its retries otherwise); that round asks about each wait on its own, and the next rounds
+    list again."""
     cs = make_cloudstack(poll_interval=ROUND, batch_from=8)
     volumes = await _volumes(control, emu)
     await control.set_latency(async_job_seconds=LATENCY)
     await control.add_fault("cloudstack", "server_error", command="listAsyncJobs")
     started = [await cs.create_snapshot(v, f"snap-{i}") for i, v in enumerate(volumes)]
-    results = await asyncio.gather(*(cs.wait_job(s.job_id, timeout=10) for s in started), return_exceptions=True)
-    assert all(isinstance(r, TransientError) for r in results), results
-    # ... and the next waits, on the same adapter, are served by the next listings
-    again = await asyncio.gather(*(cs.wait_job(s.job_id, timeout=10) for s in started))
-    assert [r["snapshot"]["id"] for r in again] == [s.resource_id for s in started]
+    results = await asyncio.gather(*(cs.wait_job(s.job_id, timeout=10) for s in started))
+    assert [r["snapshot"]["id"] for r in results] == [s.resource_id for s in started]
+    queries = await control.calls(api="cloudstack", command="queryAsyncJobResult")
+    assert len(queries) == 2 * N  # the first look of each, and the round whose listing failed
+    assert len(await control.calls(api="cloudstack", command="listAsyncJobs")) > 2  # listing went on
+    assert any("this round polls each wait on its own" in r.getMessage() for r in caplog.records)
 
 
 async def test_a_cancelled_wait_leaves_the_rounds(
@@ -148,10 +151,33 @@ async def test_a_refused_listing_falls_back_to_one_poll_per_wait_for_good(
     cs = make_cloudstack(poll_interval=ROUND, batch_from=8)
     volumes = await _volumes(control, emu)
     await control.set_latency(async_job_seconds=LATENCY)
-    await control.add_fault("cloudstack", "refuse", command="listAsyncJobs", times=0)
+    await control.add_fault("cloudstack", "unavailable", command="listAsyncJobs", times=0)
     started = [await cs.create_snapshot(v, f"snap-{i}") for i, v in enumerate(volumes)]
     results = await asyncio.gather(*(cs.wait_job(s.job_id, timeout=10) for s in started))
     assert [r["snapshot"]["id"] for r in results] == [s.resource_id for s in started]
     assert len(await control.calls(api="cloudstack", command="listAsyncJobs")) == 1
     assert len(await control.calls(api="cloudstack", command="queryAsyncJobResult")) > 2 * N
     assert any("listAsyncJobs" in r.getMessage() and "polled on its own" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_listing_reads_the_newest_pages_of_the_day_first(
+        make_cloudstack: CloudStackFactory, emu: EmulatorHandle, control: EmulatorControl,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """CloudStack filters listAsyncJobs by the day of `startdate` only and lists oldest first:
+    with the day's earlier jobs ahead of ours (pages of 5 here instead of 500), the poller
+    counts, then reads pages from the last one back, and finds every wait there."""
+    import adapters.cloudstack as module
+    monkeypatch.setattr(module, "_PAGE", 5)
+    cs = make_cloudstack(poll_interval=ROUND, batch_from=8)
+    volumes = await _volumes(control, emu, N + 20)
+    for i, v in enumerate(volumes[N:]):  # earlier jobs of the same day, finished
+        await cs.create_snapshot(v, f"earlier-{i}")
+    await control.set_latency(async_job_seconds=LATENCY)
+    started = [await cs.create_snapshot(v, f"snap-{i}") for i, v in enumerate(volumes[:N])]
+    results = await asyncio.gather(*(cs.wait_job(s.job_id, timeout=10) for s in started))
+    assert [r["snapshot"]["id"] for r in results] == [s.resource_id for s in started]
+    assert len(await control.calls(api="cloudstack", command="queryAsyncJobResult")) == N  # all found listed
+    listings = await control.calls(api="cloudstack", command="listAsyncJobs")
+    pages = {int(c["params"]["page"]) for c in listings if c["params"].get("pagesize") == "5"}
+    assert pages and min(pages) > 1 and max(pages) == 7  # 32 jobs: pages 7, 6, 5 hold the newest 15
+    assert all(len(c["params"]["startdate"]) == 10 for c in listings)  # a day: all CloudStack reads
