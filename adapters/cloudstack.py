@@ -25,7 +25,7 @@ from statemachine.errors import MalformedResponse, RefusedError, StepError, Tran
 from statemachine.ports import AsyncStart, CsSnapshot, CsVm, CsVolume, DeploySpec
 
 _PAGE = 500  # CloudStack's default.page.size
-_PAGES = 4  # pages of listAsyncJobs a poll round reads at most (from the newest jobs back)
+_PAGES = 8  # pages of listAsyncJobs a poll round reads at most (from the newest jobs back)
 
 # adapter, operation, outcome, seconds: the metric labels of failover.metrics.observe_adapter_call
 CallOutcome = Literal["ok", "error", "retry"]
@@ -141,7 +141,7 @@ class CloudStackAdapter:
         """The outcomes of the waits whose start CloudStack told us, from `listAsyncJobs`.
 
         CloudStack reads only the date of `startdate` (midnight, its own time zone: the date
-        its `created` shows) and lists by id, oldest first, 500 a page: so the count first,
+        its `created` shows) and lists by id, oldest first, in pages: so the count first,
         then pages from the newest back, until every wait is found or the pages reach jobs
         older than the oldest wait; at most `_PAGES` pages a round. A wait not found (older,
         or not listed) is polled on its own."""
@@ -154,9 +154,12 @@ class CloudStackAdapter:
         if not isinstance(count, int) or count < 0:
             raise MalformedResponse("CloudStack", f"listAsyncJobs count={count!r}")
         found: dict[str, Any] = {}
-        last = -(-count // _PAGE)
+        # the waits are among the newest jobs: pages of a third of their number read little more
+        # than the jobs begun since the oldest of them (every job listed comes with its result)
+        size = min(_PAGE, max(16, -(-len(starts) // 3)))
+        last = -(-count // size)
         for page in range(last, max(0, last - _PAGES), -1):
-            jobs = self._items(await self._call("listAsyncJobs", startdate=day, page=page, pagesize=_PAGE),
+            jobs = self._items(await self._call("listAsyncJobs", startdate=day, page=page, pagesize=size),
                                "asyncjobs")
             for j in jobs:
                 jid = j.get("jobid")

@@ -90,14 +90,21 @@ class SharedPoller(Generic[T]):
                     self._notes.pop(key, None)
 
     async def _run(self) -> None:
+        took = 0.0
         try:
             while self._waits:
-                await asyncio.sleep(self.interval)
+                # a round per interval, counted from the start of the last (a slow listing does
+                # not stretch it); twice as often while one listing answers for many waits: no
+                # more requests than a quarter of them polling alone, a finished job seen sooner
+                batched = len(self._waits) >= self.min_batch
+                await asyncio.sleep(max(0.0, (self.interval / 2 if batched else self.interval) - took))
+                began = time.monotonic()
                 try:
                     await self._round()
                 except Exception as exc:  # never leave a wait hanging on a bug of the round
                     log.exception("shared poller: a round failed")
                     self._settle({k: exc for k in self._waits})
+                took = time.monotonic() - began
         finally:  # stopped (the loop is closing): no wait may be left without anyone polling for it
             gone = TransientError("POLLER_STOPPED", "the adapter's poller stopped; the wait is tried again")
             self._settle({k: gone for k in self._waits})

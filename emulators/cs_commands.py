@@ -184,7 +184,14 @@ def list_async_jobs(world: World, p: Params, fault: str | None) -> dict[str, Any
         first = cs_time(since)
         jobs = list(takewhile(lambda job: job.created >= first, reversed(world.jobs.values())))
         jobs.reverse()
-    return _listing("asyncjobs", (views.job_json(world, job) for job in jobs), p)
+    # like the database's LIMIT: only the page asked for is rendered
+    page, size = p.integer("page", minimum=1), p.integer("pagesize", minimum=1)
+    shown = jobs[(page - 1) * size : page * size] if page is not None and size is not None else jobs
+    if not jobs:
+        return {}
+    if not shown:
+        return {"count": len(jobs)}
+    return {"count": len(jobs), "asyncjobs": [views.job_json(world, job) for job in shown]}
 
 
 def deploy_virtual_machine(world: World, p: Params, fault: str | None) -> dict[str, Any]:
