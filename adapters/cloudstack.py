@@ -40,7 +40,6 @@ class CloudStackAdapter:
                  batch_from: int = 8) -> None:
         self._cs = AIOCloudStack(endpoint=endpoint, key=api_key, secret=secret_key, session=session,
                                  timeout=int(timeout), fetch_result=False)
-        self._poll = poll_interval
         self._timeout = timeout  # per request: `cs` applies its own only to sessions it opens
         self._observe = observe or (lambda *a: None)
         self._zones: dict[str, str] = {}

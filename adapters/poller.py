@@ -62,8 +62,6 @@ class SharedPoller(Generic[T]):
         self._waits: dict[str, list[_Wait[T]]] = {}
         self._notes: dict[str, object] = {}
         self._task: asyncio.Task[None] | None = None
-        self.rounds = 0
-        self.batched_rounds = 0
 
     @property
     def pending(self) -> int:
@@ -94,8 +92,8 @@ class SharedPoller(Generic[T]):
         try:
             while self._waits:
                 # a round per interval, counted from the start of the last (a slow listing does
-                # not stretch it); twice as often while one listing answers for many waits: no
-                # more requests than a quarter of them polling alone, a finished job seen sooner
+                # not stretch it); twice as often while a listing answers for many waits (a few
+                # requests a round, however many waits): a finished job is seen sooner
                 batched = len(self._waits) >= self.min_batch
                 await asyncio.sleep(max(0.0, (self.interval / 2 if batched else self.interval) - took))
                 began = time.monotonic()
@@ -113,10 +111,8 @@ class SharedPoller(Generic[T]):
         keys = list(self._waits)
         if not keys:
             return
-        self.rounds += 1
         outcomes: dict[str, Outcome[T]] = {}
         if len(keys) >= self.min_batch:
-            self.batched_rounds += 1
             try:
                 outcomes = await self._poll_many({k: self._notes.get(k) for k in keys})
             except Exception as exc:  # this round, each wait is polled on its own instead

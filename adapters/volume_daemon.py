@@ -30,7 +30,6 @@ class VolumeDaemonAdapter:
                  timeout: float = 60.0, observe: Timer | None = None, batch_from: int = 8) -> None:
         self._base = base_url.rstrip("/") + "/api/v1"
         self._session = session
-        self._poll = poll_interval
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._observe = observe or (lambda *a: None)
         self._poller: SharedPoller[DaemonOperation] = SharedPoller(

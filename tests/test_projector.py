@@ -12,7 +12,6 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from adapters.db.engine import make_engine
 from adapters.db.outbox import OutboxEvent
 from adapters.db.projections import Projections
 from adapters.db.tables import projected_events
@@ -20,16 +19,15 @@ from consumers.projector import Projector
 from publishers.relay import to_message
 from schemas.events import Event, JobAccepted, LogRecorded
 
-from .crash.support import derived_database, fresh_database
+from .crash.support import database_of_its_own
 
 EVENTS = 120
 
 
 @pytest.fixture(scope="module")
 async def projector_db(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(await fresh_database(derived_database(database_url, "projector")), pool_size=4)
-    yield engine
-    await engine.dispose()
+    async with database_of_its_own(database_url, "projector") as engine:
+        yield engine
 
 
 def _events(job_id: uuid.UUID) -> list[Event]:

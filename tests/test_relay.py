@@ -14,22 +14,20 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from adapters.db.engine import make_engine
 from adapters.db.outbox import OutboxEvent, OutboxStore, insert_event, outbox_row
 from adapters.db.tables import outbox
 from publishers.relay import OutboxRelay
 from schemas.events import JobAccepted, LogRecorded
 
-from .crash.support import derived_database, fresh_database
+from .crash.support import database_of_its_own
 
 EVENTS = 120
 
 
 @pytest.fixture(scope="module")
 async def relay_db(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(await fresh_database(derived_database(database_url, "relay")), pool_size=4)
-    yield engine
-    await engine.dispose()
+    async with database_of_its_own(database_url, "relay") as engine:
+        yield engine
 
 
 async def _unsent(db: AsyncEngine) -> int:

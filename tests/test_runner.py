@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from adapters.db.commands import CommandRecorder
-from adapters.db.engine import make_engine, utcnow
+from adapters.db.engine import utcnow
 from adapters.db.outbox import OutboxEvent
 from adapters.db.store import JobStore
 from adapters.db.tables import failover_jobs, vm_replication_contexts
@@ -26,16 +26,15 @@ from statemachine.context import EngineConfig, JobContext
 from statemachine.machine import build_machine
 from statemachine.ports import JobRow
 
-from .crash.support import derived_database, fresh_database
+from .crash.support import database_of_its_own
 
 LEASE = 30.0
 
 
 @pytest.fixture(scope="module")
 async def runner_db(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(await fresh_database(derived_database(database_url, "runner")), pool_size=4)
-    yield engine
-    await engine.dispose()
+    async with database_of_its_own(database_url, "runner") as engine:
+        yield engine
 
 
 async def _a_vm(db: AsyncEngine) -> str:

@@ -27,7 +27,7 @@ async def _volumes(control: EmulatorControl, emu: EmulatorHandle, n: int = N) ->
 
 async def test_many_cloudstack_waits_share_one_listing_per_round(
         make_cloudstack: CloudStackFactory, emu: EmulatorHandle, control: EmulatorControl) -> None:
-    cs = make_cloudstack(poll_interval=ROUND, batch_from=8)
+    cs = make_cloudstack(poll_interval=ROUND, batch_from=1)  # listing from the first wait: exact counts below
     volumes = await _volumes(control, emu)
     await control.set_latency(async_job_seconds=LATENCY)
     started = [await cs.create_snapshot(v, f"snap-{i}") for i, v in enumerate(volumes)]
@@ -96,7 +96,7 @@ async def test_a_listing_that_fails_is_replaced_by_each_waits_own_poll_that_roun
     """CloudStack answers one listing with a 530: no wait fails for it (each costs a job one of
     its retries otherwise); that round asks about each wait on its own, and the next rounds
     list again."""
-    cs = make_cloudstack(poll_interval=ROUND, batch_from=8)
+    cs = make_cloudstack(poll_interval=ROUND, batch_from=1)  # listing from the first wait: the count below
     volumes = await _volumes(control, emu)
     await control.set_latency(async_job_seconds=LATENCY)
     await control.add_fault("cloudstack", "server_error", command="listAsyncJobs")
@@ -104,7 +104,9 @@ async def test_a_listing_that_fails_is_replaced_by_each_waits_own_poll_that_roun
     results = await asyncio.gather(*(cs.wait_job(s.job_id, timeout=10) for s in started))
     assert [r["snapshot"]["id"] for r in results] == [s.resource_id for s in started]
     queries = await control.calls(api="cloudstack", command="queryAsyncJobResult")
-    assert len(queries) == 2 * N  # the first look of each, and the round whose listing failed
+    # the first look of each, and each wait of the round whose listing failed (the first round,
+    # which may have begun before every wait had joined)
+    assert N < len(queries) <= 2 * N
     assert len(await control.calls(api="cloudstack", command="listAsyncJobs")) > 2  # listing went on
     assert any("this round polls each wait on its own" in r.getMessage() for r in caplog.records)
 
@@ -129,7 +131,7 @@ async def test_a_cancelled_wait_leaves_the_rounds(
 
 async def test_many_daemon_waits_share_the_listing_of_running_operations(
         make_daemon: DaemonFactory, emu: EmulatorHandle, control: EmulatorControl) -> None:
-    daemon = make_daemon(poll_interval=ROUND, batch_from=8)
+    daemon = make_daemon(poll_interval=ROUND, batch_from=1)  # listing from the first wait: exact counts below
     volumes = await _volumes(control, emu)
     await control.set_latency(operation_seconds=LATENCY)
     operations = [await daemon.detach(v) for v in volumes]
@@ -170,7 +172,7 @@ async def test_the_listing_reads_the_newest_pages_of_the_day_first(
     counts, then reads pages from the last one back, and finds every wait there."""
     import adapters.cloudstack as module
     monkeypatch.setattr(module, "_PAGE", 5)
-    cs = make_cloudstack(poll_interval=ROUND, batch_from=8)
+    cs = make_cloudstack(poll_interval=ROUND, batch_from=1)  # listing from the first wait: exact counts below
     volumes = await _volumes(control, emu, N + 20)
     for i, v in enumerate(volumes[N:]):  # earlier jobs of the same day, finished
         await cs.create_snapshot(v, f"earlier-{i}")

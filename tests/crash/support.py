@@ -15,7 +15,7 @@ import subprocess
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -73,6 +73,17 @@ async def fresh_database(url: str) -> str:
 def derived_database(base_url: str, suffix: str) -> str:
     parsed = make_url(base_url)
     return parsed.set(database=f"{parsed.database}_{suffix}").render_as_string(hide_password=False)
+
+
+@contextlib.asynccontextmanager
+async def database_of_its_own(base_url: str, suffix: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on a fresh, migrated database beside the tests' own (`<name>_<suffix>`): what a
+    module uses whose work the session's `serve` process must not pick up."""
+    engine = make_engine(await fresh_database(derived_database(base_url, suffix)), pool_size=4)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
 
 
 def derived_vhost(amqp_url: str, suffix: str) -> str:
