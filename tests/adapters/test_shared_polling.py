@@ -165,15 +165,13 @@ async def test_a_refused_listing_falls_back_to_one_poll_per_wait_for_good(
 
 
 async def test_the_listing_reads_the_newest_pages_of_the_day_first(
-        make_cloudstack: CloudStackFactory, emu: EmulatorHandle, control: EmulatorControl,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        make_cloudstack: CloudStackFactory, emu: EmulatorHandle, control: EmulatorControl) -> None:
     """CloudStack filters listAsyncJobs by the day of `startdate` only and lists oldest first:
-    with the day's earlier jobs ahead of ours (pages of 5 here instead of 500), the poller
-    counts, then reads pages from the last one back, and finds every wait there."""
-    import adapters.cloudstack as module
-    monkeypatch.setattr(module, "_PAGE", 5)
+    with the day's earlier jobs ahead of ours (pages of 16 for 12 waits), the poller counts,
+    then reads pages from the last one back, and finds every wait there."""
     cs = make_cloudstack(poll_interval=ROUND, batch_from=1)  # listing from the first wait: exact counts below
-    volumes = await _volumes(control, emu, N + 20)
+    earlier = 40
+    volumes = await _volumes(control, emu, N + earlier)
     for i, v in enumerate(volumes[N:]):  # earlier jobs of the same day, finished
         await cs.create_snapshot(v, f"earlier-{i}")
     await control.set_latency(async_job_seconds=LATENCY)
@@ -182,6 +180,6 @@ async def test_the_listing_reads_the_newest_pages_of_the_day_first(
     assert [r["snapshot"]["id"] for r in results] == [s.resource_id for s in started]
     assert len(await control.calls(api="cloudstack", command="queryAsyncJobResult")) == N  # all found listed
     listings = await control.calls(api="cloudstack", command="listAsyncJobs")
-    pages = {int(c["params"]["page"]) for c in listings if c["params"].get("pagesize") == "5"}
-    assert pages and min(pages) > 1 and max(pages) == 7  # 32 jobs: pages 7, 6, 5 hold the newest 15
+    pages = {int(c["params"]["page"]) for c in listings if c["params"].get("pagesize") == "16"}
+    assert pages == {3, 4}  # 52 jobs: ours are the newest 12, on page 4 (4 jobs) and page 3, not 1 or 2
     assert all(len(c["params"]["startdate"]) == 10 for c in listings)  # a day: all CloudStack reads
