@@ -18,6 +18,7 @@ from sqlalchemy.sql.expression import Update
 from statemachine.errors import LeaseLost
 from statemachine.ports import Commit, JobRow, LedgerEntry
 
+from . import raw
 from .engine import from_db_time, to_db_time, utcnow
 from .outbox import OUTBOX_INSERT, outbox_row
 from .tables import failover_jobs, resource_ledger, vm_replication_contexts
@@ -109,6 +110,22 @@ def fenced_update(columns: tuple[str, ...], extend_lease_us: int | None, *, unle
     return stmt
 
 
+_VM_STATUS = (update(vm_replication_contexts).where(vm_replication_contexts.c.vmware_vm_id == bindparam("vm_id"))
+              .values(current_status=bindparam("v_status"), updated_at=bindparam("v_updated_at")))
+_parent_updates: dict[tuple[str, ...], Update] = {}
+
+
+def _parent_update(columns: tuple[str, ...]) -> Update:
+    """The UPDATE of a cleanup's parent failover that sets `columns` (bound as `v_<column>`)."""
+    stmt = _parent_updates.get(columns)
+    if stmt is None:
+        values: dict[str, Any] = {c: bindparam(f"v_{c}", type_=failover_jobs.c[c].type) for c in columns}
+        values["updated_at"] = bindparam("v_updated_at", type_=failover_jobs.c.updated_at.type)
+        stmt = _parent_updates[columns] = (update(failover_jobs).where(failover_jobs.c.job_id == bindparam("parent_id"))
+                                           .values(**values))
+    return stmt
+
+
 class JobStore:
     """`statemachine.ports.JobStorePort` on MariaDB, fenced by `owner`'s lease."""
 
@@ -158,29 +175,30 @@ class JobStore:
         asked = time.monotonic()
 
         async def write() -> bool:
-            async with self.engine.begin() as conn:
+            # the job's fixed statements straight on the driver (adapters/db/raw.py)
+            async with raw.transaction(self.engine) as tx:
                 self.transactions += 1
                 cancel, written, (guarded, _, params, out, led) = False, whole, full
-                if (await conn.execute(guarded, params)).rowcount != 1:
+                if await tx.execute(guarded, params) != 1:
                     # the fence failed, or a cancel was asked for: the row is locked now (the
                     # UPDATE read it by its key), so the unguarded UPDATE tells which (and
                     # writes the head alone when there is a tail)
                     cancel, written, (_, unguarded, params, out, led) = True, commit, head
-                    if (await conn.execute(unguarded, params)).rowcount != 1:
+                    if await tx.execute(unguarded, params) != 1:
                         raise LeaseLost(job.job_id)
                 if out:
-                    await conn.execute(OUTBOX_INSERT, out)
+                    await tx.insert(OUTBOX_INSERT, out)
                 if led:
-                    await conn.execute(LEDGER_UPSERT, led)
+                    await tx.insert(LEDGER_UPSERT, led)
                 if written.vm_status:
-                    await conn.execute(
-                        update(vm_replication_contexts)
-                        .where(vm_replication_contexts.c.vmware_vm_id == job.vm_id)
-                        .values(current_status=written.vm_status, updated_at=utcnow()))
+                    await tx.execute(_VM_STATUS, {"vm_id": job.vm_id, "v_status": written.vm_status,
+                                                  "v_updated_at": utcnow()})
                 if written.parent and job.parent_job_id:
-                    await conn.execute(
-                        update(failover_jobs).where(failover_jobs.c.job_id == job.parent_job_id)
-                        .values(**written.parent, updated_at=utcnow()))
+                    columns = tuple(sorted(written.parent))
+                    await tx.execute(_parent_update(columns), {
+                        "parent_id": job.parent_job_id, "v_updated_at": utcnow(),
+                        **{f"v_{c}": to_db_time(v) if c in _TIME_COLUMNS else v
+                           for c, v in written.parent.items()}})
             return cancel
 
         cancel = await _again(write)

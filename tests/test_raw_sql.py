@@ -1,0 +1,189 @@
+"""adapters/db/raw.py against the real MariaDB: statements compiled once and run on the pooled
+connection's driver write what SQLAlchemy writes, count rows as it does, raise its errors, and
+never hand a connection in an unknown state to the next user."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+
+import pytest
+from sqlalchemy import bindparam, select, text, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from adapters.db import raw
+from adapters.db.engine import is_connection_error, make_engine
+from adapters.db.store import LEDGER_UPSERT
+from adapters.db.tables import failover_jobs, resource_ledger
+from tests.crash.support import database_of_its_own
+
+CONNECTION_ID = text("SELECT CONNECTION_ID()")
+_LEDGER_DATA = update(resource_ledger).where(resource_ledger.c.id == bindparam("row_id")).values(
+    status=bindparam("v_status"))
+
+
+@pytest.fixture(scope="module")
+async def raw_database(database_url: str) -> AsyncIterator[str]:
+    async with database_of_its_own(database_url, "raw") as made:
+        yield made.url.render_as_string(hide_password=False)
+
+
+@asynccontextmanager
+async def raw_engine(url: str) -> AsyncIterator[AsyncEngine]:
+    made = make_engine(url, pool_size=1)
+    try:
+        yield made
+    finally:
+        await made.dispose()
+
+
+@pytest.fixture
+async def engine(raw_database: str) -> AsyncIterator[AsyncEngine]:
+    async with raw_engine(raw_database) as made:  # one connection in the pool: reuse shows as the same id
+        yield made
+
+
+def _ledger_row(job_id: str, key: str, **changes: object) -> dict[str, object]:
+    when = datetime(2026, 12, 5, 14, 1, 2, 345678)
+    row: dict[str, object] = {
+        "job_id": job_id, "resource_key": key, "resource_type": "volume", "action": "attach",
+        "resource_id": "vol-1", "name": None, "status": "intended", "cs_job_id": None,
+        "operation_id": "op-1", "data": {"device": "/dev/vdb", "nested": [1, "two", None]},
+        "created_at": when, "updated_at": when}
+    row.update(changes)
+    return row
+
+
+async def _connection_id(engine: AsyncEngine) -> int:
+    async with raw.transaction(engine) as tx:
+        return int((await tx.rows(CONNECTION_ID))[0][0])
+
+
+async def test_rows_read_back_as_sqlalchemys_own(engine: AsyncEngine) -> None:
+    job = str(uuid.uuid4())
+    async with raw.transaction(engine) as tx:
+        first = await tx.insert(LEDGER_UPSERT, [_ledger_row(job, "raw:1"), _ledger_row(job, "raw:2", data=None)])
+    async with engine.begin() as conn:
+        await conn.execute(LEDGER_UPSERT, [_ledger_row(job, "sa:1"), _ledger_row(job, "sa:2", data=None)])
+    async with engine.connect() as conn:
+        rows = {r.resource_key: r._asdict() for r in (await conn.execute(
+            select(resource_ledger).where(resource_ledger.c.job_id == job))).all()}
+    assert first == rows["raw:1"]["id"]
+    for ours, theirs in (("raw:1", "sa:1"), ("raw:2", "sa:2")):
+        mine = {k: v for k, v in rows[ours].items() if k not in ("id", "resource_key")}
+        sa = {k: v for k, v in rows[theirs].items() if k not in ("id", "resource_key")}
+        assert mine == sa
+    assert rows["raw:1"]["data"] == {"device": "/dev/vdb", "nested": [1, "two", None]}
+    assert rows["raw:1"]["created_at"] == datetime(2026, 12, 5, 14, 1, 2, 345678)  # microseconds kept
+
+
+async def test_an_upsert_of_many_rows_updates_the_existing_ones(engine: AsyncEngine) -> None:
+    job = str(uuid.uuid4())
+    async with raw.transaction(engine) as tx:
+        await tx.insert(LEDGER_UPSERT, [_ledger_row(job, "k:1")])
+    async with raw.transaction(engine) as tx:
+        await tx.insert(LEDGER_UPSERT, [_ledger_row(job, "k:1", status="done", resource_id="vol-9"),
+                                        _ledger_row(job, "k:2")])
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(resource_ledger.c.resource_key, resource_ledger.c.status,
+                                          resource_ledger.c.resource_id)
+                                   .where(resource_ledger.c.job_id == job).order_by(resource_ledger.c.id))).all()
+    assert [tuple(r) for r in rows] == [("k:1", "done", "vol-9"), ("k:2", "intended", "vol-1")]
+
+
+async def test_the_row_count_is_of_rows_matched_not_changed(engine: AsyncEngine) -> None:
+    """The job store reads its fence from the row count: an UPDATE that changes nothing in a row
+    it found must still count it (the pool's connections are made with FOUND_ROWS)."""
+    job = str(uuid.uuid4())
+    async with raw.transaction(engine) as tx:
+        row_id = await tx.insert(LEDGER_UPSERT, [_ledger_row(job, "k")])
+    async with raw.transaction(engine) as tx:
+        assert await tx.execute(_LEDGER_DATA, {"row_id": row_id, "v_status": "intended"}) == 1  # unchanged
+        assert await tx.execute(_LEDGER_DATA, {"row_id": row_id, "v_status": "done"}) == 1
+        assert await tx.execute(_LEDGER_DATA, {"row_id": -1, "v_status": "done"}) == 0
+
+
+async def test_a_server_error_is_sqlalchemys_the_transaction_rolled_back_the_connection_kept(
+        engine: AsyncEngine) -> None:
+    job = str(uuid.uuid4())
+    before = await _connection_id(engine)
+    with pytest.raises(IntegrityError) as caught:
+        async with raw.transaction(engine) as tx:
+            await tx.insert(failover_jobs.insert(), [_job_row(job)])
+            await tx.insert(failover_jobs.insert(), [_job_row(job)])  # the same job_id
+    assert caught.value.orig.args[0] == 1062  # type: ignore[union-attr]
+    assert "INSERT INTO failover_jobs" in str(caught.value)
+    async with engine.connect() as conn:
+        assert (await conn.execute(select(failover_jobs.c.id).where(failover_jobs.c.job_id == job))).first() is None
+    assert await _connection_id(engine) == before  # rolled back and reused, not dropped
+
+
+async def test_the_callers_own_error_rolls_back_and_keeps_the_connection(engine: AsyncEngine) -> None:
+    job = str(uuid.uuid4())
+    before = await _connection_id(engine)
+    with pytest.raises(LookupError):
+        async with raw.transaction(engine) as tx:
+            await tx.insert(failover_jobs.insert(), [_job_row(job)])
+            raise LookupError("the caller changed its mind")
+    async with engine.connect() as conn:
+        assert (await conn.execute(select(failover_jobs.c.id).where(failover_jobs.c.job_id == job))).first() is None
+    assert await _connection_id(engine) == before
+
+
+async def test_a_cancel_mid_statement_drops_the_connection(engine: AsyncEngine, raw_database: str) -> None:
+    """Cancelled while MariaDB still owes an answer, the connection would hand that answer to
+    its next user's statement: it is closed instead, and the next transaction gets a new one."""
+    query = f"SELECT SLEEP(30), '{uuid.uuid4()}'"
+    used: list[int] = []
+
+    async def sleeper() -> None:
+        async with raw.transaction(engine) as tx:
+            used.append(int((await tx.rows(CONNECTION_ID))[0][0]))
+            await tx.rows(text(query))
+
+    task = asyncio.create_task(sleeper())
+    await _until_running(raw_database, query)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await _connection_id(engine) != used[0]
+    async with raw.transaction(engine) as tx:
+        assert await tx.rows(text("SELECT 41 + 1")) == [(42,)]  # no stale answer in the way
+
+
+async def test_a_connection_killed_by_the_server_is_an_outage_and_is_replaced(engine: AsyncEngine,
+                                                                              raw_database: str) -> None:
+    before = await _connection_id(engine)
+    async with raw_engine(raw_database) as killer, killer.connect() as conn:
+        await conn.execute(text(f"KILL CONNECTION {before}"))
+    with pytest.raises(OperationalError) as caught:
+        async with raw.transaction(engine) as tx:
+            await tx.rows(CONNECTION_ID)
+    assert is_connection_error(caught.value)
+    assert caught.value.connection_invalidated
+    assert await _connection_id(engine) != before
+
+
+def _job_row(job_id: str) -> dict[str, object]:
+    now = datetime(2026, 12, 5, 14, 0, 0)
+    return {"job_id": job_id, "vm_id": f"vm-{job_id}", "job_type": "test", "source_vm_name": "web",
+            "created_at": now, "updated_at": now, "request_id": job_id, "correlation_id": job_id,
+            "options": {"power_off_source": False}, "cancel_requested": True}
+
+
+async def _until_running(url: str, query: str, deadline: float = 10.0) -> None:
+    """Wait until MariaDB shows `query` running (seen from a connection of its own)."""
+    until = time.monotonic() + deadline
+    async with raw_engine(url) as watcher:
+        while time.monotonic() < until:
+            async with watcher.connect() as conn:
+                if (await conn.execute(text("SELECT COUNT(*) FROM information_schema.processlist "
+                                            "WHERE info = :q"), {"q": query})).scalar():
+                    return
+            await asyncio.sleep(0.02)
+    raise AssertionError(f"{query!r} was not seen running within {deadline} s")
