@@ -187,3 +187,17 @@ async def _until_running(url: str, query: str, deadline: float = 10.0) -> None:
                     return
             await asyncio.sleep(0.02)
     raise AssertionError(f"{query!r} was not seen running within {deadline} s")
+
+
+async def test_fetched_rows_are_named_and_converted_as_sqlalchemys(engine: AsyncEngine) -> None:
+    job = str(uuid.uuid4())
+    async with raw.transaction(engine) as tx:
+        await tx.insert(failover_jobs.insert(), [_job_row(job)])
+    query = select(failover_jobs).where(failover_jobs.c.job_id == bindparam("job_id"))
+    async with raw.transaction(engine) as tx:
+        mine = (await tx.fetch(query, {"job_id": job}))[0]
+        assert await tx.fetch(query, {"job_id": "no such job"}) == []
+    async with engine.connect() as conn:
+        theirs = (await conn.execute(query, {"job_id": job})).one()
+    assert mine._asdict() == theirs._asdict()
+    assert mine.options == {"power_off_source": False} and mine.cancel_requested is True and mine.ended is False

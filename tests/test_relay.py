@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from adapters.db import raw
 from adapters.db.outbox import OutboxEvent, OutboxStore, insert_event, outbox_row
 from adapters.db.tables import outbox
 from publishers.relay import OutboxRelay
@@ -114,8 +115,8 @@ async def test_publish_now_sends_a_first_event_at_once_and_the_relay_does_not_se
         assert await _received(queue) == ("JobAccepted", 1)
         assert await _unsent(relay_db) == 1  # sent, marked with the relay's next batch
 
-        async with relay_db.begin() as conn:
-            await insert_event(conn, _line(job_id, 2))
+        async with raw.transaction(relay_db) as tx:
+            await insert_event(tx, _line(job_id, 2))
         assert await relay.publish_once() == 2  # one published, one marked
         assert await _unsent(relay_db) == 0
         assert await _received(queue) == ("LogRecorded", 2)
@@ -144,7 +145,8 @@ async def _first_event(db: AsyncEngine) -> tuple[uuid.UUID, OutboxEvent]:
     job_id = uuid.uuid4()
     async with db.begin() as conn:
         await conn.execute(outbox.delete())
-        return job_id, await insert_event(conn, _accepted(job_id))
+    async with raw.transaction(db) as tx:
+        return job_id, await insert_event(tx, _accepted(job_id))
 
 
 def _relay(db: AsyncEngine, exchange: aio_pika.abc.AbstractExchange, **kwargs: float) -> OutboxRelay:

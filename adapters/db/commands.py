@@ -8,9 +8,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.expression import Insert, Update
 
 from schemas.commands import (
     CancelRequested,
@@ -22,10 +23,30 @@ from schemas.commands import (
 from schemas.common import STEPS_BY_JOB_TYPE, JobType, RejectReason, utc_now
 from schemas.events import JobAccepted, JobRejected, StepRef
 
+from . import raw
 from .engine import utcnow
 from .outbox import OutboxEvent, insert_event
 from .store import SEED_JOB_TYPES
 from .tables import failover_jobs, job_commands, vm_replication_contexts
+
+# The statements of the recording transaction, built once (run on the driver: adapters/db/raw.py)
+_COMMAND_INSERT = job_commands.insert()
+_COMMAND_OUTCOME = (update(job_commands).where(job_commands.c.request_id == bindparam("request_id"))
+                    .values(outcome=bindparam("v_outcome"), job_id=bindparam("v_job_id"),
+                            detail=bindparam("v_detail")))
+_VM_NAME = select(vm_replication_contexts.c.vm_name).where(vm_replication_contexts.c.vmware_vm_id == bindparam("vm_id"))
+_BLOCKER = select(failover_jobs.c.job_id, failover_jobs.c.job_type, failover_jobs.c.status,
+                  failover_jobs.c.rolled_back).where(failover_jobs.c.active_vm_id == bindparam("vm_id"))
+_JOB_FOR_UPDATE = select(failover_jobs).where(failover_jobs.c.job_id == bindparam("job_id")).with_for_update()
+_SET_CLEANUP = (update(failover_jobs).where(failover_jobs.c.job_id == bindparam("job_id"))
+                .values(cleanup_job_id=bindparam("v_cleanup_job_id"), updated_at=bindparam("v_updated_at")))
+_SET_CANCEL = (update(failover_jobs).where(failover_jobs.c.job_id == bindparam("job_id"))
+               .values(cancel_requested=True, updated_at=bindparam("v_updated_at")))
+_SAVEPOINT_JOB, _ROLLBACK_TO_JOB = text("SAVEPOINT job"), text("ROLLBACK TO SAVEPOINT job")
+_SAVEPOINT_REJ, _ROLLBACK_TO_REJ = text("SAVEPOINT rej"), text("ROLLBACK TO SAVEPOINT rej")
+_NEW_JOB_COLUMNS = ("job_id", "request_id", "vm_id", "job_type", "status", "source_vm_name", "created_at",
+                    "updated_at", "correlation_id", "parent_job_id", "requested_by", "options", "plan",
+                    "last_sequence", "active_vm_id", "lease_owner")
 
 
 @dataclass(frozen=True)
@@ -50,113 +71,112 @@ class CommandRecorder:
         self.owner = owner
         self.lease_seconds = lease_seconds
         self.on_outbox: Any = lambda: None
-
-    def _expiry(self) -> Any:
-        return func.date_add(func.now(6), text(f"INTERVAL {int(self.lease_seconds * 1e6)} MICROSECOND"))
+        expiry = func.date_add(func.now(6), text(f"INTERVAL {int(lease_seconds * 1e6)} MICROSECOND"))
+        self._insert_job: Insert = failover_jobs.insert().values(
+            **{c: bindparam(c, type_=failover_jobs.c[c].type) for c in _NEW_JOB_COLUMNS}, lease_expires_at=expiry)
+        self._retake_for_rollback: Update = (
+            update(failover_jobs).where(failover_jobs.c.job_id == bindparam("job_id"))
+            .values(ended=False, rollback_requested=True, lease_owner=bindparam("v_owner"),
+                    lease_expires_at=expiry, updated_at=bindparam("v_updated_at")))
 
     async def record(self, cmd: Command) -> Decision:
-        async with self.engine.begin() as conn:
+        async with raw.transaction(self.engine) as tx:
             try:
-                await conn.execute(job_commands.insert().values(
-                    request_id=str(cmd.request_id), command_type=cmd.type, outcome="received",
-                    received_at=utcnow()))
+                await tx.insert(_COMMAND_INSERT, [{"request_id": str(cmd.request_id), "command_type": cmd.type,
+                                                   "outcome": "received", "received_at": utcnow()}])
             except IntegrityError:
                 return Decision("duplicate")
             if isinstance(cmd, FailoverRequested):
-                decision = await self._failover(conn, cmd)
+                decision = await self._failover(tx, cmd)
             elif isinstance(cmd, CleanupRequested):
-                decision = await self._cleanup(conn, cmd)
+                decision = await self._cleanup(tx, cmd)
             elif isinstance(cmd, CancelRequested):
-                decision = await self._cancel(conn, cmd)
+                decision = await self._cancel(tx, cmd)
             else:
-                decision = await self._rollback(conn, cmd)
-            await conn.execute(update(job_commands).where(job_commands.c.request_id == str(cmd.request_id))
-                               .values(outcome=decision.outcome, job_id=decision.job_id, detail=decision.detail))
+                decision = await self._rollback(tx, cmd)
+            await tx.execute(_COMMAND_OUTCOME, {"request_id": str(cmd.request_id), "v_outcome": decision.outcome,
+                                                "v_job_id": decision.job_id, "v_detail": decision.detail})
         self.on_outbox()
         return decision
 
     async def reject_invalid(self, request_id: uuid.UUID, command_type: str | None, vm_id: str | None,
                              detail: str, job_type: JobType | None = None) -> Decision:
         """A readable request_id but an invalid command: `JobRejected` `invalid`, once."""
-        async with self.engine.begin() as conn:
+        async with raw.transaction(self.engine) as tx:
             try:
-                await conn.execute(job_commands.insert().values(
-                    request_id=str(request_id), command_type=(command_type or "unknown")[:64],
-                    outcome="rejected_invalid", detail=detail, received_at=utcnow()))
+                await tx.insert(_COMMAND_INSERT, [{
+                    "request_id": str(request_id), "command_type": (command_type or "unknown")[:64],
+                    "outcome": "rejected_invalid", "detail": detail, "received_at": utcnow()}])
             except IntegrityError:
                 return Decision("duplicate")
-            decision = await self._reject(conn, request_id, "invalid", detail, job_type=job_type, vm_id=vm_id)
+            decision = await self._reject(tx, request_id, "invalid", detail, job_type=job_type, vm_id=vm_id)
         self.on_outbox()
         return decision
 
     # ------------------------------------------------------------------ each command
 
-    async def _reject(self, conn: AsyncConnection, request_id: uuid.UUID, reason: RejectReason, detail: str, *,
+    async def _reject(self, tx: raw.Transaction, request_id: uuid.UUID, reason: RejectReason, detail: str, *,
                       job_type: JobType | None, vm_id: str | None, correlation_id: uuid.UUID | None = None) -> Decision:
         event = JobRejected(
             event_id=uuid.uuid4(), job_id=request_id, job_type=job_type, vm_id=vm_id, sequence=1,
             correlation_id=correlation_id or request_id, causation_id=request_id, occurred_at=utc_now(),
             reason=reason, detail=detail)
-        await conn.execute(text("SAVEPOINT rej"))
+        await tx.execute(_SAVEPOINT_REJ, {})
         try:
-            written = await insert_event(conn, event)
+            written = await insert_event(tx, event)
         except IntegrityError:
             # a job already owns this id's stream (e.g. cancel's request_id equal to a job id)
-            await conn.execute(text("ROLLBACK TO SAVEPOINT rej"))
+            await tx.execute(_ROLLBACK_TO_REJ, {})
             return Decision(f"rejected_{reason}", detail=detail)
         return Decision(f"rejected_{reason}", detail=detail, events=(written,))
 
-    async def _new_job(self, conn: AsyncConnection, *, job_id: str, job_type: JobType, vm_id: str, vm_name: str,
+    async def _new_job(self, tx: raw.Transaction, *, job_id: str, job_type: JobType, vm_id: str, vm_name: str,
                        correlation_id: str, requested_by: str, options: dict[str, Any] | None,
                        active_vm_id: str | None, parent_job_id: str | None = None,
                        plan: dict[str, Any] | None = None) -> OutboxEvent:
         now = utcnow()
-        await conn.execute(failover_jobs.insert().values(
-            job_id=job_id, request_id=job_id, vm_id=vm_id, job_type=SEED_JOB_TYPES[job_type],
-            status="pending", source_vm_name=vm_name, created_at=now, updated_at=now,
-            correlation_id=correlation_id, parent_job_id=parent_job_id, requested_by=requested_by,
-            options=options or {}, plan=plan, last_sequence=1, active_vm_id=active_vm_id,
-            lease_owner=self.owner, lease_expires_at=self._expiry()))
+        await tx.execute(self._insert_job, {
+            "job_id": job_id, "request_id": job_id, "vm_id": vm_id, "job_type": SEED_JOB_TYPES[job_type],
+            "status": "pending", "source_vm_name": vm_name, "created_at": now, "updated_at": now,
+            "correlation_id": correlation_id, "parent_job_id": parent_job_id, "requested_by": requested_by,
+            "options": options or {}, "plan": plan, "last_sequence": 1, "active_vm_id": active_vm_id,
+            "lease_owner": self.owner})
         steps = STEPS_BY_JOB_TYPE[job_type]
         event = JobAccepted(
             event_id=uuid.uuid4(), job_id=uuid.UUID(job_id), job_type=job_type, vm_id=vm_id, sequence=1,
             correlation_id=uuid.UUID(correlation_id), causation_id=uuid.UUID(job_id), occurred_at=utc_now(),
             vm_name=vm_name, requested_by=requested_by,
             steps=[StepRef(name=s, order=i + 1) for i, s in enumerate(steps)])
-        return await insert_event(conn, event)
+        return await insert_event(tx, event)
 
-    async def _failover(self, conn: AsyncConnection, cmd: FailoverRequested) -> Decision:
+    async def _failover(self, tx: raw.Transaction, cmd: FailoverRequested) -> Decision:
         job_type = cmd.job_type
         job_id = str(cmd.request_id)
-        vm = (await conn.execute(select(vm_replication_contexts.c.vm_name).where(
-            vm_replication_contexts.c.vmware_vm_id == cmd.vm_id))).first()
+        vm = next(iter(await tx.fetch(_VM_NAME, {"vm_id": cmd.vm_id})), None)
         if vm is None:
-            return await self._reject(conn, cmd.request_id, "not_found",
+            return await self._reject(tx, cmd.request_id, "not_found",
                                       f"VM {cmd.vm_id!r} is not in vm_replication_contexts: check the vm_id "
                                       "(the source VM's vmware_vm_id) or replicate the VM first",
                                       job_type=job_type, vm_id=cmd.vm_id)
-        await conn.execute(text("SAVEPOINT job"))
+        await tx.execute(_SAVEPOINT_JOB, {})
         try:
-            accepted = await self._new_job(conn, job_id=job_id, job_type=job_type, vm_id=cmd.vm_id, vm_name=vm.vm_name,
+            accepted = await self._new_job(tx, job_id=job_id, job_type=job_type, vm_id=cmd.vm_id, vm_name=vm.vm_name,
                                 correlation_id=job_id, requested_by=cmd.requested_by,
                                 options=cmd.options.model_dump(), active_vm_id=cmd.vm_id)
         except IntegrityError as exc:
-            await conn.execute(text("ROLLBACK TO SAVEPOINT job"))
+            await tx.execute(_ROLLBACK_TO_JOB, {})
             if not _is_duplicate_key(exc, "active_vm_id"):
                 raise
-            blocker = (await conn.execute(select(
-                failover_jobs.c.job_id, failover_jobs.c.job_type, failover_jobs.c.status,
-                failover_jobs.c.rolled_back).where(failover_jobs.c.active_vm_id == cmd.vm_id))).first()
-            return await self._reject(conn, cmd.request_id, "conflict", _conflict_detail(cmd.vm_id, blocker),
+            blocker = next(iter(await tx.fetch(_BLOCKER, {"vm_id": cmd.vm_id})), None)
+            return await self._reject(tx, cmd.request_id, "conflict", _conflict_detail(cmd.vm_id, blocker),
                                       job_type=job_type, vm_id=cmd.vm_id)
         return Decision("accepted", job_id=job_id, events=(accepted,))
 
-    async def _cleanup(self, conn: AsyncConnection, cmd: CleanupRequested) -> Decision:
+    async def _cleanup(self, tx: raw.Transaction, cmd: CleanupRequested) -> Decision:
         parent_id = str(cmd.failover_job_id)
-        parent = (await conn.execute(select(failover_jobs).where(failover_jobs.c.job_id == parent_id)
-                                     .with_for_update())).first()
+        parent = next(iter(await tx.fetch(_JOB_FOR_UPDATE, {"job_id": parent_id})), None)
         if parent is None or parent.job_type == "cleanup":
-            return await self._reject(conn, cmd.request_id, "not_found",
+            return await self._reject(tx, cmd.request_id, "not_found",
                                       f"no failover job {parent_id}: check the failover_job_id",
                                       job_type="cleanup", vm_id=None)
         why = None
@@ -169,47 +189,42 @@ class CommandRecorder:
         elif parent.cleanup_job_id:
             why = f"cleanup job {parent.cleanup_job_id} is already running for it"
         if why:
-            return await self._reject(conn, cmd.request_id, "not_allowed",
+            return await self._reject(tx, cmd.request_id, "not_allowed",
                                       f"failover job {parent_id} cannot be cleaned up: {why}",
                                       job_type="cleanup", vm_id=parent.vm_id,
                                       correlation_id=uuid.UUID(parent_id))
         job_id = str(cmd.request_id)
-        accepted = await self._new_job(conn, job_id=job_id, job_type="cleanup", vm_id=parent.vm_id,
+        accepted = await self._new_job(tx, job_id=job_id, job_type="cleanup", vm_id=parent.vm_id,
                             vm_name=parent.source_vm_name, correlation_id=parent_id,
                             requested_by=cmd.requested_by, options=None, active_vm_id=None,
                             parent_job_id=parent_id, plan=parent.plan)
-        await conn.execute(update(failover_jobs).where(failover_jobs.c.job_id == parent_id)
-                           .values(cleanup_job_id=job_id, updated_at=utcnow()))
+        await tx.execute(_SET_CLEANUP, {"job_id": parent_id, "v_cleanup_job_id": job_id, "v_updated_at": utcnow()})
         return Decision("accepted", job_id=job_id, events=(accepted,))
 
-    async def _cancel(self, conn: AsyncConnection, cmd: CancelRequested) -> Decision:
-        job = (await conn.execute(select(failover_jobs).where(failover_jobs.c.job_id == str(cmd.job_id))
-                                  .with_for_update())).first()
+    async def _cancel(self, tx: raw.Transaction, cmd: CancelRequested) -> Decision:
+        job = next(iter(await tx.fetch(_JOB_FOR_UPDATE, {"job_id": str(cmd.job_id)})), None)
         if job is None:
-            return await self._reject(conn, cmd.request_id, "not_found", f"no job {cmd.job_id}",
+            return await self._reject(tx, cmd.request_id, "not_found", f"no job {cmd.job_id}",
                                       job_type=None, vm_id=None)
         if job.ended:
-            return await self._reject(conn, cmd.request_id, "not_allowed",
+            return await self._reject(tx, cmd.request_id, "not_allowed",
                                       f"job {cmd.job_id} has already ended ({job.status}); only a running "
                                       "job can be cancelled", job_type=None, vm_id=job.vm_id)
-        await conn.execute(update(failover_jobs).where(failover_jobs.c.job_id == job.job_id)
-                           .values(cancel_requested=True, updated_at=utcnow()))
+        await tx.execute(_SET_CANCEL, {"job_id": job.job_id, "v_updated_at": utcnow()})
         return Decision("signalled", job_id=None)
 
-    async def _rollback(self, conn: AsyncConnection, cmd: RollbackRequested) -> Decision:
-        job = (await conn.execute(select(failover_jobs).where(failover_jobs.c.job_id == str(cmd.job_id))
-                                  .with_for_update())).first()
+    async def _rollback(self, tx: raw.Transaction, cmd: RollbackRequested) -> Decision:
+        job = next(iter(await tx.fetch(_JOB_FOR_UPDATE, {"job_id": str(cmd.job_id)})), None)
         if job is None:
-            return await self._reject(conn, cmd.request_id, "not_found", f"no job {cmd.job_id}",
+            return await self._reject(tx, cmd.request_id, "not_found", f"no job {cmd.job_id}",
                                       job_type=None, vm_id=None)
         if job.job_type == "cleanup" or job.status != "failed" or job.rolled_back is None or bool(job.rolled_back):
-            return await self._reject(conn, cmd.request_id, "not_allowed",
+            return await self._reject(tx, cmd.request_id, "not_allowed",
                                       f"job {cmd.job_id} is {job.status} (rolled_back={job.rolled_back}); a "
                                       "rollback can be retried only for a failed failover whose rollback "
                                       "did not complete", job_type=None, vm_id=job.vm_id)
-        await conn.execute(update(failover_jobs).where(failover_jobs.c.job_id == job.job_id).values(
-            ended=False, rollback_requested=True, lease_owner=self.owner, lease_expires_at=self._expiry(),
-            updated_at=utcnow()))
+        await tx.execute(self._retake_for_rollback, {"job_id": job.job_id, "v_owner": self.owner,
+                                                     "v_updated_at": utcnow()})
         return Decision("accepted", job_id=job.job_id)
 
 

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas.events import Event
 
+from . import raw
 from .engine import from_db_time, utcnow
 from .tables import leases, outbox
 
@@ -41,14 +42,12 @@ def outbox_row(event: Event) -> dict[str, object]:
     }
 
 
-async def insert_event(conn: AsyncConnection, event: Event) -> OutboxEvent:
-    """Write one event to the outbox in `conn`'s transaction; the row as the relay reads it."""
+async def insert_event(tx: raw.Transaction, event: Event) -> OutboxEvent:
+    """Write one event to the outbox in `tx`; the row as the relay reads it."""
     row = outbox_row(event)
-    result = await conn.execute(OUTBOX_INSERT, row)
-    key = result.inserted_primary_key
-    assert key is not None  # typed Optional, but a single-row insert() always has its key
-    return OutboxEvent(int(key[0]), str(row["event_id"]), str(row["job_id"]),
-                       str(row["event_type"]), str(row["correlation_id"]), str(row["body"]),
+    key = await tx.insert(OUTBOX_INSERT, [row])
+    return OutboxEvent(key, str(row["event_id"]), str(row["job_id"]), str(row["event_type"]),
+                       str(row["correlation_id"]), str(row["body"]),
                        from_db_time(row["created_at"]) or 0.0)  # type: ignore[arg-type]
 
 

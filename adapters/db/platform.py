@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from statemachine.ports import DiskVolume, NetworkMapping, ReplicationJob, VmContext
 
+from . import raw
 from .tables import (
     network_mappings,
     ossea_volumes,
@@ -14,6 +15,19 @@ from .tables import (
     vm_disks,
     vm_replication_contexts,
 )
+
+# built once, run on the driver (adapters/db/raw.py): validation reads these for every job
+_VM_CONTEXT = select(vm_replication_contexts).where(vm_replication_contexts.c.vmware_vm_id == bindparam("vm_id"))
+_NEWEST_REPLICATION = (select(replication_jobs.c.id, replication_jobs.c.status)
+                       .where(replication_jobs.c.source_vm_id == bindparam("vm_id"))
+                       .order_by(replication_jobs.c.created_at.desc(), replication_jobs.c.id.desc()).limit(1))
+_DISKS = (select(vm_disks.c.disk_id, vm_disks.c.unit_number, vm_disks.c.size_gb, vm_disks.c.ossea_volume_id,
+                 ossea_volumes.c.volume_id)
+          .select_from(vm_disks.outerjoin(ossea_volumes, ossea_volumes.c.id == vm_disks.c.ossea_volume_id))
+          .where(vm_disks.c.job_id == bindparam("job_id")).order_by(vm_disks.c.unit_number, vm_disks.c.id))
+_MAPPINGS = {test: select(network_mappings).where(network_mappings.c.vm_id == bindparam("vm_id"),
+                                                  network_mappings.c.is_test_network.is_(test))
+             .order_by(network_mappings.c.id) for test in (True, False)}
 
 
 class PlatformTables:
@@ -23,37 +37,29 @@ class PlatformTables:
         self.engine = engine
 
     async def vm_context(self, vm_id: str) -> VmContext | None:
-        t = vm_replication_contexts
-        async with self.engine.connect() as conn:
-            r = (await conn.execute(select(t).where(t.c.vmware_vm_id == vm_id))).first()
-        if r is None:
+        async with raw.transaction(self.engine) as tx:
+            found = await tx.fetch(_VM_CONTEXT, {"vm_id": vm_id})
+        if not found:
             return None
+        r = found[0]
         return VmContext(vm_id=r.vmware_vm_id, context_id=r.context_id, vm_name=r.vm_name,
                          current_status=r.current_status, cpu_count=r.cpu_count, memory_mb=r.memory_mb,
                          os_type=r.os_type)
 
     async def newest_replication_job(self, vm_id: str) -> ReplicationJob | None:
-        t = replication_jobs
-        async with self.engine.connect() as conn:
-            r = (await conn.execute(select(t.c.id, t.c.status).where(t.c.source_vm_id == vm_id)
-                                    .order_by(t.c.created_at.desc(), t.c.id.desc()).limit(1))).first()
-        return ReplicationJob(id=r.id, status=r.status) if r else None
+        async with raw.transaction(self.engine) as tx:
+            found = await tx.fetch(_NEWEST_REPLICATION, {"vm_id": vm_id})
+        return ReplicationJob(id=found[0].id, status=found[0].status) if found else None
 
     async def disks(self, replication_job_id: str) -> list[DiskVolume]:
-        d, v = vm_disks, ossea_volumes
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(
-                select(d.c.disk_id, d.c.unit_number, d.c.size_gb, d.c.ossea_volume_id, v.c.volume_id)
-                .select_from(d.outerjoin(v, v.c.id == d.c.ossea_volume_id))
-                .where(d.c.job_id == replication_job_id).order_by(d.c.unit_number, d.c.id))).all()
+        async with raw.transaction(self.engine) as tx:
+            rows = await tx.fetch(_DISKS, {"job_id": replication_job_id})
         return [DiskVolume(disk_id=r.disk_id, unit_number=r.unit_number, size_gb=r.size_gb,
                            ossea_volume_id=r.ossea_volume_id, volume_id=r.volume_id) for r in rows]
 
     async def network_mappings(self, vm_id: str, test: bool) -> list[NetworkMapping]:
-        t = network_mappings
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(select(t).where(t.c.vm_id == vm_id, t.c.is_test_network.is_(test))
-                                       .order_by(t.c.id))).all()
+        async with raw.transaction(self.engine) as tx:
+            rows = await tx.fetch(_MAPPINGS[bool(test)], {"vm_id": vm_id})
         return [NetworkMapping(source_network_name=r.source_network_name,
                                destination_network_id=r.destination_network_id,
                                destination_network_name=r.destination_network_name) for r in rows]

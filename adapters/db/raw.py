@@ -14,6 +14,7 @@ same connections (the pool's: its client flags, its idle ping, its recycling), t
 
 from __future__ import annotations
 
+from collections import namedtuple
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -54,6 +55,21 @@ class Prepared:
             if process is not None and not callable(process):
                 raise ValueError(f"parameter {name!r} is a tuple: not preparable")
             self._slots.append((name, fixed, process))
+        # a SELECT's rows: named as its columns, their values converted by the columns' types
+        # (JSON text -> objects, MariaDB's 0/1 -> booleans), as SQLAlchemy's result would
+        selected = getattr(statement, "selected_columns", None)
+        self.row: Callable[..., Any] | None = None
+        self._results: list[Callable[[Any], Any] | None] = []
+        if selected is not None:
+            self.row = namedtuple("Row", [c.name for c in selected], rename=True)  # type: ignore[misc]
+            self._results = [c.type.dialect_impl(dialect).result_processor(dialect, None) for c in selected]
+
+    def converted(self, found: Sequence[Sequence[Any]]) -> list[Any]:
+        """The driver's rows of this SELECT as named rows of converted values."""
+        assert self.row is not None, "not a SELECT of columns"
+        make, results = self.row, self._results
+        return [make(*[v if f is None or v is None else f(v) for f, v in zip(results, r, strict=True)])
+                for r in found]
 
     def args(self, params: Mapping[str, Any]) -> list[Any]:
         out = []
@@ -137,6 +153,17 @@ class Transaction:
         async def run(cursor: Any) -> list[tuple[Any, ...]]:
             await cursor.execute(prepared.sql, args)
             return list(await cursor.fetchall())
+
+        return await self._call(prepared.sql, run)
+
+    async def fetch(self, statement: ClauseElement, params: Mapping[str, Any] | None = None) -> list[Any]:
+        """Run a SELECT of columns; its rows, named and converted as SQLAlchemy's would be."""
+        prepared = self._statements.get(statement)
+        args = prepared.args(params or {})
+
+        async def run(cursor: Any) -> list[Any]:
+            await cursor.execute(prepared.sql, args)
+            return prepared.converted(await cursor.fetchall())
 
         return await self._call(prepared.sql, run)
 

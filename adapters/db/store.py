@@ -113,6 +113,7 @@ def fenced_update(columns: tuple[str, ...], extend_lease_us: int | None, *, unle
 _VM_STATUS = (update(vm_replication_contexts).where(vm_replication_contexts.c.vmware_vm_id == bindparam("vm_id"))
               .values(current_status=bindparam("v_status"), updated_at=bindparam("v_updated_at")))
 _parent_updates: dict[tuple[str, ...], Update] = {}
+_JOB_ROW = select(failover_jobs).where(failover_jobs.c.job_id == bindparam("job_id"))
 
 
 def _parent_update(columns: tuple[str, ...]) -> Update:
@@ -141,6 +142,7 @@ class JobStore:
         self.on_commit: Callable[[str], None] = lambda job_id: None  # after every successful commit
         self.on_outbox = on_outbox
         self.transactions = 0  # counted for the benchmark's transactions-per-job figure
+        self._takes: dict[float, Update] = {}  # take's UPDATE, per lease length
 
     def _prepare(self, job: JobRow, commit: Commit) -> tuple[Update, Update, dict[str, Any], list[dict[str, Any]],
                                                                 list[dict[str, Any]]]:
@@ -268,17 +270,23 @@ class JobStore:
     async def take(self, job_id: str, lease_seconds: float) -> JobRow | None:
         """Take (or refresh) the lease of one job this process recorded, unless another
         process has taken it meanwhile; the job's row when this process owns it now."""
-        free = or_(failover_jobs.c.lease_expires_at.is_(None), failover_jobs.c.lease_expires_at < func.now(6))
-        async with self.engine.begin() as conn:
-            result = await conn.execute(
-                update(failover_jobs)
-                .where(failover_jobs.c.job_id == job_id, failover_jobs.c.ended.is_(False),
-                       or_(failover_jobs.c.lease_owner == self.owner, failover_jobs.c.lease_owner.is_(None), free))
-                .values(lease_owner=self.owner, lease_expires_at=self._expiry(lease_seconds)))
-            if result.rowcount != 1:
+        async with raw.transaction(self.engine) as tx:
+            if await tx.execute(self._take_statement(lease_seconds), {"job_id": job_id, "owner": self.owner}) != 1:
                 return None
-            r = (await conn.execute(select(failover_jobs).where(failover_jobs.c.job_id == job_id))).first()
-        return row_to_job(r) if r is not None else None
+            found = await tx.fetch(_JOB_ROW, {"job_id": job_id})
+        return row_to_job(found[0]) if found else None
+
+    def _take_statement(self, lease_seconds: float) -> Update:
+        stmt = self._takes.get(lease_seconds)
+        if stmt is None:
+            free = or_(failover_jobs.c.lease_expires_at.is_(None), failover_jobs.c.lease_expires_at < func.now(6))
+            owner: Any = bindparam("owner")
+            stmt = self._takes[lease_seconds] = (
+                update(failover_jobs)
+                .where(failover_jobs.c.job_id == bindparam("job_id"), failover_jobs.c.ended.is_(False),
+                       or_(failover_jobs.c.lease_owner == owner, failover_jobs.c.lease_owner.is_(None), free))
+                .values(lease_owner=owner, lease_expires_at=self._expiry(lease_seconds)))
+        return stmt
 
     async def renew(self, job_ids: Collection[str], lease_seconds: float) -> tuple[set[str], dict[str, str | None]]:
         """Extend the leases of these jobs where this process still owns them. A job whose row
