@@ -103,8 +103,7 @@ class OutboxRelay:
 
     async def _publish_now(self, events: Collection[OutboxEvent], ids: list[int]) -> bool:
         try:
-            channel = await asyncio.wait_for(self._channel(), self.confirm_timeout)
-            results = await asyncio.gather(*(self._publish(channel, e) for e in events), return_exceptions=True)
+            results = await self._publish_all(await self._channel(), events)
         except asyncio.CancelledError:
             self._direct.difference_update(ids)
             raise
@@ -137,6 +136,9 @@ class OutboxRelay:
         self._direct.difference_update(sent)
 
     async def _channel(self) -> aiormq.Channel:
+        """The robust channel's current aiormq channel (an error while it is not open: aio-pika
+        only reads it, so it is awaited bare; each asyncio.wait_for around it was one more task,
+        one more event-loop turn per publish)."""
         robust: AbstractChannel = self.exchange.channel  # type: ignore[attr-defined]
         # typed as aiormq's abstract channel, whose basic_publish lacks the `wait` used below; it
         # is always an aiormq.Channel
@@ -144,9 +146,24 @@ class OutboxRelay:
 
     async def _publish(self, channel: aiormq.Channel, e: OutboxEvent) -> None:
         message = to_message(e)
-        await asyncio.wait_for(channel.basic_publish(
-            message.body, exchange=self.exchange.name, routing_key=f"job.{e.job_id}.{e.event_type}",
-            properties=message.properties, mandatory=True, wait=False), self.confirm_timeout)
+        async with asyncio.timeout(self.confirm_timeout):  # (no task of its own, unlike wait_for)
+            await channel.basic_publish(
+                message.body, exchange=self.exchange.name, routing_key=f"job.{e.job_id}.{e.event_type}",
+                properties=message.properties, mandatory=True, wait=False)
+
+    async def _publish_all(self, channel: aiormq.Channel, events: Collection[OutboxEvent]) -> list[BaseException | None]:
+        """Publish `events` together, each waiting for its confirm; each one's error, or None.
+        One event (a new job's JobAccepted) is awaited in this task: no task per publish, no
+        extra event-loop turns on the way to the client's acknowledgement."""
+        if len(events) == 1:
+            try:
+                await self._publish(channel, next(iter(events)))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                return [exc]
+            return [None]
+        return await asyncio.gather(*(self._publish(channel, e) for e in events), return_exceptions=True)
 
     async def publish_once(self) -> int:
         """Publish one batch of unsent events; returns how many were confirmed (and marked
@@ -178,8 +195,7 @@ class OutboxRelay:
         # each still waits for its confirm (a Basic.Nack, or a return with on_return_raises,
         # is an error).
         try:
-            channel = await asyncio.wait_for(self._channel(), self.confirm_timeout)
-            results = await asyncio.gather(*(self._publish(channel, e) for e in events), return_exceptions=True)
+            results = await self._publish_all(await self._channel(), events)
         except BaseException:
             self._direct_sent[:0] = direct_sent
             raise
