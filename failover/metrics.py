@@ -65,6 +65,7 @@ __all__ = [
     "ProjectorOutcome",
     "RollbackOutcome",
     "StepOutcome",
+    "child",
     "observe_adapter_call",
     "observed",
     "set_job_state_gauges",
@@ -308,6 +309,20 @@ def _initialise_series() -> None:
 _initialise_series()
 
 
+_children: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+
+def child(metric: Any, *values: str) -> Any:
+    """`metric.labels(*values)`, kept: prometheus_client's labels() takes a lock and builds its
+    key on every call, and the hot paths call it about a hundred times per job (1.4% of serve's
+    CPU in the benchmark's profile). The label sets here are small and closed."""
+    key = (metric, values)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*values)
+    return found
+
+
 def observe_adapter_call(
     adapter: AdapterName, operation: str, outcome: AdapterOutcome, seconds: float
 ) -> None:
@@ -317,8 +332,8 @@ def observe_adapter_call(
     ``deployVirtualMachine``, a Volume Daemon operation such as ``attach``); keep it to a small
     fixed set, never an id.
     """
-    ADAPTER_CALLS.labels(adapter=adapter, operation=operation, outcome=outcome).inc()
-    ADAPTER_CALL_DURATION.labels(adapter=adapter, operation=operation).observe(seconds)
+    child(ADAPTER_CALLS, adapter, operation, outcome).inc()
+    child(ADAPTER_CALL_DURATION, adapter, operation).observe(seconds)
 
 
 class _Observed:
@@ -390,9 +405,9 @@ def move_job_state(before: str | None, after: str | None) -> None:
     if before == after:
         return
     if before is not None:
-        JOBS_IN_PROGRESS.labels(state=before).dec()
+        child(JOBS_IN_PROGRESS, before).dec()
     if after is not None:
-        JOBS_IN_PROGRESS.labels(state=after).inc()
+        child(JOBS_IN_PROGRESS, after).inc()
 
 
 def _exported_states() -> set[str]:

@@ -77,7 +77,7 @@ def _observer(runner_ref: list[JobRunner]) -> Observer:
         m.JOB_DURATION.labels(job_type=job_type, outcome=outcome).observe(seconds)
 
     return Observer(
-        step_finished=lambda jt, step, outcome, s: m.STEP_DURATION.labels(job_type=jt, step=step, outcome=outcome).observe(s),
+        step_finished=lambda jt, step, outcome, s: m.child(m.STEP_DURATION, jt, step, outcome).observe(s),
         job_started=lambda jt: m.JOBS_STARTED.labels(job_type=jt).inc(),
         job_ended=job_ended,
         rollback_ended=lambda outcome: m.ROLLBACKS.labels(outcome=outcome).inc(),
@@ -153,7 +153,7 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
         if "relay" in roles:
             relay = OutboxRelay(OutboxStore(engine, svc.owner, lease_engine=lease_engine), topology.events, batch=settings.outbox_batch,
                                 poll_seconds=settings.outbox_poll_seconds, lease_seconds=settings.lease_seconds,
-                                published=lambda t: m.EVENTS_PUBLISHED.labels(type=t).inc())
+                                published=lambda t: m.child(m.EVENTS_PUBLISHED, t).inc())
             svc.relay = relay
             tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
         wake = relay.wake if relay is not None else (lambda: None)

@@ -42,7 +42,6 @@ _SET_CLEANUP = (update(failover_jobs).where(failover_jobs.c.job_id == bindparam(
                 .values(cleanup_job_id=bindparam("v_cleanup_job_id"), updated_at=bindparam("v_updated_at")))
 _SET_CANCEL = (update(failover_jobs).where(failover_jobs.c.job_id == bindparam("job_id"))
                .values(cancel_requested=True, updated_at=bindparam("v_updated_at")))
-_SAVEPOINT_JOB, _ROLLBACK_TO_JOB = text("SAVEPOINT job"), text("ROLLBACK TO SAVEPOINT job")
 _SAVEPOINT_REJ, _ROLLBACK_TO_REJ = text("SAVEPOINT rej"), text("ROLLBACK TO SAVEPOINT rej")
 _NEW_JOB_COLUMNS = ("job_id", "request_id", "vm_id", "job_type", "status", "source_vm_name", "created_at",
                     "updated_at", "correlation_id", "parent_job_id", "requested_by", "options", "plan",
@@ -158,13 +157,13 @@ class CommandRecorder:
                                       f"VM {cmd.vm_id!r} is not in vm_replication_contexts: check the vm_id "
                                       "(the source VM's vmware_vm_id) or replicate the VM first",
                                       job_type=job_type, vm_id=cmd.vm_id)
-        await tx.execute(_SAVEPOINT_JOB, {})
+        # (no savepoint: a duplicate key fails its INSERT alone, the transaction goes on, and a
+        # job row that went in is written off with the whole transaction if its event fails)
         try:
             accepted = await self._new_job(tx, job_id=job_id, job_type=job_type, vm_id=cmd.vm_id, vm_name=vm.vm_name,
                                 correlation_id=job_id, requested_by=cmd.requested_by,
                                 options=cmd.options.model_dump(), active_vm_id=cmd.vm_id)
         except IntegrityError as exc:
-            await tx.execute(_ROLLBACK_TO_JOB, {})
             if not _is_duplicate_key(exc, "active_vm_id"):
                 raise
             blocker = next(iter(await tx.fetch(_BLOCKER, {"vm_id": cmd.vm_id})), None)

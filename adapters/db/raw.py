@@ -115,6 +115,7 @@ class Transaction:
 
     def __init__(self, driver_connection: Any, statements: Statements) -> None:
         self._connection = driver_connection
+        self._cursor = driver_connection.cursor()  # one for all the transaction's statements (buffered)
         self._statements = statements
         self._dialect = statements.dialect
         # the connection's state is unknown (it is gone, or a cancel or a socket error came
@@ -123,8 +124,7 @@ class Transaction:
 
     async def _call(self, sql: str, call: Callable[[Any], Awaitable[T]]) -> T:
         try:
-            async with self._connection.cursor() as cursor:
-                return await call(cursor)
+            return await call(self._cursor)
         except driver_errors.Error as exc:
             gone = _gone(exc)
             self.broken = self.broken or gone
