@@ -183,7 +183,10 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
 
         consumer = None
         if "orchestrator" in roles:
-            http = aiohttp.ClientSession()
+            # no cookie jar: CloudStack's API calls are signed one by one and the Volume Daemon
+            # keeps no session, so every request's cookie filtering and every response's parsing
+            # of Set-Cookie would be work for nothing (a share of aiohttp's CPU per call)
+            http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
             stack.push_async_callback(http.close)
             store = JobStore(engine, svc.owner, on_outbox=wake, lease_engine=lease_engine,
                              lease_seconds=settings.lease_seconds)

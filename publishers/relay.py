@@ -239,10 +239,9 @@ class OutboxRelay:
                                 "the outbox", type(exc).__name__, exc)
                 self._lease_checked = 0.0  # the lease may have lapsed meanwhile: check it first
                 await asyncio.sleep(1.0)
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll_seconds):  # (no task of its own, unlike wait_for)
+                    await self._wake.wait()
 
     async def flush(self, timeout: float) -> bool:
         """SIGTERM: publish what is left (if leader), then give the lease up so that another

@@ -201,3 +201,11 @@ async def test_fetched_rows_are_named_and_converted_as_sqlalchemys(engine: Async
         theirs = (await conn.execute(query, {"job_id": job})).one()
     assert mine._asdict() == theirs._asdict()
     assert mine.options == {"power_off_source": False} and mine.cancel_requested is True and mine.ended is False
+
+
+def test_lists_are_padded_to_a_power_of_two_with_their_last_value() -> None:
+    assert raw.padded([7]) == [7]
+    assert raw.padded([1, 2]) == [1, 2]
+    assert raw.padded([1, 2, 3]) == [1, 2, 3, 3]
+    assert raw.padded(list(range(5))) == [0, 1, 2, 3, 4, 4, 4, 4]
+    assert len(raw.padded(list(range(257)))) == 512

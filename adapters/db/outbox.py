@@ -5,10 +5,12 @@ sequence order)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import Select, bindparam, func, select, text, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.expression import Update
 
 from schemas.events import Event
 
@@ -51,6 +53,31 @@ async def insert_event(tx: raw.Transaction, event: Event) -> OutboxEvent:
                        from_db_time(row["created_at"]) or 0.0)  # type: ignore[arg-type]
 
 
+# The relay's two statements, built once per shape and run on the driver (adapters/db/raw.py):
+# it reads and marks a batch after every few commits of every running job.
+_UNSENT: dict[int, Select[Any]] = {}
+_MARKING: dict[int, Update] = {}
+_MARK_CHUNK = 512  # ids per UPDATE (a power of two: raw.padded)
+
+
+def _unsent(limit: int) -> Select[Any]:
+    stmt = _UNSENT.get(limit)
+    if stmt is None:
+        columns = (outbox.c.id, outbox.c.event_id, outbox.c.job_id, outbox.c.event_type, outbox.c.correlation_id,
+                   outbox.c.body, outbox.c.created_at)
+        stmt = _UNSENT[limit] = cast(Select[Any], select(*columns).where(outbox.c.published_at.is_(None))
+                                     .order_by(outbox.c.id).limit(limit))
+    return stmt
+
+
+def _marking(count: int) -> Update:
+    stmt = _MARKING.get(count)
+    if stmt is None:
+        stmt = _MARKING[count] = (update(outbox).where(outbox.c.id.in_([bindparam(f"id_{i}") for i in range(count)]))
+                                  .values(published_at=bindparam("published_at")))
+    return stmt
+
+
 class OutboxStore:
     def __init__(self, engine: AsyncEngine, owner: str, *, lease_engine: AsyncEngine | None = None) -> None:
         self.engine = engine
@@ -75,17 +102,18 @@ class OutboxStore:
                                .values(expires_at=func.now(6)))
 
     async def unsent(self, limit: int) -> list[OutboxEvent]:
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(
-                select(outbox.c.id, outbox.c.event_id, outbox.c.job_id, outbox.c.event_type,
-                       outbox.c.correlation_id, outbox.c.body, outbox.c.created_at)
-                .where(outbox.c.published_at.is_(None)).order_by(outbox.c.id).limit(limit))).all()
-        return [OutboxEvent(r.id, r.event_id, r.job_id, r.event_type, r.correlation_id, r.body,
-                            from_db_time(r.created_at) or 0.0) for r in rows]
+        async with raw.transaction(self.engine) as tx:
+            rows = await tx.rows(_unsent(limit))
+        return [OutboxEvent(r[0], r[1], r[2], r[3], r[4], r[5], from_db_time(r[6]) or 0.0) for r in rows]
 
     async def mark_sent(self, ids: list[int]) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(published_at=utcnow()))
+        if not ids:
+            return
+        async with raw.transaction(self.engine) as tx:
+            for start in range(0, len(ids), _MARK_CHUNK):
+                chunk = raw.padded(ids[start:start + _MARK_CHUNK])
+                await tx.execute(_marking(len(chunk)), {"published_at": utcnow(),
+                                                        **{f"id_{i}": v for i, v in enumerate(chunk)}})
 
     async def backlog(self) -> tuple[int, float]:
         """(unsent events, age in seconds of the oldest one)."""

@@ -13,9 +13,9 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import bindparam, select, text, tuple_
+from sqlalchemy import Select, TextClause, bindparam, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas.events import (
@@ -34,6 +34,7 @@ from schemas.events import (
     StepStarted,
 )
 
+from . import raw
 from .engine import utcnow
 from .tables import projected_events
 
@@ -87,11 +88,40 @@ INSERT IGNORE INTO log_events (job_id, correlation_id, level, message, fields, t
 VALUES (:job_id, :correlation_id, :level, :message, :fields, :timestamp, :sequence, :step_name)
 """)
 
-LINK_LOG_STEPS = text("""
+_LINK_LOG_STEPS = """
 UPDATE log_events l JOIN job_steps s ON s.job_id = l.job_id AND s.step_name = l.step_name
 SET l.step_id = s.id
-WHERE l.step_id IS NULL AND l.step_name IS NOT NULL AND l.job_id IN :jobs
-""").bindparams(bindparam("jobs", expanding=True))
+WHERE l.step_id IS NULL AND l.step_name IS NOT NULL AND l.job_id IN ({jobs})
+"""
+_PROJECTED_INSERT = projected_events.insert()
+# per batch size, built once (run on the driver, adapters/db/raw.py, which binds no lists)
+_seen: dict[int, Select[Any]] = {}
+_links: dict[int, TextClause] = {}
+
+
+def _seen_of(count: int) -> Select[Any]:
+    """Which of `count` (job_id, sequence) pairs, bound as j<i>, s<i>, were applied already."""
+    stmt = _seen.get(count)
+    if stmt is None:
+        pairs = [tuple_(bindparam(f"j{i}"), bindparam(f"s{i}")) for i in range(count)]
+        stmt = _seen[count] = cast(Select[Any], select(projected_events.c.job_id, projected_events.c.sequence).where(
+            tuple_(projected_events.c.job_id, projected_events.c.sequence).in_(pairs)))
+    return stmt
+
+
+def _link_of(count: int) -> TextClause:
+    """Link the log lines of `count` jobs (bound as j<i>) to their steps."""
+    stmt = _links.get(count)
+    if stmt is None:
+        stmt = _links[count] = text(_LINK_LOG_STEPS.format(jobs=", ".join(f":j{i}" for i in range(count))))
+    return stmt
+
+
+def _pairs(keys: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for i, (job_id, sequence) in enumerate(keys):
+        params[f"j{i}"], params[f"s{i}"] = job_id, sequence
+    return params
 
 
 def _naive(value: datetime) -> datetime:
@@ -257,29 +287,28 @@ class Projections:
         unique: dict[tuple[str, int], Event] = {}
         for e in events:
             unique.setdefault((str(e.job_id), e.sequence), e)
-        async with self.engine.begin() as conn:
+        async with raw.transaction(self.engine) as tx:
             keys = list(unique)
-            seen = {tuple(r) for r in (await conn.execute(
-                select(projected_events.c.job_id, projected_events.c.sequence)
-                .where(tuple_(projected_events.c.job_id, projected_events.c.sequence).in_(keys))
-            )).all()}
+            asked = raw.padded(keys)
+            seen = {(r[0], r[1]) for r in await tx.rows(_seen_of(len(asked)), _pairs(asked))}
             new = [unique[k] for k in keys if k not in seen]
             if new:
                 now = utcnow()
-                await conn.execute(projected_events.insert(), [
+                await tx.insert(_PROJECTED_INSERT, [
                     {"job_id": str(e.job_id), "sequence": e.sequence, "projected_at": now} for e in new])
                 fold = _Fold()
                 for e in new:
                     if e.type != "JobRejected":
                         fold.add(e)
                 if fold.jobs:
-                    await conn.execute(UPSERT_JOBS, [j.row(now) for j in fold.jobs.values()])
+                    await tx.insert(UPSERT_JOBS, [j.row(now) for j in fold.jobs.values()])
                 if fold.steps:
-                    await conn.execute(UPSERT_STEPS, [s.row() for s in fold.steps.values()])
+                    await tx.insert(UPSERT_STEPS, [s.row() for s in fold.steps.values()])
                 if fold.logs:
-                    await conn.execute(INSERT_LOGS, fold.logs)
+                    await tx.insert(INSERT_LOGS, fold.logs)
                 # a log line may arrive before its step's row: link both ways round
                 jobs = sorted({row["job_id"] for row in fold.logs if row["step_name"]} | {j for j, _ in fold.steps})
                 if jobs:
-                    await conn.execute(LINK_LOG_STEPS, {"jobs": jobs})
+                    linked = raw.padded(jobs)
+                    await tx.execute(_link_of(len(linked)), {f"j{i}": j for i, j in enumerate(linked)})
         return len(new), len(events) - len(new)

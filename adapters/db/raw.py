@@ -188,6 +188,15 @@ class Transaction:
         await self._call("COMMIT", lambda cursor: self._connection.commit())
 
 
+def padded(values: Sequence[T]) -> list[T]:
+    """`values` (not empty) padded to the next power of two by repeating the last one: an
+    `IN (...)` list of that length gives the same rows, and a statement prepared per length
+    then comes in a dozen shapes instead of one per batch size (each shape is compiled once,
+    about a millisecond for a long list)."""
+    size = 1 << (len(values) - 1).bit_length()
+    return [*values, *[values[-1]] * (size - len(values))]
+
+
 _statements: dict[int, tuple[AsyncEngine, Statements]] = {}
 
 
