@@ -131,17 +131,27 @@ class JobRunner:
 
     async def _fill(self) -> None:
         while self._adopted and len(self.running) < self.capacity and not self._stopping:
-            job_id = self._adopted[0]
-            if job_id in self.running:
-                self._adopted.popleft()
+            # all the adopted jobs there is room for, in one transaction: one at a time, a
+            # thousand accepted at once took 20 s to start while the first ones ran
+            room = self.capacity - len(self.running)
+            batch: list[str] = []
+            while self._adopted and len(batch) < room:
+                job_id = self._adopted.popleft()
+                if job_id not in self.running and job_id not in batch:
+                    batch.append(job_id)
+            if not batch:
                 continue
             asked = time.monotonic()
-            # the recorder gave this process the lease; take it afresh (the job may have waited
-            # here for capacity), unless another process has claimed it meanwhile
-            row = await self.store.take(job_id, self.lease_seconds)
-            self._adopted.popleft()
-            if row is not None and row.job_id not in self.running and not is_ended(row.status):
-                self._start(row, asked, taken_over=False)
+            # the recorder gave this process the leases; take them afresh (a job may have waited
+            # here for capacity), except those another process has claimed meanwhile
+            try:
+                rows = await self.store.take(batch, self.lease_seconds)
+            except BaseException:
+                self._adopted.extendleft(reversed(batch))  # tried again by the next round
+                raise
+            for row in rows:
+                if row.job_id not in self.running and not is_ended(row.status):
+                    self._start(row, asked, taken_over=False)
         free = self.capacity - len(self.running)
         if free > 0 and not self._stopping:
             asked = time.monotonic()

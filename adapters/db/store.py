@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Collection
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import and_, bindparam, func, or_, select, text, update
+from sqlalchemy import Select, and_, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -113,7 +113,17 @@ def fenced_update(columns: tuple[str, ...], extend_lease_us: int | None, *, unle
 _VM_STATUS = (update(vm_replication_contexts).where(vm_replication_contexts.c.vmware_vm_id == bindparam("vm_id"))
               .values(current_status=bindparam("v_status"), updated_at=bindparam("v_updated_at")))
 _parent_updates: dict[tuple[str, ...], Update] = {}
-_JOB_ROW = select(failover_jobs).where(failover_jobs.c.job_id == bindparam("job_id"))
+_OWNED_ROWS: dict[int, Select[Any]] = {}
+
+
+def _owned_rows(count: int) -> Select[Any]:
+    """The unended rows of `count` jobs (bound as id_<i>) that `owner` holds."""
+    stmt = _OWNED_ROWS.get(count)
+    if stmt is None:
+        stmt = _OWNED_ROWS[count] = cast(Select[Any], select(failover_jobs).where(
+            failover_jobs.c.job_id.in_([bindparam(f"id_{i}") for i in range(count)]),
+            failover_jobs.c.lease_owner == bindparam("owner"), failover_jobs.c.ended.is_(False)))
+    return stmt
 
 
 def _parent_update(columns: tuple[str, ...]) -> Update:
@@ -142,7 +152,7 @@ class JobStore:
         self.on_commit: Callable[[str], None] = lambda job_id: None  # after every successful commit
         self.on_outbox = on_outbox
         self.transactions = 0  # counted for the benchmark's transactions-per-job figure
-        self._takes: dict[float, Update] = {}  # take's UPDATE, per lease length
+        self._takes: dict[tuple[int, float], Update] = {}  # take's UPDATE, per (jobs, lease length)
 
     def _prepare(self, job: JobRow, commit: Commit) -> tuple[Update, Update, dict[str, Any], list[dict[str, Any]],
                                                                 list[dict[str, Any]]]:
@@ -267,23 +277,30 @@ class JobStore:
         rows = await _again(take_them)
         return [row_to_job(r) for r in rows if r.job_id not in running]
 
-    async def take(self, job_id: str, lease_seconds: float) -> JobRow | None:
-        """Take (or refresh) the lease of one job this process recorded, unless another
-        process has taken it meanwhile; the job's row when this process owns it now."""
-        async with raw.transaction(self.engine) as tx:
-            if await tx.execute(self._take_statement(lease_seconds), {"job_id": job_id, "owner": self.owner}) != 1:
-                return None
-            found = await tx.fetch(_JOB_ROW, {"job_id": job_id})
-        return row_to_job(found[0]) if found else None
+    async def take(self, job_ids: Sequence[str], lease_seconds: float) -> list[JobRow]:
+        """Take (or refresh) the leases of jobs this process recorded, except those another
+        process has taken meanwhile; the rows of the jobs this process owns now."""
+        if not job_ids:
+            return []
+        asked = raw.padded(list(job_ids))
+        ids = {f"id_{i}": job_id for i, job_id in enumerate(asked)}
 
-    def _take_statement(self, lease_seconds: float) -> Update:
-        stmt = self._takes.get(lease_seconds)
+        async def take_them() -> list[Any]:
+            async with raw.transaction(self.engine) as tx:
+                await tx.execute(self._take_statement(len(asked), lease_seconds), {"owner": self.owner, **ids})
+                return await tx.fetch(_owned_rows(len(asked)), {"owner": self.owner, **ids})
+
+        return [row_to_job(r) for r in await _again(take_them)]
+
+    def _take_statement(self, count: int, lease_seconds: float) -> Update:
+        stmt = self._takes.get((count, lease_seconds))
         if stmt is None:
             free = or_(failover_jobs.c.lease_expires_at.is_(None), failover_jobs.c.lease_expires_at < func.now(6))
             owner: Any = bindparam("owner")
-            stmt = self._takes[lease_seconds] = (
+            stmt = self._takes[(count, lease_seconds)] = (
                 update(failover_jobs)
-                .where(failover_jobs.c.job_id == bindparam("job_id"), failover_jobs.c.ended.is_(False),
+                .where(failover_jobs.c.job_id.in_([bindparam(f"id_{i}") for i in range(count)]),
+                       failover_jobs.c.ended.is_(False),
                        or_(failover_jobs.c.lease_owner == owner, failover_jobs.c.lease_owner.is_(None), free))
                 .values(lease_owner=owner, lease_expires_at=self._expiry(lease_seconds)))
         return stmt
