@@ -140,7 +140,8 @@ class JobModel:
                 f"step {row.failed_step} failed: {row.error_code}" if row.failed_step else "rollback requested")
             await ctx.commit(
                 [(RollbackStarted, {"reason": reason, "actions": planned_actions(target, everything=False)})],
-                job={"status": "rolling_back", "resume_state": None, "rollback_requested": False},
+                job={"status": "rolling_back", "resume_state": None, "rollback_requested": False,
+                     "rolled_back": None},  # (a retried rollback's outcome is not known yet)
             )
         try:
             await undo_all(ctx, target, everything=False)
@@ -230,7 +231,14 @@ async def drive(machine: AsyncMachine, ctx: JobContext) -> str:
             else:
                 model.resuming, model.next_trigger = True, "resume"
         elif initial == "rolling_back":
-            model.resuming, model.next_trigger = True, "resume"
+            # the rollback's outcome was committed (RollbackCompleted / RollbackFailed) but not
+            # the job's end: end it as that run would have, without undoing (and announcing) again
+            if row.rolled_back is True:
+                model.rollback_ok, model.next_trigger = True, "rolled_back"
+            elif row.rolled_back is False:
+                model.rollback_ok, model.next_trigger = False, "rollback_incomplete"
+            else:
+                model.resuming, model.next_trigger = True, "resume"
         elif initial == "failed" and row.rollback_requested:
             model.next_trigger = "retry_rollback"
         while model.next_trigger:

@@ -222,6 +222,9 @@ class JobRow:
     error_message: str | None
     created_at: float  # epoch seconds
     started_at: float | None
+    # the outcome of the job's latest rollback once its RollbackCompleted (True) or
+    # RollbackFailed (False) is committed; None before, and again from a RollbackStarted on
+    rolled_back: bool | None = None
 
 
 @dataclass

@@ -209,3 +209,16 @@ def test_lists_are_padded_to_a_power_of_two_with_their_last_value() -> None:
     assert raw.padded([1, 2, 3]) == [1, 2, 3, 3]
     assert raw.padded(list(range(5))) == [0, 1, 2, 3, 4, 4, 4, 4]
     assert len(raw.padded(list(range(257)))) == 512
+
+
+async def test_no_database_to_connect_to_is_an_outage() -> None:
+    """The pool's connect fails bare in SQLAlchemy's raw_connection(): it must read as an
+    outage (the command consumer then waits for the database instead of dead-lettering)."""
+    nowhere = make_engine("mysql+asyncmy://root@127.0.0.1:1/nothing", pool_size=1)
+    try:
+        with pytest.raises(OperationalError) as caught:
+            async with raw.transaction(nowhere) as tx:
+                await tx.rows(CONNECTION_ID)
+        assert is_connection_error(caught.value)
+    finally:
+        await nowhere.dispose()

@@ -130,6 +130,15 @@ class Transaction:
             self.broken = self.broken or gone
             raise DBAPIError.instance(sql, None, exc, driver_errors.Error, hide_parameters=True,
                                       connection_invalidated=gone, dialect=self._dialect) from exc
+        except (OSError, EOFError, AttributeError) as exc:
+            # the socket went away under the driver: asyncmy then raises the transport's error,
+            # an incomplete read or, on a writer it has already dropped, an AttributeError
+            # (SQLAlchemy's own asyncmy adapter makes the same translation). An outage, as
+            # SQLAlchemy would report it: the callers wait for the database and retry
+            self.broken = True
+            lost = driver_errors.OperationalError(2013, f"Lost connection to the database ({type(exc).__name__}: {exc})")
+            raise DBAPIError.instance(sql, None, lost, driver_errors.Error, hide_parameters=True,
+                                      connection_invalidated=True, dialect=self._dialect) from exc
         except BaseException:
             self.broken = True
             raise
@@ -161,11 +170,11 @@ class Transaction:
         prepared = self._statements.get(statement)
         args = prepared.args(params or {})
 
-        async def run(cursor: Any) -> list[Any]:
+        async def run(cursor: Any) -> Any:
             await cursor.execute(prepared.sql, args)
-            return prepared.converted(await cursor.fetchall())
+            return await cursor.fetchall()
 
-        return await self._call(prepared.sql, run)
+        return prepared.converted(await self._call(prepared.sql, run))
 
     async def insert(self, statement: ClauseElement, rows: Sequence[Mapping[str, Any]]) -> int:
         """An INSERT (or upsert) of `rows`, all with the same keys, as one multi-row statement;
@@ -212,7 +221,11 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[Transaction]:
     """One transaction on a connection of `engine`'s pool, committed when the block ends, rolled
     back when it raises. A connection whose state is unknown after an error (gone, or a cancel
     mid-statement) is closed and dropped from the pool rather than handed to the next user."""
-    fairy = await engine.raw_connection()
+    try:
+        fairy = await engine.raw_connection()
+    except driver_errors.Error as exc:  # the pool's connect: SQLAlchemy leaves its error bare here
+        raise DBAPIError.instance(None, None, exc, driver_errors.Error, hide_parameters=True,
+                                  dialect=engine.sync_engine.dialect) from exc
     driver = fairy.driver_connection
     assert driver is not None  # (typed Optional for a pool without one)
     tx = Transaction(driver, statements_of(engine))

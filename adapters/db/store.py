@@ -48,6 +48,7 @@ def row_to_job(r: Any) -> JobRow:
         rollback_requested=bool(r.rollback_requested), failed_step=r.failed_step,
         error_code=r.error_code, error_message=r.error_message,
         created_at=from_db_time(r.created_at) or 0.0, started_at=from_db_time(r.started_at),
+        rolled_back=None if r.rolled_back is None else bool(r.rolled_back),
     )
 
 

@@ -229,3 +229,30 @@ async def test_a_cancelled_job_taken_over_mid_rollback_still_ends_cancelled(
     assert_stream_ok(events)
     assert last(events, "JobCancelled").rolled_back is True
     assert_restored(h, before, vm)
+
+
+@pytest.mark.parametrize("outcome", ["RollbackCompleted", "RollbackFailed"])
+async def test_a_rollback_whose_outcome_was_committed_is_not_run_again(
+    h: Harness, machine: AsyncMachine, outcome: str
+) -> None:
+    """The rollback's outcome is committed, then the process dies before the job's end: the new
+    owner ends the job as that run would have, without undoing (and announcing) it a second time."""
+    vm = h.seed_vm("WIN-ROLLED", os_type="Linux", disks=2)
+    h.faults.add("startVirtualMachine", "refused")  # once: the job fails and rolls back
+    if outcome == "RollbackFailed":
+        h.faults.add("revertSnapshot", "refused", times=None)
+    ctx = h.new_job(vm)
+    h.store.hooks.append(lose_lease_when(has_event("JobFailed")))
+    await drive(machine, ctx)
+    assert h.store.row(ctx.row.job_id).status == "rolling_back"
+    assert of_type(h.events(ctx.row.job_id), outcome), "the rollback's outcome was not committed"
+    calls = len(h.cloudstack.calls)
+    h.store.hooks.clear()
+    h.store.owner_ok = True
+    assert await drive(machine, await h.resume_context(ctx.row.job_id)) == "failed"
+    events = h.events(ctx.row.job_id)
+    assert_stream_ok(events)
+    assert [e.type for e in events if e.type != "LogRecorded"][-4:] == [
+        "StepFailed", "RollbackStarted", outcome, "JobFailed"]
+    assert last(events, "JobFailed").rolled_back is (outcome == "RollbackCompleted")
+    assert len(h.cloudstack.calls) == calls, "the new owner called CloudStack again"
