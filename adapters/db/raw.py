@@ -14,6 +14,7 @@ same connections (the pool's: its client flags, its idle ping, its recycling), t
 
 from __future__ import annotations
 
+import weakref
 from collections import namedtuple
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -82,7 +83,9 @@ class Prepared:
 
 
 class Statements:
-    """The `Prepared` form of each statement, made on first use (per engine: its dialect)."""
+    """The `Prepared` form of each statement, made on first use (per engine: its dialect). Each
+    statement given is kept with its form: give the long-lived ones, built once (module level, or
+    cached per shape), not one built per call."""
 
     def __init__(self, dialect: Dialect) -> None:
         self.dialect = dialect
@@ -206,14 +209,14 @@ def padded(values: Sequence[T]) -> list[T]:
     return [*values, *[values[-1]] * (size - len(values))]
 
 
-_statements: dict[int, tuple[AsyncEngine, Statements]] = {}
+_statements: weakref.WeakKeyDictionary[AsyncEngine, Statements] = weakref.WeakKeyDictionary()
 
 
 def statements_of(engine: AsyncEngine) -> Statements:
-    hit = _statements.get(id(engine))
-    if hit is None or hit[0] is not engine:
-        hit = _statements[id(engine)] = (engine, Statements(engine.sync_engine.dialect))
-    return hit[1]
+    found = _statements.get(engine)
+    if found is None:
+        found = _statements[engine] = Statements(engine.sync_engine.dialect)
+    return found
 
 
 @asynccontextmanager
