@@ -5,7 +5,6 @@ never hand a connection in an unknown state to the next user."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +20,7 @@ from adapters.db.engine import is_connection_error, make_engine
 from adapters.db.store import LEDGER_UPSERT
 from adapters.db.tables import failover_jobs, resource_ledger
 from tests.crash.support import database_of_its_own
+from tests.helpers import wait_until
 
 CONNECTION_ID = text("SELECT CONNECTION_ID()")
 _LEDGER_DATA = update(resource_ledger).where(resource_ledger.c.id == bindparam("row_id")).values(
@@ -178,15 +178,14 @@ def _job_row(job_id: str) -> dict[str, object]:
 
 async def _until_running(url: str, query: str, deadline: float = 10.0) -> None:
     """Wait until MariaDB shows `query` running (seen from a connection of its own)."""
-    until = time.monotonic() + deadline
     async with raw_engine(url) as watcher:
-        while time.monotonic() < until:
+
+        async def running() -> int:
             async with watcher.connect() as conn:
-                if (await conn.execute(text("SELECT COUNT(*) FROM information_schema.processlist "
-                                            "WHERE info = :q"), {"q": query})).scalar():
-                    return
-            await asyncio.sleep(0.02)
-    raise AssertionError(f"{query!r} was not seen running within {deadline} s")
+                return int((await conn.execute(text("SELECT COUNT(*) FROM information_schema.processlist "
+                                                    "WHERE info = :q"), {"q": query})).scalar_one())
+
+        await wait_until(running, deadline, f"{query!r} to be running", interval=0.02)
 
 
 async def test_fetched_rows_are_named_and_converted_as_sqlalchemys(engine: AsyncEngine) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import aio_pika
@@ -27,8 +27,16 @@ from statemachine.machine import build_machine
 from statemachine.ports import JobRow
 
 from .crash.support import database_of_its_own
+from .helpers import wait_until
 
 LEASE = 30.0
+
+
+def _now(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    """`predicate` as the async check `wait_until` polls."""
+    async def check() -> bool:
+        return predicate()
+    return check
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +53,6 @@ async def _a_vm(db: AsyncEngine) -> str:
             context_id=f"ctx-{vm_id[:20]}", vm_name="runner-test", vmware_vm_id=vm_id,
             current_status="ready_for_failover", os_type="rhel8_64Guest", created_at=now, updated_at=now))
     return vm_id
-
-
-async def _until(predicate: Any, what: str, deadline: float = 10.0) -> None:
-    end = time.monotonic() + deadline
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"not within {deadline} s: {what}")
-        await asyncio.sleep(0.01)
 
 
 async def test_a_job_starts_only_after_its_first_event_is_confirmed(runner_db: AsyncEngine, amqp_url: str) -> None:
@@ -99,8 +99,8 @@ async def test_a_job_starts_only_after_its_first_event_is_confirmed(runner_db: A
             await channel.default_exchange.publish(
                 aio_pika.Message(command.model_dump_json().encode(), content_type="application/json"),
                 routing_key=queue.name)
-            await _until(lambda: first == ["JobAccepted"], "the consumer recorded the job and began publishing "
-                                                           "its JobAccepted")
+            await wait_until(_now(lambda: first == ["JobAccepted"]), 10,
+                             "the consumer to record the job and begin publishing its JobAccepted", interval=0.01)
             async with runner_db.connect() as conn:  # recorded, leased to this process, not running here
                 row = (await conn.execute(select(failover_jobs.c.lease_owner, failover_jobs.c.status)
                                           .where(failover_jobs.c.job_id == str(request_id)))).one()
@@ -114,7 +114,8 @@ async def test_a_job_starts_only_after_its_first_event_is_confirmed(runner_db: A
             await channel.default_exchange.publish(
                 aio_pika.Message(command.model_dump_json().encode(), content_type="application/json"),
                 routing_key=queue.name)
-            await _until(lambda: outcomes == ["duplicate"], "the second delivery was found a duplicate")
+            await wait_until(_now(lambda: outcomes == ["duplicate"]), 10,
+                             "the second delivery to be found a duplicate", interval=0.01)
             await runner._fill()
             assert started == [], "a duplicate delivery released the hold of the first"
 
