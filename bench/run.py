@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "out of reach: how every wait polled before the shared poller)")
     p.add_argument("--no-celery", action="store_true")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy run of the throughput burst")
+    p.add_argument("--profile-slow", action="store_true",
+                   help="also run the slow phase once more with serve under py-spy (profile-slow.md, .svg)")
     p.add_argument("--profile-jobs", type=int, default=None,
                    help="jobs in the profiled repeat of the burst (default 200; quick 100)")
     p.add_argument("--broker-messages", type=int, default=None, help="substrate: messages (default 20000; quick 5000)")
@@ -93,7 +95,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from adapters.db.engine import make_engine
 
-    from . import celery_phases, profile, service_phases, substrate
+    from . import celery_phases, service_phases, substrate
     from .client import Client
     from .sqlcount import SqlCounter
 
@@ -192,6 +194,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     results / "serve-slow-one-poll-per-wait.log", FAILOVER_POLL_BATCH_FROM=str(10**9))
                 log(f"  wall {out['slow_one_poll_per_wait']['wall_seconds']} s = "
                     f"{out['slow_one_poll_per_wait']['wall_over_critical_path']}x critical path")
+            if args.profile_slow:  # where serve's time goes with many slow jobs in flight
+                log(f"profile, slow: {args.slow_jobs} jobs again, serve under py-spy")
+                raw = results / "profile-slow.raw.txt"
+                raw.unlink(missing_ok=True)
+                out["profile_slow_run"] = await service_phases.slow(
+                    bench, args.slow_jobs, args.latency, out["probe"]["async_waits"], results / "serve-slow-profile.log",
+                    profile_to=raw)
+                await _analyse_profile(raw, results / "profile-slow", out, "profile_slow")
             # ---- profile: the throughput burst again, serve under py-spy
             if not args.no_profile:
                 log(f"profile: {args.profile_jobs} jobs again, serve under py-spy, its SQL counted on the wire")
@@ -205,18 +215,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                                                          counted=True)
                 finally:
                     await pserve.stop()
-                    for _ in range(100):  # py-spy writes its file once serve has exited
-                        if raw.exists() or pserve.proc is None or pserve.proc.poll() is not None:
-                            break
-                        await asyncio.sleep(0.1)
-                if raw.exists():
-                    analysis = profile.analyse(raw)
-                    out["profile"] = analysis
-                    (results / "profile.md").write_text(profile.to_markdown(analysis))
-                    profile.flamegraph_svg(raw, results / "profile.svg")
-                    log(f"  {analysis['samples']} samples -> {results / 'profile.md'}, profile.svg")
-                else:
-                    out["profile"] = {"error": "py-spy wrote no profile"}
+                await _analyse_profile(raw, results / "profile", out, "profile")
             # ---- the substrate, with nothing else running
             body = int(out["throughput"].get("event_body_bytes_median") or out["probe"]["event_body_bytes"]["median"])
             log(f"substrate: {args.broker_messages} confirmed persistent messages of {body} B; "
@@ -263,6 +262,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     out["total_seconds"] = round(time.monotonic() - began, 1)
     derive(out)
     return out
+
+
+async def _analyse_profile(raw: Path, stem: Path, out: dict[str, Any], key: str) -> None:
+    """py-spy's raw stacks -> `stem`.md (hot spots) and `stem`.svg (a flame graph), and out[key]."""
+    from . import profile
+
+    for _ in range(100):  # py-spy writes its file just after serve has exited
+        if raw.exists():
+            break
+        await asyncio.sleep(0.1)
+    if not raw.exists():
+        out[key] = {"error": "py-spy wrote no profile"}
+        return
+    analysis = profile.analyse(raw)
+    out[key] = analysis
+    stem.with_suffix(".md").write_text(profile.to_markdown(analysis))
+    profile.flamegraph_svg(raw, stem.with_suffix(".svg"))
+    log(f"  {analysis['samples']} samples -> {stem.with_suffix('.md')}, {stem.with_suffix('.svg').name}")
 
 
 def derive(out: dict[str, Any]) -> None:

@@ -352,14 +352,16 @@ async def paced(bench: Bench, serve: Serve | list[Serve], rate: float, seconds: 
 
 
 async def slow(bench: Bench, count: int, latency: float, critical_waits: int, log: Path,
-               processes: int = 1, **env: str) -> dict[str, Any]:
+               processes: int = 1, profile_to: Path | None = None, **env: str) -> dict[str, Any]:
     """`count` jobs at once, every async job and daemon operation taking `latency` seconds
     (`env`: settings of this run's serve processes, e.g. FAILOVER_POLL_BATCH_FROM). With more
-    than one process, RSS is the first one's (each runs about `count / processes` jobs)."""
+    than one process, RSS is the first one's (each runs about `count / processes` jobs). With
+    `profile_to`, the (first) serve runs under py-spy, which writes its raw stacks there."""
     vm_ids = await bench.fresh_world(count, "slow", async_job_seconds=latency, operation_seconds=latency)
     serves = [Serve(bench.env(FAILOVER_MAX_CONCURRENT_JOBS=str(max(count, 200)),
                               FAILOVER_POLL_INTERVAL_SECONDS=str(bench.args.poll_interval), **env),
-                    log if processes == 1 else log.with_name(f"{log.stem}-{i + 1}{log.suffix}"))
+                    log if processes == 1 else log.with_name(f"{log.stem}-{i + 1}{log.suffix}"),
+                    profile_to=profile_to if i == 0 else None)
               for i in range(processes)]
     serve = serves[0]
     try:
