@@ -13,7 +13,7 @@ from datetime import datetime
 import pytest
 from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from adapters.db import raw
 from adapters.db.engine import is_connection_error, make_engine
@@ -221,3 +221,95 @@ async def test_no_database_to_connect_to_is_an_outage() -> None:
         assert is_connection_error(caught.value)
     finally:
         await nowhere.dispose()
+
+
+async def test_a_script_writes_what_its_statements_write_one_at_a_time(engine: AsyncEngine) -> None:
+    """Statements sent together (one round trip) write what SQLAlchemy's executions write, with
+    the values the driver escapes (quotes, `%`, JSON, non-ASCII), and count each one's rows."""
+    assert raw.statements_of(engine).scripts  # make_engine's connections take several statements
+    job = str(uuid.uuid4())
+    odd = {"note": "it's 100% \"done\"; DROP TABLE x; -- \\ é 日本", "n": [1, None]}
+    async with raw.transaction(engine) as tx:
+        first_id = await tx.insert(LEDGER_UPSERT, [_ledger_row(job, "first")])
+        counts = await tx.script([
+            tx.insert_sql(LEDGER_UPSERT, [_ledger_row(job, "raw:1", data=odd), _ledger_row(job, "raw:2", name="50%")]),
+            tx.sql(_LEDGER_DATA, {"row_id": first_id, "v_status": "intended"}),  # matched, unchanged
+            tx.sql(_LEDGER_DATA, {"row_id": -1, "v_status": "done"}),  # no such row
+            tx.insert_sql(LEDGER_UPSERT, [_ledger_row(job, "first", status="done")]),  # an update
+        ])
+    async with engine.begin() as conn:
+        await conn.execute(LEDGER_UPSERT, [_ledger_row(job, "sa:1", data=odd), _ledger_row(job, "sa:2", name="50%")])
+    assert counts[:3] == [2, 1, 0]
+    assert counts[3] == 2  # MariaDB's count for an upsert that updated its row
+    async with engine.connect() as conn:
+        rows = {r.resource_key: r._asdict() for r in (await conn.execute(
+            select(resource_ledger).where(resource_ledger.c.job_id == job))).all()}
+    assert rows["first"]["status"] == "done"
+    for ours, theirs in (("raw:1", "sa:1"), ("raw:2", "sa:2")):
+        mine = {k: v for k, v in rows[ours].items() if k not in ("id", "resource_key")}
+        sa = {k: v for k, v in rows[theirs].items() if k not in ("id", "resource_key")}
+        assert mine == sa
+    assert rows["raw:1"]["data"] == odd
+
+
+async def test_a_statement_failing_mid_script_stops_it_and_rolls_back(engine: AsyncEngine) -> None:
+    job, other = str(uuid.uuid4()), str(uuid.uuid4())
+    before = await _connection_id(engine)
+    with pytest.raises(IntegrityError) as caught:
+        async with raw.transaction(engine) as tx:
+            await tx.script([tx.insert_sql(failover_jobs.insert(), [_job_row(job)]),
+                             tx.insert_sql(failover_jobs.insert(), [_job_row(job)]),  # the same job_id
+                             tx.insert_sql(failover_jobs.insert(), [_job_row(other)])])
+    assert caught.value.orig.args[0] == 1062  # type: ignore[union-attr]
+    async with engine.connect() as conn:
+        found = (await conn.execute(select(failover_jobs.c.job_id).where(
+            failover_jobs.c.job_id.in_([job, other])))).all()
+    assert found == []  # the first rolled back, the third never ran
+    assert await _connection_id(engine) == before  # nothing left unread: the connection is reused
+
+
+async def test_a_script_runs_one_statement_at_a_time_where_the_connection_takes_one(raw_database: str) -> None:
+    """An engine not made by make_engine (its connections take one statement per request)."""
+    plain = create_async_engine(raw_database, pool_size=1)
+    job = str(uuid.uuid4())
+    try:
+        async with raw.transaction(plain) as tx:
+            assert not tx.scripts
+            first_id = await tx.insert(LEDGER_UPSERT, [_ledger_row(job, "k")])
+            counts = await tx.script([tx.sql(_LEDGER_DATA, {"row_id": first_id, "v_status": "done"}),
+                                      tx.insert_sql(LEDGER_UPSERT, [_ledger_row(job, "k2"), _ledger_row(job, "k3")])])
+        assert counts == [1, 2]
+        async with plain.connect() as conn:
+            assert (await conn.execute(text("SELECT COUNT(*) FROM resource_ledger WHERE job_id = :j"),
+                                       {"j": job})).scalar_one() == 3
+    finally:
+        await plain.dispose()
+
+
+async def test_a_script_stopped_unless_one_row_matched_writes_nothing(engine: AsyncEngine, raw_database: str) -> None:
+    """MariaDB: the statements after the stop (a COMMIT included) run only if the one before it
+    matched a row."""
+    job = str(uuid.uuid4())
+    async with raw.transaction(engine) as tx:
+        row_id = await tx.insert(LEDGER_UPSERT, [_ledger_row(job, "k")])
+    before = await _connection_id(engine)
+    with pytest.raises(OperationalError) as caught:
+        async with raw.transaction(engine) as tx:
+            stop = tx.stop_unless_one_row()
+            assert stop is not None
+            await tx.script([tx.sql(_LEDGER_DATA, {"row_id": -1, "v_status": "done"}), stop,
+                             tx.insert_sql(LEDGER_UPSERT, [_ledger_row(job, "after")])], commit=True)
+    assert raw.stopped(caught.value)
+    async with raw.transaction(engine) as tx:  # matched: the rest runs and is committed
+        stop = tx.stop_unless_one_row()
+        assert stop is not None
+        counts = await tx.script([tx.sql(_LEDGER_DATA, {"row_id": row_id, "v_status": "done"}), stop,
+                                  tx.insert_sql(LEDGER_UPSERT, [_ledger_row(job, "later")])], commit=True)
+        assert counts == [1, 0, 1]
+        # a statement after the script's COMMIT is a transaction of its own, committed at the end
+        await tx.insert(LEDGER_UPSERT, [_ledger_row(job, "last")])
+    async with raw_engine(raw_database) as other, other.connect() as conn:  # committed: seen from elsewhere
+        keys = set((await conn.execute(select(resource_ledger.c.resource_key)
+                                       .where(resource_ledger.c.job_id == job))).scalars())
+    assert keys == {"k", "later", "last"}
+    assert await _connection_id(engine) == before

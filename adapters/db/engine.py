@@ -12,6 +12,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from . import raw
+
 # The TLS options of a database URL (MySQL Connector / SQLAlchemy spellings), turned into one
 # verifying SSLContext here rather than left to the driver: asyncmy alone would not verify the
 # server for `?ssl=true` without a CA, and a context given in `connect_args` would silently drop
@@ -107,6 +109,7 @@ def make_engine(url: str, *, pool_size: int = 10, ssl_ca: str | None = None,
         connect_args=connect_args,
     )
     _ping_when_idle(engine, idle_ping_seconds)
+    raw.multi_statements(engine)
     return engine
 
 

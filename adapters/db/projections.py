@@ -294,21 +294,24 @@ class Projections:
             new = [unique[k] for k in keys if k not in seen]
             if new:
                 now = utcnow()
-                await tx.insert(_PROJECTED_INSERT, [
-                    {"job_id": str(e.job_id), "sequence": e.sequence, "projected_at": now} for e in new])
+                # the writes in one round trip (the first fails on a duplicate projected by
+                # another projector meanwhile: none of the rest runs, the batch is retried)
+                sqls = [tx.insert_sql(_PROJECTED_INSERT, [
+                    {"job_id": str(e.job_id), "sequence": e.sequence, "projected_at": now} for e in new])]
                 fold = _Fold()
                 for e in new:
                     if e.type != "JobRejected":
                         fold.add(e)
                 if fold.jobs:
-                    await tx.insert(UPSERT_JOBS, [j.row(now) for j in fold.jobs.values()])
+                    sqls.append(tx.insert_sql(UPSERT_JOBS, [j.row(now) for j in fold.jobs.values()]))
                 if fold.steps:
-                    await tx.insert(UPSERT_STEPS, [s.row() for s in fold.steps.values()])
+                    sqls.append(tx.insert_sql(UPSERT_STEPS, [s.row() for s in fold.steps.values()]))
                 if fold.logs:
-                    await tx.insert(INSERT_LOGS, fold.logs)
+                    sqls.append(tx.insert_sql(INSERT_LOGS, fold.logs))
                 # a log line may arrive before its step's row: link both ways round
                 jobs = sorted({row["job_id"] for row in fold.logs if row["step_name"]} | {j for j, _ in fold.steps})
                 if jobs:
                     linked = raw.padded(jobs)
-                    await tx.execute(_link_of(len(linked)), {f"j{i}": j for i, j in enumerate(linked)})
+                    sqls.append(tx.sql(_link_of(len(linked)), {f"j{i}": j for i, j in enumerate(linked)}))
+                await tx.script(sqls)
         return len(new), len(events) - len(new)

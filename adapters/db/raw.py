@@ -10,10 +10,16 @@ dialect (`Prepared`), and run on the pooled connection's asyncmy connection (`tr
 the same SQL, the same type conversions (the columns' own bind processors: JSON, booleans), the
 same connections (the pool's: its client flags, its idle ping, its recycling), the same errors
 (wrapped as SQLAlchemy's, so the callers' retry and outage checks hold).
+
+On an engine made with `multi_statements` (every engine of `make_engine`), `Transaction.script`
+sends several statements in one round trip. Each round trip costs a socket write and read, an
+event-loop turn and a wake of the server's thread, whatever the statement: the usual job commit
+was four of them (UPDATE, INSERT, INSERT, COMMIT) and is two.
 """
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections import namedtuple
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -21,6 +27,8 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from asyncmy import errors as driver_errors
+from asyncmy.constants import CLIENT
+from sqlalchemy import event
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -61,6 +69,7 @@ class Prepared:
         selected = getattr(statement, "selected_columns", None)
         self.row: Callable[..., Any] | None = None
         self._results: list[Callable[[Any], Any] | None] = []
+        self._insert_parts: tuple[str, str, str] | None = None
         if selected is not None:
             self.row = namedtuple("Row", [c.name for c in selected], rename=True)  # type: ignore[misc]
             self._results = [c.type.dialect_impl(dialect).result_processor(dialect, None) for c in selected]
@@ -72,6 +81,18 @@ class Prepared:
         return [make(*[v if f is None or v is None else f(v) for f, v in zip(results, r, strict=True)])
                 for r in found]
 
+    @property
+    def insert_parts(self) -> tuple[str, str, str]:
+        """An INSERT's text as (head, one row's `(%s, ...)`, tail): many rows are the head, the
+        rows joined by commas, and the tail (what the driver's executemany sends)."""
+        if self._insert_parts is None:
+            m = _INSERT_VALUES.match(self.sql)
+            if m is None:
+                raise ValueError(f"not an INSERT ... VALUES: {self.sql[:80]}")
+            # the head and tail are sent as they are, not through `%`: unescape their %% now
+            self._insert_parts = (m.group(1) % (), m.group(2), (m.group(3) or "") % ())
+        return self._insert_parts
+
     def args(self, params: Mapping[str, Any]) -> list[Any]:
         out = []
         for name, fixed, process in self._slots:
@@ -82,13 +103,21 @@ class Prepared:
         return out
 
 
+# the driver's own split of an INSERT ... VALUES (...) [ON DUPLICATE KEY UPDATE ...] (as PyMySQL's)
+_INSERT_VALUES = re.compile(
+    r"\s*((?:INSERT|REPLACE)\b.+\bVALUES?\s*)(\(\s*(?:%s|%\(.+\)s)\s*(?:,\s*(?:%s|%\(.+\)s)\s*)*\))"
+    r"(\s*(?:(?:AS|ON DUPLICATE).*)?);?\s*\Z", re.IGNORECASE | re.DOTALL)
+
+
 class Statements:
     """The `Prepared` form of each statement, made on first use (per engine: its dialect). Each
     statement given is kept with its form: give the long-lived ones, built once (module level, or
-    cached per shape), not one built per call."""
+    cached per shape), not one built per call. `scripts`: the engine's connections take several
+    statements at once (see `multi_statements`)."""
 
-    def __init__(self, dialect: Dialect) -> None:
+    def __init__(self, dialect: Dialect, scripts: bool = False) -> None:
         self.dialect = dialect
+        self.scripts = scripts
         self._cache: dict[tuple[int, tuple[str, ...] | None], tuple[ClauseElement, Prepared]] = {}
 
     def get(self, statement: ClauseElement, column_keys: Iterable[str] | None = None) -> Prepared:
@@ -121,11 +150,14 @@ class Transaction:
         self._cursor = driver_connection.cursor()  # one for all the transaction's statements (buffered)
         self._statements = statements
         self._dialect = statements.dialect
+        self.scripts = statements.scripts
+        self._committed = False
         # the connection's state is unknown (it is gone, or a cancel or a socket error came
         # mid-statement and left an answer unread): never to be used again
         self.broken = False
 
     async def _call(self, sql: str, call: Callable[[Any], Awaitable[T]]) -> T:
+        self._committed = False  # (a statement after a script's COMMIT begins a new transaction)
         try:
             return await call(self._cursor)
         except driver_errors.Error as exc:
@@ -196,8 +228,77 @@ class Transaction:
 
         return await self._call(prepared.sql, run)
 
+    def sql(self, statement: ClauseElement, params: Mapping[str, Any] | None = None) -> str:
+        """`statement` with `params` in it, as the driver would send it (for `script`)."""
+        prepared = self._statements.get(statement)
+        return str(self._cursor.mogrify(prepared.sql, prepared.args(params or {})))
+
+    def insert_sql(self, statement: ClauseElement, rows: Sequence[Mapping[str, Any]]) -> str:
+        """An INSERT (or upsert) of `rows` (not empty, all with the same keys) as one multi-row
+        statement, as `insert` would send it (for `script`)."""
+        prepared = self._statements.get(statement, rows[0].keys())
+        head, values, tail = prepared.insert_parts
+        mogrify = self._cursor.mogrify
+        return head + ",".join([mogrify(values, prepared.args(r)) for r in rows]) + tail
+
+    def stop_unless_one_row(self) -> str | None:
+        """A statement for `script` that fails, with `STOPPED`, unless the statement before it
+        matched exactly one row: what comes after it then does not run (a COMMIT included).
+        None where the server cannot say so in a statement (MySQL has no IF outside stored
+        programs; MariaDB has since 10.1.1)."""
+        return _STOP_UNLESS_ONE_ROW if self.scripts and getattr(self._dialect, "is_mariadb", False) else None
+
+    async def script(self, sqls: Sequence[str], *, commit: bool = False) -> list[int]:
+        """Run `sqls` (from `sql`, `insert_sql`, `stop_unless_one_row`) in order, in one round
+        trip where the connection takes several statements at once (else one by one); each
+        one's row count (rows matched). The server stops at the first statement that fails: its
+        error is raised as `execute`'s would be, and the ones after it did not run. With
+        `commit`, a COMMIT ends the script, and the transaction is over once it returns."""
+        if commit:
+            sqls = [*sqls, "COMMIT"]
+        if not sqls:
+            return []
+
+        async def run(cursor: Any) -> list[int]:
+            if not self.scripts:
+                counts = []
+                for one in sqls:
+                    await cursor.execute(one)
+                    counts.append(int(cursor.rowcount))
+                return counts
+            await cursor.execute(";".join(sqls))  # no arguments: the text goes as it is
+            counts = [int(cursor.rowcount)]
+            for _ in range(len(sqls) - 1):
+                await cursor.nextset()
+                counts.append(int(cursor.rowcount))
+            return counts
+
+        counts = await self._call(sqls[0][:200], run)
+        if commit:
+            self._committed = True
+            return counts[:-1]
+        return counts
+
+    async def rollback(self) -> None:
+        """Undo what the transaction wrote so far; the next statement begins a new one."""
+        await self._call("ROLLBACK", lambda cursor: self._connection.rollback())
+
     async def commit(self) -> None:
+        if self._committed:  # a script's own COMMIT ended the transaction
+            return
         await self._call("COMMIT", lambda cursor: self._connection.commit())
+
+
+# MariaDB's error for a SIGNAL (ER_SIGNAL_EXCEPTION), and the message of `stop_unless_one_row`'s
+SIGNALLED = 1644
+STOPPED = "stopped: the statement before matched no row"
+_STOP_UNLESS_ONE_ROW = f"IF ROW_COUNT() <> 1 THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{STOPPED}'; END IF"
+
+
+def stopped(exc: BaseException) -> bool:
+    """Whether `exc` is a script's stop by `stop_unless_one_row`."""
+    orig = getattr(exc, "orig", None)
+    return isinstance(exc, DBAPIError) and orig is not None and tuple(orig.args[:2]) == (SIGNALLED, STOPPED)
 
 
 def padded(values: Sequence[T]) -> list[T]:
@@ -217,6 +318,20 @@ def statements_of(engine: AsyncEngine) -> Statements:
     if found is None:
         found = _statements[engine] = Statements(engine.sync_engine.dialect)
     return found
+
+
+def multi_statements(engine: AsyncEngine) -> None:
+    """Let `engine`'s connections (those it makes from now on: call this before the first)
+    take several statements in one request, for `Transaction.script`. (It lets an injected
+    `; DROP ...` run too: nothing here sends text it did not build, every value is escaped by
+    the driver.)"""
+
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def _connecting(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+        cparams["client_flag"] = int(cparams.get("client_flag", 0)) | CLIENT.MULTI_STATEMENTS
+
+    statements = statements_of(engine)
+    statements.scripts = True
 
 
 @asynccontextmanager

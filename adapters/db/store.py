@@ -192,6 +192,25 @@ class JobStore:
             async with raw.transaction(self.engine) as tx:
                 self.transactions += 1
                 cancel, written, (guarded, _, params, out, led) = False, whole, full
+                if tx.scripts:
+                    # the usual case in one round trip: the fenced UPDATE, everything after it
+                    # and, on MariaDB, the COMMIT, which runs only if the fence held; on MySQL
+                    # the COMMIT is a second round trip once the UPDATE's count is read. Should
+                    # the fence fail, whatever ran is undone and it is done the long way below
+                    stop = tx.stop_unless_one_row()
+                    sqls = [tx.sql(guarded, params), *([stop] if stop else [])]
+                    if out:
+                        sqls.append(tx.insert_sql(OUTBOX_INSERT, out))
+                    if led:
+                        sqls.append(tx.insert_sql(LEDGER_UPSERT, led))
+                    sqls.extend(tx.sql(s, p) for s, p in self._side_updates(job, whole))
+                    try:
+                        if (await tx.script(sqls, commit=stop is not None))[0] == 1:
+                            return False
+                    except DBAPIError as exc:
+                        if not raw.stopped(exc):
+                            raise
+                    await tx.rollback()
                 if await tx.execute(guarded, params) != 1:
                     # the fence failed, or a cancel was asked for: the row is locked now (the
                     # UPDATE read it by its key), so the unguarded UPDATE tells which (and
@@ -203,15 +222,8 @@ class JobStore:
                     await tx.insert(OUTBOX_INSERT, out)
                 if led:
                     await tx.insert(LEDGER_UPSERT, led)
-                if written.vm_status:
-                    await tx.execute(_VM_STATUS, {"vm_id": job.vm_id, "v_status": written.vm_status,
-                                                  "v_updated_at": utcnow()})
-                if written.parent and job.parent_job_id:
-                    columns = tuple(sorted(written.parent))
-                    await tx.execute(_parent_update(columns), {
-                        "parent_id": job.parent_job_id, "v_updated_at": utcnow(),
-                        **{f"v_{c}": to_db_time(v) if c in _TIME_COLUMNS else v
-                           for c, v in written.parent.items()}})
+                for statement, values in self._side_updates(job, written):
+                    await tx.execute(statement, values)
             return cancel
 
         cancel = await _again(write)
@@ -221,6 +233,19 @@ class JobStore:
         if self.lease_seconds and "lease_expires_at" not in whole.job:
             self.on_lease(job.job_id, asked + self.lease_seconds)
         return cancel
+
+    @staticmethod
+    def _side_updates(job: JobRow, written: Commit) -> list[tuple[Update, dict[str, Any]]]:
+        """A commit's writes beyond the job's row, the outbox and the ledger: the VM's status,
+        the parent job's columns."""
+        out: list[tuple[Update, dict[str, Any]]] = []
+        if written.vm_status:
+            out.append((_VM_STATUS, {"vm_id": job.vm_id, "v_status": written.vm_status, "v_updated_at": utcnow()}))
+        if written.parent and job.parent_job_id:
+            out.append((_parent_update(tuple(sorted(written.parent))), {
+                "parent_id": job.parent_job_id, "v_updated_at": utcnow(),
+                **{f"v_{c}": to_db_time(v) if c in _TIME_COLUMNS else v for c, v in written.parent.items()}}))
+        return out
 
     async def ledger(self, job_id: str) -> list[LedgerEntry]:
         async with self.engine.connect() as conn:

@@ -1,0 +1,133 @@
+"""The job store's commit against the real MariaDB: the fenced UPDATE and what goes with it (the
+job's events, its ledger) are one transaction, sent in one round trip; should the fence fail,
+none of it stays. Each test runs three ways: MariaDB's (UPDATE, a stop unless it matched, the
+writes and the COMMIT in one script), MySQL's (no stop statement: the COMMIT once the UPDATE's
+count is read) and one statement per request (an engine whose connections take one)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from adapters.db import raw
+from adapters.db.engine import make_engine, utcnow
+from adapters.db.store import JobStore
+from adapters.db.tables import failover_jobs, outbox, resource_ledger
+from schemas.events import StepCompleted, StepStarted
+from statemachine.errors import LeaseLost
+from statemachine.ports import Commit, JobRow, LedgerEntry
+from tests.crash.support import database_of_its_own
+
+OWNER = "store-test"
+
+
+@pytest.fixture(scope="module")
+async def store_db(database_url: str) -> AsyncIterator[str]:
+    async with database_of_its_own(database_url, "store") as engine:
+        yield engine.url.render_as_string(hide_password=False)
+
+
+@pytest.fixture(params=["mariadb", "mysql", "one-at-a-time"])
+async def db(request: pytest.FixtureRequest, store_db: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(store_db) if request.param == "one-at-a-time" else make_engine(store_db, pool_size=2)
+    try:
+        async with engine.connect():  # the dialect learns the server's flavour on the first connect
+            pass
+        if request.param == "mysql":  # MariaDB runs what is sent to MySQL: only the stop is MariaDB's
+            engine.sync_engine.dialect.is_mariadb = False
+        async with raw.transaction(engine) as tx:
+            assert (tx.scripts, tx.stop_unless_one_row() is not None) == {
+                "mariadb": (True, True), "mysql": (True, False), "one-at-a-time": (False, False)}[request.param]
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+async def _a_job(db: AsyncEngine, **columns: Any) -> JobRow:
+    job_id = str(uuid.uuid4())
+    now = utcnow()
+    async with db.begin() as conn:
+        await conn.execute(failover_jobs.insert().values(
+            job_id=job_id, vm_id=f"vm-{job_id[:8]}", job_type="test", source_vm_name="web", created_at=now,
+            updated_at=now, request_id=job_id, correlation_id=job_id, options={}, lease_owner=OWNER,
+            lease_expires_at=now + timedelta(seconds=60), **columns))
+    row = await JobStore(db, OWNER).load(job_id)
+    assert row is not None
+    return row
+
+
+def _event(cls: type, job: JobRow, sequence: int, **fields: Any) -> Any:
+    return cls(event_id=uuid.uuid4(), job_id=job.job_id, job_type="test-failover", vm_id=job.vm_id,
+               sequence=sequence, correlation_id=job.job_id, causation_id=job.job_id,
+               occurred_at=datetime.now(UTC), step="cloudstack-snapshot", step_order=2, **fields)
+
+
+def _commit(job: JobRow, *, tail: bool = False) -> Commit:
+    head = Commit(events=[_event(StepCompleted, job, job.last_sequence + 1, percent_complete=33)],
+                  job={"status": "running"},
+                  ledger=[LedgerEntry(key="snapshot:vol-1", resource_type="snapshot", action="create",
+                                      status="done", resource_id="snap-1", data={"volume": "vol-1"})])
+    if tail:
+        head.tail = Commit(events=[_event(StepStarted, job, job.last_sequence + 2, total_steps=6, percent_complete=40)],
+                           job={"resume_state": "vm-creation"})
+    return head
+
+
+async def _written(db: AsyncEngine, job: JobRow) -> tuple[list[str], list[str], Any]:
+    async with db.connect() as conn:
+        events = (await conn.execute(select(outbox.c.event_type).where(outbox.c.job_id == job.job_id)
+                                     .order_by(outbox.c.sequence))).scalars().all()
+        ledger = (await conn.execute(select(resource_ledger.c.resource_key)
+                                     .where(resource_ledger.c.job_id == job.job_id))).scalars().all()
+        row = (await conn.execute(select(failover_jobs.c.status, failover_jobs.c.resume_state,
+                                         failover_jobs.c.last_sequence)
+                                  .where(failover_jobs.c.job_id == job.job_id))).one()
+    return list(events), list(ledger), row
+
+
+async def test_a_commit_writes_the_job_its_events_and_its_ledger_together(db: AsyncEngine) -> None:
+    job = await _a_job(db)
+    store = JobStore(db, OWNER, lease_seconds=30)
+    assert await store.commit(job, _commit(job, tail=True)) is False
+    events, ledger, row = await _written(db, job)
+    assert events == ["StepCompleted", "StepStarted"]
+    assert ledger == ["snapshot:vol-1"]
+    assert (row.status, row.resume_state, row.last_sequence) == ("running", "vm-creation", 2)
+
+
+async def test_a_commit_whose_lease_is_gone_writes_nothing(db: AsyncEngine) -> None:
+    job = await _a_job(db)
+    async with db.begin() as conn:  # another process took the job over
+        await conn.execute(update(failover_jobs).where(failover_jobs.c.job_id == job.job_id)
+                           .values(lease_owner="someone-else"))
+    with pytest.raises(LeaseLost):
+        await JobStore(db, OWNER, lease_seconds=30).commit(job, _commit(job, tail=True))
+    events, ledger, row = await _written(db, job)
+    assert (events, ledger) == ([], [])
+    assert (row.status, row.last_sequence) == ("pending", 0)
+
+
+async def test_a_commit_whose_lease_expired_writes_nothing(db: AsyncEngine) -> None:
+    job = await _a_job(db)
+    async with db.begin() as conn:
+        await conn.execute(update(failover_jobs).where(failover_jobs.c.job_id == job.job_id)
+                           .values(lease_expires_at=func.now(6)))
+    with pytest.raises(LeaseLost):
+        await JobStore(db, OWNER).commit(job, _commit(job))
+    assert (await _written(db, job))[:2] == ([], [])
+
+
+async def test_a_cancel_asked_for_keeps_the_head_and_drops_the_tail(db: AsyncEngine) -> None:
+    """The step's end is written, the next step's start is not: the job stops there."""
+    job = await _a_job(db, cancel_requested=True)
+    assert await JobStore(db, OWNER, lease_seconds=30).commit(job, _commit(job, tail=True)) is True
+    events, ledger, row = await _written(db, job)
+    assert events == ["StepCompleted"]
+    assert ledger == ["snapshot:vol-1"]
+    assert (row.status, row.resume_state, row.last_sequence) == ("running", None, 1)
