@@ -124,6 +124,11 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
         # leases (jobs' and the relay's) on their own small pool: never starved by the commits
         lease_engine = make_engine(settings.database_url.get_secret_value(), pool_size=2)
         stack.push_async_callback(lease_engine.dispose)
+        # the relay's and the projector's own small pool: with a thousand jobs in flight, the
+        # jobs' pool has hundreds of commits queued at once, and the relay's marking of a batch
+        # as sent waited behind them for up to 4 s (the progress events with it)
+        events_engine = make_engine(settings.database_url.get_secret_value(), pool_size=2)
+        stack.push_async_callback(events_engine.dispose)
         connection = await bus.connect(settings.amqp_url.get_secret_value(), ca_file=settings.amqp_ca_file,
                                        name=f"failover {svc.owner}")
         stack.push_async_callback(connection.close)
@@ -151,7 +156,7 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
         tasks: list[asyncio.Task[None]] = []
         relay = None
         if "relay" in roles:
-            relay = OutboxRelay(OutboxStore(engine, svc.owner, lease_engine=lease_engine), topology.events, batch=settings.outbox_batch,
+            relay = OutboxRelay(OutboxStore(events_engine, svc.owner, lease_engine=lease_engine), topology.events, batch=settings.outbox_batch,
                                 poll_seconds=settings.outbox_poll_seconds, lease_seconds=settings.lease_seconds,
                                 published=lambda t: m.child(m.EVENTS_PUBLISHED, t).inc())
             svc.relay = relay
@@ -178,7 +183,7 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
                 for lag in lags:
                     m.PROJECTOR_LAG.observe(max(0.0, lag))
 
-            projector = Projector(pqueue, Projections(engine), batch=settings.projector_prefetch, observe=observe)
+            projector = Projector(pqueue, Projections(events_engine), batch=settings.projector_prefetch, observe=observe)
             await projector.start()
 
         consumer = None
