@@ -78,12 +78,14 @@ def _ping_when_idle(engine: AsyncEngine, idle_seconds: float) -> None:
             raise DisconnectionError(f"an idle database connection is gone ({type(exc).__name__})") from exc
 
 
-def make_engine(url: str, *, pool_size: int = 10, ssl_ca: str | None = None,
+def make_engine(url: str, *, pool_size: int = 10, max_overflow: int | None = None, ssl_ca: str | None = None,
                 idle_ping_seconds: float = IDLE_PING_SECONDS) -> AsyncEngine:
     """An engine for `url`; its query string goes to the driver (e.g. `unix_socket=`), except
     the TLS options (`ssl_ca=`, `ssl_cert=`, `ssl_key=`, ... see `tls_context`), which turn TLS
     on with a verifying context. `ssl_ca` given here counts as `?ssl_ca=`. A pooled connection
-    idle for `idle_ping_seconds` or more is pinged before it is handed out."""
+    idle for `idle_ping_seconds` or more is pinged before it is handed out. `max_overflow`
+    (default: `pool_size`): connections opened beyond the pool when it is all in use, each
+    closed again when handed back to a full pool."""
     parsed = make_url(url)
     query = dict(parsed.query)
     options = {key: _last(query.pop(key)) for key in TLS_OPTIONS if key in query}
@@ -98,7 +100,7 @@ def make_engine(url: str, *, pool_size: int = 10, ssl_ca: str | None = None,
     engine = create_async_engine(
         parsed,
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=pool_size if max_overflow is None else max_overflow,
         pool_pre_ping=False,  # see IDLE_PING_SECONDS
         pool_recycle=1800,
         # No ROLLBACK when a connection goes back to the pool: every use here is an
