@@ -6,6 +6,7 @@ count is read) and one statement per request (an engine whose connections take o
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from schemas.events import StepCompleted, StepStarted
 from statemachine.errors import LeaseLost
 from statemachine.ports import Commit, JobRow, LedgerEntry
 from tests.crash.support import database_of_its_own
+from tests.helpers import wait_until
 
 OWNER = "store-test"
 
@@ -131,3 +133,27 @@ async def test_a_cancel_asked_for_keeps_the_head_and_drops_the_tail(db: AsyncEng
     assert events == ["StepCompleted"]
     assert ledger == ["snapshot:vol-1"]
     assert (row.status, row.resume_state, row.last_sequence) == ("running", None, 1)
+
+
+async def test_the_events_outbox_time_is_their_commits_not_when_it_began_to_wait(store_db: str) -> None:
+    """The relay's lag and the backlog's age count from `outbox.created_at`: a commit that waited
+    for a connection (a busy pool) stamps its events when it gets one."""
+    engine = make_engine(store_db, pool_size=1, max_overflow=0)
+    try:
+        job = await _a_job(engine)
+        async with engine.connect() as held:  # the pool's only connection, busy
+            await held.execute(select(1))
+            commit = asyncio.create_task(JobStore(engine, OWNER).commit(job, _commit(job)))
+            waiting = engine.sync_engine.pool._pool._queue._getters  # type: ignore[attr-defined]
+
+            async def queued() -> bool:  # (SQLAlchemy's pool queue is an asyncio.Queue underneath)
+                return len(waiting) > 0
+
+            await wait_until(queued, 5, "the commit to wait for the pool's connection", interval=0.01)
+            released = utcnow()
+        assert await commit is False
+        async with engine.connect() as conn:
+            stamped = (await conn.execute(select(outbox.c.created_at).where(outbox.c.job_id == job.job_id))).scalar_one()
+        assert stamped >= released
+    finally:
+        await engine.dispose()

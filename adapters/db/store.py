@@ -192,6 +192,11 @@ class JobStore:
             async with raw.transaction(self.engine) as tx:
                 self.transactions += 1
                 cancel, written, (guarded, _, params, out, led) = False, whole, full
+                # the events' outbox time is their commit's, not when the commit began to wait
+                # for a connection (the relay's lag, and the backlog's age, are counted from it)
+                now = utcnow()
+                for row in (*full[3], *head[3]):
+                    row["created_at"] = now
                 if tx.scripts:
                     # the usual case in one round trip: the fenced UPDATE, everything after it
                     # and, on MariaDB, the COMMIT, which runs only if the fence held; on MySQL
