@@ -42,7 +42,7 @@ async def db(request: pytest.FixtureRequest, store_db: str) -> AsyncIterator[Asy
         async with engine.connect():  # the dialect learns the server's flavour on the first connect
             pass
         if request.param == "mysql":  # MariaDB runs what is sent to MySQL: only the stop is MariaDB's
-            engine.sync_engine.dialect.is_mariadb = False
+            engine.sync_engine.dialect.is_mariadb = False  # type: ignore[attr-defined]
         async with raw.transaction(engine) as tx:
             assert (tx.scripts, tx.stop_unless_one_row() is not None) == {
                 "mariadb": (True, True), "mysql": (True, False), "one-at-a-time": (False, False)}[request.param]
