@@ -106,7 +106,7 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         ("   messages per job (1 command + events)", _f(d["messages_per_job"]), "-", "", ""),
         ("   transactions (COMMITs) per job", _f(d["transactions_per_job"]), _celery_commits(best_t), "",
          "counted on the wire" if "wire" in d.get("transactions_source", "") else "server-wide Com_commit"),
-        ("   SQL round trips per job: statements + pings (of which SELECT / INSERT / UPDATE)",
+        ("   SQL round trips per job: requests + pings (statements in them: SELECT / INSERT / UPDATE)",
          _sql_line(sql), _celery_sql(best_t), "", "the profiled burst" if sql else ""),
         ("   read-only transactions (ROLLBACK) / pings per job",
          f"{_f(sql.get('rollbacks_per_job'))} / {_f(sql.get('pings_per_job'))}" if sql else "-",

@@ -15,12 +15,41 @@ _TABLE = re.compile(r"\b(?:INTO|UPDATE|FROM)\s+`?([A-Za-z_][A-Za-z0-9_]*)`?", re
 COM_QUERY, COM_PING, COM_QUIT = 0x03, 0x0E, 0x01
 
 
+def statements(script: str) -> list[str]:
+    """The statements of one COM_QUERY (several when the service sends a script), split at the
+    semicolons outside quotes; MariaDB's `IF ... THEN ...; END IF` counts as one statement."""
+    out: list[str] = []
+    start, quote, i, n = 0, "", 0, len(script)
+    while i < n:
+        c = script[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = ""
+        elif c in "'\"`":
+            quote = c
+        elif c == ";":
+            out.append(script[start:i].strip())
+            start = i + 1
+        i += 1
+    out.append(script[start:].strip())
+    merged: list[str] = []
+    for sql in filter(None, out):  # the pieces of an IF block go back together
+        if merged and merged[-1].upper().startswith("IF ") and not merged[-1].upper().endswith("END IF"):
+            merged[-1] += "; " + sql
+        else:
+            merged.append(sql)
+    return merged
+
+
 class SqlCounter:
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.kinds: Counter[str] = Counter()
         self.by_table: Counter[str] = Counter()
         self.connections = 0
+        self.requests = 0  # COM_QUERY packets (a multi-statement script is one)
         self._server: asyncio.base_events.Server | None = None
         self.port = 0
 
@@ -34,17 +63,19 @@ class SqlCounter:
             self._server.close()
 
     def snapshot(self) -> dict[str, Any]:
-        return {"kinds": dict(self.kinds), "by_table": dict(self.by_table), "connections": self.connections}
+        return {"kinds": dict(self.kinds), "by_table": dict(self.by_table), "connections": self.connections,
+                "requests": self.requests}
 
     def _count(self, payload: bytes) -> None:
         cmd = payload[0]
         if cmd == COM_QUERY:
-            sql = payload[1:200].decode("utf-8", "replace").lstrip()
-            kind = sql.split(None, 1)[0].upper() if sql else "?"
-            self.kinds[kind] += 1
-            if kind in ("SELECT", "INSERT", "UPDATE", "DELETE"):
-                m = _TABLE.search(payload[1:2000].decode("utf-8", "replace"))
-                self.by_table[f"{kind} {m.group(1) if m else '?'}"] += 1
+            self.requests += 1  # one round trip, however many statements it carries
+            for sql in statements(payload[1:].decode("utf-8", "replace")):
+                kind = sql.split(None, 1)[0].upper() if sql else "?"
+                self.kinds[kind] += 1
+                if kind in ("SELECT", "INSERT", "UPDATE", "DELETE"):
+                    m = _TABLE.search(sql[:2000])
+                    self.by_table[f"{kind} {m.group(1) if m else '?'}"] += 1
         elif cmd == COM_PING:
             self.kinds["PING"] += 1
         elif cmd != COM_QUIT:
@@ -94,8 +125,10 @@ def delta(before: dict[str, Any], after: dict[str, Any], jobs: int) -> dict[str,
                 if b.get(k, 0) - a.get(k, 0)}
 
     kinds = sub(before["kinds"], after["kinds"])
+    requests = (after.get("requests", 0) - before.get("requests", 0)) / jobs
     return {"per_job": kinds, "by_table_per_job": sub(before["by_table"], after["by_table"]),
             "statements_per_job": round(sum(v for k, v in kinds.items() if k != "PING"), 2),
-            "round_trips_per_job": round(sum(kinds.values()), 2),
+            # requests, not statements: a script of several statements is one round trip
+            "round_trips_per_job": round(requests + kinds.get("PING", 0.0), 2),
             "commits_per_job": kinds.get("COMMIT", 0.0), "rollbacks_per_job": kinds.get("ROLLBACK", 0.0),
             "pings_per_job": kinds.get("PING", 0.0)}
