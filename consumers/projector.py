@@ -30,10 +30,14 @@ BATCH_TRIES = 3  # tries of a whole batch failing for a reason other than the co
 
 class Projector:
     def __init__(self, queue: AbstractQueue, projections: Projections, *, batch: int,
-                 observe: Callable[[int, int, list[float]], None] = lambda a, d, lags: None) -> None:
+                 observe: Callable[[int, int, list[float]], None] = lambda a, d, lags: None,
+                 linger: float = 0.0) -> None:
         self.queue = queue
         self.projections = projections
         self.batch = batch
+        # after a batch smaller than `batch`, how long the next waits for more deliveries: at a
+        # steady trickle each event was a transaction of its own (see FAILOVER_PROJECTOR_LINGER_SECONDS)
+        self.linger = linger
         self.observe = observe
         self._buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._tag: str | None = None
@@ -53,10 +57,14 @@ class Projector:
             await asyncio.gather(self._worker, return_exceptions=True)
 
     async def _work(self) -> None:
+        full = True  # the last batch was full: more are waiting, no pause
         while True:
             messages = [await self._buffer.get()]
+            if self.linger and not full and self._buffer.qsize() < self.batch - 1:
+                await asyncio.sleep(self.linger)  # let the trickle gather into one transaction
             while len(messages) < self.batch and not self._buffer.empty():
                 messages.append(self._buffer.get_nowait())
+            full = len(messages) >= self.batch
             try:
                 await self._handle(messages)
             except asyncio.CancelledError:

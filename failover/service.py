@@ -161,6 +161,7 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
         if "relay" in roles:
             relay = OutboxRelay(OutboxStore(events_engine, svc.owner, lease_engine=lease_engine), topology.events, batch=settings.outbox_batch,
                                 poll_seconds=settings.outbox_poll_seconds, lease_seconds=settings.lease_seconds,
+                                linger=settings.outbox_linger_seconds,
                                 published=lambda t: m.child(m.EVENTS_PUBLISHED, t).inc())
             svc.relay = relay
             tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
@@ -186,7 +187,8 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
                 for lag in lags:
                     m.PROJECTOR_LAG.observe(max(0.0, lag))
 
-            projector = Projector(pqueue, Projections(events_engine), batch=settings.projector_prefetch, observe=observe)
+            projector = Projector(pqueue, Projections(events_engine), batch=settings.projector_prefetch, observe=observe,
+                                  linger=settings.projector_linger_seconds)
             await projector.start()
 
         consumer = None

@@ -125,6 +125,11 @@ class Settings(ConnectionSettings):
     claim_interval_seconds: PositiveFloat = 1.0  # how often to look for unowned jobs
     outbox_poll_seconds: PositiveFloat = 0.2
     outbox_batch: int = Field(default=500, ge=1)
+    # a relay round woken by a commit (the round before was not full) first waits this long for
+    # the commits of the same moment, and a projector batch that is not full waits this long
+    # for more deliveries: fewer, larger transactions at a trickle, for this much more lag
+    outbox_linger_seconds: float = Field(default=0.01, ge=0, le=1)
+    projector_linger_seconds: float = Field(default=0.01, ge=0, le=1)
     poll_interval_seconds: PositiveFloat = 2.0  # CloudStack async job / daemon op polling
     # from this many waits on one system at once, a poll round lists them with one request
     poll_batch_from: int = Field(default=8, ge=1)

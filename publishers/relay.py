@@ -52,11 +52,15 @@ def to_message(event: OutboxEvent) -> aio_pika.Message:
 class OutboxRelay:
     def __init__(self, store: OutboxStore, exchange: AbstractExchange, *, batch: int, poll_seconds: float,
                  lease_seconds: float, published: Callable[[str], None] = lambda t: None,
-                 confirm_timeout: float = 30.0) -> None:
+                 confirm_timeout: float = 30.0, linger: float = 0.0) -> None:
         self.store = store
         self.exchange = exchange
         self.batch = batch
         self.poll_seconds = poll_seconds
+        # woken by a commit after a round that was not full, how long to wait for more commits
+        # before reading: at a steady trickle every commit woke a round of its own (a read, a
+        # publish, a marking transaction per event or two; see FAILOVER_OUTBOX_LINGER_SECONDS)
+        self.linger = linger
         self.lease_seconds = lease_seconds
         self.published = published
         self.confirm_timeout = confirm_timeout
@@ -242,6 +246,8 @@ class OutboxRelay:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_seconds):  # (no task of its own, unlike wait_for)
                     await self._wake.wait()
+            if self.linger and self._wake.is_set() and not self._stopping:
+                await asyncio.sleep(self.linger)  # more commits of the moment join this round
 
     async def flush(self, timeout: float) -> bool:
         """SIGTERM: publish what is left (if leader), then give the lease up so that another

@@ -20,6 +20,7 @@ from publishers.relay import to_message
 from schemas.events import Event, JobAccepted, LogRecorded
 
 from .crash.support import database_of_its_own
+from .helpers import wait_until
 
 EVENTS = 120
 
@@ -79,5 +80,48 @@ async def test_every_delivery_is_acked_once_its_batch_is_applied(projector_db: A
             left = await setup.declare_queue(name, passive=True)
             assert left.declaration_result.message_count == 0
             assert await _projected(projector_db, job_id) == EVENTS
+        finally:
+            await setup.queue_delete(name)
+
+
+LINGER = 1.0
+
+
+async def test_a_trickle_of_deliveries_is_applied_in_one_batch(projector_db: AsyncEngine, amqp_url: str) -> None:
+    """After a batch that was not full, the next one waits `linger` for more deliveries: two
+    events arriving a moment apart are applied in one transaction, not one each."""
+    job_id = uuid.uuid4()
+    name = f"projector-test-{uuid.uuid4().hex[:8]}"
+    events = _events(job_id)[:3]
+    connection = await aio_pika.connect_robust(amqp_url)
+    async with connection:
+        setup = await connection.channel(publisher_confirms=True)
+        exchange = await setup.declare_exchange(name, aio_pika.ExchangeType.TOPIC, auto_delete=True)
+        queue = await setup.declare_queue(name, auto_delete=False)
+        await queue.bind(exchange, routing_key="#")
+
+        async def publish(e: Event) -> None:
+            await exchange.publish(to_message(OutboxEvent(0, str(e.event_id), str(job_id), e.type, str(job_id),
+                                                          e.model_dump_json(), 0.0)), routing_key=f"job.{job_id}.{e.type}")
+
+        async def handled_are(expected: int) -> bool:
+            return sum(handled) >= expected
+
+        try:
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=50)
+            handled: list[int] = []
+            projector = Projector(await channel.get_queue(name), Projections(projector_db), batch=50, linger=LINGER,
+                                  observe=lambda applied, dupes, lags: handled.append(applied + dupes))
+            await projector.start()
+            await publish(events[0])
+            await wait_until(lambda: handled_are(1), 10, "the first event to be applied")
+            await publish(events[1])
+            await asyncio.sleep(0.1)  # the trickle: the next event a moment later
+            await publish(events[2])
+            await wait_until(lambda: handled_are(3), 10, "the other two to be applied")
+            assert handled == [1, 2], f"not gathered into one batch: {handled}"
+            await projector.stop()
+            assert await _projected(projector_db, job_id) == 3
         finally:
             await setup.queue_delete(name)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
 import aio_pika
@@ -21,8 +21,10 @@ from publishers.relay import OutboxRelay
 from schemas.events import JobAccepted, LogRecorded
 
 from .crash.support import database_of_its_own
+from .helpers import wait_until
 
 EVENTS = 120
+LINGER = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +188,45 @@ async def test_a_relay_that_does_not_lead_marks_what_it_published_at_once_when_i
         assert await leader.publish_once() == 0
         assert await queue.get(fail=False) is None
         await leader.flush(5)
+
+
+async def test_events_committed_within_the_linger_go_in_one_round(relay_db: AsyncEngine, amqp_url: str) -> None:
+    """At a trickle each commit woke a round of its own (a read, a publish, a marking
+    transaction); a round woken by a commit first waits `linger` for the commits of the same
+    moment: two events committed a moment apart are published and marked together (one
+    `published_at`)."""
+    job_id = uuid.uuid4()
+    async with relay_db.begin() as conn:
+        await conn.execute(outbox.delete())
+    connection = await aio_pika.connect_robust(amqp_url)
+    async with connection:
+        exchange, queue = await _exchange_and_queue(connection)
+        relay = _relay(relay_db, exchange, linger=LINGER)
+        task = asyncio.create_task(relay.run())
+        try:
+            await wait_until(_now(lambda: relay.is_leader), 10, "the relay to lead")
+            for sequence in (1, 2):
+                if sequence == 2:
+                    await asyncio.sleep(0.1)  # the trickle: the next commit a moment later
+                async with raw.transaction(relay_db) as tx:
+                    await insert_event(tx, _line(job_id, sequence))
+                relay.wake()  # as the job store does after each commit
+            assert [await _received(queue) for _ in range(2)] == [("LogRecorded", 1), ("LogRecorded", 2)]
+            await wait_until(lambda: _unsent_is(relay_db, 0), 10, "both to be marked sent")
+            async with relay_db.connect() as conn:
+                marked = (await conn.execute(select(outbox.c.published_at).where(
+                    outbox.c.job_id == str(job_id)))).scalars().all()
+            assert len(marked) == 2 and marked[0] == marked[1], f"published in more than one round: {marked}"
+        finally:
+            await relay.flush(5)
+            await asyncio.wait_for(task, 5)
+
+
+async def _unsent_is(db: AsyncEngine, count: int) -> bool:
+    return await _unsent(db) == count
+
+
+def _now(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def checked() -> bool:
+        return check()
+    return checked
