@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from adapters.db import raw
 from adapters.db.engine import make_engine, utcnow
+from adapters.db.outbox import outbox_row
 from adapters.db.store import JobStore
 from adapters.db.tables import failover_jobs, outbox, resource_ledger
 from schemas.events import StepCompleted, StepStarted
@@ -113,6 +114,22 @@ async def test_a_commit_whose_lease_is_gone_writes_nothing(db: AsyncEngine) -> N
     events, ledger, row = await _written(db, job)
     assert (events, ledger) == ([], [])
     assert (row.status, row.last_sequence) == ("pending", 0)
+
+
+async def test_a_commit_after_the_new_owner_wrote_is_a_lost_lease_not_a_conflict(db: AsyncEngine) -> None:
+    """Another process took the job over and already committed its next event: our commit's
+    outbox row would collide with it (the same job and sequence), but the fence is read first,
+    and the job learns that its lease is gone, not that a row was a duplicate."""
+    job = await _a_job(db)
+    theirs = _event(StepCompleted, job, job.last_sequence + 1, percent_complete=33)
+    async with db.begin() as conn:
+        await conn.execute(update(failover_jobs).where(failover_jobs.c.job_id == job.job_id)
+                           .values(lease_owner="someone-else", last_sequence=1))
+        await conn.execute(outbox.insert().values(**outbox_row(theirs)))
+    with pytest.raises(LeaseLost):
+        await JobStore(db, OWNER, lease_seconds=30).commit(job, _commit(job))
+    events, ledger, row = await _written(db, job)
+    assert (events, ledger, row.last_sequence) == (["StepCompleted"], [], 1)  # theirs alone
 
 
 async def test_a_commit_whose_lease_expired_writes_nothing(db: AsyncEngine) -> None:

@@ -232,10 +232,10 @@ async def test_a_script_writes_what_its_statements_write_one_at_a_time(engine: A
     async with raw.transaction(engine) as tx:
         first_id = await tx.insert(LEDGER_UPSERT, [_ledger_row(job, "first")])
         counts = await tx.script([
-            tx.insert_sql(LEDGER_UPSERT, [_ledger_row(job, "raw:1", data=odd), _ledger_row(job, "raw:2", name="50%")]),
+            *tx.insert_sqls(LEDGER_UPSERT, [_ledger_row(job, "raw:1", data=odd), _ledger_row(job, "raw:2", name="50%")]),
             tx.sql(_LEDGER_DATA, {"row_id": first_id, "v_status": "intended"}),  # matched, unchanged
             tx.sql(_LEDGER_DATA, {"row_id": -1, "v_status": "done"}),  # no such row
-            tx.insert_sql(LEDGER_UPSERT, [_ledger_row(job, "first", status="done")]),  # an update
+            *tx.insert_sqls(LEDGER_UPSERT, [_ledger_row(job, "first", status="done")]),  # an update
         ])
     async with engine.begin() as conn:
         await conn.execute(LEDGER_UPSERT, [_ledger_row(job, "sa:1", data=odd), _ledger_row(job, "sa:2", name="50%")])
@@ -257,10 +257,13 @@ async def test_a_statement_failing_mid_script_stops_it_and_rolls_back(engine: As
     before = await _connection_id(engine)
     with pytest.raises(IntegrityError) as caught:
         async with raw.transaction(engine) as tx:
-            await tx.script([tx.insert_sql(failover_jobs.insert(), [_job_row(job)]),
-                             tx.insert_sql(failover_jobs.insert(), [_job_row(job)]),  # the same job_id
-                             tx.insert_sql(failover_jobs.insert(), [_job_row(other)])])
+            await tx.script([*tx.insert_sqls(failover_jobs.insert(), [_job_row(job)]),
+                             *tx.insert_sqls(failover_jobs.insert(), [_job_row(job)]),  # the same job_id
+                             *tx.insert_sqls(failover_jobs.insert(), [_job_row(other)])])
     assert caught.value.orig.args[0] == 1062  # type: ignore[union-attr]
+    # the failing statement is named, its values are not
+    assert "statement 2 of 3 of a script: INSERT INTO failover_jobs" in str(caught.value)
+    assert job not in str(caught.value.statement)
     async with engine.connect() as conn:
         found = (await conn.execute(select(failover_jobs.c.job_id).where(
             failover_jobs.c.job_id.in_([job, other])))).all()
@@ -277,7 +280,7 @@ async def test_a_script_runs_one_statement_at_a_time_where_the_connection_takes_
             assert not tx.scripts
             first_id = await tx.insert(LEDGER_UPSERT, [_ledger_row(job, "k")])
             counts = await tx.script([tx.sql(_LEDGER_DATA, {"row_id": first_id, "v_status": "done"}),
-                                      tx.insert_sql(LEDGER_UPSERT, [_ledger_row(job, "k2"), _ledger_row(job, "k3")])])
+                                      *tx.insert_sqls(LEDGER_UPSERT, [_ledger_row(job, "k2"), _ledger_row(job, "k3")])])
         assert counts == [1, 2]
         async with plain.connect() as conn:
             assert (await conn.execute(text("SELECT COUNT(*) FROM resource_ledger WHERE job_id = :j"),
@@ -298,13 +301,13 @@ async def test_a_script_stopped_unless_one_row_matched_writes_nothing(engine: As
             stop = tx.stop_unless_one_row()
             assert stop is not None
             await tx.script([tx.sql(_LEDGER_DATA, {"row_id": -1, "v_status": "done"}), stop,
-                             tx.insert_sql(LEDGER_UPSERT, [_ledger_row(job, "after")])], commit=True)
+                             *tx.insert_sqls(LEDGER_UPSERT, [_ledger_row(job, "after")])], commit=True)
     assert raw.stopped(caught.value)
     async with raw.transaction(engine) as tx:  # matched: the rest runs and is committed
         stop = tx.stop_unless_one_row()
         assert stop is not None
         counts = await tx.script([tx.sql(_LEDGER_DATA, {"row_id": row_id, "v_status": "done"}), stop,
-                                  tx.insert_sql(LEDGER_UPSERT, [_ledger_row(job, "later")])], commit=True)
+                                  *tx.insert_sqls(LEDGER_UPSERT, [_ledger_row(job, "later")])], commit=True)
         assert counts == [1, 0, 1]
         # a statement after the script's COMMIT is a transaction of its own, committed at the end
         await tx.insert(LEDGER_UPSERT, [_ledger_row(job, "last")])
@@ -313,3 +316,22 @@ async def test_a_script_stopped_unless_one_row_matched_writes_nothing(engine: As
                                        .where(resource_ledger.c.job_id == job))).scalars())
     assert keys == {"k", "later", "last"}
     assert await _connection_id(engine) == before
+
+
+async def test_a_long_script_goes_in_several_requests_of_bounded_size(engine: AsyncEngine, raw_database: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A projector batch of large events must not become one request beyond the server's
+    max_allowed_packet: multi-row INSERTs are split, and requests stay under MAX_STATEMENT
+    characters (a small bound here), one after the other, with a count for each statement."""
+    monkeypatch.setattr(raw, "MAX_STATEMENT", 3000)
+    job = str(uuid.uuid4())
+    rows = [_ledger_row(job, f"big:{i}", data={"blob": "x" * 900}) for i in range(12)]
+    async with raw.transaction(engine) as tx:
+        inserts = tx.insert_sqls(LEDGER_UPSERT, rows)
+        assert len(inserts) > 3 and all(len(one) <= 3000 for one in inserts)
+        assert len(raw._requests(inserts)) > 1
+        counts = await tx.script([*inserts, tx.sql(_LEDGER_DATA, {"row_id": -1, "v_status": "done"})], commit=True)
+    assert sum(counts[:-1]) == 12 and counts[-1] == 0
+    async with raw_engine(raw_database) as other, other.connect() as conn:
+        assert (await conn.execute(text("SELECT COUNT(*) FROM resource_ledger WHERE job_id = :j"),
+                                   {"j": job})).scalar_one() == 12

@@ -296,18 +296,18 @@ class Projections:
                 now = utcnow()
                 # the writes in one round trip (the first fails on a duplicate projected by
                 # another projector meanwhile: none of the rest runs, the batch is retried)
-                sqls = [tx.insert_sql(_PROJECTED_INSERT, [
-                    {"job_id": str(e.job_id), "sequence": e.sequence, "projected_at": now} for e in new])]
+                sqls = tx.insert_sqls(_PROJECTED_INSERT, [
+                    {"job_id": str(e.job_id), "sequence": e.sequence, "projected_at": now} for e in new])
                 fold = _Fold()
                 for e in new:
                     if e.type != "JobRejected":
                         fold.add(e)
                 if fold.jobs:
-                    sqls.append(tx.insert_sql(UPSERT_JOBS, [j.row(now) for j in fold.jobs.values()]))
+                    sqls.extend(tx.insert_sqls(UPSERT_JOBS, [j.row(now) for j in fold.jobs.values()]))
                 if fold.steps:
-                    sqls.append(tx.insert_sql(UPSERT_STEPS, [s.row() for s in fold.steps.values()]))
+                    sqls.extend(tx.insert_sqls(UPSERT_STEPS, [s.row() for s in fold.steps.values()]))
                 if fold.logs:
-                    sqls.append(tx.insert_sql(INSERT_LOGS, fold.logs))
+                    sqls.extend(tx.insert_sqls(INSERT_LOGS, fold.logs))
                 # a log line may arrive before its step's row: link both ways round
                 jobs = sorted({row["job_id"] for row in fold.logs if row["step_name"]} | {j for j, _ in fold.steps})
                 if jobs:

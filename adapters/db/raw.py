@@ -14,7 +14,7 @@ same connections (the pool's: its client flags, its idle ping, its recycling), t
 On an engine made with `multi_statements` (every engine of `make_engine`), `Transaction.script`
 sends several statements in one round trip. Each round trip costs a socket write and read, an
 event-loop turn and a wake of the server's thread, whatever the statement: the usual job commit
-was four of them (UPDATE, INSERT, INSERT, COMMIT) and is two.
+was four of them (UPDATE, INSERT, INSERT, COMMIT) and is one on MariaDB (two on MySQL).
 """
 
 from __future__ import annotations
@@ -156,11 +156,14 @@ class Transaction:
         # mid-statement and left an answer unread): never to be used again
         self.broken = False
 
-    async def _call(self, sql: str, call: Callable[[Any], Awaitable[T]]) -> T:
+    async def _call(self, sql: str | Callable[[], str], call: Callable[[Any], Awaitable[T]]) -> T:
+        """`call(cursor)`, its errors wrapped; `sql` names the statement in them (a callable: named
+        once an error is known, e.g. which statement of a script failed)."""
         self._committed = False  # (a statement after a script's COMMIT begins a new transaction)
         try:
             return await call(self._cursor)
         except driver_errors.Error as exc:
+            sql = sql() if callable(sql) else sql
             gone = _gone(exc)
             self.broken = self.broken or gone
             raise DBAPIError.instance(sql, None, exc, driver_errors.Error, hide_parameters=True,
@@ -171,6 +174,7 @@ class Transaction:
             # (SQLAlchemy's own asyncmy adapter makes the same translation). An outage, as
             # SQLAlchemy would report it: the callers wait for the database and retry
             self.broken = True
+            sql = sql() if callable(sql) else sql
             lost = driver_errors.OperationalError(2013, f"Lost connection to the database ({type(exc).__name__}: {exc})")
             raise DBAPIError.instance(sql, None, lost, driver_errors.Error, hide_parameters=True,
                                       connection_invalidated=True, dialect=self._dialect) from exc
@@ -233,13 +237,25 @@ class Transaction:
         prepared = self._statements.get(statement)
         return str(self._cursor.mogrify(prepared.sql, prepared.args(params or {})))
 
-    def insert_sql(self, statement: ClauseElement, rows: Sequence[Mapping[str, Any]]) -> str:
-        """An INSERT (or upsert) of `rows` (not empty, all with the same keys) as one multi-row
-        statement, as `insert` would send it (for `script`)."""
+    def insert_sqls(self, statement: ClauseElement, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+        """An INSERT (or upsert) of `rows` (not empty, all with the same keys) as multi-row
+        statements of at most about `MAX_STATEMENT` characters each (one, usually), as the
+        driver's executemany would send them (for `script`)."""
         prepared = self._statements.get(statement, rows[0].keys())
         head, values, tail = prepared.insert_parts
         mogrify = self._cursor.mogrify
-        return head + ",".join([mogrify(values, prepared.args(r)) for r in rows]) + tail
+        out: list[str] = []
+        batch: list[str] = []
+        size = len(head) + len(tail)
+        for r in rows:
+            one = mogrify(values, prepared.args(r))
+            if batch and size + len(one) + 1 > MAX_STATEMENT:
+                out.append(head + ",".join(batch) + tail)
+                batch, size = [], len(head) + len(tail)
+            batch.append(one)
+            size += len(one) + 1
+        out.append(head + ",".join(batch) + tail)
+        return out
 
     def stop_unless_one_row(self) -> str | None:
         """A statement for `script` that fails, with `STOPPED`, unless the statement before it
@@ -249,31 +265,38 @@ class Transaction:
         return _STOP_UNLESS_ONE_ROW if self.scripts and getattr(self._dialect, "is_mariadb", False) else None
 
     async def script(self, sqls: Sequence[str], *, commit: bool = False) -> list[int]:
-        """Run `sqls` (from `sql`, `insert_sql`, `stop_unless_one_row`) in order, in one round
-        trip where the connection takes several statements at once (else one by one); each
-        one's row count (rows matched). The server stops at the first statement that fails: its
-        error is raised as `execute`'s would be, and the ones after it did not run. With
-        `commit`, a COMMIT ends the script, and the transaction is over once it returns."""
+        """Run `sqls` (from `sql`, `insert_sqls`, `stop_unless_one_row`) in order, in one round
+        trip where the connection takes several statements at once (else one by one; a script
+        longer than `MAX_STATEMENT` characters goes in several requests, one after the other);
+        each one's row count (rows matched). The server stops at the first statement that
+        fails: its error is raised as `execute`'s would be (naming that statement, without its
+        values), and the ones after it did not run. With `commit`, a COMMIT ends the script, and
+        the transaction is over once it returns."""
         if commit:
             sqls = [*sqls, "COMMIT"]
         if not sqls:
             return []
+        counts: list[int] = []
 
         async def run(cursor: Any) -> list[int]:
             if not self.scripts:
-                counts = []
                 for one in sqls:
                     await cursor.execute(one)
                     counts.append(int(cursor.rowcount))
                 return counts
-            await cursor.execute(";".join(sqls))  # no arguments: the text goes as it is
-            counts = [int(cursor.rowcount)]
-            for _ in range(len(sqls) - 1):
-                await cursor.nextset()
+            for start, end in _requests(sqls):
+                await cursor.execute(";".join(sqls[start:end]))  # no arguments: the text goes as it is
                 counts.append(int(cursor.rowcount))
+                for _ in range(end - start - 1):
+                    await cursor.nextset()
+                    counts.append(int(cursor.rowcount))
             return counts
 
-        counts = await self._call(sqls[0][:200], run)
+        def failed() -> str:  # the statement that failed: the next one without a count
+            at = min(len(counts), len(sqls) - 1)
+            return f"statement {at + 1} of {len(sqls)} of a script: {_named(sqls[at])}"
+
+        await self._call(failed, run)
         if commit:
             self._committed = True
             return counts[:-1]
@@ -287,6 +310,32 @@ class Transaction:
         if self._committed:  # a script's own COMMIT ended the transaction
             return
         await self._call("COMMIT", lambda cursor: self._connection.commit())
+
+
+# a script's request, and a multi-row INSERT, stay under about this many characters (as the
+# driver's executemany, whose statements stop at 1,024,000): well below max_allowed_packet
+MAX_STATEMENT = 1_000_000
+_NAMED = re.compile(r"\s*(\w+(?:\s+(?:INTO|FROM))?\s+`?\w+`?)", re.IGNORECASE)
+
+
+def _named(sql: str) -> str:
+    """A statement's kind and table (`INSERT INTO outbox`), never its values."""
+    m = _NAMED.match(sql)
+    return m.group(1) if m else sql.split(None, 1)[0] if sql.strip() else "(empty)"
+
+
+def _requests(sqls: Sequence[str]) -> list[tuple[int, int]]:
+    """`sqls` as ranges [start, end) of requests of at most `MAX_STATEMENT` characters (a
+    longer statement alone)."""
+    out: list[tuple[int, int]] = []
+    start, size = 0, 0
+    for i, one in enumerate(sqls):
+        if i > start and size + len(one) + 1 > MAX_STATEMENT:
+            out.append((start, i))
+            start, size = i, 0
+        size += len(one) + 1
+    out.append((start, len(sqls)))
+    return out
 
 
 # MariaDB's error for a SIGNAL (ER_SIGNAL_EXCEPTION), and the message of `stop_unless_one_row`'s

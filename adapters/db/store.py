@@ -198,24 +198,27 @@ class JobStore:
                 for row in (*full[3], *head[3]):
                     row["created_at"] = now
                 if tx.scripts:
-                    # the usual case in one round trip: the fenced UPDATE, everything after it
-                    # and, on MariaDB, the COMMIT, which runs only if the fence held; on MySQL
-                    # the COMMIT is a second round trip once the UPDATE's count is read. Should
-                    # the fence fail, whatever ran is undone and it is done the long way below
+                    # the usual case in one round trip: the fenced UPDATE, a stop unless it
+                    # matched, everything after it and the COMMIT (MariaDB); on MySQL, which has
+                    # no such stop, the fenced UPDATE alone, then the rest with the COMMIT once
+                    # its count says the fence held. Should the fence fail, nothing was written
+                    # and it is done the long way below (which tells a cancel from a lost lease)
                     stop = tx.stop_unless_one_row()
-                    sqls = [tx.sql(guarded, params), *([stop] if stop else [])]
-                    if out:
-                        sqls.append(tx.insert_sql(OUTBOX_INSERT, out))
-                    if led:
-                        sqls.append(tx.insert_sql(LEDGER_UPSERT, led))
-                    sqls.extend(tx.sql(s, p) for s, p in self._side_updates(job, whole))
+                    rest = [*(tx.insert_sqls(OUTBOX_INSERT, out) if out else []),
+                            *(tx.insert_sqls(LEDGER_UPSERT, led) if led else []),
+                            *(tx.sql(s, p) for s, p in self._side_updates(job, whole))]
+                    fenced = tx.sql(guarded, params)
                     try:
-                        if (await tx.script(sqls, commit=stop is not None))[0] == 1:
+                        if stop is not None:
+                            await tx.script([fenced, stop, *rest], commit=True)
+                            return False
+                        if (await tx.script([fenced]))[0] == 1:
+                            await tx.script(rest, commit=True)
                             return False
                     except DBAPIError as exc:
                         if not raw.stopped(exc):
                             raise
-                    await tx.rollback()
+                        await tx.rollback()
                 if await tx.execute(guarded, params) != 1:
                     # the fence failed, or a cancel was asked for: the row is locked now (the
                     # UPDATE read it by its key), so the unguarded UPDATE tells which (and
