@@ -79,6 +79,13 @@ async def wait_until(check: Callable[[], Awaitable[T | None]], timeout: float, w
         await asyncio.sleep(interval)
 
 
+def holds(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    """A plain `predicate` as the async check `wait_until` polls."""
+    async def check() -> bool:
+        return predicate()
+    return check
+
+
 class ServeProcess:
     """`failoverctl serve` as its own process, ready when its /readyz says so."""
 

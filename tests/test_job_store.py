@@ -25,7 +25,7 @@ from schemas.events import StepCompleted, StepStarted
 from statemachine.errors import LeaseLost
 from statemachine.ports import Commit, JobRow, LedgerEntry
 from tests.crash.support import database_of_its_own
-from tests.helpers import wait_until
+from tests.helpers import holds, wait_until
 
 OWNER = "store-test"
 
@@ -161,12 +161,10 @@ async def test_the_events_outbox_time_is_their_commits_not_when_it_began_to_wait
         async with engine.connect() as held:  # the pool's only connection, busy
             await held.execute(select(1))
             commit = asyncio.create_task(JobStore(engine, OWNER).commit(job, _commit(job)))
+            # (SQLAlchemy's pool queue is an asyncio.Queue underneath)
             waiting = engine.sync_engine.pool._pool._queue._getters  # type: ignore[attr-defined]
-
-            async def queued() -> bool:  # (SQLAlchemy's pool queue is an asyncio.Queue underneath)
-                return len(waiting) > 0
-
-            await wait_until(queued, 5, "the commit to wait for the pool's connection", interval=0.01)
+            await wait_until(holds(lambda: len(waiting) > 0), 5, "the commit to wait for the pool's connection",
+                             interval=0.01)
             released = utcnow()
         assert await commit is False
         async with engine.connect() as conn:

@@ -20,7 +20,7 @@ from publishers.relay import to_message
 from schemas.events import Event, JobAccepted, LogRecorded
 
 from .crash.support import database_of_its_own
-from .helpers import wait_until
+from .helpers import holds, wait_until
 
 EVENTS = 120
 
@@ -41,6 +41,22 @@ def _events(job_id: uuid.UUID) -> list[Event]:
                                   message=f"line {i}", **common) for i in range(2, EVENTS + 1)]
 
 
+async def _exchange_and_queue(connection: aio_pika.abc.AbstractRobustConnection, name: str) -> tuple[
+        aio_pika.abc.AbstractChannel, aio_pika.abc.AbstractExchange]:
+    """A channel, and a topic exchange `name` feeding a durable queue `name` (deleted by the test)."""
+    setup = await connection.channel(publisher_confirms=True)
+    exchange = await setup.declare_exchange(name, aio_pika.ExchangeType.TOPIC, auto_delete=True)
+    queue = await setup.declare_queue(name, auto_delete=False)
+    await queue.bind(exchange, routing_key="#")
+    return setup, exchange
+
+
+async def _publish(exchange: aio_pika.abc.AbstractExchange, e: Event) -> None:
+    """`e` as the relay publishes it."""
+    await exchange.publish(to_message(OutboxEvent(0, str(e.event_id), str(e.job_id), e.type, str(e.correlation_id),
+                                                  e.model_dump_json(), 0.0)), routing_key=f"job.{e.job_id}.{e.type}")
+
+
 async def _projected(db: AsyncEngine, job_id: uuid.UUID) -> int:
     async with db.connect() as conn:
         return int((await conn.execute(select(func.count()).select_from(projected_events)
@@ -55,15 +71,10 @@ async def test_every_delivery_is_acked_once_its_batch_is_applied(projector_db: A
     name = f"projector-test-{uuid.uuid4().hex[:8]}"
     connection = await aio_pika.connect_robust(amqp_url)
     async with connection:
-        setup = await connection.channel(publisher_confirms=True)
-        exchange = await setup.declare_exchange(name, aio_pika.ExchangeType.TOPIC, auto_delete=True)
-        queue = await setup.declare_queue(name, auto_delete=False)
-        await queue.bind(exchange, routing_key="#")
+        setup, exchange = await _exchange_and_queue(connection, name)
         try:
             for e in _events(job_id):  # queued before the projector starts: full batches
-                await exchange.publish(to_message(OutboxEvent(0, str(e.event_id), str(job_id), e.type, str(job_id),
-                                                              e.model_dump_json(), 0.0)),
-                                       routing_key=f"job.{job_id}.{e.type}")
+                await _publish(exchange, e)
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=50)
             handled: list[int] = []  # told after a batch is applied and acked
@@ -95,18 +106,7 @@ async def test_a_trickle_of_deliveries_is_applied_in_one_batch(projector_db: Asy
     events = _events(job_id)[:3]
     connection = await aio_pika.connect_robust(amqp_url)
     async with connection:
-        setup = await connection.channel(publisher_confirms=True)
-        exchange = await setup.declare_exchange(name, aio_pika.ExchangeType.TOPIC, auto_delete=True)
-        queue = await setup.declare_queue(name, auto_delete=False)
-        await queue.bind(exchange, routing_key="#")
-
-        async def publish(e: Event) -> None:
-            await exchange.publish(to_message(OutboxEvent(0, str(e.event_id), str(job_id), e.type, str(job_id),
-                                                          e.model_dump_json(), 0.0)), routing_key=f"job.{job_id}.{e.type}")
-
-        async def handled_are(expected: int) -> bool:
-            return sum(handled) >= expected
-
+        setup, exchange = await _exchange_and_queue(connection, name)
         try:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=50)
@@ -114,12 +114,12 @@ async def test_a_trickle_of_deliveries_is_applied_in_one_batch(projector_db: Asy
             projector = Projector(await channel.get_queue(name), Projections(projector_db), batch=50, linger=LINGER,
                                   observe=lambda applied, dupes, lags: handled.append(applied + dupes))
             await projector.start()
-            await publish(events[0])
-            await wait_until(lambda: handled_are(1), 10, "the first event to be applied")
-            await publish(events[1])
+            await _publish(exchange, events[0])
+            await wait_until(holds(lambda: sum(handled) >= 1), 10, "the first event to be applied")
+            await _publish(exchange, events[1])
             await asyncio.sleep(0.1)  # the trickle: the next event a moment later
-            await publish(events[2])
-            await wait_until(lambda: handled_are(3), 10, "the other two to be applied")
+            await _publish(exchange, events[2])
+            await wait_until(holds(lambda: sum(handled) >= 3), 10, "the other two to be applied")
             assert handled == [1, 2], f"not gathered into one batch: {handled}"
             await projector.stop()
             assert await _projected(projector_db, job_id) == 3

@@ -329,7 +329,7 @@ async def test_a_long_script_goes_in_several_requests_of_bounded_size(engine: As
     async with raw.transaction(engine) as tx:
         inserts = tx.insert_sqls(LEDGER_UPSERT, rows)
         assert len(inserts) > 3 and all(len(one) <= 3000 for one in inserts)
-        assert len(raw._requests(inserts)) > 1
+        assert len(raw._bounded(inserts, raw.MAX_STATEMENT)) > 1
         counts = await tx.script([*inserts, tx.sql(_LEDGER_DATA, {"row_id": -1, "v_status": "done"})], commit=True)
     assert sum(counts[:-1]) == 12 and counts[-1] == 0
     async with raw_engine(raw_database) as other, other.connect() as conn:

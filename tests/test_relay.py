@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import aio_pika
@@ -21,7 +21,7 @@ from publishers.relay import OutboxRelay
 from schemas.events import JobAccepted, LogRecorded
 
 from .crash.support import database_of_its_own
-from .helpers import wait_until
+from .helpers import holds, wait_until
 
 EVENTS = 120
 LINGER = 1.0
@@ -204,7 +204,7 @@ async def test_events_committed_within_the_linger_go_in_one_round(relay_db: Asyn
         relay = _relay(relay_db, exchange, linger=LINGER)
         task = asyncio.create_task(relay.run())
         try:
-            await wait_until(_now(lambda: relay.is_leader), 10, "the relay to lead")
+            await wait_until(holds(lambda: relay.is_leader), 10, "the relay to lead")
             for sequence in (1, 2):
                 if sequence == 2:
                     await asyncio.sleep(0.1)  # the trickle: the next commit a moment later
@@ -224,9 +224,3 @@ async def test_events_committed_within_the_linger_go_in_one_round(relay_db: Asyn
 
 async def _unsent_is(db: AsyncEngine, count: int) -> bool:
     return await _unsent(db) == count
-
-
-def _now(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    async def checked() -> bool:
-        return check()
-    return checked

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
 import aio_pika
@@ -27,16 +27,9 @@ from statemachine.machine import build_machine
 from statemachine.ports import JobRow
 
 from .crash.support import database_of_its_own
-from .helpers import wait_until
+from .helpers import holds, wait_until
 
 LEASE = 30.0
-
-
-def _now(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    """`predicate` as the async check `wait_until` polls."""
-    async def check() -> bool:
-        return predicate()
-    return check
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +92,7 @@ async def test_a_job_starts_only_after_its_first_event_is_confirmed(runner_db: A
             await channel.default_exchange.publish(
                 aio_pika.Message(command.model_dump_json().encode(), content_type="application/json"),
                 routing_key=queue.name)
-            await wait_until(_now(lambda: first == ["JobAccepted"]), 10,
+            await wait_until(holds(lambda: first == ["JobAccepted"]), 10,
                              "the consumer to record the job and begin publishing its JobAccepted", interval=0.01)
             async with runner_db.connect() as conn:  # recorded, leased to this process, not running here
                 row = (await conn.execute(select(failover_jobs.c.lease_owner, failover_jobs.c.status)
@@ -114,7 +107,7 @@ async def test_a_job_starts_only_after_its_first_event_is_confirmed(runner_db: A
             await channel.default_exchange.publish(
                 aio_pika.Message(command.model_dump_json().encode(), content_type="application/json"),
                 routing_key=queue.name)
-            await wait_until(_now(lambda: outcomes == ["duplicate"]), 10,
+            await wait_until(holds(lambda: outcomes == ["duplicate"]), 10,
                              "the second delivery to be found a duplicate", interval=0.01)
             await runner._fill()
             assert started == [], "a duplicate delivery released the hold of the first"

@@ -115,9 +115,9 @@ class Statements:
     cached per shape), not one built per call. `scripts`: the engine's connections take several
     statements at once (see `multi_statements`)."""
 
-    def __init__(self, dialect: Dialect, scripts: bool = False) -> None:
+    def __init__(self, dialect: Dialect) -> None:
         self.dialect = dialect
-        self.scripts = scripts
+        self.scripts = False
         self._cache: dict[tuple[int, tuple[str, ...] | None], tuple[ClauseElement, Prepared]] = {}
 
     def get(self, statement: ClauseElement, column_keys: Iterable[str] | None = None) -> Prepared:
@@ -244,18 +244,9 @@ class Transaction:
         prepared = self._statements.get(statement, rows[0].keys())
         head, values, tail = prepared.insert_parts
         mogrify = self._cursor.mogrify
-        out: list[str] = []
-        batch: list[str] = []
-        size = len(head) + len(tail)
-        for r in rows:
-            one = mogrify(values, prepared.args(r))
-            if batch and size + len(one) + 1 > MAX_STATEMENT:
-                out.append(head + ",".join(batch) + tail)
-                batch, size = [], len(head) + len(tail)
-            batch.append(one)
-            size += len(one) + 1
-        out.append(head + ",".join(batch) + tail)
-        return out
+        tuples = [mogrify(values, prepared.args(r)) for r in rows]
+        return [head + ",".join(tuples[start:end]) + tail
+                for start, end in _bounded(tuples, MAX_STATEMENT - len(head) - len(tail))]
 
     def stop_unless_one_row(self) -> str | None:
         """A statement for `script` that fails, with `STOPPED`, unless the statement before it
@@ -284,7 +275,7 @@ class Transaction:
                     await cursor.execute(one)
                     counts.append(int(cursor.rowcount))
                 return counts
-            for start, end in _requests(sqls):
+            for start, end in _bounded(sqls, MAX_STATEMENT):
                 await cursor.execute(";".join(sqls[start:end]))  # no arguments: the text goes as it is
                 counts.append(int(cursor.rowcount))
                 for _ in range(end - start - 1):
@@ -324,17 +315,18 @@ def _named(sql: str) -> str:
     return m.group(1) if m else sql.split(None, 1)[0] if sql.strip() else "(empty)"
 
 
-def _requests(sqls: Sequence[str]) -> list[tuple[int, int]]:
-    """`sqls` as ranges [start, end) of requests of at most `MAX_STATEMENT` characters (a
-    longer statement alone)."""
+def _bounded(texts: Sequence[str], limit: int) -> list[tuple[int, int]]:
+    """`texts` as ranges [start, end) whose texts, joined by one character, stay within `limit`
+    characters (a longer text alone): the statements of a script's requests, the rows of a
+    multi-row INSERT."""
     out: list[tuple[int, int]] = []
     start, size = 0, 0
-    for i, one in enumerate(sqls):
-        if i > start and size + len(one) + 1 > MAX_STATEMENT:
+    for i, one in enumerate(texts):
+        if i > start and size + len(one) + 1 > limit:
             out.append((start, i))
             start, size = i, 0
         size += len(one) + 1
-    out.append((start, len(sqls)))
+    out.append((start, len(texts)))
     return out
 
 
@@ -379,8 +371,7 @@ def multi_statements(engine: AsyncEngine) -> None:
     def _connecting(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
         cparams["client_flag"] = int(cparams.get("client_flag", 0)) | CLIENT.MULTI_STATEMENTS
 
-    statements = statements_of(engine)
-    statements.scripts = True
+    statements_of(engine).scripts = True
 
 
 @asynccontextmanager
