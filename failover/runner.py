@@ -332,6 +332,10 @@ class JobRunner:
         if renew is not None:
             renew.cancel()
             await asyncio.gather(renew, return_exceptions=True)
+        try:  # a group commit already sent ends before the leases go (its fences are ours)
+            await asyncio.wait_for(self.store.drain(), 5)
+        except TimeoutError:
+            pass
         try:
             released = await asyncio.wait_for(self.store.release_all(), 5)
             log.info("handed %d job(s) back", released)

@@ -172,3 +172,87 @@ async def test_the_events_outbox_time_is_their_commits_not_when_it_began_to_wait
         assert stamped >= released
     finally:
         await engine.dispose()
+
+
+# --------------------------------------------------------------------------- group commit
+
+
+async def _taken_over(db: AsyncEngine) -> JobRow:
+    """A job of ours, as we loaded it, that another process has taken over since."""
+    job = await _a_job(db)
+    async with db.begin() as conn:
+        await conn.execute(update(failover_jobs).where(failover_jobs.c.job_id == job.job_id)
+                           .values(lease_owner="someone-else"))
+    return job
+
+
+def _grouped(db: AsyncEngine) -> bool:
+    """Whether `db`'s commits can go together (MariaDB's IF; the fixture's "mariadb" way)."""
+    return raw.statements_of(db).scripts and bool(getattr(db.sync_engine.dialect, "is_mariadb", False))
+
+
+async def _all_at_once(store: JobStore, jobs: list[JobRow], commits: list[Commit]) -> list[Any]:
+    return await asyncio.gather(*(store.commit(j, c) for j, c in zip(jobs, commits, strict=True)),
+                                return_exceptions=True)
+
+
+async def test_commits_under_load_go_together_in_one_transaction(db: AsyncEngine) -> None:
+    """With the commits in flight at the limit, the next ones wait and go as one transaction,
+    each job's writes as if alone."""
+    jobs = [await _a_job(db) for _ in range(8)]
+    store = JobStore(db, OWNER, lease_seconds=30, group_limit=1)
+    assert await _all_at_once(store, jobs, [_commit(j, tail=True) for j in jobs]) == [False] * 8
+    for job in jobs:
+        events, ledger, row = await _written(db, job)
+        assert events == ["StepCompleted", "StepStarted"]
+        assert ledger == ["snapshot:vol-1"]
+        assert (row.status, row.resume_state, row.last_sequence) == ("running", "vm-creation", 2)
+    # the first alone, the seven that waited for it together (MariaDB); else each alone
+    assert (store.transactions, store.groups) == ((2, 1) if _grouped(db) else (8, 0))
+
+
+async def test_in_a_group_a_lost_lease_and_a_cancel_are_each_their_own(db: AsyncEngine) -> None:
+    """A job whose fence fails writes nothing in the group and is then done alone: its lease
+    lost raises, a cancel keeps its head; the jobs beside it are written in full."""
+    first, ok, taken, cancelled, last = [await _a_job(db) for _ in range(2)] + [
+        await _taken_over(db), await _a_job(db, cancel_requested=True), await _a_job(db)]
+    store = JobStore(db, OWNER, lease_seconds=30, group_limit=1)
+    jobs = [first, ok, taken, cancelled, last]
+    out = await _all_at_once(store, jobs, [_commit(j, tail=True) for j in jobs])
+    assert out[:2] == [False, False] and isinstance(out[2], LeaseLost) and out[3:] == [True, False]
+    for job in (first, ok, last):
+        assert (await _written(db, job))[0] == ["StepCompleted", "StepStarted"]
+    assert (await _written(db, taken))[:2] == ([], [])
+    events, ledger, row = await _written(db, cancelled)
+    assert (events, ledger, row.resume_state, row.last_sequence) == (["StepCompleted"], ["snapshot:vol-1"], None, 1)
+    if _grouped(db):
+        assert store.groups == 1
+
+
+async def test_a_group_that_fails_on_the_server_leaves_each_commit_to_go_alone(db: AsyncEngine) -> None:
+    """One commit the server refuses (a ledger key longer than its column) fails the group's
+    transaction, which writes nothing; each then goes alone: that one fails, the others land."""
+    jobs = [await _a_job(db) for _ in range(4)]
+    commits = [_commit(j) for j in jobs]
+    commits[2].ledger[0].key = "x" * 1000  # resource_key is a VARCHAR(255): strict mode refuses it
+    store = JobStore(db, OWNER, lease_seconds=30, group_limit=1)
+    out = await _all_at_once(store, jobs, commits)
+    assert out[:2] == [False, False] and out[3] is False
+    assert "resource_key" in str(out[2]) or "Data too long" in str(out[2])
+    for i, job in enumerate(jobs):
+        events, ledger, row = await _written(db, job)
+        assert (events, ledger, row.last_sequence) == (([], [], 0) if i == 2 else (["StepCompleted"], ["snapshot:vol-1"], 1))
+    assert (store.transactions, store.groups) == ((5, 1) if _grouped(db) else (4, 0))
+
+
+async def test_a_group_longer_than_a_request_keeps_each_fence(db: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group's script longer than one request goes in several: a job's fenced UPDATE and the
+    IF that reads its row count may then fall in different requests, and still go together."""
+    monkeypatch.setattr(raw, "MAX_STATEMENT", 300)  # (every statement in a request of its own)
+    jobs = [await _a_job(db) for _ in range(3)] + [await _taken_over(db), await _a_job(db)]
+    store = JobStore(db, OWNER, lease_seconds=30, group_limit=1)
+    out = await _all_at_once(store, jobs, [_commit(j, tail=True) for j in jobs])
+    assert out[:3] == [False] * 3 and isinstance(out[3], LeaseLost) and out[4] is False
+    for job in jobs[:3] + jobs[4:]:
+        assert (await _written(db, job))[0] == ["StepCompleted", "StepStarted"]
+    assert (await _written(db, jobs[3]))[:2] == ([], [])

@@ -263,10 +263,19 @@ class Transaction:
         fails: its error is raised as `execute`'s would be (naming that statement, without its
         values), and the ones after it did not run. With `commit`, a COMMIT ends the script, and
         the transaction is over once it returns."""
-        if commit:
-            sqls = [*sqls, "COMMIT"]
+        counts, _ = await self._script([*sqls, "COMMIT"] if commit else list(sqls), commit=commit, rows=False)
+        return counts
+
+    async def script_select(self, sqls: Sequence[str], select: str, *, commit: bool = False) -> tuple[list[int], list[tuple[Any, ...]]]:
+        """`script(sqls, commit=commit)` followed, in the same round trip, by `select` (a SELECT
+        built here, e.g. of a user variable the script set): the counts of `sqls` and the rows
+        of `select`."""
+        counts, rows = await self._script([*sqls, *(["COMMIT"] if commit else []), select], commit=commit, rows=True)
+        return counts[:len(sqls)], rows
+
+    async def _script(self, sqls: list[str], *, commit: bool, rows: bool) -> tuple[list[int], list[tuple[Any, ...]]]:
         if not sqls:
-            return []
+            return [], []
         counts: list[int] = []
 
         async def run(cursor: Any) -> list[int]:
@@ -287,11 +296,15 @@ class Transaction:
             at = min(len(counts), len(sqls) - 1)
             return f"statement {at + 1} of {len(sqls)} of a script: {_named(sqls[at])}"
 
+        async def last_rows(cursor: Any) -> list[tuple[Any, ...]]:
+            return list(await cursor.fetchall() or ())
+
         await self._call(failed, run)
+        found = await self._call(failed, last_rows) if rows else []
         if commit:
             self._committed = True
-            return counts[:-1]
-        return counts
+            counts.pop(-2 if rows else -1)  # the COMMIT's
+        return counts, found
 
     async def rollback(self) -> None:
         """Undo what the transaction wrote so far; the next statement begins a new one."""

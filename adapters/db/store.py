@@ -138,12 +138,90 @@ def _parent_update(columns: tuple[str, ...]) -> Update:
     return stmt
 
 
+# a commit's (guarded UPDATE, unguarded UPDATE, their parameters, outbox rows, ledger rows)
+_Prepared = tuple[Update, Update, dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]
+# group commit: commits in flight before the next ones wait to go together, and at most how many
+# go in one transaction (bench/PROFILE.md)
+GROUP_LIMIT = 4
+GROUP_MOST = 64
+_NOT_WRITTEN = "@failover_not_written"  # a group's list of the commits whose fence failed
+
+
+class _Group:
+    """Group commit: while `limit` commits are in flight, the next ones queue, and when one of
+    those in flight ends, the queue (up to `most`) goes as one transaction (`flush`, which says
+    of each whether it was written). Nothing waits for company: a commit that finds room goes at
+    once, alone; only under load do commits share a round trip, a COMMIT and its log flush."""
+
+    def __init__(self, flush: Callable[[list[Any]], Awaitable[list[bool]]], limit: int, most: int) -> None:
+        self._flush, self.limit, self.most = flush, limit, most
+        self.busy = 0
+        self._queue: list[tuple[Any, asyncio.Future[bool]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def alone(self) -> bool:
+        """Whether a commit may go alone now; if so it counts as in flight until `done()`."""
+        if self.busy < self.limit and not self._queue:
+            self.busy += 1
+            return True
+        return False
+
+    def done(self) -> None:
+        self.busy -= 1
+        self._next()
+
+    async def join(self, item: Any) -> bool:
+        """Queue `item` for the next group; whether it was written (else it is to go alone).
+        The group's transaction failing for a lost connection raises that here."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        self._next()
+        return await future
+
+    def _next(self) -> None:
+        while self._queue and self.busy < self.limit:
+            batch, self._queue = self._queue[:self.most], self._queue[self.most:]
+            self.busy += 1
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[tuple[Any, asyncio.Future[bool]]]) -> None:
+        try:
+            # a commit whose caller is gone (cancelled) before its group went is not sent
+            live = [(item, future) for item, future in batch if not future.done()]
+            written = await self._flush([item for item, _ in live]) if live else []
+            for (_, future), ok in zip(live, written, strict=True):
+                if not future.done():
+                    future.set_result(ok)
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self.busy -= 1
+            self._next()
+
+    async def drain(self) -> None:
+        """Wait for the groups in flight (shutting down)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
 class JobStore:
     """`statemachine.ports.JobStorePort` on MariaDB, fenced by `owner`'s lease."""
 
     def __init__(self, engine: AsyncEngine, owner: str, on_outbox: Callable[[], None] = lambda: None, *,
-                 lease_engine: AsyncEngine | None = None, lease_seconds: float | None = None) -> None:
+                 lease_engine: AsyncEngine | None = None, lease_seconds: float | None = None,
+                 group_limit: int = GROUP_LIMIT, group_most: int = GROUP_MOST) -> None:
         self.engine = engine
+        # group commit (MariaDB): with `group_limit` commits in flight, the next ones wait and
+        # go together, at most `group_most` of them, as one transaction (0: every one alone)
+        self.group_limit, self.group_most = group_limit, group_most
+        self._group: _Group | bool | None = None  # made at the first commit (the server is known)
+        self.groups = 0  # transactions that carried more than one job's commit (the benchmark's)
         # renewals get their own small pool: they must never wait behind the jobs' commits
         self.lease_engine = lease_engine or engine
         self.owner = owner
@@ -155,8 +233,7 @@ class JobStore:
         self.transactions = 0  # counted for the benchmark's transactions-per-job figure
         self._takes: dict[tuple[int, float], Update] = {}  # take's UPDATE, per (jobs, lease length)
 
-    def _prepare(self, job: JobRow, commit: Commit) -> tuple[Update, Update, dict[str, Any], list[dict[str, Any]],
-                                                                list[dict[str, Any]]]:
+    def _prepare(self, job: JobRow, commit: Commit) -> _Prepared:
         """(guarded UPDATE, unguarded UPDATE, their parameters, outbox rows, ledger rows)."""
         values: dict[str, Any] = {}
         for key, value in commit.job.items():
@@ -186,60 +263,118 @@ class JobStore:
         full = self._prepare(job, whole)
         head = self._prepare(job, commit) if commit.tail is not None else full
         asked = time.monotonic()
-
-        async def write() -> bool:
-            # the job's fixed statements straight on the driver (adapters/db/raw.py)
-            async with raw.transaction(self.engine) as tx:
-                self.transactions += 1
-                cancel, written, (guarded, _, params, out, led) = False, whole, full
-                # the events' outbox time is their commit's, not when the commit began to wait
-                # for a connection (the relay's lag, and the backlog's age, are counted from it)
-                now = utcnow()
-                for row in (*full[3], *head[3]):
-                    row["created_at"] = now
-                if tx.scripts:
-                    # the usual case in one round trip: the fenced UPDATE, a stop unless it
-                    # matched, everything after it and the COMMIT (MariaDB); on MySQL, which has
-                    # no such stop, the fenced UPDATE alone, then the rest with the COMMIT once
-                    # its count says the fence held. Should the fence fail, nothing was written
-                    # and it is done the long way below (which tells a cancel from a lost lease)
-                    stop = tx.stop_unless_one_row()
-                    rest = [*(tx.insert_sqls(OUTBOX_INSERT, out) if out else []),
-                            *(tx.insert_sqls(LEDGER_UPSERT, led) if led else []),
-                            *(tx.sql(s, p) for s, p in self._side_updates(job, whole))]
-                    fenced = tx.sql(guarded, params)
-                    try:
-                        if stop is not None:
-                            await tx.script([fenced, stop, *rest], commit=True)
-                            return False
-                        if (await tx.script([fenced]))[0] == 1:
-                            await tx.script(rest, commit=True)
-                            return False
-                    except DBAPIError as exc:
-                        if not raw.stopped(exc):
-                            raise
-                        await tx.rollback()
-                if await tx.execute(guarded, params) != 1:
-                    # the fence failed, or a cancel was asked for: the row is locked now (the
-                    # UPDATE read it by its key), so the unguarded UPDATE tells which (and
-                    # writes the head alone when there is a tail)
-                    cancel, written, (_, unguarded, params, out, led) = True, commit, head
-                    if await tx.execute(unguarded, params) != 1:
-                        raise LeaseLost(job.job_id)
-                if out:
-                    await tx.insert(OUTBOX_INSERT, out)
-                if led:
-                    await tx.insert(LEDGER_UPSERT, led)
-                for statement, values in self._side_updates(job, written):
-                    await tx.execute(statement, values)
-            return cancel
-
-        cancel = await _again(write)
+        group = self._group_of()
+        if group is None or group.alone():
+            try:
+                cancel = await _again(lambda: self._write(job, commit, whole, full, head, quick=True))
+            finally:
+                if group is not None:
+                    group.done()
+        elif await group.join((job, whole, full)):
+            cancel = False  # written with others in one transaction
+        else:  # its fence failed (or the group's transaction did): the long way, alone
+            cancel = await _again(lambda: self._write(job, commit, whole, full, head, quick=False))
         self.on_commit(job.job_id)
         if whole.events:
             self.on_outbox()
         if self.lease_seconds and "lease_expires_at" not in whole.job:
             self.on_lease(job.job_id, asked + self.lease_seconds)
+        return cancel
+
+    async def drain(self) -> None:
+        """Wait for the group commits in flight (shutting down)."""
+        if isinstance(self._group, _Group):
+            await self._group.drain()
+
+    def _group_of(self) -> _Group | None:
+        if self._group is None:
+            # MariaDB's IF outside stored programs keeps each job's writes to its fence
+            supported = self.group_limit > 0 and raw.statements_of(self.engine).scripts and bool(
+                getattr(self.engine.sync_engine.dialect, "is_mariadb", False))
+            self._group = _Group(self._commit_group, self.group_limit, self.group_most) if supported else False
+        return self._group if isinstance(self._group, _Group) else None
+
+    async def _commit_group(self, batch: list[tuple[JobRow, Commit, _Prepared]]) -> list[bool]:
+        """The commits of several jobs as one transaction in one round trip: each job's fenced
+        UPDATE, then its writes only if that matched (`IF ROW_COUNT() = 1`), else its place in
+        the list of those not written; the COMMIT; that list. The rows are locked in the order of
+        the jobs' ids (as the lease renewal's UPDATE ... IN does: no deadlock between them).
+        Whether each was written; if the transaction failed on the server, none was (each is
+        then done alone); a lost connection is raised to all."""
+        order = sorted(range(len(batch)), key=lambda i: batch[i][0].job_id)
+        try:
+            async with raw.transaction(self.engine) as tx:
+                self.transactions += 1
+                self.groups += 1
+                now = utcnow()
+                sqls = [f"SET {_NOT_WRITTEN} = ''"]
+                for i in order:
+                    job, whole, (guarded, _, params, out, led) = batch[i]
+                    for row in out:
+                        row["created_at"] = now
+                    rest = [*(tx.insert_sqls(OUTBOX_INSERT, out) if out else []),
+                            *(tx.insert_sqls(LEDGER_UPSERT, led) if led else []),
+                            *(tx.sql(st, values) for st, values in self._side_updates(job, whole))]
+                    sqls.append(tx.sql(guarded, params))
+                    missed = f"SET {_NOT_WRITTEN} = CONCAT({_NOT_WRITTEN}, ',{i}')"
+                    sqls.append(f"IF ROW_COUNT() = 1 THEN {'; '.join(rest)}; ELSE {missed}; END IF" if rest
+                                else f"IF ROW_COUNT() <> 1 THEN {missed}; END IF")
+                _, rows = await tx.script_select(sqls, f"SELECT {_NOT_WRITTEN}", commit=True)
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise
+            return [False] * len(batch)  # rolled back: each goes alone
+        found = rows[0][0] if rows else None
+        text_ = found.decode() if isinstance(found, bytes) else str(found or "")
+        missed_ = {int(x) for x in text_.split(",") if x}
+        return [i not in missed_ for i in range(len(batch))]
+
+    async def _write(self, job: JobRow, commit: Commit, whole: Commit, full: _Prepared, head: _Prepared, *,
+                     quick: bool) -> bool:
+        # the job's fixed statements straight on the driver (adapters/db/raw.py)
+        async with raw.transaction(self.engine) as tx:
+            self.transactions += 1
+            cancel, written, (guarded, _, params, out, led) = False, whole, full
+            # the events' outbox time is their commit's, not when the commit began to wait
+            # for a connection (the relay's lag, and the backlog's age, are counted from it)
+            now = utcnow()
+            for row in (*full[3], *head[3]):
+                row["created_at"] = now
+            if quick and tx.scripts:
+                # the usual case in one round trip: the fenced UPDATE, a stop unless it
+                # matched, everything after it and the COMMIT (MariaDB); on MySQL, which has
+                # no such stop, the fenced UPDATE alone, then the rest with the COMMIT once
+                # its count says the fence held. Should the fence fail, nothing was written
+                # and it is done the long way below (which tells a cancel from a lost lease)
+                stop = tx.stop_unless_one_row()
+                rest = [*(tx.insert_sqls(OUTBOX_INSERT, out) if out else []),
+                        *(tx.insert_sqls(LEDGER_UPSERT, led) if led else []),
+                        *(tx.sql(s, p) for s, p in self._side_updates(job, whole))]
+                fenced = tx.sql(guarded, params)
+                try:
+                    if stop is not None:
+                        await tx.script([fenced, stop, *rest], commit=True)
+                        return False
+                    if (await tx.script([fenced]))[0] == 1:
+                        await tx.script(rest, commit=True)
+                        return False
+                except DBAPIError as exc:
+                    if not raw.stopped(exc):
+                        raise
+                    await tx.rollback()
+            if await tx.execute(guarded, params) != 1:
+                # the fence failed, or a cancel was asked for: the row is locked now (the
+                # UPDATE read it by its key), so the unguarded UPDATE tells which (and
+                # writes the head alone when there is a tail)
+                cancel, written, (_, unguarded, params, out, led) = True, commit, head
+                if await tx.execute(unguarded, params) != 1:
+                    raise LeaseLost(job.job_id)
+            if out:
+                await tx.insert(OUTBOX_INSERT, out)
+            if led:
+                await tx.insert(LEDGER_UPSERT, led)
+            for statement, values in self._side_updates(job, written):
+                await tx.execute(statement, values)
         return cancel
 
     @staticmethod
