@@ -191,6 +191,15 @@ OUTBOX_OLDEST_UNSENT_AGE: Final = Gauge(
     "Age of the oldest committed and not yet published event (0 when none).",
 )
 
+# --- the database --------------------------------------------------------------------------------
+
+JOB_COMMITS_PER_TRANSACTION: Final = Histogram(
+    "failover_job_commits_per_transaction",
+    "Jobs' commits carried by each transaction of the job store: 1 alone; more under load, when "
+    "commits waiting for one in flight go together (group commit).",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+
 # --- projectors -------------------------------------------------------------------------------
 
 PROJECTOR_LAG: Final = Histogram(
@@ -256,6 +265,7 @@ ALL_METRIC_NAMES: Final[frozenset[str]] = frozenset(
         "failover_outbox_oldest_unsent_age_seconds",
         "failover_projector_lag_seconds",
         "failover_projector_events_total",
+        "failover_job_commits_per_transaction",
         "failover_build_info",
     }
 )
@@ -269,6 +279,7 @@ HISTOGRAM_METRIC_NAMES: Final[frozenset[str]] = frozenset(
         "failover_adapter_call_duration_seconds",
         "failover_projector_lag_seconds",
         "failover_gc_pause_seconds",
+        "failover_job_commits_per_transaction",
     }
 )
 """The members of ``ALL_METRIC_NAMES`` that are histograms (exported as ``_bucket``,

@@ -200,6 +200,7 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
             stack.push_async_callback(http.close)
             store = JobStore(engine, svc.owner, on_outbox=wake, lease_engine=lease_engine,
                              lease_seconds=settings.lease_seconds)
+            store.on_transaction = m.JOB_COMMITS_PER_TRANSACTION.observe
             svc.store = store
             ports = Ports(
                 cloudstack=CloudStackAdapter(

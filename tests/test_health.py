@@ -262,6 +262,7 @@ async def test_metrics_types_and_labels(http: aiohttp.ClientSession, server: Hea
         "failover_outbox_oldest_unsent_age_seconds": "gauge",
         "failover_projector_lag_seconds": "histogram",
         "failover_projector_events": "counter",
+        "failover_job_commits_per_transaction": "histogram",
         "failover_build_info": "gauge",
     }
     for name, kind in expected_types.items():

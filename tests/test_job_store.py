@@ -201,6 +201,8 @@ async def test_commits_under_load_go_together_in_one_transaction(db: AsyncEngine
     each job's writes as if alone."""
     jobs = [await _a_job(db) for _ in range(8)]
     store = JobStore(db, OWNER, lease_seconds=30, group_limit=1)
+    carried: list[int] = []
+    store.on_transaction = carried.append
     assert await _all_at_once(store, jobs, [_commit(j, tail=True) for j in jobs]) == [False] * 8
     for job in jobs:
         events, ledger, row = await _written(db, job)
@@ -209,6 +211,7 @@ async def test_commits_under_load_go_together_in_one_transaction(db: AsyncEngine
         assert (row.status, row.resume_state, row.last_sequence) == ("running", "vm-creation", 2)
     # the first alone, the seven that waited for it together (MariaDB); else each alone
     assert (store.transactions, store.groups) == ((2, 1) if _grouped(db) else (8, 0))
+    assert carried == ([1, 7] if _grouped(db) else [1] * 8)
 
 
 async def test_in_a_group_a_lost_lease_and_a_cancel_are_each_their_own(db: AsyncEngine) -> None:

@@ -229,6 +229,8 @@ class JobStore:
         # told (job id, monotonic time until which the lease is surely valid) after a commit
         self.on_lease: Callable[[str, float], None] = lambda job_id, until: None
         self.on_commit: Callable[[str], None] = lambda job_id: None  # after every successful commit
+        # told how many jobs' commits each transaction carried (the group commit's metric)
+        self.on_transaction: Callable[[int], None] = lambda commits: None
         self.on_outbox = on_outbox
         self.transactions = 0  # counted for the benchmark's transactions-per-job figure
         self._takes: dict[tuple[int, float], Update] = {}  # take's UPDATE, per (jobs, lease length)
@@ -306,6 +308,7 @@ class JobStore:
             async with raw.transaction(self.engine) as tx:
                 self.transactions += 1
                 self.groups += 1
+                self.on_transaction(len(batch))
                 now = utcnow()
                 sqls = [f"SET {_NOT_WRITTEN} = ''"]
                 for i in order:
@@ -334,6 +337,7 @@ class JobStore:
         # the job's fixed statements straight on the driver (adapters/db/raw.py)
         async with raw.transaction(self.engine) as tx:
             self.transactions += 1
+            self.on_transaction(1)
             cancel, written, (guarded, _, params, out, led) = False, whole, full
             # the events' outbox time is their commit's, not when the commit began to wait
             # for a connection (the relay's lag, and the backlog's age, are counted from it)
