@@ -43,6 +43,19 @@ def statements(script: str) -> list[str]:
     return merged
 
 
+# a group commit's block (adapters/db/store.py): its THEN branch is what runs when the fence held
+_THEN = re.compile(r"IF ROW_COUNT\(\) = 1 THEN (.*?); (?:ELSE .*; )?END IF\Z", re.IGNORECASE | re.DOTALL)
+
+
+def counted(sql: str) -> list[str]:
+    """What one statement of `statements` runs in the usual case: itself, and for a group
+    commit's `IF ROW_COUNT() = 1 THEN ...` block the statements of its THEN branch too (the
+    INSERTs of the jobs whose fence held). A stop (`IF ROW_COUNT() <> 1 THEN SIGNAL ...`) runs
+    nothing inside when the fence holds."""
+    m = _THEN.match(sql)
+    return [sql, *statements(m.group(1))] if m else [sql]
+
+
 class SqlCounter:
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
@@ -70,7 +83,7 @@ class SqlCounter:
         cmd = payload[0]
         if cmd == COM_QUERY:
             self.requests += 1  # one round trip, however many statements it carries
-            for sql in statements(payload[1:].decode("utf-8", "replace")):
+            for sql in (one for block in statements(payload[1:].decode("utf-8", "replace")) for one in counted(block)):
                 kind = sql.split(None, 1)[0].upper() if sql else "?"
                 self.kinds[kind] += 1
                 if kind in ("SELECT", "INSERT", "UPDATE", "DELETE"):
