@@ -13,7 +13,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from adapters.db import raw
@@ -259,3 +260,67 @@ async def test_a_group_longer_than_a_request_keeps_each_fence(db: AsyncEngine, m
     for job in jobs[:3] + jobs[4:]:
         assert (await _written(db, job))[0] == ["StepCompleted", "StepStarted"]
     assert (await _written(db, jobs[3]))[:2] == ([], [])
+
+
+async def test_a_group_whose_connection_is_lost_raises_to_every_commit_in_it(store_db: str) -> None:
+    """A group waiting on a row lock (another transaction holds one of its jobs) whose connection
+    is then killed: each of its commits raises the lost connection, none hangs, none is written
+    (the COMMIT never ran). (MariaDB's way: the others have no groups.)"""
+    db = make_engine(store_db, pool_size=3)
+    try:
+        await _lost_group(db)
+    finally:
+        await db.dispose()
+
+
+async def _lost_group(db: AsyncEngine) -> None:
+    jobs = [await _a_job(db) for _ in range(4)]
+    assert _grouped(db)
+    store = JobStore(db, OWNER, lease_seconds=30, group_limit=1)
+    async with db.connect() as holder:
+        async with holder.begin():
+            await holder.execute(select(failover_jobs.c.id).where(failover_jobs.c.job_id == jobs[2].job_id)
+                                 .with_for_update())
+            # the first goes alone (the limit is 1), the three after it queue and go together
+            # once it has ended: a group that waits on the third job's row
+            commits = [asyncio.create_task(store.commit(j, _commit(j))) for j in jobs]
+
+            async def waiting_group() -> Any:
+                found = (await holder.execute(text(
+                    "SELECT id FROM information_schema.processlist WHERE info LIKE :f AND id <> CONNECTION_ID()"),
+                    {"f": "%UPDATE%failover_jobs%"})).scalars().all()
+                return found[0] if len(found) == 1 else None
+
+            victim = await wait_until(waiting_group, 10, "the group to wait on the locked row", interval=0.02)
+            await holder.execute(text(f"KILL CONNECTION {int(victim)}"))
+            out = await asyncio.wait_for(asyncio.gather(*commits, return_exceptions=True), 10)
+    assert out[0] is False
+    assert all(isinstance(o, DBAPIError) and o.connection_invalidated for o in out[1:]), out
+    assert (store.transactions, store.groups) == (2, 1)
+    assert (await _written(db, jobs[0]))[0] == ["StepCompleted"]
+    for job in jobs[1:]:
+        assert (await _written(db, job))[:2] == ([], [])
+
+
+async def test_a_commit_cancelled_while_it_waits_for_its_group_is_not_sent(store_db: str) -> None:
+    """A job's task cancelled (its lease lost, the process stopping) while its commit waits for
+    the group: the group goes without it, and nothing of it is written."""
+    db = make_engine(store_db, pool_size=3)
+    try:
+        jobs = [await _a_job(db) for _ in range(3)]
+        store = JobStore(db, OWNER, lease_seconds=30, group_limit=1)
+        async with db.connect() as holder:
+            async with holder.begin():  # the first (alone) waits on its row, the others queue
+                await holder.execute(select(failover_jobs.c.id).where(failover_jobs.c.job_id == jobs[0].job_id)
+                                     .with_for_update())
+                commits = [asyncio.create_task(store.commit(j, _commit(j))) for j in jobs]
+                await wait_until(holds(lambda: store.waiting == 2), 5, "two commits to queue behind the first",
+                                 interval=0.01)
+                commits[1].cancel()
+        assert await asyncio.wait_for(asyncio.gather(commits[0], commits[2]), 10) == [False, False]
+        assert commits[1].cancelled()
+        assert (await _written(db, jobs[1]))[:2] == ([], [])
+        assert (await _written(db, jobs[2]))[0] == ["StepCompleted"]
+        assert (store.transactions, store.groups) == (2, 1)
+    finally:
+        await db.dispose()

@@ -159,6 +159,10 @@ class _Group:
         self._queue: list[tuple[Any, asyncio.Future[bool]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
     def alone(self) -> bool:
         """Whether a commit may go alone now; if so it counts as in flight until `done()`."""
         if self.busy < self.limit and not self._queue:
@@ -282,6 +286,11 @@ class JobStore:
         if self.lease_seconds and "lease_expires_at" not in whole.job:
             self.on_lease(job.job_id, asked + self.lease_seconds)
         return cancel
+
+    @property
+    def waiting(self) -> int:
+        """Commits queued for the next group."""
+        return self._group.waiting if isinstance(self._group, _Group) else 0
 
     async def drain(self) -> None:
         """Wait for the group commits in flight (shutting down)."""
