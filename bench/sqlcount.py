@@ -43,6 +43,7 @@ def statements(script: str) -> list[str]:
     return merged
 
 
+_SET_STATEMENT = re.compile(r"SET\s+STATEMENT\s+.*?\bFOR\s+", re.IGNORECASE | re.DOTALL)
 # a group commit's block (adapters/db/store.py): its THEN branch is what runs when the fence held
 _THEN = re.compile(r"IF ROW_COUNT\(\) = 1 THEN (.*?); (?:ELSE .*; )?END IF\Z", re.IGNORECASE | re.DOTALL)
 
@@ -52,6 +53,9 @@ def counted(sql: str) -> list[str]:
     commit's `IF ROW_COUNT() = 1 THEN ...` block the statements of its THEN branch too (the
     INSERTs of the jobs whose fence held). A stop (`IF ROW_COUNT() <> 1 THEN SIGNAL ...`) runs
     nothing inside when the fence holds."""
+    lead = _SET_STATEMENT.match(sql)
+    if lead:  # `SET STATEMENT var = value FOR UPDATE ...`: the UPDATE
+        return counted(sql[lead.end():])
     m = _THEN.match(sql)
     return [sql, *statements(m.group(1))] if m else [sql]
 

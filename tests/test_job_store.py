@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from adapters.db import raw
+from adapters.db import store as store_module
 from adapters.db.engine import make_engine, utcnow
 from adapters.db.outbox import outbox_row
 from adapters.db.store import JobStore
@@ -249,17 +250,42 @@ async def test_a_group_that_fails_on_the_server_leaves_each_commit_to_go_alone(d
     assert (store.transactions, store.groups) == ((5, 1) if _grouped(db) else (4, 0))
 
 
-async def test_a_group_longer_than_a_request_keeps_each_fence(db: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A group's script longer than one request goes in several: a job's fenced UPDATE and the
-    IF that reads its row count may then fall in different requests, and still go together."""
-    monkeypatch.setattr(raw, "MAX_STATEMENT", 300)  # (every statement in a request of its own)
-    jobs = [await _a_job(db) for _ in range(3)] + [await _taken_over(db), await _a_job(db)]
+async def test_a_commit_that_cannot_be_built_fails_alone_not_its_group(db: AsyncEngine) -> None:
+    """A commit whose rows cannot be turned into SQL (a ledger value JSON cannot hold) raises to
+    its own job only; the jobs it would have gone with land."""
+    jobs = [await _a_job(db) for _ in range(4)]
+    commits = [_commit(j) for j in jobs]
+    commits[2].ledger[0].data["bad"] = object()
     store = JobStore(db, OWNER, lease_seconds=30, group_limit=1)
-    out = await _all_at_once(store, jobs, [_commit(j, tail=True) for j in jobs])
-    assert out[:3] == [False] * 3 and isinstance(out[3], LeaseLost) and out[4] is False
-    for job in jobs[:3] + jobs[4:]:
+    out = await _all_at_once(store, jobs, commits)
+    assert out[:2] == [False, False] and out[3] is False and isinstance(out[2], TypeError)
+    for i, job in enumerate(jobs):
+        assert (await _written(db, job))[0] == ([] if i == 2 else ["StepCompleted"])
+    if _grouped(db):
+        assert store.groups == 1
+
+
+async def test_a_group_never_splits_its_request_the_commits_that_do_not_fit_go_alone(
+        db: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's UPDATE and the IF that reads its row count must travel in one request (between
+    two, the driver may ask for the UPDATE's warnings, which resets the count): a group takes
+    what fits in one request, the rest go alone, and every commit lands once."""
+    monkeypatch.setattr(raw, "MAX_STATEMENT", 50_000)
+    jobs = [await _a_job(db) for _ in range(6)] + [await _taken_over(db), await _a_job(db)]
+    commits = [_commit(j, tail=True) for j in jobs]
+    for c in commits:
+        c.ledger[0].data["notes"] = "x" * 20_000  # about 20 kB a commit: two fit in a request
+    store = JobStore(db, OWNER, lease_seconds=30, group_limit=1)
+    carried: list[int] = []
+    store.on_transaction = carried.append
+    out = await _all_at_once(store, jobs, commits)
+    assert out[:6] == [False] * 6 and isinstance(out[6], LeaseLost) and out[7] is False
+    for job in jobs[:6] + jobs[7:]:
         assert (await _written(db, job))[0] == ["StepCompleted", "StepStarted"]
-    assert (await _written(db, jobs[3]))[:2] == ([], [])
+    assert (await _written(db, jobs[6]))[:2] == ([], [])
+    assert max(carried) == (2 if _grouped(db) else 1)  # no transaction carried more than fit
+    if _grouped(db):
+        assert store.groups >= 1
 
 
 async def test_a_group_whose_connection_is_lost_raises_to_every_commit_in_it(store_db: str) -> None:
@@ -322,5 +348,34 @@ async def test_a_commit_cancelled_while_it_waits_for_its_group_is_not_sent(store
         assert (await _written(db, jobs[1]))[:2] == ([], [])
         assert (await _written(db, jobs[2]))[0] == ["StepCompleted"]
         assert (store.transactions, store.groups) == (2, 1)
+    finally:
+        await db.dispose()
+
+
+async def test_a_group_waiting_on_a_row_locked_elsewhere_lets_the_others_go_alone(
+        store_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group whose UPDATE waits on a job's row that another transaction holds gives up after
+    its own short lock wait instead of holding the other jobs' rows for the server's (50 s):
+    the others go alone and land while that row is still held; the held one lands once it is
+    free. (MariaDB's way: the others have no groups.)"""
+    monkeypatch.setattr(store_module, "_LOCK_WAIT", "SET STATEMENT innodb_lock_wait_timeout = 1 FOR ")
+    db = make_engine(store_db, pool_size=4)
+    try:
+        jobs = [await _a_job(db) for _ in range(4)]
+        store = JobStore(db, OWNER, lease_seconds=30, group_limit=1)
+        async with db.connect() as holder:
+            async with holder.begin():
+                await holder.execute(select(failover_jobs.c.id).where(failover_jobs.c.job_id == jobs[2].job_id)
+                                     .with_for_update())
+                commits = [asyncio.create_task(store.commit(j, _commit(j))) for j in jobs]
+
+                async def others_landed() -> bool | None:
+                    return all([(await _written(db, j))[0] == ["StepCompleted"] for j in (jobs[0], jobs[1], jobs[3])]) or None
+
+                await wait_until(others_landed, 15, "the jobs beside the locked one to land")
+                assert not commits[2].done()
+        assert await asyncio.wait_for(asyncio.gather(*commits), 15) == [False] * 4
+        assert (await _written(db, jobs[2]))[0] == ["StepCompleted"]
+        assert store.groups == 1
     finally:
         await db.dispose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar, cast
@@ -24,6 +25,7 @@ from .outbox import OUTBOX_INSERT, outbox_row
 from .tables import failover_jobs, resource_ledger, vm_replication_contexts
 
 T = TypeVar("T")
+log = logging.getLogger("failover.db")
 _JOB_TYPES = {"test": "test-failover", "live": "live-failover", "cleanup": "cleanup"}
 SEED_JOB_TYPES = {v: k for k, v in _JOB_TYPES.items()}  # contract job type -> seed column value
 _TIME_COLUMNS = {"started_at", "completed_at", "lease_expires_at"}
@@ -145,18 +147,23 @@ _Prepared = tuple[Update, Update, dict[str, Any], list[dict[str, Any]], list[dic
 GROUP_LIMIT = 4
 GROUP_MOST = 64
 _NOT_WRITTEN = "@failover_not_written"  # a group's list of the commits whose fence failed
+# a group's UPDATE waits this long for a row locked elsewhere (then each of its jobs goes alone),
+# not the server's innodb_lock_wait_timeout (50 s by default) with the other jobs' rows held
+GROUP_LOCK_WAIT = 5
+_LOCK_WAIT = f"SET STATEMENT innodb_lock_wait_timeout = {GROUP_LOCK_WAIT} FOR "
 
 
 class _Group:
     """Group commit: while `limit` commits are in flight, the next ones queue, and when one of
     those in flight ends, the queue (up to `most`) goes as one transaction (`flush`, which says
-    of each whether it was written). Nothing waits for company: a commit that finds room goes at
-    once, alone; only under load do commits share a round trip, a COMMIT and its log flush."""
+    of each whether it was written: True; its fence failed: False; not sent, to go alone: None).
+    Nothing waits for company: a commit that finds room goes at once, alone; only under load do
+    commits share a round trip, a COMMIT and its log flush."""
 
-    def __init__(self, flush: Callable[[list[Any]], Awaitable[list[bool]]], limit: int, most: int) -> None:
-        self._flush, self.limit, self.most = flush, limit, most
+    def __init__(self, flush: Callable[[list[Any]], Awaitable[list[bool | None]]], limit: int, most: int) -> None:
+        self._flush, self.limit, self.most = flush, max(1, limit), max(1, most)
         self.busy = 0
-        self._queue: list[tuple[Any, asyncio.Future[bool]]] = []
+        self._queue: list[tuple[Any, asyncio.Future[bool | None]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -174,10 +181,11 @@ class _Group:
         self.busy -= 1
         self._next()
 
-    async def join(self, item: Any) -> bool:
-        """Queue `item` for the next group; whether it was written (else it is to go alone).
-        The group's transaction failing for a lost connection raises that here."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    async def join(self, item: Any) -> bool | None:
+        """Queue `item` for the next group: True once written, False if its fence failed (it is
+        to go the long way), None if it was not sent (it is to go alone). The group's
+        transaction failing for a lost connection raises that here."""
+        future: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
         self._next()
         return await future
@@ -188,30 +196,39 @@ class _Group:
             self.busy += 1
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(lambda t, b=batch: self._ended(t, b))  # type: ignore[misc]
 
-    async def _run(self, batch: list[tuple[Any, asyncio.Future[bool]]]) -> None:
+    async def _run(self, batch: list[tuple[Any, asyncio.Future[bool | None]]]) -> None:
+        # a commit whose caller is gone (cancelled) before its group went is not sent
+        live = [(item, future) for item, future in batch if not future.done()]
         try:
-            # a commit whose caller is gone (cancelled) before its group went is not sent
-            live = [(item, future) for item, future in batch if not future.done()]
             written = await self._flush([item for item, _ in live]) if live else []
-            for (_, future), ok in zip(live, written, strict=True):
-                if not future.done():
-                    future.set_result(ok)
-        except BaseException as exc:
-            for _, future in batch:
+        except Exception as exc:
+            for _, future in live:
                 if not future.done():
                     future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            self.busy -= 1
+            return
+        for (_, future), ok in zip(live, written, strict=True):
+            if not future.done():
+                future.set_result(ok)
+
+    def _ended(self, task: asyncio.Task[None], batch: list[tuple[Any, asyncio.Future[bool | None]]]) -> None:
+        """A group's task ended, however (cancelled before it began, at shutdown, too): its room
+        is free again, and a commit still waiting on it learns it was cancelled."""
+        self._tasks.discard(task)
+        self.busy -= 1
+        for _, future in batch:
+            if not future.done():
+                future.cancel()
+        try:
             self._next()
+        except RuntimeError:  # the loop is closing: nothing more goes
+            pass
 
     async def drain(self) -> None:
-        """Wait for the groups in flight (shutting down)."""
+        """Wait for the groups in flight (shutting down); never cancels them."""
         while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.wait(set(self._tasks))
 
 
 class JobStore:
@@ -276,10 +293,10 @@ class JobStore:
             finally:
                 if group is not None:
                     group.done()
-        elif await group.join((job, whole, full)):
+        elif (written := await group.join((job, whole, full))) is True:
             cancel = False  # written with others in one transaction
-        else:  # its fence failed (or the group's transaction did): the long way, alone
-            cancel = await _again(lambda: self._write(job, commit, whole, full, head, quick=False))
+        else:  # its fence failed (False: the long way), or it was not sent (None): alone
+            cancel = await _again(lambda: self._write(job, commit, whole, full, head, quick=written is None))
         self.on_commit(job.job_id)
         if whole.events:
             self.on_outbox()
@@ -299,47 +316,74 @@ class JobStore:
 
     def _group_of(self) -> _Group | None:
         if self._group is None:
+            dialect = self.engine.sync_engine.dialect
+            if dialect.server_version_info is None:  # not connected yet: which server is unknown
+                return None
             # MariaDB's IF outside stored programs keeps each job's writes to its fence
             supported = self.group_limit > 0 and raw.statements_of(self.engine).scripts and bool(
-                getattr(self.engine.sync_engine.dialect, "is_mariadb", False))
+                getattr(dialect, "is_mariadb", False))
             self._group = _Group(self._commit_group, self.group_limit, self.group_most) if supported else False
         return self._group if isinstance(self._group, _Group) else None
 
-    async def _commit_group(self, batch: list[tuple[JobRow, Commit, _Prepared]]) -> list[bool]:
-        """The commits of several jobs as one transaction in one round trip: each job's fenced
-        UPDATE, then its writes only if that matched (`IF ROW_COUNT() = 1`), else its place in
-        the list of those not written; the COMMIT; that list. The rows are locked in the order of
-        the jobs' ids (as the lease renewal's UPDATE ... IN does: no deadlock between them).
-        Whether each was written; if the transaction failed on the server, none was (each is
-        then done alone); a lost connection is raised to all."""
-        order = sorted(range(len(batch)), key=lambda i: batch[i][0].job_id)
+    async def _commit_group(self, batch: list[tuple[JobRow, Commit, _Prepared]]) -> list[bool | None]:
+        """The commits of several jobs as one transaction in one request: per job a savepoint,
+        its fenced UPDATE, then its writes only if that matched (`IF ROW_COUNT() = 1`), else
+        back to its savepoint and its place in the list of those not written; the COMMIT; that
+        list. Of each: True written, False its fence failed (nothing of it written), None not
+        sent (it goes alone: the group's request was full, its statements could not be built,
+        or the server refused the group, which then wrote nothing). A lost connection is raised
+        to all. The rows are locked in the order of the jobs' ids (as the lease renewal's
+        UPDATE ... IN takes them), and a job's row locked elsewhere fails the group after
+        `GROUP_LOCK_WAIT` seconds instead of holding the others' rows for the server's lock
+        wait timeout. The request is never split: a job's UPDATE and the IF that reads its row
+        count must travel together (between two requests the driver may ask for the UPDATE's
+        warnings, which resets the count)."""
+        out: list[bool | None] = [None] * len(batch)
+        sent: list[int] = []
         try:
             async with raw.transaction(self.engine) as tx:
-                self.transactions += 1
-                self.groups += 1
-                self.on_transaction(len(batch))
                 now = utcnow()
                 sqls = [f"SET {_NOT_WRITTEN} = ''"]
-                for i in order:
-                    job, whole, (guarded, _, params, out, led) = batch[i]
-                    for row in out:
-                        row["created_at"] = now
-                    rest = [*(tx.insert_sqls(OUTBOX_INSERT, out) if out else []),
-                            *(tx.insert_sqls(LEDGER_UPSERT, led) if led else []),
-                            *(tx.sql(st, values) for st, values in self._side_updates(job, whole))]
-                    sqls.append(tx.sql(guarded, params))
-                    missed = f"SET {_NOT_WRITTEN} = CONCAT({_NOT_WRITTEN}, ',{i}')"
-                    sqls.append(f"IF ROW_COUNT() = 1 THEN {'; '.join(rest)}; ELSE {missed}; END IF" if rest
-                                else f"IF ROW_COUNT() <> 1 THEN {missed}; END IF")
+                room = raw.MAX_STATEMENT - len(sqls[0]) - 100  # (the COMMIT and the SELECT after)
+                for i in sorted(range(len(batch)), key=lambda i: batch[i][0].job_id):
+                    job, whole, (guarded, _, params, out_rows, led) = batch[i]
+                    try:
+                        for row in out_rows:
+                            row["created_at"] = now
+                        rest = [*(tx.insert_sqls(OUTBOX_INSERT, out_rows) if out_rows else []),
+                                *(tx.insert_sqls(LEDGER_UPSERT, led) if led else []),
+                                *(tx.sql(st, values) for st, values in self._side_updates(job, whole))]
+                        fenced = tx.sql(guarded, params)
+                    except Exception:  # alone, it raises its own error to its own job
+                        log.debug("job %s's commit could not be built for a group; it goes alone", job.job_id,
+                                  exc_info=True)
+                        continue
+                    missed = f"ROLLBACK TO SAVEPOINT j{i}; SET {_NOT_WRITTEN} = CONCAT({_NOT_WRITTEN}, ',{i}')"
+                    unit = [f"SAVEPOINT j{i}", _LOCK_WAIT + fenced,
+                            f"IF ROW_COUNT() = 1 THEN {'; '.join(rest)}; ELSE {missed}; END IF" if rest
+                            else f"IF ROW_COUNT() <> 1 THEN {missed}; END IF"]
+                    size = sum(len(u) + 1 for u in unit)
+                    if size > room:
+                        continue  # the request is full: this one goes alone
+                    room -= size
+                    sqls += unit
+                    sent.append(i)
+                if not sent:
+                    return out
+                self.transactions += 1
+                self.groups += 1
+                self.on_transaction(len(sent))
                 _, rows = await tx.script_select(sqls, f"SELECT {_NOT_WRITTEN}", commit=True)
         except DBAPIError as exc:
             if exc.connection_invalidated:
                 raise
-            return [False] * len(batch)  # rolled back: each goes alone
+            log.info("a group commit of %d jobs failed (%s); each goes alone", len(sent), exc.orig)
+            return [None] * len(batch)  # rolled back: nothing of it was written
         found = rows[0][0] if rows else None
-        text_ = found.decode() if isinstance(found, bytes) else str(found or "")
-        missed_ = {int(x) for x in text_.split(",") if x}
-        return [i not in missed_ for i in range(len(batch))]
+        missed_ = {int(x) for x in (found.decode() if isinstance(found, bytes) else str(found or "")).split(",") if x}
+        for i in sent:
+            out[i] = i not in missed_
+        return out
 
     async def _write(self, job: JobRow, commit: Commit, whole: Commit, full: _Prepared, head: _Prepared, *,
                      quick: bool) -> bool:
