@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from adapters.db import raw
 from adapters.db import store as store_module
@@ -188,6 +189,15 @@ async def _taken_over(db: AsyncEngine) -> JobRow:
     return job
 
 
+@asynccontextmanager
+async def _row_held(db: AsyncEngine, job: JobRow) -> AsyncIterator[AsyncConnection]:
+    """`job`'s row locked by another transaction while the block runs (SELECT ... FOR UPDATE)."""
+    async with db.connect() as holder, holder.begin():
+        await holder.execute(select(failover_jobs.c.id).where(failover_jobs.c.job_id == job.job_id)
+                             .with_for_update())
+        yield holder
+
+
 def _grouped(db: AsyncEngine) -> bool:
     """Whether `db`'s commits can go together (MariaDB's IF; the fixture's "mariadb" way)."""
     return raw.statements_of(db).scripts and bool(getattr(db.sync_engine.dialect, "is_mariadb", False))
@@ -303,23 +313,20 @@ async def _lost_group(db: AsyncEngine) -> None:
     jobs = [await _a_job(db) for _ in range(4)]
     assert _grouped(db)
     store = JobStore(db, OWNER, lease_seconds=30, group_limit=1)
-    async with db.connect() as holder:
-        async with holder.begin():
-            await holder.execute(select(failover_jobs.c.id).where(failover_jobs.c.job_id == jobs[2].job_id)
-                                 .with_for_update())
-            # the first goes alone (the limit is 1), the three after it queue and go together
-            # once it has ended: a group that waits on the third job's row
-            commits = [asyncio.create_task(store.commit(j, _commit(j))) for j in jobs]
+    async with _row_held(db, jobs[2]) as holder:
+        # the first goes alone (the limit is 1), the three after it queue and go together
+        # once it has ended: a group that waits on the third job's row
+        commits = [asyncio.create_task(store.commit(j, _commit(j))) for j in jobs]
 
-            async def waiting_group() -> Any:
-                found = (await holder.execute(text(
-                    "SELECT id FROM information_schema.processlist WHERE info LIKE :f AND id <> CONNECTION_ID()"),
-                    {"f": "%UPDATE%failover_jobs%"})).scalars().all()
-                return found[0] if len(found) == 1 else None
+        async def waiting_group() -> Any:
+            found = (await holder.execute(text(
+                "SELECT id FROM information_schema.processlist WHERE info LIKE :f AND id <> CONNECTION_ID()"),
+                {"f": "%UPDATE%failover_jobs%"})).scalars().all()
+            return found[0] if len(found) == 1 else None
 
-            victim = await wait_until(waiting_group, 10, "the group to wait on the locked row", interval=0.02)
-            await holder.execute(text(f"KILL CONNECTION {int(victim)}"))
-            out = await asyncio.wait_for(asyncio.gather(*commits, return_exceptions=True), 10)
+        victim = await wait_until(waiting_group, 10, "the group to wait on the locked row", interval=0.02)
+        await holder.execute(text(f"KILL CONNECTION {int(victim)}"))
+        out = await asyncio.wait_for(asyncio.gather(*commits, return_exceptions=True), 10)
     assert out[0] is False
     assert all(isinstance(o, DBAPIError) and o.connection_invalidated for o in out[1:]), out
     assert (store.transactions, store.groups) == (2, 1)
@@ -335,14 +342,11 @@ async def test_a_commit_cancelled_while_it_waits_for_its_group_is_not_sent(store
     try:
         jobs = [await _a_job(db) for _ in range(3)]
         store = JobStore(db, OWNER, lease_seconds=30, group_limit=1)
-        async with db.connect() as holder:
-            async with holder.begin():  # the first (alone) waits on its row, the others queue
-                await holder.execute(select(failover_jobs.c.id).where(failover_jobs.c.job_id == jobs[0].job_id)
-                                     .with_for_update())
-                commits = [asyncio.create_task(store.commit(j, _commit(j))) for j in jobs]
-                await wait_until(holds(lambda: store.waiting == 2), 5, "two commits to queue behind the first",
-                                 interval=0.01)
-                commits[1].cancel()
+        async with _row_held(db, jobs[0]):  # the first (alone) waits on its row, the others queue
+            commits = [asyncio.create_task(store.commit(j, _commit(j))) for j in jobs]
+            await wait_until(holds(lambda: store.waiting == 2), 5, "two commits to queue behind the first",
+                             interval=0.01)
+            commits[1].cancel()
         assert await asyncio.wait_for(asyncio.gather(commits[0], commits[2]), 10) == [False, False]
         assert commits[1].cancelled()
         assert (await _written(db, jobs[1]))[:2] == ([], [])
@@ -363,17 +367,14 @@ async def test_a_group_waiting_on_a_row_locked_elsewhere_lets_the_others_go_alon
     try:
         jobs = [await _a_job(db) for _ in range(4)]
         store = JobStore(db, OWNER, lease_seconds=30, group_limit=1)
-        async with db.connect() as holder:
-            async with holder.begin():
-                await holder.execute(select(failover_jobs.c.id).where(failover_jobs.c.job_id == jobs[2].job_id)
-                                     .with_for_update())
-                commits = [asyncio.create_task(store.commit(j, _commit(j))) for j in jobs]
+        async with _row_held(db, jobs[2]):
+            commits = [asyncio.create_task(store.commit(j, _commit(j))) for j in jobs]
 
-                async def others_landed() -> bool | None:
-                    return all([(await _written(db, j))[0] == ["StepCompleted"] for j in (jobs[0], jobs[1], jobs[3])]) or None
+            async def others_landed() -> bool | None:
+                return all([(await _written(db, j))[0] == ["StepCompleted"] for j in (jobs[0], jobs[1], jobs[3])]) or None
 
-                await wait_until(others_landed, 15, "the jobs beside the locked one to land")
-                assert not commits[2].done()
+            await wait_until(others_landed, 15, "the jobs beside the locked one to land")
+            assert not commits[2].done()
         assert await asyncio.wait_for(asyncio.gather(*commits), 15) == [False] * 4
         assert (await _written(db, jobs[2]))[0] == ["StepCompleted"]
         assert store.groups == 1
