@@ -19,7 +19,6 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from adapters.db import raw
-from adapters.db import store as store_module
 from adapters.db.engine import make_engine, utcnow
 from adapters.db.outbox import outbox_row
 from adapters.db.store import JobStore
@@ -200,7 +199,7 @@ async def _row_held(db: AsyncEngine, job: JobRow) -> AsyncIterator[AsyncConnecti
 
 def _grouped(db: AsyncEngine) -> bool:
     """Whether `db`'s commits can go together (MariaDB's IF; the fixture's "mariadb" way)."""
-    return raw.statements_of(db).scripts and bool(getattr(db.sync_engine.dialect, "is_mariadb", False))
+    return raw.statements_of(db).compound
 
 
 async def _all_at_once(store: JobStore, jobs: list[JobRow], commits: list[Commit]) -> list[Any]:
@@ -276,15 +275,14 @@ async def test_a_commit_that_cannot_be_built_fails_alone_not_its_group(db: Async
 
 
 async def test_a_group_never_splits_its_request_the_commits_that_do_not_fit_go_alone(
-        db: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+        db: AsyncEngine) -> None:
     """A job's UPDATE and the IF that reads its row count must travel in one request (between
     two, the driver may ask for the UPDATE's warnings, which resets the count): a group takes
     what fits in one request, the rest go alone, and every commit lands once."""
-    monkeypatch.setattr(raw, "MAX_STATEMENT", 50_000)
     jobs = [await _a_job(db) for _ in range(6)] + [await _taken_over(db), await _a_job(db)]
     commits = [_commit(j, tail=True) for j in jobs]
     for c in commits:
-        c.ledger[0].data["notes"] = "x" * 20_000  # about 20 kB a commit: two fit in a request
+        c.ledger[0].data["notes"] = "x" * (raw.MAX_STATEMENT * 2 // 5)  # two fit in a request, three do not
     store = JobStore(db, OWNER, lease_seconds=30, group_limit=1)
     carried: list[int] = []
     store.on_transaction = carried.append
@@ -357,16 +355,15 @@ async def test_a_commit_cancelled_while_it_waits_for_its_group_is_not_sent(store
 
 
 async def test_a_group_waiting_on_a_row_locked_elsewhere_lets_the_others_go_alone(
-        store_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        store_db: str) -> None:
     """A group whose UPDATE waits on a job's row that another transaction holds gives up after
     its own short lock wait instead of holding the other jobs' rows for the server's (50 s):
     the others go alone and land while that row is still held; the held one lands once it is
     free. (MariaDB's way: the others have no groups.)"""
-    monkeypatch.setattr(store_module, "_LOCK_WAIT", "SET STATEMENT innodb_lock_wait_timeout = 1 FOR ")
     db = make_engine(store_db, pool_size=4)
     try:
         jobs = [await _a_job(db) for _ in range(4)]
-        store = JobStore(db, OWNER, lease_seconds=30, group_limit=1)
+        store = JobStore(db, OWNER, lease_seconds=30, group_limit=1, group_lock_wait=1)
         async with _row_held(db, jobs[2]):
             commits = [asyncio.create_task(store.commit(j, _commit(j))) for j in jobs]
 

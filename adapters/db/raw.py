@@ -120,6 +120,12 @@ class Statements:
         self.scripts = False
         self._cache: dict[tuple[int, tuple[str, ...] | None], tuple[ClauseElement, Prepared]] = {}
 
+    @property
+    def compound(self) -> bool:
+        """Whether a script may hold `IF ... END IF` outside a stored program (MariaDB since
+        10.1.1; MySQL has none): known once the engine has connected."""
+        return self.scripts and bool(getattr(self.dialect, "is_mariadb", False))
+
     def get(self, statement: ClauseElement, column_keys: Iterable[str] | None = None) -> Prepared:
         keys = tuple(column_keys) if column_keys is not None else None
         key = (id(statement), keys)
@@ -253,7 +259,7 @@ class Transaction:
         matched exactly one row: what comes after it then does not run (a COMMIT included).
         None where the server cannot say so in a statement (MySQL has no IF outside stored
         programs; MariaDB has since 10.1.1)."""
-        return _STOP_UNLESS_ONE_ROW if self.scripts and getattr(self._dialect, "is_mariadb", False) else None
+        return _STOP_UNLESS_ONE_ROW if self._statements.compound else None
 
     async def script(self, sqls: Sequence[str], *, commit: bool = False) -> list[int]:
         """Run `sqls` (from `sql`, `insert_sqls`, `stop_unless_one_row`) in order, in one round

@@ -150,7 +150,6 @@ _NOT_WRITTEN = "@failover_not_written"  # a group's list of the commits whose fe
 # a group's UPDATE waits this long for a row locked elsewhere (then each of its jobs goes alone),
 # not the server's innodb_lock_wait_timeout (50 s by default) with the other jobs' rows held
 GROUP_LOCK_WAIT = 5
-_LOCK_WAIT = f"SET STATEMENT innodb_lock_wait_timeout = {GROUP_LOCK_WAIT} FOR "
 
 
 class _Group:
@@ -236,11 +235,13 @@ class JobStore:
 
     def __init__(self, engine: AsyncEngine, owner: str, on_outbox: Callable[[], None] = lambda: None, *,
                  lease_engine: AsyncEngine | None = None, lease_seconds: float | None = None,
-                 group_limit: int = GROUP_LIMIT, group_most: int = GROUP_MOST) -> None:
+                 group_limit: int = GROUP_LIMIT, group_most: int = GROUP_MOST,
+                 group_lock_wait: int = GROUP_LOCK_WAIT) -> None:
         self.engine = engine
         # group commit (MariaDB): with `group_limit` commits in flight, the next ones wait and
         # go together, at most `group_most` of them, as one transaction (0: every one alone)
         self.group_limit, self.group_most = group_limit, group_most
+        self._lock_wait = f"SET STATEMENT innodb_lock_wait_timeout = {int(group_lock_wait)} FOR "
         self._group: _Group | bool | None = None  # made at the first commit (the server is known)
         self.groups = 0  # transactions that carried more than one job's commit (the benchmark's)
         # renewals get their own small pool: they must never wait behind the jobs' commits
@@ -320,8 +321,7 @@ class JobStore:
             if dialect.server_version_info is None:  # not connected yet: which server is unknown
                 return None
             # MariaDB's IF outside stored programs keeps each job's writes to its fence
-            supported = self.group_limit > 0 and raw.statements_of(self.engine).scripts and bool(
-                getattr(dialect, "is_mariadb", False))
+            supported = self.group_limit > 0 and raw.statements_of(self.engine).compound
             self._group = _Group(self._commit_group, self.group_limit, self.group_most) if supported else False
         return self._group if isinstance(self._group, _Group) else None
 
@@ -334,7 +334,7 @@ class JobStore:
         or the server refused the group, which then wrote nothing). A lost connection is raised
         to all. The rows are locked in the order of the jobs' ids (as the lease renewal's
         UPDATE ... IN takes them), and a job's row locked elsewhere fails the group after
-        `GROUP_LOCK_WAIT` seconds instead of holding the others' rows for the server's lock
+        `group_lock_wait` seconds instead of holding the others' rows for the server's lock
         wait timeout. The request is never split: a job's UPDATE and the IF that reads its row
         count must travel together (between two requests the driver may ask for the UPDATE's
         warnings, which resets the count)."""
@@ -350,16 +350,14 @@ class JobStore:
                     try:
                         for row in out_rows:
                             row["created_at"] = now
-                        rest = [*(tx.insert_sqls(OUTBOX_INSERT, out_rows) if out_rows else []),
-                                *(tx.insert_sqls(LEDGER_UPSERT, led) if led else []),
-                                *(tx.sql(st, values) for st, values in self._side_updates(job, whole))]
+                        rest = self._writes(tx, job, whole, out_rows, led)
                         fenced = tx.sql(guarded, params)
                     except Exception:  # alone, it raises its own error to its own job
                         log.debug("job %s's commit could not be built for a group; it goes alone", job.job_id,
                                   exc_info=True)
                         continue
                     missed = f"ROLLBACK TO SAVEPOINT j{i}; SET {_NOT_WRITTEN} = CONCAT({_NOT_WRITTEN}, ',{i}')"
-                    unit = [f"SAVEPOINT j{i}", _LOCK_WAIT + fenced,
+                    unit = [f"SAVEPOINT j{i}", self._lock_wait + fenced,
                             f"IF ROW_COUNT() = 1 THEN {'; '.join(rest)}; ELSE {missed}; END IF" if rest
                             else f"IF ROW_COUNT() <> 1 THEN {missed}; END IF"]
                     size = sum(len(u) + 1 for u in unit)
@@ -404,9 +402,7 @@ class JobStore:
                 # its count says the fence held. Should the fence fail, nothing was written
                 # and it is done the long way below (which tells a cancel from a lost lease)
                 stop = tx.stop_unless_one_row()
-                rest = [*(tx.insert_sqls(OUTBOX_INSERT, out) if out else []),
-                        *(tx.insert_sqls(LEDGER_UPSERT, led) if led else []),
-                        *(tx.sql(s, p) for s, p in self._side_updates(job, whole))]
+                rest = self._writes(tx, job, whole, out, led)
                 fenced = tx.sql(guarded, params)
                 try:
                     if stop is not None:
@@ -433,6 +429,14 @@ class JobStore:
             for statement, values in self._side_updates(job, written):
                 await tx.execute(statement, values)
         return cancel
+
+    def _writes(self, tx: raw.Transaction, job: JobRow, written: Commit, out: list[dict[str, Any]],
+                led: list[dict[str, Any]]) -> list[str]:
+        """What a commit writes after its fenced UPDATE, as statements for a script: its events,
+        its ledger rows, its side updates."""
+        return [*(tx.insert_sqls(OUTBOX_INSERT, out) if out else []),
+                *(tx.insert_sqls(LEDGER_UPSERT, led) if led else []),
+                *(tx.sql(st, values) for st, values in self._side_updates(job, written))]
 
     @staticmethod
     def _side_updates(job: JobRow, written: Commit) -> list[tuple[Update, dict[str, Any]]]:
