@@ -318,17 +318,15 @@ async def test_a_script_stopped_unless_one_row_matched_writes_nothing(engine: As
     assert await _connection_id(engine) == before
 
 
-async def test_a_long_script_goes_in_several_requests_of_bounded_size(engine: AsyncEngine, raw_database: str,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_long_script_goes_in_several_requests_of_bounded_size(engine: AsyncEngine, raw_database: str) -> None:
     """A projector batch of large events must not become one request beyond the server's
     max_allowed_packet: multi-row INSERTs are split, and requests stay under MAX_STATEMENT
-    characters (a small bound here), one after the other, with a count for each statement."""
-    monkeypatch.setattr(raw, "MAX_STATEMENT", 3000)
+    characters, one after the other, with a count for each statement."""
     job = str(uuid.uuid4())
-    rows = [_ledger_row(job, f"big:{i}", data={"blob": "x" * 900}) for i in range(12)]
+    rows = [_ledger_row(job, f"big:{i}", data={"blob": "x" * (raw.MAX_STATEMENT // 4)}) for i in range(12)]
     async with raw.transaction(engine) as tx:
         inserts = tx.insert_sqls(LEDGER_UPSERT, rows)
-        assert len(inserts) > 3 and all(len(one) <= 3000 for one in inserts)
+        assert len(inserts) > 3 and all(len(one) <= raw.MAX_STATEMENT for one in inserts)
         assert len(raw._bounded(inserts, raw.MAX_STATEMENT)) > 1
         counts = await tx.script([*inserts, tx.sql(_LEDGER_DATA, {"row_id": -1, "v_status": "done"})], commit=True)
     assert sum(counts[:-1]) == 12 and counts[-1] == 0
