@@ -333,3 +333,52 @@ async def test_a_long_script_goes_in_several_requests_of_bounded_size(engine: As
     async with raw_engine(raw_database) as other, other.connect() as conn:
         assert (await conn.execute(text("SELECT COUNT(*) FROM resource_ledger WHERE job_id = :j"),
                                    {"j": job})).scalar_one() == 12
+
+
+# strings that trip an escaper: every character of the first 256 (NUL, Ctrl-Z, line ends,
+# quotes, `%`, backslashes), backslashes before and after quotes, a trailing backslash, an
+# escape that looks already done, and characters of two, three and four bytes
+_TRICKY = [
+    "".join(map(chr, range(256))), "\\", "'", "\\'", "'\\", "\\\\'", "''", "a\\", "\\0", "\0", "\\\0",
+    "it's 100% \"done\"; DROP TABLE x; -- ", "%s %% %(x)s", "é 日本 🚒", "\x1a\r\n\t\b", "",
+    '{"message": "vol \\"a\\" at C:\\\\disk", "n": 1}',
+]
+
+
+def _fits(value: str) -> str:
+    """`value` cut to the ledger's `name` column (191 characters), from both ends."""
+    return value if len(value) <= 191 else value[:96] + value[-95:]
+
+
+async def test_literals_read_back_as_the_values_they_were(engine: AsyncEngine) -> None:
+    """What `literal` makes of a value, the server reads back as that value: the strings an
+    escaper gets wrong, and the datetimes and other types of a job's rows."""
+    values: list[object] = [*_TRICKY, None, 42, -7, 2.5]
+    moments = [datetime(2026, 12, 5, 14, 1, 2, 345678), datetime(2026, 12, 5, 14, 1, 2)]
+    async with raw.transaction(engine) as tx:
+        _, rows = await tx.script_select([], "SELECT " + ", ".join(
+            [*map(raw.literal, values), *(f"CAST({raw.literal(m)} AS DATETIME(6))" for m in moments)]))
+    assert list(rows[0]) == [*values, *moments]
+    # and in the statements built for a script: an insert of rows, and a statement with values
+    job = str(uuid.uuid4())
+    async with raw.transaction(engine) as tx:
+        await tx.script([
+            *tx.insert_sqls(LEDGER_UPSERT, [_ledger_row(job, f"k{i}", name=_fits(v), data={"v": v})
+                                            for i, v in enumerate(_TRICKY)]),
+            tx.sql(_LEDGER_DATA, {"row_id": -1, "v_status": _TRICKY[0]}),
+        ])
+    async with engine.connect() as conn:
+        got = {r.resource_key: (r.name, r.data) for r in (await conn.execute(
+            select(resource_ledger).where(resource_ledger.c.job_id == job))).all()}
+    assert got == {f"k{i}": (_fits(v), {"v": v}) for i, v in enumerate(_TRICKY)}
+
+
+async def test_a_quote_cannot_end_a_literal_even_without_backslash_escapes(raw_database: str) -> None:
+    """With the server's NO_BACKSLASH_ESCAPES on (a DBA's choice), a backslash no longer
+    escapes: a value built to end its literal there (`\\'`) still stays one value."""
+    async with raw_engine(raw_database) as own, raw.transaction(own) as tx:
+        await tx.script(["SET SESSION sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES')"])
+        attack = "x\\'; SELECT 'injected"
+        _, rows = await tx.script_select([], f"SELECT {raw.literal(attack)}, 2")
+        assert len(rows) == 1 and rows[0][1] == 2
+        assert rows[0][0] == attack.replace("\\", "\\\\")  # backslashes doubled, nothing run
