@@ -257,8 +257,10 @@ class JobStore:
         self.transactions = 0  # counted for the benchmark's transactions-per-job figure
         self._takes: dict[tuple[int, float], Update] = {}  # take's UPDATE, per (jobs, lease length)
 
-    def _prepare(self, job: JobRow, commit: Commit) -> _Prepared:
-        """(guarded UPDATE, unguarded UPDATE, their parameters, outbox rows, ledger rows)."""
+    def _prepare(self, job: JobRow, commit: Commit, *, head_of: _Prepared | None = None) -> _Prepared:
+        """(guarded UPDATE, unguarded UPDATE, their parameters, outbox rows, ledger rows).
+        `head_of`: the prepared form of the commit with its tail, whose first rows are this
+        one's (an event's JSON is made once)."""
         values: dict[str, Any] = {}
         for key, value in commit.job.items():
             if key in _TIME_COLUMNS:
@@ -277,15 +279,19 @@ class JobStore:
         columns = tuple(sorted(values))
         params: dict[str, Any] = {f"v_{c}": values[c] for c in columns}
         params.update(f_job_id=job.job_id, f_owner=self.owner, f_sequence=job.last_sequence)
+        if head_of is None:
+            events = [outbox_row(e) for e in commit.events]
+            ledger = [_ledger_row(job.job_id, entry) for entry in commit.ledger]
+        else:
+            events, ledger = head_of[3][:len(commit.events)], head_of[4][:len(commit.ledger)]
         return (fenced_update(columns, extend, unless_cancelled=True),
-                fenced_update(columns, extend, unless_cancelled=False), params,
-                [outbox_row(e) for e in commit.events], [_ledger_row(job.job_id, entry) for entry in commit.ledger])
+                fenced_update(columns, extend, unless_cancelled=False), params, events, ledger)
 
     async def commit(self, job: JobRow, commit: Commit) -> bool:
         # with a tail: all of it unless a cancel is asked for, else the head alone
         whole = commit.with_tail()
         full = self._prepare(job, whole)
-        head = self._prepare(job, commit) if commit.tail is not None else full
+        head = self._prepare(job, commit, head_of=full) if commit.tail is not None else full
         asked = time.monotonic()
         group = self._group_of()
         if group is None or group.alone():
