@@ -357,6 +357,16 @@ STOPPED = "stopped: the statement before matched no row"
 _STOP_UNLESS_ONE_ROW = f"IF ROW_COUNT() <> 1 THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{STOPPED}'; END IF"
 
 
+def block(sqls: Sequence[str]) -> str:
+    """`sqls` as one statement for `script`: MariaDB's anonymous block, `BEGIN NOT ATOMIC ...
+    END` (where `Statements.compound` holds). Not a transaction of its own: its statements
+    write into the script's, and the first that fails ends the block with its error, as in the
+    script. The server answers it once instead of once per statement: on a group of 8 job
+    commits (a savepoint, a fenced UPDATE and an IF each), 20 us of the client's CPU per job
+    instead of 64, and 77 us of the server's instead of 146 (bench/PROFILE.md)."""
+    return "BEGIN NOT ATOMIC " + "; ".join(sqls) + "; END"
+
+
 def stopped(exc: BaseException) -> bool:
     """Whether `exc` is a script's stop by `stop_unless_one_row`."""
     orig = getattr(exc, "orig", None)
@@ -391,13 +401,15 @@ def literal(value: Any) -> str:
     driver's literal."""
     kind = type(value)
     if kind is str:
-        if "\\" in value:
-            value = value.replace("\\", "\\\\")
-        if "'" in value:
-            value = value.replace("'", "''")
-        return "'" + value + "'"
+        text: str = value
+        if "\\" in text:
+            text = text.replace("\\", "\\\\")
+        if "'" in text:
+            text = text.replace("'", "''")
+        return "'" + text + "'"
     if kind is datetime and value.tzinfo is None:
-        return "'" + value.isoformat(" ") + "'"
+        moment: datetime = value
+        return "'" + moment.isoformat(" ") + "'"
     return str(escape_item(value, "utf8mb4"))
 
 

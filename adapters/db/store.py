@@ -332,10 +332,10 @@ class JobStore:
         return self._group if isinstance(self._group, _Group) else None
 
     async def _commit_group(self, batch: list[tuple[JobRow, Commit, _Prepared]]) -> list[bool | None]:
-        """The commits of several jobs as one transaction in one request: per job a savepoint,
-        its fenced UPDATE, then its writes only if that matched (`IF ROW_COUNT() = 1`), else
-        back to its savepoint and its place in the list of those not written; the COMMIT; that
-        list. Of each: True written, False its fence failed (nothing of it written), None not
+        """The commits of several jobs as one transaction in one request: in one block
+        (`raw.block`), per job a savepoint, its fenced UPDATE, then its writes only if that
+        matched (`IF ROW_COUNT() = 1`), else back to its savepoint and its place in the list of
+        those not written; the COMMIT; that list. Of each: True written, False its fence failed (nothing of it written), None not
         sent (it goes alone: the group's request was full, its statements could not be built,
         or the server refused the group, which then wrote nothing). A lost connection is raised
         to all. The rows are locked in the order of the jobs' ids (as the lease renewal's
@@ -349,8 +349,8 @@ class JobStore:
         try:
             async with raw.transaction(self.engine) as tx:
                 now = utcnow()
-                sqls = [f"SET {_NOT_WRITTEN} = ''"]
-                room = raw.MAX_STATEMENT - len(sqls[0]) - 100  # (the COMMIT and the SELECT after)
+                units: list[str] = []
+                room = raw.MAX_STATEMENT - 200  # (the block's words, the COMMIT and the SELECT)
                 for i in sorted(range(len(batch)), key=lambda i: batch[i][0].job_id):
                     job, whole, (guarded, _, params, out_rows, led) = batch[i]
                     try:
@@ -370,14 +370,16 @@ class JobStore:
                     if size > room:
                         continue  # the request is full: this one goes alone
                     room -= size
-                    sqls += unit
+                    units += unit
                     sent.append(i)
                 if not sent:
                     return out
                 self.transactions += 1
                 self.groups += 1
                 self.on_transaction(len(sent))
-                _, rows = await tx.script_select(sqls, f"SELECT {_NOT_WRITTEN}", commit=True)
+                # the jobs' statements as one block: the server answers once, not thrice a job
+                _, rows = await tx.script_select([f"SET {_NOT_WRITTEN} = ''", raw.block(units)],
+                                                 f"SELECT {_NOT_WRITTEN}", commit=True)
         except DBAPIError as exc:
             if exc.connection_invalidated:
                 raise
@@ -412,7 +414,10 @@ class JobStore:
                 fenced = tx.sql(guarded, params)
                 try:
                     if stop is not None:
-                        await tx.script([fenced, stop, *rest], commit=True)
+                        sqls = [fenced, stop, *rest]
+                        # one block, answered once, unless it is too long for one request
+                        fits = sum(len(q) + 2 for q in sqls) < raw.MAX_STATEMENT - 100
+                        await tx.script([raw.block(sqls)] if fits else sqls, commit=True)
                         return False
                     if (await tx.script([fenced]))[0] == 1:
                         await tx.script(rest, commit=True)
