@@ -17,7 +17,9 @@ COM_QUERY, COM_PING, COM_QUIT = 0x03, 0x0E, 0x01
 
 def statements(script: str) -> list[str]:
     """The statements of one COM_QUERY (several when the service sends a script), split at the
-    semicolons outside quotes; MariaDB's `IF ... THEN ...; END IF` counts as one statement."""
+    semicolons outside quotes; MariaDB's `IF ... THEN ...; END IF` counts as one statement, and
+    an anonymous block's (`BEGIN NOT ATOMIC ...; END`, adapters/db/raw.py `block`) as the
+    statements in it."""
     out: list[str] = []
     start, quote, i, n = 0, "", 0, len(script)
     while i < n:
@@ -36,6 +38,10 @@ def statements(script: str) -> list[str]:
     out.append(script[start:].strip())
     merged: list[str] = []
     for sql in filter(None, out):  # the pieces of an IF block go back together
+        if sql[:17].upper() == "BEGIN NOT ATOMIC ":
+            sql = sql[17:].strip()  # the block's first statement
+        elif sql.upper() == "END":  # the block's end (an IF's is "END IF")
+            continue
         if merged and merged[-1].upper().startswith("IF ") and not merged[-1].upper().endswith("END IF"):
             merged[-1] += "; " + sql
         else:
