@@ -241,7 +241,20 @@ class JobContext:
 
     async def retrying(self, what: str, call: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Run an idempotent unit of work, `call(*args, **kwargs)`, retrying transient
-        failures with backoff."""
+        failures with backoff.
+
+        The first attempt is a plain call: tenacity's machinery, built and stepped for every
+        call, was 4.4% of serve's CPU with 1,000 slow jobs, and most calls succeed at once.
+        A transient failure of it is handed to tenacity as its first attempt's outcome, so
+        what follows (the note, the waits, the count of attempts) is as if tenacity had made
+        that call itself."""
+        try:
+            return await call(*args, **kwargs)
+        except StepError as exc:
+            if not exc.transient:
+                exc.attempts = max(getattr(exc, "attempts", 1), 1)
+                raise
+            failed: StepError | None = exc
         cfg = self.config
         retry = AsyncRetrying(
             stop=stop_after_attempt(cfg.retry_attempts),
@@ -255,6 +268,9 @@ class JobContext:
             async for attempt in retry:
                 with attempt:
                     tries = attempt.retry_state.attempt_number
+                    if failed is not None:  # the first attempt, made above
+                        replay, failed = failed, None
+                        raise replay
                     return await call(*args, **kwargs)
         except StepError as exc:
             exc.attempts = max(getattr(exc, "attempts", 1), tries)
