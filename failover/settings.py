@@ -118,6 +118,9 @@ class Settings(ConnectionSettings):
     # --- additions ------------------------------------------------------------------------
     metrics_host: str = "0.0.0.0"
     max_concurrent_jobs: int = Field(default=200, ge=1)  # jobs one process runs at once
+    # younger collections between two full ones of Python's garbage collector (its own default
+    # is 10): with a thousand jobs in flight a full collection walks every live object
+    gc_full_collection_after: int = Field(default=100, ge=1)
     command_prefetch: int = Field(default=64, ge=1)
     projector_prefetch: int = Field(default=256, ge=1)
     delivery_limit: int = Field(default=5, ge=1)  # quorum queue redeliveries before DLX

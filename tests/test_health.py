@@ -423,3 +423,21 @@ async def test_garbage_collector_pauses_are_timed(http: aiohttp.ClientSession, s
     assert delta("failover_gc_pause_seconds_count", "2") >= 1
     assert delta("failover_gc_pause_seconds_count", "0") >= 1
     assert delta("failover_gc_pause_seconds_sum", "2") > 0
+
+
+def test_full_collections_wait_for_the_configured_number_of_younger_ones() -> None:
+    """`serve` sets the collector's third threshold from FAILOVER_GC_FULL_COLLECTION_AFTER and
+    keeps Python's thresholds for the young generations."""
+    import gc
+
+    from failover.service import tune_gc
+    from failover.settings import Settings
+
+    before = gc.get_threshold()
+    try:
+        tune_gc(Settings.model_fields["gc_full_collection_after"].default)
+        assert gc.get_threshold() == (before[0], before[1], 100)
+        tune_gc(7)
+        assert gc.get_threshold() == (before[0], before[1], 7)
+    finally:
+        gc.set_threshold(*before)
