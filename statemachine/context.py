@@ -252,8 +252,7 @@ class JobContext:
             return await call(*args, **kwargs)
         except StepError as exc:
             if not exc.transient:
-                exc.attempts = max(getattr(exc, "attempts", 1), 1)
-                raise
+                raise  # (its `attempts` is 1 already)
             failed: StepError | None = exc
         cfg = self.config
         retry = AsyncRetrying(

@@ -367,6 +367,13 @@ def block(sqls: Sequence[str]) -> str:
     return "BEGIN NOT ATOMIC " + "; ".join(sqls) + "; END"
 
 
+def as_block(sqls: Sequence[str]) -> list[str]:
+    """`sqls` for `script` as one `block` if that fits in one request, else as they are (a
+    script longer than a request goes in several, which a block cannot)."""
+    fits = sum(len(q) + 2 for q in sqls) < MAX_STATEMENT - 100  # (the block's own words)
+    return [block(sqls)] if fits else list(sqls)
+
+
 def stopped(exc: BaseException) -> bool:
     """Whether `exc` is a script's stop by `stop_unless_one_row`."""
     orig = getattr(exc, "orig", None)

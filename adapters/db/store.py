@@ -335,8 +335,8 @@ class JobStore:
         """The commits of several jobs as one transaction in one request: in one block
         (`raw.block`), per job a savepoint, its fenced UPDATE, then its writes only if that
         matched (`IF ROW_COUNT() = 1`), else back to its savepoint and its place in the list of
-        those not written; the COMMIT; that list. Of each: True written, False its fence failed (nothing of it written), None not
-        sent (it goes alone: the group's request was full, its statements could not be built,
+        those not written; the COMMIT; that list. Of each: True written, False its fence failed
+        (nothing of it written), None not sent (it goes alone: the group's request was full, its statements could not be built,
         or the server refused the group, which then wrote nothing). A lost connection is raised
         to all. The rows are locked in the order of the jobs' ids (as the lease renewal's
         UPDATE ... IN takes them), and a job's row locked elsewhere fails the group after
@@ -414,10 +414,7 @@ class JobStore:
                 fenced = tx.sql(guarded, params)
                 try:
                     if stop is not None:
-                        sqls = [fenced, stop, *rest]
-                        # one block, answered once, unless it is too long for one request
-                        fits = sum(len(q) + 2 for q in sqls) < raw.MAX_STATEMENT - 100
-                        await tx.script([raw.block(sqls)] if fits else sqls, commit=True)
+                        await tx.script(raw.as_block([fenced, stop, *rest]), commit=True)
                         return False
                     if (await tx.script([fenced]))[0] == 1:
                         await tx.script(rest, commit=True)
