@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from adapters.db import raw
 from adapters.db.engine import make_engine, utcnow
@@ -26,7 +26,7 @@ from adapters.db.tables import failover_jobs, outbox, resource_ledger
 from schemas.events import StepCompleted, StepStarted
 from statemachine.errors import LeaseLost
 from statemachine.ports import Commit, JobRow, LedgerEntry
-from tests.crash.support import database_of_its_own
+from tests.crash.support import SQL_WAYS, database_of_its_own, engine_speaking
 from tests.helpers import holds, wait_until
 
 OWNER = "store-test"
@@ -38,20 +38,10 @@ async def store_db(database_url: str) -> AsyncIterator[str]:
         yield engine.url.render_as_string(hide_password=False)
 
 
-@pytest.fixture(params=["mariadb", "mysql", "one-at-a-time"])
+@pytest.fixture(params=SQL_WAYS)
 async def db(request: pytest.FixtureRequest, store_db: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(store_db) if request.param == "one-at-a-time" else make_engine(store_db, pool_size=2)
-    try:
-        async with engine.connect():  # the dialect learns the server's flavour on the first connect
-            pass
-        if request.param == "mysql":  # MariaDB runs what is sent to MySQL: only the stop is MariaDB's
-            engine.sync_engine.dialect.is_mariadb = False  # type: ignore[attr-defined]
-        async with raw.transaction(engine) as tx:
-            assert (tx.scripts, tx.stop_unless_one_row() is not None) == {
-                "mariadb": (True, True), "mysql": (True, False), "one-at-a-time": (False, False)}[request.param]
+    async with engine_speaking(request.param, store_db) as engine:
         yield engine
-    finally:
-        await engine.dispose()
 
 
 async def _a_job(db: AsyncEngine, **columns: Any) -> JobRow:

@@ -47,7 +47,11 @@ def outbox_row(event: Event) -> dict[str, object]:
 async def insert_event(tx: raw.Transaction, event: Event) -> OutboxEvent:
     """Write one event to the outbox in `tx`; the row as the relay reads it."""
     row = outbox_row(event)
-    key = await tx.insert(OUTBOX_INSERT, [row])
+    return outbox_event(await tx.insert(OUTBOX_INSERT, [row]), row)
+
+
+def outbox_event(key: int, row: dict[str, object]) -> OutboxEvent:
+    """The outbox row `row` (from `outbox_row`), written with id `key`, as the relay reads it."""
     return OutboxEvent(key, str(row["event_id"]), str(row["job_id"]), str(row["event_type"]),
                        str(row["correlation_id"]), str(row["body"]),
                        from_db_time(row["created_at"]) or 0.0)  # type: ignore[arg-type]

@@ -256,6 +256,11 @@ class Transaction:
         return [head + ",".join(tuples[start:end]) + tail
                 for start, end in _bounded(tuples, MAX_STATEMENT - len(head) - len(tail))]
 
+    @property
+    def compound(self) -> bool:
+        """Whether `block` (and `stop_unless_one_row`) may be used: `Statements.compound`."""
+        return self._statements.compound
+
     def stop_unless_one_row(self) -> str | None:
         """A statement for `script` that fails, with `STOPPED`, unless the statement before it
         matched exactly one row: what comes after it then does not run (a COMMIT included).

@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from adapters.bus import EVENTS_EXCHANGE
+from adapters.db import raw
 from adapters.db.engine import make_engine
 from adapters.db.migrate import upgrade
 from adapters.db.tables import failover_jobs, job_steps, job_tracking, log_events, outbox
@@ -81,6 +82,29 @@ async def database_of_its_own(base_url: str, suffix: str) -> AsyncIterator[Async
     module uses whose work the session's `serve` process must not pick up."""
     engine = make_engine(await fresh_database(derived_database(base_url, suffix)), pool_size=4)
     try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+# the three ways the service's SQL goes to the server (adapters/db/raw.py): MariaDB's (scripts,
+# blocks and `IF`), MySQL's (scripts, no compound statements; MariaDB runs what is sent to MySQL)
+# and one statement per request (an engine whose connections take one)
+SQL_WAYS = ("mariadb", "mysql", "one-at-a-time")
+
+
+@contextlib.asynccontextmanager
+async def engine_speaking(way: str, url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on `url` whose SQL goes the `way` of `SQL_WAYS`."""
+    engine = create_async_engine(url) if way == "one-at-a-time" else make_engine(url, pool_size=2)
+    try:
+        async with engine.connect():  # the dialect learns the server's flavour on the first connect
+            pass
+        if way == "mysql":
+            engine.sync_engine.dialect.is_mariadb = False  # type: ignore[attr-defined]
+        async with raw.transaction(engine) as tx:
+            assert (tx.scripts, tx.compound) == {
+                "mariadb": (True, True), "mysql": (True, False), "one-at-a-time": (False, False)}[way]
         yield engine
     finally:
         await engine.dispose()
