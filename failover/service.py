@@ -271,6 +271,7 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
         # dozen times in a benchmark run (the worst delays of request -> JobAccepted).
         # (failover_gc_pause_seconds shows the pauses that are left)
         m.watch_gc()
+        tasks.append(asyncio.create_task(m.watch_event_loop(), name="event-loop-lag"))
         gc.collect()
         gc.freeze()
         tune_gc(settings.gc_full_collection_after)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -19,6 +20,7 @@ from failover.health import (
     named_checks,
     start_health_server,
 )
+from tests.helpers import wait_until
 
 Checks = dict[str, bool]
 
@@ -423,6 +425,30 @@ async def test_garbage_collector_pauses_are_timed(http: aiohttp.ClientSession, s
     assert delta("failover_gc_pause_seconds_count", "2") >= 1
     assert delta("failover_gc_pause_seconds_count", "0") >= 1
     assert delta("failover_gc_pause_seconds_sum", "2") > 0
+
+
+async def test_a_busy_event_loop_shows_as_lag(http: aiohttp.ClientSession, server: HealthServer) -> None:
+    """`serve` samples how late its event loop wakes a timer: a loop kept busy for 0.3 s (a
+    callback that does not yield) shows up as one late wake in failover_event_loop_lag_seconds,
+    above the 0.25 s bucket."""
+    watcher = asyncio.create_task(metrics.watch_event_loop(interval=0.01))
+    try:
+        before = await _scrape(http, server)
+        late = _value(before, "failover_event_loop_lag_seconds_count") - _value(
+            before, "failover_event_loop_lag_seconds_bucket", le="0.25")
+        await asyncio.sleep(0)  # the watcher's first timer is set
+        busy_until = time.monotonic() + 0.3
+        while time.monotonic() < busy_until:  # the loop is held: nothing else runs
+            pass
+
+        async def seen() -> bool:
+            after = await _scrape(http, server)
+            return _value(after, "failover_event_loop_lag_seconds_count") - _value(
+                after, "failover_event_loop_lag_seconds_bucket", le="0.25") > late
+
+        await wait_until(seen, 5.0, "the held loop's late wake in failover_event_loop_lag_seconds")
+    finally:
+        watcher.cancel()
 
 
 def test_full_collections_wait_for_the_configured_number_of_younger_ones() -> None:
