@@ -37,6 +37,21 @@ class PublishFailed(Exception):
     """Some events of a batch were not confirmed: they are published again."""
 
 
+def to_properties(event: OutboxEvent) -> aiormq.spec.Basic.Properties:
+    """The AMQP properties `to_message(event)` is published with, built directly: aio-pika's
+    Message guards every attribute it sets, and making one to read its properties back was
+    23 us of the relay's CPU per event (2.6% of serve's in a burst) against 2.5 us."""
+    return aiormq.spec.Basic.Properties(
+        content_type="application/json",
+        message_type=event.event_type,
+        message_id=event.event_id,
+        correlation_id=event.correlation_id,
+        delivery_mode=2,  # persistent
+        timestamp=datetime.fromtimestamp(event.created_at_epoch, UTC),
+        headers={},
+    )
+
+
 def to_message(event: OutboxEvent) -> aio_pika.Message:
     return aio_pika.Message(
         body=event.body.encode("utf-8"),
@@ -149,11 +164,10 @@ class OutboxRelay:
         return cast(aiormq.Channel, await robust.get_underlay_channel())
 
     async def _publish(self, channel: aiormq.Channel, e: OutboxEvent) -> None:
-        message = to_message(e)
         async with asyncio.timeout(self.confirm_timeout):  # (no task of its own, unlike wait_for)
             await channel.basic_publish(
-                message.body, exchange=self.exchange.name, routing_key=f"job.{e.job_id}.{e.event_type}",
-                properties=message.properties, mandatory=True, wait=False)
+                e.body.encode("utf-8"), exchange=self.exchange.name, routing_key=f"job.{e.job_id}.{e.event_type}",
+                properties=to_properties(e), mandatory=True, wait=False)
 
     async def _publish_all(self, channel: aiormq.Channel, events: Collection[OutboxEvent]) -> list[BaseException | None]:
         """Publish `events` together, each waiting for its confirm; each one's error, or None.

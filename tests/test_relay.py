@@ -224,3 +224,31 @@ async def test_events_committed_within_the_linger_go_in_one_round(relay_db: Asyn
 
 async def _unsent_is(db: AsyncEngine, count: int) -> bool:
     return await _unsent(db) == count
+
+
+async def test_events_carry_the_contracts_amqp_properties(relay_db: AsyncEngine, amqp_url: str) -> None:
+    """Whether published at once or by the relay's round, an event arrives as CONTRACT.md says:
+    its body as committed, `content_type=application/json`, `type` the event type,
+    `message_id` the event id, its `correlation_id`, persistent, stamped with its commit time,
+    routed as `job.<job_id>.<type>`."""
+    job_id, first = await _first_event(relay_db)
+    async with raw.transaction(relay_db) as tx:
+        second = await insert_event(tx, _line(job_id, 2))
+    connection = await aio_pika.connect_robust(amqp_url)
+    async with connection:
+        exchange, queue = await _exchange_and_queue(connection)
+        relay = _relay(relay_db, exchange)
+        assert await relay.publish_now([first]) is True
+        assert await relay.publish_once() == 2
+        for sent in (first, second):
+            end = asyncio.get_running_loop().time() + 10
+            while (message := await queue.get(fail=False)) is None:
+                assert asyncio.get_running_loop().time() < end, f"{sent.event_type} did not arrive"
+                await asyncio.sleep(0.02)
+            await message.ack()
+            assert (message.body.decode(), message.content_type, message.type, message.message_id,
+                    message.correlation_id, message.delivery_mode, message.routing_key) == (
+                sent.body, "application/json", sent.event_type, sent.event_id, sent.correlation_id,
+                aio_pika.DeliveryMode.PERSISTENT, f"job.{job_id}.{sent.event_type}")
+            assert message.timestamp is not None
+            assert abs(message.timestamp.timestamp() - sent.created_at_epoch) < 1  # AMQP keeps seconds
