@@ -47,6 +47,7 @@ def to_properties(event: OutboxEvent) -> aiormq.spec.Basic.Properties:
         message_id=event.event_id,
         correlation_id=event.correlation_id,
         delivery_mode=2,  # persistent
+        priority=0,  # (aio-pika's Message sends its default too)
         timestamp=datetime.fromtimestamp(event.created_at_epoch, UTC),
         headers={},
     )

@@ -82,6 +82,9 @@ async def test_a_new_job_with_its_job_accepted(db: AsyncEngine, recorder: Comman
                                                woken: list[int]) -> None:
     name = "web-01 'quoted' \\ name"
     vm_id = await _a_vm(db, name)
+    # a JobRejected first: the outbox's ids run ahead of failover_jobs' (both AUTO_INCREMENT),
+    # so reading the wrong table's LAST_INSERT_ID() shows below
+    assert (await recorder.record(_failover("4205dead-0000-0000-0000-00000000beef"))).outcome == "rejected_not_found"
     cmd = _failover(vm_id, options={"driver_injection": "never"})
     before = utcnow()
     decision = await recorder.record(cmd)
@@ -103,12 +106,13 @@ async def test_a_new_job_with_its_job_accepted(db: AsyncEngine, recorder: Comman
     [event] = decision.events
     assert (event.id, event.event_id, event.job_id, event.event_type, event.correlation_id, event.body) == (
         row.id, row.event_id, row.job_id, "JobAccepted", row.correlation_id, row.body)
+    assert job.id != row.id  # (the check above can tell the two tables' ids apart)
     assert (row.sequence, row.published_at) == (1, None)
     accepted = parse_event(row.body.encode())
     assert (accepted.type, accepted.sequence, accepted.vm_id, accepted.vm_name) == ("JobAccepted", 1, vm_id, name)
     assert [(s.name, s.order) for s in accepted.steps] == [
         (name, i + 1) for i, name in enumerate(STEPS_BY_JOB_TYPE["test-failover"])]
-    assert woken == [1]  # the relay is told
+    assert woken == [1, 1]  # the relay is told of each
 
 
 async def test_the_same_command_again_is_a_duplicate_and_writes_nothing(
@@ -170,7 +174,7 @@ async def test_a_vm_held_by_another_job_is_rejected_naming_it(db: AsyncEngine, r
     assert woken == [1, 1]
 
 
-async def test_many_at_once_each_once(db: AsyncEngine, recorder: CommandRecorder) -> None:
+async def test_many_at_once_each_once(db: AsyncEngine, recorder: CommandRecorder, woken: list[int]) -> None:
     """Twenty commands for ten VMs, each sent twice, all at once: one job per VM, every other
     command rejected or a duplicate, and every JobAccepted's outbox id its own row's."""
     vms = [await _a_vm(db, f"vm-{i}") for i in range(10)]
@@ -185,7 +189,12 @@ async def test_many_at_once_each_once(db: AsyncEngine, recorder: CommandRecorder
         assert outcomes.count("accepted") == 1, outcomes
         assert outcomes.count("duplicate") == 2, outcomes
         assert outcomes.count("rejected_conflict") == 1, outcomes
+    assert len(woken) == 20  # every decision but the 20 duplicates wrote an event
     async with db.connect() as conn:
+        for cmd in cmds:
+            command = (await conn.execute(select(job_commands).where(
+                job_commands.c.request_id == str(cmd.request_id)))).one()
+            assert command.outcome in ("accepted", "rejected_conflict"), command.outcome
         for d in decisions:
             for e in d.events:
                 row = (await conn.execute(select(outbox.c.event_id, outbox.c.body).where(outbox.c.id == e.id))).one()

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from adapters.db import raw
 from adapters.db.outbox import OutboxEvent, OutboxStore, insert_event, outbox_row
 from adapters.db.tables import outbox
-from publishers.relay import OutboxRelay
+from publishers.relay import OutboxRelay, to_message, to_properties
 from schemas.events import JobAccepted, LogRecorded
 
 from .crash.support import database_of_its_own
@@ -250,5 +250,14 @@ async def test_events_carry_the_contracts_amqp_properties(relay_db: AsyncEngine,
                     message.correlation_id, message.delivery_mode, message.routing_key) == (
                 sent.body, "application/json", sent.event_type, sent.event_id, sent.correlation_id,
                 aio_pika.DeliveryMode.PERSISTENT, f"job.{job_id}.{sent.event_type}")
+            assert (message.priority, message.headers) == (0, {})
             assert message.timestamp is not None
             assert abs(message.timestamp.timestamp() - sent.created_at_epoch) < 1  # AMQP keeps seconds
+
+
+def test_the_relays_properties_are_the_bytes_aio_pika_would_send() -> None:
+    """The relay builds an event's AMQP properties itself (`to_properties`); marshalled, they are
+    what aio-pika's Message for the same event (`to_message`, as it was published before) gives."""
+    event = OutboxEvent(7, str(uuid.uuid4()), str(uuid.uuid4()), "StepStarted", str(uuid.uuid4()),
+                        '{"type":"StepStarted","note":"caf\u00e9"}', 1764979200.123456)
+    assert to_properties(event).marshal() == to_message(event).properties.marshal()
