@@ -2,7 +2,7 @@
 
 Async commands are sent with `fetch_result=False` so the `id` and `jobid` of the first answer
 can be recorded before waiting (a resumable step needs both); waiting polls
-`queryAsyncJobResult` once, then joins the adapter's shared poller, whose rounds ask about
+`queryAsyncJobResult` once (while that pays), then joins the adapter's shared poller, whose rounds ask about
 many waits with one `listAsyncJobs` (adapters/poller.py). CloudStack's errors become the engine's: 431 (a refused request) is a
 `RefusedError`, 5xx, timeouts and connection failures are `TransientError`s, answers of the
 wrong shape are `MalformedResponse`.
@@ -26,6 +26,7 @@ from statemachine.ports import AsyncStart, CsSnapshot, CsVm, CsVolume, DeploySpe
 
 _PAGE = 500  # CloudStack's default.page.size
 _PAGES = 8  # pages of listAsyncJobs a poll round reads at most (from the newest jobs back)
+_BEGUN = 10_000  # async jobs started here whose start time is kept until their wait begins
 
 # adapter, operation, outcome, seconds: the metric labels of failover.metrics.observe_adapter_call
 CallOutcome = Literal["ok", "error", "retry"]
@@ -43,6 +44,11 @@ class CloudStackAdapter:
         self._timeout = timeout  # per request: `cs` applies its own only to sessions it opens
         self._observe = observe or (lambda *a: None)
         self._zones: dict[str, str] = {}
+        # the newest `created` CloudStack has shown us (its own clock), and for the async jobs
+        # started here, what it was before each was started: a start no later than the job's,
+        # good enough for a listing to find the job in, so its wait may skip its first ask
+        self._clock: tuple[datetime, str] | None = None
+        self._begun: dict[str, str] = {}
         self._poller: SharedPoller[dict[str, Any]] = SharedPoller(
             poll_interval, batch_from, self._query, self._list_jobs,
             # 432: the command "does not exist or is not available for" the key's role
@@ -77,10 +83,15 @@ class CloudStackAdapter:
             self._observe("cloudstack", command, outcome, time.monotonic() - began)
 
     async def _async(self, command: str, **params: Any) -> AsyncStart:
+        before = self._clock
         data = await self._call(command, **params)
         job = data.get("jobid")
         if not isinstance(job, str):
             raise MalformedResponse("CloudStack", f"{command} answered without a jobid")
+        if before is not None:
+            if len(self._begun) >= _BEGUN:  # starts never waited on (a job stopped in between)
+                del self._begun[next(iter(self._begun))]
+            self._begun[job] = before[1]
         rid = data.get("id")
         return AsyncStart(resource_id=rid if isinstance(rid, str) else None, job_id=job)
 
@@ -121,20 +132,34 @@ class CloudStackAdapter:
             raise MalformedResponse("CloudStack", f"{command} jobstatus={status!r}")
         return None
 
+    def _saw(self, created: object) -> None:
+        """CloudStack showed a job's `created`: its clock is at least there."""
+        if isinstance(created, str) and (moment := _cs_time(created)) is not None:
+            if self._clock is None or moment > self._clock[0]:
+                self._clock = (moment, created)
+
     async def _query(self, job_id: str) -> dict[str, Any] | None:
-        return self._outcome(await self._call("queryAsyncJobResult", jobid=job_id), job_id, "queryAsyncJobResult")
+        data = await self._call("queryAsyncJobResult", jobid=job_id)
+        self._saw(data.get("created"))
+        return self._outcome(data, job_id, "queryAsyncJobResult")
 
     async def wait_job(self, job_id: str, timeout: float) -> dict[str, Any]:
-        """Asks once at once; then waits with the adapter's other waits (adapters/poller.py)."""
-        data = await self._call("queryAsyncJobResult", jobid=job_id)
-        result = self._outcome(data, job_id, "queryAsyncJobResult")
-        if result is not None:
-            return result
-        created = data.get("created")  # CloudStack's own clock: where a listing of its jobs starts
+        """Asks once at once while that pays (always for a job not started here); then waits
+        with the adapter's other waits (adapters/poller.py)."""
+        since = self._begun.pop(job_id, None)
+        if since is None or self._poller.ask_first():
+            data = await self._call("queryAsyncJobResult", jobid=job_id)
+            result = self._outcome(data, job_id, "queryAsyncJobResult")
+            self._poller.asked_first(result is not None)
+            if result is not None:
+                return result
+            created = data.get("created")  # CloudStack's own clock: where a listing of its jobs starts
+            self._saw(created)
+            since = created if isinstance(created, str) else None
         return await self._poller.wait(
             job_id, timeout, lambda: TransientError(
                 "CLOUDSTACK_JOB_TIMEOUT", f"CloudStack async job {job_id} did not finish within {timeout:.0f} s"),
-            note=created if isinstance(created, str) else None)
+            note=since)
 
     async def _list_jobs(self, notes: Mapping[str, object]) -> dict[str, Any]:
         """The outcomes of the waits whose start CloudStack told us, from `listAsyncJobs`.
@@ -160,6 +185,8 @@ class CloudStackAdapter:
         for page in range(last, max(0, last - _PAGES), -1):
             jobs = self._items(await self._call("listAsyncJobs", startdate=day, page=page, pagesize=size),
                                "asyncjobs")
+            if page == last and jobs:  # the newest job listed
+                self._saw(jobs[-1].get("created"))
             for j in jobs:
                 jid = j.get("jobid")
                 if isinstance(jid, str) and jid in starts:

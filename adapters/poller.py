@@ -9,6 +9,14 @@ before; from `min_batch` on, one listing (CloudStack's `listAsyncJobs`, the Volu
 `GET /operations?status=`) answers for all, and only what the listing does not settle is asked
 about on its own.
 
+A new wait is asked about at once, before it joins the rounds, while that pays: while the
+rounds poll each wait on its own anyway, or while recent first asks mostly found the work
+already done (a quick CloudStack call, an idle daemon). Once the rounds list for many waits and
+first asks mostly find the work still running (CloudStack's async jobs take seconds to
+minutes), a new wait joins the next round instead: one request fewer per wait, for at most
+half an interval more before its end is seen. One new wait in `PROBE_EVERY` still asks at once,
+so the poller notices when the work gets quick again.
+
 A listing that fails is replaced, for that round, by each wait's own poll, whose error (the
 system unreachable, an answer of the wrong shape) is that wait's, as before; a listing refused
 as such (not allowed, no such route) turns batching off for good. A wait that is cancelled
@@ -31,6 +39,9 @@ log = logging.getLogger("failover.adapters")
 
 # what a poll learns of one wait: its outcome (done), None (still running), or its error
 Outcome: TypeAlias = T | BaseException | None
+
+PROBE_EVERY = 8  # while new waits join the rounds without asking, one in this many still asks
+_PAYS_WEIGHT = 1 / 8  # weight of the latest first ask in the running share that found work done
 
 
 @dataclass(slots=True)
@@ -62,10 +73,25 @@ class SharedPoller(Generic[T]):
         self._waits: dict[str, list[_Wait[T]]] = {}
         self._notes: dict[str, object] = {}
         self._task: asyncio.Task[None] | None = None
+        # the running share of first asks that found the work done (starts as if they all did)
+        self._pays = 1.0
+        self._passed = 0  # new waits that could have skipped their first ask
 
     @property
     def pending(self) -> int:
         return len(self._waits)
+
+    def ask_first(self) -> bool:
+        """Whether a new wait should ask about its key at once (then tell `asked_first` what it
+        found) rather than leave its first look to the next round."""
+        if len(self._waits) < self.min_batch or self._pays >= 0.5:
+            return True
+        self._passed += 1
+        return self._passed % PROBE_EVERY == 0
+
+    def asked_first(self, done: bool) -> None:
+        """A first ask found the work done (`done`) or still running."""
+        self._pays += ((1.0 if done else 0.0) - self._pays) * _PAYS_WEIGHT
 
     async def wait(self, key: str, timeout: float, timed_out: Callable[[], BaseException],
                    note: object = None) -> T:

@@ -1,6 +1,6 @@
 """Volume Daemon adapter (HTTP/JSON): attach, attach-root, detach, operation polling, lookup.
 
-Waiting on an operation asks about it once, then joins the adapter's shared poller, whose
+Waiting on an operation asks about it once (while that pays), then joins the adapter's shared poller, whose
 rounds list the running operations once for many waits (adapters/poller.py)."""
 
 from __future__ import annotations
@@ -113,10 +113,13 @@ class VolumeDaemonAdapter:
         return self._outcome(operation_id, d)
 
     async def wait_operation(self, operation_id: str, timeout: float) -> DaemonOperation:
-        """Asks once at once; then waits with the adapter's other waits (adapters/poller.py)."""
-        done = await self._get(operation_id)
-        if done is not None:
-            return done
+        """Asks once at once while that pays; then waits with the adapter's other waits
+        (adapters/poller.py)."""
+        if self._poller.ask_first():
+            done = await self._get(operation_id)
+            self._poller.asked_first(done is not None)
+            if done is not None:
+                return done
         return await self._poller.wait(operation_id, timeout, lambda: TransientError(
             "VOLUME_OPERATION_TIMEOUT", f"Volume Daemon operation {operation_id} did not finish within {timeout:.0f} s"))
 

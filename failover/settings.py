@@ -135,6 +135,7 @@ class Settings(ConnectionSettings):
     projector_linger_seconds: float = Field(default=0.01, ge=0, le=1)
     poll_interval_seconds: PositiveFloat = 2.0  # CloudStack async job / daemon op polling
     # from this many waits on one system at once, a poll round lists them with one request
+    # (and a new wait may skip its first ask: adapters/poller.py)
     poll_batch_from: int = Field(default=8, ge=1)
     snapshot_timeout_seconds: PositiveFloat = 1800.0
     async_job_timeout_seconds: PositiveFloat = 1800.0

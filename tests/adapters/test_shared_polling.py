@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from adapters.poller import PROBE_EVERY
 from emulators.client import EmulatorControl
 from emulators.runner import EmulatorHandle
 from statemachine.errors import TransientError
@@ -183,3 +184,86 @@ async def test_the_listing_reads_the_newest_pages_of_the_day_first(
     pages = {int(c["params"]["page"]) for c in listings if c["params"].get("pagesize") == "16"}
     assert pages == {3, 4}  # 52 jobs: ours are the newest 12, on page 4 (4 jobs) and page 3, not 1 or 2
     assert all(len(c["params"]["startdate"]) == 10 for c in listings)  # a day: all CloudStack reads
+
+
+def _asked(calls: list[dict[str, Any]], key: str, ids: list[str]) -> list[str]:
+    """The ids among `ids` that the adapter asked about on their own, in the order asked."""
+    wanted = set(ids)
+    return [str(c["params"][key]) for c in calls if c["params"].get(key) in wanted]
+
+
+async def test_new_cloudstack_waits_join_the_rounds_once_first_asks_find_jobs_still_running(
+        make_cloudstack: CloudStackFactory, emu: EmulatorHandle, control: EmulatorControl) -> None:
+    """While the rounds list for many waits and the first asks of recent waits found their jobs
+    still running, a new wait joins the next round without asking (one in PROBE_EVERY still
+    asks); the listing finds it from the start CloudStack showed before it was started. A job
+    this adapter did not start (a job resumed after a restart) is always asked about at once."""
+    cs = make_cloudstack(poll_interval=ROUND, batch_from=1)
+    volumes = await _volumes(control, emu, N + 2 * PROBE_EVERY + 1)
+    await control.set_latency(async_job_seconds=1.0)
+    first = [await cs.create_snapshot(v, f"first-{i}") for i, v in enumerate(volumes[:N])]
+    waits = [asyncio.create_task(cs.wait_job(s.job_id, timeout=10)) for s in first]
+    deadline = asyncio.get_running_loop().time() + 5
+    while cs._poller.pending < N:  # every first ask answered "still running"
+        assert asyncio.get_running_loop().time() < deadline, "the first waits never joined the rounds"
+        await asyncio.sleep(0.01)
+
+    later = [await cs.create_snapshot(v, f"later-{i}") for i, v in enumerate(volumes[N:-1])]
+    elsewhere = await make_cloudstack().create_snapshot(volumes[-1], "resumed")  # started by another process
+    waits += [asyncio.create_task(cs.wait_job(s.job_id, timeout=10)) for s in [*later, elsewhere]]
+    results = await asyncio.gather(*waits)
+
+    assert [r["snapshot"]["id"] for r in results] == [s.resource_id for s in [*first, *later, elsewhere]]
+    queries = await control.calls(api="cloudstack", command="queryAsyncJobResult")
+    assert sorted(_asked(queries, "jobid", [s.job_id for s in first])) == sorted(s.job_id for s in first)
+    asked_later = _asked(queries, "jobid", [s.job_id for s in later])
+    assert len(asked_later) == len(later) // PROBE_EVERY, asked_later  # the probes only
+    assert _asked(queries, "jobid", [elsewhere.job_id]) == [elsewhere.job_id]
+    listings = await control.calls(api="cloudstack", command="listAsyncJobs")
+    assert all(len(c["params"]["startdate"]) == 10 for c in listings)
+
+
+async def test_quick_cloudstack_jobs_are_still_asked_about_at_once(
+        make_cloudstack: CloudStackFactory, emu: EmulatorHandle, control: EmulatorControl) -> None:
+    """With the rounds listing (one job that never ends), jobs that are done by the time they
+    are asked about keep being asked at once: none of them waits for a round."""
+    cs = make_cloudstack(poll_interval=1.0, batch_from=1)
+    volumes = await _volumes(control, emu, N + 1)
+    await control.add_fault("cloudstack", "timeout", command="createSnapshot")  # the first never ends
+    stuck = await cs.create_snapshot(volumes[0], "stuck")
+    waiting = asyncio.create_task(cs.wait_job(stuck.job_id, timeout=60))
+    deadline = asyncio.get_running_loop().time() + 5
+    while cs._poller.pending < 1:
+        assert asyncio.get_running_loop().time() < deadline, "the stuck wait never joined the rounds"
+        await asyncio.sleep(0.01)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    for i, v in enumerate(volumes[1:]):
+        started = await cs.create_snapshot(v, f"quick-{i}")
+        assert (await cs.wait_job(started.job_id, timeout=10))["snapshot"]["id"] == started.resource_id
+    assert loop.time() - began < 1.0  # no wait sat out a round of 0.5 s
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+
+async def test_new_daemon_waits_join_the_rounds_once_first_asks_find_operations_still_running(
+        make_daemon: DaemonFactory, emu: EmulatorHandle, control: EmulatorControl) -> None:
+    daemon = make_daemon(poll_interval=ROUND, batch_from=1)
+    volumes = await _volumes(control, emu, N + 2 * PROBE_EVERY)
+    await control.set_latency(operation_seconds=1.0)
+    first = [await daemon.detach(v) for v in volumes[:N]]
+    waits = [asyncio.create_task(daemon.wait_operation(op, timeout=10)) for op in first]
+    deadline = asyncio.get_running_loop().time() + 5
+    while daemon._poller.pending < N:
+        assert asyncio.get_running_loop().time() < deadline, "the first waits never joined the rounds"
+        await asyncio.sleep(0.01)
+    later = [await daemon.detach(v) for v in volumes[N:]]
+    waits += [asyncio.create_task(daemon.wait_operation(op, timeout=10)) for op in later]
+    results = await asyncio.gather(*waits)
+
+    assert [r.id for r in results] == first + later and all(r.status == "completed" for r in results)
+    gets = await control.calls(api="volume-daemon", command="get-operation")
+    # each: its first ask (if it asked), then one when the listing no longer shows it running
+    assert len(_asked(gets, "operation_id", first)) == 2 * N
+    assert len(_asked(gets, "operation_id", later)) == len(later) + len(later) // PROBE_EVERY
