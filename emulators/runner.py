@@ -199,5 +199,14 @@ async def _serve(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m emulators`` / ``failoverctl emulate``: serve until SIGTERM/SIGINT, exit 0."""
     args = _parser().parse_args(list(argv) if argv is not None else sys.argv[1:])
-    asyncio.run(_serve(args))
+    # on uvloop when installed, as `failoverctl` runs: an emulator that shares the machine with
+    # what it stands in for (the demo, the benchmarks) should take as little of it as it can
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        factory = None
+    else:
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(_serve(args))
     return 0
