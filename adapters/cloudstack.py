@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import aiohttp
@@ -27,6 +27,8 @@ from statemachine.ports import AsyncStart, CsSnapshot, CsVm, CsVolume, DeploySpe
 _PAGE = 500  # CloudStack's default.page.size
 _PAGES = 8  # pages of listAsyncJobs a poll round reads at most (from the newest jobs back)
 _BEGUN = 10_000  # async jobs started here whose start time is kept until their wait begins
+_CLOCK_FRESH = 300.0  # seconds a `created` CloudStack showed serves as a lower bound for new jobs
+_CLOCK_MARGIN = 120  # seconds taken off it: management servers behind one endpoint may disagree
 
 # adapter, operation, outcome, seconds: the metric labels of failover.metrics.observe_adapter_call
 CallOutcome = Literal["ok", "error", "retry"]
@@ -44,10 +46,11 @@ class CloudStackAdapter:
         self._timeout = timeout  # per request: `cs` applies its own only to sessions it opens
         self._observe = observe or (lambda *a: None)
         self._zones: dict[str, str] = {}
-        # the newest `created` CloudStack has shown us (its own clock), and for the async jobs
-        # started here, what it was before each was started: a start no later than the job's,
-        # good enough for a listing to find the job in, so its wait may skip its first ask
-        self._clock: tuple[datetime, str] | None = None
+        # the newest `created` CloudStack has shown us (its own clock; when we saw it), and for
+        # the async jobs started here, a start no later than the job's: that clock, read before
+        # the job was started, less a margin for management servers whose clocks differ. A
+        # listing finds the job from there, so its wait may skip its first ask
+        self._clock: tuple[datetime, str, float] | None = None
         self._begun: dict[str, str] = {}
         self._poller: SharedPoller[dict[str, Any]] = SharedPoller(
             poll_interval, batch_from, self._query, self._list_jobs,
@@ -83,7 +86,7 @@ class CloudStackAdapter:
             self._observe("cloudstack", command, outcome, time.monotonic() - began)
 
     async def _async(self, command: str, **params: Any) -> AsyncStart:
-        before = self._clock
+        before = self._clock_before()
         data = await self._call(command, **params)
         job = data.get("jobid")
         if not isinstance(job, str):
@@ -91,7 +94,7 @@ class CloudStackAdapter:
         if before is not None:
             if len(self._begun) >= _BEGUN:  # starts never waited on (a job stopped in between)
                 del self._begun[next(iter(self._begun))]
-            self._begun[job] = before[1]
+            self._begun[job] = before
         rid = data.get("id")
         return AsyncStart(resource_id=rid if isinstance(rid, str) else None, job_id=job)
 
@@ -135,8 +138,16 @@ class CloudStackAdapter:
     def _saw(self, created: object) -> None:
         """CloudStack showed a job's `created`: its clock is at least there."""
         if isinstance(created, str) and (moment := _cs_time(created)) is not None:
-            if self._clock is None or moment > self._clock[0]:
-                self._clock = (moment, created)
+            if self._clock is None or moment >= self._clock[0]:
+                self._clock = (moment, created, time.monotonic())
+
+    def _clock_before(self) -> str | None:
+        """A time in CloudStack's clock and form no later than a job started now, or None when
+        what we saw of its clock is too old to be worth reading listings from."""
+        if self._clock is None or time.monotonic() - self._clock[2] > _CLOCK_FRESH:
+            return None
+        shown = datetime.fromisoformat(self._clock[1])  # in CloudStack's own offset: its day
+        return (shown - timedelta(seconds=_CLOCK_MARGIN)).strftime("%Y-%m-%dT%H:%M:%S%z")
 
     async def _query(self, job_id: str) -> dict[str, Any] | None:
         data = await self._call("queryAsyncJobResult", jobid=job_id)
@@ -149,7 +160,11 @@ class CloudStackAdapter:
         since = self._begun.pop(job_id, None)
         if since is None or self._poller.ask_first():
             data = await self._call("queryAsyncJobResult", jobid=job_id)
-            result = self._outcome(data, job_id, "queryAsyncJobResult")
+            try:
+                result = self._outcome(data, job_id, "queryAsyncJobResult")
+            except StepError:
+                self._poller.asked_first(True)  # ended (failed): the ask found it done
+                raise
             self._poller.asked_first(result is not None)
             if result is not None:
                 return result
@@ -194,6 +209,8 @@ class CloudStackAdapter:
                         found[jid] = self._outcome(j, jid, "listAsyncJobs")
                     except StepError as exc:
                         found[jid] = exc
+                    if found[jid] is None and isinstance(created := j.get("created"), str):
+                        self._poller.renote(jid, created)  # its own start from now on
             if len(found) == len(starts):
                 break
             first = _cs_time(str(jobs[0].get("created"))) if jobs else None

@@ -13,9 +13,9 @@ A new wait is asked about at once, before it joins the rounds, while that pays: 
 rounds poll each wait on its own anyway, or while recent first asks mostly found the work
 already done (a quick CloudStack call, an idle daemon). Once the rounds list for many waits and
 first asks mostly find the work still running (CloudStack's async jobs take seconds to
-minutes), a new wait joins the next round instead: one request fewer per wait, for at most
-half an interval more before its end is seen. One new wait in `PROBE_EVERY` still asks at once,
-so the poller notices when the work gets quick again.
+minutes), a new wait joins the next round instead: one request fewer per wait, for up to a
+round more before its end is seen. One new wait in `PROBE_EVERY` still asks at once, so the
+poller notices when the work gets quick again.
 
 A listing that fails is replaced, for that round, by each wait's own poll, whose error (the
 system unreachable, an answer of the wrong shape) is that wait's, as before; a listing refused
@@ -88,6 +88,12 @@ class SharedPoller(Generic[T]):
             return True
         self._passed += 1
         return self._passed % PROBE_EVERY == 0
+
+    def renote(self, key: str, note: object) -> None:
+        """What a round learned about a pending wait that `poll_many` can use better (a job's
+        own start, in place of the lower bound it joined with)."""
+        if key in self._waits:
+            self._notes[key] = note
 
     def asked_first(self, done: bool) -> None:
         """A first ask found the work done (`done`) or still running."""

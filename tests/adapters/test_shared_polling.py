@@ -6,11 +6,12 @@ poll would have ended it: its result, its failure, its timeout."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
 
-from adapters.poller import PROBE_EVERY
+from adapters.poller import PROBE_EVERY, SharedPoller
 from emulators.client import EmulatorControl
 from emulators.runner import EmulatorHandle
 from statemachine.errors import TransientError
@@ -192,6 +193,19 @@ def _asked(calls: list[dict[str, Any]], key: str, ids: list[str]) -> list[str]:
     return [str(c["params"][key]) for c in calls if c["params"].get(key) in wanted]
 
 
+async def _joined(poller: SharedPoller[Any], count: int) -> None:
+    deadline = asyncio.get_running_loop().time() + 10
+    while poller.pending < count:
+        assert asyncio.get_running_loop().time() < deadline, f"{poller.pending} of {count} waits joined the rounds"
+        await asyncio.sleep(0.01)
+
+
+async def _cancelled(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def test_new_cloudstack_waits_join_the_rounds_once_first_asks_find_jobs_still_running(
         make_cloudstack: CloudStackFactory, emu: EmulatorHandle, control: EmulatorControl) -> None:
     """While the rounds list for many waits and the first asks of recent waits found their jobs
@@ -199,19 +213,20 @@ async def test_new_cloudstack_waits_join_the_rounds_once_first_asks_find_jobs_st
     asks); the listing finds it from the start CloudStack showed before it was started. A job
     this adapter did not start (a job resumed after a restart) is always asked about at once."""
     cs = make_cloudstack(poll_interval=ROUND, batch_from=1)
-    volumes = await _volumes(control, emu, N + 2 * PROBE_EVERY + 1)
-    await control.set_latency(async_job_seconds=1.0)
-    first = [await cs.create_snapshot(v, f"first-{i}") for i, v in enumerate(volumes[:N])]
-    waits = [asyncio.create_task(cs.wait_job(s.job_id, timeout=10)) for s in first]
-    deadline = asyncio.get_running_loop().time() + 5
-    while cs._poller.pending < N:  # every first ask answered "still running"
-        assert asyncio.get_running_loop().time() < deadline, "the first waits never joined the rounds"
-        await asyncio.sleep(0.01)
+    volumes = await _volumes(control, emu, 1 + N + 2 * PROBE_EVERY + 1)
+    await control.add_fault("cloudstack", "timeout", command="createSnapshot")  # the first never ends:
+    stuck = await cs.create_snapshot(volumes[0], "stuck")  # the rounds list until the end
+    holding = asyncio.create_task(cs.wait_job(stuck.job_id, timeout=60))
+    await control.set_latency(async_job_seconds=2.0)
+    first = [await cs.create_snapshot(v, f"first-{i}") for i, v in enumerate(volumes[1:N + 1])]
+    waits = [asyncio.create_task(cs.wait_job(s.job_id, timeout=30)) for s in first]
+    await _joined(cs._poller, N + 1)  # every first ask answered "still running"
 
-    later = [await cs.create_snapshot(v, f"later-{i}") for i, v in enumerate(volumes[N:-1])]
+    later = [await cs.create_snapshot(v, f"later-{i}") for i, v in enumerate(volumes[N + 1:-1])]
     elsewhere = await make_cloudstack().create_snapshot(volumes[-1], "resumed")  # started by another process
-    waits += [asyncio.create_task(cs.wait_job(s.job_id, timeout=10)) for s in [*later, elsewhere]]
+    waits += [asyncio.create_task(cs.wait_job(s.job_id, timeout=30)) for s in [*later, elsewhere]]
     results = await asyncio.gather(*waits)
+    await _cancelled(holding)
 
     assert [r["snapshot"]["id"] for r in results] == [s.resource_id for s in [*first, *later, elsewhere]]
     queries = await control.calls(api="cloudstack", command="queryAsyncJobResult")
@@ -226,44 +241,70 @@ async def test_new_cloudstack_waits_join_the_rounds_once_first_asks_find_jobs_st
 async def test_quick_cloudstack_jobs_are_still_asked_about_at_once(
         make_cloudstack: CloudStackFactory, emu: EmulatorHandle, control: EmulatorControl) -> None:
     """With the rounds listing (one job that never ends), jobs that are done by the time they
-    are asked about keep being asked at once: none of them waits for a round."""
+    are asked about keep being asked at once, each exactly once: none waits for a round (a
+    round's listing would have found it, and it would not have been asked about at all)."""
     cs = make_cloudstack(poll_interval=1.0, batch_from=1)
     volumes = await _volumes(control, emu, N + 1)
     await control.add_fault("cloudstack", "timeout", command="createSnapshot")  # the first never ends
     stuck = await cs.create_snapshot(volumes[0], "stuck")
-    waiting = asyncio.create_task(cs.wait_job(stuck.job_id, timeout=60))
-    deadline = asyncio.get_running_loop().time() + 5
-    while cs._poller.pending < 1:
-        assert asyncio.get_running_loop().time() < deadline, "the stuck wait never joined the rounds"
-        await asyncio.sleep(0.01)
-    loop = asyncio.get_running_loop()
-    began = loop.time()
+    holding = asyncio.create_task(cs.wait_job(stuck.job_id, timeout=60))
+    await _joined(cs._poller, 1)
+    quick = []
     for i, v in enumerate(volumes[1:]):
         started = await cs.create_snapshot(v, f"quick-{i}")
         assert (await cs.wait_job(started.job_id, timeout=10))["snapshot"]["id"] == started.resource_id
-    assert loop.time() - began < 1.0  # no wait sat out a round of 0.5 s
-    waiting.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiting
+        quick.append(started.job_id)
+    await _cancelled(holding)
+    queries = await control.calls(api="cloudstack", command="queryAsyncJobResult")
+    assert _asked(queries, "jobid", quick) == quick
 
 
 async def test_new_daemon_waits_join_the_rounds_once_first_asks_find_operations_still_running(
         make_daemon: DaemonFactory, emu: EmulatorHandle, control: EmulatorControl) -> None:
     daemon = make_daemon(poll_interval=ROUND, batch_from=1)
-    volumes = await _volumes(control, emu, N + 2 * PROBE_EVERY)
-    await control.set_latency(operation_seconds=1.0)
-    first = [await daemon.detach(v) for v in volumes[:N]]
-    waits = [asyncio.create_task(daemon.wait_operation(op, timeout=10)) for op in first]
-    deadline = asyncio.get_running_loop().time() + 5
-    while daemon._poller.pending < N:
-        assert asyncio.get_running_loop().time() < deadline, "the first waits never joined the rounds"
-        await asyncio.sleep(0.01)
-    later = [await daemon.detach(v) for v in volumes[N:]]
-    waits += [asyncio.create_task(daemon.wait_operation(op, timeout=10)) for op in later]
+    volumes = await _volumes(control, emu, 1 + N + 2 * PROBE_EVERY)
+    await control.add_fault("volume-daemon", "timeout", command="detach")  # the first never ends
+    holding = asyncio.create_task(daemon.wait_operation(await daemon.detach(volumes[0]), timeout=60))
+    await control.set_latency(operation_seconds=2.0)
+    first = [await daemon.detach(v) for v in volumes[1:N + 1]]
+    waits = [asyncio.create_task(daemon.wait_operation(op, timeout=30)) for op in first]
+    await _joined(daemon._poller, N + 1)
+    later = [await daemon.detach(v) for v in volumes[N + 1:]]
+    waits += [asyncio.create_task(daemon.wait_operation(op, timeout=30)) for op in later]
     results = await asyncio.gather(*waits)
+    await _cancelled(holding)
 
     assert [r.id for r in results] == first + later and all(r.status == "completed" for r in results)
     gets = await control.calls(api="volume-daemon", command="get-operation")
     # each: its first ask (if it asked), then one when the listing no longer shows it running
     assert len(_asked(gets, "operation_id", first)) == 2 * N
     assert len(_asked(gets, "operation_id", later)) == len(later) + len(later) // PROBE_EVERY
+
+
+async def test_the_first_ask_follows_the_rounds_and_what_recent_asks_found() -> None:
+    """The poller's rule on its own: below `min_batch` waits (no listing) a new wait always
+    asks; with the rounds listing it asks while at least half of the recent first asks found
+    the work done, else one in PROBE_EVERY asks; the share climbs back as probes find work done."""
+
+    async def never(key: str) -> None:
+        return None
+
+    async def none_listed(keys: Mapping[str, object]) -> dict[str, Any]:
+        return {k: None for k in keys}
+
+    poller: SharedPoller[Any] = SharedPoller(3600.0, 3, never, none_listed)
+    assert poller.ask_first()  # nothing pending
+    for _ in range(12):
+        poller.asked_first(False)  # the work was still running each time
+    held = [asyncio.create_task(poller.wait(f"k{i}", 3600, lambda: TimeoutError())) for i in range(2)]
+    await _joined(poller, 2)
+    assert [poller.ask_first() for _ in range(PROBE_EVERY)] == [True] * PROBE_EVERY  # 2 < min_batch
+    held.append(asyncio.create_task(poller.wait("k2", 3600, lambda: TimeoutError())))
+    await _joined(poller, 3)
+    asks = [poller.ask_first() for _ in range(2 * PROBE_EVERY)]
+    assert asks.count(True) == 2 and asks[PROBE_EVERY - 1] and asks[-1]  # the probes only
+    for _ in range(12):
+        poller.asked_first(True)  # the probes find the work done again
+    assert [poller.ask_first() for _ in range(PROBE_EVERY)] == [True] * PROBE_EVERY
+    for task in held:
+        await _cancelled(task)
