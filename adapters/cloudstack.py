@@ -50,7 +50,7 @@ class CloudStackAdapter:
         # the async jobs started here, a start no later than the job's: that clock, read before
         # the job was started, less a margin for management servers whose clocks differ. A
         # listing finds the job from there, so its wait may skip its first ask
-        self._clock: tuple[datetime, str, float] | None = None
+        self._clock: tuple[datetime, float] | None = None  # (in CloudStack's own offset, monotonic)
         self._begun: dict[str, str] = {}
         self._poller: SharedPoller[dict[str, Any]] = SharedPoller(
             poll_interval, batch_from, self._query, self._list_jobs,
@@ -137,17 +137,21 @@ class CloudStackAdapter:
 
     def _saw(self, created: object) -> None:
         """CloudStack showed a job's `created`: its clock is at least there."""
-        if isinstance(created, str) and (moment := _cs_time(created)) is not None:
-            if self._clock is None or moment >= self._clock[0]:
-                self._clock = (moment, created, time.monotonic())
+        if not isinstance(created, str):
+            return
+        try:
+            moment = datetime.fromisoformat(created)  # its offset kept: the day CloudStack reads
+        except ValueError:
+            return
+        if moment.tzinfo is not None and (self._clock is None or moment >= self._clock[0]):
+            self._clock = (moment, time.monotonic())
 
     def _clock_before(self) -> str | None:
         """A time in CloudStack's clock and form no later than a job started now, or None when
         what we saw of its clock is too old to be worth reading listings from."""
-        if self._clock is None or time.monotonic() - self._clock[2] > _CLOCK_FRESH:
+        if self._clock is None or time.monotonic() - self._clock[1] > _CLOCK_FRESH:
             return None
-        shown = datetime.fromisoformat(self._clock[1])  # in CloudStack's own offset: its day
-        return (shown - timedelta(seconds=_CLOCK_MARGIN)).strftime("%Y-%m-%dT%H:%M:%S%z")
+        return (self._clock[0] - timedelta(seconds=_CLOCK_MARGIN)).strftime("%Y-%m-%dT%H:%M:%S%z")
 
     async def _query(self, job_id: str) -> dict[str, Any] | None:
         data = await self._call("queryAsyncJobResult", jobid=job_id)

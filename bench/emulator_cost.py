@@ -3,20 +3,16 @@
     python -m bench.emulator_cost [--requests 4000] [--rounds 3] CODE_DIR [CODE_DIR ...]
 
 For each code directory in turn (alternating, `--rounds` times), starts `python -m emulators`
-from it as the benchmark does, sends `--requests` requests through the adapters (half
-CloudStack `listVolumes`, half the Volume Daemon's `GET /volumes/{id}`, 16 at a time), and
-prints the emulator process's CPU (user + system, from /proc) per request. The emulators share
-the benchmark's machine with the service: what they spend, the service cannot.
+from it as the benchmark does (`bench.infra.Emulators`), sends `--requests` requests through
+the adapters (half CloudStack `listVolumes`, half the Volume Daemon's `GET /volumes/{id}`, 16
+at a time), and prints the emulator process's CPU (user + system, from /proc) per request. The
+emulators share the benchmark's machine with the service: what they spend, the service cannot.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -24,29 +20,18 @@ import aiohttp
 
 from adapters.cloudstack import CloudStackAdapter
 from adapters.volume_daemon import VolumeDaemonAdapter
+from bench.infra import Emulators, cpu_seconds, set_code_dir
 from emulators.client import EmulatorControl
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def one_run(code: Path, requests: int) -> float:
     """Microseconds of the emulator's CPU per request, the emulator run from `code`."""
-    state = Path(tempfile.mkdtemp()) / "emulators.json"
-    proc = subprocess.Popen([sys.executable, "-m", "emulators", "--cloudstack-port", "0", "--volume-daemon-port", "0",
-                             "--state-file", str(state)], cwd=code, env=dict(os.environ, PYTHONPATH=str(code)),
-                            stdout=subprocess.DEVNULL)
+    set_code_dir(code)
+    emu = Emulators(Path(tempfile.mkdtemp()) / "emulators.log")
+    await emu.start()
     try:
-        for _ in range(600):
-            if state.exists() or proc.poll() is not None:
-                break
-            await asyncio.sleep(0.05)
-        if not state.exists():
-            raise SystemExit(f"the emulators from {code} did not start (exit code {proc.poll()})")
-        h = json.loads(state.read_text())
-        async with aiohttp.ClientSession() as http, EmulatorControl(h["control_url"]) as control:
+        h = emu.state
+        async with aiohttp.ClientSession() as http, EmulatorControl(emu.control_url) as control:
             await control.reset()
             volume = str((await control.create_volume("disk", 10, vm_id=h["appliance_vm_id"]))["id"])
             cs = CloudStackAdapter(h["cloudstack_url"], h["api_key"], h["secret_key"], session=http, timeout=30)
@@ -60,12 +45,11 @@ async def one_run(code: Path, requests: int) -> float:
                     else:
                         await daemon.get_volume(volume)
 
-            began = _cpu_seconds(proc.pid)
+            began = cpu_seconds(emu.pid)
             await asyncio.gather(*(call(i) for i in range(requests)))
-            return (_cpu_seconds(proc.pid) - began) / requests * 1e6
+            return (cpu_seconds(emu.pid) - began) / requests * 1e6
     finally:
-        proc.terminate()
-        proc.wait()
+        emu.stop()
 
 
 def main() -> None:

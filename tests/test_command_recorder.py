@@ -78,6 +78,16 @@ async def _rows(db: AsyncEngine, request_id: uuid.UUID) -> tuple[Any, list[Any],
     return command, list(jobs), list(events)
 
 
+async def _rejection(db: AsyncEngine, request_id: uuid.UUID, outcome: str, detail: str | None) -> tuple[Any, Any]:
+    """A rejected command's rows: its outcome and detail recorded, no job, one outbox row;
+    that row and the event in it."""
+    command, jobs, events = await _rows(db, request_id)
+    assert (command.outcome, command.job_id, command.detail) == (outcome, None, detail)
+    assert jobs == []
+    [row] = events
+    return row, parse_event(row.body.encode())
+
+
 async def test_a_new_job_with_its_job_accepted(db: AsyncEngine, recorder: CommandRecorder,
                                                woken: list[int]) -> None:
     name = "web-01 'quoted' \\ name"
@@ -136,11 +146,7 @@ async def test_an_unknown_vm_is_rejected_not_found(db: AsyncEngine, recorder: Co
 
     assert (decision.outcome, decision.job_id) == ("rejected_not_found", None)
     assert decision.detail is not None and "is not in vm_replication_contexts" in decision.detail
-    command, jobs, events = await _rows(db, cmd.request_id)
-    assert (command.outcome, command.job_id, command.detail) == ("rejected_not_found", None, decision.detail)
-    assert jobs == []
-    [row] = events
-    rejected = parse_event(row.body.encode())
+    row, rejected = await _rejection(db, cmd.request_id, "rejected_not_found", decision.detail)
     assert (rejected.type, rejected.reason, rejected.detail, rejected.sequence) == (
         "JobRejected", "not_found", decision.detail, 1)
     assert [e.id for e in decision.events] == [row.id]
@@ -161,11 +167,7 @@ async def test_a_vm_held_by_another_job_is_rejected_naming_it(db: AsyncEngine, r
     assert (decision.outcome, decision.job_id) == ("rejected_conflict", None)
     assert decision.detail == (f"VM {vm_id!r} is held by test failover job {first.request_id} (pending): "
                                "wait for it to end, or cancel it")
-    command, jobs, events = await _rows(db, second.request_id)
-    assert (command.outcome, command.job_id, command.detail) == ("rejected_conflict", None, decision.detail)
-    assert jobs == []
-    [row] = events
-    rejected = parse_event(row.body.encode())
+    row, rejected = await _rejection(db, second.request_id, "rejected_conflict", decision.detail)
     assert (rejected.type, rejected.reason, rejected.job_type, rejected.vm_id) == (
         "JobRejected", "conflict", "live-failover", vm_id)
     assert [e.id for e in decision.events] == [row.id]
