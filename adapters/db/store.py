@@ -113,6 +113,10 @@ def fenced_update(columns: tuple[str, ...], extend_lease_us: int | None, *, unle
     return stmt
 
 
+# unended jobs, as a condition the claim index (ended, lease_expires_at) can use: `ended = false`.
+# `ended IS FALSE` cannot: MariaDB then reads every row of the table in id order, the whole
+# history of finished jobs on every claim (tests/test_history_scaling.py)
+_UNENDED = failover_jobs.c.ended == False  # noqa: E712 (an SQL comparison, not Python's)
 _VM_STATUS = (update(vm_replication_contexts).where(vm_replication_contexts.c.vmware_vm_id == bindparam("vm_id"))
               .values(current_status=bindparam("v_status"), updated_at=bindparam("v_updated_at")))
 _parent_updates: dict[tuple[str, ...], Update] = {}
@@ -125,7 +129,7 @@ def _owned_rows(count: int) -> Select[Any]:
     if stmt is None:
         stmt = _OWNED_ROWS[count] = cast(Select[Any], select(failover_jobs).where(
             failover_jobs.c.job_id.in_([bindparam(f"id_{i}") for i in range(count)]),
-            failover_jobs.c.lease_owner == bindparam("owner"), failover_jobs.c.ended.is_(False)))
+            failover_jobs.c.lease_owner == bindparam("owner"), _UNENDED))
     return stmt
 
 
@@ -494,7 +498,7 @@ class JobStore:
         mine = failover_jobs.c.lease_owner == self.owner
         if running:
             mine = and_(mine, failover_jobs.c.job_id.not_in(list(running)))
-        claimable = and_(failover_jobs.c.ended.is_(False), or_(free, mine))
+        claimable = and_(_UNENDED, or_(free, mine))
         async with self.engine.connect() as conn:
             candidates = (await conn.execute(
                 select(failover_jobs.c.job_id).where(claimable).order_by(failover_jobs.c.id).limit(limit)
@@ -510,7 +514,7 @@ class JobStore:
                             attempts=failover_jobs.c.attempts + 1))
                 return list((await conn.execute(select(failover_jobs).where(
                     failover_jobs.c.job_id.in_(candidates), failover_jobs.c.lease_owner == self.owner,
-                    failover_jobs.c.ended.is_(False)))).all())
+                    _UNENDED))).all())
 
         rows = await _again(take_them)
         return [row_to_job(r) for r in rows if r.job_id not in running]
@@ -538,7 +542,7 @@ class JobStore:
             stmt = self._takes[(count, lease_seconds)] = (
                 update(failover_jobs)
                 .where(failover_jobs.c.job_id.in_([bindparam(f"id_{i}") for i in range(count)]),
-                       failover_jobs.c.ended.is_(False),
+                       _UNENDED,
                        or_(failover_jobs.c.lease_owner == owner, failover_jobs.c.lease_owner.is_(None), free))
                 .values(lease_owner=owner, lease_expires_at=self._expiry(lease_seconds)))
         return stmt
@@ -558,7 +562,7 @@ class JobStore:
                 mine = (await conn.execute(
                     select(failover_jobs.c.job_id)
                     .where(failover_jobs.c.job_id.in_(ids), failover_jobs.c.lease_owner == self.owner,
-                           failover_jobs.c.ended.is_(False))
+                           _UNENDED)
                     .with_for_update(skip_locked=True))).scalars().all()
                 if mine:
                     await conn.execute(
@@ -570,7 +574,7 @@ class JobStore:
         async with self.lease_engine.connect() as conn:
             rows = (await conn.execute(
                 select(failover_jobs.c.job_id, failover_jobs.c.lease_owner)
-                .where(failover_jobs.c.job_id.in_(ids), failover_jobs.c.ended.is_(False),
+                .where(failover_jobs.c.job_id.in_(ids), _UNENDED,
                        or_(failover_jobs.c.lease_owner.is_(None), failover_jobs.c.lease_owner != self.owner))
             )).all()
         return renewed, {r.job_id: r.lease_owner for r in rows}
@@ -581,7 +585,7 @@ class JobStore:
             await conn.execute(
                 update(failover_jobs)
                 .where(failover_jobs.c.job_id == job_id, failover_jobs.c.lease_owner == self.owner,
-                       failover_jobs.c.ended.is_(False))
+                       _UNENDED)
                 .values(lease_owner=None,
                         lease_expires_at=self._expiry(delay_seconds) if delay_seconds > 0 else None))
 
@@ -590,6 +594,6 @@ class JobStore:
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 update(failover_jobs)
-                .where(failover_jobs.c.lease_owner == self.owner, failover_jobs.c.ended.is_(False))
+                .where(failover_jobs.c.lease_owner == self.owner, _UNENDED)
                 .values(lease_owner=None, lease_expires_at=None))
         return int(result.rowcount)

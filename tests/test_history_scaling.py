@@ -1,0 +1,129 @@
+"""The service's recurring reads stay index lookups however much history the tables hold.
+
+Finished jobs, their published events and their ledgers are kept (the audit trail), so the
+tables only grow. A read that scans them would cost a little more with every job ever run:
+unnoticed in a fresh database, and the claim loop reading the whole history every few seconds
+after a year. Here the database holds `HISTORY` finished jobs (with their events and ledgers)
+beside a few live ones, and each read's rows are counted by the server itself (its session
+`Handler_read_*` counters, on the one connection of the engine's pool): a read that uses its
+index touches about as many rows as it returns, a scan at least the history's size.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import insert, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from adapters.db.engine import make_engine, utcnow
+from adapters.db.outbox import OutboxStore
+from adapters.db.store import JobStore
+from adapters.db.tables import failover_jobs, outbox, resource_ledger
+from tests.crash.support import database_of_its_own
+
+HISTORY = 2000  # finished jobs
+EVENTS, LEDGER = 10, 5  # published events and ledger rows of each
+LIVE = 3  # unended jobs, each with one unsent event
+OWNER = "history-test"
+# rows a read may touch beyond what it returns (index dives, a filesort's re-reads, the live rows)
+SLACK = 60
+
+
+async def _fill(engine: AsyncEngine) -> list[str]:
+    """The history, the live jobs (owned by nobody, claimable); returns the live jobs' ids."""
+    now = utcnow()
+    old = now - timedelta(days=2)
+    live = [str(uuid.uuid4()) for _ in range(LIVE)]
+    job = {"vm_id": "", "job_type": "test", "source_vm_name": "web", "options": {}}
+    async with engine.begin() as conn:
+        for start in range(0, HISTORY, 500):
+            ids = [f"old-{i:06d}" for i in range(start, min(start + 500, HISTORY))]
+            await conn.execute(insert(failover_jobs), [
+                {**job, "job_id": j, "vm_id": f"vm-{j}", "status": "completed", "ended": True,
+                 "created_at": old, "updated_at": old, "request_id": j, "correlation_id": j,
+                 "last_sequence": EVENTS, "lease_owner": "gone", "lease_expires_at": old} for j in ids])
+            await conn.execute(insert(outbox), [
+                {"event_id": str(uuid.uuid4()), "job_id": j, "sequence": s, "event_type": "StepCompleted",
+                 "correlation_id": j, "body": "{}", "created_at": old, "published_at": old}
+                for j in ids for s in range(1, EVENTS + 1)])
+            await conn.execute(insert(resource_ledger), [
+                {"job_id": j, "resource_key": f"volume:{k}", "resource_type": "volume", "action": "detach",
+                 "status": "done", "data": {}, "created_at": old, "updated_at": old}
+                for j in ids for k in range(LEDGER)])
+        await conn.execute(insert(failover_jobs), [
+            {**job, "job_id": j, "vm_id": f"vm-{j}", "status": "running", "ended": False, "created_at": now,
+             "updated_at": now, "request_id": j, "correlation_id": j} for j in live])
+        await conn.execute(insert(outbox), [
+            {"event_id": str(uuid.uuid4()), "job_id": j, "sequence": 1, "event_type": "JobAccepted",
+             "correlation_id": j, "body": "{}", "created_at": now} for j in live])
+        for table in ("failover_jobs", "outbox", "resource_ledger"):
+            await conn.execute(text(f"ANALYZE TABLE {table}"))  # the statistics a server has by then
+    return live
+
+
+@pytest.fixture(scope="module")
+async def history(database_url: str) -> AsyncIterator[tuple[AsyncEngine, list[str]]]:
+    async with database_of_its_own(database_url, "history") as setup:
+        live = await _fill(setup)
+        # one connection: the reads under test and the counters read before and after share it
+        engine = make_engine(setup.url.render_as_string(hide_password=False), pool_size=1, max_overflow=0)
+        try:
+            yield engine, live
+        finally:
+            await engine.dispose()
+
+
+async def _reads(conn: AsyncConnection) -> int:
+    rows = (await conn.execute(text("SHOW SESSION STATUS LIKE 'Handler_read%'"))).all()
+    return sum(int(value) for _, value in rows)
+
+
+async def rows_touched(engine: AsyncEngine, call: Callable[[], Awaitable[Any]]) -> tuple[int, Any]:
+    """Rows the server read for `call` (on the pool's only connection), and what it returned."""
+    async with engine.connect() as conn:
+        before = await _reads(conn)
+        cost = await _reads(conn) - before  # reading the counters reads rows too
+        before += cost
+    result = await call()
+    async with engine.connect() as conn:
+        after = await _reads(conn)
+    return after - before - cost, result
+
+
+async def test_claim_reads_the_unended_jobs_not_the_history(history: tuple[AsyncEngine, list[str]]) -> None:
+    engine, live = history
+    store = JobStore(engine, OWNER)
+    touched, claimed = await rows_touched(engine, lambda: store.claim(64, 30))
+    assert sorted(j.job_id for j in claimed) == sorted(live)
+    assert touched < SLACK, f"claiming {LIVE} jobs read {touched} rows of a {HISTORY}-job history"
+    # and the renewal, the release and the re-take of those leases
+    touched, (renewed, _) = await rows_touched(engine, lambda: store.renew(live, 30))
+    assert renewed == set(live) and touched < SLACK, touched
+    touched, rows = await rows_touched(engine, lambda: store.take(live, 30))
+    assert len(rows) == LIVE and touched < SLACK, touched
+    touched, released = await rows_touched(engine, store.release_all)
+    assert released == LIVE and touched < SLACK, touched
+
+
+async def test_job_reads_touch_their_own_rows(history: tuple[AsyncEngine, list[str]]) -> None:
+    engine, live = history
+    store = JobStore(engine, OWNER)
+    touched, row = await rows_touched(engine, lambda: store.load(live[0]))
+    assert row is not None and row.job_id == live[0] and touched < SLACK, touched
+    touched, ledger = await rows_touched(engine, lambda: store.ledger("old-000007"))
+    assert len(ledger) == LEDGER and touched < SLACK, touched
+
+
+async def test_relay_reads_the_unsent_events_not_the_published_ones(history: tuple[AsyncEngine, list[str]]) -> None:
+    engine, live = history
+    relay = OutboxStore(engine, OWNER)
+    touched, unsent = await rows_touched(engine, lambda: relay.unsent(500))
+    assert sorted(e.job_id for e in unsent) == sorted(live)
+    assert touched < SLACK, f"reading {LIVE} unsent events read {touched} rows of {HISTORY * EVENTS} published"
+    touched, (count, _) = await rows_touched(engine, relay.backlog)
+    assert count == LIVE and touched < SLACK, touched
