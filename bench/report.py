@@ -133,6 +133,24 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
          _pair(p["request_to_accepted_ms"]), "-", "p99 < 50 ms", met("paced p99 request->JobAccepted < 50 ms")),
         ("   request -> JobCompleted p50 / p99", _pair(p["request_to_completed_ms"]), "-", "", ""),
         *_multi_paced_rows(out),
+        *_history_rows(out),
+    ]
+
+
+def _history_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    h = out.get("history")
+    if not h:
+        return []
+    b, a, r = h["before"], h["after"], h["ratios_after_over_before"]
+    return [
+        (f"History: the burst before / after adding {h['added']['jobs']:,} finished jobs "
+         f"({h['added']['rows']:,} rows): jobs/s", f"{_f(b['jobs_per_second'])} / {_f(a['jobs_per_second'])}", "-",
+         "", f"after / before {_f(r['jobs_per_second'])}"),
+        ("   CPU per job: serve, before / after", f"{_f(b['serve_cpu_ms_per_job'])} / {_f(a['serve_cpu_ms_per_job'])} ms",
+         "-", "", f"after / before {_f(r['serve_cpu_ms_per_job'])}"),
+        ("   CPU per job: MariaDB, before / after",
+         f"{_f(b['mariadb_cpu_ms_per_job'])} / {_f(a['mariadb_cpu_ms_per_job'])} ms", "-", "",
+         f"after / before {_f(r['mariadb_cpu_ms_per_job'])}"),
     ]
 
 

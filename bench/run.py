@@ -63,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also run the slow phase once more with serve under py-spy (profile-slow.md, .svg)")
     p.add_argument("--profile-jobs", type=int, default=None,
                    help="jobs in the profiled repeat of the burst (default 200; quick 100)")
+    p.add_argument("--history", type=int, default=None,
+                   help="last, the burst again before and after adding this many finished jobs' rows to the "
+                        "tables (bench/history.py): does a job cost more once the audit trail is long? "
+                        "(default 50000; quick 10000; 0 skips it)")
     p.add_argument("--broker-messages", type=int, default=None, help="substrate: messages (default 20000; quick 5000)")
     p.add_argument("--db-seconds", type=float, default=None, help="substrate: seconds of commits (default 5; quick 3)")
     p.add_argument("--deadline", type=float, default=600.0, help="seconds any one phase may take")
@@ -83,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.celery_slow_pools = a.celery_slow_pools or ("gevent" if q else "gevent,threads")
     a.broker_messages = a.broker_messages or (5000 if q else 20000)
     a.db_seconds = a.db_seconds or (3.0 if q else 5.0)
+    a.history = (10_000 if q else 50_000) if a.history is None else a.history
     return a
 
 
@@ -252,6 +257,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     r["wall_over_critical_path"] = round(r["wall_seconds"] / out["slow"]["critical_path_seconds"], 3)
                     out["celery"]["slow"].append(r)
                     log(f"  wall {r['wall_seconds']} s")
+            # ---- last (the rows stay): the burst before and after adding a long history
+            if args.history > 0:
+                out["history"] = await _history(bench, args)
             out["notes"] = bench.notes
     finally:
         await sql.close()
@@ -262,6 +270,36 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     out["total_seconds"] = round(time.monotonic() - began, 1)
     derive(out)
     return out
+
+
+async def _history(bench: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The burst, then `args.history` finished jobs' rows added, then the burst again, on one
+    serve process: the second's cost per job against the first's."""
+    from . import history, service_phases
+
+    serve = Serve(service_phases.throughput_env(bench), args.results / "serve-history.log")
+    await serve.start()
+    try:
+        log(f"history: {args.jobs} test failovers at once, before adding {args.history} finished jobs")
+        before = await service_phases.throughput(bench, serve, args.jobs, label="history-before")
+        log(f"  {before['jobs_per_second']} jobs/s; adding {args.history} finished jobs' rows")
+        added = await history.fill(bench.engine, args.history)
+        log(f"  {added['rows']} rows in {added['seconds']} s; the burst again")
+        after = await service_phases.throughput(bench, serve, args.jobs, label="history-after")
+        log(f"  {after['jobs_per_second']} jobs/s")
+    finally:
+        await serve.stop()
+
+    def per_job(r: dict[str, Any]) -> dict[str, Any]:
+        cpu = r["cpu"]["cpu_seconds"]
+        return {"jobs_per_second": r["jobs_per_second"], "serve_cpu_ms_per_job": r["serve_cpu_ms_per_job"],
+                "mariadb_cpu_ms_per_job": round(1000 * cpu.get("mariadb", 0) / r["jobs"], 1),
+                "request_to_accepted_ms": r["request_to_accepted_ms"], "quiet_wait": r["quiet_wait"]}
+
+    b, a = per_job(before), per_job(after)
+    return {"added": added, "before": b, "after": a,
+            "ratios_after_over_before": {k: round(a[k] / b[k], 3) if b[k] else None
+                                         for k in ("jobs_per_second", "serve_cpu_ms_per_job", "mariadb_cpu_ms_per_job")}}
 
 
 async def _analyse_profile(raw: Path, stem: Path, out: dict[str, Any], key: str) -> None:
