@@ -8,14 +8,14 @@ commands that create something (deploy, createSnapshot), as CloudStack does.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from itertools import takewhile
 from typing import Any
 
 from emulators import views
 from emulators.cs_params import Params
-from emulators.model import cs_time
+from emulators.model import Volume, cs_time
 from emulators.world import World
 
 Handler = Callable[[World, Params, str | None], dict[str, Any]]
@@ -126,9 +126,8 @@ def list_virtual_machines(world: World, p: Params, fault: str | None) -> dict[st
     name, state = p.get("name"), p.get("state")
     items = (
         views.vm_json(world, vm)
-        for vm in world.vms.values()
+        for vm in (world.vms.values() if wanted is None else (wanted,))
         if not vm.destroyed
-        and (wanted is None or vm is wanted)
         and _contains(vm.name, name)
         and _equals(vm.state, state)
     )
@@ -140,11 +139,14 @@ def list_volumes(world: World, p: Params, fault: str | None) -> dict[str, Any]:
     wanted = p.entity("id", world.volumes)
     vm = p.entity("virtualmachineid", world.vms)
     kind, name = p.get("type"), p.get("name")
+    if wanted is not None:
+        candidates: Iterable[Volume] = (wanted,)
+    else:  # a VM's: the ones attached to it (in the order they were made, as all are listed)
+        candidates = world.volumes.values() if vm is None else world.volumes_on(vm.id)
     items = (
         views.volume_json(world, v)
-        for v in world.volumes.values()
+        for v in candidates
         if not v.destroyed
-        and (wanted is None or v is wanted)
         and (vm is None or v.vm_id == vm.id)
         and _equals(v.type, kind)
         and _contains(v.name, name)
@@ -159,9 +161,8 @@ def list_snapshots(world: World, p: Params, fault: str | None) -> dict[str, Any]
     name = p.get("name")
     items = (
         views.snapshot_json(s)
-        for s in world.snapshots.values()
+        for s in (world.snapshots.values() if wanted is None else (wanted,))
         if not s.destroyed
-        and (wanted is None or s is wanted)
         and (volume is None or s.volume_id == volume.id)
         and _contains(s.name, name)
     )
@@ -178,20 +179,22 @@ def list_async_jobs(world: World, p: Params, fault: str | None) -> dict[str, Any
     """listAsyncJobs(startdate?, page?, pagesize?): the account's async jobs created on or
     after startdate's day, oldest first (by id), each as queryAsyncJobResult shows it."""
     since = p.date("startdate")
-    if since is None:
-        jobs = list(world.jobs.values())
-    else:  # jobs are kept in the order they were created, stamped as cs_time prints: newest first
-        first = cs_time(since)
-        jobs = list(takewhile(lambda job: job.created >= first, reversed(world.jobs.values())))
-        jobs.reverse()
+    order = world.runner.job_order
+    # the jobs are kept in the order they were made, with `created` as cs_time prints it (which
+    # sorts as text): the first one on or after the day is a bisection, not a walk through all
+    start = 0 if since is None else bisect_left(world.runner.job_created, cs_time(since))
+    count = len(order) - start
     # like the database's LIMIT: only the page asked for is rendered
     page, size = p.integer("page", minimum=1), p.integer("pagesize", minimum=1)
-    shown = jobs[(page - 1) * size : page * size] if page is not None and size is not None else jobs
-    if not jobs:
+    if page is not None and size is not None:
+        shown = order[start + (page - 1) * size : start + page * size]
+    else:
+        shown = order[start:]
+    if not count:
         return {}
     if not shown:
-        return {"count": len(jobs)}
-    return {"count": len(jobs), "asyncjobs": [views.job_json(world, job) for job in shown]}
+        return {"count": count}
+    return {"count": count, "asyncjobs": [views.job_json(world, job) for job in shown]}
 
 
 def deploy_virtual_machine(world: World, p: Params, fault: str | None) -> dict[str, Any]:

@@ -92,6 +92,10 @@ class WorldState:
         }
         self.vms: dict[str, VirtualMachine] = {}
         self.volumes: dict[str, Volume] = {}
+        # each VM's volumes (a benchmark's world holds thousands: no lookup walks them all), and
+        # each volume's place in the order they were made (the order listings show them in)
+        self._on_vm: dict[str, dict[str, Volume]] = {}
+        self._rank: dict[str, int] = {}
         self.snapshots: dict[str, Snapshot] = {}
         self._vm_number = 0
         self.add_vm(APPLIANCE_NAME, "Running", self.appliance_vm_id)
@@ -166,8 +170,23 @@ class WorldState:
             new, name, "ROOT" if device_id == 0 else "DATADISK", int(size_gb * GIB), self.zone_id,
             content if content is not None else f"initial:{new}", vm_id, device_id,
         )  # fmt: skip
-        self.volumes[volume.id] = volume
+        self.join(volume)
         return volume
+
+    def join(self, volume: Volume) -> None:
+        """A new volume joins the world (attached where its ``vm_id`` says)."""
+        self.volumes[volume.id] = volume
+        self._rank[volume.id] = len(self._rank)
+        if volume.vm_id is not None:
+            self._on_vm.setdefault(volume.vm_id, {})[volume.id] = volume
+
+    def place(self, volume: Volume, vm_id: str | None, device_id: int | None) -> None:
+        """Attach the volume to ``vm_id`` at ``device_id``, or detach it (None, None)."""
+        if volume.vm_id is not None:
+            self._on_vm.get(volume.vm_id, {}).pop(volume.id, None)
+        volume.vm_id, volume.device_id = vm_id, device_id
+        if vm_id is not None:
+            self._on_vm.setdefault(vm_id, {})[volume.id] = volume
 
     # ------------------------------------------------------------------ lookups
     def live_vm_named(self, name: str) -> VirtualMachine | None:
@@ -178,10 +197,14 @@ class WorldState:
             None,
         )
 
+    def volumes_on(self, vm_id: str) -> list[Volume]:
+        """The live volumes attached to a VM, in the order they were made."""
+        rank = self._rank
+        return sorted((v for v in self._on_vm.get(vm_id, {}).values() if not v.destroyed), key=lambda v: rank[v.id])
+
     def attached_volumes(self, vm_id: str) -> list[Volume]:
         """The live volumes attached to a VM, by device id."""
-        found = [v for v in self.volumes.values() if v.vm_id == vm_id and not v.destroyed]
-        return sorted(found, key=lambda v: v.device_id or 0)
+        return sorted(self.volumes_on(vm_id), key=lambda v: v.device_id or 0)
 
     def volume_at(self, vm_id: str, device_id: int) -> Volume | None:
         """The live volume at a device id of a VM, if any."""

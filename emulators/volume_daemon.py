@@ -216,9 +216,11 @@ async def list_operations(request: web.Request) -> web.Response:
         k: v for k, v in request.query.items() if k in ("volume_id", "vm_id", "status", "type")
     }
     entry = await _begin(request, "list-operations", dict(filters))
+    # the ones not ended are kept apart: a poller asking for them reads no finished ones
+    pool = world.runner.unended if filters.get("status") in ("pending", "executing") else world.operations
     found = [
         views.operation_json(op)
-        for op in world.operations.values()
+        for op in pool.values()
         if all(getattr(op, key) == value for key, value in filters.items())
     ]
     return _respond(entry, 200, found)

@@ -101,7 +101,7 @@ class World(WorldState):
                 )
             )  # fmt: skip
         for volume in created:
-            self.volumes[volume.id] = volume
+            self.join(volume)
 
         def run() -> dict[str, Any]:
             if vm.destroyed:
@@ -202,7 +202,8 @@ class World(WorldState):
                     volume.destroyed = True
                     volume.state = "Expunged" if expunge else "Destroy"
                 else:
-                    volume.vm_id, volume.device_id, volume.type = None, None, "DATADISK"
+                    self.place(volume, None, None)
+                    volume.type = "DATADISK"
             vm.destroyed = True
             vm.state = "Expunging" if expunge else "Destroyed"
             return {"virtualmachine": views.vm_json(self, vm)}
@@ -245,7 +246,7 @@ class World(WorldState):
     def apply_attach(self, volume: Volume, vm: VirtualMachine, device_id: int | None) -> int:
         """Attach now (rules re-checked): device 0 makes the volume ROOT, else DATADISK."""
         device = self.check_attach(volume, vm, device_id)
-        volume.vm_id, volume.device_id = vm.id, device
+        self.place(volume, vm.id, device)
         volume.type = "ROOT" if device == 0 else "DATADISK"
         return device
 
@@ -280,7 +281,8 @@ class World(WorldState):
     def apply_detach(self, volume: Volume) -> VirtualMachine:
         """Detach now (rules re-checked); a detached ROOT becomes a DATADISK."""
         vm = self.check_detach(volume)
-        volume.vm_id, volume.device_id, volume.type = None, None, "DATADISK"
+        self.place(volume, None, None)
+        volume.type = "DATADISK"
         return vm
 
     def detach_volume(self, volume: Volume, fault: str | None = None) -> AsyncJob:
