@@ -210,7 +210,9 @@ def git_state() -> dict[str, Any]:
 
 async def global_status(engine: AsyncEngine, names: tuple[str, ...] = (
         "Com_commit", "Com_rollback", "Com_insert", "Com_update", "Com_select", "Com_delete",
-        "Com_begin", "Questions", "Innodb_os_log_fsyncs", "Innodb_data_fsyncs", "Handler_commit")) -> dict[str, int]:
+        "Com_begin", "Questions", "Innodb_os_log_fsyncs", "Innodb_data_fsyncs", "Handler_commit",
+        # rows read through an index / by scanning, and pages read from disk (not in the buffer pool)
+        "Handler_read_key", "Handler_read_next", "Handler_read_rnd_next", "Innodb_buffer_pool_reads")) -> dict[str, int]:
     async with engine.connect() as conn:
         rows = (await conn.execute(text("SHOW GLOBAL STATUS"))).all()
     wanted = set(names)

@@ -142,15 +142,24 @@ def _history_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     if not h:
         return []
     b, a, r = h["before"], h["after"], h["ratios_after_over_before"]
+
+    def both(key: str, unit: str = "") -> str:
+        each = lambda side: ", ".join(_f(x[key]) for x in side["runs"])  # noqa: E731
+        return f"{_f(b[key])} ({each(b)}) / {_f(a[key])} ({each(a)}){unit}"
+
     return [
-        (f"History: the burst before / after adding {h['added']['jobs']:,} finished jobs "
-         f"({h['added']['rows']:,} rows): jobs/s", f"{_f(b['jobs_per_second'])} / {_f(a['jobs_per_second'])}", "-",
-         "", f"after / before {_f(r['jobs_per_second'])}"),
-        ("   CPU per job: serve, before / after", f"{_f(b['serve_cpu_ms_per_job'])} / {_f(a['serve_cpu_ms_per_job'])} ms",
-         "-", "", f"after / before {_f(r['serve_cpu_ms_per_job'])}"),
-        ("   CPU per job: MariaDB, before / after",
-         f"{_f(b['mariadb_cpu_ms_per_job'])} / {_f(a['mariadb_cpu_ms_per_job'])} ms", "-", "",
+        (f"History: {h['repeats']} bursts before / after adding {h['added']['jobs']:,} finished jobs "
+         f"({h['added']['rows']:,} rows), mean (each): jobs/s", both("jobs_per_second"), "-", "",
+         f"after / before {_f(r['jobs_per_second'])}"),
+        ("   CPU per job: serve, before / after", both("serve_cpu_ms_per_job", " ms"), "-", "",
+         f"after / before {_f(r['serve_cpu_ms_per_job'])}"),
+        ("   CPU per job: MariaDB, before / after", both("mariadb_cpu_ms_per_job", " ms"), "-", "",
          f"after / before {_f(r['mariadb_cpu_ms_per_job'])}"),
+        ("   MariaDB per job, before / after: rows read by index; by scan; pages read from disk",
+         f"{_f(b['rows_read_by_index_per_job'])} / {_f(a['rows_read_by_index_per_job'])}; "
+         f"{_f(b['rows_read_by_scan_per_job'])} / {_f(a['rows_read_by_scan_per_job'])}; "
+         f"{_f(b['pages_read_from_disk_per_job'])} / {_f(a['pages_read_from_disk_per_job'])}", "-", "",
+         "server-wide counters"),
     ]
 
 

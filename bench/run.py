@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 import traceback
@@ -28,10 +29,12 @@ from .infra import (
     fresh_database,
     git_state,
     machine,
+    quiet_machine,
     rabbitmq_version,
     set_code_dir,
     set_userstat,
     snapshot_code,
+    substrate_pids,
 )
 
 
@@ -272,33 +275,49 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-async def _history(bench: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """The burst, then `args.history` finished jobs' rows added, then the burst again, on one
-    serve process: the second's cost per job against the first's."""
+async def _history(bench: Any, args: argparse.Namespace, repeats: int = 2) -> dict[str, Any]:
+    """`repeats` bursts, then `args.history` finished jobs' rows added, then `repeats` bursts
+    again, on one serve process: the cost per job after against before. (Consecutive bursts on
+    this shared machine differ by 5-20%: one burst each side cannot tell a trend from that.)"""
     from . import history, service_phases
+
+    def per_job(r: dict[str, Any]) -> dict[str, Any]:
+        cpu = r["cpu"]["cpu_seconds"]
+        db = r["db_server_wide_per_job"]
+        return {"jobs_per_second": r["jobs_per_second"], "serve_cpu_ms_per_job": r["serve_cpu_ms_per_job"],
+                "mariadb_cpu_ms_per_job": round(1000 * cpu.get("mariadb", 0) / r["jobs"], 1),
+                # the server's rows read per job (of every client: the bench's own few reads too)
+                "rows_read_by_index_per_job": round(db.get("Handler_read_key", 0) + db.get("Handler_read_next", 0), 1),
+                "rows_read_by_scan_per_job": db.get("Handler_read_rnd_next", 0),
+                "pages_read_from_disk_per_job": db.get("Innodb_buffer_pool_reads", 0)}
+
+    async def bursts(label: str) -> dict[str, Any]:
+        runs = []
+        for i in range(repeats):
+            r = per_job(await service_phases.throughput(bench, serve, args.jobs, label=f"history-{label}-{i + 1}"))
+            log(f"  {label}: {r['jobs_per_second']} jobs/s, serve {r['serve_cpu_ms_per_job']} ms per job")
+            runs.append(r)
+        mean = {k: round(sum(r[k] for r in runs) / len(runs), 2) for k in runs[0]}
+        return {**mean, "runs": runs}
 
     serve = Serve(service_phases.throughput_env(bench), args.results / "serve-history.log")
     await serve.start()
     try:
-        log(f"history: {args.jobs} test failovers at once, before adding {args.history} finished jobs")
-        before = await service_phases.throughput(bench, serve, args.jobs, label="history-before")
-        log(f"  {before['jobs_per_second']} jobs/s; adding {args.history} finished jobs' rows")
+        log(f"history: {repeats} bursts of {args.jobs} test failovers, before and after adding {args.history} "
+            "finished jobs")
+        before = await bursts("before")
         added = await history.fill(bench.engine, args.history)
-        log(f"  {added['rows']} rows in {added['seconds']} s; the burst again")
-        after = await service_phases.throughput(bench, serve, args.jobs, label="history-after")
-        log(f"  {after['jobs_per_second']} jobs/s")
+        # MariaDB goes on writing the new pages out for a while: its work then, and the
+        # page reads of the burst, are not the burst's. Wait until it (and the rest) is calm
+        idle = [os.getpid(), bench.emu.pid, serve.pid, *substrate_pids()["rabbitmq"]]
+        added["settled"] = await quiet_machine(idle, max_wait=300, threshold=0.1)
+        log(f"  {added['rows']} rows in {added['seconds']} s, MariaDB calm after {added['settled']['waited_seconds']} s "
+            "more")
+        after = await bursts("after")
     finally:
         await serve.stop()
-
-    def per_job(r: dict[str, Any]) -> dict[str, Any]:
-        cpu = r["cpu"]["cpu_seconds"]
-        return {"jobs_per_second": r["jobs_per_second"], "serve_cpu_ms_per_job": r["serve_cpu_ms_per_job"],
-                "mariadb_cpu_ms_per_job": round(1000 * cpu.get("mariadb", 0) / r["jobs"], 1),
-                "request_to_accepted_ms": r["request_to_accepted_ms"], "quiet_wait": r["quiet_wait"]}
-
-    b, a = per_job(before), per_job(after)
-    return {"added": added, "before": b, "after": a,
-            "ratios_after_over_before": {k: round(a[k] / b[k], 3) if b[k] else None
+    return {"added": added, "repeats": repeats, "before": before, "after": after,
+            "ratios_after_over_before": {k: round(after[k] / before[k], 3) if before[k] else None
                                          for k in ("jobs_per_second", "serve_cpu_ms_per_job", "mariadb_cpu_ms_per_job")}}
 
 
