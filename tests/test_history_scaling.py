@@ -23,11 +23,19 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from adapters.db.engine import make_engine, utcnow
 from adapters.db.outbox import OutboxStore
 from adapters.db.store import JobStore
-from adapters.db.tables import failover_jobs, outbox, resource_ledger
+from adapters.db.tables import (
+    failover_jobs,
+    job_steps,
+    job_tracking,
+    log_events,
+    outbox,
+    resource_ledger,
+)
+from failover.reads import job_detail, job_logs, recent_jobs
 from tests.crash.support import database_of_its_own
 
 HISTORY = 2000  # finished jobs
-EVENTS, LEDGER = 10, 5  # published events and ledger rows of each
+EVENTS, LEDGER, STEPS, LINES = 10, 5, 6, 4  # published events, ledger rows, steps and log lines of each
 LIVE = 3  # unended jobs, each with one unsent event
 OWNER = "history-test"
 # rows a read may touch beyond what it returns (index dives, a filesort's re-reads, the live rows)
@@ -55,13 +63,29 @@ async def _fill(engine: AsyncEngine) -> list[str]:
                 {"job_id": j, "resource_key": f"volume:{k}", "resource_type": "volume", "action": "detach",
                  "status": "done", "data": {}, "created_at": old, "updated_at": old}
                 for j in ids for k in range(LEDGER)])
+            # the read models the projector keeps
+            await conn.execute(insert(job_tracking), [
+                {"id": j, "job_type": "test", "operation": "test-failover", "status": "completed",
+                 "percent_complete": 100, "vm_id": f"vm-{j}", "created_at": old, "updated_at": old} for j in ids])
+            await conn.execute(insert(job_steps), [
+                {"job_id": j, "step_name": f"step-{k}", "step_order": k, "status": "completed"}
+                for j in ids for k in range(1, STEPS + 1)])
+            await conn.execute(insert(log_events), [
+                {"job_id": j, "correlation_id": j, "level": "INFO", "message": "done", "fields": {},
+                 "timestamp": old, "sequence": k} for j in ids for k in range(1, LINES + 1)])
         await conn.execute(insert(failover_jobs), [
             {**job, "job_id": j, "vm_id": f"vm-{j}", "status": "running", "ended": False, "created_at": now,
              "updated_at": now, "request_id": j, "correlation_id": j} for j in live])
         await conn.execute(insert(outbox), [
             {"event_id": str(uuid.uuid4()), "job_id": j, "sequence": 1, "event_type": "JobAccepted",
              "correlation_id": j, "body": "{}", "created_at": now} for j in live])
-        for table in ("failover_jobs", "outbox", "resource_ledger"):
+        await conn.execute(insert(job_tracking), [
+            {"id": j, "job_type": "test", "operation": "test-failover", "status": "running", "vm_id": f"vm-{j}",
+             "created_at": now, "updated_at": now} for j in live])
+        await conn.execute(insert(log_events), [
+            {"job_id": j, "correlation_id": j, "level": "INFO", "message": "started", "fields": {}, "timestamp": now,
+             "sequence": 1} for j in live])
+        for table in ("failover_jobs", "outbox", "resource_ledger", "job_tracking", "job_steps", "log_events"):
             await conn.execute(text(f"ANALYZE TABLE {table}"))  # the statistics a server has by then
     return live
 
@@ -127,3 +151,16 @@ async def test_relay_reads_the_unsent_events_not_the_published_ones(history: tup
     assert touched < SLACK, f"reading {LIVE} unsent events read {touched} rows of {HISTORY * EVENTS} published"
     touched, (count, _) = await rows_touched(engine, relay.backlog)
     assert count == LIVE and touched < SLACK, touched
+
+
+async def test_an_operators_reads_touch_what_they_show(history: tuple[AsyncEngine, list[str]]) -> None:
+    """`failoverctl list`, `show` and `logs` (failover/reads.py): at 3 a.m., on a year of jobs."""
+    engine, live = history
+    touched, jobs = await rows_touched(engine, lambda: recent_jobs(engine, 20))
+    assert {j["id"] for j in jobs} >= set(live) and len(jobs) == 20
+    assert touched < 20 + SLACK, f"listing 20 jobs read {touched} rows of a {HISTORY}-job history"
+    touched, detail = await rows_touched(engine, lambda: job_detail(engine, "old-000042"))
+    assert detail is not None and len(detail["steps"]) == STEPS and len(detail["ledger"]) == LEDGER
+    assert touched < SLACK, f"showing one job read {touched} rows"
+    touched, lines = await rows_touched(engine, lambda: job_logs(engine, live[0]))
+    assert [line["message"] for line in lines] == ["started"] and touched < SLACK, touched
