@@ -144,8 +144,9 @@ def _history_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     b, a, r = h["before"], h["after"], h["ratios_after_over_before"]
 
     def both(key: str, unit: str = "") -> str:
-        each = lambda side: ", ".join(_f(x[key]) for x in side["runs"])  # noqa: E731
-        return f"{_f(b[key])} ({each(b)}) / {_f(a[key])} ({each(a)}){unit}"
+        def side(d: dict[str, Any]) -> str:  # the mean (each burst)
+            return f"{_f(d[key])} ({', '.join(_f(x[key]) for x in d['runs'])})"
+        return f"{side(b)} / {side(a)}{unit}"
 
     return [
         (f"History: {h['repeats']} bursts before / after adding {h['added']['jobs']:,} finished jobs "

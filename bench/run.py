@@ -309,8 +309,8 @@ async def _history(bench: Any, args: argparse.Namespace, repeats: int = 2) -> di
         added = await history.fill(bench.engine, args.history)
         # MariaDB goes on writing the new pages out for a while: its work then, and the
         # page reads of the burst, are not the burst's. Wait until it (and the rest) is calm
-        idle = [os.getpid(), bench.emu.pid, serve.pid, *substrate_pids()["rabbitmq"]]
-        added["settled"] = await quiet_machine(idle, max_wait=300, threshold=0.1)
+        all_but_mariadb = [os.getpid(), bench.emu.pid, serve.pid, *substrate_pids()["rabbitmq"]]
+        added["settled"] = await quiet_machine(all_but_mariadb, max_wait=300, threshold=0.1)
         log(f"  {added['rows']} rows in {added['seconds']} s, MariaDB calm after {added['settled']['waited_seconds']} s "
             "more")
         after = await bursts("after")

@@ -182,7 +182,7 @@ def list_async_jobs(world: World, p: Params, fault: str | None) -> dict[str, Any
     order = world.runner.job_order
     # the jobs are kept in the order they were made, with `created` as cs_time prints it (which
     # sorts as text): the first one on or after the day is a bisection, not a walk through all
-    start = 0 if since is None else bisect_left(world.runner.job_created, cs_time(since))
+    start = 0 if since is None else bisect_left(order, cs_time(since), key=lambda job: job.created)
     count = len(order) - start
     # like the database's LIMIT: only the page asked for is rendered
     page, size = p.integer("page", minimum=1), p.integer("pagesize", minimum=1)

@@ -37,10 +37,9 @@ class JobRunner:
         self.jobs: dict[str, AsyncJob] = {}
         self.operations: dict[str, Operation] = {}
         # lookups that stay cheap as the world grows (a benchmark runs thousands of jobs): the
-        # jobs in the order they were made with their `created` stamps (never decreasing: a
-        # listing since a date is a bisection), and the operations not ended yet, oldest first
+        # jobs in the order they were made (their `created` never decreases: a listing since a
+        # date is a bisection, a page a slice), and the operations not ended yet, oldest first
         self.job_order: list[AsyncJob] = []
-        self.job_created: list[str] = []
         self.unended: dict[str, Operation] = {}
 
     def reset(self) -> None:
@@ -48,7 +47,7 @@ class JobRunner:
         self._cancel_timers()
         self.jobs = {}
         self.operations = {}
-        self.job_order, self.job_created, self.unended = [], [], {}
+        self.job_order, self.unended = [], {}
 
     def close(self) -> None:
         """Stop every timer and release whatever waits in ``hang``."""
@@ -83,7 +82,6 @@ class JobRunner:
         job = AsyncJob(new_id(), command, instance_type, instance_id)
         self.jobs[job.id] = job
         self.job_order.append(job)
-        self.job_created.append(job.created)
         if fault != "timeout":
             self._timers[job.id] = asyncio.get_running_loop().call_later(
                 self._latency().async_job_seconds,
