@@ -525,6 +525,17 @@ class Serve:
                 raise BenchError("py-spy started no serve process")
             self._pid = kids[0]
 
+    def pids(self) -> list[int]:
+        """serve's pid and its intake process's (FAILOVER_INTAKE_PROCESS), whose CPU is serve's."""
+        found = [self.pid]
+        for kid in children(self.pid):
+            try:
+                if b"failover.intake" in Path(f"/proc/{kid}/cmdline").read_bytes():
+                    found.append(kid)
+            except OSError:
+                continue
+        return found
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -81,6 +81,7 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         ("   jobs/s these cores allow even with a zero-CPU orchestrator (cores / the line above)",
          _f(d.get("jobs_per_second_with_a_free_orchestrator")), "", "",
          f"2x Celery = {_f(d.get('twice_celery_jobs_per_second'))}" if d.get("twice_celery_jobs_per_second") else ""),
+        *_intake_throughput_rows(out),
         *_multi_throughput_rows(out),
         ("   events/s (outbox rows)", _f(t["events_per_second"]), "-", "", ""),
         ("   request -> JobAccepted p50 / p99", _pair(t["request_to_accepted_ms"]), "-", "", ""),
@@ -132,6 +133,7 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         (f"Paced: {p['rate_offered']:g}/s for {p['seconds_offered']:g} s: request -> JobAccepted p50 / p99",
          _pair(p["request_to_accepted_ms"]), "-", "p99 < 50 ms", met("paced p99 request->JobAccepted < 50 ms")),
         ("   request -> JobCompleted p50 / p99", _pair(p["request_to_completed_ms"]), "-", "", ""),
+        *_intake_paced_rows(out),
         *_multi_paced_rows(out),
         *_history_rows(out),
     ]
@@ -167,6 +169,11 @@ def _history_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
 def _slow_baseline_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     s, b, m = out["slow"], out.get("slow_one_poll_per_wait"), out.get("slow_multi")
     rows: list[tuple[str, str, str, str, str]] = []
+    si = out.get("slow_intake")
+    if si:
+        rows.append(("   with the intake process (FAILOVER_INTAKE_PROCESS): wall / critical path",
+                     f"{_f(si['wall_seconds'], ' s')} / {_f(si['wall_over_critical_path'])}", "-", "<= 1.2",
+                     "yes" if si["wall_over_critical_path"] <= 1.2 else "NO"))
     if m:
         rows.append((f"   with {m['processes']} serve processes: wall / critical path",
                      f"{_f(m['wall_seconds'], ' s')} / {_f(m['wall_over_critical_path'])}", "-", "<= 1.2",
@@ -194,6 +201,32 @@ def _multi_throughput_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str
          ">= 2x Celery", (("yes" if met["met"] else "NO") + f" ({_f(met['value'])}x)") if met else ""),
         (f"   with {tm['processes']} serve processes: CPU per job (all of them) / request -> JobAccepted p50 / p99",
          f"{_f(tm['serve_cpu_ms_per_job'], ' ms')} / {_pair(tm['request_to_accepted_ms'])}", "", "", ""),
+    ]
+
+
+def _intake_paced_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    pi, d = out.get("paced_intake"), out["derived"]
+    if not pi:
+        return []
+    met = d["targets"].get("paced p99 request->JobAccepted < 50 ms, intake process")
+    return [
+        ("   with the intake process (FAILOVER_INTAKE_PROCESS): request -> JobAccepted p50 / p99",
+         _pair(pi["request_to_accepted_ms"]), "-", "p99 < 50 ms", ("yes" if met["met"] else "NO") if met else ""),
+        ("   with the intake process: request -> JobCompleted p50 / p99",
+         _pair(pi["request_to_completed_ms"]), "-", "", ""),
+    ]
+
+
+def _intake_throughput_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    ti, d = out.get("throughput_intake"), out["derived"]
+    if not ti:
+        return []
+    met = d["targets"].get("throughput / Celery >= 2, intake process")
+    return [
+        ("   with the intake process (FAILOVER_INTAKE_PROCESS): jobs/s", _f(ti["jobs_per_second"]), "",
+         ">= 2x Celery", (("yes" if met["met"] else "NO") + f" ({_f(met['value'])}x)") if met else ""),
+        ("   with the intake process: CPU per job (both processes) / request -> JobAccepted p50 / p99",
+         f"{_f(ti['serve_cpu_ms_per_job'], ' ms')} / {_pair(ti['request_to_accepted_ms'])}", "", "", ""),
     ]
 
 
@@ -293,10 +326,15 @@ def markdown(out: dict[str, Any]) -> str:
         "|---|---|" + "---|" * len(t["cpu"]["cpu_seconds"]) + "---|---|",
     ]
     phases = [("throughput", t), ("paced", out["paced"])]
+    for key, name in (("throughput_intake", "throughput"), ("paced_intake", "paced")):
+        if out.get(key):
+            phases.append((f"{name}, intake process", out[key]))
     for key, name in (("throughput_multi", "throughput"), ("paced_multi", "paced")):
         if out.get(key):
             phases.append((f"{name}, {out[key]['processes']} serve processes", out[key]))
     phases.append(("slow", out["slow"]))
+    if out.get("slow_intake"):
+        phases.append(("slow, intake process", out["slow_intake"]))
     if out.get("slow_multi"):
         phases.append((f"slow, {out['slow_multi']['processes']} serve processes", out["slow_multi"]))
     if out.get("slow_one_poll_per_wait"):

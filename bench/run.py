@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-slow-baseline", action="store_true",
                    help="skip the slow phase's second run with one poll per wait (FAILOVER_POLL_BATCH_FROM "
                         "out of reach: how every wait polled before the shared poller)")
+    p.add_argument("--no-intake-process", action="store_true",
+                   help="skip the throughput and paced phases with FAILOVER_INTAKE_PROCESS=true (commands "
+                        "taken in a process of serve's own)")
     p.add_argument("--no-celery", action="store_true")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy run of the throughput burst")
     p.add_argument("--profile-slow", action="store_true",
@@ -148,45 +151,51 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await pserve.stop()
             log(f"  {out['probe']['emulator_calls']} emulator calls, {out['probe']['async_waits']} async waits, "
                 f"{out['probe']['events']} events, {out['probe']['sql']['statements_per_job']} SQL statements")
+            async def zero_latency(serves: list[Serve], key: str, what: str) -> None:
+                """The throughput burst, then the paced phase, on `serves` (stopped after):
+                out["throughput" + key], out["paced" + key]."""
+                try:
+                    for one in serves:
+                        await one.start()
+                    log(f"throughput{what}: {args.jobs} test failovers at once, zero latency")
+                    t = out["throughput" + key] = await service_phases.throughput(
+                        bench, serves, args.jobs, label="throughput" + key.replace("_", "-"))
+                    log(f"  {t['jobs_per_second']} jobs/s")
+                    log(f"paced{what}: {args.paced_rate:g} requests/s for {args.paced_seconds:g} s")
+                    p = out["paced" + key] = await service_phases.paced(bench, serves, args.paced_rate,
+                                                                        args.paced_seconds)
+                    log(f"  request->JobAccepted p99 {p['request_to_accepted_ms']['p99']} ms")
+                    if len(serves) > 1:
+                        t["processes"] = p["processes"] = len(serves)
+                finally:
+                    for one in serves:
+                        await one.stop()
+
             # ---- the service at zero latency: throughput, paced (one serve process)
-            serve = Serve(service_phases.throughput_env(bench), results / "serve-throughput.log")
-            await serve.start()
-            try:
-                log(f"throughput: {args.jobs} test failovers at once, zero latency")
-                out["throughput"] = await service_phases.throughput(bench, serve, args.jobs)
-                log(f"  {out['throughput']['jobs_per_second']} jobs/s")
-                log(f"paced: {args.paced_rate:g} requests/s for {args.paced_seconds:g} s")
-                out["paced"] = await service_phases.paced(bench, serve, args.paced_rate, args.paced_seconds)
-                log(f"  request->JobAccepted p99 {out['paced']['request_to_accepted_ms']['p99']} ms")
-            finally:
-                await serve.stop()
+            await zero_latency([Serve(service_phases.throughput_env(bench), results / "serve-throughput.log")], "", "")
+            # ---- the same with the intake in a process of its own (FAILOVER_INTAKE_PROCESS)
+            if not args.no_intake_process:
+                await zero_latency([Serve({**service_phases.throughput_env(bench), "FAILOVER_INTAKE_PROCESS": "true"},
+                                          results / "serve-intake.log")], "_intake", ", intake process")
             # ---- the same with two serve processes side by side (one per core, as a user with
             # this machine would run them; Celery's best pool runs 8 worker processes)
             if args.serve_processes > 1:
                 n = args.serve_processes
-                serves = [Serve(service_phases.throughput_env(bench), results / f"serve-throughput-{i + 1}.log")
-                          for i in range(n)]
-                try:
-                    for s in serves:
-                        await s.start()
-                    log(f"throughput, {n} serve processes: {args.jobs} test failovers at once")
-                    out["throughput_multi"] = await service_phases.throughput(bench, serves, args.jobs,
-                                                                            label="throughput-multi")
-                    out["throughput_multi"]["processes"] = n
-                    log(f"  {out['throughput_multi']['jobs_per_second']} jobs/s")
-                    log(f"paced, {n} serve processes: {args.paced_rate:g} requests/s for {args.paced_seconds:g} s")
-                    out["paced_multi"] = await service_phases.paced(bench, serves, args.paced_rate, args.paced_seconds)
-                    out["paced_multi"]["processes"] = n
-                    log(f"  request->JobAccepted p99 {out['paced_multi']['request_to_accepted_ms']['p99']} ms")
-                finally:
-                    for s in serves:
-                        await s.stop()
+                await zero_latency([Serve(service_phases.throughput_env(bench), results / f"serve-throughput-{i + 1}.log")
+                                    for i in range(n)], "_multi", f", {n} serve processes")
             # ---- many slow jobs (a serve process of its own, for its RSS)
             log(f"slow: {args.slow_jobs} jobs, {args.latency:g} s per async job/operation")
             out["slow"] = await service_phases.slow(bench, args.slow_jobs, args.latency,
                                                     out["probe"]["async_waits"], results / "serve-slow.log")
             log(f"  wall {out['slow']['wall_seconds']} s = {out['slow']['wall_over_critical_path']}x critical path; "
                 f"{out['slow']['rss_per_job_kb']} kB/job")
+            if not args.no_intake_process:
+                log(f"slow, intake process: {args.slow_jobs} jobs, {args.latency:g} s per async job/operation")
+                out["slow_intake"] = await service_phases.slow(
+                    bench, args.slow_jobs, args.latency, out["probe"]["async_waits"], results / "serve-slow-intake.log",
+                    FAILOVER_INTAKE_PROCESS="true")
+                log(f"  wall {out['slow_intake']['wall_seconds']} s = "
+                    f"{out['slow_intake']['wall_over_critical_path']}x critical path")
             if args.serve_processes > 1:  # as a user with these cores would run them
                 n = args.serve_processes
                 log(f"slow, {n} serve processes: {args.slow_jobs} jobs, {args.latency:g} s per async job/operation")
@@ -384,6 +393,14 @@ def derive(out: dict[str, Any]) -> None:
         "paced p99 request->JobAccepted < 50 ms": (out["paced"]["request_to_accepted_ms"]["p99"],
                                                    out["paced"]["request_to_accepted_ms"]["p99"] < 50),
     }
+    si = out.get("slow_intake")
+    if si:
+        targets["slow wall / critical path <= 1.2, intake process"] = (
+            si["wall_over_critical_path"], si["wall_over_critical_path"] <= 1.2)
+    pi = out.get("paced_intake")
+    if pi:
+        p99 = pi["request_to_accepted_ms"]["p99"]
+        targets["paced p99 request->JobAccepted < 50 ms, intake process"] = (p99, p99 < 50)
     pm = out.get("paced_multi")
     if pm:
         p99 = pm["request_to_accepted_ms"]["p99"]
@@ -397,6 +414,11 @@ def derive(out: dict[str, Any]) -> None:
         d["celery_best_throughput_pool"] = f"{best['pool']} -c {best['concurrency']}"
         d["throughput_over_celery"] = round(t["jobs_per_second"] / best["jobs_per_second"], 2)
         targets["throughput / Celery >= 2"] = (d["throughput_over_celery"], d["throughput_over_celery"] >= 2)
+        ti = out.get("throughput_intake")
+        if ti:
+            d["throughput_intake_over_celery"] = round(ti["jobs_per_second"] / best["jobs_per_second"], 2)
+            targets["throughput / Celery >= 2, intake process"] = (
+                d["throughput_intake_over_celery"], d["throughput_intake_over_celery"] >= 2)
         if tm:
             d["throughput_multi_over_celery"] = round(tm["jobs_per_second"] / best["jobs_per_second"], 2)
             targets[f"throughput / Celery >= 2, {tm['processes']} serve processes"] = (

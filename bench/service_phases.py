@@ -242,7 +242,7 @@ async def throughput(bench: Bench, serve: Serve | list[Serve], count: int, label
     status_before = await global_status(bench.engine)
     us0 = await user_stats(bench.engine, SERVICE_USER)
     sql0 = bench.sql.snapshot() if counted and bench.sql is not None else None
-    meter = CpuMeter({"serve": [s.pid for s in serves], "emulators": [bench.emu.pid], **substrate_pids()})
+    meter = CpuMeter({"serve": [p for s in serves for p in s.pids()], "emulators": [bench.emu.pid], **substrate_pids()})
     meter.start()
     timings = await bench.client.burst(vm_ids)
     await bench.client.wait_all(timings, bench.args.deadline, label)
@@ -327,7 +327,7 @@ async def paced(bench: Bench, serve: Serve | list[Serve], rate: float, seconds: 
     count = max(1, int(rate * seconds))
     vm_ids = await bench.fresh_world(count, "paced")
     quiet = await bench.quiet(*(s.pid for s in serves))
-    meter = CpuMeter({"serve": [s.pid for s in serves], "emulators": [bench.emu.pid], **substrate_pids()})
+    meter = CpuMeter({"serve": [p for s in serves for p in s.pids()], "emulators": [bench.emu.pid], **substrate_pids()})
     meter.start()
     timings = await bench.client.paced(vm_ids, rate)
     await bench.client.wait_all(timings, bench.args.deadline, "paced")
@@ -383,7 +383,7 @@ async def slow(bench: Bench, count: int, latency: float, critical_waits: int, lo
                 except TimeoutError:
                     pass
 
-        meter = CpuMeter({"serve": [one.pid for one in serves], "emulators": [bench.emu.pid], **substrate_pids()})
+        meter = CpuMeter({"serve": [p for one in serves for p in one.pids()], "emulators": [bench.emu.pid], **substrate_pids()})
         meter.start()
         sampler = asyncio.create_task(sample())
         timings = await bench.client.burst(vm_ids)

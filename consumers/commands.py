@@ -167,10 +167,14 @@ class CommandConsumer:
             invalid = exc
         if invalid is not None:
             bad = invalid
-            decision = await self._with_db(lambda: self.recorder.reject_invalid(
-                bad.request_id, bad.command_type, bad.vm_id, bad.detail, bad.job_type))
-            await self._publish_first(decision)
-            await message.ack()
+            self.hold(str(bad.request_id))  # (its JobRejected leads the stream of that id)
+            try:
+                decision = await self._with_db(lambda: self.recorder.reject_invalid(
+                    bad.request_id, bad.command_type, bad.vm_id, bad.detail, bad.job_type))
+                await self._publish_first(decision)
+                await message.ack()
+            finally:
+                self.unhold(str(bad.request_id))
             self.count(bad.command_type or "unknown", decision.outcome)
             log.info("command %s rejected: %s", bad.request_id, bad.detail)
             return

@@ -41,6 +41,7 @@ from statemachine.ports import JobRow
 
 from . import metrics as m
 from .health import named_checks, start_health_server
+from .intake import IntakeProcess
 from .logs import bind_job, remember_job
 from .runner import JobRunner
 from .settings import Settings
@@ -108,6 +109,7 @@ class Service:
     store: JobStore | None = None
     runner: JobRunner | None = None
     relay: OutboxRelay | None = None
+    intake: IntakeProcess | None = None  # FAILOVER_INTAKE_PROCESS
     health_port: int | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -155,7 +157,8 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
             return True
 
         async def serving() -> bool:  # queues declared, consumers started (not yet while starting)
-            return svc.ready.is_set() and not svc.stop.is_set()
+            return (svc.ready.is_set() and not svc.stop.is_set()
+                    and (svc.intake is None or svc.intake.alive))
 
         connections = [connection]
 
@@ -244,19 +247,28 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
             runner_ref.append(runner)
             svc.runner = runner
             tasks.append(asyncio.create_task(runner.run(), name="runner"))  # not job-*: see logs.py
-            recorder = CommandRecorder(engine, svc.owner, settings.lease_seconds)
-            recorder.on_outbox = wake
-            cchannel = await connection.channel(publisher_confirms=True)
-            cqueue = await bus.declare_work_queue(cchannel, bus.COMMANDS_QUEUE, bus.COMMANDS_EXCHANGE,
-                                                  delivery_limit=settings.delivery_limit,
-                                                  prefetch=settings.command_prefetch)
-            dlx = await cchannel.get_exchange(bus.DLX_EXCHANGE)
-            consumer = CommandConsumer(cqueue, dlx, recorder, max_bytes=settings.max_message_bytes,
-                                       on_accepted=runner.adopt,
-                                       count=lambda t, o: m.COMMANDS.labels(type=t, outcome=o).inc(),
-                                       publish_first=relay.publish_now if relay is not None else None,
-                                       hold=runner.hold, unhold=runner.unhold)
-            await consumer.start()
+            if settings.intake_process:
+                if relay is None:
+                    raise RuntimeError("FAILOVER_INTAKE_PROCESS=true needs the relay role in the same serve "
+                                       "(--roles orchestrator,relay,...): it tells the relay what it published")
+                intake = IntakeProcess(svc.owner, hold=runner.hold, unhold=runner.unhold, adopt=runner.adopt,
+                                       relay=relay, count=lambda t, o: m.COMMANDS.labels(type=t, outcome=o).inc())
+                svc.intake = intake
+                await intake.start()
+            else:
+                recorder = CommandRecorder(engine, svc.owner, settings.lease_seconds)
+                recorder.on_outbox = wake
+                cchannel = await connection.channel(publisher_confirms=True)
+                cqueue = await bus.declare_work_queue(cchannel, bus.COMMANDS_QUEUE, bus.COMMANDS_EXCHANGE,
+                                                      delivery_limit=settings.delivery_limit,
+                                                      prefetch=settings.command_prefetch)
+                dlx = await cchannel.get_exchange(bus.DLX_EXCHANGE)
+                consumer = CommandConsumer(cqueue, dlx, recorder, max_bytes=settings.max_message_bytes,
+                                           on_accepted=runner.adopt,
+                                           count=lambda t, o: m.COMMANDS.labels(type=t, outcome=o).inc(),
+                                           publish_first=relay.publish_now if relay is not None else None,
+                                           hold=runner.hold, unhold=runner.unhold)
+                await consumer.start()
             tasks.append(asyncio.create_task(_gauges(runner, OutboxStore(engine, svc.owner)), name="gauges"))
 
         if install_signals:
@@ -288,6 +300,8 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
 
         if consumer is not None:
             await _bounded(consumer.stop(), 10.0, "stopping the command consumer")
+        if svc.intake is not None:  # its last lines (holds, what it published) are applied first
+            await svc.intake.stop()
         if svc.runner is not None:
             await svc.runner.drain(left(1.0))
         if projector is not None:

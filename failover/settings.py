@@ -146,6 +146,9 @@ class Settings(ConnectionSettings):
     retry_backoff_seconds: PositiveFloat = 2.0  # first backoff, doubles, capped at 60 s
     drain_seconds: PositiveFloat = 30.0  # SIGTERM: how long to wait for steps in flight
     process_name: str | None = None  # lease owner id; default host:pid:random
+    # take, record and answer commands in a process of serve's own (failover/intake.py), so a
+    # request's JobAccepted does not queue behind the running jobs' work in serve's event loop
+    intake_process: bool = False
 
     @field_validator("cloudstack_url", "volume_daemon_url")
     @classmethod

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from typing import cast
@@ -90,6 +91,7 @@ class OutboxRelay:
         self._direct_calls = 0  # publish_now calls under way
         self._direct_idle = asyncio.Event()  # set while there are none
         self._direct_idle.set()
+        self._held_elsewhere: Counter[str] = Counter()  # jobs whose first events the intake process publishes
 
     def wake(self) -> None:
         """Something was committed to the outbox: publish it now rather than at the next poll."""
@@ -121,14 +123,56 @@ class OutboxRelay:
             if not self._direct_calls:
                 self._direct_idle.set()
 
+    async def publish_events(self, events: Collection[OutboxEvent]) -> list[BaseException | None]:
+        """Publish `events` now, with confirms, without any of the relay's bookkeeping: each
+        one's error, or None once confirmed (the intake process's publish, failover/intake.py)."""
+        try:
+            return await self._publish_all(await self._channel(), events)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return [exc] * len(events)
+
+    def sending_elsewhere(self, ids: Collection[int]) -> None:
+        """Another process of this `serve` (its intake process) is publishing these committed
+        events at once, as `publish_now` would: skip them until `sent_elsewhere` or
+        `unsent_elsewhere` says how it went."""
+        self._direct.update(ids)
+        self.wake()  # (as a commit's wake: the round marks what was sent meanwhile)
+
+    def hold_elsewhere(self, job_id: str) -> None:
+        """The intake process is recording a command for `job_id` (its request_id): the first
+        events that commit writes are its to publish, so none of this job's events is read
+        here until `release_elsewhere`. (Its `sending` line comes only after the commit, and a
+        round reading the outbox in between would publish the event a second time.)"""
+        self._held_elsewhere[job_id] += 1
+
+    def release_elsewhere(self, job_id: str) -> None:
+        left = self._held_elsewhere[job_id] - 1
+        if left > 0:
+            self._held_elsewhere[job_id] = left
+        else:
+            self._held_elsewhere.pop(job_id, None)
+            self.wake()  # what was not confirmed over there goes now
+
+    def sent_elsewhere(self, events: Collection[tuple[int, str]]) -> None:
+        """(outbox id, event type) confirmed by the broker: marked sent with the next round."""
+        for event_id, event_type in events:
+            self._direct_sent.append(event_id)
+            self.published(event_type)
+
+    def unsent_elsewhere(self, ids: Collection[int]) -> None:
+        """Not confirmed (or the process publishing them is gone): the relay's now."""
+        if ids:
+            self._direct.difference_update(ids)
+            self.wake()
+
     async def _publish_now(self, events: Collection[OutboxEvent], ids: list[int]) -> bool:
         try:
-            results = await self._publish_all(await self._channel(), events)
+            results = await self.publish_events(events)
         except asyncio.CancelledError:
             self._direct.difference_update(ids)
             raise
-        except Exception as exc:
-            results = [exc] * len(ids)
         done = True
         for e, r in zip(events, results, strict=True):
             if r is None:
@@ -196,7 +240,8 @@ class OutboxRelay:
         direct_sent, self._direct_sent = self._direct_sent, []
         try:
             read = await self.store.unsent(self.batch)
-            events = [e for e in read if e.id not in self._direct]
+            held = self._held_elsewhere
+            events = [e for e in read if e.id not in self._direct and (not held or e.job_id not in held)]
             if not events:
                 if direct_sent:
                     await self.store.mark_sent(direct_sent)

@@ -1,0 +1,324 @@
+"""The intake process (`FAILOVER_INTAKE_PROCESS=true`): commands taken, recorded and answered in
+a process of their own, beside `serve`'s event loop instead of inside it.
+
+Why: in one process, a command's delivery, its two database round trips and its `JobAccepted`
+each wait their turn in an event loop busy with every running job's calls, commits and events.
+At 20 requests/s on two cores that queue made request -> JobAccepted 67-100 ms at p50 and
+107-208 ms at p99 (bench/PROFILE.md); the same work in a process that does nothing else
+measured 11.7 / 37.8 ms in the same benchmark run.
+
+How: `serve` starts `python -m failover.intake OWNER` and keeps it running (restarted after a
+pause should it die). The child consumes `failover.commands`, records each command with
+`serve`'s own lease owner (consumers/commands.py, adapters/db/commands.py, exactly as in one
+process), publishes the decision's first event at once with confirms, and tells `serve`, one
+JSON line per message on its stdout, what the in-process consumer would have told the runner
+and the relay, in the same order:
+
+    {"m": "hold", "job": ...}        a command that may create this job is being recorded
+    {"m": "sending", "ids": [...]}   its first events are committed and being published now
+    {"m": "sent", "events": [[id, type], ...]}, {"m": "unsent", "ids": [...]}
+    {"m": "adopt", "job": ...}       run it (its JobAccepted is confirmed, or left to the relay)
+    {"m": "unhold", "job": ...}
+    {"m": "count", "type": ..., "outcome": ...}   the commands metric, counted by `serve`
+    {"m": "ready"}                    consuming
+
+So the runner starts a job only after its first event left, and the relay skips what the child
+is publishing and marks it sent once confirmed. Should the child die, `serve` releases its holds
+and hands whatever it was publishing to the relay (at worst a duplicate, which every consumer
+drops by job_id and sequence); its unacked deliveries go back to the queue. The child stops on
+SIGTERM (taking no more, finishing the deliveries under way) or when `serve` is gone (its stdin
+closes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .settings import Settings
+
+log = logging.getLogger("failover.intake")
+RESTART_PAUSE = 1.0  # seconds before a child that died is started again (doubling, up to 30)
+
+
+class IntakeProcess:
+    """`serve`'s side: starts the child, applies what it says, restarts it should it die."""
+
+    def __init__(self, owner: str, *, hold: Callable[[str], None], unhold: Callable[[str], None],
+                 adopt: Callable[[str], None], relay: Any, count: Callable[[str, str], None],
+                 argv: list[str] | None = None, stop_seconds: float = 15.0) -> None:
+        self.owner = owner
+        self.hold, self.unhold, self.adopt, self.count = hold, unhold, adopt, count
+        self.relay = relay  # publishers.relay.OutboxRelay
+        self.argv = argv or [sys.executable, "-m", "failover.intake", owner]
+        self.stop_seconds = stop_seconds
+        self.ready = asyncio.Event()
+        self.restarts = 0
+        self._proc: asyncio.SubprocessTransport | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._held: Counter[str] = Counter()  # the child's holds not yet released
+        self._sending: set[int] = set()  # outbox ids the child is publishing
+
+    @property
+    def alive(self) -> bool:
+        return self.ready.is_set() and self._proc is not None and self._proc.get_returncode() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.get_pid() if self._proc is not None else None
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Start the child; return once it consumes. A child that cannot start (bad settings,
+        the broker or the database unreachable) is an error here, with its reason in the log."""
+        self._task = asyncio.create_task(self._supervise(), name="intake-process")
+        ready = asyncio.create_task(self.ready.wait())
+        try:
+            await asyncio.wait({ready, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if not self.ready.is_set():
+            await self.stop()
+            raise RuntimeError(f"the intake process did not start within {timeout:.0f} s; its log lines "
+                               "above say why (FAILOVER_INTAKE_PROCESS=false runs the intake inside serve)")
+
+    async def _supervise(self) -> None:
+        loop = asyncio.get_running_loop()
+        pause = RESTART_PAUSE
+        while not self._stopping:
+            began = time.monotonic()
+            # its stdin is a pipe from here: it ends when serve does, however serve ends
+            transport, child = await loop.subprocess_exec(
+                lambda: _ChildLines(self._on), *self.argv, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=None)
+            self._proc = transport
+            try:
+                await child.gone.wait()  # exited, and every line it wrote applied
+            finally:
+                self._released()
+            code = transport.get_returncode()
+            transport.close()
+            if self._stopping:
+                return
+            if not self.ready.is_set():  # never started: serve's start fails with its log
+                log.error("the intake process exited with %s before it was ready", code)
+                return
+            pause = RESTART_PAUSE if time.monotonic() - began > 60 else min(pause * 2, 30.0)
+            self.restarts += 1
+            self.ready.clear()
+            log.error("the intake process exited with %s; commands wait in the queue until it is started "
+                      "again in %.0f s", code, pause)
+            await asyncio.sleep(pause)
+
+    def _on(self, line: bytes) -> None:
+        try:
+            msg = json.loads(line)
+            kind = msg["m"]
+            if kind == "hold":
+                self._held[msg["job"]] += 1
+                self.hold(msg["job"])
+                self.relay.hold_elsewhere(msg["job"])
+            elif kind == "unhold":
+                self._release(msg["job"])
+            elif kind == "adopt":
+                self.adopt(msg["job"])
+            elif kind == "sending":
+                self._sending.update(msg["ids"])
+                self.relay.sending_elsewhere(msg["ids"])
+            elif kind == "sent":
+                events = [(int(i), str(t)) for i, t in msg["events"]]
+                self._sending.difference_update(i for i, _ in events)
+                self.relay.sent_elsewhere(events)
+            elif kind == "unsent":
+                self._sending.difference_update(msg["ids"])
+                self.relay.unsent_elsewhere(msg["ids"])
+            elif kind == "count":
+                self.count(msg["type"], msg["outcome"])
+            elif kind == "ready":
+                self.ready.set()
+        except Exception:  # a line of ours that cannot be applied: say so, never stop reading
+            log.exception("intake process: could not apply %r", line[:200])
+
+    def _release(self, job_id: str) -> None:
+        left = self._held[job_id] - 1
+        if left > 0:
+            self._held[job_id] = left
+        else:
+            self._held.pop(job_id, None)
+        self.unhold(job_id)
+        self.relay.release_elsewhere(job_id)
+
+    def _released(self) -> None:
+        """The child is gone: its holds end (a recorded job is then claimed and resumed here)
+        and what it was publishing is the relay's."""
+        for job_id, n in list(self._held.items()):
+            for _ in range(n):
+                self.unhold(job_id)
+                self.relay.release_elsewhere(job_id)
+        self._held.clear()
+        if self._sending:
+            self.relay.unsent_elsewhere(list(self._sending))
+            self._sending.clear()
+
+    async def stop(self) -> None:
+        """SIGTERM the child and wait for it to finish the deliveries under way (bounded)."""
+        self._stopping = True
+        proc = self._proc
+        if proc is not None and proc.get_returncode() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), self.stop_seconds)
+        except TimeoutError:
+            log.warning("the intake process did not stop within %.0f s; killed", self.stop_seconds)
+            if proc is not None and proc.get_returncode() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 5.0)
+
+
+class _ChildLines(asyncio.SubprocessProtocol):
+    """The child's stdout, applied line by line as it arrives: in the event loop's I/O phase,
+    before any task resumes. So a hold the child wrote before committing is always applied
+    before the relay looks at what that commit wrote (the relay's read can only be answered
+    after the commit, hence after the line was in the pipe)."""
+
+    def __init__(self, on_line: Callable[[bytes], None]) -> None:
+        self.on_line = on_line
+        self.buffer = b""
+        self.gone = asyncio.Event()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd != 1:
+            return
+        *lines, self.buffer = (self.buffer + data).split(b"\n")
+        for line in lines:
+            if line:
+                self.on_line(line)
+
+    def connection_lost(self, exc: Exception | None) -> None:  # exited, its pipes closed
+        self.gone.set()
+
+
+# --------------------------------------------------------------------------- the child
+
+
+class _Pipe(asyncio.Protocol):
+    """One end of a pipe: `gone` is set once it is closed (read end: serve is gone; write
+    end: every line written has been handed to the kernel)."""
+
+    def __init__(self, gone: asyncio.Event | None = None) -> None:
+        self.gone = gone or asyncio.Event()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone.set()
+
+
+async def _child(settings: Settings, owner: str, out: int) -> None:
+    import aio_pika
+
+    from adapters import bus
+    from adapters.db.commands import CommandRecorder
+    from adapters.db.engine import make_engine
+    from adapters.db.outbox import OutboxEvent, OutboxStore
+    from consumers.commands import CommandConsumer
+    from publishers.relay import OutboxRelay
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # serve's stdin end: closed when serve is gone
+    await loop.connect_read_pipe(lambda: _Pipe(stop), os.fdopen(0, "rb"))
+    writer, written = await loop.connect_write_pipe(_Pipe, os.fdopen(out, "wb"))
+
+    def send(kind: str, **fields: Any) -> None:
+        writer.write(json.dumps({"m": kind, **fields}, separators=(",", ":")).encode() + b"\n")
+
+    engine = make_engine(settings.database_url.get_secret_value(), pool_size=8, max_overflow=0)
+    connection: aio_pika.abc.AbstractRobustConnection | None = None
+    try:
+        connection = await bus.connect(settings.amqp_url.get_secret_value(), ca_file=settings.amqp_ca_file,
+                                       name=f"failover {owner} intake")
+        topology = await bus.declare(connection)
+        # only its publish: the relay itself runs in serve
+        publisher = OutboxRelay(OutboxStore(engine, owner), topology.events, batch=1, poll_seconds=1.0,
+                                lease_seconds=settings.lease_seconds)
+
+        async def publish_first(events: Collection[OutboxEvent]) -> bool:
+            send("sending", ids=[e.id for e in events])
+            try:
+                results = await publisher.publish_events(events)
+            except BaseException:
+                send("unsent", ids=[e.id for e in events])
+                raise
+            send("sent", events=[[e.id, e.event_type] for e, r in zip(events, results, strict=True) if r is None])
+            failed = [e for e, r in zip(events, results, strict=True) if r is not None]
+            if failed:
+                why = next(r for r in results if r is not None)
+                log.info("intake: %d first event(s) not confirmed at once (%s); the relay publishes them",
+                         len(failed), type(why).__name__)
+                send("unsent", ids=[e.id for e in failed])
+            return not failed
+
+        recorder = CommandRecorder(engine, owner, settings.lease_seconds)
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await bus.declare_work_queue(channel, bus.COMMANDS_QUEUE, bus.COMMANDS_EXCHANGE,
+                                             delivery_limit=settings.delivery_limit, prefetch=settings.command_prefetch)
+        dlx = await channel.get_exchange(bus.DLX_EXCHANGE)
+        consumer = CommandConsumer(
+            queue, dlx, recorder, max_bytes=settings.max_message_bytes,
+            on_accepted=lambda job_id: send("adopt", job=job_id),
+            count=lambda t, o: send("count", type=t, outcome=o),
+            publish_first=publish_first,
+            hold=lambda job_id: send("hold", job=job_id),
+            unhold=lambda job_id: send("unhold", job=job_id))
+        await consumer.start()
+        send("ready")
+        log.info("intake process consuming commands", extra={"fields": {"owner": owner, "pid": os.getpid()}})
+        await stop.wait()
+        await asyncio.wait_for(consumer.stop(), 10.0)
+    finally:
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+        await engine.dispose()
+        writer.close()  # after the lines still buffered (the last unholds) are written
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(written.gone.wait(), 5.0)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m failover.intake OWNER (started by `failoverctl serve` when "
+              "FAILOVER_INTAKE_PROCESS=true)", file=sys.stderr)
+        return 2
+    from .cli import _loop_factory
+    from .logs import configure
+    from .settings import Settings
+
+    # the protocol gets the real stdout; anything else printed goes to stderr, with the logs
+    out = os.dup(1)
+    os.dup2(2, 1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C: serve stops us in order
+    settings = Settings()  # type: ignore[call-arg]  # (from the environment serve passes on)
+    configure(settings.log_level, settings.log_format)
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_child(settings, argv[0], out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
