@@ -112,6 +112,10 @@ def serve(roles: str) -> None:
     unknown = set(wanted) - set(ROLES)
     if unknown:
         raise click.BadParameter(f"unknown role(s) {', '.join(sorted(unknown))}; choose from {', '.join(ROLES)}")
+    if settings.intake_process and "orchestrator" in wanted and "relay" not in wanted:
+        raise click.BadParameter("FAILOVER_INTAKE_PROCESS=true needs the relay role beside the orchestrator "
+                                 "(the intake process tells the relay what it published): add relay to "
+                                 "--roles, or set FAILOVER_INTAKE_PROCESS=false")
 
     async def go() -> int:
         await run_service(settings, wanted)

@@ -251,6 +251,12 @@ async def test_bad_settings_exit_5_naming_the_variable(ctl: Ctl, amqp_url: str) 
     assert no_gc.code == 5 and "FAILOVER_GC_FULL_COLLECTION_AFTER" in no_gc.err
     usage = await ctl("cancel", "not-a-uuid")
     assert usage.code == 5 and "JOB_ID" in usage.err
+    # the intake process reports to the relay of its serve: without the relay role, refused at once
+    service = {"FAILOVER_CLOUDSTACK_URL": "http://127.0.0.1:1/client/api", "FAILOVER_CLOUDSTACK_API_KEY": "k",
+               "FAILOVER_CLOUDSTACK_SECRET_KEY": "s", "FAILOVER_ZONE": "z", "FAILOVER_TEMPLATE_ID": "t",
+               "FAILOVER_SERVICE_OFFERING_ID": "o", "FAILOVER_NETWORK_ID": "n", "FAILOVER_APPLIANCE_VM_ID": "a"}
+    no_relay = await ctl("serve", "--roles", "orchestrator,projector", FAILOVER_INTAKE_PROCESS="true", **service)
+    assert no_relay.code == 5 and "FAILOVER_INTAKE_PROCESS" in no_relay.err and "relay" in no_relay.err
 
 
 def _read_all(fd: int) -> bytes:
