@@ -8,11 +8,11 @@ At 20 requests/s on two cores that queue made request -> JobAccepted 67-100 ms a
 measured 11.7 / 37.8 ms in the same benchmark run.
 
 How: `serve` starts `python -m failover.intake OWNER` and keeps it running (restarted after a
-pause should it die). The child consumes `failover.commands`, records each command with
-`serve`'s own lease owner (consumers/commands.py, adapters/db/commands.py, exactly as in one
-process), publishes the decision's first event at once with confirms, and tells `serve`, one
-JSON line per message on its stdout, what the in-process consumer would have told the runner
-and the relay, in the same order:
+pause should it die). The child consumes `failover.commands` and records each command exactly as
+one process would (consumers/commands.py, adapters/db/commands.py), but leases the jobs it
+records to `OWNER/intake`; it publishes the decision's first event at once with confirms, and
+tells `serve`, one JSON line per message on its stdout, what the in-process consumer would have
+told the runner and the relay, in the same order:
 
     {"m": "hold", "job": ...}        a command that may create this job is being recorded
     {"m": "sending", "ids": [...]}   its first events are committed and being published now
@@ -22,12 +22,18 @@ and the relay, in the same order:
     {"m": "count", "type": ..., "outcome": ...}   the commands metric, counted by `serve`
     {"m": "ready"}                    consuming
 
-So the runner starts a job only after its first event left, and the relay skips what the child
-is publishing and marks it sent once confirmed. Should the child die, `serve` releases its holds
-and hands whatever it was publishing to the relay (at worst a duplicate, which every consumer
-drops by job_id and sequence); its unacked deliveries go back to the queue. The child stops on
-SIGTERM (taking no more, finishing the deliveries under way) or when `serve` is gone (its stdin
-closes).
+The runner takes a job from `OWNER/intake` only at `adopt`, so none starts before its first
+event left (its claims pass over jobs leased to another name). The relay skips what the child
+is publishing, and every event of a held job, and marks them sent once confirmed. A hold line
+that reaches `serve` only after a relay round has read the commit it announced (serve's loop
+stalled while the child went on) lets the relay publish that `JobAccepted` too: a duplicate,
+which every consumer drops by job_id and sequence; the order of the job's events holds (the
+relay publishes in commit order, and the job has not started). Should the child die, `serve`
+releases its holds and hands whatever it was publishing to the relay; its unacked deliveries go
+back to the queue, and a job it had recorded but not handed over is claimed once its lease
+(`FAILOVER_LEASE_SECONDS`) runs out. The child stops on SIGTERM (taking no more, finishing the
+deliveries under way) or when `serve` is gone (its stdin closes). It reads its settings from the
+environment (and `.env`), as `failoverctl serve` does.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("failover.intake")
 RESTART_PAUSE = 1.0  # seconds before a child that died is started again (doubling, up to 30)
+INTAKE_POOL = 16  # the child's database connections (a delivery holds one for two round trips)
 
 
 class IntakeProcess:
@@ -56,17 +63,21 @@ class IntakeProcess:
 
     def __init__(self, owner: str, *, hold: Callable[[str], None], unhold: Callable[[str], None],
                  adopt: Callable[[str], None], relay: Any, count: Callable[[str, str], None],
-                 argv: list[str] | None = None, stop_seconds: float = 15.0) -> None:
+                 argv: list[str] | None = None, stop_seconds: float = 15.0,
+                 restart_pause: float = RESTART_PAUSE) -> None:
         self.owner = owner
         self.hold, self.unhold, self.adopt, self.count = hold, unhold, adopt, count
         self.relay = relay  # publishers.relay.OutboxRelay
         self.argv = argv or [sys.executable, "-m", "failover.intake", owner]
         self.stop_seconds = stop_seconds
+        self.restart_pause = restart_pause
         self.ready = asyncio.Event()
         self.restarts = 0
         self._proc: asyncio.SubprocessTransport | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._stop_asked = asyncio.Event()  # ends a restart's pause at once
+        self._ever_ready = False  # once it was, a child that cannot start is tried again
         self._held: Counter[str] = Counter()  # the child's holds not yet released
         self._sending: set[int] = set()  # outbox ids the child is publishing
 
@@ -94,31 +105,40 @@ class IntakeProcess:
 
     async def _supervise(self) -> None:
         loop = asyncio.get_running_loop()
-        pause = RESTART_PAUSE
+        pause = self.restart_pause
         while not self._stopping:
             began = time.monotonic()
-            # its stdin is a pipe from here: it ends when serve does, however serve ends
-            transport, child = await loop.subprocess_exec(
-                lambda: _ChildLines(self._on), *self.argv, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=None)
-            self._proc = transport
+            code: int | None = None
             try:
-                await child.gone.wait()  # exited, and every line it wrote applied
-            finally:
-                self._released()
-            code = transport.get_returncode()
-            transport.close()
+                # its stdin is a pipe from here: it ends when serve does, however serve ends
+                transport, child = await loop.subprocess_exec(
+                    lambda: _ChildLines(self._on), *self.argv, stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE, stderr=None)
+            except OSError as exc:  # (no process: nothing to release)
+                log.error("the intake process could not be started (%s)", exc)
+            else:
+                self._proc = transport
+                if self._stopping:  # stop() came while it was being started
+                    with contextlib.suppress(ProcessLookupError):
+                        transport.send_signal(signal.SIGTERM)
+                try:
+                    await child.gone.wait()  # exited, and every line it wrote applied
+                finally:
+                    self._released()
+                code = transport.get_returncode()
+                transport.close()
             if self._stopping:
                 return
-            if not self.ready.is_set():  # never started: serve's start fails with its log
+            if not self._ever_ready:  # never started: serve's start fails, the child's log says why
                 log.error("the intake process exited with %s before it was ready", code)
                 return
-            pause = RESTART_PAUSE if time.monotonic() - began > 60 else min(pause * 2, 30.0)
+            pause = self.restart_pause if time.monotonic() - began > 60 else min(pause * 2, 30.0)
             self.restarts += 1
             self.ready.clear()
             log.error("the intake process exited with %s; commands wait in the queue until it is started "
                       "again in %.0f s", code, pause)
-            await asyncio.sleep(pause)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_asked.wait(), pause)
 
     def _on(self, line: bytes) -> None:
         try:
@@ -145,6 +165,7 @@ class IntakeProcess:
             elif kind == "count":
                 self.count(msg["type"], msg["outcome"])
             elif kind == "ready":
+                self._ever_ready = True
                 self.ready.set()
         except Exception:  # a line of ours that cannot be applied: say so, never stop reading
             log.exception("intake process: could not apply %r", line[:200])
@@ -170,9 +191,11 @@ class IntakeProcess:
             self.relay.unsent_elsewhere(list(self._sending))
             self._sending.clear()
 
-    async def stop(self) -> None:
-        """SIGTERM the child and wait for it to finish the deliveries under way (bounded)."""
+    async def stop(self, seconds: float | None = None) -> None:
+        """SIGTERM the child and wait for it to finish the deliveries under way (at most
+        `seconds`, by default `stop_seconds`; then it is killed)."""
         self._stopping = True
+        self._stop_asked.set()
         proc = self._proc
         if proc is not None and proc.get_returncode() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -180,9 +203,10 @@ class IntakeProcess:
         if self._task is None:
             return
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), self.stop_seconds)
+            await asyncio.wait_for(asyncio.shield(self._task), seconds if seconds is not None else self.stop_seconds)
         except TimeoutError:
-            log.warning("the intake process did not stop within %.0f s; killed", self.stop_seconds)
+            proc = self._proc  # (the current child: one may have been started meanwhile)
+            log.warning("the intake process did not stop in time; killed")
             if proc is not None and proc.get_returncode() is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
@@ -191,10 +215,9 @@ class IntakeProcess:
 
 
 class _ChildLines(asyncio.SubprocessProtocol):
-    """The child's stdout, applied line by line as it arrives: in the event loop's I/O phase,
-    before any task resumes. So a hold the child wrote before committing is always applied
-    before the relay looks at what that commit wrote (the relay's read can only be answered
-    after the commit, hence after the line was in the pipe)."""
+    """The child's stdout, applied line by line as it arrives (no task of its own in between:
+    a hold the child wrote before committing is applied as soon as the loop sees the pipe
+    readable, which is no later than it sees the answer of any read made after that commit)."""
 
     def __init__(self, on_line: Callable[[bytes], None]) -> None:
         self.on_line = on_line
@@ -234,6 +257,7 @@ async def _child(settings: Settings, owner: str, out: int) -> None:
     from adapters.db.commands import CommandRecorder
     from adapters.db.engine import make_engine
     from adapters.db.outbox import OutboxEvent, OutboxStore
+    from adapters.db.store import intake_owner
     from consumers.commands import CommandConsumer
     from publishers.relay import OutboxRelay
 
@@ -245,9 +269,11 @@ async def _child(settings: Settings, owner: str, out: int) -> None:
     writer, written = await loop.connect_write_pipe(_Pipe, os.fdopen(out, "wb"))
 
     def send(kind: str, **fields: Any) -> None:
+        if writer.is_closing():  # exiting: serve releases whatever is still held
+            return
         writer.write(json.dumps({"m": kind, **fields}, separators=(",", ":")).encode() + b"\n")
 
-    engine = make_engine(settings.database_url.get_secret_value(), pool_size=8, max_overflow=0)
+    engine = make_engine(settings.database_url.get_secret_value(), pool_size=INTAKE_POOL, max_overflow=0)
     connection: aio_pika.abc.AbstractRobustConnection | None = None
     try:
         connection = await bus.connect(settings.amqp_url.get_secret_value(), ca_file=settings.amqp_ca_file,
@@ -273,7 +299,10 @@ async def _child(settings: Settings, owner: str, out: int) -> None:
                 send("unsent", ids=[e.id for e in failed])
             return not failed
 
-        recorder = CommandRecorder(engine, owner, settings.lease_seconds)
+        # jobs recorded here are leased to the intake's own name until serve takes them (at
+        # `adopt`), so serve's claims never start one before its first event is out, whenever
+        # the hold line arrives
+        recorder = CommandRecorder(engine, intake_owner(owner), settings.lease_seconds)
         channel = await connection.channel(publisher_confirms=True)
         queue = await bus.declare_work_queue(channel, bus.COMMANDS_QUEUE, bus.COMMANDS_EXCHANGE,
                                              delivery_limit=settings.delivery_limit, prefetch=settings.command_prefetch)
@@ -289,7 +318,10 @@ async def _child(settings: Settings, owner: str, out: int) -> None:
         send("ready")
         log.info("intake process consuming commands", extra={"fields": {"owner": owner, "pid": os.getpid()}})
         await stop.wait()
-        await asyncio.wait_for(consumer.stop(), 10.0)
+        try:
+            await asyncio.wait_for(consumer.stop(), 10.0)
+        except TimeoutError:  # the deliveries still under way are unacked: the broker redelivers them
+            log.warning("intake process: deliveries still being recorded after 10 s; stopping anyway")
     finally:
         if connection is not None:
             with contextlib.suppress(Exception):

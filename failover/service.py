@@ -246,7 +246,6 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
             runner.on_state = m.move_job_state
             runner_ref.append(runner)
             svc.runner = runner
-            tasks.append(asyncio.create_task(runner.run(), name="runner"))  # not job-*: see logs.py
             if settings.intake_process:
                 if relay is None:
                     raise RuntimeError("FAILOVER_INTAKE_PROCESS=true needs the relay role in the same serve "
@@ -269,6 +268,8 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
                                            publish_first=relay.publish_now if relay is not None else None,
                                            hold=runner.hold, unhold=runner.unhold)
                 await consumer.start()
+            # (last: a start that fails above leaves no job claimed and leased by this process)
+            tasks.append(asyncio.create_task(runner.run(), name="runner"))  # not job-*: see logs.py
             tasks.append(asyncio.create_task(_gauges(runner, OutboxStore(engine, svc.owner)), name="gauges"))
 
         if install_signals:
@@ -301,7 +302,7 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
         if consumer is not None:
             await _bounded(consumer.stop(), 10.0, "stopping the command consumer")
         if svc.intake is not None:  # its last lines (holds, what it published) are applied first
-            await svc.intake.stop()
+            await svc.intake.stop(min(15.0, left(1.0)))
         if svc.runner is not None:
             await svc.runner.drain(left(1.0))
         if projector is not None:

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from . import raw
@@ -132,7 +133,7 @@ def from_db_time(value: datetime | None) -> float | None:
 
 def is_connection_error(exc: BaseException) -> bool:
     """True when the database is unreachable (worth waiting for), not a logic error."""
-    if isinstance(exc, OperationalError):
+    if isinstance(exc, (OperationalError, PoolTimeout)):  # (no connection free in the pool: too slow to answer)
         return True
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True

@@ -123,6 +123,12 @@ _parent_updates: dict[tuple[str, ...], Update] = {}
 _OWNED_ROWS: dict[int, Select[Any]] = {}
 
 
+def intake_owner(owner: str) -> str:
+    """The lease owner of the jobs `owner`'s intake process (failover/intake.py) recorded and
+    `owner` has not yet taken: none of `owner`'s claims starts them before that."""
+    return f"{owner[:184]}/intake"  # (lease_owner holds 191 characters)
+
+
 def _owned_rows(count: int) -> Select[Any]:
     """The unended rows of `count` jobs (bound as id_<i>) that `owner` holds."""
     stmt = _OWNED_ROWS.get(count)
@@ -529,7 +535,8 @@ class JobStore:
 
         async def take_them() -> list[Any]:
             async with raw.transaction(self.engine) as tx:
-                await tx.execute(self._take_statement(len(asked), lease_seconds), {"owner": self.owner, **ids})
+                await tx.execute(self._take_statement(len(asked), lease_seconds),
+                                 {"owner": self.owner, "intake_owner": intake_owner(self.owner), **ids})
                 return await tx.fetch(_owned_rows(len(asked)), {"owner": self.owner, **ids})
 
         return [row_to_job(r) for r in await _again(take_them)]
@@ -543,7 +550,8 @@ class JobStore:
                 update(failover_jobs)
                 .where(failover_jobs.c.job_id.in_([bindparam(f"id_{i}") for i in range(count)]),
                        _UNENDED,
-                       or_(failover_jobs.c.lease_owner == owner, failover_jobs.c.lease_owner.is_(None), free))
+                       or_(failover_jobs.c.lease_owner.in_([owner, bindparam("intake_owner")]),
+                           failover_jobs.c.lease_owner.is_(None), free))
                 .values(lease_owner=owner, lease_expires_at=self._expiry(lease_seconds)))
         return stmt
 
@@ -590,10 +598,11 @@ class JobStore:
                         lease_expires_at=self._expiry(delay_seconds) if delay_seconds > 0 else None))
 
     async def release_all(self) -> int:
-        """Hand every unended job of this process back (SIGTERM): another may take it at once."""
+        """Hand every unended job of this process back (SIGTERM), and those its intake process
+        recorded but did not hand over (it has stopped by then): another may take them at once."""
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 update(failover_jobs)
-                .where(failover_jobs.c.lease_owner == self.owner, _UNENDED)
+                .where(failover_jobs.c.lease_owner.in_([self.owner, intake_owner(self.owner)]), _UNENDED)
                 .values(lease_owner=None, lease_expires_at=None))
         return int(result.rowcount)

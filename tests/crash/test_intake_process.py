@@ -59,10 +59,10 @@ def _intake_pid(serve_pid: int) -> int | None:
     return None
 
 
-async def _cell(name: str, database_url: str, amqp_url: str, tmp: Path) -> Cell:
+async def _cell(name: str, database_url: str, amqp_url: str, tmp: Path, **env: str) -> Cell:
     vhost = await asyncio.to_thread(derived_vhost, amqp_url, name)
     return await Cell(name=name, db_url=derived_database(database_url, name), amqp_url=vhost, tmp=tmp,
-                      env_extra={"FAILOVER_INTAKE_PROCESS": "true"}).open()
+                      env_extra={"FAILOVER_INTAKE_PROCESS": "true", **env}).open()
 
 
 async def _serving(cell: Cell, jobs: int) -> tuple[ServeProcess, int, list[Any], list[str]]:
@@ -101,7 +101,9 @@ def _problems(cell: Cell, vms: list[Any], ids: list[str], *, once: bool) -> list
 @pytest.mark.slow
 async def test_intake_process_answers_and_hands_jobs_over(database_url: str, amqp_url: str,
                                                           tmp_path: Path) -> None:
-    cell = await _cell("intake", database_url, amqp_url, tmp_path)
+    # a long lease: a job serve could only claim once the intake's lease on it ran out would
+    # start 30 s late (it must be handed over at once)
+    cell = await _cell("intake", database_url, amqp_url, tmp_path, FAILOVER_LEASE_SECONDS="30")
     try:
         assert cell.control and cell.emu and cell.log and cell.db and cell.bus
         serve, intake, vms, ids = await _serving(cell, 12)
@@ -116,6 +118,11 @@ async def test_intake_process_answers_and_hands_jobs_over(database_url: str, amq
         assert rejected.event.reason == "not_found"
 
         problems = _problems(cell, vms, ids, once=True)
+        for job_id in ids:
+            accepted, started = cell.log.has(job_id, "JobAccepted"), cell.log.has(job_id, "StepStarted")
+            if accepted and started and started.arrived - accepted.arrived > 15:
+                problems.append(f"job {job_id} started {started.arrived - accepted.arrived:.1f} s after its "
+                                "JobAccepted: not handed over by the intake, claimed when its lease ran out")
         await wait_until(lambda: _zero(outbox_unsent(cell.db)), 20, "the outbox to be marked sent")  # type: ignore[arg-type]
         rows = await job_rows(cell.db, ids)
         problems += [f"job {j}: {rows[j].status}, leased by {rows[j].lease_owner}" for j in ids

@@ -1,0 +1,137 @@
+"""serve's side of the intake process (failover/intake.py), with stand-in children: real
+processes and pipes, speaking the intake's line protocol, that start, die or fail on cue.
+
+The full path (a real child, the broker, the database) is tests/crash/test_intake_process.py."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.pool import QueuePool
+
+from adapters.db.engine import is_connection_error
+from failover.intake import IntakeProcess, _ChildLines
+
+from .helpers import wait_until
+
+# a stand-in child: the nth start (counted in the file argv[1]) follows argv[2], one letter per
+# start: "r" says ready and stays until its stdin closes or SIGTERM, "d" says ready and dies,
+# "f" fails before it is ready
+CHILD = """
+import pathlib, sys
+counter = pathlib.Path(sys.argv[1])
+n = int(counter.read_text()) if counter.exists() else 0
+counter.write_text(str(n + 1))
+plan = sys.argv[2][min(n, len(sys.argv[2]) - 1)]
+if plan == "f":
+    sys.exit(3)
+sys.stdout.write('{"m":"hold","job":"j1"}\\n{"m":"sending","ids":[7]}\\n{"m":"ready"}\\n')
+sys.stdout.flush()
+if plan == "d":
+    sys.exit(1)
+sys.stdin.read()
+"""
+
+
+class Relay:
+    """What the supervisor hands to the relay, kept to read back (the relay's own behaviour is
+    tests/test_relay.py's)."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, int] = {}
+        self.sending: set[int] = set()
+
+    def hold_elsewhere(self, job_id: str) -> None:
+        self.held[job_id] = self.held.get(job_id, 0) + 1
+
+    def release_elsewhere(self, job_id: str) -> None:
+        self.held[job_id] -= 1
+
+    def sending_elsewhere(self, ids: list[int]) -> None:
+        self.sending.update(ids)
+
+    def sent_elsewhere(self, events: list[tuple[int, str]]) -> None:
+        self.sending.difference_update(i for i, _ in events)
+
+    def unsent_elsewhere(self, ids: list[int]) -> None:
+        self.sending.difference_update(ids)
+
+
+def _intake(tmp_path: Path, plan: str, relay: Relay, pause: float = 0.05) -> IntakeProcess:
+    return IntakeProcess("owner", hold=lambda j: None, unhold=lambda j: None, adopt=lambda j: None,
+                         relay=relay, count=lambda t, o: None, restart_pause=pause,
+                         argv=[sys.executable, "-c", CHILD, str(tmp_path / "starts"), plan])
+
+
+def _starts(tmp_path: Path) -> int:
+    return int((tmp_path / "starts").read_text())
+
+
+async def test_a_child_that_fails_to_start_again_is_retried_until_one_runs(tmp_path: Path) -> None:
+    relay = Relay()
+    intake = _intake(tmp_path, "dffr", relay)
+    await intake.start(timeout=10)
+    try:
+        # the first dies, the next two fail before they are ready (a broker that is down), the
+        # fourth runs: a restart that fails is no reason to give up
+        await wait_until(lambda: _ran(intake, tmp_path, 4), 30, "the fourth child to be ready", interval=0.05)
+        assert intake.restarts == 3
+        # each dead child's hold and unconfirmed publish were handed back; the live one's stand
+        assert relay.held == {"j1": 1} and relay.sending == {7}
+    finally:
+        await intake.stop(5)
+    assert not intake.alive and relay.held == {"j1": 0} and relay.sending == set()
+
+
+async def test_a_first_child_that_cannot_start_fails_serves_start(tmp_path: Path) -> None:
+    intake = _intake(tmp_path, "f", Relay())
+    with pytest.raises(RuntimeError, match="FAILOVER_INTAKE_PROCESS=false"):
+        await intake.start(timeout=10)
+    assert _starts(tmp_path) == 1  # not tried again: the settings or the servers are wrong
+
+
+async def test_stop_ends_a_restart_pause_at_once(tmp_path: Path) -> None:
+    intake = _intake(tmp_path, "dr", Relay(), pause=1.0)
+    await intake.start(timeout=10)
+    await wait_until(lambda: _pausing(intake), 10, "the first child's death", interval=0.01)
+    began = time.monotonic()
+    await intake.stop(10)
+    assert time.monotonic() - began < 1.0  # the pause before the next start is 2 s
+    assert _starts(tmp_path) == 1
+
+
+def test_lines_split_across_reads_are_applied_whole() -> None:
+    got: list[bytes] = []
+    lines = _ChildLines(got.append)
+    for chunk in (b'{"m":"ho', b'ld","job":"a"}\n{"m":"ready"}\n{"m"', b':"adopt","job":"a"}\n'):
+        lines.pipe_data_received(1, chunk)
+    lines.pipe_data_received(2, b"not ours\n")  # (stderr is not read as lines)
+    assert got == [b'{"m":"hold","job":"a"}', b'{"m":"ready"}', b'{"m":"adopt","job":"a"}']
+
+
+def test_a_full_pool_is_waited_out_like_an_unreachable_database(tmp_path: Path) -> None:
+    """(SQLAlchemy's own pool on a throwaway SQLite file: what is tested is how its timeout is
+    classified, by adapters/db/engine.py, for the recorder's and the projector's retries)"""
+    engine = create_engine(f"sqlite:///{tmp_path / 'pool.db'}", poolclass=QueuePool, pool_size=1, max_overflow=0,
+                           pool_timeout=0.01)
+    held = engine.connect()
+    try:
+        with pytest.raises(PoolTimeout) as caught:
+            engine.connect()
+        assert is_connection_error(caught.value)
+    finally:
+        held.close()
+        engine.dispose()
+
+
+async def _ran(intake: IntakeProcess, tmp_path: Path, starts: int) -> bool:
+    return intake.alive and (tmp_path / "starts").exists() and _starts(tmp_path) == starts
+
+
+async def _pausing(intake: IntakeProcess) -> bool:
+    return intake.restarts == 1 and not intake.alive
