@@ -64,13 +64,14 @@ class IntakeProcess:
     def __init__(self, owner: str, *, hold: Callable[[str], None], unhold: Callable[[str], None],
                  adopt: Callable[[str], None], relay: Any, count: Callable[[str, str], None],
                  argv: list[str] | None = None, stop_seconds: float = 15.0,
-                 restart_pause: float = RESTART_PAUSE) -> None:
+                 restart_pause: float = RESTART_PAUSE, restarted: Callable[[], None] = lambda: None) -> None:
         self.owner = owner
         self.hold, self.unhold, self.adopt, self.count = hold, unhold, adopt, count
         self.relay = relay  # publishers.relay.OutboxRelay
         self.argv = argv or [sys.executable, "-m", "failover.intake", owner]
         self.stop_seconds = stop_seconds
         self.restart_pause = restart_pause
+        self.restarted = restarted  # (failover_intake_process_restarts_total)
         self.ready = asyncio.Event()
         self.restarts = 0
         self._proc: asyncio.SubprocessTransport | None = None
@@ -134,6 +135,7 @@ class IntakeProcess:
                 return
             pause = self.restart_pause if time.monotonic() - began > 60 else min(pause * 2, 30.0)
             self.restarts += 1
+            self.restarted()
             self.ready.clear()
             log.error("the intake process exited with %s; commands wait in the queue until it is started "
                       "again in %.0f s", code, pause)

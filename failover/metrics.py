@@ -43,6 +43,7 @@ __all__ = [
     "EVENT_TYPES",
     "GC_PAUSE",
     "HISTOGRAM_METRIC_NAMES",
+    "INTAKE_RESTARTS",
     "JOBS_ENDED",
     "JOBS_IN_PROGRESS",
     "JOBS_STARTED",
@@ -175,6 +176,11 @@ ROLLBACKS: Final = Counter(
 
 # --- the bus ----------------------------------------------------------------------------------
 
+INTAKE_RESTARTS: Final = Counter(
+    "failover_intake_process_restarts_total",
+    "Times serve started its intake process (FAILOVER_INTAKE_PROCESS) again after it died; "
+    "commands wait in the queue until it runs.",
+)
 COMMANDS: Final = Counter(
     "failover_commands_total",
     "Command deliveries handled, by command type (or unknown) and outcome.",
@@ -283,6 +289,7 @@ ALL_METRIC_NAMES: Final[frozenset[str]] = frozenset(
         "failover_adapter_call_duration_seconds",
         "failover_rollbacks_total",
         "failover_commands_total",
+        "failover_intake_process_restarts_total",
         "failover_events_published_total",
         "failover_outbox_backlog",
         "failover_outbox_oldest_unsent_age_seconds",

@@ -251,7 +251,8 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
                     raise RuntimeError("FAILOVER_INTAKE_PROCESS=true needs the relay role in the same serve "
                                        "(--roles orchestrator,relay,...): it tells the relay what it published")
                 intake = IntakeProcess(svc.owner, hold=runner.hold, unhold=runner.unhold, adopt=runner.adopt,
-                                       relay=relay, count=lambda t, o: m.COMMANDS.labels(type=t, outcome=o).inc())
+                                       relay=relay, count=lambda t, o: m.COMMANDS.labels(type=t, outcome=o).inc(),
+                                       restarted=m.INTAKE_RESTARTS.inc)
                 svc.intake = intake
                 await intake.start()
             else:

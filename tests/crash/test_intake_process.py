@@ -168,6 +168,7 @@ async def test_intake_process_killed_is_started_again(database_url: str, amqp_ur
                      if rows[j].status != "completed" or rows[j].lease_owner is not None]
         assert not problems, "\n".join(problems[:40])
         assert "the intake process exited" in serve.log_tail(400)
+        assert await metric(serve, "failover_intake_process_restarts_total") == 1
         # serve killed outright: its intake process sees its stdin close and stops too
         second = _intake_pid(serve.proc.pid)  # type: ignore[union-attr]
         assert second is not None

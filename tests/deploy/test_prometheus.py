@@ -21,6 +21,7 @@ ALERTS_TEST = PROMETHEUS_DIR / "alerts_test.yml"
 
 # The situations an operator must hear about, and the alert that says so.
 REQUIRED_ALERTS = {
+    "FailoverIntakeProcessRestarting",
     "FailoverServiceDown",
     "FailoverInstanceDown",
     "FailoverJobStuck",
@@ -85,6 +86,7 @@ def test_every_required_alert_exists_with_guidance() -> None:
         ("FailoverServiceDown", 'up{job="failover"}'),
         ("FailoverCommandsDeadLettered", 'outcome="dead_lettered"'),
         ("FailoverAdapterErrorRateHigh", 'failover_adapter_calls_total{outcome="error"}'),
+        ("FailoverIntakeProcessRestarting", "failover_intake_process_restarts_total"),
     ],
 )
 def test_alert_watches_the_right_series(alert: str, needle: str) -> None:
