@@ -104,7 +104,7 @@ def main() -> None:
 def serve(roles: str) -> None:
     """Run the orchestrator, the outbox relay and the projectors until SIGTERM."""
     from .logs import configure
-    from .service import ROLES, run_service
+    from .service import ROLES, roles_problem, run_service
 
     settings = _settings(Settings)
     configure(settings.log_level, settings.log_format)
@@ -112,10 +112,8 @@ def serve(roles: str) -> None:
     unknown = set(wanted) - set(ROLES)
     if unknown:
         raise click.BadParameter(f"unknown role(s) {', '.join(sorted(unknown))}; choose from {', '.join(ROLES)}")
-    if settings.intake_process and "orchestrator" in wanted and "relay" not in wanted:
-        raise click.BadParameter("FAILOVER_INTAKE_PROCESS=true needs the relay role beside the orchestrator "
-                                 "(the intake process tells the relay what it published): add relay to "
-                                 "--roles, or set FAILOVER_INTAKE_PROCESS=false")
+    if (problem := roles_problem(settings, wanted)) is not None:
+        raise click.BadParameter(problem)
 
     async def go() -> int:
         await run_service(settings, wanted)

@@ -46,7 +46,6 @@ import os
 import signal
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
@@ -79,7 +78,6 @@ class IntakeProcess:
         self._stopping = False
         self._stop_asked = asyncio.Event()  # ends a restart's pause at once
         self._ever_ready = False  # once it was, a child that cannot start is tried again
-        self._held: Counter[str] = Counter()  # the child's holds not yet released
         self._sending: set[int] = set()  # outbox ids the child is publishing
 
     @property
@@ -146,12 +144,12 @@ class IntakeProcess:
         try:
             msg = json.loads(line)
             kind = msg["m"]
-            if kind == "hold":
-                self._held[msg["job"]] += 1
+            if kind == "hold":  # (the relay keeps the count: release_all_elsewhere)
                 self.hold(msg["job"])
                 self.relay.hold_elsewhere(msg["job"])
             elif kind == "unhold":
-                self._release(msg["job"])
+                self.unhold(msg["job"])
+                self.relay.release_elsewhere(msg["job"])
             elif kind == "adopt":
                 self.adopt(msg["job"])
             elif kind == "sending":
@@ -172,23 +170,12 @@ class IntakeProcess:
         except Exception:  # a line of ours that cannot be applied: say so, never stop reading
             log.exception("intake process: could not apply %r", line[:200])
 
-    def _release(self, job_id: str) -> None:
-        left = self._held[job_id] - 1
-        if left > 0:
-            self._held[job_id] = left
-        else:
-            self._held.pop(job_id, None)
-        self.unhold(job_id)
-        self.relay.release_elsewhere(job_id)
-
     def _released(self) -> None:
         """The child is gone: its holds end (a recorded job is then claimed and resumed here)
         and what it was publishing is the relay's."""
-        for job_id, n in list(self._held.items()):
+        for job_id, n in self.relay.release_all_elsewhere().items():
             for _ in range(n):
                 self.unhold(job_id)
-                self.relay.release_elsewhere(job_id)
-        self._held.clear()
         if self._sending:
             self.relay.unsent_elsewhere(list(self._sending))
             self._sending.clear()

@@ -50,6 +50,16 @@ log = logging.getLogger("failover.service")
 ROLES = ("orchestrator", "relay", "projector")
 
 
+def roles_problem(settings: Settings, roles: Iterable[str]) -> str | None:
+    """Why these settings cannot run with these roles (None: they can)."""
+    roles = tuple(roles)
+    if settings.intake_process and "orchestrator" in roles and "relay" not in roles:
+        return ("FAILOVER_INTAKE_PROCESS=true needs the relay role beside the orchestrator (the intake "
+                "process tells the relay what it published): add relay to --roles, or set "
+                "FAILOVER_INTAKE_PROCESS=false")
+    return None
+
+
 def owner_id(settings: Settings) -> str:
     return settings.process_name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -127,6 +137,8 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
                       install_signals: bool = True) -> Service:
     """Run until SIGTERM/SIGINT (or `service.stop` is set), then drain and return."""
     roles = tuple(roles)
+    if (problem := roles_problem(settings, roles)) is not None:
+        raise ValueError(problem)
     noise = logging.getLogger("transitions.extensions.asyncio")
     if not any(isinstance(f, _CancelledStepNoise) for f in noise.filters):
         noise.addFilter(_CancelledStepNoise())
@@ -246,10 +258,7 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
             runner.on_state = m.move_job_state
             runner_ref.append(runner)
             svc.runner = runner
-            if settings.intake_process:
-                if relay is None:
-                    raise RuntimeError("FAILOVER_INTAKE_PROCESS=true needs the relay role in the same serve "
-                                       "(--roles orchestrator,relay,...): it tells the relay what it published")
+            if relay is not None and settings.intake_process:  # (with the relay: roles_problem)
                 intake = IntakeProcess(svc.owner, hold=runner.hold, unhold=runner.unhold, adopt=runner.adopt,
                                        relay=relay, count=lambda t, o: m.COMMANDS.labels(type=t, outcome=o).inc(),
                                        restarted=m.INTAKE_RESTARTS.inc)

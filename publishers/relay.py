@@ -155,6 +155,13 @@ class OutboxRelay:
             self._held_elsewhere.pop(job_id, None)
             self.wake()  # what was not confirmed over there goes now
 
+    def release_all_elsewhere(self) -> Counter[str]:
+        """The intake process is gone: every hold ends (returned, to end them in the runner too)."""
+        held, self._held_elsewhere = self._held_elsewhere, Counter()
+        if held:
+            self.wake()
+        return held
+
     def sent_elsewhere(self, events: Collection[tuple[int, str]]) -> None:
         """(outbox id, event type) confirmed by the broker: marked sent with the next round."""
         for event_id, event_type in events:

@@ -58,6 +58,10 @@ class Relay:
     def sent_elsewhere(self, events: list[tuple[int, str]]) -> None:
         self.sending.difference_update(i for i, _ in events)
 
+    def release_all_elsewhere(self) -> dict[str, int]:
+        held, self.held = self.held, {j: 0 for j in self.held}
+        return held
+
     def unsent_elsewhere(self, ids: list[int]) -> None:
         self.sending.difference_update(ids)
 

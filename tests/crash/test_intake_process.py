@@ -11,7 +11,6 @@ is killed, the child stops by itself.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import uuid
@@ -29,14 +28,13 @@ from ..helpers import ServeProcess, metric, wait_until
 from .support import (
     Cell,
     derived_database,
-    derived_vhost,
     exactly_once_problems,
     job_rows,
     outbox_unsent,
     shape,
     stream_problems,
 )
-from .test_side_by_side import linux_failover_shape
+from .test_side_by_side import linux_failover_shape, open_cell
 
 
 def _children(pid: int) -> list[int]:
@@ -60,9 +58,8 @@ def _intake_pid(serve_pid: int) -> int | None:
 
 
 async def _cell(name: str, database_url: str, amqp_url: str, tmp: Path, **env: str) -> Cell:
-    vhost = await asyncio.to_thread(derived_vhost, amqp_url, name)
-    return await Cell(name=name, db_url=derived_database(database_url, name), amqp_url=vhost, tmp=tmp,
-                      env_extra={"FAILOVER_INTAKE_PROCESS": "true", **env}).open()
+    return await open_cell(name, derived_database(database_url, name), amqp_url, tmp,
+                           **{"FAILOVER_INTAKE_PROCESS": "true", **env})
 
 
 async def _serving(cell: Cell, jobs: int) -> tuple[ServeProcess, int, list[Any], list[str]]:
