@@ -169,6 +169,17 @@ def _history_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
 def _slow_baseline_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     s, b, m = out["slow"], out.get("slow_one_poll_per_wait"), out.get("slow_multi")
     rows: list[tuple[str, str, str, str, str]] = []
+    if s.get("job_run_s"):
+        rows.append(("   the wall in two parts: first request -> the last job's first step; each job's own run "
+                     "p50 / max", f"{_f(s['start_after_first_request_s']['max'], ' s')}; "
+                     f"{_f(s['job_run_s']['p50'])} / {_f(s['job_run_s']['max'], ' s')}", "-", "",
+                     "the ramp, then the waits and the turns behind other jobs"))
+    f = out.get("slow_floor")
+    if f:
+        rows.append((f"   the same with {f['jobs']} jobs at once: wall / critical path",
+                     f"{_f(f['wall_seconds'], ' s')} / {_f(f['wall_over_critical_path'])}", "-", "",
+                     f"the waits' own cost: poll rounds every {_f(out['settings'].get('poll_interval'), ' s')}, "
+                     "the steps' calls"))
     si = out.get("slow_intake")
     if si:
         rows.append(("   with the intake process (FAILOVER_INTAKE_PROCESS): wall / critical path",
@@ -333,6 +344,8 @@ def markdown(out: dict[str, Any]) -> str:
         if out.get(key):
             phases.append((f"{name}, {out[key]['processes']} serve processes", out[key]))
     phases.append(("slow", out["slow"]))
+    if out.get("slow_floor"):
+        phases.append((f"slow, {out['slow_floor']['jobs']} jobs", out["slow_floor"]))
     if out.get("slow_intake"):
         phases.append(("slow, intake process", out["slow_intake"]))
     if out.get("slow_multi"):

@@ -65,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "taken in a process of serve's own)")
     p.add_argument("--no-celery", action="store_true")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy run of the throughput burst")
+    p.add_argument("--slow-floor-jobs", type=int, default=None,
+                   help="the slow phase once more with this many jobs (default 100; quick 50; 0 skips it): "
+                        "its wall / critical path is the waits' own cost (poll rounds, the steps' calls) "
+                        "with hardly any jobs in each other's way")
     p.add_argument("--profile-slow", action="store_true",
                    help="also run the slow phase once more with serve under py-spy (profile-slow.md, .svg)")
     p.add_argument("--profile-jobs", type=int, default=None,
@@ -87,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     q = a.quick
     a.jobs = a.jobs or (100 if q else 500)
     a.slow_jobs = a.slow_jobs or (200 if q else 1000)
+    a.slow_floor_jobs = (50 if q else 100) if a.slow_floor_jobs is None else a.slow_floor_jobs
     a.paced_seconds = a.paced_seconds or (10.0 if q else 30.0)
     a.celery_throughput_pools = a.celery_throughput_pools or ("prefork:8" if q else "prefork:8,threads:32")
     a.profile_jobs = a.profile_jobs or min(a.jobs, 100 if q else 200)
@@ -189,6 +194,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                                     out["probe"]["async_waits"], results / "serve-slow.log")
             log(f"  wall {out['slow']['wall_seconds']} s = {out['slow']['wall_over_critical_path']}x critical path; "
                 f"{out['slow']['rss_per_job_kb']} kB/job")
+            if args.slow_floor_jobs:  # the same with few jobs: what the waits cost without a crowd
+                log(f"slow, few jobs: {args.slow_floor_jobs} jobs, {args.latency:g} s per async job/operation")
+                out["slow_floor"] = await service_phases.slow(
+                    bench, args.slow_floor_jobs, args.latency, out["probe"]["async_waits"], results / "serve-slow-floor.log")
+                log(f"  wall {out['slow_floor']['wall_seconds']} s = "
+                    f"{out['slow_floor']['wall_over_critical_path']}x critical path")
             if not args.no_intake_process:
                 log(f"slow, intake process: {args.slow_jobs} jobs, {args.latency:g} s per async job/operation")
                 out["slow_intake"] = await service_phases.slow(

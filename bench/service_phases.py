@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from emulators.client import EmulatorControl
 
 from . import sqlcount
-from .client import Client, require_all_completed, seed_vms, summarize
+from .client import Client, Timings, require_all_completed, seed_vms, summarize
 from .infra import (
     SERVICE_USER,
     CpuMeter,
@@ -418,7 +418,29 @@ async def slow(bench: Bench, count: int, latency: float, critical_waits: int, lo
         "cpu": cpu,
         "outbox_commit_to_published_ms": await publish_lag(bench.engine, list(timings.published)),
         "started_per_20s": await _starts(bench.engine, list(timings.published)),
+        **await _ramp_and_runs(bench.engine, list(timings.published), timings),
     }
+
+
+async def _ramp_and_runs(engine: AsyncEngine, job_ids: list[str], timings: Timings) -> dict[str, Any]:
+    """The slow phase's wall in two parts: the ramp (from the first request until the last job
+    began its first step: taking the commands and the first steps of the jobs before it) and
+    each job's own run (its first step's start to its end, in the database's clock: the waits,
+    what the service does between them, and the turns it waits behind other jobs)."""
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text(
+            "SELECT TIMESTAMPDIFF(MICROSECOND, (SELECT MIN(created_at) FROM failover_jobs WHERE job_id IN :ids), "
+            "started_at) / 1e6, TIMESTAMPDIFF(MICROSECOND, started_at, completed_at) / 1e6 FROM failover_jobs "
+            "WHERE job_id IN :ids AND started_at IS NOT NULL AND completed_at IS NOT NULL").bindparams(
+            bindparam("ids", expanding=True)), {"ids": job_ids})).all()
+    starts, runs = [float(r[0]) for r in rows], [float(r[1]) for r in rows]
+    accepted = timings.latencies("JobAccepted")
+
+    def pair(values: list[float]) -> dict[str, float | None]:
+        return {"p50": round(quantile(values, 0.5) or 0, 2), "max": round(max(values), 2) if values else None}
+
+    return {"request_to_accepted_s": pair(accepted), "start_after_first_request_s": pair(starts),
+            "job_run_s": pair(runs)}
 
 
 async def _starts(engine: AsyncEngine, job_ids: list[str]) -> dict[int, int]:
