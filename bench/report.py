@@ -75,6 +75,7 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         ("   wall time of the burst", _f(t["wall_seconds"], " s"), _f(best_t.get("wall_seconds"), " s"), "", ""),
         ("   CPU per job (serve process / Celery worker)", _f(t["serve_cpu_ms_per_job"], " ms"),
          _f(best_t.get("worker_cpu_ms_per_job"), " ms"), "", "serve is one Python process"),
+        *_gc_rows(t),
         ("   machine CPU per job outside serve / the Celery worker (emulators + RabbitMQ + MariaDB)",
          _f(d.get("cpu_outside_serve_ms_per_job"), " ms"), _f(d.get("celery_cpu_outside_worker_ms_per_job"), " ms"),
          "", "the same burst"),
@@ -137,6 +138,17 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         *_multi_paced_rows(out),
         *_history_rows(out),
     ]
+
+
+def _gc_rows(t: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    gc = t.get("serve_gc_per_job")
+    if not gc:
+        return []
+    gens = sorted(gc)
+    return [(f"   of it, serve's garbage collections per job (generation {' / '.join(gens)}): count; ms",
+             f"{' / '.join(_f(gc[g]['collections_per_job']) for g in gens)}; "
+             f"{' / '.join(_f(gc[g]['ms_per_job']) for g in gens)} ms", "-", "",
+             "timed by the service (failover_gc_pause_seconds)")]
 
 
 def _history_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:

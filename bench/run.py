@@ -69,6 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the slow phase once more with this many jobs (default 100; quick 50; 0 skips it): "
                         "its wall / critical path is the waits' own cost (poll rounds, the steps' calls) "
                         "with hardly any jobs in each other's way")
+    p.add_argument("--serve-setting", action="append", default=[], metavar="FAILOVER_X=VALUE",
+                   help="a setting for every serve process of the run (repeatable), e.g. "
+                        "FAILOVER_GC_YOUNG_COLLECTION_AFTER=700 to measure a default against another value; "
+                        "a phase's own settings (the intake process, the poll interval) still apply")
     p.add_argument("--profile-slow", action="store_true",
                    help="also run the slow phase once more with serve under py-spy (profile-slow.md, .svg)")
     p.add_argument("--profile-jobs", type=int, default=None,
@@ -92,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.jobs = a.jobs or (100 if q else 500)
     a.slow_jobs = a.slow_jobs or (200 if q else 1000)
     a.slow_floor_jobs = (50 if q else 100) if a.slow_floor_jobs is None else a.slow_floor_jobs
+    for one in a.serve_setting:
+        name, sep, _ = one.partition("=")
+        if not sep or not name.startswith("FAILOVER_"):
+            p.error(f"--serve-setting {one!r}: give it as FAILOVER_NAME=VALUE")
     a.paced_seconds = a.paced_seconds or (10.0 if q else 30.0)
     a.celery_throughput_pools = a.celery_throughput_pools or ("prefork:8" if q else "prefork:8,threads:32")
     a.profile_jobs = a.profile_jobs or min(a.jobs, 100 if q else 200)

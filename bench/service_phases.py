@@ -72,7 +72,8 @@ class Bench:
             from sqlalchemy.engine import make_url
 
             url = make_url(url).set(host="127.0.0.1", port=self.sql.port).render_as_string(hide_password=False)
-        return service_env(url, self.amqp_url, self.emu.state, **extra)
+        chosen = dict(one.split("=", 1) for one in getattr(self.args, "serve_setting", None) or [])
+        return service_env(url, self.amqp_url, self.emu.state, **{**chosen, **extra})
 
     async def quiet(self, *pids: int) -> dict[str, Any]:
         """Wait (bounded) for the rest of this shared machine to calm down before a measurement."""
@@ -283,6 +284,7 @@ async def throughput(bench: Bench, serve: Serve | list[Serve], count: int, label
         "db_user_stats_delta": us,
         "db_per_job": {k: round(v / count, 3) for k, v in us.items()},
         "serve_cpu_ms_per_job": round(1000 * cpu["cpu_seconds"]["serve"] / count, 1),
+        "serve_gc_per_job": _gc_delta(metrics_before, metrics_after, count),
         "cpu": cpu,
         "publish_seconds": round(s["publish_seconds"], 3),
         "sql": sqlcount.delta(sql0, sql1, count) if sql0 is not None and sql1 is not None else None,
@@ -315,6 +317,28 @@ def _histogram_delta(before: list[str], after: list[str], name: str) -> dict[str
         else:
             lines.append(f"{k} {d}")
     return histogram_quantiles("\n".join(lines) + "\n", name)
+
+
+def _gc_delta(before: list[str], after: list[str], jobs: int) -> dict[str, Any]:
+    """Serve's garbage collections between two scrapes (`failover_gc_pause_seconds`, timed by
+    the service itself, every process added up): per job, by generation, how many and the CPU
+    they took (a pause is CPU: the collector runs in the loop's thread)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def totals(texts: list[str]) -> dict[tuple[str, str], float]:
+        out: dict[tuple[str, str], float] = {}
+        for family in (f for txt in texts for f in text_string_to_metric_families(txt)):
+            for x in family.samples:
+                if x.name in ("failover_gc_pause_seconds_count", "failover_gc_pause_seconds_sum"):
+                    key = (x.labels.get("generation", "?"), x.name.rsplit("_", 1)[1])
+                    out[key] = out.get(key, 0.0) + x.value
+        return out
+
+    t0, t1 = totals(before), totals(after)
+    gens = sorted({g for g, _ in t1})
+    return {g: {"collections_per_job": round((t1.get((g, "count"), 0) - t0.get((g, "count"), 0)) / jobs, 3),
+                "ms_per_job": round(1000 * (t1.get((g, "sum"), 0) - t0.get((g, "sum"), 0)) / jobs, 3)}
+            for g in gens}
 
 
 # --------------------------------------------------------------------------- paced

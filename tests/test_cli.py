@@ -249,6 +249,8 @@ async def test_bad_settings_exit_5_naming_the_variable(ctl: Ctl, amqp_url: str) 
     assert closed.err.count("\n") == 1, closed.err  # one line that says it all, no library noise
     no_gc = await ctl("serve", FAILOVER_GC_FULL_COLLECTION_AFTER="0")
     assert no_gc.code == 5 and "FAILOVER_GC_FULL_COLLECTION_AFTER" in no_gc.err
+    no_young = await ctl("serve", FAILOVER_GC_YOUNG_COLLECTION_AFTER="-1")
+    assert no_young.code == 5 and "FAILOVER_GC_YOUNG_COLLECTION_AFTER" in no_young.err
     usage = await ctl("cancel", "not-a-uuid")
     assert usage.code == 5 and "JOB_ID" in usage.err
     # the intake process reports to the relay of its serve: without the relay role, refused at once

@@ -451,9 +451,9 @@ async def test_a_busy_event_loop_shows_as_lag(http: aiohttp.ClientSession, serve
         watcher.cancel()
 
 
-def test_full_collections_wait_for_the_configured_number_of_younger_ones() -> None:
-    """`serve` sets the collector's third threshold from FAILOVER_GC_FULL_COLLECTION_AFTER and
-    keeps Python's thresholds for the young generations."""
+def test_collections_wait_for_the_configured_numbers() -> None:
+    """`serve` sets the collector's first threshold from FAILOVER_GC_YOUNG_COLLECTION_AFTER, its
+    third from FAILOVER_GC_FULL_COLLECTION_AFTER, and keeps Python's middle one."""
     import gc
 
     from failover.service import tune_gc
@@ -461,9 +461,10 @@ def test_full_collections_wait_for_the_configured_number_of_younger_ones() -> No
 
     before = gc.get_threshold()
     try:
-        tune_gc(Settings.model_fields["gc_full_collection_after"].default)
-        assert gc.get_threshold() == (before[0], before[1], 100)
-        tune_gc(7)
-        assert gc.get_threshold() == (before[0], before[1], 7)
+        tune_gc(Settings.model_fields["gc_young_collection_after"].default,
+                Settings.model_fields["gc_full_collection_after"].default)
+        assert gc.get_threshold() == (10_000, before[1], 100)
+        tune_gc(500, 7)
+        assert gc.get_threshold() == (500, before[1], 7)
     finally:
         gc.set_threshold(*before)
