@@ -81,8 +81,8 @@ def tune_gc(young_after: int, full_after: int) -> None:
     calls, commits and events make thousands that their reference counts free a moment later;
     at 700, collections kept catching them alive, and walked them again in the middle
     generation: 3.3 young and 0.3 middle collections per burst job, 1.9-4.0 ms of serve's CPU
-    per job, 10-15% of it. At 10,000: 0.12 and 0.01 per job, about 1.0 ms, with pauses of 6-7
-    and 20-22 ms instead of 0.3-0.7 and 2.6-5.1 (bench/PROFILE.md).
+    per job, 10-15% of it. At 10,000: 0.12 and 0.01 per job, 0.8-1.3 ms, with pauses of 5-12
+    and 17-35 ms instead of 0.3-0.7 and 2.6-5.3 (bench/PROFILE.md).
 
     `full_after` (`FAILOVER_GC_FULL_COLLECTION_AFTER`; Python's own threshold is 10): a full
     collection only after this many middle ones. It walks every live object, and a thousand
