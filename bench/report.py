@@ -182,7 +182,7 @@ def _slow_baseline_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, s
     s, b, m = out["slow"], out.get("slow_one_poll_per_wait"), out.get("slow_multi")
     rows: list[tuple[str, str, str, str, str]] = []
     if s.get("job_run_s"):
-        rows.append(("   the wall in two parts: first request -> the last job's first step; each job's own run "
+        rows.append(("   the wall in two parts: first job recorded -> the last job's first step; each job's own run "
                      "p50 / max", f"{_f(s['start_after_first_request_s']['max'], ' s')}; "
                      f"{_f(s['job_run_s']['p50'])} / {_f(s['job_run_s']['max'], ' s')}", "-", "",
                      "the ramp, then the waits and the turns behind other jobs"))

@@ -447,8 +447,8 @@ async def slow(bench: Bench, count: int, latency: float, critical_waits: int, lo
 
 
 async def _ramp_and_runs(engine: AsyncEngine, job_ids: list[str], timings: Timings) -> dict[str, Any]:
-    """The slow phase's wall in two parts: the ramp (from the first request until the last job
-    began its first step: taking the commands and the first steps of the jobs before it) and
+    """The slow phase's wall in two parts: the ramp (from the first job's record, moments after
+    the first request, until the last job began its first step: taking the commands and the first steps of the jobs before it) and
     each job's own run (its first step's start to its end, in the database's clock: the waits,
     what the service does between them, and the turns it waits behind other jobs)."""
     async with engine.connect() as conn:
