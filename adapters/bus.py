@@ -8,6 +8,7 @@ error, never a silent loss.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from aio_pika.connection import make_url
 
 from adapters import amqp_decoding
 
@@ -45,7 +47,17 @@ async def connect(url: str, *, ca_file: str | None = None, name: str = "failover
     """A robust connection (it reconnects and restores its channels, queues and consumers)."""
     amqp_decoding.install()  # a hostile header must not take the connection down (see there)
     ssl_context = ssl.create_default_context(cafile=ca_file) if url.startswith("amqps://") else None
-    return await aio_pika.connect_robust(url, client_properties={"connection_name": name}, ssl_context=ssl_context)
+    # connect_robust, but a first connect that fails closes what it opened: aio-pika's drops it
+    # unclosed, and its finalizer then schedules a close, or leaves a coroutine never awaited
+    connection = aio_pika.RobustConnection(make_url(url), client_properties={"connection_name": name},
+                                           ssl_context=ssl_context)
+    try:
+        await connection.connect()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await connection.close()
+        raise
+    return connection
 
 
 @dataclass
