@@ -18,9 +18,10 @@ async def test_a_failed_first_connect_closes_what_it_opened() -> None:
     gc.disable()  # keep what the failed attempt left, cycles included, to look at it
     try:
         with pytest.raises(ConnectionError):
-            await bus.connect("amqp://guest:guest@127.0.0.1:1/")
-        left = [o for o in gc.get_objects()
-                if isinstance(o, aio_pika.RobustConnection) and not o.is_closed]
+            await bus.connect("amqp://guest:guest@127.0.0.1:1/failed-first-connect")
+        # (other tests' connections, to the real broker, may be open meanwhile: only this one counts)
+        left = [o for o in gc.get_objects() if isinstance(o, aio_pika.RobustConnection)
+                and o.url.path.endswith("failed-first-connect") and not o.is_closed]
         assert left == []
     finally:
         gc.enable()
