@@ -10,6 +10,8 @@ import json
 import os
 import statistics
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +74,7 @@ class Bench:
             from sqlalchemy.engine import make_url
 
             url = make_url(url).set(host="127.0.0.1", port=self.sql.port).render_as_string(hide_password=False)
-        chosen = dict(one.split("=", 1) for one in getattr(self.args, "serve_setting", None) or [])
+        chosen = dict(one.split("=", 1) for one in self.args.serve_setting)
         return service_env(url, self.amqp_url, self.emu.state, **{**chosen, **extra})
 
     async def quiet(self, *pids: int) -> dict[str, Any]:
@@ -293,29 +295,29 @@ async def throughput(bench: Bench, serve: Serve | list[Serve], count: int, label
     }
 
 
+def _sums(texts: list[str], names: tuple[str, ...], key: Callable[[Any], str]) -> dict[tuple[str, str], float]:
+    """The samples of `names` in these scrapes of /metrics (one per serve process), added up by
+    (sample name, `key(sample)`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[tuple[str, str], float] = {}
+    for family in (f for txt in texts for f in text_string_to_metric_families(txt)):
+        for x in family.samples:
+            if x.name in names:
+                k = (x.name, key(x))
+                out[k] = out.get(k, 0.0) + x.value
+    return out
+
+
 def _histogram_delta(before: list[str], after: list[str], name: str) -> dict[str, Any]:
     """Quantiles of the observations made between two scrapes of a histogram (of each serve
     process, added up)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    def buckets(texts: list[str]) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for family in (f for txt in texts for f in text_string_to_metric_families(txt)):
-            for s in family.samples:
-                if s.name in (name + "_bucket",):
-                    out["b" + s.labels["le"]] = out.get("b" + s.labels["le"], 0.0) + s.value
-                elif s.name in (name + "_count", name + "_sum"):
-                    out[s.name] = out.get(s.name, 0.0) + s.value
-        return out
-
-    b0, b1 = buckets(before), buckets(after)
+    names = (name + "_bucket", name + "_count", name + "_sum")
+    b0, b1 = (_sums(t, names, lambda x: x.labels.get("le", "")) for t in (before, after))
     lines = [f"# TYPE {name} histogram"]
-    for k, v in b1.items():
-        d = v - b0.get(k, 0.0)
-        if k.startswith("b"):
-            lines.append(f'{name}_bucket{{le="{k[1:]}"}} {d}')
-        else:
-            lines.append(f"{k} {d}")
+    for (sample, le), v in b1.items():
+        d = v - b0.get((sample, le), 0.0)
+        lines.append(f'{sample}{{le="{le}"}} {d}' if sample.endswith("_bucket") else f"{sample} {d}")
     return histogram_quantiles("\n".join(lines) + "\n", name)
 
 
@@ -323,22 +325,14 @@ def _gc_delta(before: list[str], after: list[str], jobs: int) -> dict[str, Any]:
     """Serve's garbage collections between two scrapes (`failover_gc_pause_seconds`, timed by
     the service itself, every process added up): per job, by generation, how many and the CPU
     they took (a pause is CPU: the collector runs in the loop's thread)."""
-    from prometheus_client.parser import text_string_to_metric_families
+    names = ("failover_gc_pause_seconds_count", "failover_gc_pause_seconds_sum")
+    t0, t1 = (_sums(t, names, lambda x: x.labels.get("generation", "?")) for t in (before, after))
 
-    def totals(texts: list[str]) -> dict[tuple[str, str], float]:
-        out: dict[tuple[str, str], float] = {}
-        for family in (f for txt in texts for f in text_string_to_metric_families(txt)):
-            for x in family.samples:
-                if x.name in ("failover_gc_pause_seconds_count", "failover_gc_pause_seconds_sum"):
-                    key = (x.labels.get("generation", "?"), x.name.rsplit("_", 1)[1])
-                    out[key] = out.get(key, 0.0) + x.value
-        return out
+    def per_job(name: str, gen: str, scale: float) -> float:
+        return round(scale * (t1.get((name, gen), 0.0) - t0.get((name, gen), 0.0)) / jobs, 3)
 
-    t0, t1 = totals(before), totals(after)
-    gens = sorted({g for g, _ in t1})
-    return {g: {"collections_per_job": round((t1.get((g, "count"), 0) - t0.get((g, "count"), 0)) / jobs, 3),
-                "ms_per_job": round(1000 * (t1.get((g, "sum"), 0) - t0.get((g, "sum"), 0)) / jobs, 3)}
-            for g in gens}
+    return {g: {"collections_per_job": per_job(names[0], g, 1), "ms_per_job": per_job(names[1], g, 1000)}
+            for g in sorted({g for _, g in t1})}
 
 
 # --------------------------------------------------------------------------- paced
@@ -441,16 +435,16 @@ async def slow(bench: Bench, count: int, latency: float, critical_waits: int, lo
         "serve_cpu_ms_per_job": round(1000 * cpu["cpu_seconds"]["serve"] / count, 1),
         "cpu": cpu,
         "outbox_commit_to_published_ms": await publish_lag(bench.engine, list(timings.published)),
-        "started_per_20s": await _starts(bench.engine, list(timings.published)),
         **await _ramp_and_runs(bench.engine, list(timings.published), timings),
     }
 
 
 async def _ramp_and_runs(engine: AsyncEngine, job_ids: list[str], timings: Timings) -> dict[str, Any]:
     """The slow phase's wall in two parts: the ramp (from the first job's record, moments after
-    the first request, until the last job began its first step: taking the commands and the first steps of the jobs before it) and
-    each job's own run (its first step's start to its end, in the database's clock: the waits,
-    what the service does between them, and the turns it waits behind other jobs)."""
+    the first request, until the last job began its first step: taking the commands and the
+    first steps of the jobs before it) and each job's own run (its first step's start to its
+    end, in the database's clock: the waits, what the service does between them, and the turns
+    it waits behind other jobs); and how many jobs began in each 20 s."""
     async with engine.connect() as conn:
         rows = (await conn.execute(text(
             "SELECT TIMESTAMPDIFF(MICROSECOND, (SELECT MIN(created_at) FROM failover_jobs WHERE job_id IN :ids), "
@@ -463,15 +457,6 @@ async def _ramp_and_runs(engine: AsyncEngine, job_ids: list[str], timings: Timin
     def pair(values: list[float]) -> dict[str, float | None]:
         return {"p50": round(quantile(values, 0.5) or 0, 2), "max": round(max(values), 2) if values else None}
 
+    per_20s = Counter(int(one // 20) * 20 for one in starts)  # jobs whose first step began in each 20 s
     return {"request_to_accepted_s": pair(accepted), "start_after_first_request_s": pair(starts),
-            "job_run_s": pair(runs)}
-
-
-async def _starts(engine: AsyncEngine, job_ids: list[str]) -> dict[int, int]:
-    """How many jobs started (first step) in each 20 s after the first: the ramp-up."""
-    async with engine.connect() as conn:
-        rows = (await conn.execute(text(
-            "SELECT FLOOR(TIMESTAMPDIFF(SECOND, (SELECT MIN(created_at) FROM failover_jobs WHERE job_id IN :ids), "
-            "started_at) / 20) * 20 b, COUNT(*) FROM failover_jobs WHERE job_id IN :ids AND started_at IS NOT NULL "
-            "GROUP BY b ORDER BY b").bindparams(bindparam("ids", expanding=True)), {"ids": job_ids})).all()
-    return {int(r[0]): int(r[1]) for r in rows}
+            "job_run_s": pair(runs), "started_per_20s": dict(sorted(per_20s.items()))}
