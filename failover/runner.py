@@ -288,7 +288,9 @@ class JobRunner:
         while True:
             await asyncio.sleep(interval)
             asked = time.monotonic()
-            # a job that committed lately has had its lease extended by that commit
+            # a job whose lease was renewed lately (a claim, the last renewal) is left alone; a
+            # commit leaves at least two thirds of a lease (adapters/db/store.py), so a job that
+            # only committed since the last round is renewed (one UPDATE for all of them)
             ids = [j for j in self.running if j not in self._lost
                    and self._valid_until.get(j, 0.0) - asked < self.lease_seconds - interval]
             if not ids:
