@@ -376,6 +376,27 @@ async def quiet_machine(known: list[int], *, max_wait: float = 45.0, threshold: 
             return {"waited_seconds": round(waited, 1), "foreign_cores": round(foreign, 2), "quiet": calm >= needed}
 
 
+def _probe_work() -> int:
+    rows = []
+    for i in range(20_000):
+        row = {"job_id": f"job-{i}", "step": i % 7, "status": "running", "n": i * 3}
+        rows.append(json.dumps(row))
+    return sum(len(json.loads(r)["job_id"]) for r in rows)
+
+
+def python_probe(rounds: int = 7) -> float:
+    """Milliseconds, best of `rounds`, of one fixed piece of pure Python work (dicts, f-strings,
+    JSON, as serve does): how fast this machine runs Python at the moment. Machines of the same
+    kind differ by up to 2x, and a shared one from hour to hour, so a run's absolute figures
+    compare with another run's only through this; the ratios within a run need nothing."""
+    best = float("inf")
+    for _ in range(rounds):
+        began = time.perf_counter()
+        _probe_work()
+        best = min(best, time.perf_counter() - began)
+    return round(best * 1000, 1)
+
+
 def machine() -> dict[str, Any]:
     model = "?"
     try:

@@ -298,6 +298,9 @@ def markdown(out: dict[str, Any]) -> str:
         f"- command: `{out['command']}` (took {out['total_seconds']} s)",
         f"- machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['ram_gib']} GiB RAM, Python {m['python']}, "
         f"kernel {m['kernel']}",
+        *([f"- the machine's speed at the start / end: {probe.get('start', '?')} / {probe.get('end', '?')} ms for a "
+           "fixed piece of Python (bench/infra.py `python_probe`, best of 7; lower is faster): compare runs on "
+           "other machines by it"] if (probe := m.get("python_probe_ms")) else []),
         f"- code measured: HEAD {out.get('code', {}).get('head', '?')}; files changed in the work tree outside "
         f"bench/ at the time: {', '.join(out.get('code', {}).get('changed_outside_bench', [])) or 'none'}",
         f"- RabbitMQ {m.get('rabbitmq', '?')}, MariaDB {m.get('mariadb', {}).get('version', '?')} "

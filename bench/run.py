@@ -29,6 +29,7 @@ from .infra import (
     fresh_database,
     git_state,
     machine,
+    python_probe,
     quiet_machine,
     rabbitmq_version,
     set_code_dir,
@@ -131,6 +132,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                            "command": "python -m bench.run " + " ".join(sys.argv[1:]),
                            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     began = time.monotonic()
+    out["machine"]["python_probe_ms"] = {"start": python_probe()}
     out["code"] = git_state()
     out["code"].update(snapshot_code(results / "code"))
     set_code_dir(results / "code")
@@ -298,6 +300,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if userstat_was is not None and not userstat_was:
             await set_userstat(engine, False)
         await engine.dispose()
+    out["machine"]["python_probe_ms"]["end"] = python_probe()
     out["total_seconds"] = round(time.monotonic() - began, 1)
     derive(out)
     return out
