@@ -73,6 +73,7 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
          f"{_f(best_t.get('jobs_per_second'))} ({best_t.get('pool', '-')} -c {best_t.get('concurrency', '-')})",
          ">= 2x Celery", met("throughput / Celery >= 2") + f" ({_f(d.get('throughput_over_celery'))}x)"),
         ("   wall time of the burst", _f(t["wall_seconds"], " s"), _f(best_t.get("wall_seconds"), " s"), "", ""),
+        *_speed_rows(t, best_t),
         ("   CPU per job (serve process / Celery worker)", _f(t["serve_cpu_ms_per_job"], " ms"),
          _f(best_t.get("worker_cpu_ms_per_job"), " ms"), "", "serve is one Python process"),
         *_gc_rows(t),
@@ -287,6 +288,22 @@ def render(out: dict[str, Any]) -> None:
                 cel.add_row(phase, r["pool"], str(r["concurrency"]), _f(r["jobs_per_second"]), _f(r["wall_seconds"]),
                             _pair(r["request_to_completed_ms"], ""), _f(r["peak_rss_kb"]))
         Console(width=160).print(cel)
+
+
+def _speed_rows(t: dict[str, Any], best_t: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """The machine's Python speed just before the service's burst and Celery's: the ratio of
+    the two rates holds only while the machine ran both at one speed."""
+    ours, theirs = t.get("python_probe_ms"), best_t.get("python_probe_ms")
+    if not ours:
+        return []
+    note = "a fixed piece of Python, lower is faster"
+    if theirs:
+        drift = theirs / ours - 1
+        if abs(drift) > 0.10:
+            note = (f"the machine ran {abs(drift):.0%} {'slower' if drift > 0 else 'faster'} for Celery: "
+                    "the ratio above does not hold")
+    return [("   the machine's speed just before the burst (python_probe)", _f(ours, " ms"),
+             _f(theirs, " ms") if theirs else "-", "", note)]
 
 
 def markdown(out: dict[str, Any]) -> str:

@@ -173,8 +173,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     for one in serves:
                         await one.start()
                     log(f"throughput{what}: {args.jobs} test failovers at once, zero latency")
+                    speed = python_probe()  # the machine's speed right before the burst
                     t = out["throughput" + key] = await service_phases.throughput(
                         bench, serves, args.jobs, label="throughput" + key.replace("_", "-"))
+                    t["python_probe_ms"] = speed
                     log(f"  {t['jobs_per_second']} jobs/s")
                     log(f"paced{what}: {args.paced_rate:g} requests/s for {args.paced_seconds:g} s")
                     p = out["paced" + key] = await service_phases.paced(bench, serves, args.paced_rate,
@@ -279,8 +281,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 for spec in args.celery_throughput_pools.split(","):
                     pool, _, conc = spec.partition(":")
                     log(f"celery throughput: {args.jobs} chains, pool {pool} -c {conc or 4}")
+                    speed = python_probe()
                     r = await celery_phases.run_pool(bench, label="throughput", pool=pool,
                                                      concurrency=int(conc or 4), count=args.jobs)
+                    r["python_probe_ms"] = speed
                     out["celery"]["throughput"].append(r)
                     log(f"  {r['jobs_per_second']} jobs/s")
                 for pool in args.celery_slow_pools.split(","):
