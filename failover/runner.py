@@ -3,8 +3,9 @@
 Jobs this process accepted start at once (it already holds their lease); others are claimed
 when their lease is free or expired, or when this process owns them but does not run them
 (its hand-over was lost, or its run stopped), without waiting on another process's locks.
-Every commit of a job extends its lease (the store fences commits: this process's lease, not
-expired); while a job waits on the outside world the runner renews its lease. A job whose
+Every commit of a job leaves at least five sixths of its lease (the store fences commits: this
+process's lease, not expired; it renews the lease once a sixth has run); while a job waits on
+the outside world the runner renews its lease. A job whose
 lease this process can no longer vouch for (renewals failing or late: the database is
 unreachable, the event loop starved) is stopped a fifth of the lease before the lease could
 run out, so no other process ever acts on it at the same time; a job whose lease another
@@ -260,7 +261,7 @@ class JobRunner:
         now = time.monotonic()
         for job_id, until in list(self._valid_until.items()):
             if now >= until - self.margin:
-                self._stop_job(job_id, f"its lease was last renewed {now - until + self.lease_seconds:.1f} s ago "
+                self._stop_job(job_id, f"its lease runs out in {until - now:.1f} s and was not renewed in time "
                                        "(database unreachable or slow?), so another process may take it over")
 
     async def _renew_loop(self) -> None:
@@ -288,9 +289,9 @@ class JobRunner:
         while True:
             await asyncio.sleep(interval)
             asked = time.monotonic()
-            # a job whose lease was renewed lately (a claim, the last renewal) is left alone; a
-            # commit leaves at least two thirds of a lease (adapters/db/store.py), so a job that
-            # only committed since the last round is renewed (one UPDATE for all of them)
+            # a job whose lease was renewed lately (a claim, the last renewal, a commit in the
+            # last sixth of a lease: each commit leaves at least five sixths of it,
+            # adapters/db/store.py) is left alone; the others in one UPDATE
             ids = [j for j in self.running if j not in self._lost
                    and self._valid_until.get(j, 0.0) - asked < self.lease_seconds - interval]
             if not ids:

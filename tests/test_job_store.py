@@ -144,14 +144,14 @@ async def _lease_left(db: AsyncEngine, job: JobRow) -> tuple[Any, float]:
     return row[0], row[1] / 1e6
 
 
-async def test_a_commit_renews_the_lease_only_once_a_third_of_it_has_run(db: AsyncEngine) -> None:
+async def test_a_commit_renews_the_lease_only_once_a_sixth_of_it_has_run(db: AsyncEngine) -> None:
     """Moving the lease moves the row in the claim index: a commit leaves it where it is while
-    more than two thirds of a lease is left, else renews it in full; and it tells the runner
-    the least it may count on (two thirds of a lease from when it asked)."""
+    more than five sixths of a lease is left, else renews it in full; and it tells the runner
+    the least it may count on (five sixths of a lease from when it asked)."""
     job = await _a_job(db)
-    async with db.begin() as conn:  # 25 s left, more than two thirds of 30
+    async with db.begin() as conn:  # 28 s left, more than five sixths of 30
         await conn.execute(update(failover_jobs).where(failover_jobs.c.job_id == job.job_id)
-                           .values(lease_expires_at=func.date_add(func.now(6), text("INTERVAL 25 SECOND"))))
+                           .values(lease_expires_at=func.date_add(func.now(6), text("INTERVAL 28 SECOND"))))
     store = JobStore(db, OWNER, lease_seconds=30)
     told: list[float] = []
     store.on_lease = lambda job_id, until: told.append(until)
@@ -159,34 +159,17 @@ async def test_a_commit_renews_the_lease_only_once_a_third_of_it_has_run(db: Asy
     asked = time.monotonic()
     await store.commit(job, _commit(job))
     after, left = await _lease_left(db, job)
-    assert after == before and left > 20  # untouched
-    assert asked + 20 <= told[-1] <= time.monotonic() + 20
+    assert after == before and left > 25  # untouched
+    assert asked + 25 <= told[-1] <= time.monotonic() + 25
 
-    async with db.begin() as conn:  # 10 s left, less than two thirds of 30
+    async with db.begin() as conn:  # 20 s left, less than five sixths of 30
         await conn.execute(update(failover_jobs).where(failover_jobs.c.job_id == job.job_id)
-                           .values(lease_expires_at=func.date_add(func.now(6), text("INTERVAL 10 SECOND"))))
+                           .values(lease_expires_at=func.date_add(func.now(6), text("INTERVAL 20 SECOND"))))
     job = await store.load(job.job_id)
     assert job is not None
     await store.commit(job, _commit(job))
     _, left = await _lease_left(db, job)
     assert 28 < left <= 30  # renewed in full
-
-
-async def test_the_json_a_commit_writes_is_valid_though_its_update_skips_the_servers_check(db: AsyncEngine) -> None:
-    """The fenced UPDATE skips MariaDB's json_valid checks (a commit's JSON columns come from the
-    JSON type's serialiser); alone and in a group, what it writes must still be valid JSON,
-    read back as it was given: quotes, backslashes, control characters, other scripts."""
-    awkward = {"vm_name": 'we"b\\01\n\t', "notes": "ünïcødé \u2028 🚀", "nested": [{"a": None, "b": 1.5}]}
-    jobs = [await _a_job(db) for _ in range(4)]
-    store = JobStore(db, OWNER, lease_seconds=30, group_limit=1)
-    commits = [_commit(j) for j in jobs]
-    for c in commits:
-        c.job["plan"] = awkward
-    assert await _all_at_once(store, jobs, commits) == [False] * 4
-    async with db.connect() as conn:
-        rows = (await conn.execute(select(func.json_valid(failover_jobs.c.plan), failover_jobs.c.plan)
-                                   .where(failover_jobs.c.job_id.in_([j.job_id for j in jobs])))).all()
-    assert [(valid, plan) for valid, plan in rows] == [(1, awkward)] * 4
 
 
 async def test_a_cancel_asked_for_keeps_the_head_and_drops_the_tail(db: AsyncEngine) -> None:

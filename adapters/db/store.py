@@ -92,11 +92,13 @@ _FENCE = and_(failover_jobs.c.job_id == bindparam("f_job_id"), failover_jobs.c.l
 # ... and no cancel asked for: the commit's UPDATE tells with its row count whether a cancel
 # came, instead of a SELECT after every commit (44 round trips of a job's ~300)
 _FENCE_NOT_CANCELLED = and_(_FENCE, failover_jobs.c.cancel_requested.is_(False))
-# A commit pushes the job's lease out only once a third of it has run: at most every few
-# seconds instead of at each of a job's ~30 commits. Moving `lease_expires_at` moves the row in
-# the claim index (ended, lease_expires_at), which cost MariaDB a quarter more CPU per UPDATE
-# (bench/PROFILE.md, thirteenth session). After any commit at least this share of a lease is left.
-LEASE_LEFT_AFTER_COMMIT = 2 / 3
+# A commit pushes the job's lease out only once a sixth of it has run (every 5 s at 30 s)
+# instead of at each of a job's ~30 commits: moving `lease_expires_at` moves the row in the
+# claim index (ended, lease_expires_at), 8% of the UPDATE's instructions in MariaDB
+# (bench/PROFILE.md, thirteenth session). After any commit at least this share of a lease is
+# left, which the runner counts on: a sixth less than before, so a job whose row a renewal round
+# skips (locked by its commit) still has 9 s of the round's 10 s interval to spare.
+LEASE_LEFT_AFTER_COMMIT = 5 / 6
 _fenced_updates: dict[tuple[tuple[str, ...], int | None, bool], Update] = {}
 
 
@@ -124,12 +126,6 @@ def fenced_update(columns: tuple[str, ...], extend_lease_us: int | None, *, unle
                                        .with_hint("USE INDEX (job_id)", dialect_name="mysql"))
     return stmt
 
-
-# MariaDB checks every CHECK constraint of the row on each UPDATE: the JSON columns' json_valid,
-# the whole of `plan`, which a commit seldom writes, a twentieth of the UPDATE's cost again.
-# The fenced UPDATE writes JSON columns only as the JSON type serialises them, so it skips
-# that (tests/test_job_store.py keeps the rows valid JSON); every other writer is still checked.
-_UNCHECKED = "check_constraint_checks = 0"
 
 
 # unended jobs, as a condition the claim index (ended, lease_expires_at) can use: `ended = false`.
@@ -270,7 +266,7 @@ class JobStore:
         # group commit (MariaDB): with `group_limit` commits in flight, the next ones wait and
         # go together, at most `group_most` of them, as one transaction (0: every one alone)
         self.group_limit, self.group_most = group_limit, group_most
-        self._lock_wait = f"SET STATEMENT innodb_lock_wait_timeout = {int(group_lock_wait)}, {_UNCHECKED} FOR "
+        self._lock_wait = f"SET STATEMENT innodb_lock_wait_timeout = {int(group_lock_wait)} FOR "
         self._group: _Group | bool | None = None  # made at the first commit (the server is known)
         self.groups = 0  # transactions that carried more than one job's commit (the benchmark's)
         # renewals get their own small pool: they must never wait behind the jobs' commits
@@ -303,7 +299,7 @@ class JobStore:
         values["updated_at"] = utcnow()
         extend = (int(self.lease_seconds * 1_000_000)
                   if self.lease_seconds and "lease_expires_at" not in values else None)
-        # (a commit of a job whose lease is valid renews it once a third has run: the lease
+        # (a commit of a job whose lease is valid renews it once a sixth has run: the lease
         # then runs out only while the job waits, when the runner renews it, or when this
         # process is gone)
         columns = tuple(sorted(values))
@@ -443,9 +439,8 @@ class JobStore:
                 rest = self._writes(tx, job, whole, out, led)
                 fenced = tx.sql(guarded, params)
                 try:
-                    if stop is not None:  # MariaDB
-                        await tx.script(raw.as_block([f"SET STATEMENT {_UNCHECKED} FOR {fenced}", stop, *rest]),
-                                        commit=True)
+                    if stop is not None:
+                        await tx.script(raw.as_block([fenced, stop, *rest]), commit=True)
                         return False
                     if (await tx.script([fenced]))[0] == 1:
                         await tx.script(rest, commit=True)
@@ -578,7 +573,7 @@ class JobStore:
 
     async def renew(self, job_ids: Collection[str], lease_seconds: float) -> tuple[set[str], dict[str, str | None]]:
         """Extend the leases of these jobs where this process still owns them. A job whose row
-        is locked right now is being committed by this process, and that commit extends its
+        is locked right now is being committed by this process, and that commit renews its
         lease: it is skipped rather than waited for (a renewal must not queue behind every
         running job's commit). Returns the jobs renewed, and for each job no longer ours its
         owner now (None: nobody)."""
