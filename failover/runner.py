@@ -5,10 +5,10 @@ when their lease is free or expired, or when this process owns them but does not
 (its hand-over was lost, or its run stopped), without waiting on another process's locks.
 Every commit of a job leaves at least five sixths of its lease (the store fences commits: this
 process's lease, not expired; it renews the lease once a sixth has run); while a job waits on
-the outside world the runner renews its lease. A job whose
-lease this process can no longer vouch for (renewals failing or late: the database is
-unreachable, the event loop starved) is stopped a fifth of the lease before the lease could
-run out, so no other process ever acts on it at the same time; a job whose lease another
+the outside world the runner renews its lease. A job whose lease this process can no longer
+vouch for (renewals failing or late: the database is unreachable, the event loop starved) is
+stopped a fifth of the lease before the lease could run out, so no other process ever acts on
+it at the same time; a job whose lease another
 process took is stopped at once. A job's first action after it is taken is a fenced commit,
 so a process that lost the race for it does nothing. At most `max_concurrent_jobs` run at
 once; the rest wait in the database, none is dropped.

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.expression import Insert, Update
@@ -24,7 +24,7 @@ from schemas.common import STEPS_BY_JOB_TYPE, JobType, RejectReason, utc_now
 from schemas.events import JobAccepted, JobRejected, StepRef
 
 from . import raw
-from .engine import utcnow
+from .engine import db_now_plus, utcnow
 from .outbox import OUTBOX_INSERT, OutboxEvent, insert_event, outbox_event, outbox_row
 from .store import SEED_JOB_TYPES
 from .tables import failover_jobs, job_commands, vm_replication_contexts
@@ -71,7 +71,7 @@ class CommandRecorder:
         self.owner = owner
         self.lease_seconds = lease_seconds
         self.on_outbox: Any = lambda: None
-        expiry = func.date_add(func.now(6), text(f"INTERVAL {int(lease_seconds * 1e6)} MICROSECOND"))
+        expiry = db_now_plus(int(lease_seconds * 1e6))
         self._insert_job: Insert = failover_jobs.insert().values(
             **{c: bindparam(c, type_=failover_jobs.c[c].type) for c in _NEW_JOB_COLUMNS}, lease_expires_at=expiry)
         self._retake_for_rollback: Update = (

@@ -7,7 +7,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, func, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -114,6 +114,12 @@ def make_engine(url: str, *, pool_size: int = 10, max_overflow: int | None = Non
     _ping_when_idle(engine, idle_ping_seconds)
     raw.multi_statements(engine)
     return engine
+
+
+def db_now_plus(microseconds: int) -> Any:
+    """The server's now(6) plus this many microseconds, as an SQL expression (leases' expiries:
+    the server's clock, the one the fences compare against)."""
+    return func.date_add(func.now(6), text(f"INTERVAL {int(microseconds)} MICROSECOND"))
 
 
 def utcnow() -> datetime:

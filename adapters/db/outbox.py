@@ -15,7 +15,7 @@ from sqlalchemy.sql.expression import Update
 from schemas.events import Event
 
 from . import raw
-from .engine import from_db_time, utcnow
+from .engine import db_now_plus, from_db_time, utcnow
 from .tables import leases, outbox
 
 OUTBOX_INSERT = outbox.insert()
@@ -90,7 +90,7 @@ class OutboxStore:
 
     async def acquire_leadership(self, name: str, lease_seconds: float) -> bool:
         """Take or keep the named lease; True while this process holds it."""
-        expiry = func.date_add(func.now(6), text(f"INTERVAL {int(lease_seconds * 1e6)} MICROSECOND"))
+        expiry = db_now_plus(int(lease_seconds * 1e6))
         async with self.lease_engine.begin() as conn:
             stmt = mysql_insert(leases).values(name=name, owner=self.owner, expires_at=expiry)
             free = (leases.c.owner == self.owner) | (leases.c.expires_at < func.now(6))

@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Select, and_, bindparam, func, or_, select, text, update
+from sqlalchemy import Select, and_, bindparam, func, or_, select, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -20,7 +20,7 @@ from statemachine.errors import LeaseLost
 from statemachine.ports import Commit, JobRow, LedgerEntry
 
 from . import raw
-from .engine import from_db_time, to_db_time, utcnow
+from .engine import db_now_plus, from_db_time, to_db_time, utcnow
 from .outbox import OUTBOX_INSERT, outbox_row
 from .tables import failover_jobs, resource_ledger, vm_replication_contexts
 
@@ -113,11 +113,9 @@ def fenced_update(columns: tuple[str, ...], extend_lease_us: int | None, *, unle
     if stmt is None:
         values: dict[str, Any] = {c: bindparam(f"v_{c}", type_=failover_jobs.c[c].type) for c in columns}
         if extend_lease_us is not None:
-            left_us = int(extend_lease_us * LEASE_LEFT_AFTER_COMMIT)
             values["lease_expires_at"] = func.if_(
-                failover_jobs.c.lease_expires_at < func.date_add(func.now(6), text(f"INTERVAL {left_us} MICROSECOND")),
-                func.date_add(func.now(6), text(f"INTERVAL {extend_lease_us} MICROSECOND")),
-                failover_jobs.c.lease_expires_at)
+                failover_jobs.c.lease_expires_at < db_now_plus(int(extend_lease_us * LEASE_LEFT_AFTER_COMMIT)),
+                db_now_plus(extend_lease_us), failover_jobs.c.lease_expires_at)
         fence = _FENCE_NOT_CANCELLED if unless_cancelled else _FENCE
         # the job's row by its key alone: without the hint MariaDB weighs every index the
         # fence names (owner, claim) for each commit, a twentieth of the UPDATE's cost
@@ -125,7 +123,6 @@ def fenced_update(columns: tuple[str, ...], extend_lease_us: int | None, *, unle
         stmt = _fenced_updates[key] = (update(failover_jobs).where(fence).values(**values)
                                        .with_hint("USE INDEX (job_id)", dialect_name="mysql"))
     return stmt
-
 
 
 # unended jobs, as a condition the claim index (ended, lease_expires_at) can use: `ended = false`.
@@ -502,7 +499,7 @@ class JobStore:
     # ------------------------------------------------------------------ leases
 
     def _expiry(self, seconds: float) -> Any:
-        return func.date_add(func.now(6), text(f"INTERVAL {int(seconds * 1_000_000)} MICROSECOND"))
+        return db_now_plus(int(seconds * 1_000_000))
 
     async def claim(self, limit: int, lease_seconds: float, running: Collection[str] = ()) -> list[JobRow]:
         """Take up to `limit` unended jobs that nobody owns, whose lease expired, or that this
