@@ -636,3 +636,30 @@ def quantile(values: list[float], q: float) -> float | None:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))
     return ordered[index]
+
+
+class Callgrind:
+    """The instructions a server under callgrind ran between `zero()` and `count()`."""
+
+    def __init__(self, pid: int, out_file: str | None = None) -> None:
+        self.pid, self.out_file = pid, out_file  # out_file: its --callgrind-out-file, if not on its command line
+
+    def zero(self) -> None:
+        subprocess.run(["callgrind_control", "-z", str(self.pid)], check=True, capture_output=True)
+
+    def count(self) -> int:
+        before = set(self._dumps())
+        subprocess.run(["callgrind_control", "-d", str(self.pid)], check=True, capture_output=True)
+        for dump in sorted(set(self._dumps()) - before, key=lambda f: f.stat().st_mtime, reverse=True):
+            for line in dump.read_text(errors="replace").splitlines():
+                if line.startswith(("totals:", "summary:")):  # all threads since the last zero
+                    return int(line.split()[1])
+        raise RuntimeError(f"callgrind_control -d {self.pid} left no dump with totals (is "
+                           "--callgrind-out-file a path this process can read?)")
+
+    def _dumps(self) -> list[Path]:
+        cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
+        out = self.out_file or next((a.decode().split("=", 1)[1] for a in cmdline
+                                     if a.startswith(b"--callgrind-out-file=")), f"callgrind.out.{self.pid}")
+        path = Path(out)
+        return list(path.parent.glob(path.name + "*"))

@@ -40,6 +40,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from adapters.db.store import LEASE_LEFT_AFTER_COMMIT
 from adapters.db.tables import failover_jobs
+from bench.infra import Callgrind
 
 DB = "failover_lease_bench"
 LEASE_US = 30_000_000
@@ -52,33 +53,6 @@ FORMS = {
         f"IF(lease_expires_at < date_add(now(6), INTERVAL {int(LEASE_US * LEASE_LEFT_AFTER_COMMIT)} MICROSECOND), "
         f"date_add(now(6), INTERVAL {LEASE_US} MICROSECOND), lease_expires_at)", 3600),
 }
-
-
-class Callgrind:
-    """The instructions a server under callgrind ran between `zero()` and `count()`."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-
-    def zero(self) -> None:
-        subprocess.run(["callgrind_control", "-z", str(self.pid)], check=True, capture_output=True)
-
-    def count(self) -> int:
-        before = set(self._dumps())
-        subprocess.run(["callgrind_control", "-d", str(self.pid)], check=True, capture_output=True)
-        for dump in sorted(set(self._dumps()) - before, key=lambda f: f.stat().st_mtime, reverse=True):
-            for line in dump.read_text(errors="replace").splitlines():
-                if line.startswith(("totals:", "summary:")):  # all threads since the last zero
-                    return int(line.split()[1])
-        raise RuntimeError(f"callgrind_control -d {self.pid} left no dump with totals (is "
-                           "--callgrind-out-file a path this process can read?)")
-
-    def _dumps(self) -> list[Path]:
-        cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
-        out = next((a.decode().split("=", 1)[1] for a in cmdline if a.startswith(b"--callgrind-out-file=")),
-                   f"callgrind.out.{self.pid}")
-        path = Path(out)
-        return list(path.parent.glob(path.name + "*"))
 
 
 def mariadbd_cpu() -> float:

@@ -77,6 +77,9 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         ("   CPU per job (serve process / Celery worker)", _f(t["serve_cpu_ms_per_job"], " ms"),
          _f(best_t.get("worker_cpu_ms_per_job"), " ms"), "", "serve is one Python process"),
         *_gc_rows(t),
+        *([("   MariaDB instructions per job (the server under callgrind, --mariadb-callgrind)",
+            f"{t['mariadb_instructions_per_job'] / 1e6:,.2f} M", "-", "", "repeatable where CPU time swings")]
+          if t.get("mariadb_instructions_per_job") else []),
         ("   machine CPU per job outside serve / the Celery worker (emulators + RabbitMQ + MariaDB)",
          _f(d.get("cpu_outside_serve_ms_per_job"), " ms"), _f(d.get("celery_cpu_outside_worker_ms_per_job"), " ms"),
          "", "the same burst"),

@@ -91,6 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the broker (the bench uses its own vhost on it)")
     p.add_argument("--database-url", default="mysql+asyncmy://root@127.0.0.1:3306/",
                    help="the server (the bench uses its own database on it)")
+    p.add_argument("--mariadb-callgrind", type=int, default=None, metavar="PID",
+                   help="a server of your own run under valgrind's callgrind (at --database-url; "
+                        "bench/lease_update.py's docstring has the commands): count its instructions "
+                        "per job in the throughput burst, repeatable where CPU time swings")
     p.add_argument("--results", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     q = a.quick

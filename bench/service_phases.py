@@ -25,6 +25,7 @@ from . import sqlcount
 from .client import Client, Timings, require_all_completed, seed_vms, summarize
 from .infra import (
     SERVICE_USER,
+    Callgrind,
     CpuMeter,
     Emulators,
     Serve,
@@ -246,12 +247,16 @@ async def throughput(bench: Bench, serve: Serve | list[Serve], count: int, label
     us0 = await user_stats(bench.engine, SERVICE_USER)
     sql0 = bench.sql.snapshot() if counted and bench.sql is not None else None
     meter = CpuMeter({"serve": [p for s in serves for p in s.pids()], "emulators": [bench.emu.pid], **substrate_pids()})
+    grind = Callgrind(bench.args.mariadb_callgrind) if getattr(bench.args, "mariadb_callgrind", None) else None
+    if grind is not None:
+        grind.zero()
     meter.start()
     timings = await bench.client.burst(vm_ids)
     await bench.client.wait_all(timings, bench.args.deadline, label)
     job_ids = list(timings.published)
     await _projected(bench.engine, job_ids, 120)
     cpu = meter.stop()
+    instructions = grind.count() if grind is not None else None
     status_after = await global_status(bench.engine)
     us1 = await user_stats(bench.engine, SERVICE_USER)
     sql1 = bench.sql.snapshot() if counted and bench.sql is not None else None
@@ -286,6 +291,8 @@ async def throughput(bench: Bench, serve: Serve | list[Serve], count: int, label
         "db_user_stats_delta": us,
         "db_per_job": {k: round(v / count, 3) for k, v in us.items()},
         "serve_cpu_ms_per_job": round(1000 * cpu["cpu_seconds"]["serve"] / count, 1),
+        # a server under callgrind (--mariadb-callgrind): its instructions, whatever the machine's speed
+        "mariadb_instructions_per_job": round(instructions / count) if instructions is not None else None,
         "serve_gc_per_job": _gc_delta(metrics_before, metrics_after, count),
         "cpu": cpu,
         "publish_seconds": round(s["publish_seconds"], 3),

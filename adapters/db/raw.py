@@ -249,12 +249,18 @@ class Transaction:
         """An INSERT (or upsert) of `rows` (not empty, all with the same keys) as multi-row
         statements of at most about `MAX_STATEMENT` characters each (one, usually), as the
         driver's executemany would send them (for `script`)."""
+        head, tuples, tail = self.insert_rows(statement, rows)
+        return [head + ",".join(tuples[start:end]) + tail
+                for start, end in _bounded(tuples, MAX_STATEMENT - len(head) - len(tail))]
+
+    def insert_rows(self, statement: ClauseElement, rows: Sequence[Mapping[str, Any]]) -> tuple[str, list[str], str]:
+        """An INSERT (or upsert) of `rows` (not empty, all with the same keys) in parts: its
+        head, each row's `(...)` and its tail, as `insert_sqls` joins them; rows of several
+        calls with the same keys can go in one statement (the group commit's)."""
         prepared = self._statements.get(statement, rows[0].keys())
         head, values, tail = prepared.insert_parts
         args = prepared.args
-        tuples = [values % tuple(map(literal, args(r))) for r in rows]
-        return [head + ",".join(tuples[start:end]) + tail
-                for start, end in _bounded(tuples, MAX_STATEMENT - len(head) - len(tail))]
+        return head, [values % tuple(map(literal, args(r))) for r in rows], tail
 
     @property
     def compound(self) -> bool:

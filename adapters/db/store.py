@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Select, and_, bindparam, func, or_, select, update
+from sqlalchemy import ColumnClause, Select, and_, bindparam, column, func, or_, select, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -86,12 +86,19 @@ LEDGER_UPSERT = _LEDGER_INSERT.on_duplicate_key_update(
     updated_at=_LEDGER_INSERT.inserted.updated_at)
 # the fence: this process's lease, not expired (an expired lease may have been taken by another
 # process already), and nobody else committed meanwhile
-_FENCE = and_(failover_jobs.c.job_id == bindparam("f_job_id"), failover_jobs.c.lease_owner == bindparam("f_owner"),
-              failover_jobs.c.lease_expires_at > func.now(6),
-              failover_jobs.c.last_sequence == bindparam("f_sequence"))
+
+
+def _bare(name: str) -> ColumnClause[Any]:
+    """A column of `failover_jobs` named without its table: a job's ~30 commit UPDATEs name a
+    handful each, and the server parses every word of every one (`failover_jobs.x` is three)."""
+    return column(name, failover_jobs.c[name].type)
+
+
+_FENCE = and_(_bare("job_id") == bindparam("f_job_id"), _bare("lease_owner") == bindparam("f_owner"),
+              _bare("lease_expires_at") > func.now(6), _bare("last_sequence") == bindparam("f_sequence"))
 # ... and no cancel asked for: the commit's UPDATE tells with its row count whether a cancel
 # came, instead of a SELECT after every commit (44 round trips of a job's ~300)
-_FENCE_NOT_CANCELLED = and_(_FENCE, failover_jobs.c.cancel_requested.is_(False))
+_FENCE_NOT_CANCELLED = and_(_FENCE, _bare("cancel_requested").is_(False))
 # A commit pushes the job's lease out only once a sixth of it has run (every 5 s at 30 s)
 # instead of at each of a job's ~30 commits: moving `lease_expires_at` moves the row in the
 # claim index (ended, lease_expires_at), 8% of the UPDATE's instructions in MariaDB
@@ -113,9 +120,9 @@ def fenced_update(columns: tuple[str, ...], extend_lease_us: int | None, *, unle
     if stmt is None:
         values: dict[str, Any] = {c: bindparam(f"v_{c}", type_=failover_jobs.c[c].type) for c in columns}
         if extend_lease_us is not None:
+            lease = _bare("lease_expires_at")
             values["lease_expires_at"] = func.if_(
-                failover_jobs.c.lease_expires_at < db_now_plus(int(extend_lease_us * LEASE_LEFT_AFTER_COMMIT)),
-                db_now_plus(extend_lease_us), failover_jobs.c.lease_expires_at)
+                lease < db_now_plus(int(extend_lease_us * LEASE_LEFT_AFTER_COMMIT)), db_now_plus(extend_lease_us), lease)
         fence = _FENCE_NOT_CANCELLED if unless_cancelled else _FENCE
         # the job's row by its key alone: without the hint MariaDB weighs every index the
         # fence names (owner, claim) for each commit, a twentieth of the UPDATE's cost
@@ -356,62 +363,79 @@ class JobStore:
 
     async def _commit_group(self, batch: list[tuple[JobRow, Commit, _Prepared]]) -> list[bool | None]:
         """The commits of several jobs as one transaction in one request: in one block
-        (`raw.block`), per job a savepoint, its fenced UPDATE, then its writes only if that
-        matched (`IF ROW_COUNT() = 1`), else back to its savepoint and its place in the list of
-        those not written; the COMMIT; that list. Of each: True written, False its fence failed
-        (nothing of it written), None not sent (it goes alone: the group's request was full, its statements could not be built,
-        or the server refused the group, which then wrote nothing). A lost connection is raised
-        to all. The rows are locked in the order of the jobs' ids (as the lease renewal's
-        UPDATE ... IN takes them), and a job's row locked elsewhere fails the group after
+        (`raw.block`) the jobs' fenced UPDATEs, each followed by a SET that adds the job to the
+        list of those whose fence failed unless it matched one row, and their side updates; the
+        events of all in one INSERT, their ledger rows in one upsert; a ROLLBACK if any fence
+        failed; the COMMIT; that list. Of each: True written, False its fence
+        failed, None not sent or not written beside one that failed (they go alone: the group's
+        request was full, its statements could not be built, the server refused the group, or
+        another's fence failed: a cancel, a lost lease, rare). A lost connection is raised to
+        all. The rows are locked in the order of the jobs' ids (as the lease renewal's UPDATE
+        ... IN takes them), and a job's row locked elsewhere fails the group after
         `group_lock_wait` seconds instead of holding the others' rows for the server's lock
-        wait timeout. The request is never split: a job's UPDATE and the IF that reads its row
+        wait timeout. The request is never split: a job's UPDATE and the SET that reads its row
         count must travel together (between two requests the driver may ask for the UPDATE's
-        warnings, which resets the count)."""
+        warnings, which resets the count). One INSERT per table for the whole group, not one
+        per job under a savepoint of its own: each statement costs the server its parse and set-up
+        whatever it carries (bench/PROFILE.md, fourteenth session)."""
         out: list[bool | None] = [None] * len(batch)
         sent: list[int] = []
         try:
             async with raw.transaction(self.engine) as tx:
                 now = utcnow()
                 units: list[str] = []
-                room = raw.MAX_STATEMENT - 200  # (the block's words, the COMMIT and the SELECT)
+                inserts: dict[Any, tuple[str, list[str], str]] = {}  # statement -> head, rows, tail
+                sides: list[str] = []
+                room = raw.MAX_STATEMENT - 200  # (the block's words, the IF, the COMMIT and the SELECT)
                 for i in sorted(range(len(batch)), key=lambda i: batch[i][0].job_id):
                     job, whole, (guarded, _, params, out_rows, led) = batch[i]
                     try:
                         for row in out_rows:
                             row["created_at"] = now
-                        rest = self._writes(tx, job, whole, out_rows, led)
+                        rows = [(st, tx.insert_rows(st, r)) for st, r in ((OUTBOX_INSERT, out_rows),
+                                                                         (LEDGER_UPSERT, led)) if r]
+                        side = [tx.sql(st, values) for st, values in self._side_updates(job, whole)]
                         fenced = tx.sql(guarded, params)
                     except Exception:  # alone, it raises its own error to its own job
                         log.debug("job %s's commit could not be built for a group; it goes alone", job.job_id,
                                   exc_info=True)
                         continue
-                    missed = f"ROLLBACK TO SAVEPOINT j{i}; SET {_NOT_WRITTEN} = CONCAT({_NOT_WRITTEN}, ',{i}')"
-                    unit = [f"SAVEPOINT j{i}", self._lock_wait + fenced,
-                            f"IF ROW_COUNT() = 1 THEN {'; '.join(rest)}; ELSE {missed}; END IF" if rest
-                            else f"IF ROW_COUNT() <> 1 THEN {missed}; END IF"]
-                    size = sum(len(u) + 1 for u in unit)
+                    unit = [fenced,
+                            f"SET {_NOT_WRITTEN} = CONCAT({_NOT_WRITTEN}, IF(ROW_COUNT() = 1, '', ',{i}'))"]
+                    size = (sum(len(u) + 2 for u in (*unit, *side))
+                            + sum(sum(len(v) + 1 for v in values) + (0 if st in inserts else len(head) + len(tail) + 2)
+                                  for st, (head, values, tail) in rows))
                     if size > room:
                         continue  # the request is full: this one goes alone
                     room -= size
                     units += unit
+                    sides += side
+                    for st, (head, values, tail) in rows:
+                        inserts.setdefault(st, (head, [], tail))[1].extend(values)
                     sent.append(i)
                 if not sent:
                     return out
                 self.transactions += 1
                 self.groups += 1
                 self.on_transaction(len(sent))
-                # the jobs' statements as one block: the server answers once, not thrice a job
-                _, rows = await tx.script_select([f"SET {_NOT_WRITTEN} = ''", raw.block(units)],
-                                                 f"SELECT {_NOT_WRITTEN}", commit=True)
+                # the UPDATEs (and their SETs) as one block: the server answers once, not twice a
+                # job; the INSERTs after it on their own (in a block the server copies each
+                # literal, an event's body too, into the block's UTF-8 text, character by
+                # character: bench/PROFILE.md); all under the group's lock wait timeout; and
+                # with any fence failed, the whole undone
+                script = [f"SET {_NOT_WRITTEN} = ''", self._lock_wait + raw.block(units + sides),
+                          *(self._lock_wait + head + ",".join(values) + tail for head, values, tail in inserts.values()),
+                          f"IF {_NOT_WRITTEN} <> '' THEN ROLLBACK; END IF"]
+                _, found = await tx.script_select(script, f"SELECT {_NOT_WRITTEN}", commit=True)
         except DBAPIError as exc:
             if exc.connection_invalidated:
                 raise
             log.info("a group commit of %d jobs failed (%s); each goes alone", len(sent), exc.orig)
             return [None] * len(batch)  # rolled back: nothing of it was written
-        found = rows[0][0] if rows else None
-        missed_ = {int(x) for x in (found.decode() if isinstance(found, bytes) else str(found or "")).split(",") if x}
-        for i in sent:
-            out[i] = i not in missed_
+        listed = found[0][0] if found else None
+        missed = {int(x) for x in (listed.decode() if isinstance(listed, bytes) else str(listed or "")).split(",") if x}
+        for i in sent:  # with any missed, nothing was written: the others go alone
+            out[i] = False if i in missed else None if missed else True
         return out
 
     async def _write(self, job: JobRow, commit: Commit, whole: Commit, full: _Prepared, head: _Prepared, *,
