@@ -3,15 +3,17 @@
     python -m bench.group_commit [--jobs 400] [--group 8] [--rounds 5] [--callgrind PID]
 
 Under load serve writes its jobs' commits in groups, several jobs' per transaction
-(`JobStore._commit_group`, adapters/db/store.py). This runs the store's own code on a fresh
-database of the benchmark's (`failover_bench`, the project's migrations): `--jobs` jobs of ours,
-each round one commit of each, all at once, with one commit in flight at a time, so that the
-first goes alone and the rest in groups of `--group`. A commit is what a step's end usually is:
-the job's status and next step, one event (a `StepCompleted`, ~600 bytes of JSON) and one ledger
-row. It prints, per commit, MariaDB's CPU (mariadbd's user + system time from /proc, its idle
-rate taken off) or, with `--callgrind PID`, the instructions of a server run under callgrind
-(bench/lease_update.py's docstring has the commands; pass its URL with `--database-url`), and
-this process's CPU (the store's side: building the statements, the driver, the event loop).
+(`JobStore._commit_group`, adapters/db/store.py). This runs the store's own code on a database
+of its own (`failover_group_bench`, the project's migrations; dropped at the end): `--jobs`
+jobs of ours, each round one commit of each, all at once, with one commit in flight at a time,
+so that the first goes alone and the rest in groups of `--group`. A commit is what a step's end
+usually is: the job's status and next step, one event (a `StepCompleted`, ~600 bytes of JSON)
+and one ledger row. It prints, per commit, MariaDB's CPU (mariadbd's user + system time from
+/proc, its idle rate taken off) or, with `--callgrind PID`, the instructions of a server run
+under callgrind (bench/lease_update.py's docstring has the commands; pass its URL with
+`--database-url`), and this process's CPU (the store's side: building the statements, the
+driver, the event loop) or, run under callgrind itself with `--callgrind-self`, its
+instructions.
 
 Compare two versions of the store by running this from a checkout of each, one after the other:
 instructions are repeatable whatever the machine does; CPU times are not on a shared machine.
@@ -28,6 +30,7 @@ import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from adapters.db.engine import make_engine, utcnow
@@ -39,6 +42,7 @@ from schemas.events import StepCompleted
 from statemachine.ports import Commit, JobRow, LedgerEntry
 
 OWNER = "group-commit-bench"
+DB = "failover_group_bench"
 
 
 def a_commit(job: JobRow, round_: int) -> Commit:
@@ -54,7 +58,7 @@ def a_commit(job: JobRow, round_: int) -> Commit:
 
 
 async def main(args: argparse.Namespace) -> None:
-    url = await fresh_database(args.database_url)
+    url = await fresh_database(args.database_url, DB)
     engine = make_engine(url, pool_size=4, max_overflow=0)
     try:
         now = utcnow()
@@ -111,6 +115,8 @@ async def main(args: argparse.Namespace) -> None:
         print(f"median per commit: MariaDB {statistics.median(server):,.0f} {unit}; "
               f"this process {statistics.median(client):,.0f} {mine_unit}")
     finally:
+        async with engine.begin() as conn:
+            await conn.execute(text(f"DROP DATABASE `{DB}`"))
         await engine.dispose()
 
 

@@ -131,17 +131,18 @@ def set_code_dir(path: Path) -> None:
     CODE_DIR = path
 
 
-async def fresh_database(base_url: str) -> str:
-    """Drop and recreate `failover_bench`, apply the migrations; returns its URL."""
+async def fresh_database(base_url: str, name: str = BENCH_DB) -> str:
+    """Drop and recreate the database `name` (the benchmark's, `failover_bench`), apply the
+    migrations; returns its URL."""
     parsed = make_url(base_url)
     server = create_async_engine(parsed.set(database=""))
     try:
         async with server.begin() as conn:
-            await conn.execute(text(f"DROP DATABASE IF EXISTS `{BENCH_DB}`"))
-            await conn.execute(text(f"CREATE DATABASE `{BENCH_DB}` CHARACTER SET utf8mb4"))
+            await conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
+            await conn.execute(text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
     finally:
         await server.dispose()
-    url = parsed.set(database=BENCH_DB).render_as_string(hide_password=False)
+    url = parsed.set(database=name).render_as_string(hide_password=False)
     done = await asyncio.to_thread(subprocess.run, [
         sys.executable, "-c", "import sys; from adapters.db.migrate import upgrade; upgrade(sys.argv[1])", url],
         cwd=str(CODE_DIR), env={**os.environ, "PYTHONPATH": str(CODE_DIR)}, capture_output=True, text=True)

@@ -38,6 +38,9 @@ def statements(script: str) -> list[str]:
     out.append(script[start:].strip())
     merged: list[str] = []
     for sql in filter(None, out):  # the pieces of an IF block go back together
+        lead = _SET_STATEMENT.match(sql)
+        if lead and sql[lead.end():lead.end() + 17].upper() == "BEGIN NOT ATOMIC ":
+            sql = sql[lead.end():]  # a block under `SET STATEMENT ... FOR` (a group commit's)
         if sql[:17].upper() == "BEGIN NOT ATOMIC ":
             sql = sql[17:].strip()  # the block's first statement
         elif sql.upper() == "END":  # the block's end (an IF's is "END IF")
@@ -50,20 +53,15 @@ def statements(script: str) -> list[str]:
 
 
 _SET_STATEMENT = re.compile(r"SET\s+STATEMENT\s+.*?\bFOR\s+", re.IGNORECASE | re.DOTALL)
-# a group commit's block (adapters/db/store.py): its THEN branch is what runs when the fence held
-_THEN = re.compile(r"IF ROW_COUNT\(\) = 1 THEN (.*?); (?:ELSE .*; )?END IF\Z", re.IGNORECASE | re.DOTALL)
 
 
 def counted(sql: str) -> list[str]:
-    """What one statement of `statements` runs in the usual case: itself, and for a group
-    commit's `IF ROW_COUNT() = 1 THEN ...` block the statements of its THEN branch too (the
-    INSERTs of the jobs whose fence held). A stop (`IF ROW_COUNT() <> 1 THEN SIGNAL ...`) runs
-    nothing inside when the fence holds."""
+    """What one statement of `statements` runs in the usual case: itself (a stop, `IF ... THEN
+    SIGNAL ...`, runs nothing inside when the fence holds)."""
     lead = _SET_STATEMENT.match(sql)
     if lead:  # `SET STATEMENT var = value FOR UPDATE ...`: the UPDATE
         return counted(sql[lead.end():])
-    m = _THEN.match(sql)
-    return [sql, *statements(m.group(1))] if m else [sql]
+    return [sql]
 
 
 class SqlCounter:

@@ -23,7 +23,7 @@ from adapters.db import raw
 from adapters.db.engine import make_engine, utcnow
 from adapters.db.outbox import outbox_row
 from adapters.db.store import JobStore
-from adapters.db.tables import failover_jobs, outbox, resource_ledger
+from adapters.db.tables import failover_jobs, outbox, resource_ledger, vm_replication_contexts
 from schemas.events import StepCompleted, StepStarted
 from statemachine.errors import LeaseLost
 from statemachine.ports import Commit, JobRow, LedgerEntry
@@ -209,7 +209,11 @@ async def test_the_events_outbox_time_is_their_commits_not_when_it_began_to_wait
 
 async def _taken_over(db: AsyncEngine) -> JobRow:
     """A job of ours, as we loaded it, that another process has taken over since."""
-    job = await _a_job(db)
+    return await _taken_over_now(db, await _a_job(db))
+
+
+async def _taken_over_now(db: AsyncEngine, job: JobRow) -> JobRow:
+    """`job`, which another process takes over now."""
     async with db.begin() as conn:
         await conn.execute(update(failover_jobs).where(failover_jobs.c.job_id == job.job_id)
                            .values(lease_owner="someone-else"))
@@ -259,6 +263,8 @@ async def test_in_a_group_a_lost_lease_and_a_cancel_are_each_their_own(db: Async
     first, ok, taken, cancelled, last = [await _a_job(db) for _ in range(2)] + [
         await _taken_over(db), await _a_job(db, cancel_requested=True), await _a_job(db)]
     store = JobStore(db, OWNER, lease_seconds=30, group_limit=1)
+    carried: list[int] = []
+    store.on_transaction = carried.append
     jobs = [first, ok, taken, cancelled, last]
     out = await _all_at_once(store, jobs, [_commit(j, tail=True) for j in jobs])
     assert out[:2] == [False, False] and isinstance(out[2], LeaseLost) and out[3:] == [True, False]
@@ -268,7 +274,10 @@ async def test_in_a_group_a_lost_lease_and_a_cancel_are_each_their_own(db: Async
     events, ledger, row = await _written(db, cancelled)
     assert (events, ledger, row.resume_state, row.last_sequence) == (["StepCompleted"], ["snapshot:vol-1"], None, 1)
     if _grouped(db):
-        assert store.groups == 1
+        # the first alone; the four together, stopped by the two fences and undone; the two
+        # others again as a group; the lost lease and the cancel each alone, the long way
+        assert (store.transactions, store.groups) == (5, 1)
+        assert sorted(carried) == [1, 1, 1, 2]
 
 
 async def test_a_group_that_fails_on_the_server_leaves_each_commit_to_go_alone(db: AsyncEngine) -> None:
@@ -284,7 +293,38 @@ async def test_a_group_that_fails_on_the_server_leaves_each_commit_to_go_alone(d
     for i, job in enumerate(jobs):
         events, ledger, row = await _written(db, job)
         assert (events, ledger, row.last_sequence) == (([], [], 0) if i == 2 else (["StepCompleted"], ["snapshot:vol-1"], 1))
-    assert (store.transactions, store.groups) == ((5, 1) if _grouped(db) else (4, 0))
+    assert (store.transactions, store.groups) == ((5, 0) if _grouped(db) else (4, 0))  # (the group undone)
+
+
+async def test_a_group_writes_each_commit_as_it_is_events_ledger_rows_and_side_updates_or_none(
+        db: AsyncEngine) -> None:
+    """One group, commits of every shape: the job's row alone, events without ledger rows,
+    ledger rows without events, the VM's status beside them; each written as it is."""
+    jobs = [await _a_job(db) for _ in range(5)]
+    vm_id, now = jobs[4].vm_id, utcnow()
+    async with db.begin() as conn:
+        await conn.execute(vm_replication_contexts.insert().values(
+            context_id=f"ctx-{uuid.uuid4().hex[:12]}", vm_name="web", vmware_vm_id=vm_id,
+            current_status="ready_for_failover", created_at=now, updated_at=now))
+    commits = [_commit(j) for j in jobs]
+    commits[1] = Commit(job={"status": "running"})  # the row alone
+    commits[2].ledger = []  # an event, no ledger row
+    commits[3].events = []  # a ledger row, no event
+    commits[4].vm_status = "failing_over"
+    store = JobStore(db, OWNER, lease_seconds=30, group_limit=1)
+    carried: list[int] = []
+    store.on_transaction = carried.append
+    assert await _all_at_once(store, jobs, commits) == [False] * 5
+    written = [await _written(db, job) for job in jobs]
+    assert [(e, led, row.status, row.last_sequence) for e, led, row in written] == [
+        (["StepCompleted"], ["snapshot:vol-1"], "running", 1), ([], [], "running", 0),
+        (["StepCompleted"], [], "running", 1), ([], ["snapshot:vol-1"], "running", 0),
+        (["StepCompleted"], ["snapshot:vol-1"], "running", 1)]
+    async with db.connect() as conn:
+        status = (await conn.execute(select(vm_replication_contexts.c.current_status)
+                                     .where(vm_replication_contexts.c.vmware_vm_id == vm_id))).scalar_one()
+    assert status == "failing_over"
+    assert carried == ([1, 4] if _grouped(db) else [1] * 5)
 
 
 async def test_a_commit_that_cannot_be_built_fails_alone_not_its_group(db: AsyncEngine) -> None:
@@ -304,10 +344,13 @@ async def test_a_commit_that_cannot_be_built_fails_alone_not_its_group(db: Async
 
 async def test_a_group_never_splits_its_request_the_commits_that_do_not_fit_go_alone(
         db: AsyncEngine) -> None:
-    """A job's UPDATE and the IF that reads its row count must travel in one request (between
+    """A job's UPDATE and the SET that reads its row count must travel in one request (between
     two, the driver may ask for the UPDATE's warnings, which resets the count): a group takes
     what fits in one request, the rest go alone, and every commit lands once."""
-    jobs = [await _a_job(db) for _ in range(6)] + [await _taken_over(db), await _a_job(db)]
+    # the one taken over last in the order a group takes them (the jobs' ids), so that the first
+    # group is two of the others (with it, the group is undone and its neighbour goes again)
+    jobs = sorted([await _a_job(db) for _ in range(8)], key=lambda j: j.job_id)
+    jobs[6], jobs[7] = await _taken_over_now(db, jobs[7]), jobs[6]
     commits = [_commit(j, tail=True) for j in jobs]
     for c in commits:
         c.ledger[0].data["notes"] = "x" * (raw.MAX_STATEMENT * 2 // 5)  # two fit in a request, three do not
@@ -355,7 +398,7 @@ async def _lost_group(db: AsyncEngine) -> None:
         out = await asyncio.wait_for(asyncio.gather(*commits, return_exceptions=True), 10)
     assert out[0] is False
     assert all(isinstance(o, DBAPIError) and o.connection_invalidated for o in out[1:]), out
-    assert (store.transactions, store.groups) == (2, 1)
+    assert (store.transactions, store.groups) == (2, 0)  # the group sent, never written
     assert (await _written(db, jobs[0]))[0] == ["StepCompleted"]
     for job in jobs[1:]:
         assert (await _written(db, job))[:2] == ([], [])
@@ -402,6 +445,6 @@ async def test_a_group_waiting_on_a_row_locked_elsewhere_lets_the_others_go_alon
             assert not commits[2].done()
         assert await asyncio.wait_for(asyncio.gather(*commits), 15) == [False] * 4
         assert (await _written(db, jobs[2]))[0] == ["StepCompleted"]
-        assert store.groups == 1
+        assert (store.transactions, store.groups) == (5, 0)  # the first, the group given up, three alone
     finally:
         await db.dispose()

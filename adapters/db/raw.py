@@ -365,16 +365,27 @@ def _bounded(texts: Sequence[str], limit: int) -> list[tuple[int, int]]:
 # MariaDB's error for a SIGNAL (ER_SIGNAL_EXCEPTION), and the message of `stop_unless_one_row`'s
 SIGNALLED = 1644
 STOPPED = "stopped: the statement before matched no row"
-_STOP_UNLESS_ONE_ROW = f"IF ROW_COUNT() <> 1 THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{STOPPED}'; END IF"
+
+
+def stop_if(condition: str, message: str = STOPPED) -> str:
+    """A statement for `script` (MariaDB's IF outside stored programs) that fails with `message`
+    (`stopped(exc, message)`) where the SQL `condition` holds: what comes after it then does not
+    run, a COMMIT included."""
+    return f"IF {condition} THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{message}'; END IF"
+
+
+_STOP_UNLESS_ONE_ROW = stop_if("ROW_COUNT() <> 1")
 
 
 def block(sqls: Sequence[str]) -> str:
     """`sqls` as one statement for `script`: MariaDB's anonymous block, `BEGIN NOT ATOMIC ...
     END` (where `Statements.compound` holds). Not a transaction of its own: its statements
     write into the script's, and the first that fails ends the block with its error, as in the
-    script. The server answers it once instead of once per statement: on a group of 8 job
-    commits (a savepoint, a fenced UPDATE and an IF each), 20 us of the client's CPU per job
-    instead of 64, and 77 us of the server's instead of 146 (bench/PROFILE.md)."""
+    script. The server answers it once instead of once per statement (on a group of 8 job
+    commits of three statements each, 20 us of the client's CPU per job instead of 64, and 77 us
+    of the server's instead of 146: bench/PROFILE.md), but copies each string literal in it into
+    the block's UTF-8 text character by character: long values (an event's body) are cheaper
+    outside."""
     return "BEGIN NOT ATOMIC " + "; ".join(sqls) + "; END"
 
 
@@ -385,10 +396,10 @@ def as_block(sqls: Sequence[str]) -> list[str]:
     return [block(sqls)] if fits else list(sqls)
 
 
-def stopped(exc: BaseException) -> bool:
-    """Whether `exc` is a script's stop by `stop_unless_one_row`."""
+def stopped(exc: BaseException, message: str = STOPPED) -> bool:
+    """Whether `exc` is a script's stop by `stop_unless_one_row` (or by a `stop_if` with `message`)."""
     orig = getattr(exc, "orig", None)
-    return isinstance(exc, DBAPIError) and orig is not None and tuple(orig.args[:2]) == (SIGNALLED, STOPPED)
+    return isinstance(exc, DBAPIError) and orig is not None and tuple(orig.args[:2]) == (SIGNALLED, message)
 
 
 def padded(values: Sequence[T]) -> list[T]:

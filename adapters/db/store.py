@@ -176,6 +176,7 @@ _Prepared = tuple[Update, Update, dict[str, Any], list[dict[str, Any]], list[dic
 GROUP_LIMIT = 4
 GROUP_MOST = 64
 _NOT_WRITTEN = "@failover_not_written"  # a group's list of the commits whose fence failed
+_GROUP_STOPPED = "stopped: a fence of the group matched no row"
 # a group's UPDATE waits this long for a row locked elsewhere (then each of its jobs goes alone),
 # not the server's innodb_lock_wait_timeout (50 s by default) with the other jobs' rows held
 GROUP_LOCK_WAIT = 5
@@ -356,7 +357,8 @@ class JobStore:
             dialect = self.engine.sync_engine.dialect
             if dialect.server_version_info is None:  # not connected yet: which server is unknown
                 return None
-            # MariaDB's IF outside stored programs keeps each job's writes to its fence
+            # MariaDB's compound statements: a group's UPDATEs and the SETs reading their row
+            # counts in one block, and a stop (an IF outside stored programs) if a fence failed
             supported = self.group_limit > 0 and raw.statements_of(self.engine).compound
             self._group = _Group(self._commit_group, self.group_limit, self.group_most) if supported else False
         return self._group if isinstance(self._group, _Group) else None
@@ -364,29 +366,33 @@ class JobStore:
     async def _commit_group(self, batch: list[tuple[JobRow, Commit, _Prepared]]) -> list[bool | None]:
         """The commits of several jobs as one transaction in one request: in one block
         (`raw.block`) the jobs' fenced UPDATEs, each followed by a SET that adds the job to the
-        list of those whose fence failed unless it matched one row, and their side updates; the
-        events of all in one INSERT, their ledger rows in one upsert; a ROLLBACK if any fence
-        failed; the COMMIT; that list. Of each: True written, False its fence
-        failed, None not sent or not written beside one that failed (they go alone: the group's
-        request was full, its statements could not be built, the server refused the group, or
-        another's fence failed: a cancel, a lost lease, rare). A lost connection is raised to
-        all. The rows are locked in the order of the jobs' ids (as the lease renewal's UPDATE
-        ... IN takes them), and a job's row locked elsewhere fails the group after
-        `group_lock_wait` seconds instead of holding the others' rows for the server's lock
-        wait timeout. The request is never split: a job's UPDATE and the SET that reads its row
-        count must travel together (between two requests the driver may ask for the UPDATE's
-        warnings, which resets the count). One INSERT per table for the whole group, not one
-        per job under a savepoint of its own: each statement costs the server its parse and set-up
-        whatever it carries (bench/PROFILE.md, fourteenth session)."""
+        list of those whose fence failed unless it matched one row, and their side updates; a
+        stop if any fence failed; the events of all in one INSERT, their ledger rows in one
+        upsert; the COMMIT. Of each: True written, False its fence failed, None not sent (it
+        goes alone: the group's request was full, its statements could not be built, or the
+        server refused the group, which then wrote nothing). When a fence fails (a cancel, a
+        lost lease: rare) nothing of the group is written, and the others go again as a group.
+        A lost connection is raised to all. The rows are locked in the order of the jobs' ids
+        (as the lease renewal's UPDATE ... IN takes them), and a row locked elsewhere fails the
+        group after `group_lock_wait` seconds instead of holding the others' rows for the
+        server's lock wait timeout. A job's UPDATE and the SET that reads its row count are in
+        one statement, the block (between two requests the driver may ask for the UPDATE's
+        warnings, which resets the count), and the whole goes in one request. One INSERT per
+        table for the group, not one per job: each statement costs the server its parse and its
+        set-up whatever it carries (bench/PROFILE.md, fourteenth session)."""
         out: list[bool | None] = [None] * len(batch)
         sent: list[int] = []
+        found: list[tuple[Any, ...]] = []
+        stop = raw.stop_if(f"{_NOT_WRITTEN} <> ''", _GROUP_STOPPED)
         try:
             async with raw.transaction(self.engine) as tx:
                 now = utcnow()
                 units: list[str] = []
-                inserts: dict[Any, tuple[str, list[str], str]] = {}  # statement -> head, rows, tail
+                # per statement (and its column list): the head, the rows, the tail of its INSERT
+                inserts: dict[tuple[Any, str], tuple[str, list[str], str]] = {}
                 sides: list[str] = []
-                room = raw.MAX_STATEMENT - 200  # (the block's words, the IF, the COMMIT and the SELECT)
+                # what the script holds besides the jobs' statements, and a margin
+                room = raw.MAX_STATEMENT - 3 * len(self._lock_wait) - len(stop) - 200
                 for i in sorted(range(len(batch)), key=lambda i: batch[i][0].job_id):
                     job, whole, (guarded, _, params, out_rows, led) = batch[i]
                     try:
@@ -403,7 +409,8 @@ class JobStore:
                     unit = [fenced,
                             f"SET {_NOT_WRITTEN} = CONCAT({_NOT_WRITTEN}, IF(ROW_COUNT() = 1, '', ',{i}'))"]
                     size = (sum(len(u) + 2 for u in (*unit, *side))
-                            + sum(sum(len(v) + 1 for v in values) + (0 if st in inserts else len(head) + len(tail) + 2)
+                            + sum(sum(len(v) + 1 for v in values)
+                                  + (0 if (st, head) in inserts else len(head) + len(tail) + 2)
                                   for st, (head, values, tail) in rows))
                     if size > room:
                         continue  # the request is full: this one goes alone
@@ -411,22 +418,27 @@ class JobStore:
                     units += unit
                     sides += side
                     for st, (head, values, tail) in rows:
-                        inserts.setdefault(st, (head, [], tail))[1].extend(values)
+                        inserts.setdefault((st, head), (head, [], tail))[1].extend(values)
                     sent.append(i)
                 if not sent:
                     return out
                 self.transactions += 1
-                self.groups += 1
-                self.on_transaction(len(sent))
                 # the UPDATEs (and their SETs) as one block: the server answers once, not twice a
                 # job; the INSERTs after it on their own (in a block the server copies each
                 # literal, an event's body too, into the block's UTF-8 text, character by
-                # character: bench/PROFILE.md); all under the group's lock wait timeout; and
-                # with any fence failed, the whole undone
-                script = [f"SET {_NOT_WRITTEN} = ''", self._lock_wait + raw.block(units + sides),
-                          *(self._lock_wait + head + ",".join(values) + tail for head, values, tail in inserts.values()),
-                          f"IF {_NOT_WRITTEN} <> '' THEN ROLLBACK; END IF"]
-                _, found = await tx.script_select(script, f"SELECT {_NOT_WRITTEN}", commit=True)
+                # character: bench/PROFILE.md); all under the group's lock wait timeout
+                script = [f"SET {_NOT_WRITTEN} = ''", self._lock_wait + raw.block(units + sides), stop,
+                          *(self._lock_wait + head + ",".join(values) + tail for head, values, tail in inserts.values())]
+                try:
+                    _, found = await tx.script_select(script, f"SELECT {_NOT_WRITTEN}", commit=True)
+                except DBAPIError as exc:
+                    if not raw.stopped(exc, _GROUP_STOPPED):
+                        raise
+                    await tx.rollback()  # a fence failed: nothing of the group stays
+                    _, found = await tx.script_select([], f"SELECT {_NOT_WRITTEN}")  # (a session's variable)
+                else:
+                    self.groups += 1
+                    self.on_transaction(len(sent))
         except DBAPIError as exc:
             if exc.connection_invalidated:
                 raise
@@ -434,8 +446,15 @@ class JobStore:
             return [None] * len(batch)  # rolled back: nothing of it was written
         listed = found[0][0] if found else None
         missed = {int(x) for x in (listed.decode() if isinstance(listed, bytes) else str(listed or "")).split(",") if x}
-        for i in sent:  # with any missed, nothing was written: the others go alone
-            out[i] = False if i in missed else None if missed else True
+        if not missed:
+            for i in sent:
+                out[i] = True
+            return out
+        again = [i for i in sent if i not in missed]  # the others, once more as a group
+        for i, written in zip(again, await self._commit_group([batch[i] for i in again]) if again else [], strict=True):
+            out[i] = written
+        for i in missed:
+            out[i] = False
         return out
 
     async def _write(self, job: JobRow, commit: Commit, whole: Commit, full: _Prepared, head: _Prepared, *,
