@@ -649,9 +649,11 @@ class Callgrind:
         subprocess.run(["callgrind_control", "-z", str(self.pid)], check=True, capture_output=True)
 
     def count(self) -> int:
-        before = set(self._dumps())
+        # (a dump of a server started since may overwrite an earlier one's file of the same name)
+        before = {f: f.stat().st_mtime_ns for f in self._dumps()}
         subprocess.run(["callgrind_control", "-d", str(self.pid)], check=True, capture_output=True)
-        for dump in sorted(set(self._dumps()) - before, key=lambda f: f.stat().st_mtime, reverse=True):
+        fresh = [f for f in self._dumps() if before.get(f) != f.stat().st_mtime_ns]
+        for dump in sorted(fresh, key=lambda f: f.stat().st_mtime_ns, reverse=True):
             for line in dump.read_text(errors="replace").splitlines():
                 if line.startswith(("totals:", "summary:")):  # all threads since the last zero
                     return int(line.split()[1])
