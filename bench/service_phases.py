@@ -247,7 +247,7 @@ async def throughput(bench: Bench, serve: Serve | list[Serve], count: int, label
     us0 = await user_stats(bench.engine, SERVICE_USER)
     sql0 = bench.sql.snapshot() if counted and bench.sql is not None else None
     meter = CpuMeter({"serve": [p for s in serves for p in s.pids()], "emulators": [bench.emu.pid], **substrate_pids()})
-    grind = Callgrind(bench.args.mariadb_callgrind) if getattr(bench.args, "mariadb_callgrind", None) else None
+    grind = Callgrind(bench.args.mariadb_callgrind) if bench.args.mariadb_callgrind else None
     if grind is not None:
         grind.zero()
     meter.start()

@@ -84,8 +84,6 @@ LEDGER_UPSERT = _LEDGER_INSERT.on_duplicate_key_update(
     status=_LEDGER_INSERT.inserted.status, cs_job_id=_LEDGER_INSERT.inserted.cs_job_id,
     operation_id=_LEDGER_INSERT.inserted.operation_id, data=_LEDGER_INSERT.inserted.data,
     updated_at=_LEDGER_INSERT.inserted.updated_at)
-# the fence: this process's lease, not expired (an expired lease may have been taken by another
-# process already), and nobody else committed meanwhile
 
 
 def _bare(name: str) -> ColumnClause[Any]:
@@ -94,6 +92,8 @@ def _bare(name: str) -> ColumnClause[Any]:
     return column(name, failover_jobs.c[name].type)
 
 
+# the fence: this process's lease, not expired (an expired lease may have been taken by another
+# process already), and nobody else committed meanwhile
 _FENCE = and_(_bare("job_id") == bindparam("f_job_id"), _bare("lease_owner") == bindparam("f_owner"),
               _bare("lease_expires_at") > func.now(6), _bare("last_sequence") == bindparam("f_sequence"))
 # ... and no cancel asked for: the commit's UPDATE tells with its row count whether a cancel
