@@ -53,16 +53,18 @@ def parse_expires(value: str) -> datetime | None:
     legacy = _LEGACY_EXPIRES.match(value)
     if legacy:
         value = legacy.group(1) + legacy.group(2)
-    for fmt in ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z"):
+    try:  # the common forms (`cs` sends `...T..:..:..+0000`) without strptime's cost
+        parsed: datetime | None = datetime.fromisoformat(value)
+    except ValueError:
+        parsed = None
+    if parsed is not None and parsed.tzinfo is not None:
+        return parsed
+    for fmt in ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z"):  # what Java's parser takes besides
         try:
             return datetime.strptime(value, fmt)
         except ValueError:
             pass
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else None
+    return None
 
 
 def verify_request(

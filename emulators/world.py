@@ -83,7 +83,7 @@ class World(WorldState):
             cpunumber or offering.default_cpunumber, memory or offering.default_memory, zone.id,
             template.id, offering.id, [n.id for n in networks],
         )  # fmt: skip
-        self.vms[vm.id] = vm
+        self.enter(vm)
         root_id = new_id()
         created = [
             Volume(
