@@ -172,13 +172,20 @@ class NetworkMapping:
     destination_network_name: str | None
 
 
+@dataclass(frozen=True)
+class PlatformSource:
+    """What the platform's tables say of a VM to fail over, read at one moment."""
+
+    vm: VmContext | None  # None: not in vm_replication_contexts
+    replication: ReplicationJob | None  # its newest replication job
+    disks: list[DiskVolume]  # that job's disks (none without one)
+    mappings: list[NetworkMapping]  # its test or production network mappings, as asked
+
+
 class PlatformPort(Protocol):
     """The migration platform's tables (read-only, except the VM's current status)."""
 
-    async def vm_context(self, vm_id: str) -> VmContext | None: ...
-    async def newest_replication_job(self, vm_id: str) -> ReplicationJob | None: ...
-    async def disks(self, replication_job_id: str) -> list[DiskVolume]: ...
-    async def network_mappings(self, vm_id: str, test: bool) -> list[NetworkMapping]: ...
+    async def source(self, vm_id: str, test: bool) -> PlatformSource: ...
 
 
 # --------------------------------------------------------------------------- the job store

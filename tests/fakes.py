@@ -59,6 +59,7 @@ from statemachine.ports import (
     JobRow,
     LedgerEntry,
     NetworkMapping,
+    PlatformSource,
     ReplicationJob,
     VmContext,
 )
@@ -788,22 +789,13 @@ class FakePlatform:
         self.disk_rows: dict[str, list[DiskVolume]] = {}  # by replication job id
         self.mappings: dict[tuple[str, bool], list[NetworkMapping]] = {}
 
-    async def vm_context(self, vm_id: str) -> VmContext | None:
-        await _network_turn()
-        return self.contexts.get(vm_id)
-
-    async def newest_replication_job(self, vm_id: str) -> ReplicationJob | None:
+    async def source(self, vm_id: str, test: bool) -> PlatformSource:
         await _network_turn()
         jobs = self.replication_jobs.get(vm_id) or []
-        return jobs[-1] if jobs else None
-
-    async def disks(self, replication_job_id: str) -> list[DiskVolume]:
-        await _network_turn()
-        return list(self.disk_rows.get(replication_job_id, []))
-
-    async def network_mappings(self, vm_id: str, test: bool) -> list[NetworkMapping]:
-        await _network_turn()
-        return list(self.mappings.get((vm_id, test), []))
+        newest = jobs[-1] if jobs else None
+        return PlatformSource(vm=self.contexts.get(vm_id), replication=newest,
+                              disks=list(self.disk_rows.get(newest.id, [])) if newest else [],
+                              mappings=list(self.mappings.get((vm_id, test), [])))
 
     def set_status(self, vm_id: str, status: str) -> None:
         self.contexts[vm_id] = replace(self.contexts[vm_id], current_status=status)

@@ -210,7 +210,7 @@ async def test_metrics_move_with_real_jobs(serve: ServeProcess, bus: BusClient, 
         ("failover_adapter_calls_total", {"adapter": "cloudstack", "operation": "startVirtualMachine",
                                           "outcome": "ok"}, 1),
         ("failover_adapter_calls_total", {"adapter": "injection", "operation": "inject", "outcome": "ok"}, 2),
-        ("failover_adapter_calls_total", {"adapter": "platform_db", "operation": "vm_context",
+        ("failover_adapter_calls_total", {"adapter": "platform_db", "operation": "source",
                                           "outcome": "ok"}, 2),
         # every event of these jobs was published once, by type
         *[("failover_events_published_total", {"type": t}, n) for t, n in by_type.items()],

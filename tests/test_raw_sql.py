@@ -382,3 +382,56 @@ async def test_a_quote_cannot_end_a_literal_even_without_backslash_escapes(raw_d
         _, rows = await tx.script_select([], f"SELECT {raw.literal(attack)}, 2")
         assert len(rows) == 1 and rows[0][1] == 2
         assert rows[0][0] == attack.replace("\\", "\\\\")  # backslashes doubled, nothing run
+
+
+async def test_reads_in_one_request_are_converted_and_end_their_transaction(engine: AsyncEngine,
+                                                                             raw_database: str) -> None:
+    job = str(uuid.uuid4())
+    async with raw.transaction(engine) as tx:
+        await tx.insert(failover_jobs.insert(), [_job_row(job)])
+        await tx.insert(LEDGER_UPSERT, [_ledger_row(job, "a"), _ledger_row(job, "b")])
+    jobs = select(failover_jobs).where(failover_jobs.c.job_id == bindparam("job_id"))
+    ledger = select(resource_ledger).where(resource_ledger.c.job_id == bindparam("job_id")).order_by(
+        resource_ledger.c.id)
+    async with raw.transaction(engine) as tx:
+        rows, entries, none = await tx.fetch_all(
+            [(jobs, {"job_id": job}), (ledger, {"job_id": job}), (jobs, {"job_id": "no such job"})], commit=True)
+        assert tx.scripts  # (one request: the engine's connections take several statements)
+    async with engine.connect() as conn:
+        assert [r._asdict() for r in rows] == [(await conn.execute(jobs, {"job_id": job})).one()._asdict()]
+    assert [e.resource_key for e in entries] == ["a", "b"] and none == []
+    assert entries[0].data == {"device": "/dev/vdb", "nested": [1, "two", None]}  # JSON, as SQLAlchemy's
+    # the COMMIT ran: the pool's one connection, read again, sees what another committed since
+    # (under REPEATABLE READ an open transaction would still show its first view)
+    async with raw.transaction(engine) as tx:
+        await tx.fetch_all([(ledger, {"job_id": job})], commit=True)
+    async with raw_engine(raw_database) as other, raw.transaction(other) as tx:
+        await tx.insert(LEDGER_UPSERT, [_ledger_row(job, "c")])
+    async with raw.transaction(engine) as tx:
+        (entries,) = await tx.fetch_all([(ledger, {"job_id": job})], commit=True)
+    assert [e.resource_key for e in entries] == ["a", "b", "c"]
+
+
+async def test_reads_in_one_request_go_one_by_one_where_the_connection_takes_one(raw_database: str) -> None:
+    plain = create_async_engine(raw_database, pool_size=1)
+    job = str(uuid.uuid4())
+    query = select(failover_jobs.c.job_id, failover_jobs.c.options).where(failover_jobs.c.job_id == bindparam("j"))
+    try:
+        async with raw.transaction(plain) as tx:
+            await tx.insert(failover_jobs.insert(), [_job_row(job)])
+        async with raw.transaction(plain) as tx:
+            assert not tx.scripts
+            first, second = await tx.fetch_all([(query, {"j": job}), (query, {"j": "none"})], commit=True)
+        assert [(r.job_id, r.options) for r in first] == [(job, {"power_off_source": False})] and second == []
+    finally:
+        await plain.dispose()
+
+
+async def test_a_read_failing_mid_request_names_its_statement(engine: AsyncEngine) -> None:
+    query = select(failover_jobs.c.job_id).where(failover_jobs.c.job_id == bindparam("j"))
+    broken = text("SELECT no_such_column FROM failover_jobs")
+    with pytest.raises(OperationalError, match="statement 2 of 3 of a read: SELECT no_such_column"):
+        async with raw.transaction(engine) as tx:
+            await tx.fetch_all([(query, {"j": "x"}), (broken, {})], commit=True)
+    async with raw.transaction(engine) as tx:  # the connection is still good
+        assert await tx.fetch_all([(query, {"j": "x"})], commit=True) == [[]]

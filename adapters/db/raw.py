@@ -223,6 +223,39 @@ class Transaction:
 
         return prepared.converted(await self._call(prepared.sql, run))
 
+    async def fetch_all(self, queries: Sequence[tuple[ClauseElement, Mapping[str, Any]]], *,
+                        commit: bool = False) -> list[list[Any]]:
+        """Several SELECTs of columns, and with `commit` the COMMIT that ends a read-only
+        transaction, in one request where the connection takes several statements (else one by
+        one): each SELECT's rows, named and converted as `fetch`'s. A read alone was two round
+        trips (its SELECT, then the COMMIT that lets the connection go without a stale view)."""
+        prepared = [self._statements.get(statement) for statement, _ in queries]
+        sqls = [p.sql % tuple(map(literal, p.args(params))) for p, (_, params) in zip(prepared, queries, strict=True)]
+        if commit:
+            sqls.append("COMMIT")
+        found: list[list[tuple[Any, ...]]] = []
+
+        async def run(cursor: Any) -> None:
+            if not self.scripts:
+                for one in sqls:
+                    await cursor.execute(one)
+                    found.append(list(await cursor.fetchall() or ()))
+                return
+            await cursor.execute(";".join(sqls))  # no arguments: the text goes as it is
+            found.append(list(await cursor.fetchall() or ()))
+            for _ in range(len(sqls) - 1):
+                await cursor.nextset()
+                found.append(list(await cursor.fetchall() or ()))
+
+        def failed() -> str:  # the statement that failed: the next one without rows
+            at = min(len(found), len(sqls) - 1)
+            return f"statement {at + 1} of {len(sqls)} of a read: {_named(sqls[at])}"
+
+        await self._call(failed, run)
+        if commit:
+            self._committed = True
+        return [p.converted(rows) for p, rows in zip(prepared, found, strict=False)]
+
     async def insert(self, statement: ClauseElement, rows: Sequence[Mapping[str, Any]]) -> int:
         """An INSERT (or upsert) of `rows`, all with the same keys, as one multi-row statement;
         the first row's id."""

@@ -139,6 +139,7 @@ _UNENDED = failover_jobs.c.ended == False  # noqa: E712 (an SQL comparison, not 
 _VM_STATUS = (update(vm_replication_contexts).where(vm_replication_contexts.c.vmware_vm_id == bindparam("vm_id"))
               .values(current_status=bindparam("v_status"), updated_at=bindparam("v_updated_at")))
 _parent_updates: dict[tuple[str, ...], Update] = {}
+_LEDGER = select(resource_ledger).where(resource_ledger.c.job_id == bindparam("job_id")).order_by(resource_ledger.c.id)
 _OWNED_ROWS: dict[int, Select[Any]] = {}
 
 
@@ -526,10 +527,8 @@ class JobStore:
         return out
 
     async def ledger(self, job_id: str) -> list[LedgerEntry]:
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(
-                select(resource_ledger).where(resource_ledger.c.job_id == job_id).order_by(resource_ledger.c.id)
-            )).all()
+        async with raw.transaction(self.engine) as tx:  # the SELECT and its COMMIT in one request
+            (rows,) = await tx.fetch_all([(_LEDGER, {"job_id": job_id})], commit=True)
         return [LedgerEntry(key=r.resource_key, resource_type=r.resource_type, action=r.action,
                             status=r.status, resource_id=r.resource_id, name=r.name, cs_job_id=r.cs_job_id,
                             operation_id=r.operation_id, data=r.data or {}) for r in rows]

@@ -70,11 +70,12 @@ def _root(ctx: JobContext) -> dict[str, Any]:
 
 async def pre_failover_validation(ctx: JobContext) -> StepResult:
     """Check the platform tables and the volumes; resolve the plan every later step follows."""
-    platform, vm_id = ctx.ports.platform, ctx.row.vm_id
-    vm = await platform.vm_context(vm_id)
+    vm_id, test = ctx.row.vm_id, ctx.row.job_type == "test-failover"
+    source = await ctx.ports.platform.source(vm_id, test=test)
+    vm = source.vm
     if vm is None:
         raise StepError("VM_NOT_FOUND", f"VM {vm_id!r} is not in vm_replication_contexts; replicate it first")
-    job = await platform.newest_replication_job(vm_id)
+    job = source.replication
     if job is None:
         raise StepError("NO_REPLICATION", f"VM {vm_id!r} has no replication job; replicate it first")
     if job.status != "completed":
@@ -83,7 +84,7 @@ async def pre_failover_validation(ctx: JobContext) -> StepResult:
             f"the newest replication job {job.id} of VM {vm_id!r} is {job.status!r}, not 'completed'; "
             "wait for it to finish (or run a new sync) and request the failover again",
         )
-    disks = await platform.disks(job.id)
+    disks = source.disks
     if not disks:
         raise StepError("NO_DISKS", f"replication job {job.id} has no disks in vm_disks")
     missing = [d.disk_id for d in disks if d.volume_id is None]
@@ -94,10 +95,8 @@ async def pre_failover_validation(ctx: JobContext) -> StepResult:
             "repair vm_disks.ossea_volume_id before failing over",
         )
     ordered = sorted(disks, key=lambda d: (d.unit_number if d.unit_number is not None else 1 << 30, d.disk_id))
-    test = ctx.row.job_type == "test-failover"
-    mappings = await platform.network_mappings(vm_id, test=test)
     networks: list[str] = []
-    for m in mappings:
+    for m in source.mappings:
         if m.destination_network_id not in networks:
             networks.append(m.destination_network_id)
     network_source = ("test" if test else "production") + " network mappings"
