@@ -59,7 +59,7 @@ def parse_expires(value: str) -> datetime | None:
         parsed = None
     if parsed is not None and parsed.tzinfo is not None:
         return parsed
-    for fmt in ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z"):  # what Java's parser takes besides
+    for fmt in ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z"):  # (as before: either way round)
         try:
             return datetime.strptime(value, fmt)
         except ValueError:

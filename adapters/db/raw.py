@@ -229,6 +229,8 @@ class Transaction:
         transaction, in one request where the connection takes several statements (else one by
         one): each SELECT's rows, named and converted as `fetch`'s. A read alone was two round
         trips (its SELECT, then the COMMIT that lets the connection go without a stale view)."""
+        if not queries:
+            return []
         prepared = [self._statements.get(statement) for statement, _ in queries]
         sqls = [p.sql % tuple(map(literal, p.args(params))) for p, (_, params) in zip(prepared, queries, strict=True)]
         if commit:
