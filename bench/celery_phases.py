@@ -27,6 +27,7 @@ from .infra import (
     CpuMeter,
     children,
     proc_status,
+    python_probe,
     quantile,
     substrate_pids,
     user_stats,
@@ -181,6 +182,7 @@ async def run_pool(bench: Bench, *, label: str, pool: str, concurrency: int, cou
 
         await wait_until(warmed, 120, f"the celery worker ({pool}) to warm up", interval=0.2)
         quiet = await bench.quiet(*worker.pids())
+        speed = python_probe()  # the machine's speed right before the burst
         idle_rss = sum(proc_status(p).get("VmRSS", 0) for p in worker.pids())
         meter = CpuMeter({"celery": worker.pids(), "emulators": [bench.emu.pid], **substrate_pids()})
         jobs = [(str(uuid.uuid4()), v) for v in vm_ids]
@@ -224,6 +226,7 @@ async def run_pool(bench: Bench, *, label: str, pool: str, concurrency: int, cou
     lat = [ends[j] - t for j, t in published.items() if j in ends]
     return {
         "pool": pool, "concurrency": concurrency, "jobs": count, "audit_rows": tasks, "quiet_wait": quiet,
+        "python_probe_ms": speed,
         "wall_seconds": round(wall, 3), "jobs_per_second": round(count / wall, 2),
         "publish_seconds": round(publish_seconds, 3),
         "request_to_completed_ms": {"p50": round((quantile(lat, 0.5) or 0) * 1000, 1),

@@ -213,13 +213,13 @@ def _slow_baseline_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, s
                      f"{_f(s['job_run_s']['p50'])} / {_f(s['job_run_s']['max'], ' s')}", "-", "",
                      "the ramp, then the waits and the turns behind other jobs"))
     d = out.get("derived") or {}
-    if d.get("slow_least_wall_over_critical_path") is not None:
+    if d.get("slow_cpu_over_cores_over_critical_path") is not None:
         serve = d.get("slow_serve_cpu_over_critical_path")
-        rows.append(("   the floors these cores set: the machine's CPU in the phase / cores; serve's own CPU "
+        rows.append(("   the floors the CPU sets: (serve + emulators + RabbitMQ + MariaDB) / cores; serve alone "
                      "(one process), each over the critical path",
-                     f"{_f(d['slow_least_wall_over_critical_path'])}; {_f(serve)}", "-", "",
-                     f"{_f(d['slow_machine_cpu_seconds'], ' s')} of CPU on {out['machine']['nproc']} cores: "
-                     "no wall is shorter"))
+                     f"{_f(d['slow_cpu_over_cores_over_critical_path'])}; {_f(serve)}", "-", "",
+                     f"{_f(d['slow_cpu_seconds'], ' s')} of CPU on {out['machine']['nproc']} cores: a wall this "
+                     "short needs every core busy all through"))
     f = out.get("slow_floor")
     if f:
         rows.append((f"   the same with {f['jobs']} jobs at once: wall / critical path",

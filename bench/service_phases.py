@@ -32,6 +32,7 @@ from .infra import (
     global_status,
     histogram_quantiles,
     proc_status,
+    python_probe,
     quantile,
     quiet_machine,
     service_env,
@@ -242,6 +243,7 @@ async def throughput(bench: Bench, serve: Serve | list[Serve], count: int, label
     serves = _serves(serve)
     vm_ids = await bench.fresh_world(count, label)
     quiet = await bench.quiet(*(s.pid for s in serves))
+    speed = python_probe()  # the machine's speed right before the burst (after the seeding and the quiet)
     metrics_before = [await s.metrics_text() for s in serves]
     status_before = await global_status(bench.engine)
     us0 = await user_stats(bench.engine, SERVICE_USER)
@@ -298,6 +300,7 @@ async def throughput(bench: Bench, serve: Serve | list[Serve], count: int, label
         "publish_seconds": round(s["publish_seconds"], 3),
         "sql": sqlcount.delta(sql0, sql1, count) if sql0 is not None and sql1 is not None else None,
         "quiet_wait": quiet,
+        "python_probe_ms": speed,
         "outbox_commit_to_published_ms": await publish_lag(bench.engine, job_ids),
     }
 
