@@ -8,6 +8,7 @@ All ids are UUID4 strings; everything runs on one asyncio loop, with no threads.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from emulators import views
@@ -200,10 +201,15 @@ class WorldState:
         """The non-destroyed VM with this name (hostnames compare without case), if any."""
         return next((vm for vm in self._named.get(name.lower(), ()) if not vm.destroyed), None)
 
+    def _live_on(self, vm_id: str) -> Iterator[Volume]:
+        """The live volumes attached to a VM, unsorted (the appliance holds every replicated
+        volume: thousands in a benchmark)."""
+        return (v for v in self._on_vm.get(vm_id, {}).values() if not v.destroyed)
+
     def volumes_on(self, vm_id: str) -> list[Volume]:
         """The live volumes attached to a VM, in the order they were made."""
         rank = self._rank
-        return sorted((v for v in self._on_vm.get(vm_id, {}).values() if not v.destroyed), key=lambda v: rank[v.id])
+        return sorted(self._live_on(vm_id), key=lambda v: rank[v.id])
 
     def attached_volumes(self, vm_id: str) -> list[Volume]:
         """The live volumes attached to a VM, by device id."""
@@ -211,13 +217,11 @@ class WorldState:
 
     def volume_at(self, vm_id: str, device_id: int) -> Volume | None:
         """The live volume at a device id of a VM, if any."""
-        # unsorted: the appliance holds every replicated volume (thousands in a benchmark)
-        return next((v for v in self._on_vm.get(vm_id, {}).values()
-                     if v.device_id == device_id and not v.destroyed), None)
+        return next((v for v in self._live_on(vm_id) if v.device_id == device_id), None)
 
     def lowest_free_device(self, vm_id: str) -> int:
         """The lowest device id >= 1 that no volume of the VM uses."""
-        taken = {v.device_id for v in self._on_vm.get(vm_id, {}).values() if not v.destroyed}
+        taken = {v.device_id for v in self._live_on(vm_id)}
         device = 1
         while device in taken:
             device += 1
@@ -231,8 +235,7 @@ class WorldState:
 
     def volume_at_path(self, device_path: str) -> Volume | None:
         """The volume attached to the appliance at a device path, if any."""
-        return next((v for v in self._on_vm.get(self.appliance_vm_id, {}).values()
-                     if self.device_path(v) == device_path), None)
+        return next((v for v in self._live_on(self.appliance_vm_id) if self.device_path(v) == device_path), None)
 
     @staticmethod
     def write(volume: Volume, tag: str) -> None:

@@ -430,7 +430,7 @@ async def test_reads_in_one_request_go_one_by_one_where_the_connection_takes_one
 async def test_a_read_failing_mid_request_names_its_statement(engine: AsyncEngine) -> None:
     query = select(failover_jobs.c.job_id).where(failover_jobs.c.job_id == bindparam("j"))
     broken = text("SELECT no_such_column FROM failover_jobs")
-    with pytest.raises(OperationalError, match="statement 2 of 3 of a read: SELECT no_such_column"):
+    with pytest.raises(OperationalError, match="statement 2 of 3 of a script: SELECT no_such_column"):
         async with raw.transaction(engine) as tx:
             await tx.fetch_all([(query, {"j": "x"}), (broken, {})], commit=True)
     async with raw.transaction(engine) as tx:  # the connection is still good

@@ -49,11 +49,11 @@ class PlatformTables:
                      (_MAPPINGS[bool(test)], params)], commit=True)
             # one view under REPEATABLE READ (the server's default); under READ COMMITTED a
             # replication committed between two statements could give the disks of a newer
-            # job than the one read: then read again
-            if all(jobs and r.job_id == jobs[0].id for r in disks):
+            # job than the one read: then read again (after three tries, the read job's only)
+            newest = jobs[0].id if jobs else None
+            if all(r.job_id == newest for r in disks):
                 break
-        newest = jobs[0].id if jobs else None
-        disks = [r for r in disks if r.job_id == newest]  # (after three tries: the read job's, whatever else)
+        disks = [r for r in disks if r.job_id == newest]
         vm = None
         if contexts:
             r = contexts[0]

@@ -226,36 +226,14 @@ class Transaction:
     async def fetch_all(self, queries: Sequence[tuple[ClauseElement, Mapping[str, Any]]], *,
                         commit: bool = False) -> list[list[Any]]:
         """Several SELECTs of columns, and with `commit` the COMMIT that ends a read-only
-        transaction, in one request where the connection takes several statements (else one by
-        one): each SELECT's rows, named and converted as `fetch`'s. A read alone was two round
-        trips (its SELECT, then the COMMIT that lets the connection go without a stale view)."""
-        if not queries:
-            return []
+        transaction, run as `script` runs its statements (in one request where the connection
+        takes several): each SELECT's rows, named and converted as `fetch`'s. A read alone was
+        two round trips (its SELECT, then the COMMIT that lets the connection go without a stale
+        view)."""
         prepared = [self._statements.get(statement) for statement, _ in queries]
         sqls = [p.sql % tuple(map(literal, p.args(params))) for p, (_, params) in zip(prepared, queries, strict=True)]
-        if commit:
-            sqls.append("COMMIT")
         found: list[list[tuple[Any, ...]]] = []
-
-        async def run(cursor: Any) -> None:
-            if not self.scripts:
-                for one in sqls:
-                    await cursor.execute(one)
-                    found.append(list(await cursor.fetchall() or ()))
-                return
-            await cursor.execute(";".join(sqls))  # no arguments: the text goes as it is
-            found.append(list(await cursor.fetchall() or ()))
-            for _ in range(len(sqls) - 1):
-                await cursor.nextset()
-                found.append(list(await cursor.fetchall() or ()))
-
-        def failed() -> str:  # the statement that failed: the next one without rows
-            at = min(len(found), len(sqls) - 1)
-            return f"statement {at + 1} of {len(sqls)} of a read: {_named(sqls[at])}"
-
-        await self._call(failed, run)
-        if commit:
-            self._committed = True
+        await self._script([*sqls, "COMMIT"] if commit else sqls, commit=commit, rows=False, each=found)
         return [p.converted(rows) for p, rows in zip(prepared, found, strict=False)]
 
     async def insert(self, statement: ClauseElement, rows: Sequence[Mapping[str, Any]]) -> int:
@@ -327,23 +305,31 @@ class Transaction:
         counts, rows = await self._script([*sqls, *(["COMMIT"] if commit else []), select], commit=commit, rows=True)
         return counts[:len(sqls)], rows
 
-    async def _script(self, sqls: list[str], *, commit: bool, rows: bool) -> tuple[list[int], list[tuple[Any, ...]]]:
+    async def _script(self, sqls: list[str], *, commit: bool, rows: bool,
+                      each: list[list[tuple[Any, ...]]] | None = None) -> tuple[list[int], list[tuple[Any, ...]]]:
+        """`sqls` run in order: their row counts, and with `rows` the last one's rows; `each`
+        (when given) receives every statement's rows, in order."""
         if not sqls:
             return [], []
         counts: list[int] = []
+
+        async def done(cursor: Any) -> None:  # the statement the cursor is at has run
+            counts.append(int(cursor.rowcount))
+            if each is not None:
+                each.append(list(await cursor.fetchall() or ()))
 
         async def run(cursor: Any) -> list[int]:
             if not self.scripts:
                 for one in sqls:
                     await cursor.execute(one)
-                    counts.append(int(cursor.rowcount))
+                    await done(cursor)
                 return counts
             for start, end in _bounded(sqls, MAX_STATEMENT):
                 await cursor.execute(";".join(sqls[start:end]))  # no arguments: the text goes as it is
-                counts.append(int(cursor.rowcount))
+                await done(cursor)
                 for _ in range(end - start - 1):
                     await cursor.nextset()
-                    counts.append(int(cursor.rowcount))
+                    await done(cursor)
             return counts
 
         def failed() -> str:  # the statement that failed: the next one without a count
