@@ -499,7 +499,9 @@ class Serve:
     attach to a running process in this sandbox, but it can launch one)."""
 
     def __init__(self, env: dict[str, str], log_path: Path, *, profile_to: Path | None = None,
-                 profile_rate: int = 100) -> None:
+                 profile_rate: int = 100, python: str | None = None, code: Path | None = None) -> None:
+        self.python = python or sys.executable  # (bench/ab.py: another interpreter)
+        self.code = code  # where to import the service from (bench/ab.py: another version); else CODE_DIR
         self.port = free_port()
         self.env = {**env, "FAILOVER_METRICS_PORT": str(self.port), "FAILOVER_METRICS_HOST": "127.0.0.1"}
         self.log_path = log_path
@@ -519,13 +521,15 @@ class Serve:
         return self._pid
 
     async def start(self, timeout: float = 60.0) -> None:
-        argv = [sys.executable, "-m", "failover.cli", "serve"]
+        argv = [self.python, "-m", "failover.cli", "serve"]
         if self.profile_to is not None:
             pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             argv = [pyspy, "record", "--nonblocking", "-r", str(self.profile_rate), "-f", "raw",
                     "-o", str(self.profile_to), "--", *argv]
         self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(argv, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(CODE_DIR))
+        env = {**self.env, "PYTHONPATH": str(self.code)} if self.code is not None else self.env
+        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=str(self.code or CODE_DIR))
 
         async def ready() -> bool:
             assert self.proc is not None

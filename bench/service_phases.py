@@ -5,13 +5,14 @@ latency), paced (20 requests/s), slow (many jobs waiting on 2 s emulated latenci
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import os
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,23 @@ from .infra import (
     CpuMeter,
     Emulators,
     Serve,
+    broker_url,
+    clean_broker,
+    db_variables,
+    ensure_users,
+    fresh_database,
+    git_state,
     global_status,
     histogram_quantiles,
     proc_status,
     python_probe,
     quantile,
     quiet_machine,
+    rabbitmq_version,
     service_env,
+    set_code_dir,
+    set_userstat,
+    snapshot_code,
     status_delta,
     substrate_pids,
     user_stats,
@@ -102,6 +113,52 @@ class Bench:
         if count:
             self.notes.append(f"seeded {count} VMs for {prefix} in {time.monotonic() - began:.1f} s")
         return [v.vm_id for v in vms]
+
+
+@contextlib.asynccontextmanager
+async def open_bench(args: Any, out: dict[str, Any], log: Callable[[str], None],
+                     queues: tuple[str, ...] = ()) -> AsyncIterator[Bench]:
+    """What a run's phases share, set up and torn down: the code copied (`out["code"]`), the
+    broker's vhost emptied (the service's queues and `queues`), the database recreated and
+    migrated, the emulators, the statement-counting proxy, the bench's client."""
+    from sqlalchemy.engine import make_url
+
+    from adapters.db.engine import make_engine
+
+    from .sqlcount import SqlCounter
+
+    results: Path = args.results
+    results.mkdir(parents=True, exist_ok=True)
+    for old in results.glob("*.log"):
+        old.unlink()
+    out["code"] = git_state()
+    out["code"].update(snapshot_code(results / "code"))
+    set_code_dir(results / "code")
+    log(f"code: HEAD {out['code']['head']} + work tree, copied to {results / 'code'} (sha256 {out['code']['sha256']})")
+    log("broker: vhost failover-bench; database: failover_bench (recreated, migrated)")
+    amqp = broker_url(args.amqp_url)
+    await clean_broker(amqp, ["failover.commands", "failover.projector", "failover.dead", *queues])
+    db_url = await fresh_database(args.database_url)
+    engine = make_engine(db_url, pool_size=5)
+    out["machine"]["mariadb"] = await db_variables(engine)
+    out["machine"]["rabbitmq"] = rabbitmq_version()
+    await ensure_users(engine)
+    userstat_was = await set_userstat(engine, True)
+    emu = Emulators(results / "emulators.log")
+    await emu.start()
+    parsed = make_url(db_url)
+    sql = SqlCounter(parsed.host or "127.0.0.1", parsed.port or 3306)
+    await sql.start()
+    try:
+        async with Client(amqp) as client:
+            yield Bench(args=args, amqp_url=amqp, db_url=db_url, engine=engine, emu=emu, client=client,
+                        results=results, sql=sql)
+    finally:
+        await sql.close()
+        emu.stop()
+        if userstat_was is not None and not userstat_was:
+            await set_userstat(engine, False)
+        await engine.dispose()
 
 
 def throughput_env(bench: Bench, counted: bool = False) -> dict[str, str]:
