@@ -11,7 +11,11 @@ job and jobs/s; their median; and in how many rounds B was the cheaper.
 
     python -m bench.ab --a-ref HEAD --rounds 8            # the work tree's changes against HEAD
     python -m bench.ab --b-python /path/to/python3.12     # another interpreter, same code
-    python -m bench.ab --b-setting FAILOVER_PROJECTOR_BATCH=64
+    python -m bench.ab --b-setting FAILOVER_GC_YOUNG_COLLECTION_AFTER=50000
+
+It empties the same broker queues and recreates the same database as `python -m bench.run`:
+never run the two at once. A side's code (`--x-ref`) runs on the database schema of the work
+tree (the migrations are applied once, from it): two sides whose migrations differ are refused.
 
 Results: `bench/results/ab/ab.json` and the table printed (`--results` to put them elsewhere).
 """
@@ -22,6 +26,7 @@ import argparse
 import asyncio
 import io
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,7 +39,7 @@ from .run import log
 
 METRICS = (  # (key, what, lower is better)
     ("serve_cpu_ms_per_job", "serve's CPU per job, ms", True),
-    ("others_cpu_ms_per_job", "the rest of the machine's CPU per job (emulators, RabbitMQ, MariaDB), ms", True),
+    ("others_cpu_ms_per_job", "the emulators', RabbitMQ's and MariaDB's CPU per job, ms", True),
     ("jobs_per_second", "jobs/s to JobCompleted", False),
     ("serve_gc_ms_per_job", "of serve's CPU, its garbage collector's per job, ms", True),
     ("young_collection_ms", "serve's young collections, ms each (a pause of the event loop)", True),
@@ -60,11 +65,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
     p.add_argument("--database-url", default="mysql+asyncmy://root@127.0.0.1:3306/")
     p.add_argument("--results", type=Path, default=RESULTS / "ab")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="bursts on side A first, not counted (the new database's first burst is the dearest)")
     a = p.parse_args(argv)
+    from failover.settings import Settings
+
     for one in a.a_setting + a.b_setting:
         name, sep, _ = one.partition("=")
         if not sep or not name.startswith("FAILOVER_"):
             p.error(f"setting {one!r}: give it as FAILOVER_NAME=VALUE")
+        if name.removeprefix("FAILOVER_").lower() not in Settings.model_fields:
+            # serve ignores a name it does not know: both sides would run the same
+            p.error(f"setting {name}: serve has no such setting (README's Configuration lists them)")
     if a.rounds < 1 or a.jobs < 1:
         p.error("--rounds and --jobs must be at least 1")
     # what the shared phases read (bench/service_phases.py)
@@ -72,34 +84,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def checkout(ref: str, dest: Path) -> str:
-    """The service's packages at git commit `ref`, written to `dest`; returns the full commit."""
+def resolve(ref: str) -> str:
+    """The full commit `ref` names (an error that says what to do if none)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--verify", ref + "^{commit}"], cwd=ROOT, check=True,
-                                capture_output=True, text=True).stdout.strip()
-        tar = subprocess.run(["git", "archive", "--format=tar", commit, *SERVICE_PACKAGES], cwd=ROOT, check=True,
-                             capture_output=True).stdout
+        return subprocess.run(["git", "rev-parse", "--verify", ref + "^{commit}"], cwd=ROOT, check=True,
+                              capture_output=True, text=True).stdout.strip()
     except subprocess.CalledProcessError as exc:
         raise SystemExit(f"bench.ab: git could not give {ref!r}: {exc.stderr.strip() if exc.stderr else exc}; "
                          "name a commit of this repository") from exc
-    dest.mkdir(parents=True, exist_ok=True)
+
+
+def checkout(ref: str, dest: Path) -> str:
+    """The service's packages at git commit `ref`, written to `dest` (emptied first); returns
+    the full commit."""
+    commit = resolve(ref)
+    tar = subprocess.run(["git", "archive", "--format=tar", commit, *SERVICE_PACKAGES], cwd=ROOT, check=True,
+                         capture_output=True).stdout
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
     with tarfile.open(fileobj=io.BytesIO(tar)) as t:
         t.extractall(dest, filter="data")
     return commit
 
 
-def pairs(a: list[float], b: list[float], lower_better: bool) -> dict[str, Any]:
-    ratios = [y / x for x, y in zip(a, b, strict=True) if x]
-    better = sum(1 for x, y in zip(a, b, strict=True) if (y < x if lower_better else y > x))
-    return {"a": a, "b": b, "b_over_a": [round(r, 3) for r in ratios],
-            "median_b_over_a": round(statistics.median(ratios), 3) if ratios else None,
-            "b_better_in": f"{better} of {len(a)}"}
+def same_migrations(code: Path, work: Path) -> bool:
+    """Whether the two copies of the code migrate the database alike (adapters/migrations)."""
+    def tree(root: Path) -> dict[str, bytes]:
+        base = root / "adapters" / "migrations"
+        return {str(f.relative_to(base)): f.read_bytes() for f in base.rglob("*.py")
+                if "__pycache__" not in f.parts}
+    return tree(code) == tree(work)
+
+
+def pairs(a: list[float | None], b: list[float | None], lower_better: bool) -> dict[str, Any]:
+    """Round by round B / A (None where either side has no reading, or A read 0), the median
+    of those, and in how many of the rounds with both readings B was the better."""
+    both = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+    ratios = [None if x is None or y is None or not x else round(y / x, 3) for x, y in zip(a, b, strict=True)]
+    known = [r for r in ratios if r is not None]
+    better = sum(1 for x, y in both if (y < x if lower_better else y > x))
+    return {"a": a, "b": b, "b_over_a": ratios,
+            "median_b_over_a": round(statistics.median(known), 3) if known else None,
+            "b_better_in": f"{better} of {len(both)}"}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from . import service_phases
 
     out: dict[str, Any] = {"command": "python -m bench.ab " + " ".join(sys.argv[1:]), "machine": machine()}
+    for side in ("a", "b"):  # a ref that names nothing, before the database is touched
+        if getattr(args, f"{side}_ref") is not None:
+            resolve(getattr(args, f"{side}_ref"))
     async with service_phases.open_bench(args, out, log) as bench:
         sides: dict[str, dict[str, Any]] = {}
         for side in ("a", "b"):
@@ -108,36 +144,27 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if ref is not None:
                 code = args.results / f"code-{side}"
                 ref = checkout(ref, code)
+                if not same_migrations(code, args.results / "code"):
+                    raise SystemExit(f"bench.ab: side {side.upper()}'s commit {ref[:10]} migrates the database "
+                                     "differently from the work tree, whose schema both sides would run on; "
+                                     "compare two versions with the same migrations")
             sides[side] = {"python": getattr(args, f"{side}_python"), "ref": ref or "work tree",
                            "settings": getattr(args, f"{side}_setting"), "code": code, "bursts": []}
             log(f"side {side.upper()}: {sides[side]['python']}, code {sides[side]['ref']}, "
                 f"settings {sides[side]['settings'] or 'none'}")
-        for r in range(args.rounds):
-            for side in ("ab" if r % 2 == 0 else "ba"):
-                s = sides[side]
-                env = service_phases.throughput_env(bench)
-                env.update(one.split("=", 1) for one in s["settings"])
-                serve = Serve(env, args.results / f"serve-{side}-{r + 1}.log", python=s["python"], code=s["code"])
-                await serve.start()
-                try:
-                    t = await service_phases.throughput(bench, serve, args.jobs, label=f"ab-{side}{r + 1}")
-                finally:
-                    await serve.stop()
-                cpu = t["cpu"]["cpu_seconds"]
-                others = sum(v for k, v in cpu.items() if k in ("emulators", "rabbitmq", "mariadb"))
-                gc = t["serve_gc_per_job"]
-                young = gc.get("0", {})
-                burst = {"round": r + 1, "jobs_per_second": t["jobs_per_second"],
-                         "serve_cpu_ms_per_job": t["serve_cpu_ms_per_job"],
-                         "others_cpu_ms_per_job": round(1000 * others / args.jobs, 1),
-                         "serve_gc_ms_per_job": round(sum(g["ms_per_job"] for g in gc.values()), 3),
-                         "young_collection_ms": round(young["ms_per_job"] / young["collections_per_job"], 2)
-                         if young.get("collections_per_job") else 0.0,
-                         "python_probe_ms": t["python_probe_ms"]}
-                s["bursts"].append(burst)
-                log(f"round {r + 1} {side.upper()}: {burst['jobs_per_second']} jobs/s, serve "
-                    f"{burst['serve_cpu_ms_per_job']} ms/job, others {burst['others_cpu_ms_per_job']} ms/job "
-                    f"(probe {burst['python_probe_ms']} ms)")
+        order = ["a"] * args.warmup + [side for r in range(args.rounds) for side in ("ab" if r % 2 == 0 else "ba")]
+        for i, side in enumerate(order):
+            warm = i < args.warmup
+            name = f"warmup{i + 1}" if warm else f"{side}{(i - args.warmup) // 2 + 1}"
+            burst = await _burst(bench, args, sides[side], name)
+            if warm:
+                out.setdefault("warmup", []).append(burst)
+            else:
+                burst["round"] = (i - args.warmup) // 2 + 1
+                sides[side]["bursts"].append(burst)
+            log(f"{name.replace(side, side.upper(), 1) if not warm else name}: {burst['jobs_per_second']} jobs/s, "
+                f"serve {burst['serve_cpu_ms_per_job']} ms/job, others {burst['others_cpu_ms_per_job']} ms/job "
+                f"(probe {burst['python_probe_ms']} ms)")
         out["sides"] = {k: {**v, "code": str(v["code"]) if v["code"] else None} for k, v in sides.items()}
         out["pairs"] = {key: pairs([b[key] for b in sides["a"]["bursts"]], [b[key] for b in sides["b"]["bursts"]],
                                    lower)
@@ -147,6 +174,30 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+async def _burst(bench: Any, args: argparse.Namespace, side: dict[str, Any], name: str) -> dict[str, Any]:
+    """One throughput burst on a fresh serve of `side`."""
+    from . import service_phases
+
+    env = service_phases.throughput_env(bench)
+    env.update(one.split("=", 1) for one in side["settings"])
+    serve = Serve(env, args.results / f"serve-{name}.log", python=side["python"], code=side["code"])
+    await serve.start()
+    try:
+        t = await service_phases.throughput(bench, serve, args.jobs, label=f"ab-{name}")
+    finally:
+        await serve.stop()
+    cpu = t["cpu"]["cpu_seconds"]
+    gc = t["serve_gc_per_job"]  # {} from a serve without failover_gc_pause_seconds: no reading
+    young = gc.get("0") or {}
+    return {"jobs_per_second": t["jobs_per_second"], "serve_cpu_ms_per_job": t["serve_cpu_ms_per_job"],
+            "others_cpu_ms_per_job": round(1000 * sum(cpu.get(k, 0.0) for k in ("emulators", "rabbitmq", "mariadb"))
+                                           / args.jobs, 1),
+            "serve_gc_ms_per_job": round(sum(g["ms_per_job"] for g in gc.values()), 3) if gc else None,
+            "young_collection_ms": round(young["ms_per_job"] / young["collections_per_job"], 2)
+            if young.get("collections_per_job") else None,
+            "python_probe_ms": t["python_probe_ms"]}
+
+
 def table(out: dict[str, Any]) -> str:
     a, b = out["sides"]["a"], out["sides"]["b"]
     lines = [f"A: {a['python']}, {a['ref']}, {' '.join(a['settings']) or 'no settings'}",
@@ -154,8 +205,10 @@ def table(out: dict[str, Any]) -> str:
              "| measure | A | B | B / A per round | median B / A | B better in |", "|---|---|---|---|---|---|"]
     for key, what, _ in METRICS:
         p = out["pairs"][key]
-        lines.append(f"| {what} | {', '.join(map(str, p['a']))} | {', '.join(map(str, p['b']))} | "
-                     f"{', '.join(map(str, p['b_over_a']))} | {p['median_b_over_a']} | {p['b_better_in']} |")
+        def row(values: list[Any]) -> str:
+            return ", ".join("-" if v is None else str(v) for v in values)
+        lines.append(f"| {what} | {row(p['a'])} | {row(p['b'])} | {row(p['b_over_a'])} | "
+                     f"{p['median_b_over_a']} | {p['b_better_in']} |")
     return "\n".join(lines)
 
 
