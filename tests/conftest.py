@@ -32,6 +32,10 @@ from failover.client import BusClient
 
 from .helpers import ServeProcess, service_env
 
+# the unit tests' helpers assert inside their functions: rewritten for pytest's messages, which
+# must be asked before anything imports them (tests outside tests/unit do, during collection)
+pytest.register_assert_rewrite("tests.unit.helpers")
+
 DEFAULT_DB = "mysql+asyncmy://root@127.0.0.1:3306/failover_test"
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 TEST_VHOST = "failover-test"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from transitions.extensions.asyncio import AsyncMachine
 
-pytest.register_assert_rewrite("tests.unit.helpers")
+from statemachine.machine import build_machine
+from tests.fakes import Harness
 
-from transitions.extensions.asyncio import AsyncMachine  # noqa: E402
-
-from statemachine.machine import build_machine  # noqa: E402
-from tests.fakes import Harness  # noqa: E402
+# (tests/conftest.py registers tests.unit.helpers for assertion rewriting: tests outside this
+# folder import it before this file is read)
 
 
 @pytest.fixture(scope="session")
