@@ -6,8 +6,9 @@ baseline) and B (the candidate) take turns: per round one throughput burst each,
 ABBA, every burst on a fresh `serve` and a freshly seeded world, against the same RabbitMQ,
 MariaDB and emulators. A side is an interpreter (`--b-python`), a version of the code
 (`--b-ref`, a git commit, or the work tree as it is) and settings (`--b-setting`). The verdict
-is on the pairs: each round's B / A for serve's CPU per job, the rest of the machine's CPU per
-job and jobs/s; their median; and in how many rounds B was the cheaper.
+is on the pairs: each round's B / A for serve's CPU per job, the emulators', RabbitMQ's and
+MariaDB's CPU per job, jobs/s and the garbage collector's share; their median; and in how many
+rounds B was the better.
 
     python -m bench.ab --a-ref HEAD --rounds 8            # the work tree's changes against HEAD
     python -m bench.ab --b-python /path/to/python3.12     # another interpreter, same code
@@ -133,17 +134,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from . import service_phases
 
     out: dict[str, Any] = {"command": "python -m bench.ab " + " ".join(sys.argv[1:]), "machine": machine()}
-    for side in ("a", "b"):  # a ref that names nothing, before the database is touched
-        if getattr(args, f"{side}_ref") is not None:
-            resolve(getattr(args, f"{side}_ref"))
+    # each side's commit, found before the database is touched (a ref that names nothing stops here)
+    commits = {side: resolve(ref) for side in ("a", "b") if (ref := getattr(args, f"{side}_ref")) is not None}
     async with service_phases.open_bench(args, out, log) as bench:
         sides: dict[str, dict[str, Any]] = {}
         for side in ("a", "b"):
-            ref = getattr(args, f"{side}_ref")
+            ref = commits.get(side)
             code = None
             if ref is not None:
                 code = args.results / f"code-{side}"
-                ref = checkout(ref, code)
+                checkout(ref, code)
                 if not same_migrations(code, args.results / "code"):
                     raise SystemExit(f"bench.ab: side {side.upper()}'s commit {ref[:10]} migrates the database "
                                      "differently from the work tree, whose schema both sides would run on; "
@@ -155,14 +155,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         order = ["a"] * args.warmup + [side for r in range(args.rounds) for side in ("ab" if r % 2 == 0 else "ba")]
         for i, side in enumerate(order):
             warm = i < args.warmup
-            name = f"warmup{i + 1}" if warm else f"{side}{(i - args.warmup) // 2 + 1}"
+            round_ = (i - args.warmup) // 2 + 1
+            name = f"warmup{i + 1}" if warm else f"{side.upper()}{round_}"
             burst = await _burst(bench, args, sides[side], name)
             if warm:
                 out.setdefault("warmup", []).append(burst)
             else:
-                burst["round"] = (i - args.warmup) // 2 + 1
+                burst["round"] = round_
                 sides[side]["bursts"].append(burst)
-            log(f"{name.replace(side, side.upper(), 1) if not warm else name}: {burst['jobs_per_second']} jobs/s, "
+            log(f"{name}: {burst['jobs_per_second']} jobs/s, "
                 f"serve {burst['serve_cpu_ms_per_job']} ms/job, others {burst['others_cpu_ms_per_job']} ms/job "
                 f"(probe {burst['python_probe_ms']} ms)")
         out["sides"] = {k: {**v, "code": str(v["code"]) if v["code"] else None} for k, v in sides.items()}
@@ -198,6 +199,10 @@ async def _burst(bench: Any, args: argparse.Namespace, side: dict[str, Any], nam
             "python_probe_ms": t["python_probe_ms"]}
 
 
+def _cells(values: list[Any]) -> str:
+    return ", ".join("-" if v is None else str(v) for v in values)
+
+
 def table(out: dict[str, Any]) -> str:
     a, b = out["sides"]["a"], out["sides"]["b"]
     lines = [f"A: {a['python']}, {a['ref']}, {' '.join(a['settings']) or 'no settings'}",
@@ -205,9 +210,7 @@ def table(out: dict[str, Any]) -> str:
              "| measure | A | B | B / A per round | median B / A | B better in |", "|---|---|---|---|---|---|"]
     for key, what, _ in METRICS:
         p = out["pairs"][key]
-        def row(values: list[Any]) -> str:
-            return ", ".join("-" if v is None else str(v) for v in values)
-        lines.append(f"| {what} | {row(p['a'])} | {row(p['b'])} | {row(p['b_over_a'])} | "
+        lines.append(f"| {what} | {_cells(p['a'])} | {_cells(p['b'])} | {_cells(p['b_over_a'])} | "
                      f"{p['median_b_over_a']} | {p['b_better_in']} |")
     return "\n".join(lines)
 
