@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
+# the intake's variants run beside serve's own loop: (the phases' key suffix, the setting, name)
+INTAKES = (("_intake", "FAILOVER_INTAKE_PROCESS", "intake process"),
+           ("_thread", "FAILOVER_INTAKE_THREAD", "intake thread"))
 
 
 def _f(v: Any, unit: str = "") -> str:
@@ -89,7 +92,7 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         ("   jobs/s these cores allow even with a zero-CPU orchestrator (cores / the line above)",
          _f(d.get("jobs_per_second_with_a_free_orchestrator")), "", "",
          f"2x Celery = {_f(d.get('twice_celery_jobs_per_second'))}" if d.get("twice_celery_jobs_per_second") else ""),
-        *_intake_throughput_rows(out),
+        *_intake_rows(out, "throughput"),
         *_multi_throughput_rows(out),
         ("   events/s (outbox rows)", _f(t["events_per_second"]), "-", "", ""),
         ("   request -> JobAccepted p50 / p99", _pair(t["request_to_accepted_ms"]), "-", "", ""),
@@ -141,7 +144,7 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         (f"Paced: {p['rate_offered']:g}/s for {p['seconds_offered']:g} s: request -> JobAccepted p50 / p99",
          _pair(p["request_to_accepted_ms"]), "-", "p99 < 50 ms", met("paced p99 request->JobAccepted < 50 ms")),
         ("   request -> JobCompleted p50 / p99", _pair(p["request_to_completed_ms"]), "-", "", ""),
-        *_intake_paced_rows(out),
+        *_intake_rows(out, "paced"),
         *_multi_paced_rows(out),
         *_history_rows(out),
     ]
@@ -226,11 +229,12 @@ def _slow_baseline_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, s
                      f"{_f(f['wall_seconds'], ' s')} / {_f(f['wall_over_critical_path'])}", "-", "",
                      f"the waits' own cost: poll rounds every {_f(out['settings'].get('poll_interval'), ' s')}, "
                      "the steps' calls"))
-    si = out.get("slow_intake")
-    if si:
-        rows.append(("   with the intake process (FAILOVER_INTAKE_PROCESS): wall / critical path",
-                     f"{_f(si['wall_seconds'], ' s')} / {_f(si['wall_over_critical_path'])}", "-", "<= 1.2",
-                     "yes" if si["wall_over_critical_path"] <= 1.2 else "NO"))
+    for key, setting, what in INTAKES:
+        si = out.get("slow" + key)
+        if si:
+            rows.append((f"   with the {what} ({setting}): wall / critical path",
+                         f"{_f(si['wall_seconds'], ' s')} / {_f(si['wall_over_critical_path'])}", "-", "<= 1.2",
+                         "yes" if si["wall_over_critical_path"] <= 1.2 else "NO"))
     if m:
         rows.append((f"   with {m['processes']} serve processes: wall / critical path",
                      f"{_f(m['wall_seconds'], ' s')} / {_f(m['wall_over_critical_path'])}", "-", "<= 1.2",
@@ -261,30 +265,28 @@ def _multi_throughput_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str
     ]
 
 
-def _intake_paced_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
-    pi, d = out.get("paced_intake"), out["derived"]
-    if not pi:
-        return []
-    met = d["targets"].get("paced p99 request->JobAccepted < 50 ms, intake process")
-    return [
-        ("   with the intake process (FAILOVER_INTAKE_PROCESS): request -> JobAccepted p50 / p99",
-         _pair(pi["request_to_accepted_ms"]), "-", "p99 < 50 ms", ("yes" if met["met"] else "NO") if met else ""),
-        ("   with the intake process: request -> JobCompleted p50 / p99",
-         _pair(pi["request_to_completed_ms"]), "-", "", ""),
-    ]
-
-
-def _intake_throughput_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
-    ti, d = out.get("throughput_intake"), out["derived"]
-    if not ti:
-        return []
-    met = d["targets"].get("throughput / Celery >= 2, intake process")
-    return [
-        ("   with the intake process (FAILOVER_INTAKE_PROCESS): jobs/s", _f(ti["jobs_per_second"]), "",
-         ">= 2x Celery", (("yes" if met["met"] else "NO") + f" ({_f(met['value'])}x)") if met else ""),
-        ("   with the intake process: CPU per job (both processes) / request -> JobAccepted p50 / p99",
-         f"{_f(ti['serve_cpu_ms_per_job'], ' ms')} / {_pair(ti['request_to_accepted_ms'])}", "", "", ""),
-    ]
+def _intake_rows(out: dict[str, Any], phase: str) -> list[tuple[str, str, str, str, str]]:
+    """The `phase` ("throughput" or "paced") rows of each intake variant that ran."""
+    rows: list[tuple[str, str, str, str, str]] = []
+    for key, setting, what in INTAKES:
+        r, targets = out.get(phase + key), out["derived"]["targets"]
+        if not r:
+            continue
+        if phase == "paced":
+            met = targets.get(f"paced p99 request->JobAccepted < 50 ms, {what}")
+            rows += [(f"   with the {what} ({setting}): request -> JobAccepted p50 / p99",
+                      _pair(r["request_to_accepted_ms"]), "-", "p99 < 50 ms",
+                      ("yes" if met["met"] else "NO") if met else ""),
+                     (f"   with the {what}: request -> JobCompleted p50 / p99",
+                      _pair(r["request_to_completed_ms"]), "-", "", "")]
+            continue
+        met = targets.get(f"throughput / Celery >= 2, {what}")
+        rows += [(f"   with the {what} ({setting}): jobs/s", _f(r["jobs_per_second"]), "",
+                  ">= 2x Celery", (("yes" if met["met"] else "NO") + f" ({_f(met['value'])}x)") if met else ""),
+                 (f"   with the {what}: CPU per job ({'both processes' if key == '_intake' else 'serve'}) / "
+                  "request -> JobAccepted p50 / p99",
+                  f"{_f(r['serve_cpu_ms_per_job'], ' ms')} / {_pair(r['request_to_accepted_ms'])}", "", "", "")]
+    return rows
 
 
 def _multi_paced_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
@@ -402,17 +404,19 @@ def markdown(out: dict[str, Any]) -> str:
         "|---|---|" + "---|" * len(t["cpu"]["cpu_seconds"]) + "---|---|",
     ]
     phases = [("throughput", t), ("paced", out["paced"])]
-    for key, name in (("throughput_intake", "throughput"), ("paced_intake", "paced")):
-        if out.get(key):
-            phases.append((f"{name}, intake process", out[key]))
+    for key, _, what in INTAKES:
+        for name in ("throughput", "paced"):
+            if out.get(name + key):
+                phases.append((f"{name}, {what}", out[name + key]))
     for key, name in (("throughput_multi", "throughput"), ("paced_multi", "paced")):
         if out.get(key):
             phases.append((f"{name}, {out[key]['processes']} serve processes", out[key]))
     phases.append(("slow", out["slow"]))
     if out.get("slow_floor"):
         phases.append((f"slow, {out['slow_floor']['jobs']} jobs", out["slow_floor"]))
-    if out.get("slow_intake"):
-        phases.append(("slow, intake process", out["slow_intake"]))
+    for key, _, what in INTAKES:
+        if out.get("slow" + key):
+            phases.append((f"slow, {what}", out["slow" + key]))
     if out.get("slow_multi"):
         phases.append((f"slow, {out['slow_multi']['processes']} serve processes", out["slow_multi"]))
     if out.get("slow_one_poll_per_wait"):

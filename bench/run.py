@@ -27,6 +27,7 @@ from .infra import (
     quiet_machine,
     substrate_pids,
 )
+from .report import INTAKES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,8 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip the slow phase's second run with one poll per wait (FAILOVER_POLL_BATCH_FROM "
                         "out of reach: how every wait polled before the shared poller)")
     p.add_argument("--no-intake-process", action="store_true",
-                   help="skip the throughput and paced phases with FAILOVER_INTAKE_PROCESS=true (commands "
+                   help="skip the throughput, paced and slow phases with FAILOVER_INTAKE_PROCESS=true (commands "
                         "taken in a process of serve's own)")
+    p.add_argument("--no-intake-thread", action="store_true",
+                   help="skip the throughput, paced and slow phases with FAILOVER_INTAKE_THREAD=true (commands "
+                        "taken in a thread of serve's own)")
     p.add_argument("--no-celery", action="store_true")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy run of the throughput burst")
     p.add_argument("--slow-floor-jobs", type=int, default=None,
@@ -156,12 +160,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 for one in serves:
                     await one.stop()
 
+        intakes = [one for one, skip in zip(INTAKES, (args.no_intake_process, args.no_intake_thread), strict=True)
+                   if not skip]
         # ---- the service at zero latency: throughput, paced (one serve process)
         await zero_latency([Serve(service_phases.throughput_env(bench), results / "serve-throughput.log")], "", "")
-        # ---- the same with the intake in a process of its own (FAILOVER_INTAKE_PROCESS)
-        if not args.no_intake_process:
-            await zero_latency([Serve({**service_phases.throughput_env(bench), "FAILOVER_INTAKE_PROCESS": "true"},
-                                      results / "serve-intake.log")], "_intake", ", intake process")
+        # ---- the same with the intake in a process, then a thread, of its own
+        for key, setting, what in intakes:
+            await zero_latency([Serve({**service_phases.throughput_env(bench), setting: "true"},
+                                      results / f"serve{key.replace('_', '-')}.log")], key, f", {what}")
         # ---- the same with two serve processes side by side (one per core, as a user with
         # this machine would run them; Celery's best pool runs 8 worker processes)
         if args.serve_processes > 1:
@@ -180,13 +186,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 bench, args.slow_floor_jobs, args.latency, out["probe"]["async_waits"], results / "serve-slow-floor.log")
             log(f"  wall {out['slow_floor']['wall_seconds']} s = "
                 f"{out['slow_floor']['wall_over_critical_path']}x critical path")
-        if not args.no_intake_process:
-            log(f"slow, intake process: {args.slow_jobs} jobs, {args.latency:g} s per async job/operation")
-            out["slow_intake"] = await service_phases.slow(
-                bench, args.slow_jobs, args.latency, out["probe"]["async_waits"], results / "serve-slow-intake.log",
-                FAILOVER_INTAKE_PROCESS="true")
-            log(f"  wall {out['slow_intake']['wall_seconds']} s = "
-                f"{out['slow_intake']['wall_over_critical_path']}x critical path")
+        for key, setting, what in intakes:
+            log(f"slow, {what}: {args.slow_jobs} jobs, {args.latency:g} s per async job/operation")
+            sl = out["slow" + key] = await service_phases.slow(
+                bench, args.slow_jobs, args.latency, out["probe"]["async_waits"],
+                results / f"serve-slow{key.replace('_', '-')}.log",
+                **{setting: "true"})  # type: ignore[arg-type]  # (settings, not processes or profile_to)
+            log(f"  wall {sl['wall_seconds']} s = {sl['wall_over_critical_path']}x critical path")
         if args.serve_processes > 1:  # as a user with these cores would run them
             n = args.serve_processes
             log(f"slow, {n} serve processes: {args.slow_jobs} jobs, {args.latency:g} s per async job/operation")
@@ -427,14 +433,14 @@ def derive(out: dict[str, Any]) -> None:
         "paced p99 request->JobAccepted < 50 ms": (out["paced"]["request_to_accepted_ms"]["p99"],
                                                    out["paced"]["request_to_accepted_ms"]["p99"] < 50),
     }
-    si = out.get("slow_intake")
-    if si:
-        targets["slow wall / critical path <= 1.2, intake process"] = (
-            si["wall_over_critical_path"], si["wall_over_critical_path"] <= 1.2)
-    pi = out.get("paced_intake")
-    if pi:
-        p99 = pi["request_to_accepted_ms"]["p99"]
-        targets["paced p99 request->JobAccepted < 50 ms, intake process"] = (p99, p99 < 50)
+    for key, _, what in INTAKES:
+        si, pi = out.get("slow" + key), out.get("paced" + key)
+        if si:
+            targets[f"slow wall / critical path <= 1.2, {what}"] = (
+                si["wall_over_critical_path"], si["wall_over_critical_path"] <= 1.2)
+        if pi:
+            p99 = pi["request_to_accepted_ms"]["p99"]
+            targets[f"paced p99 request->JobAccepted < 50 ms, {what}"] = (p99, p99 < 50)
     pm = out.get("paced_multi")
     if pm:
         p99 = pm["request_to_accepted_ms"]["p99"]
@@ -455,11 +461,11 @@ def derive(out: dict[str, Any]) -> None:
                 d["throughput_over_celery_median"], d["throughput_over_celery_median"] >= 2)
         else:
             targets["throughput / Celery >= 2"] = (d["throughput_over_celery"], d["throughput_over_celery"] >= 2)
-        ti = out.get("throughput_intake")
-        if ti:
-            d["throughput_intake_over_celery"] = round(ti["jobs_per_second"] / best["jobs_per_second"], 2)
-            targets["throughput / Celery >= 2, intake process"] = (
-                d["throughput_intake_over_celery"], d["throughput_intake_over_celery"] >= 2)
+        for key, _, what in INTAKES:
+            ti = out.get("throughput" + key)
+            if ti:
+                ratio = d[f"throughput{key}_over_celery"] = round(ti["jobs_per_second"] / best["jobs_per_second"], 2)
+                targets[f"throughput / Celery >= 2, {what}"] = (ratio, ratio >= 2)
         if tm:
             d["throughput_multi_over_celery"] = round(tm["jobs_per_second"] / best["jobs_per_second"], 2)
             targets[f"throughput / Celery >= 2, {tm['processes']} serve processes"] = (

@@ -69,7 +69,9 @@ def _settings(cls: type[ConnectionSettings] = ConnectionSettings) -> Any:
     try:
         return cls()
     except ValidationError as exc:
-        problems = "; ".join(f"FAILOVER_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors())
+        # (a check of several settings together has no field of its own: its message names them)
+        problems = "; ".join((f"FAILOVER_{'_'.join(str(p) for p in e['loc']).upper()}: " if e["loc"] else "")
+                             + e["msg"] for e in exc.errors())
         click.echo(f"failoverctl: settings are incomplete or wrong: {problems}. Set them in the environment "
                    "or in a .env file (README.md, Configuration).", err=True)
         sys.exit(BAD_SETTINGS)

@@ -178,8 +178,8 @@ ROLLBACKS: Final = Counter(
 
 INTAKE_RESTARTS: Final = Counter(
     "failover_intake_process_restarts_total",
-    "Times serve started its intake process (FAILOVER_INTAKE_PROCESS) again after it died; "
-    "commands wait in the queue until it runs.",
+    "Times serve started its intake process (FAILOVER_INTAKE_PROCESS) or thread (FAILOVER_INTAKE_THREAD) "
+    "again after it died; commands wait in the queue until it runs.",
 )
 COMMANDS: Final = Counter(
     "failover_commands_total",

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Awaitable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from sqlalchemy import text
@@ -41,7 +42,7 @@ from statemachine.ports import JobRow
 
 from . import metrics as m
 from .health import named_checks, start_health_server
-from .intake import IntakeProcess
+from .intake import IntakeProcess, IntakeThread
 from .logs import bind_job, remember_job
 from .runner import JobRunner
 from .settings import Settings
@@ -53,10 +54,11 @@ ROLES = ("orchestrator", "relay", "projector")
 def roles_problem(settings: Settings, roles: Iterable[str]) -> str | None:
     """Why these settings cannot run with these roles (None: they can)."""
     roles = tuple(roles)
-    if settings.intake_process and "orchestrator" in roles and "relay" not in roles:
-        return ("FAILOVER_INTAKE_PROCESS=true needs the relay role beside the orchestrator (the intake "
-                "process tells the relay what it published): add relay to --roles, or set "
-                "FAILOVER_INTAKE_PROCESS=false")
+    for name, on in (("PROCESS", settings.intake_process), ("THREAD", settings.intake_thread)):
+        if on and "orchestrator" in roles and "relay" not in roles:
+            return (f"FAILOVER_INTAKE_{name}=true needs the relay role beside the orchestrator (the intake "
+                    "tells the relay what it published): add relay to --roles, or set "
+                    f"FAILOVER_INTAKE_{name}=false")
     return None
 
 
@@ -127,7 +129,7 @@ class Service:
     store: JobStore | None = None
     runner: JobRunner | None = None
     relay: OutboxRelay | None = None
-    intake: IntakeProcess | None = None  # FAILOVER_INTAKE_PROCESS
+    intake: IntakeProcess | IntakeThread | None = None  # FAILOVER_INTAKE_PROCESS / _THREAD
     health_port: int | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -266,10 +268,13 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
             runner.on_state = m.move_job_state
             runner_ref.append(runner)
             svc.runner = runner
-            if relay is not None and settings.intake_process:  # (with the relay: roles_problem)
-                intake = IntakeProcess(svc.owner, hold=runner.hold, unhold=runner.unhold, adopt=runner.adopt,
-                                       relay=relay, count=lambda t, o: m.COMMANDS.labels(type=t, outcome=o).inc(),
-                                       restarted=m.INTAKE_RESTARTS.inc)
+            if relay is not None and (settings.intake_process or settings.intake_thread):  # (roles_problem)
+                told: dict[str, Any] = dict(hold=runner.hold, unhold=runner.unhold, adopt=runner.adopt, relay=relay,
+                                            count=lambda t, o: m.COMMANDS.labels(type=t, outcome=o).inc(),
+                                            restarted=m.INTAKE_RESTARTS.inc)
+                intake = (IntakeProcess(svc.owner, **told) if settings.intake_process
+                          else IntakeThread(svc.owner, settings, switch_seconds=settings.intake_thread_switch_seconds,
+                                            **told))
                 svc.intake = intake
                 await intake.start()
             else:

@@ -153,6 +153,12 @@ class Settings(ConnectionSettings):
     # take, record and answer commands in a process of serve's own (failover/intake.py), so a
     # request's JobAccepted does not queue behind the running jobs' work in serve's event loop
     intake_process: bool = False
+    # the same in a thread of serve's own (failover/intake.py IntakeThread): one process, its
+    # own event loop, so the answer waits only for the interpreter lock
+    intake_thread: bool = False
+    # with it, the longest a thread holding the interpreter lock keeps the other waiting
+    # (Python's sys.setswitchinterval, 0.005 by default): each step of an answer waits for it
+    intake_thread_switch_seconds: float = Field(default=0.001, gt=0, le=0.1)
 
     @field_validator("cloudstack_url", "volume_daemon_url")
     @classmethod
@@ -174,6 +180,13 @@ class Settings(ConnectionSettings):
         if not argv:
             raise ValueError("must name a program")
         return value
+
+    @model_validator(mode="after")
+    def _one_intake(self) -> Settings:
+        if self.intake_process and self.intake_thread:
+            raise ValueError("FAILOVER_INTAKE_PROCESS and FAILOVER_INTAKE_THREAD are both true: the intake runs "
+                             "either in a process or in a thread of serve's; set one of them to false")
+        return self
 
     @model_validator(mode="after")
     def _warn_plain_http(self) -> Settings:

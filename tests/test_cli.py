@@ -263,6 +263,12 @@ async def test_bad_settings_exit_5_naming_the_variable(ctl: Ctl, amqp_url: str) 
                "FAILOVER_SERVICE_OFFERING_ID": "o", "FAILOVER_NETWORK_ID": "n", "FAILOVER_APPLIANCE_VM_ID": "a"}
     no_relay = await ctl("serve", "--roles", "orchestrator,projector", FAILOVER_INTAKE_PROCESS="true", **service)
     assert no_relay.code == 5 and "FAILOVER_INTAKE_PROCESS" in no_relay.err and "relay" in no_relay.err
+    no_relay = await ctl("serve", "--roles", "orchestrator,projector", FAILOVER_INTAKE_THREAD="true", **service)
+    assert no_relay.code == 5 and "FAILOVER_INTAKE_THREAD" in no_relay.err and "relay" in no_relay.err
+    both = await ctl("serve", FAILOVER_INTAKE_PROCESS="true", FAILOVER_INTAKE_THREAD="true", **service)
+    assert both.code == 5 and "FAILOVER_INTAKE_PROCESS and FAILOVER_INTAKE_THREAD are both true" in both.err
+    switch = await ctl("serve", FAILOVER_INTAKE_THREAD_SWITCH_SECONDS="0", **service)
+    assert switch.code == 5 and "FAILOVER_INTAKE_THREAD_SWITCH_SECONDS" in switch.err
 
 
 def _read_all(fd: int) -> bytes:

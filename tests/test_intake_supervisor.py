@@ -5,9 +5,12 @@ The full path (a real child, the broker, the database) is tests/crash/test_intak
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine
@@ -15,7 +18,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import QueuePool
 
 from adapters.db.engine import is_connection_error
-from failover.intake import IntakeProcess, _ChildLines
+from failover.intake import IntakeProcess, IntakeThread, _ChildLines
 
 from .helpers import wait_until
 
@@ -139,3 +142,118 @@ async def _ran(intake: IntakeProcess, tmp_path: Path, starts: int) -> bool:
 
 async def _pausing(intake: IntakeProcess) -> bool:
     return intake.restarts == 1 and not intake.alive
+
+
+# ---------------------------------------------------------------- the intake in a thread
+# (FAILOVER_INTAKE_THREAD): the same supervisor, a thread with its own event loop instead of a
+# child process; the stand-in bodies below run in that thread and speak through `send`
+
+
+def _thread(relay: Relay, body: Any, pause: float = 0.05, switch_seconds: float | None = None,
+            **told: Any) -> IntakeThread:
+    kwargs: dict[str, Any] = dict(hold=lambda j: None, unhold=lambda j: None, adopt=lambda j: None,
+                                  count=lambda t, o: None)
+    kwargs.update(told)
+    return IntakeThread("owner", None, body=body, relay=relay, restart_pause=pause, switch_seconds=switch_seconds,
+                        **kwargs)
+
+
+def _planned(plan: str, starts: list[int]) -> Any:
+    """A stand-in body following `plan` as CHILD does ("r" stays until stopped, "d" dies once
+    ready, "f" fails before it is ready), counting its starts."""
+
+    async def body(settings: object, owner: str, send: Any, stop: asyncio.Event) -> None:
+        starts.append(threading.get_ident())
+        step = plan[min(len(starts) - 1, len(plan) - 1)]
+        if step == "f":
+            raise ConnectionError("the broker is down")
+        send("hold", job="j1")
+        send("sending", ids=[7])
+        send("ready")
+        if step == "d":
+            raise RuntimeError("died")
+        await stop.wait()
+        send("unhold", job="j1")
+
+    return body
+
+
+async def test_an_intake_thread_that_dies_is_started_again_and_its_holds_released() -> None:
+    relay, starts = Relay(), list[int]()
+    intake = _thread(relay, _planned("dffr", starts))
+    await intake.start(timeout=10)
+    try:
+        await wait_until(lambda: _thread_ran(intake, starts, 4), 30, "the fourth start to be ready", interval=0.05)
+        assert intake.restarts == 3
+        assert relay.held == {"j1": 1} and relay.sending == {7}
+        assert threading.get_ident() not in starts  # each ran in a thread of its own, not serve's
+    finally:
+        await intake.stop(5)
+    # asked to stop, the live one finished (its last unhold applied) and ended
+    assert not intake.alive and relay.held == {"j1": 0} and relay.sending == set()
+
+
+async def test_a_first_intake_thread_that_cannot_start_fails_serves_start() -> None:
+    starts: list[int] = []
+    intake = _thread(Relay(), _planned("f", starts))
+    with pytest.raises(RuntimeError, match="the intake thread did not start"):
+        await intake.start(timeout=10)
+    assert len(starts) == 1
+
+
+async def test_an_intake_threads_messages_are_applied_in_serves_loop_in_order() -> None:
+    applied: list[tuple[str, str, int]] = []
+    serve_thread = threading.get_ident()
+
+    async def body(settings: object, owner: str, send: Any, stop: asyncio.Event) -> None:
+        send("ready")
+        for i in range(200):  # as fast as the thread can: every message lands, in order
+            send("hold", job=f"j{i}")
+            send("adopt", job=f"j{i}")
+        await stop.wait()
+
+    relay = Relay()
+    intake = _thread(relay, body, hold=lambda j: applied.append(("hold", j, threading.get_ident())),
+                     adopt=lambda j: applied.append(("adopt", j, threading.get_ident())))
+    await intake.start(timeout=10)
+    try:
+        await wait_until(lambda: _count(applied, 400), 10, "the messages to be applied", interval=0.01)
+    finally:
+        await intake.stop(5)
+    assert [(k, j) for k, j, _ in applied] == [(k, f"j{i}") for i in range(200) for k in ("hold", "adopt")]
+    assert {t for _, _, t in applied} == {serve_thread}
+
+
+async def test_an_intake_thread_that_will_not_stop_is_left_behind_after_its_time() -> None:
+    async def stubborn(settings: object, owner: str, send: Any, stop: asyncio.Event) -> None:
+        send("ready")
+        await asyncio.to_thread(time.sleep, 3)  # (deaf to stop for 3 s)
+
+    intake = _thread(Relay(), stubborn)
+    await intake.start(timeout=10)
+    began = time.monotonic()
+    await intake.stop(0.2)
+    assert time.monotonic() - began < 2.5  # 0.2 s, then up to a few seconds' grace, not the 3 s
+
+
+async def _thread_ran(intake: IntakeThread, starts: list[int], n: int) -> bool:
+    return intake.alive and len(starts) == n
+
+
+async def _count(applied: list[Any], n: int) -> bool:
+    return len(applied) >= n
+
+
+async def test_an_intake_thread_shortens_the_switch_interval_while_it_runs() -> None:
+    async def body(settings: object, owner: str, send: Any, stop: asyncio.Event) -> None:
+        send("ready")
+        await stop.wait()
+
+    before = sys.getswitchinterval()
+    intake = _thread(Relay(), body, switch_seconds=0.001)
+    await intake.start(timeout=10)
+    try:
+        assert sys.getswitchinterval() == pytest.approx(0.001)
+    finally:
+        await intake.stop(5)
+    assert sys.getswitchinterval() == pytest.approx(before)

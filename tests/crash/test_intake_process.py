@@ -4,7 +4,8 @@
 What must hold as in one process: each job's `JobAccepted` is the first of its events on the bus
 and is published once; a refused command gets its `JobRejected`; every job runs once to its
 end; the outbox is left empty and no job leased; the commands metric is on serve's /metrics; and
-SIGTERM stops both processes cleanly. When the child is killed mid-stream, serve starts another,
+SIGTERM stops both processes cleanly (and the same of the intake in a thread of serve's,
+`FAILOVER_INTAKE_THREAD=true`, with no second process). When the child is killed mid-stream, serve starts another,
 and every command published (before, during and after) still ends in exactly one job; when serve
 is killed, the child stops by itself.
 """
@@ -57,17 +58,24 @@ def _intake_pid(serve_pid: int) -> int | None:
     return None
 
 
-async def _cell(name: str, database_url: str, amqp_url: str, tmp: Path, **env: str) -> Cell:
+async def _cell(name: str, database_url: str, amqp_url: str, tmp: Path, *, where: str = "PROCESS",
+                **env: str) -> Cell:
     return await open_cell(name, derived_database(database_url, name), amqp_url, tmp,
-                           **{"FAILOVER_INTAKE_PROCESS": "true", **env})
+                           **{f"FAILOVER_INTAKE_{where}": "true", **env})
 
 
-async def _serving(cell: Cell, jobs: int) -> tuple[ServeProcess, int, list[Any], list[str]]:
-    """serve started (with its intake process), `jobs` VMs to fail over and their job ids."""
+async def _serving(cell: Cell, jobs: int, *, thread: bool = False) -> tuple[ServeProcess, int, list[Any], list[str]]:
+    """serve started (with its intake process, or thread), `jobs` VMs to fail over and their
+    job ids; the intake process's pid (serve's own with a thread)."""
     assert cell.control and cell.emu and cell.db
     serve = await cell.start_serve()
     assert serve.proc is not None
     intake = _intake_pid(serve.proc.pid)
+    if thread:
+        assert intake is None, "FAILOVER_INTAKE_THREAD=true started an intake process"
+        said = [line for line in serve.log_path.read_text().splitlines() if "intake consuming commands" in line]
+        assert len(said) == 1 and "a thread" in said[0], said  # (Python does not name its threads in /proc)
+        intake = serve.proc.pid
     assert intake is not None, "serve started no intake process"
     vms = [await seed_vm(cell.db, cell.control, cell.emu.appliance_vm_id, vm_name=f"{cell.name} {i}",
                          os_type="ubuntu64Guest", disks=2) for i in range(jobs)]
@@ -96,14 +104,17 @@ def _problems(cell: Cell, vms: list[Any], ids: list[str], *, once: bool) -> list
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("where", ["PROCESS", "THREAD"])
 async def test_intake_process_answers_and_hands_jobs_over(database_url: str, amqp_url: str,
-                                                          tmp_path: Path) -> None:
+                                                          tmp_path: Path, where: str) -> None:
+    """(and the same of the intake in a thread of serve's, FAILOVER_INTAKE_THREAD)"""
     # a long lease: a job serve could only claim once the intake's lease on it ran out would
     # start 30 s late (it must be handed over at once)
-    cell = await _cell("intake", database_url, amqp_url, tmp_path, FAILOVER_LEASE_SECONDS="30")
+    cell = await _cell(f"intake{where[0].lower()}", database_url, amqp_url, tmp_path, where=where,
+                       FAILOVER_LEASE_SECONDS="30")
     try:
         assert cell.control and cell.emu and cell.log and cell.db and cell.bus
-        serve, intake, vms, ids = await _serving(cell, 12)
+        serve, intake, vms, ids = await _serving(cell, 12, thread=where == "THREAD")
         for vm, job_id in zip(vms, ids, strict=True):
             await cell.bus.publish(FailoverRequested(request_id=uuid.UUID(job_id), vm_id=vm.vm_id,
                                                      failover_type="test", requested_by="intake-tests"))
