@@ -50,6 +50,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -258,10 +259,11 @@ class IntakeThread(_Supervisor):
     a broker connection and database connections of its own; its messages are applied in
     serve's loop, in the order it sent them (`call_soon_threadsafe`).
 
-    Both threads share one interpreter lock, so this adds no CPU: what it changes is the wait.
-    A delivery, a database answer or a confirm for the intake wakes its own loop, which waits
-    only for the lock (Python hands it over within `sys.getswitchinterval()`), where in serve's
-    loop it waited behind every running job's ready callbacks."""
+    Both threads share one interpreter lock: the same work, measured no dearer (README,
+    "A fast answer under load"). What changes is the wait. A delivery, a database answer or a
+    confirm for the intake wakes its own loop, which waits only for the lock (handed over after
+    `sys.getswitchinterval()` at the latest, but for a collection or a long call in C), where in
+    serve's loop it waited behind every running job's ready callbacks."""
 
     what = "the intake thread"
 
@@ -300,54 +302,83 @@ class IntakeThread(_Supervisor):
         loop = asyncio.get_running_loop()
         gone = asyncio.Event()
         ended: list[str] = []
+        run = _ThreadRun()
+
+        def apply(msg: dict[str, Any]) -> None:  # (in serve's loop)
+            if not run.released:  # a thread left behind after its time changes nothing any more
+                self._apply(msg)
 
         def send(kind: str, **fields: Any) -> None:  # (in the intake's thread)
-            loop.call_soon_threadsafe(self._apply, {"m": kind, **fields})
+            run.said_ready = run.said_ready or kind == "ready"
+            try:
+                loop.call_soon_threadsafe(apply, {"m": kind, **fields})
+            except RuntimeError:  # serve's loop is closed: serve is going, and its intake with it
+                if run.stop_here is not None:
+                    run.stop_here()
 
         async def body() -> None:
             stop = asyncio.Event()
             child_loop = asyncio.get_running_loop()
+            task = asyncio.current_task()
 
-            def stop_it() -> None:  # (from serve's thread)
-                child_loop.call_soon_threadsafe(stop.set)
-
-            self._stop_child = stop_it
-            if self._stopping:
+            def stop_here() -> None:  # (in the intake's thread)
                 stop.set()
+                if not run.said_ready and task is not None:
+                    task.cancel()  # still starting (a broker or database slow to answer): give up now
+
+            def stop_from_serve() -> None:
+                child_loop.call_soon_threadsafe(stop_here)
+
+            run.stop_here, self._stop_child = stop_here, stop_from_serve
+            if self._stopping:
+                stop_here()
             await self._body(self.settings, self.owner, send, stop)
 
-        def run() -> None:
-            from .cli import _loop_factory
+        def thread() -> None:
             try:
+                from .cli import _loop_factory
                 with asyncio.Runner(loop_factory=_loop_factory()) as runner:
                     runner.run(body())
                 ended.append("stopped")
+            except asyncio.CancelledError:
+                ended.append("stopped while starting")
             except BaseException as exc:
                 log.error("the intake thread failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
                 ended.append(f"failed ({type(exc).__name__})")
             finally:
-                self._stop_child = None
                 with contextlib.suppress(RuntimeError):  # serve's loop is closed: nothing to tell
                     loop.call_soon_threadsafe(gone.set)  # (after every message it sent)
 
-        self._thread = threading.Thread(target=run, name="failover-intake", daemon=True)
+        self._thread = threading.Thread(target=thread, name="failover-intake", daemon=True)
         self._thread.start()
         try:
             await gone.wait()
         finally:
+            run.released = True
+            self.ready.clear()
+            self._ask_stop()  # (one left behind after its time: it stops once it can)
+            self._stop_child = None
             self._released()
         return ended[0] if ended else "ended"
 
     def _ask_stop(self) -> None:
         stop = self._stop_child
         if stop is not None:
-            with contextlib.suppress(RuntimeError):  # its loop is closing
+            with contextlib.suppress(RuntimeError):  # its loop is closed: it is ending
                 stop()
 
     def _force_stop(self) -> float:  # a thread cannot be killed: it ends with serve
         log.warning("the intake thread did not stop in time; its deliveries under way go back to the "
-                    "queue when serve exits")
+                    "queue when serve exits, and what it says from now on is ignored")
         return 0.0  # (its holds are released now: serve's drain hands the jobs back)
+
+
+@dataclass(slots=True)
+class _ThreadRun:
+    """One start of the intake thread, as both threads see it."""
+    said_ready: bool = False
+    released: bool = False  # serve is done with it: its holds released, its messages dropped
+    stop_here: Callable[[], None] | None = None  # (in the intake's thread)
 
 
 class _ChildLines(asyncio.SubprocessProtocol):
@@ -470,6 +501,8 @@ async def _intake(settings: Settings, owner: str, send: Callable[..., None], sto
             publish_first=publish_first,
             hold=lambda job_id: send("hold", job=job_id),
             unhold=lambda job_id: send("unhold", job=job_id))
+        if stop.is_set():  # (asked to stop while it was starting)
+            return
         await consumer.start()
         log.info("intake consuming commands", extra={"fields": {"owner": owner, "in": where}})
         send("ready")

@@ -85,8 +85,8 @@ class JobRunner:
         left = self._held[job_id] - 1
         if left > 0:
             self._held[job_id] = left
-        else:
-            del self._held[job_id]
+        else:  # (pop: an unhold with no hold left, from an intake whose holds were released, is no error)
+            self._held.pop(job_id, None)
 
     def adopt(self, job_id: str) -> None:
         """A job this process just accepted (and holds the lease of): run it soon."""

@@ -276,6 +276,7 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
                           else IntakeThread(svc.owner, settings, switch_seconds=settings.intake_thread_switch_seconds,
                                             **told))
                 svc.intake = intake
+                stack.push_async_callback(intake.stop)  # (however serve ends; after a drain, a no-op)
                 await intake.start()
             else:
                 recorder = CommandRecorder(engine, svc.owner, settings.lease_seconds)

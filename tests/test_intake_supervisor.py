@@ -140,7 +140,7 @@ async def _ran(intake: IntakeProcess, tmp_path: Path, starts: int) -> bool:
     return intake.alive and (tmp_path / "starts").exists() and _starts(tmp_path) == starts
 
 
-async def _pausing(intake: IntakeProcess) -> bool:
+async def _pausing(intake: IntakeProcess | IntakeThread) -> bool:
     return intake.restarts == 1 and not intake.alive
 
 
@@ -224,16 +224,64 @@ async def test_an_intake_threads_messages_are_applied_in_serves_loop_in_order() 
     assert {t for _, _, t in applied} == {serve_thread}
 
 
-async def test_an_intake_thread_that_will_not_stop_is_left_behind_after_its_time() -> None:
-    async def stubborn(settings: object, owner: str, send: Any, stop: asyncio.Event) -> None:
-        send("ready")
-        await asyncio.to_thread(time.sleep, 3)  # (deaf to stop for 3 s)
+async def test_an_intake_thread_that_will_not_stop_is_left_behind_and_then_ignored() -> None:
+    said_late = threading.Event()
 
-    intake = _thread(Relay(), stubborn)
+    async def stubborn(settings: object, owner: str, send: Any, stop: asyncio.Event) -> None:
+        send("hold", job="j1")
+        send("ready")
+        await asyncio.to_thread(time.sleep, 1.5)  # (deaf to stop meanwhile)
+        send("hold", job="late")
+        send("adopt", job="late")
+        said_late.set()
+
+    relay, adopted = Relay(), list[str]()
+    intake = _thread(relay, stubborn, adopt=adopted.append)
     await intake.start(timeout=10)
+    assert relay.held == {"j1": 1}
     began = time.monotonic()
     await intake.stop(0.2)
-    assert time.monotonic() - began < 2.5  # 0.2 s, then up to a few seconds' grace, not the 3 s
+    assert time.monotonic() - began < 1.0  # 0.2 s, and no grace: a thread cannot be killed
+    assert not intake.alive and relay.held == {"j1": 0}  # its hold released: the drain goes on
+    await wait_until(lambda: _set(said_late), 10, "the stubborn thread's late messages", interval=0.02)
+    # whatever it queued for serve's loop runs before a callback queued after it
+    marker = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(marker.set_result, None)
+    await marker
+    assert relay.held == {"j1": 0} and adopted == []  # said after its release: ignored
+
+
+async def test_stop_ends_an_intake_threads_restart_pause_at_once() -> None:
+    starts = list[int]()
+    intake = _thread(Relay(), _planned("dr", starts), pause=1.0)
+    await intake.start(timeout=10)
+    await wait_until(lambda: _pausing(intake), 10, "the first thread's end", interval=0.01)
+    began = time.monotonic()
+    await intake.stop(10)
+    assert time.monotonic() - began < 1.0  # the pause before the next start is 2 s
+    assert len(starts) == 1
+
+
+async def test_an_intake_thread_stopped_while_it_starts_gives_up_at_once() -> None:
+    connecting = threading.Event()
+
+    async def hung(settings: object, owner: str, send: Any, stop: asyncio.Event) -> None:
+        connecting.set()
+        await asyncio.sleep(60)  # a broker that accepts the connection and never answers
+
+    intake = _thread(Relay(), hung)
+    starting = asyncio.create_task(intake.start(timeout=30))
+    await wait_until(lambda: _set(connecting), 10, "the thread to be connecting", interval=0.01)
+    began = time.monotonic()
+    await intake.stop(10)
+    assert time.monotonic() - began < 2.0  # cancelled where it waited, not after its 60 s
+    with pytest.raises(RuntimeError, match="did not start"):
+        await starting
+    assert not intake.alive
+
+
+async def _set(event: threading.Event) -> bool:
+    return event.is_set()
 
 
 async def _thread_ran(intake: IntakeThread, starts: list[int], n: int) -> bool:
