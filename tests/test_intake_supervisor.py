@@ -102,14 +102,17 @@ async def test_a_first_child_that_cannot_start_fails_serves_start(tmp_path: Path
     assert _starts(tmp_path) == 1  # not tried again: the settings or the servers are wrong
 
 
-async def test_stop_ends_a_restart_pause_at_once(tmp_path: Path) -> None:
-    intake = _intake(tmp_path, "dr", Relay(), pause=1.0)
+@pytest.mark.parametrize("kind", ["process", "thread"])
+async def test_stop_ends_a_restart_pause_at_once(tmp_path: Path, kind: str) -> None:
+    starts = list[int]()
+    intake = (_intake(tmp_path, "dr", Relay(), pause=1.0) if kind == "process"
+              else _thread(Relay(), _planned("dr", starts), pause=1.0))
     await intake.start(timeout=10)
-    await wait_until(lambda: _pausing(intake), 10, "the first child's death", interval=0.01)
+    await wait_until(lambda: _pausing(intake), 10, "the first one's end", interval=0.01)
     began = time.monotonic()
     await intake.stop(10)
     assert time.monotonic() - began < 1.0  # the pause before the next start is 2 s
-    assert _starts(tmp_path) == 1
+    assert (_starts(tmp_path) if kind == "process" else len(starts)) == 1
 
 
 def test_lines_split_across_reads_are_applied_whole() -> None:
@@ -249,17 +252,6 @@ async def test_an_intake_thread_that_will_not_stop_is_left_behind_and_then_ignor
     asyncio.get_running_loop().call_soon(marker.set_result, None)
     await marker
     assert relay.held == {"j1": 0} and adopted == []  # said after its release: ignored
-
-
-async def test_stop_ends_an_intake_threads_restart_pause_at_once() -> None:
-    starts = list[int]()
-    intake = _thread(Relay(), _planned("dr", starts), pause=1.0)
-    await intake.start(timeout=10)
-    await wait_until(lambda: _pausing(intake), 10, "the first thread's end", interval=0.01)
-    began = time.monotonic()
-    await intake.stop(10)
-    assert time.monotonic() - began < 1.0  # the pause before the next start is 2 s
-    assert len(starts) == 1
 
 
 async def test_an_intake_thread_stopped_while_it_starts_gives_up_at_once() -> None:
