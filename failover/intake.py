@@ -40,6 +40,7 @@ environment (and `.env`), as `failoverctl serve` does.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import json
@@ -64,7 +65,7 @@ RESTART_PAUSE = 1.0  # seconds before a child that died is started again (doubli
 INTAKE_POOL = 16  # the child's database connections (a delivery holds one for two round trips)
 
 
-class _Supervisor:
+class _Supervisor(abc.ABC):
     """serve's side of an intake (a child process or a thread): starts it, applies what it
     says, in order, and starts it again should it end while serve runs."""
 
@@ -92,21 +93,22 @@ class _Supervisor:
     def alive(self) -> bool:
         return self.ready.is_set() and self._running()
 
+    @abc.abstractmethod
     def _running(self) -> bool:
-        raise NotImplementedError
+        """Whether the intake's thread or process is running."""
 
+    @abc.abstractmethod
     async def _run_once(self) -> str:
         """Start the intake and return once it has ended and everything it said is applied:
         how it ended, for the log."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _ask_stop(self) -> None:
         """Ask the intake under way to finish the deliveries it has and stop."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _force_stop(self) -> float:
         """It did not stop when asked: end it, and say how long it may take to end."""
-        raise NotImplementedError
 
     async def start(self, timeout: float = 60.0) -> None:
         """Start the intake; return once it consumes. An intake that cannot start (bad settings,
