@@ -88,8 +88,12 @@ INSERT IGNORE INTO log_events (job_id, correlation_id, level, message, fields, t
 VALUES (:job_id, :correlation_id, :level, :message, :fields, :timestamp, :sequence, :step_name)
 """)
 
+# the batch's log lines by their job first, then each one's step by its key: named, since on
+# tables whose statistics were taken while they were small MariaDB walked every step of every job
+# (adapters/db/store.py, `_LEDGER`)
 _LINK_LOG_STEPS = """
-UPDATE log_events l JOIN job_steps s ON s.job_id = l.job_id AND s.step_name = l.step_name
+UPDATE log_events l FORCE INDEX (uq_log_events_job_sequence)
+STRAIGHT_JOIN job_steps s FORCE INDEX (uq_job_steps_job_step) ON s.job_id = l.job_id AND s.step_name = l.step_name
 SET l.step_id = s.id
 WHERE l.step_id IS NULL AND l.step_name IS NOT NULL AND l.job_id IN ({jobs})
 """

@@ -10,7 +10,18 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import ColumnClause, Select, and_, bindparam, column, func, or_, select, update
+from sqlalchemy import (
+    ColumnClause,
+    ColumnElement,
+    Select,
+    and_,
+    bindparam,
+    column,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -139,7 +150,15 @@ _UNENDED = failover_jobs.c.ended == False  # noqa: E712 (an SQL comparison, not 
 _VM_STATUS = (update(vm_replication_contexts).where(vm_replication_contexts.c.vmware_vm_id == bindparam("vm_id"))
               .values(current_status=bindparam("v_status"), updated_at=bindparam("v_updated_at")))
 _parent_updates: dict[tuple[str, ...], Update] = {}
-_LEDGER = select(resource_ledger).where(resource_ledger.c.job_id == bindparam("job_id")).order_by(resource_ledger.c.id)
+# The plans of the recurring reads are named (`FORCE INDEX`), not left to the server's statistics:
+# statistics taken while a table was small (a fresh install's first wave of jobs, before the
+# server's background recalculation catches up) made MariaDB read a job's ledger by walking the
+# whole table in id order, 665 rows per read in a 400-job burst on fresh tables; the claim's
+# candidates and the relay's unsent events, likewise (bench/PROFILE.md, eighteenth session).
+# tests/test_query_plans.py checks each plan on a fresh install's tables.
+_BY_JOB_ID = "FORCE INDEX (job_id)"  # jobs by their key (the lease statements)
+_LEDGER = (select(resource_ledger).where(resource_ledger.c.job_id == bindparam("job_id")).order_by(resource_ledger.c.id)
+           .with_hint(resource_ledger, "FORCE INDEX (uq_ledger_job_key)", dialect_name="mysql"))
 _OWNED_ROWS: dict[int, Select[Any]] = {}
 
 
@@ -155,7 +174,8 @@ def _owned_rows(count: int) -> Select[Any]:
     if stmt is None:
         stmt = _OWNED_ROWS[count] = cast(Select[Any], select(failover_jobs).where(
             failover_jobs.c.job_id.in_([bindparam(f"id_{i}") for i in range(count)]),
-            failover_jobs.c.lease_owner == bindparam("owner"), _UNENDED))
+            failover_jobs.c.lease_owner == bindparam("owner"), _UNENDED)
+            .with_hint(failover_jobs, _BY_JOB_ID, dialect_name="mysql"))
     return stmt
 
 
@@ -555,30 +575,44 @@ class JobStore:
         commits: their lease renewals and commits then wait for it.)"""
         if limit <= 0:
             return []
-        free = or_(failover_jobs.c.lease_expires_at.is_(None), failover_jobs.c.lease_expires_at < func.now(6))
-        mine = failover_jobs.c.lease_owner == self.owner
-        if running:
-            mine = and_(mine, failover_jobs.c.job_id.not_in(list(running)))
-        claimable = and_(_UNENDED, or_(free, mine))
+        claimable = self._claimable(running)
         async with self.engine.connect() as conn:
-            candidates = (await conn.execute(
-                select(failover_jobs.c.job_id).where(claimable).order_by(failover_jobs.c.id).limit(limit)
-            )).scalars().all()
+            candidates = (await conn.execute(self.claim_candidates(limit, running))).scalars().all()
             await conn.rollback()
         if not candidates:
             return []
         async def take_them() -> list[Any]:
             async with self.engine.begin() as conn:
-                await conn.execute(
-                    update(failover_jobs).where(failover_jobs.c.job_id.in_(candidates), claimable)
-                    .values(lease_owner=self.owner, lease_expires_at=self._expiry(lease_seconds),
-                            attempts=failover_jobs.c.attempts + 1))
+                await conn.execute(self.claim_update(candidates, lease_seconds, claimable))
                 return list((await conn.execute(select(failover_jobs).where(
                     failover_jobs.c.job_id.in_(candidates), failover_jobs.c.lease_owner == self.owner,
-                    _UNENDED))).all())
+                    _UNENDED).with_hint(failover_jobs, _BY_JOB_ID, dialect_name="mysql"))).all())
 
         rows = await _again(take_them)
         return [row_to_job(r) for r in rows if r.job_id not in running]
+
+    def _claimable(self, running: Collection[str]) -> ColumnElement[bool]:
+        free = or_(failover_jobs.c.lease_expires_at.is_(None), failover_jobs.c.lease_expires_at < func.now(6))
+        mine = failover_jobs.c.lease_owner == self.owner
+        if running:
+            mine = and_(mine, failover_jobs.c.job_id.not_in(list(running)))
+        return and_(_UNENDED, or_(free, mine))
+
+    def claim_candidates(self, limit: int, running: Collection[str] = ()) -> Select[Any]:
+        """The claim's look: up to `limit` claimable jobs, oldest first, through the claim index
+        (the unended jobs), never the whole history in id order."""
+        return (select(failover_jobs.c.job_id).where(self._claimable(running)).order_by(failover_jobs.c.id)
+                .limit(limit).with_hint(failover_jobs, "FORCE INDEX (ix_failover_jobs_claim)", dialect_name="mysql"))
+
+    def claim_update(self, job_ids: Sequence[str], lease_seconds: float,
+                     claimable: ColumnElement[bool] | None = None) -> Update:
+        """The claim's take: the candidates still claimable, by their key (a scan would lock
+        every row it passes, other processes' running jobs included, until the claim commits)."""
+        return (update(failover_jobs)
+                .where(failover_jobs.c.job_id.in_(job_ids), self._claimable(()) if claimable is None else claimable)
+                .values(lease_owner=self.owner, lease_expires_at=self._expiry(lease_seconds),
+                        attempts=failover_jobs.c.attempts + 1)
+                .with_hint(_BY_JOB_ID, dialect_name="mysql"))
 
     async def take(self, job_ids: Sequence[str], lease_seconds: float) -> list[JobRow]:
         """Take (or refresh) the leases of jobs this process recorded, except those another
@@ -607,7 +641,8 @@ class JobStore:
                        _UNENDED,
                        or_(failover_jobs.c.lease_owner.in_([owner, bindparam("intake_owner")]),
                            failover_jobs.c.lease_owner.is_(None), free))
-                .values(lease_owner=owner, lease_expires_at=self._expiry(lease_seconds)))
+                .values(lease_owner=owner, lease_expires_at=self._expiry(lease_seconds))
+                .with_hint(_BY_JOB_ID, dialect_name="mysql"))
         return stmt
 
     async def renew(self, job_ids: Collection[str], lease_seconds: float) -> tuple[set[str], dict[str, str | None]]:
@@ -620,27 +655,34 @@ class JobStore:
         if not ids:
             return set(), {}
 
+        ours, _, others = self.renew_statements(ids, lease_seconds)
+
         async def extend() -> set[str]:
             async with self.lease_engine.begin() as conn:
-                mine = (await conn.execute(
-                    select(failover_jobs.c.job_id)
-                    .where(failover_jobs.c.job_id.in_(ids), failover_jobs.c.lease_owner == self.owner,
-                           _UNENDED)
-                    .with_for_update(skip_locked=True))).scalars().all()
+                mine = (await conn.execute(ours)).scalars().all()
                 if mine:
-                    await conn.execute(
-                        update(failover_jobs).where(failover_jobs.c.job_id.in_(mine))
-                        .values(lease_expires_at=self._expiry(lease_seconds)))
+                    await conn.execute(self.renew_statements(mine, lease_seconds)[1])
             return set(mine)
 
         renewed = await _again(extend)
         async with self.lease_engine.connect() as conn:
-            rows = (await conn.execute(
-                select(failover_jobs.c.job_id, failover_jobs.c.lease_owner)
-                .where(failover_jobs.c.job_id.in_(ids), _UNENDED,
-                       or_(failover_jobs.c.lease_owner.is_(None), failover_jobs.c.lease_owner != self.owner))
-            )).all()
+            rows = (await conn.execute(others)).all()
         return renewed, {r.job_id: r.lease_owner for r in rows}
+
+    def renew_statements(self, job_ids: Sequence[str], lease_seconds: float) -> tuple[Select[Any], Update, Select[Any]]:
+        """The renewal's statements for `job_ids`: which are still ours (locking them, but for
+        those locked already), their new expiry, and who holds the others now. Each by the
+        jobs' key: a walk would lock every row it passed."""
+        ours = (select(failover_jobs.c.job_id)
+                .where(failover_jobs.c.job_id.in_(job_ids), failover_jobs.c.lease_owner == self.owner, _UNENDED)
+                .with_for_update(skip_locked=True).with_hint(failover_jobs, _BY_JOB_ID, dialect_name="mysql"))
+        extend = (update(failover_jobs).where(failover_jobs.c.job_id.in_(job_ids))
+                  .values(lease_expires_at=self._expiry(lease_seconds)).with_hint(_BY_JOB_ID, dialect_name="mysql"))
+        others = (select(failover_jobs.c.job_id, failover_jobs.c.lease_owner)
+                  .where(failover_jobs.c.job_id.in_(job_ids), _UNENDED,
+                         or_(failover_jobs.c.lease_owner.is_(None), failover_jobs.c.lease_owner != self.owner))
+                  .with_hint(failover_jobs, _BY_JOB_ID, dialect_name="mysql"))
+        return ours, extend, others
 
     async def release(self, job_id: str, delay_seconds: float = 0.0) -> None:
         """Hand one job back (it may be claimed again after `delay_seconds`)."""

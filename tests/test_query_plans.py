@@ -1,0 +1,120 @@
+"""The recurring statements' plans are the ones named, whatever the server's statistics say.
+
+MariaDB picks a plan from its statistics of each table, and those lag behind the table: taken
+while it was small (a fresh install, the first wave of jobs), they stay until the server's
+background recalculation catches up, and a wave of hundreds of jobs comes faster. On small
+statistics the optimizer reads a job's ledger by walking the whole table in id order rather
+than by the job's key, and the claim, the relay and `failoverctl list` likewise. In a 400-job
+burst on fresh tables that was 370,000 rows read where 45,000 do (bench/PROFILE.md, eighteenth
+session); on a locking statement a walk would also lock every row it passed.
+
+Here each statement, rendered with its values as the service sends it, is EXPLAINed on
+a fresh install's tables holding one job: where the statistics are smallest. Each must reach
+its rows through the index it names, by key or range, never by walking an index or the table.
+(tests/test_history_scaling.py counts the rows the same reads touch on a long history.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy import insert, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from adapters.db import raw
+from adapters.db.engine import utcnow
+from adapters.db.outbox import BACKLOG, _unsent
+from adapters.db.projections import _link_of
+from adapters.db.store import _LEDGER, JobStore, _owned_rows
+from adapters.db.tables import failover_jobs, job_steps, log_events, outbox, resource_ledger
+from failover.reads import recent_jobs_query
+from tests.crash.support import database_of_its_own
+
+OWNER = "plans-test"
+JOB = "job-1"
+
+
+@pytest.fixture(scope="module")
+async def fresh(database_url: str) -> AsyncIterator[AsyncEngine]:
+    async with database_of_its_own(database_url, "plans") as engine:
+        now = utcnow()
+        async with engine.begin() as conn:
+            await conn.execute(insert(failover_jobs), [{
+                "job_id": JOB, "vm_id": "vm-1", "job_type": "test", "source_vm_name": "web", "options": {},
+                "status": "running", "ended": False, "created_at": now, "updated_at": now, "request_id": JOB,
+                "correlation_id": JOB, "lease_owner": OWNER, "lease_expires_at": now}])
+            await conn.execute(insert(outbox), [{
+                "event_id": "e-1", "job_id": JOB, "sequence": 1, "event_type": "JobAccepted",
+                "correlation_id": JOB, "body": "{}", "created_at": now}])
+            await conn.execute(insert(resource_ledger), [{
+                "job_id": JOB, "resource_key": "volume:1", "resource_type": "volume", "action": "detach",
+                "status": "done", "data": {}, "created_at": now, "updated_at": now}])
+            await conn.execute(insert(job_steps), [{
+                "job_id": JOB, "step_name": "validate", "step_order": 1, "status": "completed"}])
+            await conn.execute(insert(log_events), [{
+                "job_id": JOB, "correlation_id": JOB, "level": "INFO", "message": "m", "fields": {},
+                "timestamp": now, "sequence": 1, "step_name": "validate"}])
+        yield engine
+
+
+async def plan(engine: AsyncEngine, statement: Any, params: dict[str, Any] | None = None) -> list[tuple[str, str, str]]:
+    """(table, access type, key) of each table the statement reads, rendered with its values
+    in the server's dialect, index hints included."""
+    try:  # as the driver-level path renders it (adapters/db/raw.py)
+        async with raw.transaction(engine) as tx:
+            sql = tx.sql(statement, params or {})
+    except ValueError:  # an expanding IN list: run through SQLAlchemy, and rendered by it
+        assert not params
+        sql = str(statement.compile(dialect=engine.sync_engine.dialect, compile_kwargs={"literal_binds": True}))
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text("EXPLAIN " + sql.replace(":", r"\:")))).mappings().all()
+    return [(r["table"], r["type"], r["key"]) for r in rows]
+
+
+# by key (const, eq_ref, ref) or by a range of the index: never `index` (the whole index walked)
+# or `ALL` (the whole table)
+BY_KEY = {"const", "eq_ref", "ref", "range", "ref_or_null"}
+
+
+def assert_by(found: list[tuple[str, str, str]], *expected: tuple[str, str], walk: bool = False) -> None:
+    """`walk`: the named index may be walked (in its order, for an ORDER BY with a LIMIT)."""
+    assert [(t, k) for t, _, k in found] == list(expected), found
+    assert all(access in BY_KEY | ({"index"} if walk else set()) for _, access, _ in found), found
+
+
+async def test_a_jobs_ledger_by_its_key(fresh: AsyncEngine) -> None:
+    assert_by(await plan(fresh, _LEDGER, {"job_id": JOB}), ("resource_ledger", "uq_ledger_job_key"))
+
+
+async def test_the_claim_by_the_unended_jobs(fresh: AsyncEngine) -> None:
+    store = JobStore(fresh, OWNER)
+    assert_by(await plan(fresh, store.claim_candidates(64, running=["job-2", "job-3"])),
+              ("failover_jobs", "ix_failover_jobs_claim"))
+    assert_by(await plan(fresh, store.claim_update([JOB, "job-2"], 30)), ("failover_jobs", "job_id"))
+
+
+async def test_the_leases_by_the_jobs_keys(fresh: AsyncEngine) -> None:
+    store = JobStore(fresh, OWNER)
+    ids = {f"id_{i}": j for i, j in enumerate([JOB, "job-2"])}
+    assert_by(await plan(fresh, store._take_statement(2, 30), {"owner": OWNER, "intake_owner": "x", **ids}),
+              ("failover_jobs", "job_id"))
+    assert_by(await plan(fresh, _owned_rows(2), {"owner": OWNER, **ids}), ("failover_jobs", "job_id"))
+    for statement in store.renew_statements([JOB, "job-2"], 30):
+        assert_by(await plan(fresh, statement), ("failover_jobs", "job_id"))
+
+
+async def test_the_relay_by_the_unsent_index(fresh: AsyncEngine) -> None:
+    assert_by(await plan(fresh, _unsent(500)), ("outbox", "ix_outbox_unsent"))
+    assert_by(await plan(fresh, BACKLOG), ("outbox", "ix_outbox_unsent"))
+
+
+async def test_the_projector_links_a_batchs_lines_to_their_steps(fresh: AsyncEngine) -> None:
+    assert_by(await plan(fresh, _link_of(2), {"j0": JOB, "j1": "job-2"}),
+              ("l", "uq_log_events_job_sequence"), ("s", "uq_job_steps_job_step"))
+
+
+async def test_failoverctl_list_by_the_creation_index(fresh: AsyncEngine) -> None:
+    # the newest first: the creation index walked from its end, stopping at the LIMIT
+    assert_by(await plan(fresh, recent_jobs_query(20)), ("job_tracking", "ix_job_tracking_created"), walk=True)
