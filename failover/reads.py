@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from adapters.db.engine import index_hint
 from adapters.db.tables import (
     failover_jobs,
     job_commands,
@@ -56,8 +57,8 @@ def _now() -> datetime:
 def recent_jobs_query(limit: int) -> Select[Any]:
     """The newest `limit` jobs, by their creation index (on a year of jobs, whatever the
     server's statistics say: tests/test_query_plans.py)."""
-    return (select(job_tracking).order_by(job_tracking.c.created_at.desc()).limit(limit)
-            .with_hint(job_tracking, "FORCE INDEX (ix_job_tracking_created)", dialect_name="mysql"))
+    return index_hint(select(job_tracking).order_by(job_tracking.c.created_at.desc()).limit(limit),
+                      "FORCE INDEX (ix_job_tracking_created)", job_tracking)
 
 
 async def recent_jobs(engine: AsyncEngine, limit: int = 20) -> list[dict[str, Any]]:
@@ -96,8 +97,9 @@ async def job_detail(engine: AsyncEngine, job_id: str) -> dict[str, Any] | None:
             return None
         steps = (await conn.execute(select(job_steps).where(job_steps.c.job_id == job_id)
                                     .order_by(job_steps.c.step_order))).all()
-        ledger = (await conn.execute(select(resource_ledger).where(resource_ledger.c.job_id == job_id)
-                                     .order_by(resource_ledger.c.id))).all()
+        ledger = (await conn.execute(index_hint(select(resource_ledger).where(resource_ledger.c.job_id == job_id)
+                                                .order_by(resource_ledger.c.id), "FORCE INDEX (uq_ledger_job_key)",
+                                                resource_ledger))).all()
     step_rows = []
     for s in steps:
         item = {k: v for k, v in _plain(s).items() if k not in ("id", "status_sequence")}

@@ -5,13 +5,14 @@ from __future__ import annotations
 import ssl
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import event, func, text
+from sqlalchemy import Select, event, func, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.sql.dml import UpdateBase
 
 from . import raw
 
@@ -114,6 +115,21 @@ def make_engine(url: str, *, pool_size: int = 10, max_overflow: int | None = Non
     _ping_when_idle(engine, idle_ping_seconds)
     raw.multi_statements(engine)
     return engine
+
+
+Hinted = TypeVar("Hinted", bound="Select[Any] | UpdateBase")
+
+
+def index_hint(statement: Hinted, hint: str, table: Any = None) -> Hinted:
+    """`statement` with `hint` (`FORCE INDEX (name)`) after its table, in MySQL's and MariaDB's
+    SQL alike: SQLAlchemy keeps a hint for one dialect name, and a `mariadb://` URL is the
+    dialect `mariadb`, which would send the statement without it."""
+    for name in ("mysql", "mariadb"):
+        if isinstance(statement, Select):
+            statement = statement.with_hint(table, hint, dialect_name=name)
+        else:
+            statement = statement.with_hint(hint, table, dialect_name=name)
+    return statement
 
 
 def db_now_plus(microseconds: int) -> Any:

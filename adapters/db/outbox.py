@@ -5,7 +5,7 @@ sequence order)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import Select, bindparam, func, select, text, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
@@ -15,7 +15,7 @@ from sqlalchemy.sql.expression import Update
 from schemas.events import Event
 
 from . import raw
-from .engine import db_now_plus, from_db_time, utcnow
+from .engine import db_now_plus, from_db_time, index_hint, utcnow
 from .tables import leases, outbox
 
 OUTBOX_INSERT = outbox.insert()
@@ -75,9 +75,8 @@ def _unsent(limit: int) -> Select[Any]:
         columns = (outbox.c.id, outbox.c.event_id, outbox.c.job_id, outbox.c.event_type, outbox.c.correlation_id,
                    outbox.c.body, outbox.c.created_at)
         # the unsent index, whatever the statistics say (adapters/db/store.py, `_LEDGER`)
-        stmt = _UNSENT[limit] = cast(Select[Any], select(*columns).where(outbox.c.published_at.is_(None))
-                                     .order_by(outbox.c.id).limit(limit)
-                                     .with_hint(outbox, "FORCE INDEX (ix_outbox_unsent)", dialect_name="mysql"))
+        stmt = _UNSENT[limit] = index_hint(select(*columns).where(outbox.c.published_at.is_(None))
+                                           .order_by(outbox.c.id).limit(limit), "FORCE INDEX (ix_outbox_unsent)", outbox)
     return stmt
 
 

@@ -31,7 +31,7 @@ from statemachine.errors import LeaseLost
 from statemachine.ports import Commit, JobRow, LedgerEntry
 
 from . import raw
-from .engine import db_now_plus, from_db_time, to_db_time, utcnow
+from .engine import db_now_plus, from_db_time, index_hint, to_db_time, utcnow
 from .outbox import OUTBOX_INSERT, outbox_row
 from .tables import failover_jobs, resource_ledger, vm_replication_contexts
 
@@ -138,8 +138,8 @@ def fenced_update(columns: tuple[str, ...], extend_lease_us: int | None, *, unle
         # the job's row by its key alone: without the hint MariaDB weighs every index the
         # fence names (owner, claim) for each commit, a twentieth of the UPDATE's cost
         # (bench/lease_update.py under callgrind)
-        stmt = _fenced_updates[key] = (update(failover_jobs).where(fence).values(**values)
-                                       .with_hint("USE INDEX (job_id)", dialect_name="mysql"))
+        stmt = _fenced_updates[key] = index_hint(update(failover_jobs).where(fence).values(**values),
+                                                 "USE INDEX (job_id)")
     return stmt
 
 
@@ -156,9 +156,8 @@ _parent_updates: dict[tuple[str, ...], Update] = {}
 # whole table in id order, 665 rows per read in a 400-job burst on fresh tables; the claim's
 # candidates and the relay's unsent events, likewise (bench/PROFILE.md, eighteenth session).
 # tests/test_query_plans.py checks each plan on a fresh install's tables.
-_BY_JOB_ID = "FORCE INDEX (job_id)"  # jobs by their key (the lease statements)
-_LEDGER = (select(resource_ledger).where(resource_ledger.c.job_id == bindparam("job_id")).order_by(resource_ledger.c.id)
-           .with_hint(resource_ledger, "FORCE INDEX (uq_ledger_job_key)", dialect_name="mysql"))
+_LEDGER = index_hint(select(resource_ledger).where(resource_ledger.c.job_id == bindparam("job_id"))
+                     .order_by(resource_ledger.c.id), "FORCE INDEX (uq_ledger_job_key)", resource_ledger)
 _OWNED_ROWS: dict[int, Select[Any]] = {}
 
 
@@ -174,8 +173,7 @@ def _owned_rows(count: int) -> Select[Any]:
     if stmt is None:
         stmt = _OWNED_ROWS[count] = cast(Select[Any], select(failover_jobs).where(
             failover_jobs.c.job_id.in_([bindparam(f"id_{i}") for i in range(count)]),
-            failover_jobs.c.lease_owner == bindparam("owner"), _UNENDED)
-            .with_hint(failover_jobs, _BY_JOB_ID, dialect_name="mysql"))
+            failover_jobs.c.lease_owner == bindparam("owner"), _UNENDED))
     return stmt
 
 
@@ -583,10 +581,13 @@ class JobStore:
             return []
         async def take_them() -> list[Any]:
             async with self.engine.begin() as conn:
-                await conn.execute(self.claim_update(candidates, lease_seconds, claimable))
+                await conn.execute(
+                    update(failover_jobs).where(failover_jobs.c.job_id.in_(candidates), claimable)
+                    .values(lease_owner=self.owner, lease_expires_at=self._expiry(lease_seconds),
+                            attempts=failover_jobs.c.attempts + 1))
                 return list((await conn.execute(select(failover_jobs).where(
                     failover_jobs.c.job_id.in_(candidates), failover_jobs.c.lease_owner == self.owner,
-                    _UNENDED).with_hint(failover_jobs, _BY_JOB_ID, dialect_name="mysql"))).all())
+                    _UNENDED))).all())
 
         rows = await _again(take_them)
         return [row_to_job(r) for r in rows if r.job_id not in running]
@@ -601,18 +602,8 @@ class JobStore:
     def claim_candidates(self, limit: int, running: Collection[str] = ()) -> Select[Any]:
         """The claim's look: up to `limit` claimable jobs, oldest first, through the claim index
         (the unended jobs), never the whole history in id order."""
-        return (select(failover_jobs.c.job_id).where(self._claimable(running)).order_by(failover_jobs.c.id)
-                .limit(limit).with_hint(failover_jobs, "FORCE INDEX (ix_failover_jobs_claim)", dialect_name="mysql"))
-
-    def claim_update(self, job_ids: Sequence[str], lease_seconds: float,
-                     claimable: ColumnElement[bool] | None = None) -> Update:
-        """The claim's take: the candidates still claimable, by their key (a scan would lock
-        every row it passes, other processes' running jobs included, until the claim commits)."""
-        return (update(failover_jobs)
-                .where(failover_jobs.c.job_id.in_(job_ids), self._claimable(()) if claimable is None else claimable)
-                .values(lease_owner=self.owner, lease_expires_at=self._expiry(lease_seconds),
-                        attempts=failover_jobs.c.attempts + 1)
-                .with_hint(_BY_JOB_ID, dialect_name="mysql"))
+        return index_hint(select(failover_jobs.c.job_id).where(self._claimable(running)).order_by(failover_jobs.c.id)
+                          .limit(limit), "FORCE INDEX (ix_failover_jobs_claim)", failover_jobs)
 
     async def take(self, job_ids: Sequence[str], lease_seconds: float) -> list[JobRow]:
         """Take (or refresh) the leases of jobs this process recorded, except those another
@@ -641,8 +632,7 @@ class JobStore:
                        _UNENDED,
                        or_(failover_jobs.c.lease_owner.in_([owner, bindparam("intake_owner")]),
                            failover_jobs.c.lease_owner.is_(None), free))
-                .values(lease_owner=owner, lease_expires_at=self._expiry(lease_seconds))
-                .with_hint(_BY_JOB_ID, dialect_name="mysql"))
+                .values(lease_owner=owner, lease_expires_at=self._expiry(lease_seconds)))
         return stmt
 
     async def renew(self, job_ids: Collection[str], lease_seconds: float) -> tuple[set[str], dict[str, str | None]]:
@@ -655,34 +645,27 @@ class JobStore:
         if not ids:
             return set(), {}
 
-        ours, _, others = self.renew_statements(ids, lease_seconds)
-
         async def extend() -> set[str]:
             async with self.lease_engine.begin() as conn:
-                mine = (await conn.execute(ours)).scalars().all()
+                mine = (await conn.execute(
+                    select(failover_jobs.c.job_id)
+                    .where(failover_jobs.c.job_id.in_(ids), failover_jobs.c.lease_owner == self.owner,
+                           _UNENDED)
+                    .with_for_update(skip_locked=True))).scalars().all()
                 if mine:
-                    await conn.execute(self.renew_statements(mine, lease_seconds)[1])
+                    await conn.execute(
+                        update(failover_jobs).where(failover_jobs.c.job_id.in_(mine))
+                        .values(lease_expires_at=self._expiry(lease_seconds)))
             return set(mine)
 
         renewed = await _again(extend)
         async with self.lease_engine.connect() as conn:
-            rows = (await conn.execute(others)).all()
+            rows = (await conn.execute(
+                select(failover_jobs.c.job_id, failover_jobs.c.lease_owner)
+                .where(failover_jobs.c.job_id.in_(ids), _UNENDED,
+                       or_(failover_jobs.c.lease_owner.is_(None), failover_jobs.c.lease_owner != self.owner))
+            )).all()
         return renewed, {r.job_id: r.lease_owner for r in rows}
-
-    def renew_statements(self, job_ids: Sequence[str], lease_seconds: float) -> tuple[Select[Any], Update, Select[Any]]:
-        """The renewal's statements for `job_ids`: which are still ours (locking them, but for
-        those locked already), their new expiry, and who holds the others now. Each by the
-        jobs' key: a walk would lock every row it passed."""
-        ours = (select(failover_jobs.c.job_id)
-                .where(failover_jobs.c.job_id.in_(job_ids), failover_jobs.c.lease_owner == self.owner, _UNENDED)
-                .with_for_update(skip_locked=True).with_hint(failover_jobs, _BY_JOB_ID, dialect_name="mysql"))
-        extend = (update(failover_jobs).where(failover_jobs.c.job_id.in_(job_ids))
-                  .values(lease_expires_at=self._expiry(lease_seconds)).with_hint(_BY_JOB_ID, dialect_name="mysql"))
-        others = (select(failover_jobs.c.job_id, failover_jobs.c.lease_owner)
-                  .where(failover_jobs.c.job_id.in_(job_ids), _UNENDED,
-                         or_(failover_jobs.c.lease_owner.is_(None), failover_jobs.c.lease_owner != self.owner))
-                  .with_hint(failover_jobs, _BY_JOB_ID, dialect_name="mysql"))
-        return ours, extend, others
 
     async def release(self, job_id: str, delay_seconds: float = 0.0) -> None:
         """Hand one job back (it may be claimed again after `delay_seconds`)."""
