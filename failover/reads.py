@@ -11,6 +11,7 @@ from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from adapters.db.engine import index_hint
+from adapters.db.store import LEDGER_OF_JOB
 from adapters.db.tables import (
     failover_jobs,
     job_commands,
@@ -18,7 +19,6 @@ from adapters.db.tables import (
     job_tracking,
     log_events,
     outbox,
-    resource_ledger,
 )
 
 __all__ = ["ENDED", "LEVELS", "command_outcome", "job_detail", "job_events", "job_logs", "recent_jobs"]
@@ -97,9 +97,7 @@ async def job_detail(engine: AsyncEngine, job_id: str) -> dict[str, Any] | None:
             return None
         steps = (await conn.execute(select(job_steps).where(job_steps.c.job_id == job_id)
                                     .order_by(job_steps.c.step_order))).all()
-        ledger = (await conn.execute(index_hint(select(resource_ledger).where(resource_ledger.c.job_id == job_id)
-                                                .order_by(resource_ledger.c.id), "FORCE INDEX (uq_ledger_job_key)",
-                                                resource_ledger))).all()
+        ledger = (await conn.execute(LEDGER_OF_JOB, {"job_id": job_id})).all()
     step_rows = []
     for s in steps:
         item = {k: v for k, v in _plain(s).items() if k not in ("id", "status_sequence")}

@@ -32,7 +32,7 @@ from adapters.db import raw
 from adapters.db.engine import make_engine, utcnow
 from adapters.db.outbox import BACKLOG, _unsent
 from adapters.db.projections import _link_of
-from adapters.db.store import _LEDGER, JobStore
+from adapters.db.store import LEDGER_OF_JOB, JobStore
 from adapters.db.tables import failover_jobs, job_steps, log_events, outbox, resource_ledger
 from failover.reads import recent_jobs_query
 from tests.crash.support import database_of_its_own
@@ -102,7 +102,7 @@ def assert_by(found: list[tuple[str, str, str]], *expected: tuple[str, str], wal
 
 
 async def test_a_jobs_ledger_by_its_key(fresh: AsyncEngine) -> None:
-    assert_by(await plan(fresh, _LEDGER, {"job_id": JOB}), ("resource_ledger", "uq_ledger_job_key"))
+    assert_by(await plan(fresh, LEDGER_OF_JOB, {"job_id": JOB}), ("resource_ledger", "uq_ledger_job_key"))
 
 
 async def test_the_claims_look_by_the_unended_jobs(fresh: AsyncEngine) -> None:

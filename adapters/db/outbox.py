@@ -74,7 +74,7 @@ def _unsent(limit: int) -> Select[Any]:
     if stmt is None:
         columns = (outbox.c.id, outbox.c.event_id, outbox.c.job_id, outbox.c.event_type, outbox.c.correlation_id,
                    outbox.c.body, outbox.c.created_at)
-        # the unsent index, whatever the statistics say (adapters/db/store.py, `_LEDGER`)
+        # the unsent index, whatever the statistics say (adapters/db/store.py, `LEDGER_OF_JOB`)
         stmt = _UNSENT[limit] = index_hint(select(*columns).where(outbox.c.published_at.is_(None))
                                            .order_by(outbox.c.id).limit(limit), "FORCE INDEX (ix_outbox_unsent)", outbox)
     return stmt

@@ -90,7 +90,7 @@ VALUES (:job_id, :correlation_id, :level, :message, :fields, :timestamp, :sequen
 
 # the batch's log lines by their job first, then each one's step by its key: named, since on
 # tables whose statistics were taken while they were small MariaDB walked every step of every job
-# (adapters/db/store.py, `_LEDGER`)
+# (adapters/db/store.py, `LEDGER_OF_JOB`)
 _LINK_LOG_STEPS = """
 UPDATE log_events l FORCE INDEX (uq_log_events_job_sequence)
 STRAIGHT_JOIN job_steps s FORCE INDEX (uq_job_steps_job_step) ON s.job_id = l.job_id AND s.step_name = l.step_name

@@ -156,9 +156,15 @@ _parent_updates: dict[tuple[str, ...], Update] = {}
 # whole table in id order, 665 rows per read in a 400-job burst on fresh tables; the claim's
 # candidates and the relay's unsent events, likewise (bench/PROFILE.md, eighteenth session).
 # tests/test_query_plans.py checks each plan on a fresh install's tables.
-_LEDGER = index_hint(select(resource_ledger).where(resource_ledger.c.job_id == bindparam("job_id"))
+LEDGER_OF_JOB = index_hint(select(resource_ledger).where(resource_ledger.c.job_id == bindparam("job_id"))
                      .order_by(resource_ledger.c.id), "FORCE INDEX (uq_ledger_job_key)", resource_ledger)
 _OWNED_ROWS: dict[int, Select[Any]] = {}
+
+
+def _candidates(claimable: ColumnElement[bool], limit: int) -> Select[Any]:
+    """Up to `limit` jobs meeting `claimable`, oldest first, through the claim index."""
+    return index_hint(select(failover_jobs.c.job_id).where(claimable).order_by(failover_jobs.c.id).limit(limit),
+                      "FORCE INDEX (ix_failover_jobs_claim)", failover_jobs)
 
 
 def intake_owner(owner: str) -> str:
@@ -546,7 +552,7 @@ class JobStore:
 
     async def ledger(self, job_id: str) -> list[LedgerEntry]:
         async with raw.transaction(self.engine) as tx:  # the SELECT and its COMMIT in one request
-            (rows,) = await tx.fetch_all([(_LEDGER, {"job_id": job_id})], commit=True)
+            (rows,) = await tx.fetch_all([(LEDGER_OF_JOB, {"job_id": job_id})], commit=True)
         return [LedgerEntry(key=r.resource_key, resource_type=r.resource_type, action=r.action,
                             status=r.status, resource_id=r.resource_id, name=r.name, cs_job_id=r.cs_job_id,
                             operation_id=r.operation_id, data=r.data or {}) for r in rows]
@@ -575,7 +581,7 @@ class JobStore:
             return []
         claimable = self._claimable(running)
         async with self.engine.connect() as conn:
-            candidates = (await conn.execute(self.claim_candidates(limit, running))).scalars().all()
+            candidates = (await conn.execute(_candidates(claimable, limit))).scalars().all()
             await conn.rollback()
         if not candidates:
             return []
@@ -602,8 +608,7 @@ class JobStore:
     def claim_candidates(self, limit: int, running: Collection[str] = ()) -> Select[Any]:
         """The claim's look: up to `limit` claimable jobs, oldest first, through the claim index
         (the unended jobs), never the whole history in id order."""
-        return index_hint(select(failover_jobs.c.job_id).where(self._claimable(running)).order_by(failover_jobs.c.id)
-                          .limit(limit), "FORCE INDEX (ix_failover_jobs_claim)", failover_jobs)
+        return _candidates(self._claimable(running), limit)
 
     async def take(self, job_ids: Sequence[str], lease_seconds: float) -> list[JobRow]:
         """Take (or refresh) the leases of jobs this process recorded, except those another
