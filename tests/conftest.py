@@ -157,3 +157,27 @@ def pytest_collection_modifyitems(items: list[Any]) -> None:
     # the slow fault tests last, so a quick failure shows first
     items.sort(key=lambda item: 1 if item.get_closest_marker("slow") else 0)
 
+
+_SERVE_LOG_FROM = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    serve = getattr(item, "funcargs", {}).get("serve")
+    if isinstance(serve, ServeProcess):
+        item.stash[_SERVE_LOG_FROM] = serve.log_size()
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test that used the session's `serve` shows what that process said meanwhile
+    (its warnings and its lease decisions): a rare failure in CI is then explained by CI's own
+    output, not by logs a later run has overwritten."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    serve = getattr(item, "funcargs", {}).get("serve")
+    if report.when == "call" and report.failed and isinstance(serve, ServeProcess):
+        excerpt = serve.log_excerpt(item.stash.get(_SERVE_LOG_FROM, 0))
+        report.sections.append(("serve's log during this test (warnings, drives, take-overs)",
+                                excerpt or "(nothing)"))

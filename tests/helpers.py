@@ -86,6 +86,11 @@ def holds(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
     return check
 
 
+# the log lines a failed test's report shows (tests/conftest.py)
+_EXCERPT_MARKS = ('"level": "WARNING"', '"level": "ERROR"', '"level": "CRITICAL"', '"drive": ',
+                  "taken over", "Traceback")
+
+
 class ServeProcess:
     """`failoverctl serve` as its own process, ready when its /readyz says so."""
 
@@ -123,6 +128,26 @@ class ServeProcess:
         except BaseException:
             await self.kill()  # never leave an orphan behind a failed start
             raise
+
+    def log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def log_excerpt(self, since: int, lines: int = 150, width: int = 600) -> str:
+        """What a failed test's reader needs of this process's log from byte `since` on: its
+        warnings and errors, and where it started, stopped, took over or handed back a job (the
+        lease decisions), the last `lines` of them."""
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(since)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        keep = [line[:width] for line in text.splitlines()
+                if any(mark in line for mark in _EXCERPT_MARKS)]
+        return "\n".join(keep[-lines:])
 
     def log_tail(self, lines: int = 40) -> str:
         try:
