@@ -33,6 +33,11 @@ from statemachine.ports import JobRow
 log = logging.getLogger("failover.runner")
 
 
+# a renewal asks again this soon about the jobs it passed by (their rows were locked), then
+# after twice as long each time
+RENEWAL_RETRY_SECONDS = 0.05
+
+
 class JobRunner:
     def __init__(self, store: JobStore, machine: AsyncMachine, make_context: Callable[[JobRow], JobContext], *,
                  capacity: int, lease_seconds: float, claim_interval: float) -> None:
@@ -288,14 +293,19 @@ class JobRunner:
         interval = self.lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
+            await self.renew_due(interval)
+
+    async def renew_due(self, interval: float) -> None:
+        """One renewal round: the leases of the running jobs that are due, in one UPDATE. A job
+        whose row was locked is passed by (by its own commit, as a rule, which renews its lease
+        itself); one whose lease that commit did not renew is asked about again within the
+        round, for up to half the interval, not a round later: two rounds passed by in a row
+        would stop it."""
+        began = time.monotonic()
+        ids = self._to_renew(began, interval)
+        pause = RENEWAL_RETRY_SECONDS
+        while ids:
             asked = time.monotonic()
-            # a job whose lease was renewed lately (a claim, the last renewal, a commit in the
-            # last sixth of a lease: each commit leaves at least five sixths of it,
-            # adapters/db/store.py) is left alone; the others in one UPDATE
-            ids = [j for j in self.running if j not in self._lost
-                   and self._valid_until.get(j, 0.0) - asked < self.lease_seconds - interval]
-            if not ids:
-                continue
             try:
                 renewed, others = await asyncio.wait_for(self.store.renew(ids, self.lease_seconds),
                                                          self.lease_seconds)
@@ -303,7 +313,7 @@ class JobRunner:
                 raise
             except Exception as exc:
                 log.warning("lease renewal failed (%s); retrying", type(exc).__name__)
-                continue
+                return
             for job_id in ids:
                 if job_id in others:
                     owner = others[job_id]
@@ -311,6 +321,25 @@ class JobRunner:
                                    else "its lease was released")
                 elif job_id in renewed and job_id in self._valid_until:
                     self._valid_until[job_id] = max(self._valid_until[job_id], asked + self.lease_seconds)
+            passed = {j for j in ids if j not in renewed and j not in others}
+            if not passed:
+                return
+            if time.monotonic() + pause - began > interval / 2:
+                for job_id in sorted(passed & set(self._to_renew(time.monotonic(), interval))):
+                    log.warning("the lease of job %s was not renewed: its row stayed locked for %.1f s (a long "
+                                "transaction on failover_jobs?); asking again in %.1f s", job_id,
+                                time.monotonic() - began, interval, extra={"job_id": job_id})
+                return
+            await asyncio.sleep(pause)
+            pause *= 2
+            ids = [j for j in self._to_renew(time.monotonic(), interval) if j in passed]
+
+    def _to_renew(self, now: float, interval: float) -> list[str]:
+        """The running jobs whose leases are due: a job whose lease was renewed lately (a claim,
+        the last renewal, a commit in the last sixth of a lease: each commit leaves at least five
+        sixths of it, adapters/db/store.py) is left alone; the others go in one UPDATE."""
+        return [j for j in self.running if j not in self._lost
+                and self._valid_until.get(j, 0.0) - now < self.lease_seconds - interval]
 
     async def drain(self, timeout: float) -> None:
         """SIGTERM: stop claiming, let running jobs reach their next safe point, hand them back."""

@@ -4,6 +4,7 @@ RabbitMQ, in a database of its own (the session's `serve` process claims the sha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -11,7 +12,7 @@ from typing import Any, cast
 
 import aio_pika
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from adapters.db.commands import CommandRecorder
@@ -123,3 +124,82 @@ async def test_a_job_starts_only_after_its_first_event_is_confirmed(runner_db: A
         finally:
             await asyncio.gather(*runner.running.values(), return_exceptions=True)
             await consumer.stop()
+
+
+async def _running_job(db: AsyncEngine, owner: str, lease: float) -> tuple[JobRunner, str, asyncio.Task[None]]:
+    """A runner of `owner` with one job running (as far as its leases go) whose lease is due."""
+    job_id = str(uuid.uuid4())
+    vm_id = await _a_vm(db)
+    now = utcnow()
+    async with db.begin() as conn:
+        await conn.execute(failover_jobs.insert().values(
+            job_id=job_id, request_id=job_id, correlation_id=job_id, vm_id=vm_id, job_type="test",
+            source_vm_name="runner-test", options={}, status="cloudstack-snapshot", created_at=now, updated_at=now,
+            lease_owner=owner, lease_expires_at=func.date_add(func.now(6), text("INTERVAL 1 SECOND"))))
+    runner = JobRunner(JobStore(db, owner, lease_seconds=lease), build_machine(), lambda row: cast(Any, None),
+                       capacity=1, lease_seconds=lease, claim_interval=60)
+    async def drive() -> None:  # the job's drive, waiting on the outside world
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(drive())
+    runner.running[job_id] = task
+    runner._valid_until[job_id] = time.monotonic() + 1.0
+    return runner, job_id, task
+
+
+async def _lease_left(db: AsyncEngine, job_id: str) -> float:
+    async with db.connect() as conn:
+        return float((await conn.execute(select(
+            func.timestampdiff(text("MICROSECOND"), func.now(6), failover_jobs.c.lease_expires_at))
+            .where(failover_jobs.c.job_id == job_id))).scalar_one()) / 1e6
+
+
+@contextlib.asynccontextmanager
+async def _due_and_locked(db: AsyncEngine, owner: str, lease: float,
+                          seconds: float) -> AsyncIterator[tuple[JobRunner, str, asyncio.Task[None], asyncio.Task[None]]]:
+    """A running job whose lease is due, its row held for `seconds` by another transaction (a
+    long commit, an operator's session): the runner, the job, its drive, the holder."""
+    runner, job_id, task = await _running_job(db, owner, lease)
+    locked = asyncio.Event()
+
+    async def hold() -> None:
+        async with db.connect() as conn:
+            await conn.begin()
+            await conn.execute(select(failover_jobs.c.id).where(failover_jobs.c.job_id == job_id).with_for_update())
+            locked.set()
+            await asyncio.sleep(seconds)
+            await conn.rollback()
+
+    holder = asyncio.create_task(hold())
+    try:
+        await locked.wait()
+        yield runner, job_id, task, holder
+    finally:
+        holder.cancel()
+        task.cancel()
+
+
+async def test_a_renewal_asks_again_within_its_round_about_a_job_whose_row_was_locked(runner_db: AsyncEngine) -> None:
+    """A renewal passes a locked row by (`SKIP LOCKED`: its own commit, as a rule, renews it).
+    When nothing did, it asks again within the round rather than a round later: two rounds
+    passed by in a row would have stopped a healthy job."""
+    lease = 3.0
+    async with _due_and_locked(runner_db, "renewal-retry", lease, 0.2) as (runner, job_id, task, holder):
+        await runner.renew_due(interval=lease / 3)
+        await holder
+        assert await _lease_left(runner_db, job_id) > lease - 1  # renewed once the row was free
+        assert runner._valid_until[job_id] - time.monotonic() > lease - 1
+        assert not task.done()
+
+
+async def test_a_row_locked_for_half_a_round_is_named_in_a_warning(
+        runner_db: AsyncEngine, caplog: pytest.LogCaptureFixture) -> None:
+    lease = 1.5
+    async with _due_and_locked(runner_db, "renewal-locked", lease, 1.5) as (runner, job_id, _, _):
+        with caplog.at_level("WARNING", logger="failover.runner"):
+            await runner.renew_due(interval=lease / 3)
+        warned = [r.getMessage() for r in caplog.records if job_id in r.getMessage()]
+        assert len(warned) == 1 and warned[0].startswith(f"the lease of job {job_id} was not renewed: its row "
+                                                         "stayed locked for "), warned
+        assert warned[0].endswith("(a long transaction on failover_jobs?); asking again in 0.5 s"), warned
+        assert await _lease_left(runner_db, job_id) < 1.0  # not renewed: the row was never free
