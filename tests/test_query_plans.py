@@ -16,7 +16,7 @@ ledger read and the claim's look fail here (walking the primary key); the relay'
 projector's and the list's plans are right on these tables even without theirs, which were
 seen going wrong in the benchmark's slow log and, for the list, in
 tests/test_history_scaling.py, which counts the rows the same reads touch on a long history.
-The lease statements (take, renew) are left to the optimizer: they find a few jobs by key.
+The lease statements name the jobs' key for what they lock: tests/test_lease_locks.py.
 """
 
 from __future__ import annotations

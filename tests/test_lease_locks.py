@@ -1,0 +1,79 @@
+"""A process's lease statements lock the rows of the jobs they name, and no others.
+
+Each statement that takes or keeps leases locks what it reads (an UPDATE; the renewal's
+`SELECT ... FOR UPDATE SKIP LOCKED`; a commit's fenced UPDATE), and under REPEATABLE READ
+InnoDB locks every row a locking statement walks, not only those it changes. Left to its
+estimates, MariaDB chose the claim index (ended, lease_expires_at) for the claim's UPDATE on a
+fresh install's tables where few jobs were unended: such a walk locks every unended job, other
+processes' running jobs included, until it commits, and meanwhile another process's renewal
+passes its own jobs by (their rows are locked) or its UPDATE waits. The statements name the
+jobs' key (`adapters/db/store.py` `by_job_key`); with the claim index forced on them instead,
+every case here fails.
+
+Here each statement of process P1 is held open in a transaction, and P2 renews its own job
+meanwhile: it must be renewed, at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from adapters.db.engine import utcnow
+from adapters.db.store import JobStore, fenced_update, intake_owner
+from adapters.db.tables import failover_jobs
+from tests.crash.support import database_of_its_own
+
+P1, P2 = "process-1", "process-2"
+MINE, THEIRS, FREE = "job-p1", "job-p2", "job-free"
+ENDED = 40  # a history of ended jobs beside the three: the claim index's unended range looks cheap
+
+
+@pytest.fixture(scope="module")
+async def database(database_url: str) -> AsyncIterator[AsyncEngine]:
+    async with database_of_its_own(database_url, "locks") as engine:
+        now = utcnow()
+        rows = [(MINE, P1, now + timedelta(minutes=10)), (THEIRS, P2, now + timedelta(minutes=10)),
+                (FREE, None, None)]
+        ended = [f"ended-{i}" for i in range(ENDED)]
+        async with engine.begin() as conn:
+            await conn.execute(insert(failover_jobs), [{
+                "job_id": job, "vm_id": f"vm-{job}", "job_type": "test", "source_vm_name": "web", "options": {},
+                "status": "running", "ended": False, "created_at": now, "updated_at": now, "request_id": job,
+                "correlation_id": job, "lease_owner": owner, "lease_expires_at": until, "last_sequence": 0}
+                for job, owner, until in rows])
+            await conn.execute(insert(failover_jobs), [{
+                "job_id": job, "vm_id": f"vm-{job}", "job_type": "test", "source_vm_name": "web", "options": {},
+                "status": "completed", "ended": True, "created_at": now, "updated_at": now, "request_id": job,
+                "correlation_id": job, "last_sequence": 9} for job in ended])
+        yield engine
+
+
+def _held(database: AsyncEngine) -> dict[str, Callable[[AsyncConnection], Awaitable[Any]]]:
+    p1 = JobStore(database, P1)
+    return {
+        "renewal": lambda conn: conn.execute(p1.renewal_lock([MINE])),
+        "claim": lambda conn: conn.execute(p1.claim_take([FREE], p1._claimable([]), 5)),
+        "take": lambda conn: conn.execute(p1._take_statement(1, 5), {
+            "owner": P1, "intake_owner": intake_owner(P1), "id_0": FREE}),
+        "commit": lambda conn: conn.execute(fenced_update(("status",), None, unless_cancelled=False), {
+            "f_job_id": MINE, "f_owner": P1, "f_sequence": 0, "v_status": "running"}),
+    }
+
+
+@pytest.mark.parametrize("statement", ["renewal", "claim", "take", "commit"])
+async def test_another_process_renews_its_job_while_one_holds(database: AsyncEngine, statement: str) -> None:
+    async with database.connect() as conn:
+        await conn.begin()
+        try:
+            await _held(database)[statement](conn)
+            renewed, others = await asyncio.wait_for(JobStore(database, P2).renew([THEIRS], 5), 10)
+        finally:
+            await conn.rollback()
+    assert (renewed, others) == ({THEIRS}, {})
