@@ -65,6 +65,7 @@ class JobRunner:
         self._valid_until: dict[str, float] = {}
         self._crashes: dict[str, int] = {}
         self._lost: set[str] = set()  # stopped because the lease is (or may be) gone
+        self._stopped_at: dict[str, float] = {}  # when each of those was stopped (monotonic)
         # a job is stopped this long before its lease could run out (event-loop lag, a slow
         # database): a fifth of the lease
         self.margin = lease_seconds / 5
@@ -188,6 +189,7 @@ class JobRunner:
             self._valid_until.pop(job_id, None)
             self._active.discard(job_id)
             self._lost.discard(job_id)
+            self._stopped_at.pop(job_id, None)
             self._wake.set()
 
     def _committed(self, job_id: str) -> None:
@@ -235,6 +237,8 @@ class JobRunner:
                 delay = min(self.lease_seconds, 0.5 * 2 ** n) if crashed else 0.0
                 try:
                     await self.store.release(job_id, delay)
+                    log.info("handed job %s back in state %s: claimable again in %.1f s", job_id, state, delay,
+                             extra={"job_id": job_id, "fields": {"drive": "release", "owner": self.owner}})
                 except Exception:
                     log.warning("could not hand job %s back (database unreachable?); its lease expires "
                                 "in at most %.0f s", job_id, self.lease_seconds)
@@ -256,14 +260,26 @@ class JobRunner:
         if task is None or task.done() or job_id in self._lost:
             return
         self._lost.add(job_id)
+        self._stopped_at[job_id] = time.monotonic()
         # from here on the job's task does nothing more: it is cancelled at its current await
         log.warning("stopping job %s: %s", job_id, why,
                     extra={"job_id": job_id, "fields": {"drive": "stop", "owner": self.owner}})
         task.cancel()
 
     def _enforce(self) -> None:
-        """Stop every job whose lease may expire before we could renew it."""
+        """Stop every job whose lease may expire before we could renew it; cancel again a job
+        stopped a margin ago whose task still runs (a step that swallowed the cancel)."""
         now = time.monotonic()
+        for job_id, since in list(self._stopped_at.items()):
+            task = self.running.get(job_id)
+            if task is None or task.done():
+                del self._stopped_at[job_id]
+            elif now - since > self.margin:
+                log.warning("job %s is still running %.1f s after it was stopped (a step that ignores "
+                            "cancellation?); cancelling it again (this process takes it up again only once "
+                            "it has stopped)", job_id, now - since, extra={"job_id": job_id})
+                self._stopped_at[job_id] = now
+                task.cancel()
         for job_id, until in list(self._valid_until.items()):
             if now >= until - self.margin:
                 self._stop_job(job_id, f"its lease runs out in {until - now:.1f} s and was not renewed in time "
@@ -291,8 +307,10 @@ class JobRunner:
 
     async def _renewals(self) -> None:
         interval = self.lease_seconds / 3
-        while True:
-            await asyncio.sleep(interval)
+        due = time.monotonic()
+        while True:  # at a fixed rate: a round that took long does not push the next one back
+            due = max(due + interval, time.monotonic())
+            await asyncio.sleep(due - time.monotonic())
             await self.renew_due(interval)
 
     async def renew_due(self, interval: float) -> None:
@@ -300,15 +318,15 @@ class JobRunner:
         whose row was locked is passed by (by its own commit, as a rule, which renews its lease
         itself); one whose lease that commit did not renew is asked about again within the
         round, for up to half the interval, not a round later: two rounds passed by in a row
-        would stop it."""
+        stop it."""
         began = time.monotonic()
         ids = self._to_renew(began, interval)
         pause = RENEWAL_RETRY_SECONDS
         while ids:
             asked = time.monotonic()
             try:
-                renewed, others = await asyncio.wait_for(self.store.renew(ids, self.lease_seconds),
-                                                         self.lease_seconds)
+                renewed, others, locked = await asyncio.wait_for(self.store.renew(ids, self.lease_seconds),
+                                                                 self.lease_seconds)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -321,18 +339,17 @@ class JobRunner:
                                    else "its lease was released")
                 elif job_id in renewed and job_id in self._valid_until:
                     self._valid_until[job_id] = max(self._valid_until[job_id], asked + self.lease_seconds)
-            passed = {j for j in ids if j not in renewed and j not in others}
-            if not passed:
+            if not locked:
                 return
             if time.monotonic() + pause - began > interval / 2:
-                for job_id in sorted(passed & set(self._to_renew(time.monotonic(), interval))):
+                for job_id in sorted(locked & set(self._to_renew(time.monotonic(), interval))):
                     log.warning("the lease of job %s was not renewed: its row stayed locked for %.1f s (a long "
-                                "transaction on failover_jobs?); asking again in %.1f s", job_id,
-                                time.monotonic() - began, interval, extra={"job_id": job_id})
+                                "transaction on failover_jobs?); the next round, in under %.1f s, asks again",
+                                job_id, time.monotonic() - began, interval, extra={"job_id": job_id})
                 return
             await asyncio.sleep(pause)
             pause *= 2
-            ids = [j for j in self._to_renew(time.monotonic(), interval) if j in passed]
+            ids = [j for j in self._to_renew(time.monotonic(), interval) if j in locked]
 
     def _to_renew(self, now: float, interval: float) -> list[str]:
         """The running jobs whose leases are due: a job whose lease was renewed lately (a claim,

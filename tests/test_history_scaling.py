@@ -146,7 +146,7 @@ async def test_claim_reads_the_unended_jobs_not_the_history(history: tuple[Async
     assert sorted(j.job_id for j in claimed) == sorted(live)
     assert touched < SLACK, f"claiming {LIVE} jobs read {touched} rows of a {HISTORY}-job history"
     # and the renewal, the release and the re-take of those leases
-    touched, (renewed, _) = await rows_touched(engine, lambda: store.renew(live, 30))
+    touched, (renewed, _, _) = await rows_touched(engine, lambda: store.renew(live, 30))
     assert renewed == set(live) and touched < SLACK, touched
     touched, rows = await rows_touched(engine, lambda: store.take(live, 30))
     assert len(rows) == LIVE and touched < SLACK, touched

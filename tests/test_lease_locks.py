@@ -7,8 +7,9 @@ estimates, MariaDB chose the claim index (ended, lease_expires_at) for the claim
 fresh install's tables where few jobs were unended: such a walk locks every unended job, other
 processes' running jobs included, until it commits, and meanwhile another process's renewal
 passes its own jobs by (their rows are locked) or its UPDATE waits. The statements name the
-jobs' key (`adapters/db/store.py` `by_job_key`); with the claim index forced on them instead,
-every case here fails.
+jobs' key (`adapters/db/store.py` `by_job_key`; a commit's fenced UPDATE, `USE INDEX (job_id)`);
+with the claim index forced on them instead, every case here fails (the commit's, because P2's
+own renewal then walks that index and waits for P1's row).
 
 Here each statement of process P1 is held open in a transaction, and P2 renews its own job
 meanwhile: it must be renewed, at once.
@@ -22,7 +23,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from adapters.db.engine import utcnow
@@ -55,11 +56,16 @@ async def database(database_url: str) -> AsyncIterator[AsyncEngine]:
         yield engine
 
 
+async def _both(conn: AsyncConnection, *statements: Any) -> None:
+    for statement in statements:
+        await conn.execute(statement)
+
+
 def _held(database: AsyncEngine) -> dict[str, Callable[[AsyncConnection], Awaitable[Any]]]:
     p1 = JobStore(database, P1)
     return {
         "renewal": lambda conn: conn.execute(p1.renewal_lock([MINE])),
-        "claim": lambda conn: conn.execute(p1.claim_take([FREE], p1._claimable([]), 5)),
+        "claim": lambda conn: _both(conn, p1.claim_lock([FREE], p1._claimable([])), p1.claim_take([FREE], 5)),
         "take": lambda conn: conn.execute(p1._take_statement(1, 5), {
             "owner": P1, "intake_owner": intake_owner(P1), "id_0": FREE}),
         "commit": lambda conn: conn.execute(fenced_update(("status",), None, unless_cancelled=False), {
@@ -73,7 +79,34 @@ async def test_another_process_renews_its_job_while_one_holds(database: AsyncEng
         await conn.begin()
         try:
             await _held(database)[statement](conn)
-            renewed, others = await asyncio.wait_for(JobStore(database, P2).renew([THEIRS], 5), 10)
+            renewal = await asyncio.wait_for(JobStore(database, P2).renew([THEIRS], 5), 10)
         finally:
             await conn.rollback()
-    assert (renewed, others) == ({THEIRS}, {})
+    assert renewal == ({THEIRS}, {}, set())
+
+
+async def test_a_claim_passes_a_row_locked_elsewhere_by_and_takes_it_once_free(database: AsyncEngine) -> None:
+    """A claim does not wait for a claimable job's row that another transaction holds (up to
+    the server's 50 s lock wait, this process's claims stopped meanwhile): it takes the job at
+    a later claim."""
+    free = "job-free-locked"
+    now = utcnow()
+    async with database.begin() as conn:
+        await conn.execute(insert(failover_jobs).values(
+            job_id=free, vm_id="vm-x", job_type="test", source_vm_name="web", options={}, status="pending",
+            ended=False, created_at=now, updated_at=now, request_id=free, correlation_id=free, last_sequence=1))
+    store = JobStore(database, "process-3")
+    async with database.connect() as conn:
+        await conn.begin()
+        try:
+            await conn.execute(select(failover_jobs.c.id).where(failover_jobs.c.job_id == free).with_for_update())
+            passed = await asyncio.wait_for(store.claim(10, 5), 10)
+        finally:
+            await conn.rollback()
+    try:
+        assert free not in [r.job_id for r in passed]
+        assert free in [r.job_id for r in await asyncio.wait_for(store.claim(10, 5), 10)]
+    finally:  # the other tests' free job is free again
+        async with database.begin() as conn:
+            await conn.execute(update(failover_jobs).where(failover_jobs.c.lease_owner == "process-3")
+                               .values(lease_owner=None, lease_expires_at=None))

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Any, cast
 
 import aio_pika
@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from adapters.db.commands import CommandRecorder
 from adapters.db.engine import utcnow
 from adapters.db.outbox import OutboxEvent
-from adapters.db.store import JobStore
+from adapters.db.store import JobStore, Renewal
 from adapters.db.tables import failover_jobs, vm_replication_contexts
 from consumers.commands import CommandConsumer
 from failover.runner import JobRunner
@@ -147,6 +147,12 @@ async def _running_job(db: AsyncEngine, owner: str, lease: float) -> tuple[JobRu
     return runner, job_id, task
 
 
+async def _lease_expiry(db: AsyncEngine, job_id: str) -> Any:
+    async with db.connect() as conn:
+        return (await conn.execute(select(failover_jobs.c.lease_expires_at)
+                                   .where(failover_jobs.c.job_id == job_id))).scalar_one()
+
+
 async def _lease_left(db: AsyncEngine, job_id: str) -> float:
     async with db.connect() as conn:
         return float((await conn.execute(select(
@@ -156,9 +162,9 @@ async def _lease_left(db: AsyncEngine, job_id: str) -> float:
 
 @contextlib.asynccontextmanager
 async def _due_and_locked(db: AsyncEngine, owner: str, lease: float,
-                          seconds: float) -> AsyncIterator[tuple[JobRunner, str, asyncio.Task[None], asyncio.Task[None]]]:
-    """A running job whose lease is due, its row held for `seconds` by another transaction (a
-    long commit, an operator's session): the runner, the job, its drive, the holder."""
+                          release: asyncio.Event) -> AsyncIterator[tuple[JobRunner, str]]:
+    """A running job whose lease is due, its row held by another transaction (a long commit, an
+    operator's session) until `release` is set."""
     runner, job_id, task = await _running_job(db, owner, lease)
     locked = asyncio.Event()
 
@@ -167,16 +173,18 @@ async def _due_and_locked(db: AsyncEngine, owner: str, lease: float,
             await conn.begin()
             await conn.execute(select(failover_jobs.c.id).where(failover_jobs.c.job_id == job_id).with_for_update())
             locked.set()
-            await asyncio.sleep(seconds)
+            await release.wait()
             await conn.rollback()
 
     holder = asyncio.create_task(hold())
     try:
         await locked.wait()
-        yield runner, job_id, task, holder
+        yield runner, job_id
     finally:
-        holder.cancel()
+        release.set()
+        await holder
         task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_a_renewal_asks_again_within_its_round_about_a_job_whose_row_was_locked(runner_db: AsyncEngine) -> None:
@@ -184,22 +192,67 @@ async def test_a_renewal_asks_again_within_its_round_about_a_job_whose_row_was_l
     When nothing did, it asks again within the round rather than a round later: two rounds
     passed by in a row would have stopped a healthy job."""
     lease = 3.0
-    async with _due_and_locked(runner_db, "renewal-retry", lease, 0.2) as (runner, job_id, task, holder):
+    release = asyncio.Event()
+    async with _due_and_locked(runner_db, "renewal-retry", lease, release) as (runner, job_id):
+        renew = runner.store.renew
+
+        async def renew_then_release(ids: Collection[str], seconds: float) -> Renewal:  # freed after the 1st try
+            found = await renew(ids, seconds)
+            if not release.is_set():
+                assert found.locked == {job_id}, found
+                release.set()
+            return found
+
+        runner.store.renew = renew_then_release  # type: ignore[method-assign,assignment]
         await runner.renew_due(interval=lease / 3)
-        await holder
         assert await _lease_left(runner_db, job_id) > lease - 1  # renewed once the row was free
         assert runner._valid_until[job_id] - time.monotonic() > lease - 1
-        assert not task.done()
 
 
 async def test_a_row_locked_for_half_a_round_is_named_in_a_warning(
         runner_db: AsyncEngine, caplog: pytest.LogCaptureFixture) -> None:
     lease = 1.5
-    async with _due_and_locked(runner_db, "renewal-locked", lease, 1.5) as (runner, job_id, _, _):
+    async with _due_and_locked(runner_db, "renewal-locked", lease, asyncio.Event()) as (runner, job_id):
+        before = (await _lease_expiry(runner_db, job_id), runner._valid_until[job_id])
         with caplog.at_level("WARNING", logger="failover.runner"):
             await runner.renew_due(interval=lease / 3)
         warned = [r.getMessage() for r in caplog.records if job_id in r.getMessage()]
         assert len(warned) == 1 and warned[0].startswith(f"the lease of job {job_id} was not renewed: its row "
                                                          "stayed locked for "), warned
-        assert warned[0].endswith("(a long transaction on failover_jobs?); asking again in 0.5 s"), warned
-        assert await _lease_left(runner_db, job_id) < 1.0  # not renewed: the row was never free
+        assert warned[0].endswith("(a long transaction on failover_jobs?); the next round, in under 0.5 s, "
+                                  "asks again"), warned
+        # not renewed: the row was never free
+        assert (await _lease_expiry(runner_db, job_id), runner._valid_until[job_id]) == before
+
+
+async def test_a_stopped_job_whose_step_swallowed_the_cancel_is_cancelled_again(
+        runner_db: AsyncEngine, caplog: pytest.LogCaptureFixture) -> None:
+    """A job stays in `running` until its task ends, and this process's claims pass it by
+    meanwhile: one that goes on after its stop (a step that caught the cancel) would never be
+    taken up again here. The enforcer cancels it again a margin later."""
+    lease = 1.5
+    runner, job_id, task = await _running_job(runner_db, "recancel", lease)
+    task.cancel()  # the stand-in drive from _running_job, replaced by a stubborn one
+    await asyncio.gather(task, return_exceptions=True)
+    swallowed = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.set()
+        await asyncio.Event().wait()
+
+    runner.running[job_id] = asyncio.create_task(stubborn())
+    enforcer = asyncio.create_task(runner._enforce_loop())
+    try:
+        with caplog.at_level("WARNING", logger="failover.runner"):
+            await asyncio.sleep(0)  # the stubborn drive starts
+            runner._stop_job(job_id, "its lease was released")
+            await wait_until(holds(lambda: swallowed.is_set()), 5, "the first cancel to be swallowed")
+            await wait_until(holds(lambda: runner.running[job_id].done()), 5, "the job to be cancelled again")
+        assert any(f"job {job_id} is still running" in r.getMessage() for r in caplog.records)
+    finally:
+        enforcer.cancel()
+        runner.running[job_id].cancel()
+        await asyncio.gather(enforcer, runner.running[job_id], return_exceptions=True)

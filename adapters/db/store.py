@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 from sqlalchemy import (
     ColumnClause,
@@ -214,7 +214,9 @@ GROUP_MOST = 64
 _NOT_WRITTEN = "@failover_not_written"  # a group's list of the commits whose fence failed
 _GROUP_STOPPED = "stopped: a fence of the group matched no row"
 # a group's UPDATE waits this long for a row locked elsewhere (then each of its jobs goes alone),
-# not the server's innodb_lock_wait_timeout (50 s by default) with the other jobs' rows held
+# not the server's innodb_lock_wait_timeout (50 s by default) with the other jobs' rows held; at
+# most a tenth of the lease (whole seconds, at least 1), since meanwhile those jobs' renewals pass
+# their rows by
 GROUP_LOCK_WAIT = 5
 
 
@@ -296,17 +298,29 @@ class _Group:
             await asyncio.wait(set(self._tasks))
 
 
+class Renewal(NamedTuple):
+    """What a renewal found: the jobs renewed; for each job no longer this process's, its owner
+    now (None: nobody); the jobs still this process's whose rows were locked (passed by). A job
+    in none of them has ended."""
+    renewed: set[str]
+    others: dict[str, str | None]
+    locked: set[str]
+
+
 class JobStore:
     """`statemachine.ports.JobStorePort` on MariaDB, fenced by `owner`'s lease."""
 
     def __init__(self, engine: AsyncEngine, owner: str, on_outbox: Callable[[], None] = lambda: None, *,
                  lease_engine: AsyncEngine | None = None, lease_seconds: float | None = None,
                  group_limit: int = GROUP_LIMIT, group_most: int = GROUP_MOST,
-                 group_lock_wait: int = GROUP_LOCK_WAIT) -> None:
+                 group_lock_wait: int | None = None) -> None:
         self.engine = engine
         # group commit (MariaDB): with `group_limit` commits in flight, the next ones wait and
         # go together, at most `group_most` of them, as one transaction (0: every one alone)
         self.group_limit, self.group_most = group_limit, group_most
+        if group_lock_wait is None:  # at most a tenth of the lease: see GROUP_LOCK_WAIT
+            group_lock_wait = GROUP_LOCK_WAIT if lease_seconds is None else \
+                max(1, min(GROUP_LOCK_WAIT, int(lease_seconds / 10)))
         self._lock_wait = f"SET STATEMENT innodb_lock_wait_timeout = {int(group_lock_wait)} FOR "
         self._group: _Group | bool | None = None  # made at the first commit (the server is known)
         self.groups = 0  # transactions that carried more than one job's commit (the benchmark's)
@@ -582,8 +596,10 @@ class JobStore:
         """Take up to `limit` unended jobs that nobody owns, whose lease expired, or that this
         process owns but does not run (recorded here, but the hand-over to the runner was
         lost, or a run that stopped). Holds no lock while it looks: the candidates come from a
-        plain (non-locking) read, and the conditional UPDATE re-checks each one against its
-        latest committed version, so of two processes racing for a job exactly one gets it.
+        plain (non-locking) read; a locking read then re-checks each one against its latest
+        committed version, so of two processes racing for a job exactly one gets it, and passes
+        by a row locked elsewhere instead of waiting for it (up to the server's 50 s lock wait,
+        with this process's claims stopped meanwhile).
 
         (`SELECT ... FOR UPDATE SKIP LOCKED` would lock, under REPEATABLE READ, every unended
         row the scan passes, running jobs of other processes included, until the claim
@@ -598,18 +614,24 @@ class JobStore:
             return []
         async def take_them() -> list[Any]:
             async with self.engine.begin() as conn:
-                await conn.execute(self.claim_take(candidates, claimable, lease_seconds))
-                return list((await conn.execute(select(failover_jobs).where(
-                    failover_jobs.c.job_id.in_(candidates), failover_jobs.c.lease_owner == self.owner,
-                    _UNENDED))).all())
+                rows = list((await conn.execute(self.claim_lock(candidates, claimable))).all())
+                if rows:
+                    await conn.execute(self.claim_take([r.job_id for r in rows], lease_seconds))
+                return rows
 
         rows = await _again(take_them)
         return [row_to_job(r) for r in rows if r.job_id not in running]
 
-    def claim_take(self, candidates: Sequence[str], claimable: ColumnElement[bool], lease_seconds: float) -> Update:
-        """The claim's conditional UPDATE of its candidates (each re-checked against its latest
-        committed version)."""
-        return by_job_key(update(failover_jobs).where(failover_jobs.c.job_id.in_(candidates), claimable)
+    def claim_lock(self, candidates: Sequence[str], claimable: ColumnElement[bool]) -> Select[Any]:
+        """The claim's locking read of its candidates: those still claimable in their latest
+        committed version, a row locked elsewhere passed by (its writer is alive: the next
+        claim looks again) rather than waited for, with every other candidate's row held."""
+        return by_job_key(select(failover_jobs).where(failover_jobs.c.job_id.in_(candidates), claimable)
+                          .with_for_update(skip_locked=True))
+
+    def claim_take(self, job_ids: Sequence[str], lease_seconds: float) -> Update:
+        """The claim's UPDATE of the rows its locking read holds."""
+        return by_job_key(update(failover_jobs).where(failover_jobs.c.job_id.in_(job_ids))
                           .values(lease_owner=self.owner, lease_expires_at=self._expiry(lease_seconds),
                                   attempts=failover_jobs.c.attempts + 1))
 
@@ -655,15 +677,14 @@ class JobStore:
                 .values(lease_owner=owner, lease_expires_at=self._expiry(lease_seconds)))
         return stmt
 
-    async def renew(self, job_ids: Collection[str], lease_seconds: float) -> tuple[set[str], dict[str, str | None]]:
+    async def renew(self, job_ids: Collection[str], lease_seconds: float) -> Renewal:
         """Extend the leases of these jobs where this process still owns them. A job whose row
-        is locked right now is being committed by this process, and that commit renews its
-        lease: it is skipped rather than waited for (a renewal must not queue behind every
-        running job's commit). Returns the jobs renewed, and for each job no longer ours its
-        owner now (None: nobody)."""
+        is locked right now is being committed by this process, as a rule, and that commit
+        renews its lease: it is skipped rather than waited for (a renewal must not queue behind
+        every running job's commit)."""
         ids = sorted(job_ids)
         if not ids:
-            return set(), {}
+            return Renewal(set(), {}, set())
 
         async def extend() -> set[str]:
             async with self.lease_engine.begin() as conn:
@@ -676,12 +697,12 @@ class JobStore:
 
         renewed = await _again(extend)
         async with self.lease_engine.connect() as conn:
-            rows = (await conn.execute(
+            rows = (await conn.execute(by_job_key(
                 select(failover_jobs.c.job_id, failover_jobs.c.lease_owner)
-                .where(failover_jobs.c.job_id.in_(ids), _UNENDED,
-                       or_(failover_jobs.c.lease_owner.is_(None), failover_jobs.c.lease_owner != self.owner))
-            )).all()
-        return renewed, {r.job_id: r.lease_owner for r in rows}
+                .where(failover_jobs.c.job_id.in_([i for i in ids if i not in renewed]), _UNENDED))
+            )).all() if len(renewed) < len(ids) else []
+        return Renewal(renewed, {r.job_id: r.lease_owner for r in rows if r.lease_owner != self.owner},
+                       {r.job_id for r in rows if r.lease_owner == self.owner})
 
     def renewal_lock(self, job_ids: Sequence[str]) -> Select[Any]:
         """The renewal's locking read: which of these jobs this process still owns, skipping
