@@ -65,7 +65,8 @@ class JobRunner:
         self._valid_until: dict[str, float] = {}
         self._crashes: dict[str, int] = {}
         self._lost: set[str] = set()  # stopped because the lease is (or may be) gone
-        self._stopped_at: dict[str, float] = {}  # when each of those was stopped (monotonic)
+        self._stopped_at: dict[str, float] = {}  # when each of those was (last) stopped (monotonic)
+        self._recancelled: set[str] = set()  # of those, the ones cancelled again
         # a job is stopped this long before its lease could run out (event-loop lag, a slow
         # database): a fifth of the lease
         self.margin = lease_seconds / 5
@@ -190,6 +191,7 @@ class JobRunner:
             self._active.discard(job_id)
             self._lost.discard(job_id)
             self._stopped_at.pop(job_id, None)
+            self._recancelled.discard(job_id)
             self._wake.set()
 
     def _committed(self, job_id: str) -> None:
@@ -236,9 +238,13 @@ class JobRunner:
                 self._crashes[job_id] = n
                 delay = min(self.lease_seconds, 0.5 * 2 ** n) if crashed else 0.0
                 try:
-                    await self.store.release(job_id, delay)
-                    log.info("handed job %s back in state %s: claimable again in %.1f s", job_id, state, delay,
-                             extra={"job_id": job_id, "fields": {"drive": "release", "owner": self.owner}})
+                    if await self.store.release(job_id, delay):
+                        log.info("handed job %s back in state %s: claimable again in %.1f s", job_id, state,
+                                 delay, extra={"job_id": job_id, "fields": {"drive": "release", "owner": self.owner}})
+                    else:
+                        log.info("job %s, stopped in state %s, is no longer this process's (taken over, or "
+                                 "ended)", job_id, state,
+                                 extra={"job_id": job_id, "fields": {"drive": "release", "owner": self.owner}})
                 except Exception:
                     log.warning("could not hand job %s back (database unreachable?); its lease expires "
                                 "in at most %.0f s", job_id, self.lease_seconds)
@@ -274,10 +280,14 @@ class JobRunner:
             task = self.running.get(job_id)
             if task is None or task.done():
                 del self._stopped_at[job_id]
+                self._recancelled.discard(job_id)
             elif now - since > self.margin:
-                log.warning("job %s is still running %.1f s after it was stopped (a step that ignores "
-                            "cancellation?); cancelling it again (this process takes it up again only once "
-                            "it has stopped)", job_id, now - since, extra={"job_id": job_id})
+                # warned once per stop; then quietly again, every margin, until it ends
+                level = logging.WARNING if job_id not in self._recancelled else logging.DEBUG
+                self._recancelled.add(job_id)
+                log.log(level, "job %s is still running %.1f s after it was stopped (a step that ignores "
+                        "cancellation?); cancelling it again (this process takes it up again only once it "
+                        "has stopped)", job_id, now - since, extra={"job_id": job_id})
                 self._stopped_at[job_id] = now
                 task.cancel()
         for job_id, until in list(self._valid_until.items()):
@@ -352,11 +362,14 @@ class JobRunner:
             ids = [j for j in self._to_renew(time.monotonic(), interval) if j in locked]
 
     def _to_renew(self, now: float, interval: float) -> list[str]:
-        """The running jobs whose leases are due: a job whose lease was renewed lately (a claim,
-        the last renewal, a commit in the last sixth of a lease: each commit leaves at least five
-        sixths of it, adapters/db/store.py) is left alone; the others go in one UPDATE."""
+        """The running jobs whose leases are due: those with less than three quarters of a lease
+        left. A job with more (a commit in the last twelfth of a lease: each commit leaves at
+        least five sixths of it, adapters/db/store.py) is left alone, and at the next round, a
+        third of a lease later, has more than two fifths left: its retries still end before the
+        enforcer's fifth. One renewed at the last round, its retries included, is due again:
+        `interval` after the round's scheduled start it has at most that much left."""
         return [j for j in self.running if j not in self._lost
-                and self._valid_until.get(j, 0.0) - now < self.lease_seconds - interval]
+                and self._valid_until.get(j, 0.0) - now < self.lease_seconds - 0.75 * interval]
 
     async def drain(self, timeout: float) -> None:
         """SIGTERM: stop claiming, let running jobs reach their next safe point, hand them back."""

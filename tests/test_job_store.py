@@ -430,8 +430,8 @@ async def test_a_group_waiting_on_a_row_locked_elsewhere_lets_the_others_go_alon
     """A group whose UPDATE waits on a job's row that another transaction holds gives up after
     its own short lock wait instead of holding the other jobs' rows for the server's (50 s):
     the others go alone and land while that row is still held; the held one lands once it is
-    free. (MariaDB's way: the others have no groups.) That wait is a tenth of the lease (1 s of
-    10 here), at most 5 s: meanwhile the other jobs' renewals pass their rows by."""
+    free. (MariaDB's way: the others have no groups.) That wait is a tenth of the lease, 1 to
+    5 s (1 s of 10 here): meanwhile the other jobs' renewals pass their rows by."""
     db = make_engine(store_db, pool_size=4)
     try:
         jobs = [await _a_job(db) for _ in range(4)]

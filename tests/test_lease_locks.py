@@ -23,7 +23,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from adapters.db.engine import utcnow
@@ -106,7 +106,8 @@ async def test_a_claim_passes_a_row_locked_elsewhere_by_and_takes_it_once_free(d
     try:
         assert free not in [r.job_id for r in passed]
         assert free in [r.job_id for r in await asyncio.wait_for(store.claim(10, 5), 10)]
-    finally:  # the other tests' free job is free again
+    finally:  # the other tests' free job is free again, this one gone
         async with database.begin() as conn:
             await conn.execute(update(failover_jobs).where(failover_jobs.c.lease_owner == "process-3")
                                .values(lease_owner=None, lease_expires_at=None))
+            await conn.execute(delete(failover_jobs).where(failover_jobs.c.job_id == free))

@@ -185,6 +185,45 @@ async def _due_and_locked(db: AsyncEngine, owner: str, lease: float,
         await holder
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        await _end(db, job_id)
+
+
+async def _end(db: AsyncEngine, job_id: str) -> None:
+    """The job ends: no later claim in this module's database takes it."""
+    async with db.begin() as conn:
+        await conn.execute(failover_jobs.update().where(failover_jobs.c.job_id == job_id)
+                           .values(ended=True, status="completed", lease_owner=None, lease_expires_at=None))
+
+
+async def test_every_renewal_round_names_a_job_renewed_at_the_last_one(runner_db: AsyncEngine) -> None:
+    """Rounds come at a fixed rate, so a job renewed at one round (a little after its start)
+    must still count as due at the next, however late each round's wake-up: skipped every
+    other round, a job would meet a failed round with too little of its lease left."""
+    lease = 1.5
+    runner, job_id, task = await _running_job(runner_db, "renewal-rounds", lease)
+    renew, renew_due = runner.store.renew, runner.renew_due
+    asked: list[list[str]] = []  # each round's, the jobs it asked about
+
+    async def a_round(interval: float) -> None:
+        asked.append([])
+        await renew_due(interval)
+
+    async def recorded(ids: Collection[str], seconds: float) -> Renewal:
+        asked[-1].extend(ids)
+        return await renew(ids, seconds)
+
+    runner.renew_due = a_round  # type: ignore[method-assign]
+    runner.store.renew = recorded  # type: ignore[method-assign,assignment]
+    rounds = asyncio.create_task(runner._renewals())
+    try:
+        await wait_until(holds(lambda: len(asked) >= 9), 15, "nine renewal rounds")
+        assert all(job_id in ids for ids in asked[:8]), asked
+        assert await _lease_left(runner_db, job_id) > lease / 2
+    finally:
+        rounds.cancel()
+        task.cancel()
+        await asyncio.gather(rounds, task, return_exceptions=True)
+        await _end(runner_db, job_id)
 
 
 async def test_a_renewal_asks_again_within_its_round_about_a_job_whose_row_was_locked(runner_db: AsyncEngine) -> None:
@@ -196,15 +235,16 @@ async def test_a_renewal_asks_again_within_its_round_about_a_job_whose_row_was_l
     async with _due_and_locked(runner_db, "renewal-retry", lease, release) as (runner, job_id):
         renew = runner.store.renew
 
+        found: list[Renewal] = []
+
         async def renew_then_release(ids: Collection[str], seconds: float) -> Renewal:  # freed after the 1st try
-            found = await renew(ids, seconds)
-            if not release.is_set():
-                assert found.locked == {job_id}, found
-                release.set()
-            return found
+            found.append(await renew(ids, seconds))
+            release.set()
+            return found[-1]
 
         runner.store.renew = renew_then_release  # type: ignore[method-assign,assignment]
         await runner.renew_due(interval=lease / 3)
+        assert found[0] == (set(), {}, {job_id}), found  # passed by, locked
         assert await _lease_left(runner_db, job_id) > lease - 1  # renewed once the row was free
         assert runner._valid_until[job_id] - time.monotonic() > lease - 1
 
@@ -256,3 +296,4 @@ async def test_a_stopped_job_whose_step_swallowed_the_cancel_is_cancelled_again(
         enforcer.cancel()
         runner.running[job_id].cancel()
         await asyncio.gather(enforcer, runner.running[job_id], return_exceptions=True)
+        await _end(runner_db, job_id)

@@ -214,9 +214,9 @@ GROUP_MOST = 64
 _NOT_WRITTEN = "@failover_not_written"  # a group's list of the commits whose fence failed
 _GROUP_STOPPED = "stopped: a fence of the group matched no row"
 # a group's UPDATE waits this long for a row locked elsewhere (then each of its jobs goes alone),
-# not the server's innodb_lock_wait_timeout (50 s by default) with the other jobs' rows held; at
-# most a tenth of the lease (whole seconds, at least 1), since meanwhile those jobs' renewals pass
-# their rows by
+# not the server's innodb_lock_wait_timeout (50 s by default) with the other jobs' rows held; with
+# a lease, a tenth of it in whole seconds, 1 to this (3 s at the default 30 s lease; 1 s below a
+# 20 s lease), since meanwhile those jobs' renewals pass their rows by
 GROUP_LOCK_WAIT = 5
 
 
@@ -318,7 +318,7 @@ class JobStore:
         # group commit (MariaDB): with `group_limit` commits in flight, the next ones wait and
         # go together, at most `group_most` of them, as one transaction (0: every one alone)
         self.group_limit, self.group_most = group_limit, group_most
-        if group_lock_wait is None:  # at most a tenth of the lease: see GROUP_LOCK_WAIT
+        if group_lock_wait is None:  # a tenth of the lease, 1 to 5 s: see GROUP_LOCK_WAIT
             group_lock_wait = GROUP_LOCK_WAIT if lease_seconds is None else \
                 max(1, min(GROUP_LOCK_WAIT, int(lease_seconds / 10)))
         self._lock_wait = f"SET STATEMENT innodb_lock_wait_timeout = {int(group_lock_wait)} FOR "
@@ -712,15 +712,17 @@ class JobStore:
                                  _UNENDED)
                           .with_for_update(skip_locked=True))
 
-    async def release(self, job_id: str, delay_seconds: float = 0.0) -> None:
-        """Hand one job back (it may be claimed again after `delay_seconds`)."""
+    async def release(self, job_id: str, delay_seconds: float = 0.0) -> bool:
+        """Hand one job back (it may be claimed again after `delay_seconds`); False if it was not
+        this process's (taken over, or ended)."""
         async with self.engine.begin() as conn:
-            await conn.execute(
+            result = await conn.execute(
                 update(failover_jobs)
                 .where(failover_jobs.c.job_id == job_id, failover_jobs.c.lease_owner == self.owner,
                        _UNENDED)
                 .values(lease_owner=None,
                         lease_expires_at=self._expiry(delay_seconds) if delay_seconds > 0 else None))
+        return bool(result.rowcount)
 
     async def release_all(self) -> int:
         """Hand every unended job of this process back (SIGTERM), and those its intake process
