@@ -36,6 +36,8 @@ log = logging.getLogger("failover.runner")
 # a renewal asks again this soon about the jobs it passed by (their rows were locked), then
 # after twice as long each time
 RENEWAL_RETRY_SECONDS = 0.05
+# how late a renewal round may wake (a busy event loop) for the jobs it passed by to stay safe
+RENEWAL_LAG_ALLOWANCE = 0.5
 
 
 class JobRunner:
@@ -321,16 +323,17 @@ class JobRunner:
         while True:  # at a fixed rate: a round that took long does not push the next one back
             due = max(due + interval, time.monotonic())
             await asyncio.sleep(due - time.monotonic())
-            await self.renew_due(interval)
+            await self.renew_due(interval, scheduled=due)
 
-    async def renew_due(self, interval: float) -> None:
+    async def renew_due(self, interval: float, scheduled: float | None = None) -> None:
         """One renewal round: the leases of the running jobs that are due, in one UPDATE. A job
         whose row was locked is passed by (by its own commit, as a rule, which renews its lease
         itself); one whose lease that commit did not renew is asked about again within the
         round, for up to half the interval, not a round later: two rounds passed by in a row
         stop it."""
         began = time.monotonic()
-        ids = self._to_renew(began, interval)
+        scheduled = began if scheduled is None else scheduled
+        ids = self._to_renew(scheduled, interval)
         pause = RENEWAL_RETRY_SECONDS
         while ids:
             asked = time.monotonic()
@@ -352,24 +355,24 @@ class JobRunner:
             if not locked:
                 return
             if time.monotonic() + pause - began > interval / 2:
-                for job_id in sorted(locked & set(self._to_renew(time.monotonic(), interval))):
+                for job_id in sorted(locked & set(self._to_renew(scheduled, interval))):
                     log.warning("the lease of job %s was not renewed: its row stayed locked for %.1f s (a long "
                                 "transaction on failover_jobs?); the next round, in under %.1f s, asks again",
                                 job_id, time.monotonic() - began, interval, extra={"job_id": job_id})
                 return
             await asyncio.sleep(pause)
             pause *= 2
-            ids = [j for j in self._to_renew(time.monotonic(), interval) if j in locked]
+            ids = [j for j in self._to_renew(scheduled, interval) if j in locked]
 
-    def _to_renew(self, now: float, interval: float) -> list[str]:
-        """The running jobs whose leases are due: those with less than three quarters of a lease
-        left. A job with more (a commit in the last twelfth of a lease: each commit leaves at
-        least five sixths of it, adapters/db/store.py) is left alone, and at the next round, a
-        third of a lease later, has more than two fifths left: its retries still end before the
-        enforcer's fifth. One renewed at the last round, its retries included, is due again:
-        `interval` after the round's scheduled start it has at most that much left."""
-        return [j for j in self.running if j not in self._lost
-                and self._valid_until.get(j, 0.0) - now < self.lease_seconds - 0.75 * interval]
+    def _to_renew(self, scheduled: float, interval: float) -> list[str]:
+        """The running jobs whose leases are due at the round scheduled for `scheduled`: all but
+        those that, passed by now, would still be renewed in time by the next round, scheduled
+        `interval` later, waking up to `RENEWAL_LAG_ALLOWANCE` late and retrying for half an
+        interval, before the enforcer stops them a margin before their leases could run out. At
+        the default 30 s lease a job whose lease a commit renewed in the last 3.5 s is passed by
+        (each commit leaves at least five sixths of it, adapters/db/store.py)."""
+        deadline = scheduled + 1.5 * interval + RENEWAL_LAG_ALLOWANCE + self.margin
+        return [j for j in self.running if j not in self._lost and self._valid_until.get(j, 0.0) < deadline]
 
     async def drain(self, timeout: float) -> None:
         """SIGTERM: stop claiming, let running jobs reach their next safe point, hand them back."""

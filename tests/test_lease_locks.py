@@ -111,3 +111,20 @@ async def test_a_claim_passes_a_row_locked_elsewhere_by_and_takes_it_once_free(d
             await conn.execute(update(failover_jobs).where(failover_jobs.c.lease_owner == "process-3")
                                .values(lease_owner=None, lease_expires_at=None))
             await conn.execute(delete(failover_jobs).where(failover_jobs.c.job_id == free))
+
+
+async def test_a_release_says_whether_it_handed_the_job_back(database: AsyncEngine) -> None:
+    job = "job-released"
+    now = utcnow()
+    async with database.begin() as conn:
+        await conn.execute(insert(failover_jobs).values(
+            job_id=job, vm_id="vm-r", job_type="test", source_vm_name="web", options={}, status="running",
+            ended=False, created_at=now, updated_at=now, request_id=job, correlation_id=job, last_sequence=1,
+            lease_owner="process-4", lease_expires_at=now + timedelta(minutes=10)))
+    try:
+        assert await JobStore(database, "process-5").release(job) is False  # not its job
+        assert await JobStore(database, "process-4").release(job) is True
+        assert await JobStore(database, "process-4").release(job) is False  # no longer its job
+    finally:
+        async with database.begin() as conn:
+            await conn.execute(delete(failover_jobs).where(failover_jobs.c.job_id == job))

@@ -197,16 +197,18 @@ async def _end(db: AsyncEngine, job_id: str) -> None:
 
 async def test_every_renewal_round_names_a_job_renewed_at_the_last_one(runner_db: AsyncEngine) -> None:
     """Rounds come at a fixed rate, so a job renewed at one round (a little after its start)
-    must still count as due at the next, however late each round's wake-up: skipped every
-    other round, a job would meet a failed round with too little of its lease left."""
-    lease = 1.5
+    must still count as due at the next, however late that one wakes within the allowance:
+    counted from each round's wake-up, it was due only when that round woke later than the
+    last, every other round as a rule, and met a failed round with too little of its lease
+    left."""
+    lease = 3.0
     runner, job_id, task = await _running_job(runner_db, "renewal-rounds", lease)
     renew, renew_due = runner.store.renew, runner.renew_due
     asked: list[list[str]] = []  # each round's, the jobs it asked about
 
-    async def a_round(interval: float) -> None:
+    async def a_round(interval: float, scheduled: float | None = None) -> None:
         asked.append([])
-        await renew_due(interval)
+        await renew_due(interval, scheduled)
 
     async def recorded(ids: Collection[str], seconds: float) -> Renewal:
         asked[-1].extend(ids)
@@ -216,9 +218,9 @@ async def test_every_renewal_round_names_a_job_renewed_at_the_last_one(runner_db
     runner.store.renew = recorded  # type: ignore[method-assign,assignment]
     rounds = asyncio.create_task(runner._renewals())
     try:
-        await wait_until(holds(lambda: len(asked) >= 9), 15, "nine renewal rounds")
-        assert all(job_id in ids for ids in asked[:8]), asked
-        assert await _lease_left(runner_db, job_id) > lease / 2
+        await wait_until(holds(lambda: len(asked) >= 7), 20, "seven renewal rounds")
+        assert all(job_id in ids for ids in asked[:6]), asked
+        assert await _lease_left(runner_db, job_id) > lease / 3
     finally:
         rounds.cancel()
         task.cancel()
@@ -276,11 +278,12 @@ async def test_a_stopped_job_whose_step_swallowed_the_cancel_is_cancelled_again(
     await asyncio.gather(task, return_exceptions=True)
     swallowed = asyncio.Event()
 
-    async def stubborn() -> None:
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            swallowed.set()
+    async def stubborn() -> None:  # swallows the stop's cancel and the first one again
+        for _ in range(2):
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                swallowed.set()
         await asyncio.Event().wait()
 
     runner.running[job_id] = asyncio.create_task(stubborn())
@@ -291,7 +294,8 @@ async def test_a_stopped_job_whose_step_swallowed_the_cancel_is_cancelled_again(
             runner._stop_job(job_id, "its lease was released")
             await wait_until(holds(lambda: swallowed.is_set()), 5, "the first cancel to be swallowed")
             await wait_until(holds(lambda: runner.running[job_id].done()), 5, "the job to be cancelled again")
-        assert any(f"job {job_id} is still running" in r.getMessage() for r in caplog.records)
+        # warned once for the stop, however many times it is cancelled again
+        assert sum(f"job {job_id} is still running" in r.getMessage() for r in caplog.records) == 1
     finally:
         enforcer.cancel()
         runner.running[job_id].cancel()

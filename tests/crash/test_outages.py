@@ -176,8 +176,10 @@ async def test_mariadb_gone_for_15_seconds(private_mariadb: PrivateMariaDB, priv
         in_flight = sum(1 for j in ids[:early] if not cell.log.ended(j))
         # some jobs wait on CloudStack jobs that outlast the outage: they make no commit that
         # could fail, only their lease runs out, so the runner must stop them in time
-        older = set(cell.emu.world.jobs)
+        # (the CloudStack jobs made before the latency changed are short ones: taken after it,
+        # or a short one still pending counts as long and the outage finds nobody waiting)
         await cell.control.set_latency(async_job_seconds=OUTAGE_SECONDS + 5)
+        older = set(cell.emu.world.jobs)
         await wait_until(lambda: _waiting(cell, older, 3), 30,
                          "jobs to wait on long CloudStack jobs (their ids recorded)")
         await cell.control.set_latency(async_job_seconds=0.5)
