@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -142,6 +143,21 @@ class _CancelledStepNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "CancelledError" not in record.getMessage()
 
+
+def _hold(runner: JobRunner, relay: OutboxRelay | None, job_id: str) -> None:
+    """The command consumer is recording a command for `job_id`: its runner's claims pass the
+    job by, and its relay reads none of the job's events until `_unhold`, by when `publish_now`
+    has them. (A relay round whose read of the outbox returned between the record's commit and
+    `publish_now` published the job's first event a second time.)"""
+    runner.hold(job_id)
+    if relay is not None:
+        relay.hold_elsewhere(job_id)
+
+
+def _unhold(runner: JobRunner, relay: OutboxRelay | None, job_id: str) -> None:
+    runner.unhold(job_id)
+    if relay is not None:
+        relay.release_elsewhere(job_id)
 
 async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, service: Service | None = None,
                       install_signals: bool = True) -> Service:
@@ -290,7 +306,8 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
                                            on_accepted=runner.adopt,
                                            count=lambda t, o: m.COMMANDS.labels(type=t, outcome=o).inc(),
                                            publish_first=relay.publish_now if relay is not None else None,
-                                           hold=runner.hold, unhold=runner.unhold)
+                                           hold=functools.partial(_hold, runner, relay),
+                                           unhold=functools.partial(_unhold, runner, relay))
                 await consumer.start()
             # (last: a start that fails above leaves no job claimed and leased by this process)
             tasks.append(asyncio.create_task(runner.run(), name="runner"))  # not job-*: see logs.py
