@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Sequence
@@ -17,11 +19,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from adapters.db.commands import CommandRecorder
 from adapters.db.engine import utcnow
-from adapters.db.outbox import OutboxEvent
+from adapters.db.outbox import OutboxEvent, OutboxStore
 from adapters.db.store import JobStore, Renewal
-from adapters.db.tables import failover_jobs, vm_replication_contexts
+from adapters.db.tables import failover_jobs, outbox, vm_replication_contexts
 from consumers.commands import CommandConsumer
+from failover import service
 from failover.runner import JobRunner
+from publishers.relay import OutboxRelay
 from schemas.commands import FailoverRequested
 from statemachine.context import EngineConfig, JobContext
 from statemachine.machine import build_machine
@@ -301,3 +305,61 @@ async def test_a_stopped_job_whose_step_swallowed_the_cancel_is_cancelled_again(
         runner.running[job_id].cancel()
         await asyncio.gather(enforcer, runner.running[job_id], return_exceptions=True)
         await _end(runner_db, job_id)
+
+
+async def test_a_new_jobs_first_event_is_published_once_when_a_relay_round_reads_it_first(
+        runner_db: AsyncEngine, amqp_url: str) -> None:
+    """serve's command consumer publishes a new job's JobAccepted itself, right after the
+    record's commit. A relay round whose read of the outbox returns in between (here: forced,
+    a round run as the record returns) must pass that job by: it published the event a second
+    time (seen in CI as one JobAccepted too many in the metrics)."""
+    owner = f"first-once-{uuid.uuid4().hex[:6]}"
+    runner = JobRunner(JobStore(runner_db, owner, lease_seconds=LEASE), build_machine(), lambda row: cast(Any, None),
+                       capacity=10, lease_seconds=LEASE, claim_interval=60)
+    connection = await aio_pika.connect_robust(amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        events = await channel.declare_exchange(f"first-once-{uuid.uuid4().hex[:8]}", aio_pika.ExchangeType.TOPIC,
+                                                auto_delete=True)
+        seen = await channel.declare_queue(exclusive=True)
+        await seen.bind(events, routing_key="#")
+        relay = OutboxRelay(OutboxStore(runner_db, owner), events, batch=50, poll_seconds=30, lease_seconds=10)
+        recorder = CommandRecorder(runner_db, owner, LEASE)
+        record = recorder.record
+
+        async def record_then_a_relay_round(command: Any) -> Any:
+            decision = await record(command)
+            await relay.publish_once()  # the round that reads the outbox before publish_now runs
+            return decision
+
+        recorder.record = record_then_a_relay_round  # type: ignore[method-assign,assignment]
+        commands = await channel.declare_queue(exclusive=True)
+        outcomes: list[str] = []
+        consumer = CommandConsumer(commands, channel.default_exchange, recorder, max_bytes=65536,
+                                   on_accepted=lambda job_id: None, count=lambda t, o: outcomes.append(o),
+                                   publish_first=relay.publish_now,
+                                   hold=functools.partial(service._hold, runner, relay),
+                                   unhold=functools.partial(service._unhold, runner, relay))
+        await consumer.start()
+        try:
+            request_id = uuid.uuid4()
+            command = FailoverRequested(request_id=request_id, vm_id=await _a_vm(runner_db), failover_type="test")
+            await channel.default_exchange.publish(
+                aio_pika.Message(command.model_dump_json().encode(), content_type="application/json"),
+                routing_key=commands.name)
+            await wait_until(holds(lambda: outcomes == ["accepted"]), 10, "the command to be recorded and acked")
+            await relay.publish_once()  # marks what publish_now sent; nothing of the job is left to publish
+            assert await _all_published(runner_db, str(request_id))
+            published: list[str] = []
+            while (message := await seen.get(fail=False)) is not None:
+                await message.ack()
+                published.append(json.loads(message.body)["type"])
+            assert published == ["JobAccepted"]
+        finally:
+            await consumer.stop()
+
+
+async def _all_published(db: AsyncEngine, job_id: str) -> bool:
+    async with db.connect() as conn:
+        rows = (await conn.execute(select(outbox.c.published_at).where(outbox.c.job_id == job_id))).all()
+    return bool(rows) and all(r.published_at is not None for r in rows)
