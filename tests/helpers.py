@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aio_pika
 import aiohttp
 from pydantic import BaseModel
 from sqlalchemy import select
@@ -230,3 +231,12 @@ async def metric(serve: ServeProcess, name: str, labels: dict[str, str] | None =
             if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
                 total += sample.value
     return total
+
+
+async def watched_exchange(channel: Any, prefix: str) -> tuple[Any, Any]:
+    """A topic exchange of its own for a relay under test, and a queue that sees all it gets."""
+    exchange = await channel.declare_exchange(f"{prefix}-{uuid.uuid4().hex[:8]}", aio_pika.ExchangeType.TOPIC,
+                                              auto_delete=True)
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(exchange, routing_key="#")
+    return exchange, queue

@@ -21,7 +21,7 @@ from publishers.relay import OutboxRelay, to_message, to_properties
 from schemas.events import JobAccepted, LogRecorded
 
 from .crash.support import database_of_its_own
-from .helpers import holds, wait_until
+from .helpers import holds, wait_until, watched_exchange
 
 EVENTS = 120
 LINGER = 1.0
@@ -55,10 +55,7 @@ async def test_flush_publishes_everything_even_while_the_loop_renews_its_lease(
     connection = await aio_pika.connect_robust(amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        exchange = await channel.declare_exchange(f"relay-test-{uuid.uuid4().hex[:8]}", aio_pika.ExchangeType.TOPIC,
-                                                  auto_delete=True)
-        queue = await channel.declare_queue(exclusive=True)
-        await queue.bind(exchange, routing_key="#")
+        exchange, queue = await watched_exchange(channel, "relay-test")
         relay = OutboxRelay(OutboxStore(relay_db, f"relay-test-{uuid.uuid4().hex[:6]}"), exchange,
                             batch=50, poll_seconds=30, lease_seconds=10)
         task = asyncio.create_task(relay.run())
