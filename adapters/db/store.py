@@ -601,9 +601,10 @@ class JobStore:
         by a row locked elsewhere instead of waiting for it (up to the server's 50 s lock wait,
         with this process's claims stopped meanwhile).
 
-        (`SELECT ... FOR UPDATE SKIP LOCKED` would lock, under REPEATABLE READ, every unended
-        row the scan passes, running jobs of other processes included, until the claim
-        commits: their lease renewals and commits then wait for it.)"""
+        (A locking look, `SELECT ... FOR UPDATE SKIP LOCKED` over the claim index, would lock,
+        under REPEATABLE READ, every unended row the scan passes, running jobs of other
+        processes included, until the claim commits: their lease renewals and commits would
+        wait for it. The locking read here is of the candidates alone, by their key.)"""
         if limit <= 0:
             return []
         claimable = self._claimable(running)
