@@ -697,11 +697,13 @@ class JobStore:
             return set(mine)
 
         renewed = await _again(extend)
+        if len(renewed) == len(ids):  # the usual round: no second look, no connection for it
+            return Renewal(renewed, {}, set())
         async with self.lease_engine.connect() as conn:
             rows = (await conn.execute(by_job_key(
                 select(failover_jobs.c.job_id, failover_jobs.c.lease_owner)
                 .where(failover_jobs.c.job_id.in_([i for i in ids if i not in renewed]), _UNENDED))
-            )).all() if len(renewed) < len(ids) else []
+            )).all()
         return Renewal(renewed, {r.job_id: r.lease_owner for r in rows if r.lease_owner != self.owner},
                        {r.job_id for r in rows if r.lease_owner == self.owner})
 
