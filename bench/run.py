@@ -55,9 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-intake-process", action="store_true",
                    help="skip the throughput, paced and slow phases with FAILOVER_INTAKE_PROCESS=true (commands "
                         "taken in a process of serve's own)")
-    p.add_argument("--no-intake-thread", action="store_true",
-                   help="skip the throughput, paced and slow phases with FAILOVER_INTAKE_THREAD=true (commands "
-                        "taken in a thread of serve's own)")
+    p.add_argument("--no-intake-loop", action="store_true",
+                   help="skip the throughput, paced and slow phases with FAILOVER_INTAKE_THREAD=false (commands "
+                        "taken in serve's own event loop, beside the jobs, instead of in a thread of its own)")
     p.add_argument("--no-celery", action="store_true")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy run of the throughput burst")
     p.add_argument("--slow-floor-jobs", type=int, default=None,
@@ -115,6 +115,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def _setting(assignment: str) -> dict[str, str]:
+    """"NAME=value" (an intake variant's setting, report.INTAKES) as an environment entry."""
+    name, _, value = assignment.partition("=")
+    return {name: value}
+
+
 def log(msg: str) -> None:
     print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -160,13 +166,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 for one in serves:
                     await one.stop()
 
-        intakes = [one for one, skip in zip(INTAKES, (args.no_intake_process, args.no_intake_thread), strict=True)
+        intakes = [one for one, skip in zip(INTAKES, (args.no_intake_process, args.no_intake_loop), strict=True)
                    if not skip]
         # ---- the service at zero latency: throughput, paced (one serve process)
         await zero_latency([Serve(service_phases.throughput_env(bench), results / "serve-throughput.log")], "", "")
         # ---- the same with the intake in a process, then a thread, of its own
         for key, setting, what in intakes:
-            await zero_latency([Serve({**service_phases.throughput_env(bench), setting: "true"},
+            await zero_latency([Serve({**service_phases.throughput_env(bench), **_setting(setting)},
                                       results / f"serve{key.replace('_', '-')}.log")], key, f", {what}")
         # ---- the same with two serve processes side by side (one per core, as a user with
         # this machine would run them; Celery's best pool runs 8 worker processes)
@@ -191,7 +197,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             sl = out["slow" + key] = await service_phases.slow(
                 bench, args.slow_jobs, args.latency, out["probe"]["async_waits"],
                 results / f"serve-slow{key.replace('_', '-')}.log",
-                **{setting: "true"})  # type: ignore[arg-type]  # (settings, not processes or profile_to)
+                **_setting(setting))  # type: ignore[arg-type]  # (settings, not processes or profile_to)
             log(f"  wall {sl['wall_seconds']} s = {sl['wall_over_critical_path']}x critical path")
         if args.serve_processes > 1:  # as a user with these cores would run them
             n = args.serve_processes

@@ -55,12 +55,23 @@ ROLES = ("orchestrator", "relay", "projector")
 def roles_problem(settings: Settings, roles: Iterable[str]) -> str | None:
     """Why these settings cannot run with these roles (None: they can)."""
     roles = tuple(roles)
-    for name, on in (("PROCESS", settings.intake_process), ("THREAD", settings.intake_thread)):
+    asked = (("PROCESS", settings.intake_process), ("THREAD", settings.intake_thread and settings.intake_thread_explicit))
+    for name, on in asked:  # (the thread's default runs it only where it can: Settings.intake_thread_wanted)
         if on and "orchestrator" in roles and "relay" not in roles:
             return (f"FAILOVER_INTAKE_{name}=true needs the relay role beside the orchestrator (the intake "
                     "tells the relay what it published): add relay to --roles, or set "
                     f"FAILOVER_INTAKE_{name}=false")
     return None
+
+
+def _intake_place(svc: Service) -> str | None:
+    """Where this serve takes commands: "thread", "process", "loop" (its own event loop, beside
+    the jobs), or None (no orchestrator role: it takes none)."""
+    if "orchestrator" not in svc.roles:
+        return None
+    if svc.intake is None:
+        return "loop"
+    return "process" if isinstance(svc.intake, IntakeProcess) else "thread"
 
 
 def owner_id(settings: Settings) -> str:
@@ -284,7 +295,7 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
             runner.on_state = m.move_job_state
             runner_ref.append(runner)
             svc.runner = runner
-            if relay is not None and (settings.intake_process or settings.intake_thread):  # (roles_problem)
+            if relay is not None and (settings.intake_process or settings.intake_thread_wanted(roles)):
                 told: dict[str, Any] = dict(hold=runner.hold, unhold=runner.unhold, adopt=runner.adopt, relay=relay,
                                             count=lambda t, o: m.COMMANDS.labels(type=t, outcome=o).inc(),
                                             restarted=m.INTAKE_RESTARTS.inc)
@@ -317,7 +328,7 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, svc.stop.set)
-        log.info("serving", extra={"fields": {"roles": list(roles), "owner": svc.owner,
+        log.info("serving", extra={"fields": {"roles": list(roles), "owner": svc.owner, "intake": _intake_place(svc),
                                               "metrics_port": health.port, **settings.safe_summary()}})
         # Everything made so far (modules, the ORM's tables, compiled statements, pools) lives as
         # long as the process: moved out of the collector's reach, a full collection no longer

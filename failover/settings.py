@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import re
 import shlex
+from collections.abc import Iterable
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -154,8 +155,11 @@ class Settings(ConnectionSettings):
     # request's JobAccepted does not queue behind the running jobs' work in serve's event loop
     intake_process: bool = False
     # the same in a thread of serve's own (failover/intake.py IntakeThread): one process, its
-    # own event loop, so the answer waits only for the interpreter lock
-    intake_thread: bool = False
+    # own event loop, so the answer waits only for the interpreter lock. On by default wherever
+    # serve runs the orchestrator and the relay without the intake process; where it cannot
+    # run (roles without the relay, FAILOVER_INTAKE_PROCESS=true), only an explicit `true` is
+    # an error: the default then leaves the intake in serve's loop (`intake_thread_wanted`)
+    intake_thread: bool = True
     # with it, the longest a thread holding the interpreter lock keeps the other waiting
     # (Python's sys.setswitchinterval, 0.005 by default): each step of an answer waits for it
     intake_thread_switch_seconds: float = Field(default=0.001, gt=0, le=0.1)
@@ -181,9 +185,22 @@ class Settings(ConnectionSettings):
             raise ValueError("must name a program")
         return value
 
+    @property
+    def intake_thread_explicit(self) -> bool:
+        """Whether FAILOVER_INTAKE_THREAD was set (in the environment, a .env file or by
+        name), rather than left at its default."""
+        return "intake_thread" in self.model_fields_set
+
+    def intake_thread_wanted(self, roles: Iterable[str]) -> bool:
+        """Whether serve with these roles runs its intake in a thread of its own: asked for,
+        or by default wherever it can (the orchestrator with the relay, no intake process)."""
+        roles = tuple(roles)
+        return (self.intake_thread and not self.intake_process
+                and "orchestrator" in roles and "relay" in roles)
+
     @model_validator(mode="after")
     def _one_intake(self) -> Settings:
-        if self.intake_process and self.intake_thread:
+        if self.intake_process and self.intake_thread and self.intake_thread_explicit:
             raise ValueError("FAILOVER_INTAKE_PROCESS and FAILOVER_INTAKE_THREAD are both true: the intake runs "
                              "either in a process or in a thread of serve's; set one of them to false")
         return self
