@@ -1,7 +1,7 @@
 """The intake process (`FAILOVER_INTAKE_PROCESS=true`): commands taken, recorded and answered in
 a process of their own, beside `serve`'s event loop instead of inside it. The intake thread
-(`FAILOVER_INTAKE_THREAD=true`, `IntakeThread` below) runs the same in a thread of `serve`'s,
-with an event loop of its own, and tells `serve` the same messages without a pipe.
+(`FAILOVER_INTAKE_THREAD`, on by default; `IntakeThread` below) runs the same in a thread of
+`serve`'s, with an event loop of its own, and tells `serve` the same messages without a pipe.
 
 Why: in one process, a command's delivery, its two database round trips and its `JobAccepted`
 each wait their turn in an event loop busy with every running job's calls, commits and events.
@@ -23,6 +23,8 @@ told the runner and the relay, in the same order:
     {"m": "unhold", "job": ...}
     {"m": "count", "type": ..., "outcome": ...}   the commands metric, counted by `serve`
     {"m": "ready"}                    consuming
+    {"m": "broker", "up": ...}        its broker connection went down, or is back (serve's
+                                      /readyz names the broker meanwhile)
 
 The runner takes a job from `OWNER/intake` only at `adopt`, so none starts before its first
 event left (its claims pass over jobs leased to another name). The relay skips what the child
@@ -63,6 +65,9 @@ log = logging.getLogger("failover.intake")
 Body: TypeAlias = "Callable[[Any, str, Callable[..., None], asyncio.Event], Awaitable[None]]"
 RESTART_PAUSE = 1.0  # seconds before a child that died is started again (doubling, up to 30)
 INTAKE_POOL = 16  # the child's database connections (a delivery holds one for two round trips)
+# how often the intake looks at its broker connection, and tells serve when it went down or came
+# back (serve's /readyz names the broker while the intake's connection is down)
+BROKER_WATCH_SECONDS = 0.25
 
 
 class _Supervisor(abc.ABC):
@@ -82,6 +87,7 @@ class _Supervisor(abc.ABC):
         self.restart_pause = restart_pause
         self.restarted = restarted  # (failover_intake_process_restarts_total)
         self.ready = asyncio.Event()
+        self.broker_up = True  # the intake's own broker connection, as it last said ("broker")
         self.restarts = 0
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -168,7 +174,15 @@ class _Supervisor(abc.ABC):
             self.count(msg["type"], msg["outcome"])
         elif kind == "ready":
             self._ever_ready = True
+            self.broker_up = True
             self.ready.set()
+        elif kind == "broker":
+            self.broker_up = bool(msg["up"])
+            if self.broker_up:
+                log.info("%s: its broker connection is back; this serve takes commands again", self.what)
+            else:
+                log.warning("%s: its broker connection is down; this serve takes no commands until it is "
+                            "back (they wait in the queue; /readyz names the broker)", self.what)
 
     def _released(self) -> None:
         """The intake is gone: its holds end (a recorded job is then claimed and resumed here)
@@ -257,7 +271,7 @@ class IntakeProcess(_Supervisor):
 
 
 class IntakeThread(_Supervisor):
-    """`FAILOVER_INTAKE_THREAD=true`: the intake in a thread of serve's, with an event loop,
+    """`FAILOVER_INTAKE_THREAD` (on by default): the intake in a thread of serve's, with an event loop,
     a broker connection and database connections of its own; its messages are applied in
     serve's loop, in the order it sent them (`call_soon_threadsafe`).
 
@@ -508,7 +522,14 @@ async def _intake(settings: Settings, owner: str, send: Callable[..., None], sto
         await consumer.start()
         log.info("intake consuming commands", extra={"fields": {"owner": owner, "in": where}})
         send("ready")
-        await stop.wait()
+        up = True
+        while not stop.is_set():  # tell serve when the connection goes down and when it is back
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), BROKER_WATCH_SECONDS)
+            now = not connection.is_closed and connection.connected.is_set()
+            if now != up:
+                up = now
+                send("broker", up=now)
         try:
             await asyncio.wait_for(consumer.stop(), 10.0)
         except TimeoutError:  # the deliveries still under way are unacked: the broker redelivers them

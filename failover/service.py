@@ -1,7 +1,7 @@
 """Wiring: `serve` builds everything here, in one place, from the settings.
 
-Nothing connects at import time. Tests and the benchmark call `run_service` with their own
-settings, exactly as `failoverctl serve` does.
+Nothing connects at import time. `failoverctl serve` calls `run_service`; the tests and the
+benchmark run that command as a process of its own, as users do.
 """
 
 from __future__ import annotations
@@ -211,8 +211,9 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
 
         connections = [connection]
 
-        async def broker_ok() -> bool:
-            return all(not c.is_closed and c.connected.is_set() for c in connections)
+        async def broker_ok() -> bool:  # serve's connections, and its intake's (thread or process)
+            return (all(not c.is_closed and c.connected.is_set() for c in connections)
+                    and (svc.intake is None or svc.intake.broker_up))
 
         health = await start_health_server(settings.metrics_host, settings.metrics_port,
                                            named_checks({"database": db_ok, "broker": broker_ok,

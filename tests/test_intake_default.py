@@ -11,11 +11,14 @@ the default until the twentieth session.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from adapters.db.tables import failover_jobs
@@ -25,7 +28,7 @@ from failover.client import BusClient
 from failover.seed import seed_vm
 from schemas.commands import FailoverRequested
 
-from .helpers import ServeProcess, service_env
+from .helpers import ServeProcess, service_env, wait_until
 
 
 async def _serving(env: dict[str, str], log: Path, roles: str | None = None) -> tuple[ServeProcess, dict[str, Any]]:
@@ -55,7 +58,9 @@ async def test_serve_takes_commands_where_its_settings_and_roles_allow(
         said = [line for line in serve.log_path.read_text().splitlines() if "intake consuming commands" in line]
         if place == "thread":
             assert len(said) == 1 and "a thread" in said[0], said
-        elif place == "loop" or place is None:
+        elif place == "process":
+            assert len(said) == 1 and "process" in said[0], said
+        else:
             assert said == [], said
     finally:
         await serve.stop()
@@ -76,10 +81,57 @@ async def test_a_test_failover_runs_end_to_end_with_the_intake_in_serves_loop(
             await bus.publish(FailoverRequested(request_id=job, vm_id=vm.vm_id, failover_type="test",
                                                 requested_by="intake-default-tests"))
             events = [e async for e in bus.events(queue, timeout=60)]
-        assert [e.type for e in events][0] == "JobAccepted"
-        assert events[-1].type == "JobCompleted", [e.type for e in events]
+        kinds = [e.type for e in events]
+        assert kinds and kinds[0] == "JobAccepted" and kinds[-1] == "JobCompleted", kinds
         async with db.connect() as conn:
             status = (await conn.execute(failover_jobs.select().where(failover_jobs.c.job_id == str(job)))).one().status
         assert status == "completed"
+    finally:
+        await serve.stop()
+
+
+def _close_connection_named(name: str) -> int:
+    """Close the broker connections whose client named them `name` (rabbitmqctl, as an operator
+    or a network fault would): how many there were."""
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_connections", "--no-table-headers", "pid", "client_properties"],
+                            capture_output=True, text=True, check=True, timeout=60).stdout
+    pids = [line.split("\t", 1)[0] for line in listed.splitlines() if f'"{name}"' in line]
+    for pid in pids:
+        subprocess.run(["rabbitmqctl", "close_connection", pid, "closed by the intake readiness test"],
+                       capture_output=True, text=True, check=True, timeout=60)
+    return len(pids)
+
+
+async def test_readyz_names_the_broker_while_the_intake_threads_connection_is_down(
+        database_url: str, amqp_url: str, emulators: EmulatorHandle, tmp_path: Path) -> None:
+    """The intake thread has a broker connection of its own: while it is down this serve takes
+    no commands, and /readyz says so (naming the broker) until the connection is back."""
+    serve, fields = await _serving(service_env(database_url, amqp_url, emulators), tmp_path / "serve.log")
+    try:
+        assert fields["intake"] == "thread"
+        seen: list[int] = []
+
+        async def readyz() -> tuple[int, dict[str, Any]]:
+            async with aiohttp.ClientSession() as http, http.get(serve.metrics_url + "/readyz") as resp:
+                seen.append(resp.status)
+                return resp.status, await resp.json()
+
+        assert (await readyz())[0] == 200
+        closed = await asyncio.to_thread(_close_connection_named, f"failover {fields['owner']} intake")
+        assert closed == 1, f"{closed} connections named as the intake's"
+
+        async def not_ready_for_the_broker() -> bool:
+            status, body = await readyz()
+            return status == 503 and body["checks"].get("broker") is False
+
+        # aio-pika connects again 5 s after a loss: the intake looks at its connection every 0.25 s
+        await wait_until(not_ready_for_the_broker, 4.5, "/readyz to name the broker", interval=0.05)
+
+        async def ready() -> bool:
+            return (await readyz())[0] == 200
+
+        await wait_until(ready, 30, "/readyz to be ready again once the intake reconnected", interval=0.1)
+        lines = serve.log_path.read_text()
+        assert "its broker connection is down" in lines and "its broker connection is back" in lines
     finally:
         await serve.stop()

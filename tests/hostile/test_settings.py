@@ -130,3 +130,55 @@ def test_secrets_never_show_in_repr_or_the_start_up_summary(env: pytest.MonkeyPa
 ])
 def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+# --- where serve takes commands: FAILOVER_INTAKE_THREAD's default gives way, an explicit true does not
+
+ALL_ROLES = ("orchestrator", "relay", "projector")
+
+
+@pytest.mark.parametrize(("how", "explicit"), [("default", False), ("env", True), ("dotenv", True), ("kwarg", True)])
+def test_the_intake_thread_is_explicit_only_when_set(env: pytest.MonkeyPatch, tmp_path: Path, how: str,
+                                                      explicit: bool) -> None:
+    kwargs = {}
+    if how == "env":
+        env.setenv("FAILOVER_INTAKE_THREAD", "true")
+    elif how == "dotenv":
+        (tmp_path / ".env").write_text("FAILOVER_INTAKE_THREAD=true\n")
+    elif how == "kwarg":
+        kwargs["intake_thread"] = True
+    settings = Settings(**kwargs)  # type: ignore[call-arg]
+    assert settings.intake_thread is True
+    assert settings.intake_thread_explicit is explicit
+
+
+@pytest.mark.parametrize(("extra", "roles", "thread", "problem"), [
+    ({}, ALL_ROLES, True, None),
+    ({}, ("orchestrator", "projector"), False, None),  # the default gives way: serve starts
+    ({}, ("relay", "projector"), False, None),
+    ({"FAILOVER_INTAKE_PROCESS": "true"}, ALL_ROLES, False, None),  # the process asked for wins
+    ({"FAILOVER_INTAKE_THREAD": "false"}, ALL_ROLES, False, None),
+    ({"FAILOVER_INTAKE_THREAD": "true"}, ("orchestrator", "projector"), False, "FAILOVER_INTAKE_THREAD=true"),
+    ({"FAILOVER_INTAKE_PROCESS": "true"}, ("orchestrator", "projector"), False, "FAILOVER_INTAKE_PROCESS=true"),
+])
+def test_the_intake_thread_runs_by_default_wherever_it_can(env: pytest.MonkeyPatch, extra: dict[str, str],
+                                                           roles: tuple[str, ...], thread: bool,
+                                                           problem: str | None) -> None:
+    from failover.service import roles_problem
+
+    for key, value in extra.items():
+        env.setenv(key, value)
+    settings = Settings()  # type: ignore[call-arg]
+    assert settings.intake_thread_wanted(roles) is thread
+    said = roles_problem(settings, roles)
+    if problem is None:
+        assert said is None, said
+    else:
+        assert said is not None and problem in said and "relay" in said, said
+
+
+def test_an_explicit_intake_thread_beside_the_intake_process_is_refused(env: pytest.MonkeyPatch) -> None:
+    env.setenv("FAILOVER_INTAKE_PROCESS", "true")
+    env.setenv("FAILOVER_INTAKE_THREAD", "true")
+    with pytest.raises(ValidationError, match="both true"):
+        Settings()  # type: ignore[call-arg]
