@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
-# the intake's variants run beside serve's own loop: (the phases' key suffix, the setting, name)
 # the variants run beside the default serve (whose intake runs in a thread of its own): the
 # key of their results, the setting and its value, what the table calls them
 INTAKES = (("_intake", "FAILOVER_INTAKE_PROCESS=true", "intake process"),

@@ -170,7 +170,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                    if not skip]
         # ---- the service at zero latency: throughput, paced (one serve process)
         await zero_latency([Serve(service_phases.throughput_env(bench), results / "serve-throughput.log")], "", "")
-        # ---- the same with the intake in a process, then a thread, of its own
+        # ---- the same with the intake in a process of its own, then in serve's own loop
         for key, setting, what in intakes:
             await zero_latency([Serve({**service_phases.throughput_env(bench), **_setting(setting)},
                                       results / f"serve{key.replace('_', '-')}.log")], key, f", {what}")
