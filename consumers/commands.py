@@ -198,7 +198,19 @@ class CommandConsumer:
             await self.publish_first(decision.events)
 
     async def _with_db(self, call: Callable[[], Awaitable[Decision]]) -> Decision:
-        """Record, waiting out a database outage (bounded) instead of bouncing the message."""
+        """Record, waiting out a database outage (bounded) instead of bouncing the message.
+
+        The first attempt is a plain call: tenacity's retrying object, built for every command,
+        is left in a reference cycle (its state holds its own bound methods), ~15 objects a
+        command for Python's cycle collector, whose collections stop every job and command
+        while they run. A connection error of that call is handed to tenacity as its first
+        attempt's outcome, so the waits and the outage's bound are as if tenacity had made it."""
+        try:
+            return await call()
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            failed: BaseException | None = exc
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(is_connection_error),
             wait=wait_exponential(multiplier=0.2, max=5),
@@ -206,6 +218,9 @@ class CommandConsumer:
             reraise=True,
         ):
             with attempt:
+                if failed is not None:  # the first attempt, made above
+                    replay, failed = failed, None
+                    raise replay
                 return await call()
         raise AssertionError("unreachable")  # pragma: no cover
 

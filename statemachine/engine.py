@@ -30,7 +30,7 @@ from schemas.events import (
 
 from .context import JobContext
 from .errors import LeaseLost, StepError
-from .machine import STEP_STATES, steps_for
+from .machine import STEP_STATES, steps_for, unbind
 from .steps.failover import FAILOVER_STEP_FUNCS, StepResult
 from .steps.undo import CLEANUP_STEP_FUNCS, Target, manual_actions, planned_actions, undo_all
 
@@ -257,6 +257,7 @@ async def drive(machine: AsyncMachine, ctx: JobContext) -> str:
         return model.state
     finally:
         machine.remove_model(model)
+        unbind(model)
 
 
 def is_ended(state: str) -> bool:

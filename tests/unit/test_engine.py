@@ -366,3 +366,30 @@ async def test_a_cancel_before_start_rolls_back_nothing(h: Harness, machine: Asy
     assert [e.type for e in events] == ["JobAccepted", "RollbackStarted", "RollbackCompleted", "JobCancelled"]
     assert last(events, "JobCancelled").rolled_back is True
     assert_restored(h, before, vm)
+
+
+async def test_a_finished_jobs_objects_are_freed_without_the_cycle_collector(h: Harness, machine: AsyncMachine) -> None:
+    """A job's model leaves no reference cycle behind: the conveniences `add_model` bound to it
+    (partials holding the model) are dropped when it ends, so the model, its context and all they
+    held go with their last reference instead of waiting for a collection of Python's cycle
+    collector, which stops every job and command while it runs (statemachine/machine.py `unbind`)."""
+    import gc
+    from functools import partial
+
+    from statemachine.engine import JobModel
+
+    vm = h.seed_vm("GC-FREED", os_type="Windows Server 2019", disks=2)
+    ctx = h.new_job(vm, "test-failover")
+    gc.collect()
+    gc.disable()
+    try:
+        assert await drive(machine, ctx) == "completed"
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        models = [o for o in gc.garbage if isinstance(o, JobModel)]
+        bound = [o for o in gc.garbage if isinstance(o, partial) and any(isinstance(a, JobModel) for a in o.args)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert models == [] and bound == [], f"{len(models)} job models and {len(bound)} partials left to the collector"
