@@ -16,6 +16,7 @@ import asyncio
 import datetime
 import decimal
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -204,17 +205,20 @@ class CommandConsumer:
         is left in a reference cycle (its state holds its own bound methods), ~15 objects a
         command for Python's cycle collector, whose collections stop every job and command
         while they run. A connection error of that call is handed to tenacity as its first
-        attempt's outcome, so the waits and the outage's bound are as if tenacity had made it."""
+        attempt's outcome, so the waits are as if tenacity had made it, and the outage's bound
+        counts from before that call."""
+        began = time.monotonic()
         try:
             return await call()
         except Exception as exc:
             if not is_connection_error(exc):
                 raise
             failed: BaseException | None = exc
+        left = max(0.0, self.db_outage_seconds - (time.monotonic() - began))
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(is_connection_error),
             wait=wait_exponential(multiplier=0.2, max=5),
-            stop=stop_after_delay(self.db_outage_seconds),
+            stop=stop_after_delay(left),
             reraise=True,
         ):
             with attempt:

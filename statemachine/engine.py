@@ -51,7 +51,6 @@ class JobModel:
         self.ctx = ctx
         self.next_trigger: str | None = None
         self.resuming = False
-        self.failure: StepError | None = None
         self.rollback_ok: bool | None = None
 
     # conditions
@@ -97,7 +96,6 @@ class JobModel:
         except StepError as exc:
             ctx.observer.step_finished(row.job_type, step, "failed", time.monotonic() - began)
             ctx.log("ERROR", f"step {step} failed: {exc.message}", code=exc.code)
-            self.failure = exc
             await ctx.commit(
                 [(StepFailed, {"step": step, "step_order": order,
                                "error": {"code": exc.code, "message": exc.message},

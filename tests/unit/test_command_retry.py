@@ -79,3 +79,21 @@ async def test_any_other_error_reaches_the_caller_at_once() -> None:
     with pytest.raises(ValueError):
         await consumer._with_db(record)
     assert len(calls) == 1
+
+
+async def test_the_outage_bound_counts_the_first_attempts_own_time() -> None:
+    """A first call that took the whole bound before it failed is not tried again: the bound
+    counts from before it, not from when the retrying began."""
+    import asyncio
+
+    consumer = _consumer(outage=0.25)
+    calls: list[int] = []
+
+    async def record() -> Any:
+        calls.append(1)
+        await asyncio.sleep(0.3)  # a connect that hangs, then fails
+        raise ConnectionRefusedError("the database is away")
+
+    with pytest.raises(ConnectionRefusedError):
+        await consumer._with_db(record)
+    assert len(calls) == 1, calls

@@ -368,22 +368,32 @@ async def test_a_cancel_before_start_rolls_back_nothing(h: Harness, machine: Asy
     assert_restored(h, before, vm)
 
 
-async def test_a_finished_jobs_objects_are_freed_without_the_cycle_collector(h: Harness, machine: AsyncMachine) -> None:
-    """A job's model leaves no reference cycle behind: the conveniences `add_model` bound to it
-    (partials holding the model) are dropped when it ends, so the model, its context and all they
-    held go with their last reference instead of waiting for a collection of Python's cycle
-    collector, which stops every job and command while it runs (statemachine/machine.py `unbind`)."""
+@pytest.mark.parametrize("end", ["completed", "failed"])
+async def test_a_finished_jobs_objects_are_freed_without_the_cycle_collector(h: Harness, machine: AsyncMachine,
+                                                                             end: str) -> None:
+    """A job's model leaves no reference cycle behind, whether it completed or failed and rolled
+    back: the conveniences `add_model` bound to it (partials holding the model) are dropped when
+    it ends, so the model, its context and all they held go with their last reference instead of
+    waiting for a collection of Python's cycle collector, which stops every job and command
+    while it runs (statemachine/machine.py `unbind`)."""
     import gc
     from functools import partial
 
     from statemachine.engine import JobModel
 
-    vm = h.seed_vm("GC-FREED", os_type="Windows Server 2019", disks=2)
+    from .test_rollback import Failure
+
+    vm = h.seed_vm("GC-FREED", os_type="Windows Server 2019", disks=3)
+    if end == "failed":
+        Failure("attach", "volume-attachment", nth=2).program(h)
     ctx = h.new_job(vm, "test-failover")
     gc.collect()
     gc.disable()
     try:
-        assert await drive(machine, ctx) == "completed"
+        assert await drive(machine, ctx) == end
+        # and none is kept alive by a live reference either (the machine's own lists, say)
+        alive = [o for o in gc.get_objects() if isinstance(o, JobModel) and o.ctx is ctx]
+        assert alive == [], "the finished job's model is still referenced"
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
         models = [o for o in gc.garbage if isinstance(o, JobModel)]
