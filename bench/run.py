@@ -115,12 +115,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def _setting(assignment: str) -> dict[str, str]:
-    """"NAME=value" (an intake variant's setting, report.INTAKES) as an environment entry."""
-    name, _, value = assignment.partition("=")
-    return {name: value}
-
-
 def log(msg: str) -> None:
     print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -172,7 +166,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await zero_latency([Serve(service_phases.throughput_env(bench), results / "serve-throughput.log")], "", "")
         # ---- the same with the intake in a process of its own, then in serve's own loop
         for key, setting, what in intakes:
-            await zero_latency([Serve({**service_phases.throughput_env(bench), **_setting(setting)},
+            await zero_latency([Serve({**service_phases.throughput_env(bench), **dict([setting.split("=", 1)])},
                                       results / f"serve{key.replace('_', '-')}.log")], key, f", {what}")
         # ---- the same with two serve processes side by side (one per core, as a user with
         # this machine would run them; Celery's best pool runs 8 worker processes)
@@ -197,7 +191,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             sl = out["slow" + key] = await service_phases.slow(
                 bench, args.slow_jobs, args.latency, out["probe"]["async_waits"],
                 results / f"serve-slow{key.replace('_', '-')}.log",
-                **_setting(setting))  # type: ignore[arg-type]  # (settings, not processes or profile_to)
+                **dict([setting.split("=", 1)]))  # type: ignore[arg-type]  # (settings, not processes or profile_to)
             log(f"  wall {sl['wall_seconds']} s = {sl['wall_over_critical_path']}x critical path")
         if args.serve_processes > 1:  # as a user with these cores would run them
             n = args.serve_processes
