@@ -25,6 +25,8 @@ told the runner and the relay, in the same order:
     {"m": "ready"}                    consuming
     {"m": "broker", "up": ...}        its broker connection went down, or is back (serve's
                                       /readyz names the broker meanwhile)
+    {"m": "lag", "s": ...}            how late its event loop woke its quarter-second timer
+                                      (failover_intake_loop_lag_seconds)
 
 The runner takes a job from `OWNER/intake` only at `adopt`, so none starts before its first
 event left (its claims pass over jobs leased to another name). The relay skips what the child
@@ -66,7 +68,8 @@ Body: TypeAlias = "Callable[[Any, str, Callable[..., None], asyncio.Event], Awai
 RESTART_PAUSE = 1.0  # seconds before a child that died is started again (doubling, up to 30)
 INTAKE_POOL = 16  # the child's database connections (a delivery holds one for two round trips)
 # how often the intake looks at its broker connection, and tells serve when it went down or came
-# back (serve's /readyz names the broker while the intake's connection is down)
+# back (serve's /readyz names the broker while the intake's connection is down); the same timer
+# measures how late the intake's event loop wakes (failover_intake_loop_lag_seconds)
 BROKER_WATCH_SECONDS = 0.25
 
 
@@ -79,13 +82,15 @@ class _Supervisor(abc.ABC):
     def __init__(self, owner: str, *, hold: Callable[[str], None], unhold: Callable[[str], None],
                  adopt: Callable[[str], None], relay: Any, count: Callable[[str, str], None],
                  stop_seconds: float = 15.0, restart_pause: float = RESTART_PAUSE,
-                 restarted: Callable[[], None] = lambda: None) -> None:
+                 restarted: Callable[[], None] = lambda: None,
+                 lag: Callable[[float], None] = lambda seconds: None) -> None:
         self.owner = owner
         self.hold, self.unhold, self.adopt, self.count = hold, unhold, adopt, count
         self.relay = relay  # publishers.relay.OutboxRelay
         self.stop_seconds = stop_seconds
         self.restart_pause = restart_pause
         self.restarted = restarted  # (failover_intake_process_restarts_total)
+        self.lag = lag  # (failover_intake_loop_lag_seconds)
         self.ready = asyncio.Event()
         self.broker_up = True  # the intake's own broker connection, as it last said ("broker")
         self.restarts = 0
@@ -176,6 +181,8 @@ class _Supervisor(abc.ABC):
             self._ever_ready = True
             self.broker_up = True
             self.ready.set()
+        elif kind == "lag":
+            self.lag(float(msg["s"]))
         elif kind == "broker":
             self.broker_up = bool(msg["up"])
             if self.broker_up:
@@ -523,9 +530,13 @@ async def _intake(settings: Settings, owner: str, send: Callable[..., None], sto
         log.info("intake consuming commands", extra={"fields": {"owner": owner, "in": where}})
         send("ready")
         up = True
+        loop = asyncio.get_running_loop()
         while not stop.is_set():  # tell serve when the connection goes down and when it is back
+            began = loop.time()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), BROKER_WATCH_SECONDS)
+            if not stop.is_set():  # (how late the timer woke: the wait for a command's turn)
+                send("lag", s=round(max(0.0, loop.time() - began - BROKER_WATCH_SECONDS), 6))
             now = not connection.is_closed and connection.connected.is_set()
             if now != up:
                 up = now

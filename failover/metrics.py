@@ -43,6 +43,7 @@ __all__ = [
     "EVENT_TYPES",
     "GC_PAUSE",
     "HISTOGRAM_METRIC_NAMES",
+    "INTAKE_LOOP_LAG",
     "INTAKE_RESTARTS",
     "JOBS_ENDED",
     "JOBS_IN_PROGRESS",
@@ -243,6 +244,17 @@ EVENT_LOOP_LAG: Final = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 
+INTAKE_LOOP_LAG: Final = Histogram(
+    "failover_intake_loop_lag_seconds",
+    "How late the intake's event loop (FAILOVER_INTAKE_THREAD's thread, or FAILOVER_INTAKE_PROCESS's "
+    "process) woke a timer it had set, sampled every quarter second. Every command waits its turn "
+    "there before it is recorded and answered: a p99 of tens of milliseconds delays JobAccepted "
+    "as much (with the thread, serve's own work takes the interpreter from it: run another serve, "
+    "or lower FAILOVER_MAX_CONCURRENT_JOBS). No samples while commands are taken in serve's own "
+    "loop (failover_event_loop_lag_seconds covers them then).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+
 
 async def watch_event_loop(interval: float = 0.25) -> None:
     """Observe into `EVENT_LOOP_LAG` how late each of its sleeps woke, until cancelled."""
@@ -279,6 +291,7 @@ ALL_METRIC_NAMES: Final[frozenset[str]] = frozenset(
     {
         "failover_gc_pause_seconds",
         "failover_event_loop_lag_seconds",
+        "failover_intake_loop_lag_seconds",
         "failover_jobs_started_total",
         "failover_jobs_ended_total",
         "failover_job_duration_seconds",
@@ -310,6 +323,7 @@ HISTOGRAM_METRIC_NAMES: Final[frozenset[str]] = frozenset(
         "failover_projector_lag_seconds",
         "failover_gc_pause_seconds",
         "failover_event_loop_lag_seconds",
+        "failover_intake_loop_lag_seconds",
         "failover_job_commits_per_transaction",
     }
 )

@@ -299,7 +299,7 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
             if relay is not None and (settings.intake_process or settings.intake_thread_wanted(roles)):
                 told: dict[str, Any] = dict(hold=runner.hold, unhold=runner.unhold, adopt=runner.adopt, relay=relay,
                                             count=lambda t, o: m.COMMANDS.labels(type=t, outcome=o).inc(),
-                                            restarted=m.INTAKE_RESTARTS.inc)
+                                            restarted=m.INTAKE_RESTARTS.inc, lag=m.INTAKE_LOOP_LAG.observe)
                 intake = (IntakeProcess(svc.owner, **told) if settings.intake_process
                           else IntakeThread(svc.owner, settings, switch_seconds=settings.intake_thread_switch_seconds,
                                             **told))

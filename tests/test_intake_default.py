@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import uuid
 from pathlib import Path
@@ -28,7 +30,7 @@ from failover.client import BusClient
 from failover.seed import seed_vm
 from schemas.commands import FailoverRequested
 
-from .helpers import ServeProcess, service_env, wait_until
+from .helpers import ServeProcess, metric, service_env, wait_until
 
 
 async def _serving(env: dict[str, str], log: Path, roles: str | None = None) -> tuple[ServeProcess, dict[str, Any]]:
@@ -133,5 +135,66 @@ async def test_readyz_names_the_broker_while_the_intake_threads_connection_is_do
         await wait_until(ready, 30, "/readyz to be ready again once the intake reconnected", interval=0.1)
         lines = serve.log_path.read_text()
         assert "its broker connection is down" in lines and "its broker connection is back" in lines
+    finally:
+        await serve.stop()
+
+
+def _intake_child(serve_pid: int) -> int | None:
+    """serve's child process running `failover.intake`."""
+    try:
+        with open(f"/proc/{serve_pid}/task/{serve_pid}/children") as f:
+            children = [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return None
+    for child in children:
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"failover.intake" in f.read():
+                    return child
+        except FileNotFoundError:
+            continue
+    return None
+
+
+async def _late_wakes(serve: ServeProcess, name: str, above: str = "0.25") -> tuple[float, float]:
+    """(samples, samples later than `above` seconds) of the lag histogram `name` on serve's /metrics."""
+    count = await metric(serve, f"{name}_count")
+    return count, count - await metric(serve, f"{name}_bucket", {"le": above})
+
+
+@pytest.mark.parametrize("place", ["thread", "process"])
+async def test_the_intakes_own_loop_lag_is_on_serves_metrics(
+        database_url: str, amqp_url: str, emulators: EmulatorHandle, tmp_path: Path, place: str) -> None:
+    """The intake's event loop (a thread's or a child process's) is not serve's: how late it wakes
+    its quarter-second timer is failover_intake_loop_lag_seconds on serve's /metrics. A child
+    stopped for 0.6 s (SIGSTOP, as a starved or swapped-out process would be) shows as a late
+    wake there, and not in serve's own failover_event_loop_lag_seconds."""
+    settings = {"FAILOVER_INTAKE_PROCESS": "true"} if place == "process" else {}
+    serve, fields = await _serving(service_env(database_url, amqp_url, emulators, **settings), tmp_path / "serve.log")
+    try:
+        assert fields["intake"] == place, fields
+        name = "failover_intake_loop_lag_seconds"
+
+        async def sampled() -> bool:
+            return (await metric(serve, f"{name}_count")) >= 4
+
+        await wait_until(sampled, 10, f"samples of {name}", interval=0.1)
+        if place == "process":
+            assert serve.proc is not None
+            child = _intake_child(serve.proc.pid)
+            assert child is not None, "serve started no intake process"
+            _, late_before = await _late_wakes(serve, name)
+            _, serve_late_before = await _late_wakes(serve, "failover_event_loop_lag_seconds")
+            os.kill(child, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(0.6)  # the stimulus: the child's loop is held this long
+            finally:
+                os.kill(child, signal.SIGCONT)
+
+            async def late() -> bool:
+                return (await _late_wakes(serve, name))[1] > late_before
+
+            await wait_until(late, 10, f"the stopped child's late wake in {name}", interval=0.1)
+            assert (await _late_wakes(serve, "failover_event_loop_lag_seconds"))[1] == serve_late_before
     finally:
         await serve.stop()
