@@ -181,6 +181,34 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
         noise.addFilter(_CancelledStepNoise())
     svc = service or Service(settings=settings, owner=owner_id(settings), roles=roles)
     svc.roles = roles
+    aborted: list[int] = []  # the signal that stopped the start (then nothing was claimed yet)
+    if install_signals:
+        # from the first moment: a SIGTERM while serve starts (a broker or database slow to
+        # answer, the intake up to a minute) ends the start at once, and what it opened is closed
+        # in order (the intake's deliveries under way finished, connections closed), not killed
+        loop, starting = asyncio.get_running_loop(), asyncio.current_task()
+
+        def on_signal(sig: int) -> None:
+            svc.stop.set()
+            if not svc.ready.is_set() and not aborted and starting is not None:
+                aborted.append(sig)
+                starting.cancel()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await _serve(svc, settings, roles)
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if aborted and current is not None and current.uncancel() == 0:
+            log.info("stopped while starting (%s): no job was claimed here (one whose command the intake "
+                     "had recorded already is run by another serve once its lease runs out, or by this "
+                     "one when it starts again)", signal.Signals(aborted[0]).name)
+            return svc
+        raise
+
+
+async def _serve(svc: Service, settings: Settings, roles: tuple[str, ...]) -> Service:
     async with AsyncExitStack() as stack:
         # 40 kept open, none beyond: with a pool of 20 and 20 overflow, every burst of commits
         # opened overflow connections and closed them again as they came back (connect,
@@ -222,6 +250,8 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
         svc.health_port = health.port
 
         tasks: list[asyncio.Task[None]] = []
+        # (ended before what they use is closed, also when the start fails or is stopped)
+        stack.push_async_callback(_cancelled, tasks)
         relay = None
         if "relay" in roles:
             relay = OutboxRelay(OutboxStore(events_engine, svc.owner, lease_engine=lease_engine), topology.events, batch=settings.outbox_batch,
@@ -325,10 +355,6 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
             tasks.append(asyncio.create_task(runner.run(), name="runner"))  # not job-*: see logs.py
             tasks.append(asyncio.create_task(_gauges(runner, OutboxStore(engine, svc.owner)), name="gauges"))
 
-        if install_signals:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, svc.stop.set)
         log.info("serving", extra={"fields": {"roles": list(roles), "owner": svc.owner, "intake": _intake_place(svc),
                                               "metrics_port": health.port, **settings.safe_summary()}})
         # Everything made so far (modules, the ORM's tables, compiled statements, pools) lives as
@@ -363,14 +389,18 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
         if relay is not None:
             if not await relay.flush(left(2.0)):
                 log.warning("the outbox was not flushed completely; the next relay publishes the rest")
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _cancelled(tasks)
         log.info("drained in %.1f s", time.monotonic() - began)
     return svc
 
 
 _GAUGE_STATES = [s for s in STATES if s not in ("completed", "failed", "cancelled", "cleaned_up")]
+
+
+async def _cancelled(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _bounded(call: Awaitable[object], seconds: float, what: str) -> None:
