@@ -216,6 +216,14 @@ def _slow_baseline_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, s
                      "p50 / max", f"{_f(s['start_after_first_request_s']['max'], ' s')}; "
                      f"{_f(s['job_run_s']['p50'])} / {_f(s['job_run_s']['max'], ' s')}", "-", "",
                      "the ramp, then the waits and the turns behind other jobs"))
+    steps, waits = s.get("step_seconds") or {}, (out.get("probe") or {}).get("async_waits_by_step") or {}
+    if steps and waits:
+        latency = s["latency_seconds"]
+        parts = [f"{step} ({waits.get(step, 0)}) {steps[step]['p50'] - waits.get(step, 0) * latency:+.2f} / "
+                 f"{steps[step]['max'] - waits.get(step, 0) * latency:+.2f}" for step in waits if step in steps]
+        rows.append(("   each step's own time over its waits (how many): p50 / max, s", "; ".join(parts), "-", "",
+                     "what the service added to each step: its calls and commits, the poll rounds (each wait "
+                     "ends at the first round after its work did), the turns behind other jobs"))
     d = out.get("derived") or {}
     if d.get("slow_cpu_over_cores_over_critical_path") is not None:
         serve = d.get("slow_serve_cpu_over_critical_path")

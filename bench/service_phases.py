@@ -208,9 +208,11 @@ async def probe(bench: Bench, serve: Serve) -> dict[str, Any]:
             if c["time"] >= at:
                 step = s
         by_step.setdefault(step or "?", []).append(f"{c['api']}:{c['command']}")
-    waits = [f"{c['api']}:{c['command']}" for c in calls
-             if (c["api"] == "cloudstack" and c["command"] in ASYNC_CS)
-             or (c["api"] != "cloudstack" and c["command"] in ASYNC_VD)]
+    def waited(call: str) -> bool:
+        api, _, command = call.partition(":")
+        return command in (ASYNC_CS if api == "cloudstack" else ASYNC_VD)
+
+    waits = [f"{c['api']}:{c['command']}" for c in calls if waited(f"{c['api']}:{c['command']}")]
     types: dict[str, int] = {}
     for _, t, _ in events:
         types[t] = types.get(t, 0) + 1
@@ -222,6 +224,7 @@ async def probe(bench: Bench, serve: Serve) -> dict[str, Any]:
         "calls_by_step_detail": by_step,
         "async_waits": len(waits),
         "async_wait_calls": waits,
+        "async_waits_by_step": {step: sum(map(waited, v)) for step, v in by_step.items()},
         "events": len(events),
         "events_by_type": types,
         "event_body_bytes": {"median": statistics.median(sizes), "min": min(sizes), "max": max(sizes)},
@@ -503,7 +506,27 @@ async def slow(bench: Bench, count: int, latency: float, critical_waits: int, lo
         "cpu": cpu,
         "outbox_commit_to_published_ms": await publish_lag(bench.engine, list(timings.published)),
         **await _ramp_and_runs(bench.engine, list(timings.published), timings),
+        "step_seconds": await _step_seconds(bench.engine, list(timings.published)),
     }
+
+
+async def _step_seconds(engine: AsyncEngine, job_ids: list[str]) -> dict[str, dict[str, float]]:
+    """Each step's own time (StepStarted -> StepCompleted or StepSkipped, as committed), p50 and
+    max over the jobs: set against the step's waits (the probe's `async_waits_by_step`), what
+    the service added in that step (its calls, the poll rounds, the turns behind other jobs)."""
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text(
+            "SELECT job_id, event_type, JSON_VALUE(body, '$.step'), UNIX_TIMESTAMP(created_at) FROM outbox "
+            "WHERE job_id IN :ids AND event_type IN ('StepStarted', 'StepCompleted', 'StepSkipped')").bindparams(
+            bindparam("ids", expanding=True)), {"ids": job_ids})).all()
+    began: dict[tuple[str, str], float] = {}
+    took: dict[str, list[float]] = {}
+    for job_id, kind, step, at in sorted(rows, key=lambda r: (r[0], float(r[3]), r[1] != "StepStarted")):
+        if kind == "StepStarted":
+            began[(job_id, step)] = float(at)
+        elif (job_id, step) in began:
+            took.setdefault(step, []).append(float(at) - began.pop((job_id, step)))
+    return {step: {"p50": round(quantile(v, 0.5) or 0, 2), "max": round(max(v), 2)} for step, v in took.items()}
 
 
 async def _ramp_and_runs(engine: AsyncEngine, job_ids: list[str], timings: Timings) -> dict[str, Any]:
