@@ -444,18 +444,31 @@ async def _child(settings: Settings, owner: str, out: int) -> None:
     """The intake process's body: `_intake`, its lines written to serve over the pipe `out`."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    starting, ready, aborted = asyncio.current_task(), [False], [False]
+
+    def on_term() -> None:  # stop taking commands; while still starting (a broker or database slow
+        stop.set()          # to answer), give up at once, as the intake thread does
+        if not ready[0] and not aborted[0] and starting is not None:
+            aborted[0] = True
+            starting.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
     # serve's stdin end: closed when serve is gone
     await loop.connect_read_pipe(lambda: _Pipe(stop), os.fdopen(0, "rb"))
     writer, written = await loop.connect_write_pipe(_Pipe, os.fdopen(out, "wb"))
 
     def send(kind: str, **fields: Any) -> None:
+        ready[0] = ready[0] or kind == "ready"
         if writer.is_closing():  # exiting: serve releases whatever is still held
             return
         writer.write(json.dumps({"m": kind, **fields}, separators=(",", ":")).encode() + b"\n")
 
     try:
         await _intake(settings, owner, send, stop, where=f"process {os.getpid()}")
+    except asyncio.CancelledError:
+        if not (aborted[0] and starting is not None and starting.uncancel() == 0):
+            raise
+        log.info("intake: stopped while starting")
     finally:
         writer.close()  # after the lines still buffered (the last unholds) are written
         with contextlib.suppress(TimeoutError):
@@ -531,16 +544,21 @@ async def _intake(settings: Settings, owner: str, send: Callable[..., None], sto
         send("ready")
         up = True
         loop = asyncio.get_running_loop()
-        while not stop.is_set():  # tell serve when the connection goes down and when it is back
-            began = loop.time()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), BROKER_WATCH_SECONDS)
-            if not stop.is_set():  # (how late the timer woke: the wait for a command's turn)
-                send("lag", s=round(max(0.0, loop.time() - began - BROKER_WATCH_SECONDS), 6))
-            now = not connection.is_closed and connection.connected.is_set()
-            if now != up:
-                up = now
-                send("broker", up=now)
+        # (one waiter for the whole run: `wait_for` would make a task per turn and, timing out,
+        # cancel and await it, a loop turn or two more than the lag it measures)
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():  # tell serve when the connection goes down and when it is back
+                began = loop.time()
+                await asyncio.wait({stopped}, timeout=BROKER_WATCH_SECONDS)
+                if not stop.is_set():  # (how late the timer woke: the wait for a command's turn)
+                    send("lag", s=round(max(0.0, loop.time() - began - BROKER_WATCH_SECONDS), 6))
+                now = not connection.is_closed and connection.connected.is_set()
+                if now != up:
+                    up = now
+                    send("broker", up=now)
+        finally:
+            stopped.cancel()
         try:
             await asyncio.wait_for(consumer.stop(), 10.0)
         except TimeoutError:  # the deliveries still under way are unacked: the broker redelivers them

@@ -16,7 +16,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,6 +182,7 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
     svc = service or Service(settings=settings, owner=owner_id(settings), roles=roles)
     svc.roles = roles
     aborted: list[int] = []  # the signal that stopped the start (then nothing was claimed yet)
+    unwinding: list[bool] = []  # the start failed (or was stopped): what it opened is being closed
     if install_signals:
         # from the first moment: a SIGTERM while serve starts (a broker or database slow to
         # answer, the intake up to a minute) ends the start at once, and what it opened is closed
@@ -190,14 +191,19 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
 
         def on_signal(sig: int) -> None:
             svc.stop.set()
-            if not svc.ready.is_set() and not aborted and starting is not None:
+            if svc.ready.is_set() or starting is None:
+                return  # (serving: the drain follows)
+            if aborted:  # a second one while the start is being stopped: no more waiting
+                loop.remove_signal_handler(sig)
+                signal.raise_signal(sig)
+            elif not unwinding:  # (a start that failed ends with its own error, closing what it opened)
                 aborted.append(sig)
                 starting.cancel()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
     try:
-        return await _serve(svc, settings, roles)
+        return await _serve(svc, settings, roles, lambda: unwinding.append(True))
     except asyncio.CancelledError:
         current = asyncio.current_task()
         if aborted and current is not None and current.uncancel() == 0:
@@ -208,8 +214,21 @@ async def run_service(settings: Settings, roles: Iterable[str] = ROLES, *, servi
         raise
 
 
-async def _serve(svc: Service, settings: Settings, roles: tuple[str, ...]) -> Service:
-    async with AsyncExitStack() as stack:
+class _Stack(AsyncExitStack):
+    """An exit stack that says when it begins to close on an error (before closing anything)."""
+
+    def __init__(self, on_error: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_error = on_error
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        if exc[0] is not None:
+            self._on_error()
+        return await super().__aexit__(*exc)
+
+
+async def _serve(svc: Service, settings: Settings, roles: tuple[str, ...], on_error: Callable[[], None]) -> Service:
+    async with _Stack(on_error) as stack:
         # 40 kept open, none beyond: with a pool of 20 and 20 overflow, every burst of commits
         # opened overflow connections and closed them again as they came back (connect,
         # handshake, the dialect's set-up: 2% of serve's CPU with a thousand slow jobs)

@@ -139,24 +139,17 @@ async def test_readyz_names_the_broker_while_the_intake_threads_connection_is_do
         await serve.stop()
 
 
-def _intake_child(serve_pid: int) -> int | None:
-    """serve's child process running `failover.intake`."""
-    try:
-        with open(f"/proc/{serve_pid}/task/{serve_pid}/children") as f:
-            children = [int(p) for p in f.read().split()]
-    except FileNotFoundError:
-        return None
-    for child in children:
-        try:
-            with open(f"/proc/{child}/cmdline", "rb") as f:
-                if b"failover.intake" in f.read():
-                    return child
-        except FileNotFoundError:
-            continue
+def _intake_child(log: Path) -> int | None:
+    """The pid of serve's intake process, from its "intake consuming commands" line."""
+    for line in log.read_text().splitlines():
+        if line.startswith("{") and (said := json.loads(line)).get("message") == "intake consuming commands":
+            where = str(said["fields"]["in"])
+            if where.startswith("process "):
+                return int(where.removeprefix("process "))
     return None
 
 
-async def _late_wakes(serve: ServeProcess, name: str, above: str = "0.25") -> tuple[float, float]:
+async def _late_wakes(serve: ServeProcess, name: str, above: str = "0.5") -> tuple[float, float]:
     """(samples, samples later than `above` seconds) of the lag histogram `name` on serve's /metrics."""
     count = await metric(serve, f"{name}_count")
     return count, count - await metric(serve, f"{name}_bucket", {"le": above})
@@ -167,8 +160,8 @@ async def test_the_intakes_own_loop_lag_is_on_serves_metrics(
         database_url: str, amqp_url: str, emulators: EmulatorHandle, tmp_path: Path, place: str) -> None:
     """The intake's event loop (a thread's or a child process's) is not serve's: how late it wakes
     its quarter-second timer is failover_intake_loop_lag_seconds on serve's /metrics. A child
-    stopped for 0.6 s (SIGSTOP, as a starved or swapped-out process would be) shows as a late
-    wake there, and not in serve's own failover_event_loop_lag_seconds."""
+    stopped for 1 s (SIGSTOP, as a starved or swapped-out process would be) shows as a wake
+    over half a second late there, and not in serve's own failover_event_loop_lag_seconds."""
     settings = {"FAILOVER_INTAKE_PROCESS": "true"} if place == "process" else {}
     serve, fields = await _serving(service_env(database_url, amqp_url, emulators, **settings), tmp_path / "serve.log")
     try:
@@ -180,14 +173,13 @@ async def test_the_intakes_own_loop_lag_is_on_serves_metrics(
 
         await wait_until(sampled, 10, f"samples of {name}", interval=0.1)
         if place == "process":
-            assert serve.proc is not None
-            child = _intake_child(serve.proc.pid)
+            child = _intake_child(serve.log_path)
             assert child is not None, "serve started no intake process"
             _, late_before = await _late_wakes(serve, name)
             _, serve_late_before = await _late_wakes(serve, "failover_event_loop_lag_seconds")
             os.kill(child, signal.SIGSTOP)
             try:
-                await asyncio.sleep(0.6)  # the stimulus: the child's loop is held this long
+                await asyncio.sleep(1.0)  # the stimulus: the child's loop is held this long
             finally:
                 os.kill(child, signal.SIGCONT)
 
