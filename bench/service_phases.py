@@ -511,17 +511,18 @@ async def slow(bench: Bench, count: int, latency: float, critical_waits: int, lo
 
 
 async def _step_seconds(engine: AsyncEngine, job_ids: list[str]) -> dict[str, dict[str, float]]:
-    """Each step's own time (StepStarted -> StepCompleted or StepSkipped, as committed), p50 and
+    """Each step's own time (StepStarted -> StepCompleted or StepSkipped, as written to the outbox), p50 and
     max over the jobs: set against the step's waits (the probe's `async_waits_by_step`), what
     the service added in that step (its calls, the poll rounds, the turns behind other jobs)."""
     async with engine.connect() as conn:
         rows = (await conn.execute(text(
-            "SELECT job_id, event_type, JSON_VALUE(body, '$.step'), UNIX_TIMESTAMP(created_at) FROM outbox "
+            "SELECT job_id, sequence, event_type, JSON_VALUE(body, '$.step'), "
+            "TIMESTAMPDIFF(MICROSECOND, '2000-01-01', created_at) / 1e6 FROM outbox "  # (no time zone in it)
             "WHERE job_id IN :ids AND event_type IN ('StepStarted', 'StepCompleted', 'StepSkipped')").bindparams(
             bindparam("ids", expanding=True)), {"ids": job_ids})).all()
     began: dict[tuple[str, str], float] = {}
     took: dict[str, list[float]] = {}
-    for job_id, kind, step, at in sorted(rows, key=lambda r: (r[0], float(r[3]), r[1] != "StepStarted")):
+    for job_id, _, kind, step, at in sorted(rows, key=lambda r: (r[0], r[1])):  # each job's events in order
         if kind == "StepStarted":
             began[(job_id, step)] = float(at)
         elif (job_id, step) in began:
