@@ -116,9 +116,16 @@ class JobModel:
         else:
             ev = (StepCompleted, {"step": step, "step_order": order,
                                   "percent_complete": _percent(order, total), "outputs": result.outputs})
-        # written with the next step's start (or the job's end), which sees a cancel
+        # written with the next step's start, which sees a cancel
         ctx.stage([ev], job=job)
         ctx.current_step = None
+        if order == total and row.job_type != "cleanup" and (self.was_cancelled(event) or await ctx.commit()):
+            # a failover's last step's end is its last safe point: a cancel accepted while it
+            # ran rolls it back like one after any other step (JobCompleted would ignore it).
+            # (A cleanup's last step has undone everything: it completes.)
+            ctx.log("WARN", f"cancel requested: stopping after step {step}, the last")
+            self.next_trigger = "cancel"
+            return
         self.next_trigger = "step_done"
 
     # ------------------------------------------------------------------ rollback

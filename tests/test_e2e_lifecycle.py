@@ -222,7 +222,7 @@ async def test_live_failover_is_permanent(serve: ServeProcess, bus: BusClient, d
 
 
 @pytest.mark.parametrize("after_step", ["pre-failover-validation", "cloudstack-snapshot", "virtio-driver-injection",
-                                        "vm-creation", "volume-attachment"])
+                                        "vm-creation", "volume-attachment", "vm-startup-validation"])
 async def test_cancel_at_each_step_rolls_back(serve: ServeProcess, bus: BusClient, db: Any,
                                               control: EmulatorControl, emulators: EmulatorHandle,
                                               after_step: str) -> None:
@@ -249,8 +249,8 @@ async def test_cancel_at_each_step_rolls_back(serve: ServeProcess, bus: BusClien
     started = [e.step for e in events if e.type == "StepStarted"]
     # it stops at the first safe point after the cancel is recorded: the end of the running
     # step (or, when the step finished before the cancel arrived, of the next one)
-    nxt = FAILOVER_STEPS[FAILOVER_STEPS.index(after_step) + 1]
-    assert completed[-1] in (after_step, nxt)
+    nxt = FAILOVER_STEPS[min(FAILOVER_STEPS.index(after_step) + 1, len(FAILOVER_STEPS) - 1)]
+    assert completed[-1] in (after_step, nxt)  # (after the last step: that step, the job's last safe point)
     assert started == completed  # nothing was left half-done
     assert "StepFailed" not in _types(events)
     assert "RollbackCompleted" in _types(events)
@@ -295,3 +295,32 @@ async def test_a_running_job_blocks_its_vm_and_cannot_be_cleaned_up(
     assert str(job_id) in answers["failover"].detail and "wait for it to end, or cancel it" in answers["failover"].detail
     assert (answers["cleanup"].type, answers["cleanup"].reason) == ("JobRejected", "not_allowed")
     assert "only a completed test failover" in answers["cleanup"].detail
+
+
+@pytest.mark.parametrize("stopped", [False, True], ids=["running", "stopped"])
+async def test_a_live_failover_never_touches_another_vm_of_its_name(
+        serve: ServeProcess, bus: BusClient, db: Any, control: EmulatorControl, emulators: EmulatorHandle,
+        stopped: bool) -> None:
+    """A live failover names its VM after the source VM alone (no job id in it): a VM of that
+    name already in CloudStack (made by hand, or for another source VM whose name sanitises
+    the same) is not the job's. The job fails before it changes anything, saying so, and that
+    VM and its disks are left as they were (its rollback had destroyed it, and a retried step
+    would have taken it as the job's own)."""
+    vm = await _seed(db, control, emulators, f"Bystander {int(stopped)}", live_network_id=emulators.network_id)
+    name = sanitize_vm_name(f"Bystander {int(stopped)}")
+    other = await control.create_vm(name, state="Stopped" if stopped else "Running")
+    disk = await control.create_volume(f"{name}-data", 10, vm_id=other["id"])
+    before = await view(control, vm.volume_ids, emulators.appliance_vm_id)
+    events = await failover(bus, vm.vm_id, live=True, timeout=60)
+    assert events[-1].type == "JobFailed", _types(events)
+    failed = events[-1].model_dump(mode="json")
+    assert failed["error"]["code"] == "VM_NAME_TAKEN" and other["id"] in failed["error"]["message"], failed
+    assert failed["failed_step"] == "vm-creation" and failed["rolled_back"] is True
+    world = await control.state()
+    kept = [v for v in world["vms"] if v["id"] == other["id"]]
+    assert kept and kept[0]["state"] == ("Stopped" if stopped else "Running"), kept
+    assert [v["id"] for v in world["vms"] if v["name"] == name] == [other["id"]]  # no second one either
+    volumes = {v["id"]: v for v in world["volumes"]}
+    assert disk["id"] in volumes and volumes[disk["id"]].get("virtualmachineid") == other["id"]
+    assert_restored(before, await view(control, vm.volume_ids, emulators.appliance_vm_id))
+    assert await _vm_status(db, vm.vm_id) != "failed_over_live"

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from statemachine.context import JobContext
-from statemachine.errors import StepError, TransientError
+from statemachine.errors import RefusedError, StepError, TransientError
 from statemachine.ports import (
     CsSnapshot,
     CsVm,
@@ -138,9 +138,34 @@ async def ensure_snapshot(ctx: JobContext, volume_id: str, name: str) -> CsSnaps
 
 
 async def ensure_vm(ctx: JobContext, spec: DeploySpec) -> str:
-    """The job's VM, deployed stopped, at most once; returns its id."""
+    """The job's VM, deployed stopped, at most once; returns its id.
+
+    Before its intent is recorded, no VM of the job's name may exist: one that does is not the
+    job's (a live failover's name is the source VM's alone, and a VM made by hand or for
+    another source VM whose name sanitises the same may hold it), and the job fails saying so,
+    with no intent under that name: neither a retry nor the rollback ever looks the name up and
+    takes that VM for the job's. A deploy CloudStack refuses (the name taken meanwhile) marks
+    the intent as never made, for the same reason."""
     cs = ctx.ports.cloudstack
+    ledger = await ctx.ledger()
+    held = ledger.get("vm")
+    # (a test failover's name carries 8 hex digits of its job's id: another job's VM left
+    # behind can still hold it, so it is looked up too)
+    if held is None or (held.data.get("refused") and not held.resource_id and held.cs_job_id is None):
+        taken = await cs.find_vms(spec.name)
+        if taken:
+            raise StepError(
+                "VM_NAME_TAKEN",
+                f"CloudStack already has a VM named {spec.name} ("
+                + ", ".join(f"{vm.id}, {vm.state}" for vm in taken)
+                + "), which this job did not make; nothing was changed. Rename or remove that VM (or the "
+                "source VM's name, if another source VM sanitises to the same name), then request the "
+                "failover again",
+            )
     entry, fresh = await _entry(ctx, "vm", "vm", "create", name=spec.name)
+    if entry.data.get("refused") and not entry.resource_id and entry.cs_job_id is None:
+        fresh = True  # (its earlier deploy was refused: nothing of it exists under the name)
+        entry.data.pop("refused", None)
     if entry.status == "done" and entry.resource_id:
         return entry.resource_id
     if entry.cs_job_id is None and entry.resource_id is None:
@@ -156,7 +181,12 @@ async def ensure_vm(ctx: JobContext, spec: DeploySpec) -> str:
         if found is not None:
             entry.resource_id = found.id
         else:
-            start = await cs.deploy_vm(spec)
+            try:
+                start = await cs.deploy_vm(spec)
+            except RefusedError:
+                entry.data["refused"] = True  # nothing was made: no lookup by its name may adopt a VM
+                await ctx.record(entry)
+                raise
             entry.resource_id, entry.cs_job_id = start.resource_id, start.job_id
         await ctx.record(entry)
     deployed = None
@@ -190,6 +220,8 @@ async def vm_of(ctx: JobContext, ledger: dict[str, LedgerEntry]) -> CsVm | None:
         return None
     if entry.resource_id:
         return await cs.get_vm(entry.resource_id)
+    if entry.data.get("refused") and entry.cs_job_id is None:
+        return None  # its deploy was refused: a VM of its name is not the job's (ensure_vm)
     found = await cs.find_vms(entry.name) if entry.name else []
     return found[0] if found else None
 

@@ -24,14 +24,17 @@ async def test_a_fresh_job_looks_nothing_up_that_it_never_created(h: Harness, ma
     """With no ledger entry, nothing was ever created under a resource's name (the intent is
     recorded before the create call), so a job's first run creates without listing by name
     first, and takes the snapshot and the VM from the finished jobs' results instead of
-    listing them again. (A resumed step still looks first: tests/unit/test_resume.py.)"""
+    listing them again. (A resumed step still looks first: tests/unit/test_resume.py.) The one
+    look-up by name before the deploy is the check that no VM of that name exists yet, which no
+    job made (tests/test_e2e_lifecycle.py, a VM of another's name)."""
     vm = h.seed_vm("WIN-FRESH", os_type="Windows Server 2019", disks=2)
     assert await drive(machine, h.new_job(vm, "test-failover")) == "completed"
     calls = h.cloudstack.calls
     first_create = next(i for i, (op, _) in enumerate(calls) if op == "createSnapshot")
     deploy = next(i for i, (op, _) in enumerate(calls) if op == "deployVirtualMachine")
     assert not [c for c in calls[:first_create] if c[0] == "listSnapshots"]
-    assert not [c for c in calls[:deploy] if c[0] == "listVirtualMachines" and "name" in c[1]]
+    assert [c for c in calls[:deploy] if c[0] == "listVirtualMachines" and "name" in c[1]] == [
+        ("listVirtualMachines", {"name": calls[deploy][1]["name"]})]
     assert h.cloudstack.count("listSnapshots") == 0
     assert h.cloudstack.count("createSnapshot") == 2
     # an attach's operation names the device: no look-up of the volume after it (the job's

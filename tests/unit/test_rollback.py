@@ -293,12 +293,21 @@ async def test_cancel_stops_after_the_running_step_and_rolls_back(
     assert h.store.row(ctx.row.job_id).status == "cancelled"
 
 
-async def test_cancel_during_the_last_step_is_too_late(h: Harness, machine: AsyncMachine) -> None:
+@pytest.mark.parametrize("job_type", ["test-failover", "live-failover"])
+async def test_cancel_during_the_last_step_rolls_back(h: Harness, machine: AsyncMachine, job_type: str) -> None:
+    """The last step's end is the job's last safe point: a cancel accepted while that step ran
+    (the consumer answered it as a running job's) rolls the job back as after any other step,
+    where it used to be ignored and the job completed (a live failover then for good)."""
     vm = h.seed_vm("WIN-LATE", os_type="Windows", disks=2)
+    before = h.world.observable()
     h.store.hooks.append(cancel_when(has_event("StepStarted", step=FAILOVER_STEPS[-1])))
-    ctx = h.new_job(vm, "test-failover")
-    assert await drive(machine, ctx) == "completed"
-    assert_failed_over(h, vm, last(h.events(ctx.row.job_id), "JobCompleted").outputs["destination_vm_id"])
+    ctx = h.new_job(vm, job_type)
+    assert await drive(machine, ctx) == "cancelled"
+    events = h.events(ctx.row.job_id)
+    assert [e.step for e in of_type(events, "StepCompleted")][-1] == FAILOVER_STEPS[-1]
+    assert last(events, "RollbackStarted").reason == "cancel requested"
+    assert last(events, "JobCancelled").rolled_back is True and of_type(events, "JobCompleted") == []
+    assert_restored(h, before, vm)
 
 
 # --------------------------------------------------------------------------- a rollback that fails, and its retry
