@@ -17,6 +17,13 @@ minutes), a new wait joins the next round instead: one request fewer per wait, f
 round more before its end is seen. One new wait in `PROBE_EVERY` still asks at once, so the
 poller notices when the work gets quick again.
 
+A system that can say when its work is done (CloudStack's event bus: adapters/cloudstack_events.py)
+`poke`s the poller: that key is asked about at once, on its own, instead of at the next round,
+so a wait ends as its work does. A poke is a hint: its ask settles the wait only with the
+work's result; an ask that raises (the work failed, or the ask did) or finds the work still
+running leaves the wait to the rounds, which settle it as before. A poke for a key nobody waits
+on yet is kept for a while: its wait, when it begins, asks at once.
+
 A listing that fails is replaced, for that round, by each wait's own poll, whose error (the
 system unreachable, an answer of the wrong shape) is that wait's, as before; a listing refused
 as such (not allowed, no such route) turns batching off for good. A wait that is cancelled
@@ -41,6 +48,8 @@ log = logging.getLogger("failover.adapters")
 Outcome: TypeAlias = T | BaseException | None
 
 PROBE_EVERY = 8  # while new waits join the rounds without asking, one in this many still asks
+POKE_KEPT = 120.0  # seconds a poke for a key nobody waits on yet is kept (its wait may begin later)
+POKES_KEPT = 10_000  # at most this many such pokes are kept (the oldest go first)
 _PAYS_WEIGHT = 1 / 8  # weight of the latest first ask in the running share that found work done
 
 
@@ -76,6 +85,9 @@ class SharedPoller(Generic[T]):
         # the running share of first asks that found the work done (starts as if they all did)
         self._pays = 1.0
         self._passed = 0  # new waits that could have skipped their first ask
+        self._poked: dict[str, float] = {}  # pokes for keys nobody waited on yet: monotonic time
+        self._asking: dict[str, asyncio.Task[None]] = {}  # the asks pokes started, by key
+        self.pokes_settled = 0  # waits a poke's ask ended (the rest were ended by the rounds)
 
     @property
     def pending(self) -> int:
@@ -99,6 +111,35 @@ class SharedPoller(Generic[T]):
         """A first ask found the work done (`done`) or still running."""
         self._pays += ((1.0 if done else 0.0) - self._pays) * _PAYS_WEIGHT
 
+    def poke(self, key: str) -> None:
+        """`key`'s work is said to be done: ask about it now, on its own (kept for its wait
+        if none has begun)."""
+        if key in self._waits:
+            self._ask_now(key)
+            return
+        now = time.monotonic()
+        self._poked[key] = now
+        if len(self._poked) > POKES_KEPT:  # the oldest first (a dict keeps the order of insertion)
+            for old in list(self._poked)[:len(self._poked) - POKES_KEPT]:
+                del self._poked[old]
+
+    def _ask_now(self, key: str) -> None:
+        if key not in self._asking:
+            self._asking[key] = asyncio.get_running_loop().create_task(self._ask(key), name="shared-poller-poke")
+
+    async def _ask(self, key: str) -> None:
+        try:
+            outcome = await self._poll_one(key)
+        except Exception as exc:  # a hint's ask: its failure is not the wait's (the rounds go on)
+            log.debug("asking about %s after a push failed (%s: %s); the poll rounds go on", key,
+                      type(exc).__name__, exc)
+            return
+        finally:
+            self._asking.pop(key, None)
+        if outcome is not None and key in self._waits:
+            self.pokes_settled += 1
+            self._settle({key: outcome})
+
     async def wait(self, key: str, timeout: float, timed_out: Callable[[], BaseException],
                    note: object = None) -> T:
         loop = asyncio.get_running_loop()
@@ -106,6 +147,9 @@ class SharedPoller(Generic[T]):
         self._waits.setdefault(key, []).append(w)
         if note is not None:
             self._notes[key] = note
+        poked = self._poked.pop(key, None)
+        if poked is not None and time.monotonic() - poked < POKE_KEPT:
+            self._ask_now(key)  # said done before its wait began
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="shared-poller")
         try:

@@ -425,8 +425,9 @@ class Emulators:
     """`python -m emulators --state-file ...` as its own process (so it takes no CPU from
     the service's process)."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, event_bus_url: str | None = None) -> None:
         self.log_path = log_path
+        self.event_bus_url = event_bus_url  # the emulated CloudStack event bus's broker, if any
         self.state_file = log_path.with_suffix(".state.json")
         self.proc: subprocess.Popen[bytes] | None = None
         self.state: dict[str, Any] = {}
@@ -436,7 +437,8 @@ class Emulators:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "emulators", "--cloudstack-port", "0", "--volume-daemon-port", "0",
-             "--state-file", str(self.state_file)],
+             "--state-file", str(self.state_file),
+             *(("--event-bus-url", self.event_bus_url) if self.event_bus_url else ())],
             stdout=log, stderr=subprocess.STDOUT, cwd=str(CODE_DIR), env={**os.environ, "PYTHONPATH": str(CODE_DIR)})
 
         async def ready() -> bool:

@@ -244,6 +244,18 @@ def _slow_baseline_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, s
             rows.append((f"   with the {what} ({setting}): wall / critical path",
                          f"{_f(si['wall_seconds'], ' s')} / {_f(si['wall_over_critical_path'])}", "-", "<= 1.2",
                          "yes" if si["wall_over_critical_path"] <= 1.2 else "NO"))
+    e = out.get("slow_events")
+    if e:
+        rows.append(("   with CloudStack's event bus (FAILOVER_CLOUDSTACK_EVENTS_EXCHANGE): wall / critical path",
+                     f"{_f(e['wall_seconds'], ' s')} / {_f(e['wall_over_critical_path'])}", "-", "<= 1.2",
+                     "yes" if e["wall_over_critical_path"] <= 1.2 else "NO"))
+        if e.get("step_seconds") and waits:
+            rows.append(("   with CloudStack's event bus: each step's own time over its waits, p50 / max, s",
+                         "; ".join(f"{step} ({waits.get(step, 0)}) "
+                                   f"{e['step_seconds'][step]['p50'] - waits.get(step, 0) * e['latency_seconds']:+.2f} / "
+                                   f"{e['step_seconds'][step]['max'] - waits.get(step, 0) * e['latency_seconds']:+.2f}"
+                                   for step in waits if step in e["step_seconds"]), "-", "",
+                         "the CloudStack steps' waits end on its events; the Volume Daemon's still at the rounds"))
     if m:
         rows.append((f"   with {m['processes']} serve processes: wall / critical path",
                      f"{_f(m['wall_seconds'], ' s')} / {_f(m['wall_over_critical_path'])}", "-", "<= 1.2",
@@ -426,6 +438,8 @@ def markdown(out: dict[str, Any]) -> str:
     for key, _, what in INTAKES:
         if out.get("slow" + key):
             phases.append((f"slow, {what}", out["slow" + key]))
+    if out.get("slow_events"):
+        phases.append(("slow, CloudStack's event bus", out["slow_events"]))
     if out.get("slow_multi"):
         phases.append((f"slow, {out['slow_multi']['processes']} serve processes", out["slow_multi"]))
     if out.get("slow_one_poll_per_wait"):

@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=None, help="throughput burst size (default 500; quick 100)")
     p.add_argument("--slow-jobs", type=int, default=None, help="slow-phase jobs (default 1000; quick 200)")
     p.add_argument("--latency", type=float, default=2.0, help="slow phase: seconds per async job/operation")
+    p.add_argument("--no-event-bus", action="store_true",
+                   help="skip the slow phase's run with CloudStack's event bus (FAILOVER_CLOUDSTACK_EVENTS_EXCHANGE: "
+                        "the emulated CloudStack publishes its jobs' ends, and serve's waits end on them)")
     p.add_argument("--poll-interval", type=float, default=0.5,
                    help="FAILOVER_POLL_INTERVAL_SECONDS (and the Celery tasks' poll)")
     p.add_argument("--paced-rate", type=float, default=20.0)
@@ -193,6 +196,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 results / f"serve-slow{key.replace('_', '-')}.log",
                 **dict([setting.split("=", 1)]))  # type: ignore[arg-type]  # (settings, not processes or profile_to)
             log(f"  wall {sl['wall_seconds']} s = {sl['wall_over_critical_path']}x critical path")
+        if not args.no_event_bus:  # waits on CloudStack ended by its events, not the poll rounds
+            log(f"slow, CloudStack's event bus: {args.slow_jobs} jobs, {args.latency:g} s per async job/operation")
+            async with service_phases.events_on(bench) as listen:
+                se = out["slow_events"] = await service_phases.slow(
+                    bench, args.slow_jobs, args.latency, out["probe"]["async_waits"], results / "serve-slow-events.log",
+                    **listen)  # type: ignore[arg-type]  # (settings, not processes or profile_to)
+            log(f"  wall {se['wall_seconds']} s = {se['wall_over_critical_path']}x critical path")
         if args.serve_processes > 1:  # as a user with these cores would run them
             n = args.serve_processes
             log(f"slow, {n} serve processes: {args.slow_jobs} jobs, {args.latency:g} s per async job/operation")

@@ -144,8 +144,12 @@ async def open_bench(args: Any, out: dict[str, Any], log: Callable[[str], None],
     out["machine"]["rabbitmq"] = rabbitmq_version()
     await ensure_users(engine)
     userstat_was = await set_userstat(engine, True)
-    emu = Emulators(results / "emulators.log")
+    # with CloudStack's event bus emulated on the bench's broker, publishing only in the phase
+    # that listens to it (`events_on`)
+    emu = Emulators(results / "emulators.log", event_bus_url=amqp)
     await emu.start()
+    async with EmulatorControl(emu.control_url) as control:
+        await control.set_event_bus(False)
     parsed = make_url(db_url)
     sql = SqlCounter(parsed.host or "127.0.0.1", parsed.port or 3306)
     await sql.start()
@@ -508,6 +512,21 @@ async def slow(bench: Bench, count: int, latency: float, critical_waits: int, lo
         **await _ramp_and_runs(bench.engine, list(timings.published), timings),
         "step_seconds": await _step_seconds(bench.engine, list(timings.published)),
     }
+
+
+EVENTS_EXCHANGE = "cloudstack-events"  # the emulated CloudStack event bus's exchange (its default)
+
+
+@contextlib.asynccontextmanager
+async def events_on(bench: Bench) -> AsyncIterator[dict[str, str]]:
+    """The emulated CloudStack publishes its jobs' ends meanwhile; yields the serve setting
+    that listens to them."""
+    async with EmulatorControl(bench.emu.control_url) as control:
+        await control.set_event_bus(True)
+        try:
+            yield {"FAILOVER_CLOUDSTACK_EVENTS_EXCHANGE": EVENTS_EXCHANGE}
+        finally:
+            await control.set_event_bus(False)
 
 
 async def _step_seconds(engine: AsyncEngine, job_ids: list[str]) -> dict[str, dict[str, float]]:

@@ -120,6 +120,11 @@ class EmulatorControl:
         result: dict[str, float] = await self._request("POST", "latency", json=body)
         return result
 
+    async def set_event_bus(self, publish: bool) -> dict[str, Any]:
+        """Publish the async jobs' ends on the emulated CloudStack event bus, or stop."""
+        result: dict[str, Any] = await self._request("POST", "event-bus", json={"publish": publish})
+        return result
+
     async def create_vm(
         self, name: str, state: str = "Running", id: str | None = None
     ) -> dict[str, Any]:

@@ -41,6 +41,7 @@ def add_control_routes(app: web.Application) -> None:
     router.add_get(f"{PREFIX}/latency", get_latency)
     router.add_post(f"{PREFIX}/latency", set_latency)
     router.add_post(f"{PREFIX}/inject", inject)
+    router.add_post(f"{PREFIX}/event-bus", set_event_bus)
 
 
 def _bad_request(message: str) -> web.HTTPBadRequest:
@@ -166,6 +167,21 @@ async def set_latency(request: web.Request) -> web.Response:
     for key, value in body.items():
         setattr(latency, key, float(value))
     return web.json_response(latency.as_json())
+
+
+async def set_event_bus(request: web.Request) -> web.Response:
+    """POST /_emulator/event-bus {"publish": bool}: publish the async jobs' ends on the emulated
+    CloudStack event bus, or stop (the emulators must have been started with one)."""
+    body = await _body(request)
+    publish = body.get("publish")
+    if not isinstance(publish, bool):
+        raise _bad_request("publish must be true or false")
+    world = request.app[WORLD]
+    if world.event_bus is None:
+        raise _bad_request("these emulators have no event bus: start them with --event-bus-url amqp://...")
+    world.runner.on_job_end = world.event_bus.job_ended if publish else None
+    return web.json_response({"publish": publish, "exchange": world.event_bus.exchange_name,
+                              "published": world.event_bus.published})
 
 
 async def inject(request: web.Request) -> web.Response:

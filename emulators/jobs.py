@@ -41,6 +41,8 @@ class JobRunner:
         # date is a bisection, a page a slice), and the operations not ended yet, oldest first
         self.job_order: list[AsyncJob] = []
         self.unended: dict[str, Operation] = {}
+        # told each async job's end (the emulated event bus, emulators/events.py)
+        self.on_job_end: Callable[[AsyncJob], None] | None = None
 
     def reset(self) -> None:
         """Forget every job and operation; the pending ones never finish."""
@@ -113,6 +115,8 @@ class JobRunner:
             job.result = {"errorcode": 530, "errortext": _text(exc)}
         else:
             job.status, job.result_code, job.result = JOB_SUCCEEDED, 0, result
+        if self.on_job_end is not None:
+            self.on_job_end(job)
 
     # ------------------------------------------------------- daemon operations
     def submit_operation(

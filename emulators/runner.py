@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from emulators.cloudstack import API_PATH, create_cloudstack_app
+from emulators.events import EventBus
 from emulators.volume_daemon import create_volume_daemon_app
 from emulators.world import World
 
@@ -37,6 +38,7 @@ class EmulatorHandle:
     api_key: str
     secret_key: str
     _runners: list[web.AppRunner]
+    event_bus: EventBus | None = None  # the emulated CloudStack event bus, when asked for
 
     @property
     def appliance_vm_id(self) -> str:
@@ -101,6 +103,8 @@ class EmulatorHandle:
         self.world.close()
         for runner in self._runners:
             await runner.cleanup()
+        if self.event_bus is not None:
+            await self.event_bus.close()
 
 
 async def _listen(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
@@ -121,17 +125,31 @@ async def start_emulators(
     template_id: str | None = None,
     service_offering_id: str | None = None,
     network_id: str | None = None,
+    event_bus_url: str | None = None,
+    event_bus_exchange: str = "cloudstack-events",
 ) -> EmulatorHandle:
-    """Listen with the CloudStack and Volume Daemon apps (port 0: an ephemeral port)."""
+    """Listen with the CloudStack and Volume Daemon apps (port 0: an ephemeral port); with
+    `event_bus_url`, publish each async job's end there as CloudStack's event bus does."""
     world = World(api_key=api_key, secret_key=secret_key, appliance_vm_id=appliance_vm_id,
                   template_id=template_id, service_offering_id=service_offering_id, network_id=network_id)
-    cs_runner, cs_port = await _listen(create_cloudstack_app(world), host, cloudstack_port)
+    bus: EventBus | None = None
+    if event_bus_url:
+        bus = EventBus(event_bus_url, event_bus_exchange, user=world.user_id, account=world.account_id)
+        await bus.start()
+        world.event_bus = bus
+        world.runner.on_job_end = bus.job_ended
     try:
-        vd_runner, vd_port = await _listen(
-            create_volume_daemon_app(world), host, volume_daemon_port
-        )
+        cs_runner, cs_port = await _listen(create_cloudstack_app(world), host, cloudstack_port)
+        try:
+            vd_runner, vd_port = await _listen(
+                create_volume_daemon_app(world), host, volume_daemon_port
+            )
+        except BaseException:
+            await cs_runner.cleanup()
+            raise
     except BaseException:
-        await cs_runner.cleanup()
+        if bus is not None:
+            await bus.close()
         raise
     url_host = f"[{host}]" if ":" in host else host
     cs_base = f"http://{url_host}:{cs_port}"
@@ -143,6 +161,7 @@ async def start_emulators(
         api_key=api_key,
         secret_key=secret_key,
         _runners=[cs_runner, vd_runner],
+        event_bus=bus,
     )
 
 
@@ -162,6 +181,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--state-file", type=Path, default=None, help="write URLs and ids here once listening"
     )
+    parser.add_argument("--event-bus-url", default=None,
+                        help="publish each async job's end to this RabbitMQ (amqp://...), as CloudStack's "
+                             "event bus does (default: no event bus)")
+    parser.add_argument("--event-bus-exchange", default="cloudstack-events",
+                        help="the topic exchange of the event bus (CloudStack's RabbitMQEventBus `exchange`)")
     return parser
 
 
@@ -176,6 +200,8 @@ async def _serve(args: argparse.Namespace) -> None:
         template_id=args.template_id,
         service_offering_id=args.service_offering_id,
         network_id=args.network_id,
+        event_bus_url=args.event_bus_url,
+        event_bus_exchange=args.event_bus_exchange,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

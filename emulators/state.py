@@ -72,6 +72,9 @@ class WorldState:
         self.latency = Latency()
         self.calls = CallLog()
         self.runner = JobRunner(lambda: self.latency)
+        # the emulated CloudStack event bus (emulators/events.py), when the emulators were
+        # started with one; it publishes while `runner.on_job_end` is its `job_ended`
+        self.event_bus: Any = None
         self.reset()
 
     # ----------------------------------------------------------------- lifecycle

@@ -35,6 +35,7 @@ __all__ = [
     "ADAPTER_OUTCOMES",
     "ALL_METRIC_NAMES",
     "BUILD_INFO",
+    "CLOUDSTACK_JOB_EVENTS",
     "COMMANDS",
     "COMMAND_OUTCOMES",
     "COMMAND_TYPES",
@@ -182,6 +183,14 @@ INTAKE_RESTARTS: Final = Counter(
     "Times serve started its intake process (FAILOVER_INTAKE_PROCESS) or thread (FAILOVER_INTAKE_THREAD) "
     "again after it died; commands wait in the queue until it runs.",
 )
+CLOUDSTACK_JOB_EVENTS: Final = Counter(
+    "failover_cloudstack_job_events_total",
+    "Async job completions read from CloudStack's event bus (FAILOVER_CLOUDSTACK_EVENTS_EXCHANGE), by "
+    "outcome: read (its job's wait, if this process has one, asks at once) or unreadable (no jobId). "
+    "Flat at zero with the setting on: CloudStack is not publishing to that exchange (check its "
+    "event bus configuration); the waits still end at the poll rounds.",
+    ["outcome"],
+)
 COMMANDS: Final = Counter(
     "failover_commands_total",
     "Command deliveries handled, by command type (or unknown) and outcome.",
@@ -302,6 +311,7 @@ ALL_METRIC_NAMES: Final[frozenset[str]] = frozenset(
         "failover_adapter_call_duration_seconds",
         "failover_rollbacks_total",
         "failover_commands_total",
+        "failover_cloudstack_job_events_total",
         "failover_intake_process_restarts_total",
         "failover_events_published_total",
         "failover_outbox_backlog",
@@ -360,6 +370,8 @@ def _initialise_series() -> None:
     OUTBOX_OLDEST_UNSENT_AGE.set(0)
     for generation in GC_GENERATIONS:
         GC_PAUSE.labels(generation=str(generation))
+    for events_outcome in ("read", "unreadable"):
+        CLOUDSTACK_JOB_EVENTS.labels(outcome=events_outcome)
 
 
 _initialise_series()

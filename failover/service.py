@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy import text
 
 from adapters import bus
 from adapters.cloudstack import CloudStackAdapter
+from adapters.cloudstack_events import CloudStackEvents
 from adapters.db.commands import CommandRecorder
 from adapters.db.engine import make_engine
 from adapters.db.outbox import OutboxStore
@@ -46,7 +48,7 @@ from .health import named_checks, start_health_server
 from .intake import IntakeProcess, IntakeThread
 from .logs import bind_job, remember_job
 from .runner import JobRunner
-from .settings import Settings
+from .settings import Settings, redact_url
 
 log = logging.getLogger("failover.service")
 ROLES = ("orchestrator", "relay", "projector")
@@ -316,13 +318,17 @@ async def _serve(svc: Service, settings: Settings, roles: tuple[str, ...], on_er
                              lease_seconds=settings.lease_seconds)
             store.on_transaction = m.JOB_COMMITS_PER_TRANSACTION.observe
             svc.store = store
+            cloudstack = CloudStackAdapter(
+                settings.cloudstack_url, settings.cloudstack_api_key.get_secret_value(),
+                settings.cloudstack_secret_key.get_secret_value(), session=http,
+                poll_interval=settings.poll_interval_seconds, timeout=settings.http_timeout_seconds,
+                batch_from=settings.poll_batch_from,
+                observe=m.observe_adapter_call)
+            if settings.cloudstack_events_exchange:  # (in the background: the waits poll meanwhile)
+                tasks.append(asyncio.create_task(_cloudstack_events(settings, svc.owner, connection, cloudstack),
+                                                 name="cloudstack-events"))
             ports = Ports(
-                cloudstack=CloudStackAdapter(
-                    settings.cloudstack_url, settings.cloudstack_api_key.get_secret_value(),
-                    settings.cloudstack_secret_key.get_secret_value(), session=http,
-                    poll_interval=settings.poll_interval_seconds, timeout=settings.http_timeout_seconds,
-                    batch_from=settings.poll_batch_from,
-                    observe=m.observe_adapter_call),
+                cloudstack=cloudstack,
                 volumes=VolumeDaemonAdapter(settings.volume_daemon_url, session=http,
                                             poll_interval=settings.poll_interval_seconds,
                                             batch_from=settings.poll_batch_from,
@@ -414,6 +420,39 @@ async def _serve(svc: Service, settings: Settings, roles: tuple[str, ...], on_er
 
 
 _GAUGE_STATES = [s for s in STATES if s not in ("completed", "failed", "cancelled", "cleaned_up")]
+
+
+async def _cloudstack_events(settings: Settings, owner: str, connection: AbstractRobustConnection,
+                             cloudstack: CloudStackAdapter) -> None:
+    """Listen to CloudStack's event bus (FAILOVER_CLOUDSTACK_EVENTS_EXCHANGE) on serve's broker
+    connection or on FAILOVER_CLOUDSTACK_EVENTS_AMQP_URL's, trying again (up to every minute)
+    while that fails: serve starts and runs without it, its waits polling only."""
+    listener = CloudStackEvents(settings.cloudstack_events_exchange, cloudstack.job_done,
+                                seen=lambda outcome: m.CLOUDSTACK_JOB_EVENTS.labels(outcome=outcome).inc())
+    url = settings.cloudstack_events_amqp_url
+    own: AbstractRobustConnection | None = None
+    pause = 1.0
+    try:
+        while True:
+            try:
+                if url is not None and own is None:
+                    own = await bus.connect(url.get_secret_value(), ca_file=settings.amqp_ca_file,
+                                            name=f"failover {owner} cloudstack events")
+                await listener.start(own or connection)
+                return
+            except Exception as exc:
+                log.warning("cannot listen to CloudStack's event bus (exchange %s on %s): %s: %s; the waits on "
+                            "CloudStack poll only meanwhile, trying again in %.0f s: check "
+                            "FAILOVER_CLOUDSTACK_EVENTS_EXCHANGE and FAILOVER_CLOUDSTACK_EVENTS_AMQP_URL",
+                            settings.cloudstack_events_exchange,
+                            redact_url((url or settings.amqp_url).get_secret_value()), type(exc).__name__, exc, pause)
+                await asyncio.sleep(pause)
+                pause = min(60.0, pause * 2)
+    except asyncio.CancelledError:
+        if own is not None:
+            with contextlib.suppress(Exception):
+                await own.close()
+        raise
 
 
 async def _cancelled(tasks: list[asyncio.Task[None]]) -> None:

@@ -142,6 +142,12 @@ class Settings(ConnectionSettings):
     # from this many waits on one system at once, a poll round lists them with one request
     # (and a new wait may skip its first ask: adapters/poller.py)
     poll_batch_from: int = Field(default=8, ge=1)
+    # CloudStack's event bus (its RabbitMQ event bus's `exchange`, commonly cloudstack-events):
+    # a wait on an async job then ends when CloudStack says the job is done, not at the next
+    # poll round (adapters/cloudstack_events.py); empty: off, the waits poll only
+    cloudstack_events_exchange: str = ""
+    # the broker CloudStack publishes its events to (default: FAILOVER_AMQP_URL's)
+    cloudstack_events_amqp_url: SecretStr | None = None
     snapshot_timeout_seconds: PositiveFloat = 1800.0
     async_job_timeout_seconds: PositiveFloat = 1800.0
     volume_operation_timeout_seconds: PositiveFloat = 600.0
@@ -163,6 +169,14 @@ class Settings(ConnectionSettings):
     # with it, the longest a thread holding the interpreter lock keeps the other waiting
     # (Python's sys.setswitchinterval, 0.005 by default): each step of an answer waits for it
     intake_thread_switch_seconds: float = Field(default=0.001, gt=0, le=0.1)
+
+    @field_validator("cloudstack_events_amqp_url")
+    @classmethod
+    def _events_amqp_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and urlsplit(value.get_secret_value()).scheme not in ("amqp", "amqps"):
+            raise ValueError(f"must be an amqp:// or amqps:// URL, got scheme "
+                             f"{urlsplit(value.get_secret_value()).scheme!r}")
+        return value
 
     @field_validator("cloudstack_url", "volume_daemon_url")
     @classmethod
@@ -234,4 +248,7 @@ class Settings(ConnectionSettings):
             "appliance_vm_id": self.appliance_vm_id,
             "metrics_port": self.metrics_port,
             "max_concurrent_jobs": self.max_concurrent_jobs,
+            "cloudstack_events_exchange": self.cloudstack_events_exchange or None,
+            "cloudstack_events_amqp_url": (redact_url(self.cloudstack_events_amqp_url.get_secret_value())
+                                           if self.cloudstack_events_amqp_url is not None else None),
         }

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from adapters.db.tables import failover_jobs, job_steps, job_tracking, log_events
+from emulators.events import EventBus
 from emulators.runner import EmulatorHandle
 from failover.client import BusClient
 from schemas.commands import FailoverRequested
@@ -240,3 +242,18 @@ async def watched_exchange(channel: Any, prefix: str) -> tuple[Any, Any]:
     queue = await channel.declare_queue(exclusive=True)
     await queue.bind(exchange, routing_key="#")
     return exchange, queue
+
+
+@contextlib.asynccontextmanager
+async def emulated_event_bus(emulators: EmulatorHandle, amqp_url: str) -> AsyncIterator[EventBus]:
+    """The in-process emulated CloudStack publishing its async jobs' ends, as CloudStack's
+    RabbitMQ event bus does, on an exchange of its own on the test broker, while it lasts."""
+    published = EventBus(amqp_url, f"cloudstack-events-{uuid.uuid4().hex[:8]}", user=emulators.world.user_id,
+                         account=emulators.world.account_id)
+    await published.start()
+    emulators.world.runner.on_job_end = published.job_ended
+    try:
+        yield published
+    finally:
+        emulators.world.runner.on_job_end = None
+        await published.close()

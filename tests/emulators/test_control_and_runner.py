@@ -68,6 +68,8 @@ async def test_control_refuses_bad_setups(control: EmulatorControl) -> None:
         await control.create_volume("v", 1, vm_id="no-such-vm")
     with pytest.raises(EmulatorControlError):
         await control.set_latency(api_seconds=-1)
+    with pytest.raises(EmulatorControlError, match="--event-bus-url"):  # started without an event bus
+        await control.set_event_bus(True)
 
 
 async def test_the_call_log_names_every_call_and_never_a_secret(
@@ -193,3 +195,28 @@ async def test_python_m_emulators_runs_until_sigterm(tmp_path: Path) -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_the_event_bus_publishes_only_while_asked_to(amqp_url: str) -> None:
+    """Started with an event bus, the emulators publish each async job's end on it; the control
+    API stops and restarts that (the benchmark publishes only in the phase that listens)."""
+    handle = await start_emulators(event_bus_url=amqp_url, event_bus_exchange="cloudstack-events-emulator-test")
+    try:
+        bus = handle.event_bus
+        assert bus is not None
+        async with EmulatorControl(handle.control_url) as control, AIOCloudStack(
+                handle.cloudstack_url, handle.api_key, handle.secret_key, fetch_result=True, timeout=10) as cs:
+            volume = str((await control.create_volume("v", 1, vm_id=handle.appliance_vm_id))["id"])
+
+            async def published(count: int) -> bool:
+                return bus.published == count
+
+            await cs.createSnapshot(volumeid=volume, name="one")
+            await wait_until(lambda: published(1), 10, "the first job's end on the bus")
+            assert (await control.set_event_bus(False))["publish"] is False
+            await cs.createSnapshot(volumeid=volume, name="two")
+            assert (await control.set_event_bus(True))["published"] == 1
+            await cs.createSnapshot(volumeid=volume, name="three")
+            await wait_until(lambda: published(2), 10, "the third job's end on the bus")
+    finally:
+        await handle.close()

@@ -182,3 +182,21 @@ def test_an_explicit_intake_thread_beside_the_intake_process_is_refused(env: pyt
     env.setenv("FAILOVER_INTAKE_THREAD", "true")
     with pytest.raises(ValidationError, match="both true"):
         Settings()  # type: ignore[call-arg]
+
+
+def test_cloudstacks_event_bus_url_must_be_amqp_and_never_shows(env: pytest.MonkeyPatch) -> None:
+    """FAILOVER_CLOUDSTACK_EVENTS_AMQP_URL: amqp(s) only, refused without showing it, and
+    redacted in the start-up summary."""
+    env.setenv("FAILOVER_CLOUDSTACK_EVENTS_EXCHANGE", "cloudstack-events")
+    env.setenv("FAILOVER_CLOUDSTACK_EVENTS_AMQP_URL", "http://cs:amqp-Pw-DO-NOT-LEAK@cloud-mq.internal/")
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    assert "cloudstack_events_amqp_url" in str(caught.value)
+    _no_secret(str(caught.value))
+    env.setenv("FAILOVER_CLOUDSTACK_EVENTS_AMQP_URL", "amqps://cs:amqp-Pw-DO-NOT-LEAK@cloud-mq.internal:5671/")
+    settings = Settings()
+    for text in (repr(settings), str(settings.safe_summary())):
+        _no_secret(text)
+    summary = settings.safe_summary()
+    assert summary["cloudstack_events_exchange"] == "cloudstack-events"
+    assert summary["cloudstack_events_amqp_url"] == "amqps://cs:***@cloud-mq.internal:5671/"
