@@ -120,6 +120,11 @@ class EmulatorControl:
         result: dict[str, float] = await self._request("POST", "latency", json=body)
         return result
 
+    async def restart_volume_daemon(self) -> int:
+        """The Volume Daemon restarts, forgetting its operations: how many it forgot."""
+        result: dict[str, Any] = await self._request("POST", "volume-daemon/restart")
+        return int(result["forgotten"])
+
     async def set_event_bus(self, publish: bool) -> dict[str, Any]:
         """Publish the async jobs' ends on the emulated CloudStack event bus, or stop."""
         result: dict[str, Any] = await self._request("POST", "event-bus", json={"publish": publish})

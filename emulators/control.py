@@ -42,6 +42,7 @@ def add_control_routes(app: web.Application) -> None:
     router.add_post(f"{PREFIX}/latency", set_latency)
     router.add_post(f"{PREFIX}/inject", inject)
     router.add_post(f"{PREFIX}/event-bus", set_event_bus)
+    router.add_post(f"{PREFIX}/volume-daemon/restart", restart_volume_daemon)
 
 
 def _bad_request(message: str) -> web.HTTPBadRequest:
@@ -167,6 +168,12 @@ async def set_latency(request: web.Request) -> web.Response:
     for key, value in body.items():
         setattr(latency, key, float(value))
     return web.json_response(latency.as_json())
+
+
+async def restart_volume_daemon(request: web.Request) -> web.Response:
+    """POST /_emulator/volume-daemon/restart: the daemon restarted, knowing no operation any
+    more (a poll of one is a 404); those under way never finish."""
+    return web.json_response({"forgotten": request.app[WORLD].runner.forget_operations()})
 
 
 async def set_event_bus(request: web.Request) -> web.Response:

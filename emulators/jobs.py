@@ -145,6 +145,17 @@ class JobRunner:
             )
         return op
 
+    def forget_operations(self) -> int:
+        """The Volume Daemon restarted: it knows no operation any more, and those under way
+        never finish (their effect is not applied). How many it forgot."""
+        for op_id in list(self.unended):
+            handle = self._timers.pop(op_id, None)
+            if handle is not None:
+                handle.cancel()
+        forgotten = len(self.operations)
+        self.operations, self.unended = {}, {}
+        return forgotten
+
     def _start_operation(self, op: Operation) -> None:
         if op.status == "pending" and self.operations.get(op.id) is op:
             op.status, op.updated_at = "executing", iso_time()

@@ -20,7 +20,7 @@ from schemas.common import FAILOVER_STEPS
 from schemas.events import Event
 from statemachine.naming import sanitize_vm_name, test_vm_name
 
-from .helpers import ServeProcess, failover, failover_row, projected, run_command
+from .helpers import ServeProcess, failover, failover_row, projected, run_command, wait_until
 from .test_e2e_test_failover import check_stream
 from .world import assert_restored, view
 
@@ -324,3 +324,42 @@ async def test_a_live_failover_never_touches_another_vm_of_its_name(
     assert disk["id"] in volumes and volumes[disk["id"]].get("virtualmachineid") == other["id"]
     assert_restored(before, await view(control, vm.volume_ids, emulators.appliance_vm_id))
     assert await _vm_status(db, vm.vm_id) != "failed_over_live"
+
+
+async def test_a_volume_daemon_restart_under_a_failover_is_waited_out(
+        serve: ServeProcess, bus: BusClient, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
+    """The Volume Daemon restarts while the job waits on one of its operations: the daemon no
+    longer knows it (404), so its outcome is unknown. The job forgets it, reads the volume as it
+    is and acts again, and completes (the step failed, and the job was rolled back, before)."""
+    vm = await _seed(db, control, emulators, "daemon restart")
+    await control.set_latency(operation_seconds=1.0)
+    job_id = uuid.uuid4()
+    queue = await bus.bind(f"job.{job_id}.#")
+    await bus.publish(FailoverRequested(request_id=job_id, vm_id=vm.vm_id, failover_type="test"))
+    events: list[Event] = []
+    restarted: list[int] = []
+
+    async def under_way() -> bool:
+        ops = (await control.state())["operations"]
+        return any(op["status"] in ("pending", "executing") for op in ops)
+
+    async def collect() -> None:
+        async for event in bus.events(queue):
+            events.append(event)
+            if event.type == "StepStarted" and event.step == "volume-attachment":
+                await wait_until(under_way, 10, "a daemon operation under way", interval=0.02)
+                restarted.append(await control.restart_volume_daemon())
+
+    try:
+        await asyncio.wait_for(collect(), 120)
+    finally:
+        await control.set_latency(operation_seconds=0)
+    assert restarted and restarted[0] >= 1
+    check_stream(events, str(job_id))
+    assert events[-1].type == "JobCompleted", _types(events)
+    assert "StepFailed" not in _types(events)
+    world = await control.state()
+    test_vm = events[-1].model_dump(mode="json")["outputs"]["destination_vm_id"]
+    volumes = {v["id"]: v for v in world["volumes"]}
+    assert all(volumes[v].get("virtualmachineid") == test_vm for v in vm.volume_ids), \
+        [(v, volumes[v].get("virtualmachineid")) for v in vm.volume_ids]

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from statemachine.context import JobContext
-from statemachine.errors import RefusedError, StepError, TransientError
+from statemachine.errors import NotFound, RefusedError, StepError, TransientError
 from statemachine.ports import (
     CsSnapshot,
     CsVm,
@@ -316,7 +316,19 @@ async def ensure_attached(ctx: JobContext, key: str, volume_id: str, vm_id: str,
 
 async def _wait_op(ctx: JobContext, entry: LedgerEntry) -> DaemonOperation:
     assert entry.operation_id is not None
-    op = await ctx.ports.volumes.wait_operation(entry.operation_id, ctx.config.volume_operation_timeout)
+    try:
+        op = await ctx.ports.volumes.wait_operation(entry.operation_id, ctx.config.volume_operation_timeout)
+    except NotFound as exc:
+        # the daemon no longer knows the operation (it restarted): its outcome is unknown, so it
+        # is forgotten here too, and the retry reads the volume as it is now and acts on that
+        lost = entry.operation_id
+        entry.operation_id = None
+        await ctx.record(entry)
+        raise TransientError(
+            "VOLUME_OPERATION_LOST",
+            f"the Volume Daemon no longer knows operation {lost} on volume {entry.resource_id} (restarted?): "
+            f"{exc.message}; reading the volume's state again",
+        ) from exc
     if op.status != "completed":
         entry.operation_id = None
         await ctx.record(entry)
