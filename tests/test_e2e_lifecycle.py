@@ -363,3 +363,29 @@ async def test_a_volume_daemon_restart_under_a_failover_is_waited_out(
     volumes = {v["id"]: v for v in world["volumes"]}
     assert all(volumes[v].get("virtualmachineid") == test_vm for v in vm.volume_ids), \
         [(v, volumes[v].get("virtualmachineid")) for v in vm.volume_ids]
+
+
+async def test_a_cleanup_that_failed_after_deleting_a_snapshot_can_be_run_again(
+        serve: ServeProcess, bus: BusClient, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
+    """A cleanup reverts every volume, re-attaches them and deletes the snapshots last: one that
+    failed deleting the second snapshot has reverted everything already. Another cleanup finds
+    the first snapshot gone, leaves its volume as the first one reverted it, and finishes (it
+    tried to revert to the deleted snapshot, was refused, and every cleanup after failed the
+    same way: the VM stuck in failed_over_test)."""
+    vm = await _seed(db, control, emulators, "cleanup twice", disks=2)
+    before = await view(control, vm.volume_ids, emulators.appliance_vm_id)
+    job_id = uuid.uuid4()
+    assert (await failover(bus, vm.vm_id, request_id=job_id))[-1].type == "JobCompleted"
+    await control.add_fault("cloudstack", "refuse", command="deleteSnapshot", nth=2, times=0)
+    first = uuid.uuid4()
+    events = await run_command(bus, CleanupRequested(request_id=first, failover_job_id=job_id), first)
+    assert events[-1].type == "JobFailed" and events[-1].failed_step == "snapshot-deletion", _types(events)
+    await control.clear_faults()
+    assert len((await view(control, vm.volume_ids, emulators.appliance_vm_id))["snapshots"]) == 1
+    second = uuid.uuid4()
+    events = await run_command(bus, CleanupRequested(request_id=second, failover_job_id=job_id), second)
+    check_stream(events, str(second))
+    assert events[-1].type == "JobCompleted", _types(events)
+    assert_restored(before, await view(control, vm.volume_ids, emulators.appliance_vm_id))
+    assert (await failover_row(db, str(job_id))).status == "cleaned_up"
+    assert await _vm_status(db, vm.vm_id) == "ready_for_failover"
