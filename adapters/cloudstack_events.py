@@ -5,7 +5,7 @@ CloudStack, with its RabbitMQ event bus configured (`RabbitMQEventBus`; its `exc
 commonly `cloudstack-events`), publishes every async job's end to a durable topic exchange,
 routing key `management-server.AsyncJobEvent.complete.<instance type>.<instance uuid>`, body the
 JSON of the job's description with its `jobId` (emulators/events.py has the whole format). This
-listener binds a queue of its own (exclusive, gone with the connection) to those keys and tells
+listener binds a queue of its own (named after its serve, gone a minute after it) to those keys and tells
 the CloudStack adapter each `jobId`; the adapter's poller then asks about that job at once
 (adapters/poller.py, `poke`).
 
@@ -30,17 +30,26 @@ log = logging.getLogger("failover.adapters")
 
 COMPLETE = "management-server.AsyncJobEvent.complete.*.*"
 MAX_BODY = 4 * 1024 * 1024  # a job's description carries its result: a large one is read no further
+# the listener's queue: gone a minute after its serve (nobody consuming), and never longer than
+# this many events (the oldest dropped: every account's jobs go through the exchange)
+QUEUE_EXPIRES_MS = 60_000
+QUEUE_MAX_EVENTS = 10_000
 
 
 class CloudStackEvents:
     """Tells `job_done(job_id)` of each async job CloudStack's event bus says is complete."""
 
-    def __init__(self, exchange: str, job_done: Callable[[str], None], *,
-                 seen: Callable[[str], None] = lambda outcome: None, prefetch: int = 512) -> None:
+    def __init__(self, exchange: str, job_done: Callable[[str], None], *, queue: str,
+                 seen: Callable[[str], None] = lambda outcome: None, prefetch: int = 256) -> None:
         self.exchange = exchange
+        self.queue_name = queue  # one per serve process (its owner id in it)
         self._job_done = job_done
         self._seen = seen  # (failover_cloudstack_job_events_total: "read" or "unreadable")
         self._prefetch = prefetch
+        # held here: a robust connection keeps its channels only weakly, and restores after a
+        # reconnect what is still alive (the channel, the queue, its binding and its consumer)
+        self._channel: aio_pika.abc.AbstractRobustChannel | None = None
+        self._queue: aio_pika.abc.AbstractRobustQueue | None = None
 
     async def start(self, connection: AbstractRobustConnection) -> None:
         channel = await connection.channel()
@@ -48,16 +57,21 @@ class CloudStackEvents:
             await channel.set_qos(prefetch_count=self._prefetch)
             # as CloudStack declares it: a durable topic exchange (declaring it first is the same)
             exchange = await channel.declare_exchange(self.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            # named, not exclusive: declared again as it is after a reconnect, even while the
+            # broker still holds the old connection; gone a minute after nobody consumes it
+            queue = await channel.declare_queue(self.queue_name, durable=False, arguments={
+                "x-expires": QUEUE_EXPIRES_MS, "x-max-length": QUEUE_MAX_EVENTS, "x-overflow": "drop-head"})
             await queue.bind(exchange, routing_key=COMPLETE)
-            await queue.consume(self._on_message, no_ack=True)  # hints: a lost one costs a poll round
+            await queue.consume(self._on_message)  # acked: at most `prefetch` unread in this process
         except BaseException:
             with contextlib.suppress(Exception):
                 await channel.close()
             raise
+        self._channel, self._queue = channel, queue
         log.info("listening for CloudStack's async job events", extra={"fields": {"exchange": self.exchange}})
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        await message.ack()  # (a hint: handled or not, it is not asked for again)
         job_id = None
         if len(message.body) <= MAX_BODY:
             try:

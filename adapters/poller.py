@@ -117,11 +117,10 @@ class SharedPoller(Generic[T]):
         if key in self._waits:
             self._ask_now(key)
             return
-        now = time.monotonic()
-        self._poked[key] = now
-        if len(self._poked) > POKES_KEPT:  # the oldest first (a dict keeps the order of insertion)
-            for old in list(self._poked)[:len(self._poked) - POKES_KEPT]:
-                del self._poked[old]
+        self._poked.pop(key, None)  # (kept in the order of the pokes: a dict keeps its insertions')
+        self._poked[key] = time.monotonic()
+        while len(self._poked) > POKES_KEPT:  # the oldest go first
+            del self._poked[next(iter(self._poked))]
 
     def _ask_now(self, key: str) -> None:
         if key not in self._asking:

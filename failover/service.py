@@ -325,7 +325,7 @@ async def _serve(svc: Service, settings: Settings, roles: tuple[str, ...], on_er
                 batch_from=settings.poll_batch_from,
                 observe=m.observe_adapter_call)
             if settings.cloudstack_events_exchange:  # (in the background: the waits poll meanwhile)
-                tasks.append(asyncio.create_task(_cloudstack_events(settings, svc.owner, connection, cloudstack),
+                tasks.append(asyncio.create_task(_cloudstack_events(settings, svc.owner, cloudstack),
                                                  name="cloudstack-events"))
             ports = Ports(
                 cloudstack=cloudstack,
@@ -422,37 +422,37 @@ async def _serve(svc: Service, settings: Settings, roles: tuple[str, ...], on_er
 _GAUGE_STATES = [s for s in STATES if s not in ("completed", "failed", "cancelled", "cleaned_up")]
 
 
-async def _cloudstack_events(settings: Settings, owner: str, connection: AbstractRobustConnection,
-                             cloudstack: CloudStackAdapter) -> None:
-    """Listen to CloudStack's event bus (FAILOVER_CLOUDSTACK_EVENTS_EXCHANGE) on serve's broker
-    connection or on FAILOVER_CLOUDSTACK_EVENTS_AMQP_URL's, trying again (up to every minute)
-    while that fails: serve starts and runs without it, its waits polling only."""
+async def _cloudstack_events(settings: Settings, owner: str, cloudstack: CloudStackAdapter) -> None:
+    """Listen to CloudStack's event bus (FAILOVER_CLOUDSTACK_EVENTS_EXCHANGE) on a connection of
+    its own to FAILOVER_CLOUDSTACK_EVENTS_AMQP_URL's broker (by default serve's), trying again (up
+    to every minute) while that fails: serve starts and runs without it, its waits polling only.
+    Runs until cancelled (serve stopping), holding the listener, then closes its connection."""
     listener = CloudStackEvents(settings.cloudstack_events_exchange, cloudstack.job_done,
+                                queue=f"failover.cloudstack-events.{owner}",
                                 seen=lambda outcome: m.CLOUDSTACK_JOB_EVENTS.labels(outcome=outcome).inc())
-    url = settings.cloudstack_events_amqp_url
+    url = settings.cloudstack_events_amqp_url or settings.amqp_url
     own: AbstractRobustConnection | None = None
     pause = 1.0
     try:
         while True:
             try:
-                if url is not None and own is None:
+                if own is None:
                     own = await bus.connect(url.get_secret_value(), ca_file=settings.amqp_ca_file,
                                             name=f"failover {owner} cloudstack events")
-                await listener.start(own or connection)
-                return
+                await listener.start(own)
+                await asyncio.Event().wait()  # (listening, the connection restoring it, until cancelled)
             except Exception as exc:
                 log.warning("cannot listen to CloudStack's event bus (exchange %s on %s): %s: %s; the waits on "
                             "CloudStack poll only meanwhile, trying again in %.0f s: check "
                             "FAILOVER_CLOUDSTACK_EVENTS_EXCHANGE and FAILOVER_CLOUDSTACK_EVENTS_AMQP_URL",
                             settings.cloudstack_events_exchange,
-                            redact_url((url or settings.amqp_url).get_secret_value()), type(exc).__name__, exc, pause)
+                            redact_url(url.get_secret_value()), type(exc).__name__, exc, pause)
                 await asyncio.sleep(pause)
                 pause = min(60.0, pause * 2)
-    except asyncio.CancelledError:
+    finally:
         if own is not None:
             with contextlib.suppress(Exception):
                 await own.close()
-        raise
 
 
 async def _cancelled(tasks: list[asyncio.Task[None]]) -> None:

@@ -896,6 +896,12 @@ class FakeJobStore:
         await _network_turn()
         return [copy.deepcopy(e) for e in self._ledgers.get(job_id, {}).values()]
 
+    async def cleanup_ledgers(self, parent_job_id: str, vm_id: str) -> list[LedgerEntry]:
+        await _network_turn()
+        return [copy.deepcopy(e) for job_id, row in self.rows.items()
+                if row.job_type == "cleanup" and row.parent_job_id == parent_job_id and row.vm_id == vm_id
+                for e in self._ledgers.get(job_id, {}).values()]
+
     async def load(self, job_id: str) -> JobRow | None:
         await _network_turn()
         row = self.rows.get(job_id)

@@ -51,6 +51,12 @@ def _ledger_row(job_id: str, e: LedgerEntry) -> dict[str, Any]:
     }
 
 
+def _entry_of(r: Any) -> LedgerEntry:
+    return LedgerEntry(key=r.resource_key, resource_type=r.resource_type, action=r.action, status=r.status,
+                       resource_id=r.resource_id, name=r.name, cs_job_id=r.cs_job_id,
+                       operation_id=r.operation_id, data=r.data or {})
+
+
 def row_to_job(r: Any) -> JobRow:
     return JobRow(
         job_id=r.job_id, request_id=r.request_id, job_type=_JOB_TYPES.get(r.job_type, r.job_type),
@@ -578,9 +584,17 @@ class JobStore:
     async def ledger(self, job_id: str) -> list[LedgerEntry]:
         async with raw.transaction(self.engine) as tx:  # the SELECT and its COMMIT in one request
             (rows,) = await tx.fetch_all([(LEDGER_OF_JOB, {"job_id": job_id})], commit=True)
-        return [LedgerEntry(key=r.resource_key, resource_type=r.resource_type, action=r.action,
-                            status=r.status, resource_id=r.resource_id, name=r.name, cs_job_id=r.cs_job_id,
-                            operation_id=r.operation_id, data=r.data or {}) for r in rows]
+        return [_entry_of(r) for r in rows]
+
+    async def cleanup_ledgers(self, parent_job_id: str, vm_id: str) -> list[LedgerEntry]:
+        # (by the VM's index: a VM has a few jobs, the table a history)
+        cleanups = select(failover_jobs.c.job_id).where(
+            failover_jobs.c.vm_id == vm_id, failover_jobs.c.parent_job_id == parent_job_id,
+            failover_jobs.c.job_type == SEED_JOB_TYPES["cleanup"])
+        stmt = select(resource_ledger).where(resource_ledger.c.job_id.in_(cleanups)).order_by(resource_ledger.c.id)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [_entry_of(r) for r in rows]
 
     async def load(self, job_id: str) -> JobRow | None:
         async with self.engine.connect() as conn:

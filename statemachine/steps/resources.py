@@ -166,6 +166,7 @@ async def ensure_vm(ctx: JobContext, spec: DeploySpec) -> str:
     if entry.data.get("refused") and not entry.resource_id and entry.cs_job_id is None:
         fresh = True  # (its earlier deploy was refused: nothing of it exists under the name)
         entry.data.pop("refused", None)
+        await ctx.record(entry)  # before the deploy: a resume after it must look the name up
     if entry.status == "done" and entry.resource_id:
         return entry.resource_id
     if entry.cs_job_id is None and entry.resource_id is None:
@@ -184,8 +185,11 @@ async def ensure_vm(ctx: JobContext, spec: DeploySpec) -> str:
             try:
                 start = await cs.deploy_vm(spec)
             except RefusedError:
-                entry.data["refused"] = True  # nothing was made: no lookup by its name may adopt a VM
-                await ctx.record(entry)
+                if fresh:  # the intent's first deploy: nothing was made under it, so no look-up by
+                    entry.data["refused"] = True  # its name may adopt a VM for it
+                    await ctx.record(entry)
+                # (otherwise an earlier deploy under this intent, late or timed out, may hold the
+                # name: the rollback looks it up and removes it)
                 raise
             entry.resource_id, entry.cs_job_id = start.resource_id, start.job_id
         await ctx.record(entry)

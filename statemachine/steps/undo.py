@@ -158,20 +158,8 @@ async def revert_volumes(ctx: JobContext, target: Target, everything: bool) -> N
         if snapshot is None:
             raise StepError("SNAPSHOT_MISSING", f"volume {v} was written but has no snapshot in the ledger")
         key = f"undo:revert:{v}"
-        entry = target.ledger.get(key)
-        if entry and entry.status == "done":
+        if target.ledger.get(key) and target.ledger[key].status == "done":
             continue
-        if entry is None or entry.cs_job_id is None:
-            # Snapshots are deleted last, once every volume is reverted and back on the appliance:
-            # one that is gone was deleted by an earlier cleanup of this failover after its
-            # revert (a cleanup's own entries are its alone), or by hand. There is nothing to
-            # revert to; the volume stays as that revert left it.
-            snap = await ctx.retrying("snapshot state", cs.get_snapshot, snapshot)
-            if snap is None or snap.state.lower() == "destroyed":
-                ctx.log("WARN", f"snapshot {snapshot} of volume {v} no longer exists (an earlier cleanup deleted "
-                                "it once it had reverted the volume, or it was deleted by hand): the volume is "
-                                "not reverted again", volume_id=v, snapshot_id=snapshot)
-                continue
         state = await ctx.retrying("volume state", vd.get_volume, v)
         if state.vm_id is not None:  # revertSnapshot needs the volume detached (or its VM stopped)
             await ctx.retrying(f"detach {v}", ensure_detached, ctx, f"undo:predetach:{v}", v,
@@ -319,6 +307,12 @@ async def _cleanup_target(ctx: JobContext) -> Target:
     parent = ctx.row.parent_job_id
     assert parent is not None
     ledger = {e.key: e for e in await ctx.ports.store.ledger(parent)}
+    # An earlier cleanup of this failover that failed may have reverted volumes and deleted
+    # their snapshots (they go last): its reverts done count (there is no snapshot left to
+    # revert to again). Its other entries do not: what they moved, the world is read for.
+    for e in await ctx.ports.store.cleanup_ledgers(parent, ctx.row.vm_id):
+        if e.key.startswith("undo:revert:") and e.status == "done":
+            ledger[e.key] = e
     # the cleanup's own entries (undo:*) make its phases resumable
     ledger.update({k: e for k, e in (await ctx.ledger()).items()})
     return Target(plan=ctx.row.plan, ledger=ledger)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from emulators.runner import EmulatorHandle
 from statemachine.errors import TransientError
 
 from ..helpers import emulated_event_bus, wait_until
+from ..test_intake_default import _close_connection_named
 from .conftest import CloudStackFactory
 
 SLOW_ROUNDS = 30.0  # a poll interval no wait in these tests lives to see
@@ -50,7 +52,7 @@ async def test_a_wait_ends_when_cloudstack_says_its_job_is_done(
         event_bus: EventBus, connection: Any) -> None:
     cs = make_cloudstack(poll_interval=SLOW_ROUNDS)
     seen: list[str] = []
-    await CloudStackEvents(event_bus.exchange_name, cs.job_done, seen=seen.append).start(connection)
+    await CloudStackEvents(event_bus.exchange_name, cs.job_done, queue=_queue(), seen=seen.append).start(connection)
     volume = str((await control.create_volume("disk", 10, vm_id=emu.appliance_vm_id))["id"])
     await control.set_latency(async_job_seconds=0.3)
     started = await cs.create_snapshot(volume, "snap")
@@ -62,6 +64,45 @@ async def test_a_wait_ends_when_cloudstack_says_its_job_is_done(
     assert cs.waits_ended_by_events == 1 and seen == ["read"]
     queries = await control.calls(api="cloudstack", command="queryAsyncJobResult")
     assert len(queries) == 2  # its first ask, then the one the event brought forward
+
+
+def _queue() -> str:
+    return f"failover.cloudstack-events.test-{uuid.uuid4().hex[:8]}"
+
+
+async def test_the_listener_is_back_after_its_broker_connection_was_lost(
+        make_cloudstack: CloudStackFactory, emu: EmulatorHandle, control: EmulatorControl,
+        event_bus: EventBus, amqp_url: str) -> None:
+    """Its connection closed under it (an operator, a network fault): once aio-pika has
+    connected again, the listener's queue, binding and consumer are back, and a wait ends on
+    its event again."""
+    name = f"cloudstack events reconnect {uuid.uuid4().hex[:8]}"
+    conn = await bus.connect(amqp_url, name=name)
+    try:
+        cs = make_cloudstack(poll_interval=SLOW_ROUNDS)
+        seen: list[str] = []
+        await CloudStackEvents(event_bus.exchange_name, cs.job_done, queue=_queue(), seen=seen.append).start(conn)
+        assert await asyncio.to_thread(_close_connection_named, name) == 1
+
+        async def back() -> bool:
+            return not conn.is_closed and conn.connected.is_set() and len(await asyncio.to_thread(
+                _connections_named, name)) == 1
+
+        await wait_until(back, 30, "the listener's connection to be back", interval=0.2)
+        volume = str((await control.create_volume("disk", 10, vm_id=emu.appliance_vm_id))["id"])
+        await control.set_latency(async_job_seconds=0.3)
+        started = await cs.create_snapshot(volume, "after the reconnect")
+        result = await asyncio.wait_for(cs.wait_job(started.job_id, timeout=60), 10)
+        assert result["snapshot"]["id"] == started.resource_id and seen == ["read"]
+        assert cs.waits_ended_by_events == 1
+    finally:
+        await conn.close()
+
+
+def _connections_named(name: str) -> list[str]:
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_connections", "--no-table-headers", "pid", "client_properties"],
+                            capture_output=True, text=True, check=True, timeout=60).stdout
+    return [line.split("\t", 1)[0] for line in listed.splitlines() if f'"{name}"' in line]
 
 
 async def test_the_emulated_event_is_cloudstacks(
@@ -103,7 +144,7 @@ async def test_events_without_a_readable_job_id_are_counted_and_ignored(
     name = f"cloudstack-events-{uuid.uuid4().hex[:8]}"
     seen: list[str] = []
     done: list[str] = []
-    await CloudStackEvents(name, done.append, seen=seen.append).start(connection)
+    await CloudStackEvents(name, done.append, queue=_queue(), seen=seen.append).start(connection)
     channel = await connection.channel()
     exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
     key = "management-server.AsyncJobEvent.complete.*.*"

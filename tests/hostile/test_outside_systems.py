@@ -137,7 +137,9 @@ MALFORMED = [
     ("cloudstack", "createSnapshot", "truncated", 1, "cloudstack-snapshot"),
     ("cloudstack", "createSnapshot", "wrong_shape", 2, "cloudstack-snapshot"),
     ("cloudstack", "queryAsyncJobResult", "truncated", 1, "cloudstack-snapshot"),
-    ("cloudstack", "listVirtualMachines", "wrong_shape", 1, "vm-startup-validation"),
+    # (the first look-up is vm-creation's: no VM of the job's name may exist before it deploys)
+    ("cloudstack", "listVirtualMachines", "wrong_shape", 1, "vm-creation"),
+    ("cloudstack", "listVirtualMachines", "wrong_shape", 2, "vm-startup-validation"),
     ("cloudstack", "deployVirtualMachine", "truncated", 1, "vm-creation"),
     ("cloudstack", "deployVirtualMachine", "wrong_shape", 1, "vm-creation"),
     ("cloudstack", "listVolumes", "wrong_shape", 1, "volume-attachment"),
