@@ -60,6 +60,20 @@ async def _wait_cs(ctx: JobContext, entry: LedgerEntry, timeout: float) -> dict[
     assert entry.cs_job_id is not None
     try:
         return await ctx.ports.cloudstack.wait_job(entry.cs_job_id, timeout)
+    except RefusedError as exc:
+        if exc.code != "CLOUDSTACK_REFUSED":
+            raise
+        # CloudStack no longer knows the job (431 on queryAsyncJobResult: it purges ended jobs
+        # after job.expire.minutes, a day by default): its outcome is unknown, so it is
+        # forgotten here too, and the retry looks at the resource itself (by its id, or name)
+        lost = entry.cs_job_id
+        entry.cs_job_id = None
+        await ctx.record(entry)
+        raise TransientError(
+            "CLOUDSTACK_JOB_LOST",
+            f"CloudStack no longer knows async job {lost} ({exc.message}); looking at "
+            f"{entry.resource_type} {entry.resource_id or entry.name} itself",
+        ) from exc
     except StepError as exc:
         if exc.code == "CLOUDSTACK_JOB_FAILED":
             # CloudStack keeps what a failed job created (state Error): remember it, so the

@@ -48,7 +48,8 @@ class Failure:
 FAILURES = [
     Failure("createSnapshot", "cloudstack-snapshot", nth=2),  # one snapshot exists already
     Failure("createSnapshot", "cloudstack-snapshot", nth=3),
-    Failure("queryAsyncJobResult", "cloudstack-snapshot", "refused", nth=2),
+    # (a refused queryAsyncJobResult is a job CloudStack no longer knows, not a failure:
+    # test_an_async_job_cloudstack_no_longer_knows_is_looked_at_through_its_resource)
     Failure("get-volume", "virtio-driver-injection", nth=4),  # the device path lookup
     Failure("inject", "virtio-driver-injection"),  # refused before it ran
     Failure("inject", "virtio-driver-injection", "job_fail"),  # it wrote, then failed
@@ -190,6 +191,25 @@ async def test_a_transient_failure_once_is_retried(h: Harness, machine: AsyncMac
     assert of_type(events, "StepFailed") == []
     warns = [e for e in of_type(events, "LogRecorded") if e.level == "WARN"]
     assert any("retrying" in w.message for w in warns)
+    assert_failed_over(h, vm, last(events, "JobCompleted").outputs["destination_vm_id"])
+
+
+@pytest.mark.parametrize(("nth", "waiting"), [(1, "snapshot of volume"), (2, "deploy VM"), (3, "start VM")],
+                         ids=["snapshot", "deploy", "start"])
+async def test_an_async_job_cloudstack_no_longer_knows_is_looked_at_through_its_resource(
+        h: Harness, machine: AsyncMachine, nth: int, waiting: str) -> None:
+    """CloudStack answers 431 for a job it has purged (ended jobs go after job.expire.minutes):
+    the job's outcome is unknown, not failed. The wait forgets it and the retry looks at the
+    snapshot or the VM itself, and the job completes (the step failed before)."""
+    vm = h.seed_vm("LNX-PURGED", os_type="Linux", disks=1)
+    h.faults.add("queryAsyncJobResult", "refused", nth=nth)
+    ctx = h.new_job(vm, "test-failover")
+    assert await drive(machine, ctx) == "completed"
+    assert h.faults.rules[0].fired == 1
+    events = h.events(ctx.row.job_id)
+    assert of_type(events, "StepFailed") == []
+    assert any(e.level == "WARN" and e.message.startswith(waiting) and "retrying" in e.message
+               for e in of_type(events, "LogRecorded"))
     assert_failed_over(h, vm, last(events, "JobCompleted").outputs["destination_vm_id"])
 
 
