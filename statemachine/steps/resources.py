@@ -54,6 +54,14 @@ async def _entry(ctx: JobContext, key: str, resource_type: str, action: str,
     return entry, False
 
 
+async def _lost(ctx: JobContext, entry: LedgerEntry, code: str, message: str) -> TransientError:
+    """The system no longer knows the job or operation `entry` waited on (its id is cleared by
+    the caller): its outcome is unknown, not failed. The entry is recorded without it, and the
+    error to raise makes the step's retry look at the resource itself."""
+    await ctx.record(entry)
+    return TransientError(code, message)
+
+
 async def _wait_cs(ctx: JobContext, entry: LedgerEntry, timeout: float) -> dict[str, Any]:
     """Wait for the entry's CloudStack job (its result); a failed job is forgotten so a retry
     starts anew."""
@@ -64,16 +72,13 @@ async def _wait_cs(ctx: JobContext, entry: LedgerEntry, timeout: float) -> dict[
         if exc.code != "CLOUDSTACK_REFUSED":
             raise
         # CloudStack no longer knows the job (431 on queryAsyncJobResult: it purges ended jobs
-        # after job.expire.minutes, a day by default): its outcome is unknown, so it is
-        # forgotten here too, and the retry looks at the resource itself (by its id, or name)
+        # after job.expire.minutes, a day by default): the retry looks at the resource itself
+        # (by its id, or name)
         lost = entry.cs_job_id
         entry.cs_job_id = None
-        await ctx.record(entry)
-        raise TransientError(
-            "CLOUDSTACK_JOB_LOST",
-            f"CloudStack no longer knows async job {lost} ({exc.message}); looking at "
-            f"{entry.resource_type} {entry.resource_id or entry.name} itself",
-        ) from exc
+        raise await _lost(ctx, entry, "CLOUDSTACK_JOB_LOST", f"CloudStack no longer knows async job {lost} "
+                          f"({exc.message}); looking at {entry.resource_type} {entry.resource_id or entry.name} "
+                          "itself") from exc
     except StepError as exc:
         if exc.code == "CLOUDSTACK_JOB_FAILED":
             # CloudStack keeps what a failed job created (state Error): remember it, so the
@@ -337,16 +342,13 @@ async def _wait_op(ctx: JobContext, entry: LedgerEntry) -> DaemonOperation:
     try:
         op = await ctx.ports.volumes.wait_operation(entry.operation_id, ctx.config.volume_operation_timeout)
     except NotFound as exc:
-        # the daemon no longer knows the operation (it restarted): its outcome is unknown, so it
-        # is forgotten here too, and the retry reads the volume as it is now and acts on that
+        # the daemon no longer knows the operation (it restarted): the retry reads the volume as
+        # it is now and acts on that
         lost = entry.operation_id
         entry.operation_id = None
-        await ctx.record(entry)
-        raise TransientError(
-            "VOLUME_OPERATION_LOST",
-            f"the Volume Daemon no longer knows operation {lost} on volume {entry.resource_id} (restarted?): "
-            f"{exc.message}; reading the volume's state again",
-        ) from exc
+        raise await _lost(ctx, entry, "VOLUME_OPERATION_LOST", f"the Volume Daemon no longer knows operation "
+                          f"{lost} on volume {entry.resource_id} (restarted?): {exc.message}; reading the "
+                          "volume's state again") from exc
     if op.status != "completed":
         entry.operation_id = None
         await ctx.record(entry)
