@@ -21,6 +21,14 @@ def _f(v: Any, unit: str = "") -> str:
     return f"{v}{unit}"
 
 
+def _over_waits(phase: dict[str, Any], waits: dict[str, int]) -> str:
+    """A slow phase's steps, in order, each as `step (waits) +p50 / +max`: its own time less
+    its waits times the latency (what the service added to the step)."""
+    steps, latency = phase["step_seconds"], phase["latency_seconds"]
+    return "; ".join(f"{step} ({waits.get(step, 0)}) {steps[step]['p50'] - waits.get(step, 0) * latency:+.2f} / "
+                     f"{steps[step]['max'] - waits.get(step, 0) * latency:+.2f}" for step in waits if step in steps)
+
+
 def _pair(d: dict[str, Any] | None, unit: str = " ms") -> str:
     if not d:
         return "-"
@@ -216,12 +224,9 @@ def _slow_baseline_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, s
                      "p50 / max", f"{_f(s['start_after_first_request_s']['max'], ' s')}; "
                      f"{_f(s['job_run_s']['p50'])} / {_f(s['job_run_s']['max'], ' s')}", "-", "",
                      "the ramp, then the waits and the turns behind other jobs"))
-    steps, waits = s.get("step_seconds") or {}, (out.get("probe") or {}).get("async_waits_by_step") or {}
-    if steps and waits:
-        latency = s["latency_seconds"]
-        parts = [f"{step} ({waits.get(step, 0)}) {steps[step]['p50'] - waits.get(step, 0) * latency:+.2f} / "
-                 f"{steps[step]['max'] - waits.get(step, 0) * latency:+.2f}" for step in waits if step in steps]
-        rows.append(("   each step's own time over its waits (how many): p50 / max, s", "; ".join(parts), "-", "",
+    waits = (out.get("probe") or {}).get("async_waits_by_step") or {}
+    if s.get("step_seconds") and waits:
+        rows.append(("   each step's own time over its waits (how many): p50 / max, s", _over_waits(s, waits), "-", "",
                      "what the service added to each step: its calls and commits, the poll rounds (each wait "
                      "ends at the first round after its work did), the turns behind other jobs"))
     d = out.get("derived") or {}
@@ -251,10 +256,7 @@ def _slow_baseline_rows(out: dict[str, Any]) -> list[tuple[str, str, str, str, s
                      "yes" if e["wall_over_critical_path"] <= 1.2 else "NO"))
         if e.get("step_seconds") and waits:
             rows.append(("   with CloudStack's event bus: each step's own time over its waits, p50 / max, s",
-                         "; ".join(f"{step} ({waits.get(step, 0)}) "
-                                   f"{e['step_seconds'][step]['p50'] - waits.get(step, 0) * e['latency_seconds']:+.2f} / "
-                                   f"{e['step_seconds'][step]['max'] - waits.get(step, 0) * e['latency_seconds']:+.2f}"
-                                   for step in waits if step in e["step_seconds"]), "-", "",
+                         _over_waits(e, waits), "-", "",
                          "the CloudStack steps' waits end on its events; the Volume Daemon's still at the rounds"))
     if m:
         rows.append((f"   with {m['processes']} serve processes: wall / critical path",
