@@ -82,7 +82,7 @@ T = TypeVar("T")
 
 JobType = Literal["test-failover", "live-failover", "cleanup"]
 JobOutcome = Literal["completed", "failed", "cancelled"]
-StepOutcome = Literal["completed", "failed", "skipped"]
+StepOutcome = Literal["completed", "failed", "skipped", "cancelled"]
 AdapterName = Literal["cloudstack", "volume_daemon", "injection", "platform_db"]
 AdapterOutcome = Literal["ok", "error", "retry"]
 RollbackOutcome = Literal["completed", "failed"]
@@ -99,7 +99,7 @@ ProjectorOutcome = Literal["applied", "duplicate"]
 
 JOB_TYPES: Final[tuple[str, ...]] = ("test-failover", "live-failover", "cleanup")
 JOB_OUTCOMES: Final[tuple[str, ...]] = ("completed", "failed", "cancelled")
-STEP_OUTCOMES: Final[tuple[str, ...]] = ("completed", "failed", "skipped")
+STEP_OUTCOMES: Final[tuple[str, ...]] = ("completed", "failed", "skipped", "cancelled")
 ADAPTERS: Final[tuple[str, ...]] = ("cloudstack", "volume_daemon", "injection", "platform_db")
 ADAPTER_OUTCOMES: Final[tuple[str, ...]] = ("ok", "error", "retry")
 ROLLBACK_OUTCOMES: Final[tuple[str, ...]] = ("completed", "failed")

@@ -86,7 +86,8 @@ def engine_config(s: Settings) -> EngineConfig:
         disk_offering_id=s.disk_offering_id, default_network_id=s.network_id,
         appliance_vm_id=s.appliance_vm_id, snapshot_timeout=s.snapshot_timeout_seconds,
         async_job_timeout=s.async_job_timeout_seconds, volume_operation_timeout=s.volume_operation_timeout_seconds,
-        retry_attempts=s.retry_attempts, retry_backoff=s.retry_backoff_seconds)
+        retry_attempts=s.retry_attempts, retry_backoff=s.retry_backoff_seconds,
+        retry_window=s.retry_window_seconds)
 
 
 def tune_gc(young_after: int, full_after: int) -> None:

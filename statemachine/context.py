@@ -13,15 +13,18 @@ from typing import Any, TypeVar
 
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception,
     stop_after_attempt,
+    stop_after_delay,
     wait_exponential,
 )
+from tenacity.stop import stop_base
 
 from schemas.common import utc_now
 from schemas.events import Event, LogRecorded
 
-from .errors import StepError
+from .errors import CancelWhileRetrying, StepError
 from .ports import (
     CloudStackPort,
     Commit,
@@ -55,6 +58,10 @@ class EngineConfig:
     retry_attempts: int = 5
     retry_backoff: float = 2.0
     retry_backoff_max: float = 60.0
+    # a transient failure is tried again until both `retry_attempts` tries were made and this
+    # many seconds have passed since it first failed (0: the attempts alone): an outage of
+    # CloudStack or the Volume Daemon shorter than it is ridden out, not failed and rolled back
+    retry_window: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -255,12 +262,19 @@ class JobContext:
                 raise  # (its `attempts` is 1 already)
             failed: StepError | None = exc
         cfg = self.config
+
+        async def note(state: RetryCallState) -> None:
+            await self._retry_note(what, state.attempt_number, state.outcome, state.upcoming_sleep)
+
+        stop: stop_base = stop_after_attempt(cfg.retry_attempts)
+        if cfg.retry_window > 0:
+            stop = stop & stop_after_delay(cfg.retry_window)
         retry = AsyncRetrying(
-            stop=stop_after_attempt(cfg.retry_attempts),
+            stop=stop,
             wait=wait_exponential(multiplier=cfg.retry_backoff, max=cfg.retry_backoff_max),
             retry=retry_if_exception(lambda e: isinstance(e, StepError) and e.transient),
             reraise=True,
-            before_sleep=lambda state: self._retry_note(what, state.attempt_number, state.outcome),
+            before_sleep=note,
         )
         tries = 0
         try:
@@ -276,11 +290,18 @@ class JobContext:
             raise
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
-    def _retry_note(self, what: str, attempt: int, outcome: Any) -> None:
+    async def _retry_note(self, what: str, attempt: int, outcome: Any, pause: float) -> None:
+        """Before the pause ahead of a retry: the note, written at once (an outage ridden out
+        shows in the job's progress while it lasts), which also sees a cancel: in a step, a
+        cancel asked for meanwhile stops the retries there (`CancelWhileRetrying`)."""
         exc = outcome.exception() if outcome is not None else None
         code = getattr(exc, "code", "ERROR")
         self.observer.retried(code, str(exc))
-        self.log("WARN", f"{what}: attempt {attempt} failed, retrying", error=str(exc), code=code)
+        self.log("WARN", f"{what}: attempt {attempt} failed, retrying in {pause:.1f} s",
+                 error=str(exc), code=code, attempt=attempt)
+        cancel = await self.commit()
+        if cancel and self.current_step is not None and isinstance(exc, StepError):
+            raise CancelWhileRetrying(what, exc)
 
 
 def monotonic() -> float:

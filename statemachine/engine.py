@@ -29,7 +29,7 @@ from schemas.events import (
 )
 
 from .context import JobContext
-from .errors import LeaseLost, StepError
+from .errors import CancelWhileRetrying, LeaseLost, StepError
 from .machine import STEP_STATES, steps_for, unbind
 from .steps.failover import FAILOVER_STEP_FUNCS, StepResult
 from .steps.undo import CLEANUP_STEP_FUNCS, Target, manual_actions, planned_actions, undo_all
@@ -93,6 +93,16 @@ class JobModel:
         began = time.monotonic()
         try:
             result: StepResult = await STEP_FUNCS[step](ctx)
+        except CancelWhileRetrying as stop:
+            # a cancel seen between two tries of a transient failure: the step stops there and
+            # the job is cancelled as after a step (a failover's rollback undoes what its
+            # ledger shows, a look-up deciding what an unfinished call left)
+            ctx.observer.step_finished(row.job_type, step, "cancelled", time.monotonic() - began)
+            ctx.current_step = None
+            ctx.log("WARN", f"cancel requested: stopping step {step} while it retried {stop.what}",
+                    error=str(stop.error), code=stop.error.code)
+            self.next_trigger = "cancel"
+            return
         except StepError as exc:
             ctx.observer.step_finished(row.job_type, step, "failed", time.monotonic() - began)
             ctx.log("ERROR", f"step {step} failed: {exc.message}", code=exc.code)

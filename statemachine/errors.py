@@ -48,5 +48,12 @@ class LeaseLost(Exception):
     """Another process owns this job now (our lease expired): stop touching it at once."""
 
 
-class JobCancelled(Exception):
-    """A cancel was requested and the job reached a safe point."""
+class CancelWhileRetrying(Exception):
+    """A cancel was seen while a step waited to try a transient failure again: the step stops
+    there, between two tries of an idempotent unit (its ledger says what it did), and the job
+    rolls back as after a cancel between steps."""
+
+    def __init__(self, what: str, error: StepError) -> None:
+        super().__init__(f"cancel requested while retrying {what} ({error})")
+        self.what = what
+        self.error = error

@@ -55,6 +55,9 @@ def service_env(database_url: str, amqp_url: str, emu: EmulatorHandle, **extra: 
         "FAILOVER_POLL_INTERVAL_SECONDS": "0.05",
         "FAILOVER_RETRY_BACKOFF_SECONDS": "0.05",
         "FAILOVER_RETRY_ATTEMPTS": "3",
+        # the attempts alone: the fault tests fail a step at its third try (the window's own
+        # tests set it: tests/crash/test_retry_window.py)
+        "FAILOVER_RETRY_WINDOW_SECONDS": "0",
         "FAILOVER_SNAPSHOT_TIMEOUT_SECONDS": "3",
         "FAILOVER_ASYNC_JOB_TIMEOUT_SECONDS": "3",
         "FAILOVER_VOLUME_OPERATION_TIMEOUT_SECONDS": "3",

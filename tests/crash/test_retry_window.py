@@ -1,0 +1,141 @@
+"""An outage of CloudStack shorter than FAILOVER_RETRY_WINDOW_SECONDS is ridden out: the step
+tries again (each try's note on the job's progress while the outage lasts) and the job
+completes. An outage longer than the window fails the step after it and rolls the job back;
+a cancel asked for while a step waits to try again stops it there and rolls the job back.
+
+Their own cell (database, vhost, emulators, serve), since the shared `serve` of the other tests
+runs with the attempts alone (FAILOVER_RETRY_WINDOW_SECONDS=0)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from failover.seed import SeededVm, seed_vm
+from schemas.commands import CancelRequested, FailoverRequested
+from schemas.events import Event
+
+from ..world import assert_restored, view
+from .support import Cell, derived_database, derived_vhost
+
+WINDOW = 60.0  # longer than any outage below: only a cancel or the outage's end stops the tries
+SHORT_WINDOW = 2.0
+
+
+@pytest.fixture(scope="module")
+async def cell(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cell]:
+    vhost = await asyncio.to_thread(derived_vhost, amqp_url, "retrywin")
+    opened = await Cell(name="retrywin", db_url=derived_database(database_url, "retrywin"), amqp_url=vhost,
+                        tmp=tmp_path_factory.mktemp("retrywin")).open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def _vm(cell: Cell, name: str) -> SeededVm:
+    assert cell.db and cell.control and cell.emu
+    return await seed_vm(cell.db, cell.control, cell.emu.appliance_vm_id, vm_name=name, os_type="ubuntu64Guest",
+                         test_network_id=cell.emu.test_network_id)
+
+
+async def _request(cell: Cell, vm: SeededVm) -> str:
+    assert cell.bus
+    job = uuid.uuid4()
+    await cell.bus.publish(FailoverRequested(request_id=job, vm_id=vm.vm_id, failover_type="test",
+                                             requested_by="retry-window-tests"))
+    return str(job)
+
+
+def _retry_notes(events: list[Event], what: str) -> list[Event]:
+    return [e for e in events if e.type == "LogRecorded" and e.message.startswith(f"{what}: attempt")]
+
+
+def _types(events: list[Event]) -> list[str]:
+    return [e.type for e in events if e.type != "LogRecorded"]
+
+
+@contextlib.asynccontextmanager
+async def _deploy_outage(cell: Cell, window: float, name: str) -> AsyncIterator[tuple[str, SeededVm, dict[str, Any]]]:
+    """A serve with the retry window `window`, a test failover of a new VM whose every deploy
+    CloudStack answers with an internal error until the faults are cleared: (job id, the VM,
+    the world before)."""
+    assert cell.control and cell.emu
+    serve = await cell.start_serve(FAILOVER_RETRY_WINDOW_SECONDS=str(window))
+    try:
+        vm = await _vm(cell, name)
+        before = await view(cell.control, vm.volume_ids, cell.emu.appliance_vm_id)
+        await cell.control.add_fault(api="cloudstack", command="deployVirtualMachine", kind="server_error", times=0)
+        yield await _request(cell, vm), vm, before
+    finally:
+        await cell.control.clear_faults()
+        await serve.stop()
+
+
+async def _restored(cell: Cell, vm: SeededVm, before: dict[str, Any]) -> None:
+    assert cell.control and cell.emu
+    await cell.control.clear_faults()
+    assert_restored(before, await view(cell.control, vm.volume_ids, cell.emu.appliance_vm_id))
+
+
+async def _outage_until(cell: Cell, job: str, notes: int) -> list[Event]:
+    """Until the job's stream shows `notes` notes of a failed deploy: progress while it lasts."""
+    assert cell.log
+    log = cell.log
+    await log.wait(lambda: len(_retry_notes(log.stream(job), "deploy VM")) >= notes, 60,
+                   f"{notes} notes of the deploy's retries")
+    return log.stream(job)
+
+
+async def test_an_outage_shorter_than_the_window_is_ridden_out(cell: Cell) -> None:
+    assert cell.control and cell.log
+    async with _deploy_outage(cell, WINDOW, "outage ridden out") as (job, _, _):
+        during = await _outage_until(cell, job, 5)  # more than FAILOVER_RETRY_ATTEMPTS=3
+        assert "StepFailed" not in _types(during)
+        note = _retry_notes(during, "deploy VM")[-1]
+        assert note.level == "WARN" and note.step == "vm-creation" and "retrying in" in note.message
+        assert note.fields["code"] and note.fields["attempt"] == 5
+        await cell.control.clear_faults()  # the outage ends
+        await cell.log.wait_ended([job], 60)
+        events = cell.log.stream(job)
+        assert events[-1].type == "JobCompleted", _types(events)
+        assert "StepFailed" not in _types(events)
+
+
+async def test_a_cancel_while_retrying_stops_the_step_and_rolls_back(cell: Cell) -> None:
+    assert cell.log and cell.bus
+    async with _deploy_outage(cell, WINDOW, "cancel while retrying") as (job, vm, before):
+        await _outage_until(cell, job, 2)
+        await cell.bus.publish(CancelRequested(request_id=uuid.uuid4(), job_id=uuid.UUID(job)))
+        await cell.log.wait_ended([job], 60)  # within the window: the cancel, not the window, ended it
+        events = cell.log.stream(job)
+        kinds = _types(events)
+        assert kinds[-3:] == ["RollbackStarted", "RollbackCompleted", "JobCancelled"], kinds
+        assert "StepFailed" not in kinds
+        assert events[-1].rolled_back is True
+        assert any(e.type == "LogRecorded" and e.message.startswith(
+            "cancel requested: stopping step vm-creation while it retried deploy VM") for e in events)
+        await _restored(cell, vm, before)
+
+
+async def test_an_outage_longer_than_the_window_fails_the_step_after_it(cell: Cell) -> None:
+    assert cell.log
+    async with _deploy_outage(cell, SHORT_WINDOW, "outage outlasts the window") as (job, vm, before):
+        await cell.log.wait_ended([job], 60)
+        events = cell.log.stream(job)
+        kinds = _types(events)
+        assert kinds[-3:] == ["RollbackStarted", "RollbackCompleted", "JobFailed"], kinds
+        failed: Any = next(e for e in events if e.type == "StepFailed")
+        notes = _retry_notes(events, "deploy VM")
+        # tried past the attempts (3) until the window had passed since the first failure
+        assert failed.step == "vm-creation" and failed.attempts == len(notes) + 1 > 3
+        # the tries went on until the window had passed (from the first failure, just before
+        # the first note), and no try was made after a failure past it
+        assert (failed.occurred_at - notes[0].occurred_at).total_seconds() >= SHORT_WINDOW - 0.25
+        assert (notes[-1].occurred_at - notes[0].occurred_at).total_seconds() < SHORT_WINDOW + 0.5
+        await _restored(cell, vm, before)
