@@ -63,6 +63,13 @@ class JobModel:
     def was_cancelled(self, event: EventData) -> bool:
         return self.ctx.row.cancel_requested or self.ctx.cancel_seen
 
+    def ends_cancelled(self, event: EventData) -> bool:
+        """A rollback that a cancel began ends the job cancelled; one that a failed step began
+        ends it failed, a cancel asked for during it notwithstanding (the failure is what
+        happened), and so does a retried rollback (CONTRACT: `JobFailed`; the retake clears
+        the cancel)."""
+        return self.was_cancelled(event) and not self.ctx.row.failed_step
+
     # ------------------------------------------------------------------ steps
 
     async def enter_step(self, event: EventData) -> None:

@@ -37,7 +37,8 @@ TRANSITIONS: list[dict[str, Any]] = [
     {"trigger": "cancel", "source": ["pending", *CLEANUP], "dest": "cancelled", "conditions": "is_cleanup"},
     {"trigger": "fail", "source": ["pending", *FAILOVER], "dest": "rolling_back"},
     {"trigger": "cancel", "source": ["pending", *FAILOVER], "dest": "rolling_back"},
-    {"trigger": "rolled_back", "source": "rolling_back", "dest": "cancelled", "conditions": "was_cancelled"},
+    # a rollback ends a job cancelled only when a cancel, not a failed step, began it
+    {"trigger": "rolled_back", "source": "rolling_back", "dest": "cancelled", "conditions": "ends_cancelled"},
     {"trigger": "rolled_back", "source": "rolling_back", "dest": "failed"},
     {"trigger": "rollback_incomplete", "source": "rolling_back", "dest": "failed"},
     {"trigger": "retry_rollback", "source": "failed", "dest": "rolling_back"},

@@ -162,6 +162,72 @@ async def test_failed_rollback_lists_manual_actions_and_rollback_requested_finis
     assert refused[0].type == "JobRejected" and refused[0].reason == "not_allowed"
 
 
+async def _run_cancelling(bus: BusClient, vm_id: str, job_id: uuid.UUID, on: tuple[str, str | None]) -> list[Event]:
+    """A test failover of `vm_id`, with a CancelRequested published when the event `on` (type,
+    step) arrives: its events to its end."""
+    queue = await bus.bind(f"job.{job_id}.#")
+    await bus.publish(FailoverRequested(request_id=job_id, vm_id=vm_id, failover_type="test"))
+    events: list[Event] = []
+
+    async def collect() -> None:
+        async for event in bus.events(queue):
+            events.append(event)
+            if (event.type, getattr(event, "step", None)) == on:
+                await bus.publish(CancelRequested(request_id=uuid.uuid4(), job_id=job_id))
+
+    await asyncio.wait_for(collect(), 120)
+    return events
+
+
+async def _slow_with_a_cancel(bus: BusClient, db: Any, control: EmulatorControl, emulators: EmulatorHandle,
+                              name: str, refused: str, on: tuple[str, str | None],
+                              ) -> tuple[uuid.UUID, SeededVm, dict[str, Any], list[Event]]:
+    """A test failover of a new VM with every CloudStack `refused` command refused and each
+    CloudStack job and daemon operation taking 0.3 s, cancelled at the event `on`: (job id,
+    the VM, the world before, its events)."""
+    vm = await _seed(db, control, emulators, name)
+    before = await view(control, vm.volume_ids, emulators.appliance_vm_id)
+    await control.add_fault(api="cloudstack", command=refused, kind="refuse", times=0)
+    await control.set_latency(async_job_seconds=0.3, operation_seconds=0.3)
+    job_id = uuid.uuid4()
+    try:
+        return job_id, vm, before, await _run_cancelling(bus, vm.vm_id, job_id, on)
+    finally:
+        await control.set_latency(async_job_seconds=0, operation_seconds=0)
+
+
+async def test_a_cancelled_jobs_retried_rollback_ends_failed_as_the_contract_says(
+        serve: ServeProcess, bus: BusClient, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
+    """A cancel, then a rollback that does not complete (JobFailed, rolled_back false); its
+    RollbackRequested ends JobFailed with rolled_back true (CONTRACT), not JobCancelled."""
+    job_id, vm, before, events = await _slow_with_a_cancel(
+        bus, db, control, emulators, "cancel then stuck rollback", "deleteSnapshot", ("StepStarted", "vm-creation"))
+    assert _types(events)[-3:] == ["RollbackStarted", "RollbackFailed", "JobFailed"], _types(events)
+    started: Any = next(e for e in events if e.type == "RollbackStarted")
+    assert started.reason == "cancel requested" and events[-1].rolled_back is False
+    await control.clear_faults()
+    more = await run_command(bus, RollbackRequested(request_id=uuid.uuid4(), job_id=job_id), job_id)
+    assert _types(more) == ["RollbackStarted", "RollbackCompleted", "JobFailed"], _types(more)
+    again: Any = next(e for e in more if e.type == "RollbackStarted")
+    assert again.reason == "rollback requested" and more[-1].rolled_back is True
+    assert_restored(before, await view(control, vm.volume_ids, emulators.appliance_vm_id))
+    row = await failover_row(db, str(job_id))
+    assert row.status == "failed" and row.rolled_back and not row.cancel_requested
+
+
+async def test_a_cancel_during_a_failed_steps_rollback_leaves_the_job_failed(
+        serve: ServeProcess, bus: BusClient, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
+    """The job failed at a step; a cancel that arrives while it rolls back does not turn that
+    failure into a cancel (JobFailed names the step that failed)."""
+    job_id, vm, before, events = await _slow_with_a_cancel(
+        bus, db, control, emulators, "cancel during rollback", "startVirtualMachine", ("RollbackStarted", None))
+    assert _types(events)[-3:] == ["RollbackStarted", "RollbackCompleted", "JobFailed"], _types(events)
+    assert events[-1].failed_step == "vm-startup-validation" and events[-1].rolled_back is True
+    row = await failover_row(db, str(job_id))
+    assert row.status == "failed" and row.cancel_requested  # the cancel was recorded, and changed nothing
+    assert_restored(before, await view(control, vm.volume_ids, emulators.appliance_vm_id))
+
+
 async def test_cleanup_puts_everything_back_content_included(
         serve: ServeProcess, bus: BusClient, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
     vm = await _seed(db, control, emulators, "cleanup me", disks=3)
@@ -231,17 +297,7 @@ async def test_cancel_at_each_step_rolls_back(serve: ServeProcess, bus: BusClien
     # slow enough that the cancel arrives while the step is running
     await control.set_latency(async_job_seconds=0.4, operation_seconds=0.4, api_seconds=0.1)
     job_id = uuid.uuid4()
-    queue = await bus.bind(f"job.{job_id}.#")
-    await bus.publish(FailoverRequested(request_id=job_id, vm_id=vm.vm_id, failover_type="test"))
-    events: list[Event] = []
-
-    async def collect() -> None:
-        async for event in bus.events(queue):
-            events.append(event)
-            if event.type == "StepStarted" and event.step == after_step:
-                await bus.publish(CancelRequested(request_id=uuid.uuid4(), job_id=job_id))
-
-    await asyncio.wait_for(collect(), 120)
+    events = await _run_cancelling(bus, vm.vm_id, job_id, ("StepStarted", after_step))
     await control.set_latency(async_job_seconds=0, operation_seconds=0, api_seconds=0)
     check_stream(events, str(job_id))
     assert events[-1].type == "JobCancelled" and events[-1].rolled_back is True

@@ -76,7 +76,7 @@ class CommandRecorder:
             **{c: bindparam(c, type_=failover_jobs.c[c].type) for c in _NEW_JOB_COLUMNS}, lease_expires_at=expiry)
         self._retake_for_rollback: Update = (
             update(failover_jobs).where(failover_jobs.c.job_id == bindparam("job_id"))
-            .values(ended=False, rollback_requested=True, lease_owner=bindparam("v_owner"),
+            .values(ended=False, rollback_requested=True, cancel_requested=False, lease_owner=bindparam("v_owner"),
                     lease_expires_at=expiry, updated_at=bindparam("v_updated_at")))
 
     async def record(self, cmd: Command) -> Decision:
