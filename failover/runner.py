@@ -19,9 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 from collections import Counter, deque
 from collections.abc import Callable
+from pathlib import Path
 
+import aiohttp
+from sqlalchemy.exc import DBAPIError
 from transitions.extensions.asyncio import AsyncMachine
 
 from adapters.db.engine import is_connection_error
@@ -38,6 +42,23 @@ log = logging.getLogger("failover.runner")
 RENEWAL_RETRY_SECONDS = 0.05
 # how late a renewal round may wake (a busy event loop) for the jobs it passed by to stay safe
 RENEWAL_LAG_ALLOWANCE = 0.5
+
+
+def _outside_trouble(exc: BaseException) -> bool:
+    """A crash the database or the network may have caused (and may stop causing): never
+    counted towards giving a job up. The rest are the engine's own: a bug, or data it cannot
+    read."""
+    return isinstance(exc, (DBAPIError, OSError, aiohttp.ClientError))
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost frame of the project's own code in the traceback: file:line (no values,
+    so no secret can ride into an event)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if "site-packages" not in f.filename] or frames
+    if not ours:
+        return "?"
+    return f"{Path(ours[-1].filename).name}:{ours[-1].lineno}"
 
 
 class JobRunner:
@@ -66,6 +87,10 @@ class JobRunner:
         # lease was set no earlier than the moment we asked for it
         self._valid_until: dict[str, float] = {}
         self._crashes: dict[str, int] = {}
+        # job -> (where it was: its recorded state and failed step, crashes in a row there, the
+        # last one's exception): the engine's own crashes, not the database's or the network's
+        # (statemachine.engine.ENGINE_CRASH_LIMIT)
+        self._engine_crashes: dict[str, tuple[tuple[str, str | None], int, str]] = {}
         self._lost: set[str] = set()  # stopped because the lease is (or may be) gone
         self._stopped_at: dict[str, float] = {}  # when each of those was (last) stopped (monotonic)
         self._recancelled: set[str] = set()  # of those, the ones cancelled again
@@ -177,6 +202,9 @@ class JobRunner:
         ctx.owner = self.owner
         ctx.taken_over = taken_over and (row.status != "pending" or row.last_sequence > 1)
         job_id = row.job_id
+        crashed = self._engine_crashes.get(job_id)
+        if crashed is not None and crashed[0] == (row.status, row.failed_step):
+            ctx.engine_crashes = crashed[1:]
         self.contexts[job_id] = ctx
         self._valid_until[job_id] = lease_from + self.lease_seconds
         task = asyncio.create_task(self._drive(ctx), name=f"job-{job_id}")
@@ -229,6 +257,13 @@ class JobRunner:
                 else:
                     log.exception("job %s crashed in the engine; it will be resumed from its recorded state",
                                   job_id)
+                    if not _outside_trouble(exc):
+                        at = (ctx.row.status, ctx.row.failed_step)  # (as last committed)
+                        last = self._engine_crashes.get(job_id)
+                        n = last[1] + 1 if last is not None and last[0] == at else 1
+                        self._engine_crashes[job_id] = (at, n, f"{type(exc).__name__} in {_where(exc)}")
+            if not crashed:
+                self._engine_crashes.pop(job_id, None)
             if state is not None and is_ended(state):
                 self._crashes.pop(job_id, None)
             elif not self._stopping and job_id not in self._lost and not ctx.draining:

@@ -106,6 +106,9 @@ class JobContext:
     current_step: str | None = None
     owner: str | None = None  # the process driving the job (its lease owner), for the log
     taken_over: bool = False  # this process resumes a job another run (or process) began
+    # how many times in a row the engine crashed on this job in its recorded state here (not
+    # counting the database's or the network's troubles), and the last crash's exception
+    engine_crashes: tuple[int, str] = (0, "")
 
     # ------------------------------------------------------------------ events
 

@@ -36,6 +36,10 @@ from .steps.undo import CLEANUP_STEP_FUNCS, Target, manual_actions, planned_acti
 
 STEP_FUNCS = {**FAILOVER_STEP_FUNCS, **CLEANUP_STEP_FUNCS}
 _END = {"completed", "failed", "cancelled", "cleaned_up"}
+# the engine crashed on a job this many times in a row in one state (an exception no step
+# turned into a StepError: a bug, or data it cannot read): the next run gives the job up there
+# (the step fails, or the rollback ends with what is left to undo) instead of crashing again
+ENGINE_CRASH_LIMIT = 5
 
 
 def _percent(order: int, total: int) -> int:
@@ -263,6 +267,9 @@ async def drive(machine: AsyncMachine, ctx: JobContext) -> str:
                 model.resuming, model.next_trigger = True, "resume"
         elif initial == "failed" and row.rollback_requested:
             model.next_trigger = "retry_rollback"
+        if ctx.engine_crashes[0] >= ENGINE_CRASH_LIMIT and (
+                model.next_trigger in ("start", "resume") or (model.next_trigger == "fail" and row.job_type != "cleanup")):
+            await _give_up(model, machine, initial)
         while model.next_trigger:
             if ctx.draining and model.next_trigger in ("start", "step_done", "cancel"):
                 await ctx.flush()  # the step's end, staged for the next start
@@ -280,6 +287,58 @@ async def drive(machine: AsyncMachine, ctx: JobContext) -> str:
     finally:
         machine.remove_model(model)
         unbind(model)
+
+
+async def _give_up(model: JobModel, machine: AsyncMachine, state: str) -> None:
+    """The engine crashed ENGINE_CRASH_LIMIT times in a row on the job at this point: end what
+    it was doing as a failure an operator can act on, instead of crashing again. A step (or a
+    job not started) fails, and a failover goes on to its rollback; a rollback (or the start
+    of one) ends incomplete, naming what is left to undo (a RollbackRequested tries it again
+    once the cause is fixed)."""
+    ctx, row = model.ctx, model.ctx.row
+    crashes, what = ctx.engine_crashes
+    code = "ENGINE_CRASHED"
+    message = (f"the orchestrator crashed {crashes} times in a row on this job in {state} ({what}) and gave "
+               f"that up instead of trying again; serve's log has each crash's traceback under job {row.job_id}: "
+               "report it with them")
+    model.resuming = False
+    ctx.log("ERROR", message, code=code, state=state)
+    if state == "rolling_back" or model.next_trigger == "fail":  # (a StepFailed committed: its rollback's start)
+        message += ("; undo what manual_actions lists (or fix the cause and send a RollbackRequested: "
+                    "failoverctl rollback)")
+        events: list[tuple[Any, dict[str, Any]]] = []
+        if state != "rolling_back":
+            events.append((RollbackStarted, {"reason": f"step {row.failed_step} failed: {row.error_code}",
+                                             "actions": []}))
+        events.append((RollbackFailed, {"error": {"code": code, "message": message},
+                                        "manual_actions": await _left_to_undo(ctx)}))
+        ctx.observer.rollback_ended("failed")
+        await ctx.commit(events, job={"status": "rolling_back", "resume_state": None, "rollback_requested": False,
+                                      "rolled_back": False})
+        machine.set_state("rolling_back", model)
+        model.rollback_ok, model.next_trigger = False, "rollback_incomplete"
+        return
+    job: dict[str, Any] = {"error_code": code, "error_message": message}
+    failed: list[tuple[Any, dict[str, Any]]] = []
+    if state in STEP_STATES:
+        failed.append((StepFailed, {"step": state, "step_order": steps_for(row.job_type).index(state) + 1,
+                                    "error": {"code": code, "message": message}, "attempts": crashes}))
+        job["failed_step"] = state
+    await ctx.commit(failed, job=job)
+    model.next_trigger = "fail"
+
+
+async def _left_to_undo(ctx: JobContext) -> list[dict[str, Any]]:
+    """What an operator must still undo, as a failed rollback names it; where working that out
+    crashes too, each resource the ledger holds that was not undone, to be checked by hand."""
+    try:
+        return await manual_actions(ctx, Target(plan=ctx.row.plan, ledger=dict(await ctx.ledger())),
+                                    everything=False)
+    except Exception:
+        entries = await ctx.ports.store.ledger(ctx.row.job_id)
+        return [{"action": "check", "resource_type": e.resource_type, "resource_id": e.resource_id,
+                 "detail": f"{e.action} by this job ({e.status}): undo it by hand if it is still there"}
+                for e in entries if e.resource_id and e.status != "undone" and not e.key.startswith("undo:")]
 
 
 def is_ended(state: str) -> bool:
