@@ -335,7 +335,7 @@ async def _serve(svc: Service, settings: Settings, roles: tuple[str, ...], on_er
                                             batch_from=settings.poll_batch_from,
                                             timeout=settings.http_timeout_seconds, observe=m.observe_adapter_call),
                 injection=InjectionScript(settings.inject_argv, timeout=settings.inject_timeout_seconds,
-                                          observe=m.observe_adapter_call),
+                                          observe=m.observe_adapter_call, lock_dir=settings.inject_lock_dir or None),
                 platform=m.observed("platform_db", PlatformTables(engine)),
                 store=store,
             )

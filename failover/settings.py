@@ -152,6 +152,9 @@ class Settings(ConnectionSettings):
     async_job_timeout_seconds: PositiveFloat = 1800.0
     volume_operation_timeout_seconds: PositiveFloat = 600.0
     inject_timeout_seconds: PositiveFloat = 3600.0
+    # where each device's injection lock lives (one run per device at a time, even past a
+    # killed serve: adapters/injection.py); default: <the system's temporary directory>/failover-inject
+    inject_lock_dir: str = ""
     http_timeout_seconds: PositiveFloat = 60.0
     retry_attempts: int = Field(default=5, ge=1)  # tries of a transient failure
     retry_backoff_seconds: PositiveFloat = 2.0  # first backoff, doubles, capped at 60 s

@@ -4,6 +4,7 @@ a real subprocess: output streamed line by line, failures, the timeout kill, and
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import stat
 import sys
@@ -17,6 +18,7 @@ from adapters.injection import InjectionFailed, InjectionScript
 from emulators.client import EmulatorControl
 from emulators.runner import EmulatorHandle
 
+from ..helpers import processes_with
 from .helpers import Observed, wait_until, world_item
 
 
@@ -37,22 +39,6 @@ class Lines:
         self.lines.append(line)
         if self.job_id:
             self.pids |= processes_with(self.job_id)
-
-
-def processes_with(token: str) -> set[int]:
-    """The live (not zombie) processes with `token` as one argument of their command line."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-            status = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if token.encode() in args and status.rsplit(")", 1)[-1].split()[0] != "Z":
-            found.add(int(entry.name))
-    return found
 
 
 def alive(pid: int) -> bool:
@@ -252,3 +238,46 @@ async def test_device_path_and_job_id_are_the_last_two_arguments() -> None:
     await InjectionScript([*python(code), "--fixed", "two words"], timeout=20).inject(
         "/dev/vdb; echo x", "job 1", lines)
     assert lines.lines == [repr(["--fixed", "two words", "/dev/vdb; echo x", "job 1"])]
+
+
+def _hold(script: InjectionScript, device: str) -> int:
+    """Lock `device` as another run of the command would: the open, locked file."""
+    script.lock_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(script.lock_dir / f"{device.strip('/').replace('/', '_')}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+async def test_a_run_waits_while_another_holds_its_device_and_says_so(
+        emu: EmulatorHandle, control: EmulatorControl, tmp_path: Path) -> None:
+    await control.create_volume("win-root", 40, vm_id=emu.appliance_vm_id, content="win")
+    await control.create_volume("other-root", 40, vm_id=emu.appliance_vm_id, content="other")
+    script = InjectionScript(argv(emu), timeout=20, lock_dir=str(tmp_path / "locks"))
+    held = _hold(script, "/dev/vdb")
+    lines = Lines()
+    task = asyncio.create_task(script.inject("/dev/vdb", str(uuid.uuid4()), lines))
+    try:
+        await wait_until(lambda: any(line.startswith("waiting for an earlier run") for line in lines.lines), 10,
+                         "the run to wait")
+        assert await control.calls(api="inject") == []  # not run while the device is held
+        # another device is not held up by it
+        await asyncio.wait_for(script.inject("/dev/vdc", str(uuid.uuid4()), Lines()), 20)
+        assert [c["params"]["device_path"] for c in await control.calls(api="inject")] == ["/dev/vdc"]
+    finally:
+        os.close(held)  # the other run ends
+    await asyncio.wait_for(task, 20)
+    assert len(await control.calls(api="inject")) == 2 and lines.lines[-1].endswith("Finishing off")
+
+
+async def test_a_device_held_past_the_timeout_fails_busy_naming_the_lock(
+        emu: EmulatorHandle, control: EmulatorControl, tmp_path: Path) -> None:
+    script = InjectionScript(argv(emu), timeout=0.5, lock_dir=str(tmp_path / "locks"))
+    held = _hold(script, "/dev/vdb")
+    try:
+        with pytest.raises(InjectionFailed) as caught:
+            await script.inject("/dev/vdb", "job-busy", Lines())
+    finally:
+        os.close(held)
+    assert caught.value.code == "DRIVER_INJECTION_BUSY" and not caught.value.transient
+    assert str(script.lock_dir / "dev_vdb.lock") in caught.value.message and "fuser" in caught.value.message
+    assert await control.calls(api="inject") == []
