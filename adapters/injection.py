@@ -2,11 +2,11 @@
 the job id appended as separate arguments. Never through a shell; bounded by a timeout; every
 output line is handed to the caller (it becomes a `LogRecorded` event).
 
-One run per device at a time: a run holds an exclusive lock (flock) on a file of its device in
-`FAILOVER_INJECT_LOCK_DIR`, and the command inherits it, so the lock lasts as long as the
-command (and whatever it started) does, even past the process that started it (killed with
-SIGKILL, its step resumed elsewhere): a second run on that device waits for the first to end
-instead of writing the same disk at the same time."""
+One run per device at a time: the command runs under util-linux `flock`, holding an exclusive
+lock on a file of its device in `FAILOVER_INJECT_LOCK_DIR` for as long as the command runs,
+even past the process that started it (killed with SIGKILL, its step resumed elsewhere): a
+second run on that device waits for the first to end instead of writing the same disk at the
+same time, and so does the undo of the command's writes (`wait_idle`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import asyncio
 import collections
 import fcntl
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -27,7 +28,8 @@ from .cloudstack import Timer
 _CHUNK = 65536
 _MAX_LINE = 2000  # characters of one output line handed over
 _MAX_TAIL = 8000  # characters of the output's tail in an error message
-_LOCK_POLL = 0.25  # seconds between two tries of a device's lock held by another run
+_LOCK_POLL = 0.25  # seconds between two looks at a device's lock held by another run
+_CONFLICT = 213  # `flock`'s exit status when the lock is taken (a status the command is unlikely to use)
 
 
 class InjectionFailed(StepError):
@@ -43,55 +45,94 @@ class InjectionScript:
         self._timeout = timeout
         self._observe = observe or (lambda *a: None)
         self.lock_dir = Path(lock_dir or Path(tempfile.gettempdir()) / "failover-inject")
+        self._flock = shutil.which("flock")
+
+    def lock_file(self, device_path: str) -> Path:
+        """The device's lock file (one per device, whatever path names it)."""
+        real = os.path.realpath(device_path)
+        return self.lock_dir / f"{real.strip('/').replace('/', '_') or 'device'}.lock"
 
     async def inject(self, device_path: str, job_id: str, on_line: Callable[[str], Awaitable[None]]) -> None:
-        lock = await self._lock(device_path, on_line)
-        try:
-            await self._run(lock, device_path, job_id, on_line)
-        finally:
-            os.close(lock)  # (the command's copy, if it still runs, keeps the lock)
+        deadline = time.monotonic() + self._timeout
+        while True:
+            await self._until_free(device_path, deadline, on_line)
+            if await self._run(device_path, job_id, on_line):
+                return
+            # (another run took the device between the look and the start: wait for it too)
 
-    async def _lock(self, device_path: str, on_line: Callable[[str], Awaitable[None]]) -> int:
-        """An open file of the device's lock, locked; waits (up to the timeout) for a run that
-        holds it to end."""
-        path = self.lock_dir / f"{device_path.strip('/').replace('/', '_') or 'device'}.lock"
+    async def wait_idle(self, device_path: str) -> None:
+        """Until no run of the command holds the device (a run that outlived a killed serve):
+        what undoes the command's writes waits for it to end first."""
+        async def nothing(line: str) -> None:
+            return None
+        await self._until_free(device_path, time.monotonic() + self._timeout, nothing)
+
+    async def _until_free(self, device_path: str, deadline: float, on_line: Callable[[str], Awaitable[None]]) -> None:
+        """Until the device's lock is free (looked at, not kept: the run takes it with `flock`);
+        a run that holds it past `deadline` fails the step, naming the file."""
+        path = self.lock_file(device_path)
+        fd = self._open(path)
+        try:
+            told = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    pass
+                if time.monotonic() >= deadline:
+                    raise InjectionFailed(
+                        "DRIVER_INJECTION_BUSY",
+                        f"a run of the injection command on {device_path} still holds {path} after "
+                        f"{self._timeout:.0f} s (it outlived the process that started it); find it on the appliance "
+                        f"(fuser -v {path}), let it end or kill it, then retry")
+                if not told:
+                    told = True
+                    await on_line(f"waiting for an earlier run of the injection command on {device_path} to end "
+                                  f"(it holds {path}: it outlived the process that started it)")
+                await asyncio.sleep(_LOCK_POLL)
+        finally:
+            os.close(fd)  # (the lock, if taken, goes with it)
+
+    def _open(self, path: Path) -> int:
         try:
             self.lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            st = os.stat(self.lock_dir)
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                raise InjectionFailed(
+                    "DRIVER_INJECTION_NOT_RUN",
+                    f"the injection's lock directory {self.lock_dir} is not this user's own (owner uid {st.st_uid}, "
+                    f"mode {st.st_mode & 0o777:o}); point FAILOVER_INJECT_LOCK_DIR at a directory only serve's user "
+                    "can write")
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
             raise InjectionFailed("DRIVER_INJECTION_NOT_RUN",
                                   f"cannot open the injection's lock file {path}: {exc.strerror}; check "
                                   "FAILOVER_INJECT_LOCK_DIR (a directory serve can write)") from exc
-        deadline = time.monotonic() + self._timeout
-        told = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                pass
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                raise InjectionFailed(
-                    "DRIVER_INJECTION_BUSY",
-                    f"an earlier run of the injection command on {device_path} still holds {path} after "
-                    f"{self._timeout:.0f} s (it outlived the process that started it); find it on the appliance "
-                    f"(fuser -v {path}), let it end or kill it, then retry the failover")
-            if not told:
-                told = True
-                await on_line(f"waiting for an earlier run of the injection command on {device_path} to end "
-                              f"(it holds {path}: it outlived the process that started it)")
-            await asyncio.sleep(_LOCK_POLL)
 
-    async def _run(self, lock: int, device_path: str, job_id: str,
-                   on_line: Callable[[str], Awaitable[None]]) -> None:
+    async def _run(self, device_path: str, job_id: str, on_line: Callable[[str], Awaitable[None]]) -> bool:
+        """One run under the device's lock; False if another run took the lock first."""
+        if self._flock is None:
+            raise InjectionFailed("DRIVER_INJECTION_NOT_RUN",
+                                  "`flock` (util-linux) is not installed: it holds the device's lock for as long as "
+                                  "the injection command runs; install util-linux")
         argv = [*self._argv, device_path, job_id]
+        if shutil.which(argv[0]) is None:  # (`flock` would say so only in its output)
+            self._observe("injection", "inject", "error", 0.0)
+            raise InjectionFailed("DRIVER_INJECTION_NOT_RUN",
+                                  f"cannot run the injection command {argv[0]!r}: no such executable file; check "
+                                  "FAILOVER_VIRTIO_INJECT_COMMAND")
+        # `flock` takes the lock, runs the command as its child and keeps the lock until it
+        # ends: also past serve's own end (SIGKILL), and whatever descriptors the command
+        # (sudo, say) closes
+        locked = [self._flock, "--exclusive", "--nonblock", "--conflict-exit-code", str(_CONFLICT),
+                  str(self.lock_file(device_path)), *argv]
         began = time.monotonic()
         tail: collections.deque[str] = collections.deque(maxlen=20)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True, pass_fds=(lock,))
+                *locked, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         except OSError as exc:
             self._observe("injection", "inject", "error", time.monotonic() - began)
             raise InjectionFailed("DRIVER_INJECTION_NOT_RUN",
@@ -134,12 +175,15 @@ class InjectionScript:
         except BaseException:
             _kill(proc)
             raise
+        if proc.returncode == _CONFLICT and not tail:
+            return False  # `flock` found the lock taken: the command never ran
         ok = proc.returncode == 0
         self._observe("injection", "inject", "ok" if ok else "error", time.monotonic() - began)
         if not ok:
             raise InjectionFailed("DRIVER_INJECTION_FAILED",
                                   f"the injection command exited with status {proc.returncode}. "
                                   f"Last output: {_tail(tail)}")
+        return True
 
 
 def _kill(proc: asyncio.subprocess.Process) -> None:

@@ -51,14 +51,18 @@ def _outside_trouble(exc: BaseException) -> bool:
     return isinstance(exc, (DBAPIError, OSError, aiohttp.ClientError))
 
 
+_OURS = ("statemachine", "adapters", "failover", "consumers", "publishers", "schemas")
+
+
 def _where(exc: BaseException) -> str:
-    """The innermost frame of the project's own code in the traceback: file:line (no values,
-    so no secret can ride into an event)."""
+    """The innermost frame of the project's own code in the traceback: package/file:line (no
+    values, so no secret can ride into an event)."""
     frames = traceback.extract_tb(exc.__traceback__)
-    ours = [f for f in frames if "site-packages" not in f.filename] or frames
+    ours = [f for f in frames if any(part in _OURS for part in Path(f.filename).parts[-3:-1])] or frames
     if not ours:
         return "?"
-    return f"{Path(ours[-1].filename).name}:{ours[-1].lineno}"
+    path = Path(ours[-1].filename)
+    return f"{path.parent.name}/{path.name}:{ours[-1].lineno}"
 
 
 class JobRunner:

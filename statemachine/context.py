@@ -15,16 +15,13 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
     wait_exponential,
 )
-from tenacity.stop import stop_base
 
 from schemas.common import utc_now
 from schemas.events import Event, LogRecorded
 
-from .errors import CancelWhileRetrying, StepError
+from .errors import OUTAGE_CODES, CancelWhileRetrying, HandBack, StepError
 from .ports import (
     CloudStackPort,
     Commit,
@@ -58,9 +55,10 @@ class EngineConfig:
     retry_attempts: int = 5
     retry_backoff: float = 2.0
     retry_backoff_max: float = 60.0
-    # a transient failure is tried again until both `retry_attempts` tries were made and this
-    # many seconds have passed since it first failed (0: the attempts alone): an outage of
-    # CloudStack or the Volume Daemon shorter than it is ridden out, not failed and rolled back
+    # an outage's transient failure (errors.OUTAGE_CODES) is tried again until both
+    # `retry_attempts` tries were made and this many seconds have passed since it first failed
+    # (0: the attempts alone): an outage of CloudStack or the Volume Daemon shorter than it is
+    # ridden out, not failed and rolled back
     retry_window: float = 0.0
 
 
@@ -269,9 +267,15 @@ class JobContext:
         async def note(state: RetryCallState) -> None:
             await self._retry_note(what, state.attempt_number, state.outcome, state.upcoming_sleep)
 
-        stop: stop_base = stop_after_attempt(cfg.retry_attempts)
-        if cfg.retry_window > 0:
-            stop = stop & stop_after_delay(cfg.retry_window)
+        def stop(state: RetryCallState) -> bool:
+            """After the attempts; through the window while the failure is an outage's."""
+            if state.attempt_number < cfg.retry_attempts:
+                return False
+            exc = state.outcome.exception() if state.outcome is not None else None
+            if cfg.retry_window <= 0 or getattr(exc, "code", None) not in OUTAGE_CODES:
+                return True
+            return (state.seconds_since_start or 0.0) >= cfg.retry_window
+
         retry = AsyncRetrying(
             stop=stop,
             wait=wait_exponential(multiplier=cfg.retry_backoff, max=cfg.retry_backoff_max),
@@ -295,16 +299,21 @@ class JobContext:
 
     async def _retry_note(self, what: str, attempt: int, outcome: Any, pause: float) -> None:
         """Before the pause ahead of a retry: the note, written at once (an outage ridden out
-        shows in the job's progress while it lasts), which also sees a cancel: in a step, a
-        cancel asked for meanwhile stops the retries there (`CancelWhileRetrying`)."""
+        shows in the job's progress while it lasts), which also sees a cancel: in a failover's
+        step, a cancel asked for meanwhile stops the retries there (`CancelWhileRetrying`); and
+        in any step, a drain (`HandBack`)."""
         exc = outcome.exception() if outcome is not None else None
         code = getattr(exc, "code", "ERROR")
         self.observer.retried(code, str(exc))
         self.log("WARN", f"{what}: attempt {attempt} failed, retrying in {pause:.1f} s",
                  error=str(exc), code=code, attempt=attempt)
         cancel = await self.commit()
-        if cancel and self.current_step is not None and isinstance(exc, StepError):
+        if self.current_step is None or not isinstance(exc, StepError):
+            return  # (a rollback goes on through a cancel and a drain: it is undoing)
+        if cancel and self.row.job_type != "cleanup":  # (a cleanup stops between its steps only)
             raise CancelWhileRetrying(what, exc)
+        if self.draining:  # nothing in flight: the next owner resumes the step from here
+            raise HandBack
 
 
 def monotonic() -> float:

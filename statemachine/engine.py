@@ -29,7 +29,7 @@ from schemas.events import (
 )
 
 from .context import JobContext
-from .errors import CancelWhileRetrying, LeaseLost, StepError
+from .errors import CancelWhileRetrying, HandBack, LeaseLost, StepError
 from .machine import STEP_STATES, steps_for, unbind
 from .steps.failover import FAILOVER_STEP_FUNCS, StepResult
 from .steps.undo import CLEANUP_STEP_FUNCS, Target, manual_actions, planned_actions, undo_all
@@ -72,7 +72,7 @@ class JobModel:
         ends it failed, a cancel asked for during it notwithstanding (the failure is what
         happened), and so does a retried rollback (CONTRACT: `JobFailed`; the retake clears
         the cancel)."""
-        return self.was_cancelled(event) and not self.ctx.row.failed_step
+        return self.was_cancelled(event) and not self.ctx.row.failed_step and not self.ctx.row.error_code
 
     # ------------------------------------------------------------------ steps
 
@@ -109,9 +109,14 @@ class JobModel:
             # the job is cancelled as after a step (a failover's rollback undoes what its
             # ledger shows, a look-up deciding what an unfinished call left)
             ctx.observer.step_finished(row.job_type, step, "cancelled", time.monotonic() - began)
+            message = f"cancel requested: stopping step {step} while it retried {stop.what}"
+            ctx.log("WARN", message, error=str(stop.error), code=stop.error.code)
             ctx.current_step = None
-            ctx.log("WARN", f"cancel requested: stopping step {step} while it retried {stop.what}",
-                    error=str(stop.error), code=stop.error.code)
+            # the step's end (job_steps shows it stopped, not running); the job's failed step
+            # stays unset: a cancel, not the step, ends it
+            await ctx.commit([(StepFailed, {"step": step, "step_order": order,
+                                            "error": {"code": "CANCELLED", "message": f"{message} ({stop.error})"},
+                                            "attempts": stop.error.attempts})])
             self.next_trigger = "cancel"
             return
         except StepError as exc:
@@ -161,9 +166,9 @@ class JobModel:
             ctx.log("INFO", "resuming the rollback (job taken over after an interruption)", owner=ctx.owner)
             await ctx.commit(job={"status": "rolling_back"})
         else:
-            cancelled = self.was_cancelled(event)
-            reason = "cancel requested" if cancelled else (
-                f"step {row.failed_step} failed: {row.error_code}" if row.failed_step else "rollback requested")
+            reason = (f"step {row.failed_step} failed: {row.error_code}" if row.failed_step
+                      else f"the job failed: {row.error_code}" if row.error_code
+                      else "cancel requested" if self.was_cancelled(event) else "rollback requested")
             await ctx.commit(
                 [(RollbackStarted, {"reason": reason, "actions": planned_actions(target, everything=False)})],
                 job={"status": "rolling_back", "resume_state": None, "rollback_requested": False,
@@ -267,8 +272,7 @@ async def drive(machine: AsyncMachine, ctx: JobContext) -> str:
                 model.resuming, model.next_trigger = True, "resume"
         elif initial == "failed" and row.rollback_requested:
             model.next_trigger = "retry_rollback"
-        if ctx.engine_crashes[0] >= ENGINE_CRASH_LIMIT and (
-                model.next_trigger in ("start", "resume") or (model.next_trigger == "fail" and row.job_type != "cleanup")):
+        if ctx.engine_crashes[0] >= ENGINE_CRASH_LIMIT and model.next_trigger:
             await _give_up(model, machine, initial)
         while model.next_trigger:
             if ctx.draining and model.next_trigger in ("start", "step_done", "cancel"):
@@ -282,7 +286,7 @@ async def drive(machine: AsyncMachine, ctx: JobContext) -> str:
                     raise asyncio.CancelledError
                 raise RuntimeError(f"trigger {trigger!r} not allowed from state {model.state!r}")
         return model.state
-    except LeaseLost:
+    except (LeaseLost, HandBack):  # (HandBack: draining, between two tries in a step)
         return model.state
     finally:
         machine.remove_model(model)
@@ -291,41 +295,66 @@ async def drive(machine: AsyncMachine, ctx: JobContext) -> str:
 
 async def _give_up(model: JobModel, machine: AsyncMachine, state: str) -> None:
     """The engine crashed ENGINE_CRASH_LIMIT times in a row on the job at this point: end what
-    it was doing as a failure an operator can act on, instead of crashing again. A step (or a
-    job not started) fails, and a failover goes on to its rollback; a rollback (or the start
-    of one) ends incomplete, naming what is left to undo (a RollbackRequested tries it again
-    once the cause is fixed)."""
+    it was doing as a failure an operator can act on, instead of crashing again.
+
+    - a step, or the way into the next one (a job not started, a step done): the step fails,
+      and a failover goes on to its rollback (a cleanup ends failed);
+    - a rollback, or the way into one (after a failed step, a cancel, a RollbackRequested):
+      it ends incomplete, naming what is left to undo (a RollbackRequested tries it again once
+      the cause is fixed);
+    - the job's end itself: the job ends failed, with only what the row already holds."""
     ctx, row = model.ctx, model.ctx.row
     crashes, what = ctx.engine_crashes
+    trigger, cleanup = model.next_trigger, row.job_type == "cleanup"
     code = "ENGINE_CRASHED"
     message = (f"the orchestrator crashed {crashes} times in a row on this job in {state} ({what}) and gave "
                f"that up instead of trying again; serve's log has each crash's traceback under job {row.job_id}: "
                "report it with them")
     model.resuming = False
     ctx.log("ERROR", message, code=code, state=state)
-    if state == "rolling_back" or model.next_trigger == "fail":  # (a StepFailed committed: its rollback's start)
+    if trigger in ("rolled_back", "rollback_incomplete") or (cleanup and trigger in ("fail", "cancel")):
+        await _end_failed(model, machine, code, message)
+    elif state == "rolling_back" or trigger in ("fail", "cancel", "retry_rollback"):
         message += ("; undo what manual_actions lists (or fix the cause and send a RollbackRequested: "
                     "failoverctl rollback)")
         events: list[tuple[Any, dict[str, Any]]] = []
         if state != "rolling_back":
-            events.append((RollbackStarted, {"reason": f"step {row.failed_step} failed: {row.error_code}",
-                                             "actions": []}))
+            reason = f"step {row.failed_step} failed: {row.error_code}" if row.failed_step else f"the job failed: {code}"
+            events.append((RollbackStarted, {"reason": reason, "actions": []}))
         events.append((RollbackFailed, {"error": {"code": code, "message": message},
                                         "manual_actions": await _left_to_undo(ctx)}))
         ctx.observer.rollback_ended("failed")
         await ctx.commit(events, job={"status": "rolling_back", "resume_state": None, "rollback_requested": False,
-                                      "rolled_back": False})
+                                      "rolled_back": False, **({} if row.error_code else {"error_code": code,
+                                                                                         "error_message": message})})
         machine.set_state("rolling_back", model)
         model.rollback_ok, model.next_trigger = False, "rollback_incomplete"
-        return
-    job: dict[str, Any] = {"error_code": code, "error_message": message}
-    failed: list[tuple[Any, dict[str, Any]]] = []
-    if state in STEP_STATES:
-        failed.append((StepFailed, {"step": state, "step_order": steps_for(row.job_type).index(state) + 1,
-                                    "error": {"code": code, "message": message}, "attempts": crashes}))
-        job["failed_step"] = state
-    await ctx.commit(failed, job=job)
-    model.next_trigger = "fail"
+    else:  # start, resume, step_done: the step (or the job not started) fails
+        job: dict[str, Any] = {"error_code": code, "error_message": message}
+        failed: list[tuple[Any, dict[str, Any]]] = []
+        if state in STEP_STATES:
+            failed.append((StepFailed, {"step": state, "step_order": steps_for(row.job_type).index(state) + 1,
+                                        "error": {"code": code, "message": message}, "attempts": crashes}))
+            job["failed_step"] = state
+        await ctx.commit(failed, job=job)
+        model.next_trigger = "fail"
+
+
+async def _end_failed(model: JobModel, machine: AsyncMachine, code: str, message: str) -> None:
+    """The job's end, failed, from what its row holds (no ledger, no plan: its end crashed)."""
+    ctx, row = model.ctx, model.ctx.row
+    cleanup = row.job_type == "cleanup"
+    rolled = not cleanup and row.rolled_back is True
+    job: dict[str, Any] = {"status": "failed", "ended": True, "completed_at": time.time(), "lease_owner": None,
+                           "lease_expires_at": None, "error_code": code, "error_message": message}
+    if rolled or cleanup:
+        job["active_vm_id"] = None
+    await ctx.commit([(JobFailed, {"failed_step": row.failed_step, "error": {"code": code, "message": message},
+                                   "rolled_back": rolled})],
+                     job=job, parent={"cleanup_job_id": None} if cleanup else {})
+    ctx.observer.job_ended(row.job_type, "failed", max(0.0, time.time() - row.created_at))
+    machine.set_state("failed", model)
+    model.next_trigger = None
 
 
 async def _left_to_undo(ctx: JobContext) -> list[dict[str, Any]]:

@@ -18,6 +18,15 @@ class StepError(Exception):
         return f"{self.code}: {self.message}"
 
 
+# the transient failures an outage of CloudStack or the Volume Daemon gives (no answer, a 5xx,
+# work it forgot in a restart): retried through the retry window (EngineConfig.retry_window).
+# The others (an async job that failed, a wait past its timeout) are retried the attempts alone
+OUTAGE_CODES = frozenset({
+    "CLOUDSTACK_UNREACHABLE", "CLOUDSTACK_ERROR", "CLOUDSTACK_JOB_LOST",
+    "VOLUME_DAEMON_UNREACHABLE", "VOLUME_DAEMON_ERROR", "VOLUME_OPERATION_LOST", "POLLER_STOPPED",
+})
+
+
 class TransientError(StepError):
     """Worth another try: a 5xx, a timeout, a connection refused, an operation not finished."""
 
@@ -42,6 +51,11 @@ class MalformedResponse(StepError):
             f"{system} answered with a malformed response ({detail}); check the {system} "
             "service and any proxy in front of it",
         )
+
+
+class HandBack(Exception):
+    """The process is draining (SIGTERM) and a step is between two tries of a transient failure,
+    nothing in flight: it stops there, and the next owner resumes the step."""
 
 
 class LeaseLost(Exception):

@@ -136,6 +136,10 @@ class InjectionPort(Protocol):
         self, device_path: str, job_id: str, on_line: Callable[[str], Awaitable[None]]
     ) -> None: ...
 
+    async def wait_idle(self, device_path: str) -> None:
+        """Until no run of the script holds the device (one that outlived a killed process):
+        raises a StepError if one still does after the injection's timeout."""
+
 
 # --------------------------------------------------------------------------- platform tables
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from adapters.db.tables import vm_replication_contexts
+from adapters.db.tables import job_commands, vm_replication_contexts
 from emulators.client import EmulatorControl
 from emulators.runner import EmulatorHandle
 from failover.client import BusClient
@@ -162,9 +162,10 @@ async def test_failed_rollback_lists_manual_actions_and_rollback_requested_finis
     assert refused[0].type == "JobRejected" and refused[0].reason == "not_allowed"
 
 
-async def _run_cancelling(bus: BusClient, vm_id: str, job_id: uuid.UUID, on: tuple[str, str | None]) -> list[Event]:
-    """A test failover of `vm_id`, with a CancelRequested published when the event `on` (type,
-    step) arrives: its events to its end."""
+async def _run_cancelling(bus: BusClient, vm_id: str, job_id: uuid.UUID, on: tuple[str, str | None],
+                          cancel_id: uuid.UUID | None = None) -> list[Event]:
+    """A test failover of `vm_id`, with a CancelRequested (`cancel_id`) published when the event
+    `on` (type, step) arrives: its events to its end."""
     queue = await bus.bind(f"job.{job_id}.#")
     await bus.publish(FailoverRequested(request_id=job_id, vm_id=vm_id, failover_type="test"))
     events: list[Event] = []
@@ -173,14 +174,14 @@ async def _run_cancelling(bus: BusClient, vm_id: str, job_id: uuid.UUID, on: tup
         async for event in bus.events(queue):
             events.append(event)
             if (event.type, getattr(event, "step", None)) == on:
-                await bus.publish(CancelRequested(request_id=uuid.uuid4(), job_id=job_id))
+                await bus.publish(CancelRequested(request_id=cancel_id or uuid.uuid4(), job_id=job_id))
 
     await asyncio.wait_for(collect(), 120)
     return events
 
 
 async def _slow_with_a_cancel(bus: BusClient, db: Any, control: EmulatorControl, emulators: EmulatorHandle,
-                              name: str, refused: str, on: tuple[str, str | None],
+                              name: str, refused: str, on: tuple[str, str | None], cancel_id: uuid.UUID | None = None,
                               ) -> tuple[uuid.UUID, SeededVm, dict[str, Any], list[Event]]:
     """A test failover of a new VM with every CloudStack `refused` command refused and each
     CloudStack job and daemon operation taking 0.3 s, cancelled at the event `on`: (job id,
@@ -191,7 +192,7 @@ async def _slow_with_a_cancel(bus: BusClient, db: Any, control: EmulatorControl,
     await control.set_latency(async_job_seconds=0.3, operation_seconds=0.3)
     job_id = uuid.uuid4()
     try:
-        return job_id, vm, before, await _run_cancelling(bus, vm.vm_id, job_id, on)
+        return job_id, vm, before, await _run_cancelling(bus, vm.vm_id, job_id, on, cancel_id)
     finally:
         await control.set_latency(async_job_seconds=0, operation_seconds=0)
 
@@ -215,16 +216,22 @@ async def test_a_cancelled_jobs_retried_rollback_ends_failed_as_the_contract_say
     assert row.status == "failed" and row.rolled_back and not row.cancel_requested
 
 
-async def test_a_cancel_during_a_failed_steps_rollback_leaves_the_job_failed(
+async def test_a_cancel_during_a_rollback_is_refused_and_the_failure_stands(
         serve: ServeProcess, bus: BusClient, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
-    """The job failed at a step; a cancel that arrives while it rolls back does not turn that
-    failure into a cancel (JobFailed names the step that failed)."""
+    """The job failed at a step; a cancel that arrives while it rolls back is refused
+    (`not_allowed`: a rollback is not cancelled), and the job ends JobFailed naming the step."""
+    cancel_id = uuid.uuid4()
     job_id, vm, before, events = await _slow_with_a_cancel(
-        bus, db, control, emulators, "cancel during rollback", "startVirtualMachine", ("RollbackStarted", None))
+        bus, db, control, emulators, "cancel during rollback", "startVirtualMachine", ("RollbackStarted", None),
+        cancel_id)
     assert _types(events)[-3:] == ["RollbackStarted", "RollbackCompleted", "JobFailed"], _types(events)
     assert events[-1].failed_step == "vm-startup-validation" and events[-1].rolled_back is True
     row = await failover_row(db, str(job_id))
-    assert row.status == "failed" and row.cancel_requested  # the cancel was recorded, and changed nothing
+    assert row.status == "failed" and not row.cancel_requested
+    async with db.connect() as conn:
+        outcome = (await conn.execute(select(job_commands.c.outcome).where(
+            job_commands.c.request_id == str(cancel_id)))).scalar_one()
+    assert outcome == "rejected_not_allowed"
     assert_restored(before, await view(control, vm.volume_ids, emulators.appliance_vm_id))
 
 

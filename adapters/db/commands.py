@@ -261,6 +261,11 @@ class CommandRecorder:
             return await self._reject(tx, cmd.request_id, "not_allowed",
                                       f"job {cmd.job_id} has already ended ({job.status}); only a running "
                                       "job can be cancelled", job_type=None, vm_id=job.vm_id)
+        if job.status in ("rolling_back", "failed"):  # (failed, not ended: its rollback is being retried)
+            return await self._reject(tx, cmd.request_id, "not_allowed",
+                                      f"job {cmd.job_id} is rolling back already (after a failure, a cancel or a "
+                                      "RollbackRequested); a rollback is not cancelled: the job ends when it does",
+                                      job_type=None, vm_id=job.vm_id)
         await tx.execute(_SET_CANCEL, {"job_id": job.job_id, "v_updated_at": utcnow()})
         return Decision("signalled", job_id=None)
 

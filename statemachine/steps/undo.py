@@ -160,6 +160,11 @@ async def revert_volumes(ctx: JobContext, target: Target, everything: bool) -> N
         key = f"undo:revert:{v}"
         if target.ledger.get(key) and target.ledger[key].status == "done":
             continue
+        wrote = target.ledger.get(f"write:{v}")
+        if wrote is not None and wrote.data.get("device_path"):
+            # a run of the injection that outlived a killed process may still write the volume:
+            # it ends before the volume is detached and reverted
+            await ctx.ports.injection.wait_idle(wrote.data["device_path"])
         state = await ctx.retrying("volume state", vd.get_volume, v)
         if state.vm_id is not None:  # revertSnapshot needs the volume detached (or its VM stopped)
             await ctx.retrying(f"detach {v}", ensure_detached, ctx, f"undo:predetach:{v}", v,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,6 +21,7 @@ from failover.seed import SeededVm, seed_vm
 from schemas.commands import CancelRequested, FailoverRequested
 from schemas.events import Event
 
+from ..helpers import ServeProcess, failover_row
 from ..world import assert_restored, view
 from .support import Cell, derived_database, derived_vhost
 
@@ -61,17 +63,18 @@ def _types(events: list[Event]) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def _deploy_outage(cell: Cell, window: float, name: str) -> AsyncIterator[tuple[str, SeededVm, dict[str, Any]]]:
+async def _deploy_outage(cell: Cell, window: float, name: str, kind: str = "server_error",
+                         ) -> AsyncIterator[tuple[str, SeededVm, dict[str, Any], ServeProcess]]:
     """A serve with the retry window `window`, a test failover of a new VM whose every deploy
-    CloudStack answers with an internal error until the faults are cleared: (job id, the VM,
-    the world before)."""
+    CloudStack answers with an internal error (or fails as `kind` says) until the faults are
+    cleared: (job id, the VM, the world before, the serve)."""
     assert cell.control and cell.emu
     serve = await cell.start_serve(FAILOVER_RETRY_WINDOW_SECONDS=str(window))
     try:
         vm = await _vm(cell, name)
         before = await view(cell.control, vm.volume_ids, cell.emu.appliance_vm_id)
-        await cell.control.add_fault(api="cloudstack", command="deployVirtualMachine", kind="server_error", times=0)
-        yield await _request(cell, vm), vm, before
+        await cell.control.add_fault(api="cloudstack", command="deployVirtualMachine", kind=kind, times=0)
+        yield await _request(cell, vm), vm, before, serve
     finally:
         await cell.control.clear_faults()
         await serve.stop()
@@ -94,12 +97,14 @@ async def _outage_until(cell: Cell, job: str, notes: int) -> list[Event]:
 
 async def test_an_outage_shorter_than_the_window_is_ridden_out(cell: Cell) -> None:
     assert cell.control and cell.log
-    async with _deploy_outage(cell, WINDOW, "outage ridden out") as (job, _, _):
+    async with _deploy_outage(cell, WINDOW, "outage ridden out") as (job, _, _, _):
         during = await _outage_until(cell, job, 5)  # more than FAILOVER_RETRY_ATTEMPTS=3
         assert "StepFailed" not in _types(during)
-        note = _retry_notes(during, "deploy VM")[-1]
+        notes = _retry_notes(during, "deploy VM")
+        assert [n.fields["attempt"] for n in notes] == list(range(1, len(notes) + 1))
+        note = notes[4]
         assert note.level == "WARN" and note.step == "vm-creation" and "retrying in" in note.message
-        assert note.fields["code"] and note.fields["attempt"] == 5
+        assert note.fields["code"] == "CLOUDSTACK_ERROR"
         await cell.control.clear_faults()  # the outage ends
         await cell.log.wait_ended([job], 60)
         events = cell.log.stream(job)
@@ -109,15 +114,19 @@ async def test_an_outage_shorter_than_the_window_is_ridden_out(cell: Cell) -> No
 
 async def test_a_cancel_while_retrying_stops_the_step_and_rolls_back(cell: Cell) -> None:
     assert cell.log and cell.bus
-    async with _deploy_outage(cell, WINDOW, "cancel while retrying") as (job, vm, before):
+    async with _deploy_outage(cell, WINDOW, "cancel while retrying") as (job, vm, before, _):
         await _outage_until(cell, job, 2)
         await cell.bus.publish(CancelRequested(request_id=uuid.uuid4(), job_id=uuid.UUID(job)))
         await cell.log.wait_ended([job], 60)  # within the window: the cancel, not the window, ended it
         events = cell.log.stream(job)
         kinds = _types(events)
         assert kinds[-3:] == ["RollbackStarted", "RollbackCompleted", "JobCancelled"], kinds
-        assert "StepFailed" not in kinds
+        # the step shows as stopped by the cancel (job_steps), the job as cancelled, not failed
+        stopped: Any = next(e for e in events if e.type == "StepFailed")
+        assert stopped.step == "vm-creation" and stopped.error.code == "CANCELLED"
         assert events[-1].rolled_back is True
+        row = await failover_row(cell.db, job)
+        assert row.status == "cancelled" and row.failed_step is None
         assert any(e.type == "LogRecorded" and e.message.startswith(
             "cancel requested: stopping step vm-creation while it retried deploy VM") for e in events)
         await _restored(cell, vm, before)
@@ -125,7 +134,7 @@ async def test_a_cancel_while_retrying_stops_the_step_and_rolls_back(cell: Cell)
 
 async def test_an_outage_longer_than_the_window_fails_the_step_after_it(cell: Cell) -> None:
     assert cell.log
-    async with _deploy_outage(cell, SHORT_WINDOW, "outage outlasts the window") as (job, vm, before):
+    async with _deploy_outage(cell, SHORT_WINDOW, "outage outlasts the window") as (job, vm, before, _):
         await cell.log.wait_ended([job], 60)
         events = cell.log.stream(job)
         kinds = _types(events)
@@ -136,6 +145,40 @@ async def test_an_outage_longer_than_the_window_fails_the_step_after_it(cell: Ce
         assert failed.step == "vm-creation" and failed.attempts == len(notes) + 1 > 3
         # the tries went on until the window had passed (from the first failure, just before
         # the first note), and no try was made after a failure past it
-        assert (failed.occurred_at - notes[0].occurred_at).total_seconds() >= SHORT_WINDOW - 0.25
+        assert (failed.occurred_at - notes[0].occurred_at).total_seconds() >= SHORT_WINDOW - 0.5
         assert (notes[-1].occurred_at - notes[0].occurred_at).total_seconds() < SHORT_WINDOW + 0.5
         await _restored(cell, vm, before)
+
+
+async def test_an_async_job_that_failed_is_not_retried_through_the_window(cell: Cell) -> None:
+    """The window is for outages: a deploy whose CloudStack job fails (no capacity, say) fails
+    the step after the attempts alone, not after minutes of deploys."""
+    assert cell.log
+    async with _deploy_outage(cell, WINDOW, "deploy fails", kind="async_fail") as (job, vm, before, _):
+        await cell.log.wait_ended([job], 30)
+        events = cell.log.stream(job)
+        failed: Any = next(e for e in events if e.type == "StepFailed")
+        assert failed.step == "vm-creation" and failed.error.code == "CLOUDSTACK_JOB_FAILED"
+        assert failed.attempts == 3  # FAILOVER_RETRY_ATTEMPTS
+        await _restored(cell, vm, before)
+
+
+async def test_a_drain_stops_a_step_between_two_tries_and_the_next_process_resumes_it(cell: Cell) -> None:
+    """SIGTERM during an outage: the step waiting to try again is handed back at once (nothing
+    is in flight), not after FAILOVER_DRAIN_SECONDS; the next process resumes it."""
+    assert cell.log and cell.control
+    async with _deploy_outage(cell, WINDOW, "drain while retrying") as (job, _, _, serve):
+        await _outage_until(cell, job, 5)  # the pauses are 0.8 s and growing
+        began = time.monotonic()
+        assert await serve.stop() == 0
+        took = time.monotonic() - began
+        assert took < 10, f"serve took {took:.1f} s to drain (FAILOVER_DRAIN_SECONDS=20)"
+        await cell.control.clear_faults()  # the outage ends
+        second = await cell.start_serve(FAILOVER_RETRY_WINDOW_SECONDS=str(WINDOW))
+        try:
+            await cell.log.wait_ended([job], 60)
+        finally:
+            await second.stop()
+        events = cell.log.stream(job)
+        assert events[-1].type == "JobCompleted", _types(events)
+        assert any(e.type == "LogRecorded" and e.message.startswith("resuming step vm-creation") for e in events)
