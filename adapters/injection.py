@@ -16,6 +16,7 @@ import fcntl
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,6 +30,7 @@ _CHUNK = 65536
 _MAX_LINE = 2000  # characters of one output line handed over
 _MAX_TAIL = 8000  # characters of the output's tail in an error message
 _LOCK_POLL = 0.25  # seconds between two looks at a device's lock held by another run
+_TERM_GRACE = 10.0  # seconds a run has to end after SIGTERM before its process group is killed
 _CONFLICT = 213  # `flock`'s exit status when the lock is taken (a status the command is unlikely to use)
 
 
@@ -59,13 +61,17 @@ class InjectionScript:
             if await self._run(device_path, job_id, on_line):
                 return
             # (another run took the device between the look and the start: wait for it too)
+            if time.monotonic() >= deadline:
+                raise InjectionFailed(
+                    "DRIVER_INJECTION_FAILED",
+                    f"the injection command exited with status {_CONFLICT} and no output again and again (the "
+                    f"status `flock` gives when the device's lock is taken); check the command")
+            await asyncio.sleep(_LOCK_POLL)
 
-    async def wait_idle(self, device_path: str) -> None:
+    async def wait_idle(self, device_path: str, on_line: Callable[[str], Awaitable[None]]) -> None:
         """Until no run of the command holds the device (a run that outlived a killed serve):
         what undoes the command's writes waits for it to end first."""
-        async def nothing(line: str) -> None:
-            return None
-        await self._until_free(device_path, time.monotonic() + self._timeout, nothing)
+        await self._until_free(device_path, time.monotonic() + self._timeout, on_line)
 
     async def _until_free(self, device_path: str, deadline: float, on_line: Callable[[str], Awaitable[None]]) -> None:
         """Until the device's lock is free (looked at, not kept: the run takes it with `flock`);
@@ -97,8 +103,8 @@ class InjectionScript:
     def _open(self, path: Path) -> int:
         try:
             self.lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            st = os.stat(self.lock_dir)
-            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            st = os.lstat(self.lock_dir)  # (a symbolic link is not the user's own directory)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
                 raise InjectionFailed(
                     "DRIVER_INJECTION_NOT_RUN",
                     f"the injection's lock directory {self.lock_dir} is not this user's own (owner uid {st.st_uid}, "
@@ -165,7 +171,7 @@ class InjectionScript:
         try:
             await asyncio.wait_for(asyncio.gather(pump(), proc.wait()), self._timeout)
         except TimeoutError:
-            _kill(proc)
+            _stop(proc)
             await proc.wait()
             self._observe("injection", "inject", "error", time.monotonic() - began)
             raise InjectionFailed("DRIVER_INJECTION_TIMEOUT",
@@ -173,7 +179,7 @@ class InjectionScript:
                                   "killed; raise FAILOVER_INJECT_TIMEOUT_SECONDS or check the appliance. "
                                   f"Last output: {_tail(tail)}") from None
         except BaseException:
-            _kill(proc)
+            _stop(proc)  # (its SIGKILL, if it comes to that, is scheduled: this task is ending)
             raise
         if proc.returncode == _CONFLICT and not tail:
             return False  # `flock` found the lock taken: the command never ran
@@ -186,12 +192,29 @@ class InjectionScript:
         return True
 
 
-def _kill(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def _stop(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM to the run's process group (sudo passes it on to the command), SIGKILL after
+    `_TERM_GRACE` seconds if `flock` is still there: `flock` holds the device's lock until its
+    command has ended, so a command that ends on SIGTERM never leaves the lock free while it
+    still writes. (A command that ignores SIGTERM and that serve's user cannot kill, one run
+    as root by sudo, outlives the SIGKILL: the command must end on SIGTERM.)"""
+    if proc.returncode is not None:
+        return
+    _signal_group(proc.pid, signal.SIGTERM)
+    loop = asyncio.get_running_loop()
+
+    def kill() -> None:
+        if proc.returncode is None:
+            _signal_group(proc.pid, signal.SIGKILL)
+
+    loop.call_later(_TERM_GRACE, kill)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _tail(tail: collections.deque[str]) -> str:

@@ -36,6 +36,7 @@ from .ports import (
 log = logging.getLogger("failover.job")
 T = TypeVar("T")
 
+_PAUSE_SLICE = 0.25  # a retry's pause looks this often whether the process is draining
 _PY_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARN": logging.WARNING, "ERROR": logging.ERROR}
 
 
@@ -276,7 +277,16 @@ class JobContext:
                 return True
             return (state.seconds_since_start or 0.0) >= cfg.retry_window
 
+        async def pause(seconds: float) -> None:
+            """tenacity's pause before a try, cut short by a drain (in a step: `HandBack`)."""
+            until = time.monotonic() + seconds
+            while (left := until - time.monotonic()) > 0:
+                if self.draining and self.current_step is not None:
+                    raise HandBack
+                await asyncio.sleep(min(left, _PAUSE_SLICE))
+
         retry = AsyncRetrying(
+            sleep=pause,
             stop=stop,
             wait=wait_exponential(multiplier=cfg.retry_backoff, max=cfg.retry_backoff_max),
             retry=retry_if_exception(lambda e: isinstance(e, StepError) and e.transient),
@@ -311,6 +321,7 @@ class JobContext:
         if self.current_step is None or not isinstance(exc, StepError):
             return  # (a rollback goes on through a cancel and a drain: it is undoing)
         if cancel and self.row.job_type != "cleanup":  # (a cleanup stops between its steps only)
+            exc.attempts = attempt
             raise CancelWhileRetrying(what, exc)
         if self.draining:  # nothing in flight: the next owner resumes the step from here
             raise HandBack

@@ -114,9 +114,10 @@ class JobModel:
             ctx.current_step = None
             # the step's end (job_steps shows it stopped, not running); the job's failed step
             # stays unset: a cancel, not the step, ends it
+            # (`resume_state`: a new owner goes on with the cancel, never runs the step again)
             await ctx.commit([(StepFailed, {"step": step, "step_order": order,
                                             "error": {"code": "CANCELLED", "message": f"{message} ({stop.error})"},
-                                            "attempts": stop.error.attempts})])
+                                            "attempts": stop.error.attempts})], job={"resume_state": step})
             self.next_trigger = "cancel"
             return
         except StepError as exc:
@@ -297,12 +298,14 @@ async def _give_up(model: JobModel, machine: AsyncMachine, state: str) -> None:
     """The engine crashed ENGINE_CRASH_LIMIT times in a row on the job at this point: end what
     it was doing as a failure an operator can act on, instead of crashing again.
 
-    - a step, or the way into the next one (a job not started, a step done): the step fails,
-      and a failover goes on to its rollback (a cleanup ends failed);
+    - a step: it fails, and a failover goes on to its rollback (a cleanup ends failed); the
+      way into the next step (a step done): the job fails there, its steps as they are;
+    - a job not started: it ends failed, nothing having been done;
     - a rollback, or the way into one (after a failed step, a cancel, a RollbackRequested):
       it ends incomplete, naming what is left to undo (a RollbackRequested tries it again once
       the cause is fixed);
-    - the job's end itself: the job ends failed, with only what the row already holds."""
+    - the job's end itself, or this very give-up crashing as often again: the job ends failed
+      with only what its row already holds."""
     ctx, row = model.ctx, model.ctx.row
     crashes, what = ctx.engine_crashes
     trigger, cleanup = model.next_trigger, row.job_type == "cleanup"
@@ -312,8 +315,9 @@ async def _give_up(model: JobModel, machine: AsyncMachine, state: str) -> None:
                "report it with them")
     model.resuming = False
     ctx.log("ERROR", message, code=code, state=state)
-    if trigger in ("rolled_back", "rollback_incomplete") or (cleanup and trigger in ("fail", "cancel")):
-        await _end_failed(model, machine, code, message)
+    if (crashes >= 2 * ENGINE_CRASH_LIMIT or trigger in ("rolled_back", "rollback_incomplete")
+            or (cleanup and trigger in ("fail", "cancel")) or state == "pending"):
+        await _end_failed(model, machine, code, message, nothing_done=state == "pending")
     elif state == "rolling_back" or trigger in ("fail", "cancel", "retry_rollback"):
         message += ("; undo what manual_actions lists (or fix the cause and send a RollbackRequested: "
                     "failoverctl rollback)")
@@ -329,10 +333,10 @@ async def _give_up(model: JobModel, machine: AsyncMachine, state: str) -> None:
                                                                                          "error_message": message})})
         machine.set_state("rolling_back", model)
         model.rollback_ok, model.next_trigger = False, "rollback_incomplete"
-    else:  # start, resume, step_done: the step (or the job not started) fails
+    else:  # resume: the step fails; step_done: the job fails after it, the step staying done
         job: dict[str, Any] = {"error_code": code, "error_message": message}
         failed: list[tuple[Any, dict[str, Any]]] = []
-        if state in STEP_STATES:
+        if trigger == "resume" and state in STEP_STATES:
             failed.append((StepFailed, {"step": state, "step_order": steps_for(row.job_type).index(state) + 1,
                                         "error": {"code": code, "message": message}, "attempts": crashes}))
             job["failed_step"] = state
@@ -340,17 +344,21 @@ async def _give_up(model: JobModel, machine: AsyncMachine, state: str) -> None:
         model.next_trigger = "fail"
 
 
-async def _end_failed(model: JobModel, machine: AsyncMachine, code: str, message: str) -> None:
-    """The job's end, failed, from what its row holds (no ledger, no plan: its end crashed)."""
+async def _end_failed(model: JobModel, machine: AsyncMachine, code: str, message: str, *,
+                      nothing_done: bool = False) -> None:
+    """The job's end, failed, from what its row holds (no ledger, no plan: its end crashed).
+    The row's own error, if it has one, is the job's; the crash is in the log."""
     ctx, row = model.ctx, model.ctx.row
     cleanup = row.job_type == "cleanup"
-    rolled = not cleanup and row.rolled_back is True
+    rolled = not cleanup and (nothing_done or row.rolled_back is True)
+    error = {"code": row.error_code or code, "message": row.error_message or message}
     job: dict[str, Any] = {"status": "failed", "ended": True, "completed_at": time.time(), "lease_owner": None,
-                           "lease_expires_at": None, "error_code": code, "error_message": message}
+                           "lease_expires_at": None, "error_code": error["code"], "error_message": error["message"]}
+    if nothing_done and not cleanup:
+        job["rolled_back"] = True  # (nothing to undo: not a rollback to retry)
     if rolled or cleanup:
         job["active_vm_id"] = None
-    await ctx.commit([(JobFailed, {"failed_step": row.failed_step, "error": {"code": code, "message": message},
-                                   "rolled_back": rolled})],
+    await ctx.commit([(JobFailed, {"failed_step": row.failed_step, "error": error, "rolled_back": rolled})],
                      job=job, parent={"cleanup_job_id": None} if cleanup else {})
     ctx.observer.job_ended(row.job_type, "failed", max(0.0, time.time() - row.created_at))
     machine.set_state("failed", model)
@@ -359,15 +367,24 @@ async def _end_failed(model: JobModel, machine: AsyncMachine, code: str, message
 
 async def _left_to_undo(ctx: JobContext) -> list[dict[str, Any]]:
     """What an operator must still undo, as a failed rollback names it; where working that out
-    crashes too, each resource the ledger holds that was not undone, to be checked by hand."""
+    crashes too, each resource the ledger holds that was not undone, to be checked by hand, or
+    failing that, the ledger itself."""
     try:
-        return await manual_actions(ctx, Target(plan=ctx.row.plan, ledger=dict(await ctx.ledger())),
-                                    everything=False)
+        actions = await manual_actions(ctx, Target(plan=ctx.row.plan, ledger=dict(await ctx.ledger())),
+                                       everything=False)
     except Exception:
-        entries = await ctx.ports.store.ledger(ctx.row.job_id)
-        return [{"action": "check", "resource_type": e.resource_type, "resource_id": e.resource_id,
-                 "detail": f"{e.action} by this job ({e.status}): undo it by hand if it is still there"}
-                for e in entries if e.resource_id and e.status != "undone" and not e.key.startswith("undo:")]
+        try:
+            entries = await ctx.ports.store.ledger(ctx.row.job_id)
+        except Exception:
+            entries = []
+        actions = [{"action": "check", "resource_type": e.resource_type, "resource_id": e.resource_id,
+                    "detail": f"{e.action} by this job ({e.status}): undo it by hand if it is still there"}
+                   for e in entries if e.resource_id and e.status != "undone" and not e.key.startswith("undo:")]
+        if not actions:
+            actions = [{"action": "check", "resource_type": "job", "resource_id": ctx.row.job_id,
+                        "detail": "the job's resource_ledger rows: undo by hand what they name"}]
+    # (a damaged plan can name ids that are not strings: they would fail the event itself)
+    return [a for a in actions if isinstance(a.get("resource_id"), str) and isinstance(a.get("resource_type"), str)]
 
 
 def is_ended(state: str) -> bool:

@@ -136,9 +136,10 @@ class InjectionPort(Protocol):
         self, device_path: str, job_id: str, on_line: Callable[[str], Awaitable[None]]
     ) -> None: ...
 
-    async def wait_idle(self, device_path: str) -> None:
-        """Until no run of the script holds the device (one that outlived a killed process):
-        raises a StepError if one still does after the injection's timeout."""
+    async def wait_idle(self, device_path: str, on_line: Callable[[str], Awaitable[None]]) -> None:
+        """Until no run of the script holds the device (one that outlived a killed process),
+        saying so through `on_line` if it has to wait: raises a StepError if one still does
+        after the injection's timeout."""
 
 
 # --------------------------------------------------------------------------- platform tables

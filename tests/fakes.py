@@ -776,7 +776,7 @@ class FakeInjection:
         if fault == "job_fail":
             raise StepError("DRIVER_INJECTION_FAILED", "the injection command exited with status 2 (injected fault)")
 
-    async def wait_idle(self, device_path: str) -> None:
+    async def wait_idle(self, device_path: str, on_line: Callable[[str], Awaitable[None]]) -> None:
         """No run outlives this fake's own call."""
         await _network_turn()
 

@@ -229,9 +229,10 @@ async def test_a_cancel_during_a_rollback_is_refused_and_the_failure_stands(
     row = await failover_row(db, str(job_id))
     assert row.status == "failed" and not row.cancel_requested
     async with db.connect() as conn:
-        outcome = (await conn.execute(select(job_commands.c.outcome).where(
-            job_commands.c.request_id == str(cancel_id)))).scalar_one()
-    assert outcome == "rejected_not_allowed"
+        outcome, detail = (await conn.execute(select(job_commands.c.outcome, job_commands.c.detail).where(
+            job_commands.c.request_id == str(cancel_id)))).one()
+    # refused because the job was rolling back, not because it had ended already
+    assert outcome == "rejected_not_allowed" and "rolling back already" in detail, detail
     assert_restored(before, await view(control, vm.volume_ids, emulators.appliance_vm_id))
 
 

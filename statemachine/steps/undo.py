@@ -161,10 +161,15 @@ async def revert_volumes(ctx: JobContext, target: Target, everything: bool) -> N
         if target.ledger.get(key) and target.ledger[key].status == "done":
             continue
         wrote = target.ledger.get(f"write:{v}")
-        if wrote is not None and wrote.data.get("device_path"):
-            # a run of the injection that outlived a killed process may still write the volume:
-            # it ends before the volume is detached and reverted
-            await ctx.ports.injection.wait_idle(wrote.data["device_path"])
+        if wrote is not None and wrote.status != "done" and wrote.data.get("device_path") \
+                and ctx.row.job_type != "cleanup":
+            # the job's own injection did not finish: a run of it that outlived a killed process
+            # may still write the volume (still at that device: the injection comes before any
+            # move); it ends before the volume is detached and reverted
+            async def waiting(line: str, path: str = wrote.data["device_path"]) -> None:
+                ctx.log("INFO", line, device_path=path)
+                await ctx.flush()
+            await ctx.ports.injection.wait_idle(wrote.data["device_path"], waiting)
         state = await ctx.retrying("volume state", vd.get_volume, v)
         if state.vm_id is not None:  # revertSnapshot needs the volume detached (or its VM stopped)
             await ctx.retrying(f"detach {v}", ensure_detached, ctx, f"undo:predetach:{v}", v,
