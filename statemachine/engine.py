@@ -377,9 +377,11 @@ async def _left_to_undo(ctx: JobContext) -> list[dict[str, Any]]:
             entries = await ctx.ports.store.ledger(ctx.row.job_id)
         except Exception:
             entries = []
-        actions = [{"action": "check", "resource_type": e.resource_type, "resource_id": e.resource_id,
-                    "detail": f"{e.action} by this job ({e.status}): undo it by hand if it is still there"}
-                   for e in entries if e.resource_id and e.status != "undone" and not e.key.startswith("undo:")]
+        actions = [{"action": "check", "resource_type": e.resource_type, "resource_id": e.resource_id or e.name,
+                    "detail": f"{e.action} by this job ({e.status}): undo it by hand if it is still there"
+                              + ("" if e.resource_id else f" (its id never came back: look it up by the name {e.name})")}
+                   for e in entries if (e.resource_id or e.name) and e.status != "undone"
+                   and not e.key.startswith("undo:")]
         if not actions:
             actions = [{"action": "check", "resource_type": "job", "resource_id": ctx.row.job_id,
                         "detail": "the job's resource_ledger rows: undo by hand what they name"}]

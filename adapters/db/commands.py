@@ -262,10 +262,12 @@ class CommandRecorder:
                                       f"job {cmd.job_id} has already ended ({job.status}); only a running "
                                       "job can be cancelled", job_type=None, vm_id=job.vm_id)
         if job.status in ("rolling_back", "failed"):  # (failed, not ended: its rollback is being retried)
-            return await self._reject(tx, cmd.request_id, "not_allowed",
-                                      f"job {cmd.job_id} is rolling back already (after a failure, a cancel or a "
-                                      "RollbackRequested); a rollback is not cancelled: the job ends when it does",
-                                      job_type=None, vm_id=job.vm_id)
+            # still running, so the cancel is taken (CONTRACT), but it changes nothing: a
+            # rollback is not stopped, and the job ends as its rollback does (a failed step's,
+            # or a retried rollback's, JobFailed stays JobFailed)
+            return Decision("signalled", job_id=None,
+                            detail=f"job {cmd.job_id} is rolling back already (after a failure, a cancel or a "
+                                   "RollbackRequested); a rollback is not stopped: the job ends when it does")
         await tx.execute(_SET_CANCEL, {"job_id": job.job_id, "v_updated_at": utcnow()})
         return Decision("signalled", job_id=None)
 
