@@ -172,7 +172,10 @@ class InjectionScript:
             await asyncio.wait_for(asyncio.gather(pump(), proc.wait()), self._timeout)
         except TimeoutError:
             _stop(proc)
-            await proc.wait()
+            try:  # (bounded: a descendant holding the output open keeps `wait` from returning)
+                await asyncio.wait_for(proc.wait(), _TERM_GRACE + 5)
+            except TimeoutError:
+                pass
             self._observe("injection", "inject", "error", time.monotonic() - began)
             raise InjectionFailed("DRIVER_INJECTION_TIMEOUT",
                                   f"the injection command did not finish within {self._timeout:.0f} s and was "
@@ -193,21 +196,37 @@ class InjectionScript:
 
 
 def _stop(proc: asyncio.subprocess.Process) -> None:
-    """SIGTERM to the run's process group (sudo passes it on to the command), SIGKILL after
-    `_TERM_GRACE` seconds if `flock` is still there: `flock` holds the device's lock until its
-    command has ended, so a command that ends on SIGTERM never leaves the lock free while it
-    still writes. (A command that ignores SIGTERM and that serve's user cannot kill, one run
-    as root by sudo, outlives the SIGKILL: the command must end on SIGTERM.)"""
+    """SIGTERM to the command (`flock`'s children: sudo passes it on), not to `flock`, which
+    would die of it at once and free the device's lock: `flock` holds it until its command has
+    ended, so a command that ends on SIGTERM never leaves the lock free while it still writes.
+    SIGKILL to the whole process group `_TERM_GRACE` seconds later, whatever is left (a Linux
+    process group id is not reused while the group has members). (A command that ignores
+    SIGTERM and that serve's user cannot kill, one run as root by sudo, outlives it: the
+    command must end on SIGTERM.)"""
     if proc.returncode is not None:
         return
-    _signal_group(proc.pid, signal.SIGTERM)
-    loop = asyncio.get_running_loop()
+    for child in _children(proc.pid):
+        try:
+            os.kill(child, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    asyncio.get_running_loop().call_later(_TERM_GRACE, _signal_group, proc.pid, signal.SIGKILL)
 
-    def kill() -> None:
-        if proc.returncode is None:
-            _signal_group(proc.pid, signal.SIGKILL)
 
-    loop.call_later(_TERM_GRACE, kill)
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if len(fields) > 1 and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -259,7 +259,9 @@ async def drive(machine: AsyncMachine, ctx: JobContext) -> str:
             if row.failed_step == initial:  # its StepFailed was committed: go on as that run would
                 model.next_trigger = "fail"
             elif row.resume_state == initial:  # the step completed before the interruption
-                model.next_trigger = "cancel" if row.cancel_requested else "step_done"
+                # (an error with no failed step: the engine gave the job up after that step)
+                model.next_trigger = ("fail" if row.error_code else "cancel" if row.cancel_requested
+                                      else "step_done")
             else:
                 model.resuming, model.next_trigger = True, "resume"
         elif initial == "rolling_back":
@@ -354,8 +356,8 @@ async def _end_failed(model: JobModel, machine: AsyncMachine, code: str, message
     error = {"code": row.error_code or code, "message": row.error_message or message}
     job: dict[str, Any] = {"status": "failed", "ended": True, "completed_at": time.time(), "lease_owner": None,
                            "lease_expires_at": None, "error_code": error["code"], "error_message": error["message"]}
-    if nothing_done and not cleanup:
-        job["rolled_back"] = True  # (nothing to undo: not a rollback to retry)
+    if not cleanup:  # (never left NULL: a rollback not completed can be retried, RollbackRequested)
+        job["rolled_back"] = rolled
     if rolled or cleanup:
         job["active_vm_id"] = None
     await ctx.commit([(JobFailed, {"failed_step": row.failed_step, "error": error, "rolled_back": rolled})],
@@ -380,7 +382,7 @@ async def _left_to_undo(ctx: JobContext) -> list[dict[str, Any]]:
         actions = [{"action": "check", "resource_type": e.resource_type, "resource_id": e.resource_id or e.name,
                     "detail": f"{e.action} by this job ({e.status}): undo it by hand if it is still there"
                               + ("" if e.resource_id else f" (its id never came back: look it up by the name {e.name})")}
-                   for e in entries if (e.resource_id or e.name) and e.status != "undone"
+                   for e in entries if (e.resource_id or e.name) and e.status not in ("undone", "failed")
                    and not e.key.startswith("undo:")]
         if not actions:
             actions = [{"action": "check", "resource_type": "job", "resource_id": ctx.row.job_id,

@@ -284,25 +284,31 @@ async def test_a_device_held_past_the_timeout_fails_busy_naming_the_lock(
 
 
 async def test_a_timed_out_run_is_asked_to_end_and_holds_the_device_until_it_has(tmp_path: Path) -> None:
-    """At the timeout the run gets SIGTERM (what sudo passes on), not SIGKILL, and the step
-    goes on only once the command has ended: `flock` keeps the device's lock until then, so
-    the rollback that follows never finds the device free while the command still writes."""
-    marker = tmp_path / "ended"
-    code = ("import signal, sys, time\n"
+    """At the timeout the command gets SIGTERM (what sudo passes on), not SIGKILL, and `flock`
+    (which SIGTERM would kill at once) keeps the device's lock while the command finishes: the
+    rollback that follows never finds the device free under a command still writing."""
+    stopping, marker = tmp_path / "stopping", tmp_path / "ended"
+    code = ("import os, signal, sys, time\n"
+            "os.closerange(3, 4096)  # as sudo does: the lock's descriptor is not the command's\n"
             "def end(*_):\n"
-            "    time.sleep(1.0)  # finishing its write\n"
+            f"    open({str(stopping)!r}, 'w').write('yes')\n"
+            "    time.sleep(1.5)  # finishing its write\n"
             f"    open({str(marker)!r}, 'w').write('clean')\n"
             "    sys.exit(3)\n"
             "signal.signal(signal.SIGTERM, end)\n"
             "print('writing', flush=True)\n"
             "time.sleep(60)\n")
     script = InjectionScript(python(code), timeout=1.0, lock_dir=str(tmp_path / "locks"))
-    with pytest.raises(InjectionFailed) as caught:
-        await script.inject("/dev/vdb", "job-term", Lines())
-    assert caught.value.code == "DRIVER_INJECTION_TIMEOUT"
-    assert marker.read_text() == "clean"  # it had ended, cleanly, when the step was told
-    held = os.open(script.lock_file("/dev/vdb"), os.O_RDWR)
+    task = asyncio.create_task(script.inject("/dev/vdb", "job-term", Lines()))
+    await wait_until(lambda: stopping.exists(), 10, "the command to be asked to end")
+    probe = os.open(script.lock_file("/dev/vdb"), os.O_RDWR)
     try:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # and the device is free now
+        with pytest.raises(BlockingIOError):  # still held while the command finishes
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(InjectionFailed) as caught:
+            await task
+        assert caught.value.code == "DRIVER_INJECTION_TIMEOUT"
+        assert marker.read_text() == "clean"  # it had ended, cleanly, when the step was told
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # and the device is free now
     finally:
-        os.close(held)
+        os.close(probe)

@@ -104,6 +104,21 @@ async def test_the_way_into_the_next_step_given_up_fails_the_job_not_the_done_st
     assert_stream_ok(events)
 
 
+async def test_a_give_up_after_a_step_holds_when_the_process_stops_right_after_it(
+        h: Harness, machine: AsyncMachine) -> None:
+    """The give-up at a step's end is in the row: a new owner (its own count of crashes at
+    zero) goes on with the failure, not with the next step."""
+    job_id = await _stopped_after_snapshot(h, machine)
+    h.store.hooks.append(lose_lease_when(has_event("RollbackStarted")))  # (the give-up's commit went in)
+    await _resume_crashed(h, machine, job_id, status="cloudstack-snapshot", resume_state="cloudstack-snapshot")
+    h.store.hooks.clear()
+    h.store.owner_ok = True
+    assert await drive(machine, await h.resume_context(job_id)) == "failed"
+    started = [e.step for e in h.events(job_id) if e.type == "StepStarted"]
+    assert started == ["pre-failover-validation", "cloudstack-snapshot"], started  # (no step after it)
+    assert last(h.events(job_id), "JobFailed").error.code == "ENGINE_CRASHED"
+
+
 @pytest.mark.parametrize("rolled_back", [True, False])
 async def test_the_end_given_up_is_written_from_the_row(h: Harness, machine: AsyncMachine, rolled_back: bool) -> None:
     job_id = await _stopped_after_snapshot(h, machine)
@@ -113,7 +128,7 @@ async def test_the_end_given_up_is_written_from_the_row(h: Harness, machine: Asy
     ended = last(h.events(job_id), "JobFailed")
     # the job's own failure stands (the crash is in the log), as does what its rollback did
     assert ended.error.code == "CLOUDSTACK_JOB_FAILED" and ended.failed_step == "vm-creation"
-    assert ended.rolled_back is rolled_back
+    assert ended.rolled_back is rolled_back and h.store.columns[job_id]["rolled_back"] is rolled_back
     assert h.types(job_id)[-1] == "JobFailed" and h.store.columns[job_id]["ended"] is True
 
 
@@ -136,3 +151,5 @@ async def test_a_give_up_that_crashes_as_often_again_ends_the_job(h: Harness, ma
     ctx.engine_crashes = (2 * ENGINE_CRASH_LIMIT, "ValueError in engine.py:1")
     assert await drive(machine, ctx) == "failed"
     assert h.types(job_id)[-1] == "JobFailed" and "RollbackFailed" not in h.types(job_id)
+    # not NULL: a rollback not completed can be retried (RollbackRequested), and the VM freed
+    assert h.store.columns[job_id]["rolled_back"] is False
