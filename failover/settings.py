@@ -158,9 +158,10 @@ class Settings(ConnectionSettings):
     http_timeout_seconds: PositiveFloat = 60.0
     retry_attempts: int = Field(default=5, ge=1)  # tries of a transient failure
     retry_backoff_seconds: PositiveFloat = 2.0  # first backoff, doubles, capped at 60 s
-    # ... and tried again until both the attempts were made and this long has passed since the
-    # first failure (0: the attempts alone): a CloudStack or Volume Daemon outage shorter than
-    # this is ridden out (each try's note on the job's progress) instead of failing the step
+    # an outage's failure (no answer, a 5xx, work forgotten in a restart: errors.OUTAGE_CODES)
+    # is tried again until both the attempts were made and this long has passed since it first
+    # failed (0: the attempts alone): a CloudStack or Volume Daemon outage shorter than this is
+    # ridden out (each try's note on the job's progress) instead of failing the step
     retry_window_seconds: float = Field(default=300.0, ge=0)
     drain_seconds: PositiveFloat = 30.0  # SIGTERM: how long to wait for steps in flight
     process_name: str | None = None  # lease owner id; default host:pid:random

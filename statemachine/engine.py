@@ -167,9 +167,7 @@ class JobModel:
             ctx.log("INFO", "resuming the rollback (job taken over after an interruption)", owner=ctx.owner)
             await ctx.commit(job={"status": "rolling_back"})
         else:
-            reason = (f"step {row.failed_step} failed: {row.error_code}" if row.failed_step
-                      else f"the job failed: {row.error_code}" if row.error_code
-                      else "cancel requested" if self.was_cancelled(event) else "rollback requested")
+            reason = _rollback_reason(row, cancelled=self.was_cancelled(event))
             await ctx.commit(
                 [(RollbackStarted, {"reason": reason, "actions": planned_actions(target, everything=False)})],
                 job={"status": "rolling_back", "resume_state": None, "rollback_requested": False,
@@ -236,6 +234,17 @@ class JobModel:
         outcome = state
         ctx.observer.job_ended(row.job_type, outcome, duration)
         self.next_trigger = None
+
+
+def _rollback_reason(row: Any, *, cancelled: bool, error_code: str | None = None) -> str:
+    """`RollbackStarted.reason`, from the same facts as the job's end: a failed step first,
+    then the job's error, then a cancel."""
+    code = row.error_code or error_code
+    if row.failed_step:
+        return f"step {row.failed_step} failed: {code}"
+    if code:
+        return f"the job failed: {code}"
+    return "cancel requested" if cancelled else "rollback requested"
 
 
 async def drive(machine: AsyncMachine, ctx: JobContext) -> str:
@@ -325,8 +334,8 @@ async def _give_up(model: JobModel, machine: AsyncMachine, state: str) -> None:
                     "failoverctl rollback)")
         events: list[tuple[Any, dict[str, Any]]] = []
         if state != "rolling_back":
-            reason = f"step {row.failed_step} failed: {row.error_code}" if row.failed_step else f"the job failed: {code}"
-            events.append((RollbackStarted, {"reason": reason, "actions": []}))
+            events.append((RollbackStarted, {"reason": _rollback_reason(row, cancelled=False, error_code=code),
+                                             "actions": []}))
         events.append((RollbackFailed, {"error": {"code": code, "message": message},
                                         "manual_actions": await _left_to_undo(ctx)}))
         ctx.observer.rollback_ended("failed")

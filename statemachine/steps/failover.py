@@ -12,7 +12,14 @@ from statemachine.errors import StepError
 from statemachine.naming import sanitize_vm_name, test_vm_name
 from statemachine.ports import DeploySpec, LedgerEntry
 
-from .resources import ensure_attached, ensure_detached, ensure_snapshot, ensure_vm, run_vm_command
+from .resources import (
+    ensure_attached,
+    ensure_detached,
+    ensure_snapshot,
+    ensure_vm,
+    progress_lines,
+    run_vm_command,
+)
 
 # A whole disk as the appliance sees it: /dev/vdb, /dev/sdc, /dev/xvdd, /dev/hdb, /dev/nvme1n1,
 # or a /dev/disk/by-{id,path,uuid,...} link to one. Matched in full (`fullmatch`: a trailing
@@ -218,11 +225,8 @@ async def virtio_driver_injection(ctx: JobContext) -> StepResult:
                         data={"device_path": path, "by": "virtio-driver-injection"})
     await ctx.record(entry)  # before the script runs: the volume may be written from now on
 
-    async def on_line(line: str) -> None:
-        ctx.log("INFO", line, source="inject-virtio-drivers", device_path=path)
-        await ctx.flush()
-
-    await ctx.ports.injection.inject(path, ctx.row.job_id, on_line)
+    await ctx.ports.injection.inject(path, ctx.row.job_id,
+                                     progress_lines(ctx, source="inject-virtio-drivers", device_path=path))
     entry.status = "done"
     await ctx.record(entry)
     return StepResult(outputs={"device_path": path})

@@ -40,6 +40,15 @@ async def _settle(check: Callable[[], Awaitable[T | None]], timeout: float, code
         pause = min(pause * 2, 2.0)
 
 
+def progress_lines(ctx: JobContext, **fields: Any) -> Callable[[str], Awaitable[None]]:
+    """An `on_line` for the injection port: each line a job log line (with `fields`), sent at
+    once (a run, or a wait for one, takes minutes)."""
+    async def on_line(line: str) -> None:
+        ctx.log("INFO", line, **fields)
+        await ctx.flush()
+    return on_line
+
+
 async def _entry(ctx: JobContext, key: str, resource_type: str, action: str,
                  **kw: object) -> tuple[LedgerEntry, bool]:
     """The ledger entry of `key`, recorded now as intended if there is none; and whether it is

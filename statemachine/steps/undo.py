@@ -18,7 +18,7 @@ from statemachine.context import JobContext
 from statemachine.errors import NotFound, StepError
 from statemachine.ports import LedgerEntry
 
-from .resources import ensure_attached, ensure_detached, run_vm_command, vm_of
+from .resources import ensure_attached, ensure_detached, progress_lines, run_vm_command, vm_of
 
 
 @dataclass
@@ -166,10 +166,8 @@ async def revert_volumes(ctx: JobContext, target: Target, everything: bool) -> N
             # the job's own injection did not finish: a run of it that outlived a killed process
             # may still write the volume (still at that device: the injection comes before any
             # move); it ends before the volume is detached and reverted
-            async def waiting(line: str, path: str = wrote.data["device_path"]) -> None:
-                ctx.log("INFO", line, device_path=path)
-                await ctx.flush()
-            await ctx.ports.injection.wait_idle(wrote.data["device_path"], waiting)
+            path = wrote.data["device_path"]
+            await ctx.ports.injection.wait_idle(path, progress_lines(ctx, device_path=path))
         state = await ctx.retrying("volume state", vd.get_volume, v)
         if state.vm_id is not None:  # revertSnapshot needs the volume detached (or its VM stopped)
             await ctx.retrying(f"detach {v}", ensure_detached, ctx, f"undo:predetach:{v}", v,
