@@ -262,6 +262,15 @@ class Commit:
                       vm_status=t.vm_status or self.vm_status, parent={**self.parent, **t.parent})
 
 
+@dataclass(frozen=True)
+class NameHolder:
+    """Another job's claim on a VM name (`JobStorePort.claim_vm_name`): its id and state."""
+
+    job_id: str
+    status: str | None  # None: the row is gone (the claim is then taken over)
+    ended: bool
+
+
 class JobStorePort(Protocol):
     """Transactions of one job, fenced by its lease: a commit from a process that no longer
     owns the job raises `LeaseLost` and writes nothing."""
@@ -275,5 +284,11 @@ class JobStorePort(Protocol):
     async def cleanup_ledgers(self, parent_job_id: str, vm_id: str) -> list[LedgerEntry]:
         """The ledger entries of every cleanup job of `parent_job_id` (a failover of `vm_id`),
         oldest first."""
+        ...
+    async def claim_vm_name(self, job_id: str, name: str) -> NameHolder | None:
+        """Claim `name` for the VM `job_id` deploys: None once the job holds it (again, if it
+        did already), else the job that does. A claim is held until its job ended with nothing
+        of its own left under the name (completed, or rolled back); then the next job to ask
+        takes it over."""
         ...
     async def load(self, job_id: str) -> JobRow | None: ...

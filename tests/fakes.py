@@ -46,6 +46,7 @@ from schemas.common import STEPS_BY_JOB_TYPE, JobType, is_uuid_text, utc_now
 from schemas.events import Event, JobAccepted, StepRef
 from statemachine.context import EngineConfig, JobContext, Ports
 from statemachine.errors import LeaseLost, NotFound, RefusedError, StepError, TransientError
+from statemachine.machine import END_STATES
 from statemachine.ports import (
     AsyncStart,
     Commit,
@@ -58,6 +59,7 @@ from statemachine.ports import (
     DiskVolume,
     JobRow,
     LedgerEntry,
+    NameHolder,
     NetworkMapping,
     PlatformSource,
     ReplicationJob,
@@ -819,6 +821,7 @@ class FakeJobStore:
         self.columns: dict[str, dict[str, Any]] = {}  # every column ever written, by job
         self.events: list[Event] = []  # the outbox, every job, in commit order
         self._ledgers: dict[str, dict[str, LedgerEntry]] = {}
+        self.claims: dict[str, str] = {}  # VM name -> the job holding it
         self.owner_ok = True
         self.commits = 0  # successful commits
         self.hooks: list[CommitHook] = []  # run first in every commit (may flip owner_ok or cancel)
@@ -905,6 +908,16 @@ class FakeJobStore:
         return [copy.deepcopy(e) for job_id, row in self.rows.items()
                 if row.job_type == "cleanup" and row.parent_job_id == parent_job_id and row.vm_id == vm_id
                 for e in self._ledgers.get(job_id, {}).values()]
+
+    async def claim_vm_name(self, job_id: str, name: str) -> NameHolder | None:
+        await _network_turn()
+        holder = self.rows.get(self.claims.get(name, job_id))
+        ended = holder is not None and holder.status in END_STATES
+        if holder is None or holder.job_id == job_id or (
+                ended and (holder.status in ("completed", "cleaned_up") or holder.rolled_back is True)):
+            self.claims[name] = job_id
+            return None
+        return NameHolder(job_id=holder.job_id, status=holder.status, ended=ended)
 
     async def load(self, job_id: str) -> JobRow | None:
         await _network_turn()

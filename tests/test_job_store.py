@@ -449,3 +449,50 @@ async def test_a_group_waiting_on_a_row_locked_elsewhere_lets_the_others_go_alon
         assert (store.transactions, store.groups) == (5, 0)  # the first, the group given up, three alone
     finally:
         await db.dispose()
+
+
+async def test_a_vm_name_is_held_by_one_job_until_it_ended_with_nothing_left_under_it(db: AsyncEngine) -> None:
+    """`claim_vm_name`: the first job to ask holds the name, and holds it again when it asks
+    again; another job is told who holds it while that job runs, and after it ended failed
+    without its rollback (its VM may be left under the name); once the holder completed, rolled
+    back, or is gone, the next job to ask takes the name over."""
+    store = JobStore(db, OWNER)
+    name = f"twin-{uuid.uuid4().hex[:8]}"
+    first, second = await _a_job(db, status="vm-creation"), await _a_job(db)
+    assert await store.claim_vm_name(first.job_id, name) is None
+    assert await store.claim_vm_name(first.job_id, name) is None  # (a resume asks again)
+    held = await store.claim_vm_name(second.job_id, name)
+    assert held is not None and (held.job_id, held.status, held.ended) == (first.job_id, "vm-creation", False)
+
+    async def end(job: JobRow, **columns: Any) -> None:
+        async with db.begin() as conn:
+            await conn.execute(update(failover_jobs).where(failover_jobs.c.job_id == job.job_id)
+                               .values(ended=True, **columns))
+
+    await end(first, status="failed", rolled_back=False)
+    held = await store.claim_vm_name(second.job_id, name)
+    assert held is not None and (held.job_id, held.status, held.ended) == (first.job_id, "failed", True)
+    await end(first, status="failed", rolled_back=True)
+    assert await store.claim_vm_name(second.job_id, name) is None
+    held = await store.claim_vm_name(first.job_id, name)
+    assert held is not None and held.job_id == second.job_id
+    await end(second, status="completed")
+    third = await _a_job(db)
+    assert await store.claim_vm_name(third.job_id, name) is None
+    async with db.begin() as conn:
+        await conn.execute(failover_jobs.delete().where(failover_jobs.c.job_id == third.job_id))
+    assert await store.claim_vm_name(first.job_id, name) is None  # its holder is gone
+    async with db.connect() as conn:
+        rows = (await conn.execute(text("SELECT job_id FROM vm_name_claims WHERE name = :n"), {"n": name})).all()
+    assert [r[0] for r in rows] == [first.job_id]
+
+
+async def test_two_jobs_asking_for_one_vm_name_at_once_get_one_holder(db: AsyncEngine) -> None:
+    store = JobStore(db, OWNER)
+    for _ in range(5):
+        name = f"race-{uuid.uuid4().hex[:8]}"
+        jobs = [await _a_job(db, status="vm-creation") for _ in range(4)]
+        answers = await asyncio.gather(*(store.claim_vm_name(j.job_id, name) for j in jobs))
+        winners = [j.job_id for j, a in zip(jobs, answers, strict=True) if a is None]
+        assert len(winners) == 1, answers
+        assert all(a.job_id == winners[0] for a in answers if a is not None), answers

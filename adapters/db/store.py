@@ -20,6 +20,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects.mysql import insert as mysql_insert
@@ -28,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.expression import Update
 
 from statemachine.errors import LeaseLost
-from statemachine.ports import Commit, JobRow, LedgerEntry
+from statemachine.ports import Commit, JobRow, LedgerEntry, NameHolder
 
 from . import raw
 from .engine import Hinted, db_now_plus, from_db_time, index_hint, to_db_time, utcnow
@@ -101,6 +102,24 @@ LEDGER_UPSERT = _LEDGER_INSERT.on_duplicate_key_update(
     status=_LEDGER_INSERT.inserted.status, cs_job_id=_LEDGER_INSERT.inserted.cs_job_id,
     operation_id=_LEDGER_INSERT.inserted.operation_id, data=_LEDGER_INSERT.inserted.data,
     updated_at=_LEDGER_INSERT.inserted.updated_at)
+
+
+# A claim on a VM name is released by its job's end with nothing of its own left under the
+# name: completed (its VM the platform's now, found by any later job's look-up) or rolled back.
+_NAME_RELEASED_BY = ("completed", "cleaned_up")
+_HELD = ("SELECT 1 FROM failover_jobs AS holder WHERE holder.job_id = vm_name_claims.job_id AND NOT "
+         f"(holder.ended AND (holder.status IN ({', '.join(map(repr, _NAME_RELEASED_BY))}) "
+         "OR holder.rolled_back IS TRUE))")
+_TAKE = f"vm_name_claims.job_id = VALUES(job_id) OR NOT EXISTS ({_HELD})"
+_CLAIM_NAME = text(
+    "INSERT INTO vm_name_claims (name, job_id, claimed_at) VALUES (:name, :job_id, :now) "
+    f"ON DUPLICATE KEY UPDATE claimed_at = IF({_TAKE}, VALUES(claimed_at), vm_name_claims.claimed_at), "
+    f"job_id = IF({_TAKE}, VALUES(job_id), vm_name_claims.job_id)")  # (after claimed_at: it reads job_id)
+_CLAIM_RESET = "SET @failover_claim_job = NULL, @failover_claim_status = NULL, @failover_claim_ended = NULL"
+_CLAIM_HOLDER = text(
+    "SELECT c.job_id, j.status, j.ended INTO @failover_claim_job, @failover_claim_status, @failover_claim_ended "
+    "FROM vm_name_claims AS c LEFT JOIN failover_jobs AS j ON j.job_id = c.job_id WHERE c.name = :name")
+_CLAIM_READ = "SELECT @failover_claim_job, @failover_claim_status, @failover_claim_ended"
 
 
 def _bare(name: str) -> ColumnClause[Any]:
@@ -600,6 +619,22 @@ class JobStore:
         async with self.engine.connect() as conn:
             r = (await conn.execute(select(failover_jobs).where(failover_jobs.c.job_id == job_id))).first()
         return row_to_job(r) if r is not None else None
+
+    async def claim_vm_name(self, job_id: str, name: str) -> NameHolder | None:
+        """`JobStorePort.claim_vm_name`, in one round trip: the claim's row is inserted, or
+        taken over when its job is gone or ended with nothing of its own left under the name
+        (MariaDB's row lock on the key orders two jobs that ask at once), then read back."""
+        async with raw.transaction(self.engine) as tx:
+            claim = tx.sql(_CLAIM_NAME, {"name": name, "job_id": job_id, "now": utcnow()})
+            look = tx.sql(_CLAIM_HOLDER, {"name": name})
+            # (the holder read into variables before the COMMIT, and they are read after it: a
+            # SELECT of a table after the COMMIT would begin a transaction, and leave its view of
+            # the tables open on the pooled connection for its next user)
+            _, rows = await tx.script_select([_CLAIM_RESET, claim, look], _CLAIM_READ, commit=True)
+        holder, status, ended = rows[0]
+        if holder is None:  # (the row was just written: only a DELETE by hand takes it away)
+            raise RuntimeError(f"the claim on VM name {name!r} vanished as it was written; claim it again")
+        return None if holder == job_id else NameHolder(job_id=holder, status=status, ended=bool(ended))
 
     # ------------------------------------------------------------------ leases
 

@@ -3,7 +3,8 @@
 Three groups:
 - the service's own write model: `failover_jobs` (the state machine's record), `job_commands`
   (the inbox: one row per `request_id`), `outbox` (events committed with their transition),
-  `resource_ledger` (every external resource a job creates or moves), `leases`;
+  `resource_ledger` (every external resource a job creates or moves), `leases`,
+  `vm_name_claims` (which job may deploy, and look up, a VM of a name);
 - the read models built only by the projectors: `job_tracking`, `job_steps`, `log_events`
   (+ `projected_events`, what the projector has applied, for idempotency);
 - the platform's tables, owned by MigrateKit and only read (and `current_status` written).
@@ -137,6 +138,21 @@ resource_ledger = Table(
     _ts("created_at", nullable=False),
     _ts("updated_at", nullable=False),
     UniqueConstraint("job_id", "resource_key", name="uq_ledger_job_key"),
+    mysql_charset="utf8mb4",
+)
+
+# A VM's name is the job's only hold on it between the intent to deploy and the deploy's answer
+# (a resume, a retry or the rollback looks it up by that name). Two jobs may want one name: a
+# live failover's is the source VM's alone, and two source VMs may sanitise to the same. A job
+# claims the name before it deploys (`JobStore.claim_vm_name`) and keeps it until it ended with
+# nothing of its own left under the name (completed, or rolled back): no other job deploys, or
+# looks up, a VM of that name meanwhile.
+vm_name_claims = Table(
+    "vm_name_claims",
+    metadata,
+    Column("name", ID, primary_key=True),
+    Column("job_id", UUID, nullable=False),
+    _ts("claimed_at", nullable=False),
     mysql_charset="utf8mb4",
 )
 

@@ -177,6 +177,8 @@ async def ensure_vm(ctx: JobContext, spec: DeploySpec) -> str:
     cs = ctx.ports.cloudstack
     ledger = await ctx.ledger()
     held = ledger.get("vm")
+    if held is None or held.status != "done" or not held.resource_id:
+        await _claim_name(ctx, spec.name)
     # (a test failover's name carries 8 hex digits of its job's id: another job's VM left
     # behind can still hold it, so it is looked up too)
     if held is None or (held.data.get("refused") and not held.resource_id and held.cs_job_id is None):
@@ -233,6 +235,27 @@ async def ensure_vm(ctx: JobContext, spec: DeploySpec) -> str:
     entry.status = "done"
     await ctx.record(entry, durable=False)  # its id is recorded: a resume finds it deployed
     return deployed.id
+
+
+async def _claim_name(ctx: JobContext, name: str) -> None:
+    """Hold the VM's name for this job before its intent is recorded, and on every resume that
+    may look it up: between the intent and the deploy's answer the name is the job's only hold
+    on its VM, and another job that deployed under it meanwhile (for another source VM whose
+    name sanitises the same: a live failover's name is the source VM's alone) would have its
+    VM taken for this one's, then attached to, started, or destroyed by this one's rollback."""
+    holder = await ctx.ports.store.claim_vm_name(ctx.row.job_id, name)
+    if holder is None:
+        return
+    if holder.ended:
+        what = (f"ended ({holder.status}) with what it made not rolled back: finish its rollback "
+                f"(RollbackRequested for job {holder.job_id}) once its cause is fixed")
+    else:
+        what = f"is still running ({holder.status}): wait for it to end"
+    raise StepError(
+        "VM_NAME_TAKEN",
+        f"job {holder.job_id} holds the VM name {name} (another source VM's name sanitises to the same) "
+        f"and {what}, then request this failover again (or rename one of the source VMs); nothing was changed",
+    )
 
 
 async def _destroy_failed(ctx: JobContext, entry: LedgerEntry, vm_id: str) -> None:

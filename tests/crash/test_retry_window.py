@@ -16,10 +16,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
+from adapters.db.tables import resource_ledger
 from failover.seed import SeededVm, seed_vm
 from schemas.commands import CancelRequested, FailoverRequested
 from schemas.events import Event
+from statemachine.naming import sanitize_vm_name
 
 from ..helpers import ServeProcess, failover_row
 from ..world import assert_restored, view
@@ -182,3 +185,58 @@ async def test_a_drain_stops_a_step_between_two_tries_and_the_next_process_resum
         events = cell.log.stream(job)
         assert events[-1].type == "JobCompleted", _types(events)
         assert any(e.type == "LogRecorded" and e.message.startswith("resuming step vm-creation") for e in events)
+
+
+async def test_a_vm_name_another_job_holds_is_not_deployed_or_taken_meanwhile(cell: Cell) -> None:
+    """Two source VMs whose names sanitise to the same: their live failovers want one VM name.
+    The first records its intent to deploy under it, and its deploys fail through an outage
+    (nothing made yet). The second, asked for meanwhile, finds no VM of the name: it must
+    still not deploy one, since the first would then take that VM for its own on its next try
+    (its intent is looked up by the name), attach its disks to it and start it, or destroy it
+    in its rollback. It fails at once, naming the first job, changing nothing; the first
+    deploys its own VM once the outage ends."""
+    assert cell.control and cell.emu and cell.log and cell.bus and cell.db
+    first_vm = await seed_vm(cell.db, cell.control, cell.emu.appliance_vm_id, vm_name="Twin web_01",
+                             os_type="ubuntu64Guest", live_network_id=cell.emu.network_id)
+    second_vm = await seed_vm(cell.db, cell.control, cell.emu.appliance_vm_id, vm_name="Twin web 01",
+                              os_type="ubuntu64Guest", live_network_id=cell.emu.network_id)
+    name = sanitize_vm_name("Twin web_01")
+    assert sanitize_vm_name("Twin web 01") == name
+    second_before = await view(cell.control, second_vm.volume_ids, cell.emu.appliance_vm_id)
+    serve = await cell.start_serve(FAILOVER_RETRY_WINDOW_SECONDS=str(WINDOW))
+    try:
+        await cell.control.add_fault(api="cloudstack", command="deployVirtualMachine", kind="server_error",
+                                     match={"displayname": "Twin web_01"}, times=0)
+        first = uuid.uuid4()
+        await cell.bus.publish(FailoverRequested(request_id=first, vm_id=first_vm.vm_id, failover_type="live",
+                                                 requested_by="name-claim-tests"))
+        await _outage_until(cell, str(first), 2)
+        second = uuid.uuid4()
+        await cell.bus.publish(FailoverRequested(request_id=second, vm_id=second_vm.vm_id, failover_type="live",
+                                                 requested_by="name-claim-tests"))
+        await cell.log.wait_ended([str(second)], 60)
+        events = cell.log.stream(str(second))
+        assert events[-1].type == "JobFailed", _types(events)
+        failed: Any = events[-1]
+        assert failed.failed_step == "vm-creation" and failed.rolled_back is True
+        assert failed.error.code == "VM_NAME_TAKEN" and str(first) in failed.error.message, failed.error
+        assert "still running" in failed.error.message and name in failed.error.message
+        world = await cell.control.state()
+        assert [v for v in world["vms"] if v["name"] == name] == []  # the second deployed nothing
+        assert_restored(second_before, await view(cell.control, second_vm.volume_ids, cell.emu.appliance_vm_id))
+
+        await cell.control.clear_faults()  # the outage ends: the first deploys its own VM
+        await cell.log.wait_ended([str(first)], 60)
+        events = cell.log.stream(str(first))
+        assert events[-1].type == "JobCompleted", _types(events)
+        world = await cell.control.state()
+        named = [v for v in world["vms"] if v["name"] == name]
+        assert len(named) == 1 and named[0]["displayname"] == "Twin web_01", named
+        async with cell.db.connect() as conn:
+            held = (await conn.execute(select(resource_ledger.c.job_id, resource_ledger.c.resource_id).where(
+                resource_ledger.c.resource_key == "vm",
+                resource_ledger.c.job_id.in_([str(first), str(second)])))).all()
+        assert [tuple(r) for r in held] == [(str(first), named[0]["id"])]
+    finally:
+        await cell.control.clear_faults()
+        await serve.stop()
