@@ -5,12 +5,16 @@ can be recorded before waiting (a resumable step needs both); waiting polls
 `queryAsyncJobResult` once (while that pays), then joins the adapter's shared poller, whose rounds ask about
 many waits with one `listAsyncJobs` (adapters/poller.py). CloudStack's errors become the engine's: 431 (a refused request) is a
 `RefusedError`, 5xx, timeouts and connection failures are `TransientError`s, answers of the
-wrong shape are `MalformedResponse`.
+wrong shape are `MalformedResponse`. A 429 (the account's API limit reached) is no failure: the
+call is made again once CloudStack's window has ended, and every call waits until then
+(adapters/pace.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -19,16 +23,28 @@ from typing import Any, Literal
 import aiohttp
 from cs import AIOCloudStack, CloudStackApiException, CloudStackException
 
+from adapters.pace import CallPace
 from adapters.poller import SharedPoller
 from schemas.common import is_uuid_text
 from statemachine.errors import MalformedResponse, RefusedError, StepError, TransientError
 from statemachine.ports import AsyncStart, CsSnapshot, CsVm, CsVolume, DeploySpec
+
+log = logging.getLogger(__name__)
 
 _PAGE = 500  # CloudStack's default.page.size
 _PAGES = 8  # pages of listAsyncJobs a poll round reads at most (from the newest jobs back)
 _BEGUN = 10_000  # async jobs started here whose start time is kept until their wait begins
 _CLOCK_FRESH = 300.0  # seconds a `created` CloudStack showed serves as a lower bound for new jobs
 _CLOCK_MARGIN = 120  # seconds taken off it: management servers behind one endpoint may disagree
+
+# CloudStack's API throttling (ApiErrorCode.API_LIMIT_EXCEED): "The given user has reached
+# his/her account api limit, please retry after [N] ms." (adapters/pace.py)
+API_LIMIT_EXCEEDED = 429
+_RETRY_AFTER = re.compile(r"retry after \[(\d+)\] ms")
+_THROTTLE_MIN, _THROTTLE_MAX = 0.05, 60.0  # seconds a refusal holds the calls, at least and at most
+_THROTTLE_SAY_EVERY = 60.0  # seconds between two warnings in the log
+_THROTTLE_ADVICE = ("Set FAILOVER_CLOUDSTACK_MAX_CALLS_PER_SECOND below the account's limit (CloudStack's "
+                    "api.throttling.max calls per api.throttling.interval seconds), or raise that limit")
 
 # adapter, operation, outcome, seconds: the metric labels of failover.metrics.observe_adapter_call
 CallOutcome = Literal["ok", "error", "retry"]
@@ -40,7 +56,11 @@ class CloudStackAdapter:
 
     def __init__(self, endpoint: str, api_key: str, secret_key: str, *, session: aiohttp.ClientSession,
                  poll_interval: float = 2.0, timeout: float = 60.0, observe: Timer | None = None,
-                 batch_from: int = 8) -> None:
+                 batch_from: int = 8, max_calls_per_second: float = 0.0,
+                 on_throttled: Callable[[], None] | None = None) -> None:
+        self._pace = CallPace(max_calls_per_second)
+        self._on_throttled = on_throttled or (lambda: None)
+        self._throttle_said = -_THROTTLE_SAY_EVERY
         self._cs = AIOCloudStack(endpoint=endpoint, key=api_key, secret=secret_key, session=session,
                                  timeout=int(timeout), fetch_result=False)
         self._timeout = timeout  # per request: `cs` applies its own only to sessions it opens
@@ -62,8 +82,16 @@ class CloudStackAdapter:
         began = time.monotonic()
         outcome: CallOutcome = "error"
         try:
-            async with asyncio.timeout(self._timeout):
-                result = await getattr(self._cs, command)(**params)
+            while True:
+                await self._pace.turn()
+                try:
+                    async with asyncio.timeout(self._timeout):
+                        result = await getattr(self._cs, command)(**params)
+                    break
+                except CloudStackApiException as exc:
+                    if _code(exc) != API_LIMIT_EXCEEDED:
+                        raise
+                    self._throttled(command, exc, began)  # (raises once the wait would be too long)
             if not isinstance(result, dict):
                 raise MalformedResponse("CloudStack", f"{command} answered {type(result).__name__}, not an object")
             outcome = "ok"
@@ -84,6 +112,26 @@ class CloudStackAdapter:
             raise MalformedResponse("CloudStack", f"{command}: {exc}") from exc
         finally:
             self._observe("cloudstack", command, outcome, time.monotonic() - began)
+
+    def _throttled(self, command: str, exc: CloudStackApiException, began: float) -> None:
+        """CloudStack refused a call for the account's API limit (429): it did nothing, so it is
+        made again once the window CloudStack names has ended, and until then no call of this
+        process goes (they would be refused too). Raises `TransientError` once waiting would
+        take the call past FAILOVER_HTTP_TIMEOUT_SECONDS: the step's retries take it from there."""
+        self._on_throttled()
+        text = _text(exc)
+        found = _RETRY_AFTER.search(text)
+        wait = min(max(int(found.group(1)) / 1000 if found else 1.0, _THROTTLE_MIN), _THROTTLE_MAX)
+        quiet = self._pace.held_for > 0  # (another call's refusal already holds them: said once)
+        self._pace.hold(wait)
+        if time.monotonic() + wait - began > self._timeout:
+            raise TransientError("CLOUDSTACK_THROTTLED", f"CloudStack refused {command} for the account's API limit "
+                                 f"for {self._timeout:.0f} s ({text}); {_THROTTLE_ADVICE}")
+        now = time.monotonic()
+        if not quiet and now - self._throttle_said >= _THROTTLE_SAY_EVERY:
+            self._throttle_said = now
+            log.warning("CloudStack refused %s: the API key's account reached its API limit (429: %s); calls to "
+                        "CloudStack wait %.2f s and go on. %s", command, text, wait, _THROTTLE_ADVICE)
 
     async def _async(self, command: str, **params: Any) -> AsyncStart:
         before = self._clock_before()
@@ -336,12 +384,22 @@ class CloudStackAdapter:
                 raise exc from None
 
 
-def _translate(command: str, exc: CloudStackApiException) -> StepError:
+def _code(exc: CloudStackApiException) -> object:
+    """CloudStack's error code of a refused call (its HTTP status where the body has none)."""
     error = exc.error if isinstance(exc.error, dict) else {}
     code = error.get("errorcode")
     if code is None and exc.response is not None:
         code = getattr(exc.response, "status", None)
-    text = error.get("errortext") or str(exc)
+    return code
+
+
+def _text(exc: CloudStackApiException) -> str:
+    error = exc.error if isinstance(exc.error, dict) else {}
+    return str(error.get("errortext") or exc)
+
+
+def _translate(command: str, exc: CloudStackApiException) -> StepError:
+    code, text = _code(exc), _text(exc)
     if code == 401:
         return RefusedError("CLOUDSTACK_AUTH", "CloudStack refused the API key or signature (401); check "
                                                "FAILOVER_CLOUDSTACK_API_KEY and FAILOVER_CLOUDSTACK_SECRET_KEY")

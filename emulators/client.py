@@ -120,6 +120,12 @@ class EmulatorControl:
         result: dict[str, float] = await self._request("POST", "latency", json=body)
         return result
 
+    async def set_api_limit(self, max_calls: int, interval_seconds: float = 1.0) -> dict[str, Any]:
+        """CloudStack's API throttling per account (0: off): the settings and the calls refused."""
+        result: dict[str, Any] = await self._request(
+            "POST", "api-limit", json={"max_calls": max_calls, "interval_seconds": interval_seconds})
+        return result
+
     async def restart_volume_daemon(self) -> int:
         """The Volume Daemon restarts, forgetting its operations: how many it forgot."""
         result: dict[str, Any] = await self._request("POST", "volume-daemon/restart")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 from aiohttp import web
@@ -19,6 +20,7 @@ from emulators.cs_commands import COMMANDS
 from emulators.cs_params import Params
 from emulators.faults import Fault
 from emulators.model import (
+    API_LIMIT_EXCEED,
     CS_CLOUD_RUNTIME,
     CS_INVALID_PARAMETER,
     CS_SERVER_API,
@@ -39,6 +41,7 @@ CONTROL_PARAMS = frozenset(
 )
 _REASONS = {
     UNAUTHORIZED: "Unauthorized",
+    API_LIMIT_EXCEED: "Too Many Requests",
     PARAM_ERROR: "Param Error",
     UNSUPPORTED_ACTION_ERROR: "Unsupported Action",
     INTERNAL_ERROR: "Internal Error",
@@ -118,6 +121,11 @@ async def handle_api(request: web.Request) -> web.Response:
     if spec is None:
         text = f"Unknown API command: {command}"
         return _error(entry, name, UNSUPPORTED_ACTION_ERROR, text, CS_SERVER_API)
+    # the rate-limit plugin's API checker, as CloudStack words its refusal
+    wait = world.api_limit.check(raw.get("apikey", ""), time.monotonic())
+    if wait is not None:
+        text = f"The given user has reached his/her account api limit, please retry after [{int(wait * 1000)}] ms."
+        return _error(entry, name, API_LIMIT_EXCEED, text, CS_SERVER_API)
 
     fault = world.faults.check("cloudstack", command, params.values)
     kind = fault.kind if fault else None

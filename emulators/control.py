@@ -40,6 +40,7 @@ def add_control_routes(app: web.Application) -> None:
     router.add_delete(f"{PREFIX}/faults", clear_faults)
     router.add_get(f"{PREFIX}/latency", get_latency)
     router.add_post(f"{PREFIX}/latency", set_latency)
+    router.add_post(f"{PREFIX}/api-limit", set_api_limit)
     router.add_post(f"{PREFIX}/inject", inject)
     router.add_post(f"{PREFIX}/event-bus", set_event_bus)
     router.add_post(f"{PREFIX}/volume-daemon/restart", restart_volume_daemon)
@@ -168,6 +169,21 @@ async def set_latency(request: web.Request) -> web.Response:
     for key, value in body.items():
         setattr(latency, key, float(value))
     return web.json_response(latency.as_json())
+
+
+async def set_api_limit(request: web.Request) -> web.Response:
+    """POST /_emulator/api-limit {"max_calls", "interval_seconds"?}: CloudStack's API throttling
+    per account (`api.throttling.max` calls in `api.throttling.interval`); max_calls 0 turns it
+    off. Answers the settings and how many calls it has refused."""
+    body = await _body(request)
+    limit = request.app[WORLD].api_limit
+    max_calls, interval = body.get("max_calls"), body.get("interval_seconds", limit.interval_seconds)
+    if not isinstance(max_calls, int) or isinstance(max_calls, bool) or max_calls < 0:
+        raise _bad_request("max_calls must be a whole number >= 0")
+    if not isinstance(interval, int | float) or isinstance(interval, bool) or interval <= 0:
+        raise _bad_request("interval_seconds must be a number > 0")
+    limit.max_calls, limit.interval_seconds = max_calls, float(interval)
+    return web.json_response(limit.as_json())
 
 
 async def restart_volume_daemon(request: web.Request) -> web.Response:

@@ -23,6 +23,7 @@ PARAM_ERROR = 431
 UNSUPPORTED_ACTION_ERROR = 432
 INTERNAL_ERROR = 530
 UNAUTHORIZED = 401
+API_LIMIT_EXCEED = 429  # the account's API limit (api.throttling.max) reached
 
 JOB_PENDING = 0
 JOB_SUCCEEDED = 1
@@ -181,6 +182,39 @@ class Operation:
     created_at: str = field(default_factory=iso_time)
     updated_at: str = field(default_factory=iso_time)
     completed_at: str | None = None
+
+
+@dataclass(slots=True)
+class ApiLimit:
+    """CloudStack's API throttling (the rate-limit plugin: `api.throttling.enabled`,
+    `api.throttling.interval`, `api.throttling.max`): per account, at most `max_calls` calls in
+    a window of `interval_seconds` that begins with the account's first call after the last
+    window ended; a call past it is refused with 429 and still counted (as CloudStack counts
+    it). Off while `max_calls` is 0."""
+
+    max_calls: int = 0
+    interval_seconds: float = 1.0
+    refused: int = 0  # calls refused so far
+    _windows: dict[str, tuple[float, int]] = field(default_factory=dict)  # account -> (ends, count)
+
+    def check(self, account: str, now: float) -> float | None:
+        """Count a call of `account` at `now`: None if it may go, else the seconds until its
+        window ends (CloudStack's "retry after")."""
+        if self.max_calls <= 0:
+            return None
+        ends, count = self._windows.get(account, (0.0, 0))
+        if now >= ends:
+            ends, count = now + self.interval_seconds, 0
+        count += 1
+        self._windows[account] = (ends, count)
+        if count <= self.max_calls:
+            return None
+        self.refused += 1
+        return ends - now
+
+    def as_json(self) -> dict[str, Any]:
+        """The settings as the control API shows them."""
+        return {"max_calls": self.max_calls, "interval_seconds": self.interval_seconds, "refused": self.refused}
 
 
 @dataclass(slots=True)

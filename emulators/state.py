@@ -17,6 +17,7 @@ from emulators.faults import FaultBook
 from emulators.jobs import JobRunner
 from emulators.model import (
     GIB,
+    ApiLimit,
     AsyncJob,
     DiskOffering,
     Latency,
@@ -70,6 +71,7 @@ class WorldState:
         self.user_id = new_id()
         self.faults = FaultBook()
         self.latency = Latency()
+        self.api_limit = ApiLimit()
         self.calls = CallLog()
         self.runner = JobRunner(lambda: self.latency)
         # the emulated CloudStack event bus (emulators/events.py), when the emulators were
@@ -84,6 +86,7 @@ class WorldState:
         self.calls.reset()
         self.faults.clear()
         self.latency = Latency()
+        self.api_limit = ApiLimit()
         self.zones = {self.zone_id: Zone(self.zone_id, "zone1")}
         self.service_offerings = {
             self.service_offering_id: ServiceOffering(self.service_offering_id, "Custom")

@@ -36,6 +36,7 @@ __all__ = [
     "ALL_METRIC_NAMES",
     "BUILD_INFO",
     "CLOUDSTACK_JOB_EVENTS",
+    "CLOUDSTACK_THROTTLED",
     "COMMANDS",
     "COMMAND_OUTCOMES",
     "COMMAND_TYPES",
@@ -191,6 +192,14 @@ CLOUDSTACK_JOB_EVENTS: Final = Counter(
     "event bus configuration); the waits still end at the poll rounds.",
     ["outcome"],
 )
+CLOUDSTACK_THROTTLED: Final = Counter(
+    "failover_cloudstack_throttled_total",
+    "Calls CloudStack refused because the API key's account reached its API limit (429: "
+    "api.throttling.max calls per api.throttling.interval). Each was made again once CloudStack's "
+    "window ended, and the process's calls to CloudStack waited meanwhile: failovers slow down, "
+    "none fails for it. Rising: set FAILOVER_CLOUDSTACK_MAX_CALLS_PER_SECOND below the limit, or "
+    "raise the limit.",
+)
 COMMANDS: Final = Counter(
     "failover_commands_total",
     "Command deliveries handled, by command type (or unknown) and outcome.",
@@ -312,6 +321,7 @@ ALL_METRIC_NAMES: Final[frozenset[str]] = frozenset(
         "failover_rollbacks_total",
         "failover_commands_total",
         "failover_cloudstack_job_events_total",
+        "failover_cloudstack_throttled_total",
         "failover_intake_process_restarts_total",
         "failover_events_published_total",
         "failover_outbox_backlog",

@@ -324,6 +324,8 @@ async def _serve(svc: Service, settings: Settings, roles: tuple[str, ...], on_er
                 settings.cloudstack_secret_key.get_secret_value(), session=http,
                 poll_interval=settings.poll_interval_seconds, timeout=settings.http_timeout_seconds,
                 batch_from=settings.poll_batch_from,
+                max_calls_per_second=settings.cloudstack_max_calls_per_second,
+                on_throttled=m.CLOUDSTACK_THROTTLED.inc,
                 observe=m.observe_adapter_call)
             if settings.cloudstack_events_exchange:  # (in the background: the waits poll meanwhile)
                 tasks.append(asyncio.create_task(_cloudstack_events(settings, svc.owner, cloudstack),

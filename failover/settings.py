@@ -142,6 +142,12 @@ class Settings(ConnectionSettings):
     # from this many waits on one system at once, a poll round lists them with one request
     # (and a new wait may skip its first ask: adapters/poller.py)
     poll_batch_from: int = Field(default=8, ge=1)
+    # calls a second to CloudStack from this process at most (0: no limit). With CloudStack's
+    # API throttling on (api.throttling.enabled), keep the sum over all serve processes below the
+    # account's api.throttling.max / api.throttling.interval, leaving room for its other users;
+    # without it a refused call (429) makes every call wait until CloudStack's window ends, then
+    # goes again (adapters/pace.py)
+    cloudstack_max_calls_per_second: float = Field(default=0.0, ge=0)
     # CloudStack's event bus (its RabbitMQ event bus's `exchange`, commonly cloudstack-events):
     # a wait on an async job then ends when CloudStack says the job is done, not at the next
     # poll round (adapters/cloudstack_events.py); empty: off, the waits poll only

@@ -22,7 +22,7 @@ class StepError(Exception):
 # work it forgot in a restart): retried through the retry window (EngineConfig.retry_window).
 # The others (an async job that failed, a wait past its timeout) are retried the attempts alone
 OUTAGE_CODES = frozenset({
-    "CLOUDSTACK_UNREACHABLE", "CLOUDSTACK_ERROR", "CLOUDSTACK_JOB_LOST",
+    "CLOUDSTACK_UNREACHABLE", "CLOUDSTACK_ERROR", "CLOUDSTACK_JOB_LOST", "CLOUDSTACK_THROTTLED",
     "VOLUME_DAEMON_UNREACHABLE", "VOLUME_DAEMON_ERROR", "VOLUME_OPERATION_LOST", "POLLER_STOPPED",
 })
 

@@ -132,8 +132,10 @@ async def control(emulators: EmulatorHandle) -> AsyncIterator[EmulatorControl]:
     async with EmulatorControl(emulators.control_url) as ctl:
         await ctl.clear_faults()
         await ctl.set_latency(async_job_seconds=0, operation_seconds=0, api_seconds=0)
+        await ctl.set_api_limit(0)
         yield ctl
         await ctl.clear_faults()
+        await ctl.set_api_limit(0)
 
 
 @pytest.fixture(scope="session")

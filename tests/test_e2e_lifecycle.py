@@ -20,7 +20,15 @@ from schemas.common import FAILOVER_STEPS
 from schemas.events import Event
 from statemachine.naming import sanitize_vm_name, test_vm_name
 
-from .helpers import ServeProcess, failover, failover_row, projected, run_command, wait_until
+from .helpers import (
+    ServeProcess,
+    failover,
+    failover_row,
+    metric,
+    projected,
+    run_command,
+    wait_until,
+)
 from .test_e2e_test_failover import check_stream
 from .world import assert_restored, view
 
@@ -474,3 +482,21 @@ async def test_a_cleanup_that_failed_after_deleting_a_snapshot_can_be_run_again(
     assert_restored(before, await view(control, vm.volume_ids, emulators.appliance_vm_id))
     assert (await failover_row(db, str(job_id))).status == "cleaned_up"
     assert await _vm_status(db, vm.vm_id) == "ready_for_failover"
+
+
+async def test_failovers_past_cloudstacks_api_limit_slow_down_and_all_complete(
+        serve: ServeProcess, bus: BusClient, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
+    """CloudStack's API throttling at 10 calls a second: three test failovers at once make far
+    more, and CloudStack refuses the rest of each second's with 429. None fails for it: a
+    refused call goes again once CloudStack's window has ended (it did nothing), and
+    `failover_cloudstack_throttled_total` counts every refusal."""
+    vms = [await _seed(db, control, emulators, f"Throttled {i}") for i in range(3)]
+    before = await metric(serve, "failover_cloudstack_throttled_total")
+    await control.set_api_limit(10, interval_seconds=1.0)
+    try:
+        ended = await asyncio.gather(*(failover(bus, vm.vm_id, timeout=120) for vm in vms))
+    finally:
+        limit = await control.set_api_limit(0)
+    assert [events[-1].type for events in ended] == ["JobCompleted"] * 3, [_types(e) for e in ended]
+    assert limit["refused"] > 0, limit
+    assert await metric(serve, "failover_cloudstack_throttled_total") - before == limit["refused"]

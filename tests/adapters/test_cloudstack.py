@@ -595,3 +595,52 @@ async def test_proxy_200_page_is_malformed(make_cloudstack: CloudStackFactory, p
         cloudstack = make_cloudstack(endpoint=proxy(200, body, ctype) + "/client/api")
         with pytest.raises(MalformedResponse):
             await cloudstack.get_vm(str(uuid.uuid4()))
+
+
+# --------------------------------------------------------------------------- the API limit
+
+
+async def test_calls_past_the_accounts_api_limit_wait_for_its_window_and_all_succeed(
+        make_cloudstack: CloudStackFactory, control: EmulatorControl) -> None:
+    """CloudStack's API throttling (5 calls a second here): of 30 calls at once most are
+    refused with 429 at first; each is made again once CloudStack's window has ended, and all
+    of them succeed. Every refusal is counted once."""
+    refusals: list[float] = []
+    cs = make_cloudstack(timeout=10.0, on_throttled=lambda: refusals.append(time.monotonic()))
+    await control.set_api_limit(5, interval_seconds=1.0)
+    began = time.monotonic()
+    found = await asyncio.gather(*(cs.find_vms(f"nobody-{i}") for i in range(30)))
+    took = time.monotonic() - began
+    assert found == [[]] * 30
+    limit = await control.set_api_limit(0)  # (off again; its count stays)
+    assert limit["refused"] > 0 and len(refusals) == limit["refused"], (limit, len(refusals))
+    assert took >= 4.0, took  # 30 calls at 5 a window: at least 5 windows after the first
+    answered = [c for c in await control.calls(api="cloudstack") if c["command"] == "listVirtualMachines"]
+    assert sum(1 for c in answered if c["status"] == 200) == 30
+
+
+async def test_a_pace_below_the_limit_is_never_refused(make_cloudstack: CloudStackFactory,
+                                                       control: EmulatorControl) -> None:
+    refusals: list[float] = []
+    cs = make_cloudstack(timeout=10.0, max_calls_per_second=8.0, on_throttled=lambda: refusals.append(0.0))
+    await control.set_api_limit(10, interval_seconds=1.0)
+    began = time.monotonic()
+    await asyncio.gather(*(cs.find_vms(f"nobody-{i}") for i in range(20)))
+    took = time.monotonic() - began
+    limit = await control.set_api_limit(0)
+    assert limit["refused"] == 0 and refusals == []
+    assert took >= 19 / 8.0 - 0.1, took  # spaced 1/8 s apart
+
+
+async def test_a_wait_for_the_limit_longer_than_the_timeout_fails_at_once_as_throttled(
+        make_cloudstack: CloudStackFactory, control: EmulatorControl) -> None:
+    cs = make_cloudstack(timeout=2.0)
+    await control.set_api_limit(1, interval_seconds=30.0)
+    await cs.find_vms("first")  # the window's only call
+    began = time.monotonic()
+    with pytest.raises(TransientError) as caught:
+        await cs.find_vms("second")
+    assert time.monotonic() - began < 1.5  # not waited for: the window ends past the timeout
+    assert caught.value.code == "CLOUDSTACK_THROTTLED"
+    assert "API limit" in caught.value.message and "FAILOVER_CLOUDSTACK_MAX_CALLS_PER_SECOND" in caught.value.message
+    await control.set_api_limit(0)

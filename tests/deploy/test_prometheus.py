@@ -30,6 +30,7 @@ REQUIRED_ALERTS = {
     "FailoverOutboxStale",
     "FailoverCommandsDeadLettered",
     "FailoverAdapterErrorRateHigh",
+    "FailoverCloudStackThrottled",
 }
 
 

@@ -70,6 +70,34 @@ async def test_control_refuses_bad_setups(control: EmulatorControl) -> None:
         await control.set_latency(api_seconds=-1)
     with pytest.raises(EmulatorControlError, match="--event-bus-url"):  # started without an event bus
         await control.set_event_bus(True)
+    with pytest.raises(EmulatorControlError, match="max_calls"):
+        await control.set_api_limit(-1)
+    with pytest.raises(EmulatorControlError, match="interval_seconds"):
+        await control.set_api_limit(5, interval_seconds=0)
+
+
+async def test_the_api_limit_refuses_an_accounts_calls_past_it_until_its_window_ends(
+    cs: AIOCloudStack, control: EmulatorControl
+) -> None:
+    """As CloudStack's rate-limit plugin: `max_calls` per window from the account's first call;
+    a call past it is answered 429 naming when to retry (and is counted: the window's calls go on
+    being refused until it ends); then a new window begins."""
+    await control.set_api_limit(2, interval_seconds=0.5)
+    try:
+        began = time.monotonic()
+        await cs.listZones()
+        await cs.listZones()
+        status, error = await refused(cs.listZones())
+        assert status == 429 and error["errorcode"] == 429 and error["cserrorcode"] == 9999
+        text = error["errortext"]
+        assert text.startswith("The given user has reached his/her account api limit, please retry after [")
+        after_ms = int(text.split("[")[1].split("]")[0])
+        assert 0 < after_ms <= 500
+        await asyncio.sleep(max(0.0, began + 0.5 - time.monotonic()) + 0.05)  # (the window's end CloudStack named)
+        await cs.listZones()
+        assert (await control.set_api_limit(0))["refused"] == 1
+    finally:
+        await control.set_api_limit(0)
 
 
 async def test_the_call_log_names_every_call_and_never_a_secret(
