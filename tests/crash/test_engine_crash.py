@@ -21,6 +21,7 @@ from failover.seed import seed_vm
 from schemas.commands import FailoverRequested, RollbackRequested
 from statemachine.engine import ENGINE_CRASH_LIMIT
 
+from ..helpers import wait_until
 from ..world import assert_restored, view
 from .support import Cell, derived_database, derived_vhost
 
@@ -46,6 +47,14 @@ async def test_a_job_the_engine_keeps_crashing_on_is_given_up_then_rolled_back_b
         await cell.bus.publish(FailoverRequested(request_id=job, vm_id=vm.vm_id, failover_type="test",
                                                  requested_by="crash-tests"))
         await log.wait(lambda: log.has(str(job), "StepStarted", "cloudstack-snapshot"), 60, "the snapshot step")
+
+        async def snapshot_in_flight() -> bool:  # (its intent and CloudStack job id recorded)
+            async with cell.db.connect() as conn:  # type: ignore[union-attr]
+                return (await conn.execute(select(resource_ledger.c.id).where(
+                    resource_ledger.c.job_id == str(job), resource_ledger.c.resource_type == "snapshot",
+                    resource_ledger.c.cs_job_id.is_not(None)))).first() is not None
+
+        await wait_until(snapshot_in_flight, 60, "a snapshot in flight")
         await first.kill()  # mid-step: the next process resumes the step
 
         async with cell.db.begin() as conn:
