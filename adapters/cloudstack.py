@@ -408,6 +408,19 @@ def _translate(command: str, exc: CloudStackApiException) -> StepError:
                                                       f"{command} for the API key's role")
     if isinstance(code, int) and 400 <= code < 500:
         return RefusedError("CLOUDSTACK_REFUSED", f"CloudStack refused {command} ({code}): {text}")
+    # CloudStack's server errors (ApiErrorCode) that no outage explains: tried the attempts
+    # alone, not through FAILOVER_RETRY_WINDOW_SECONDS (errors.OUTAGE_CODES), or not at all
+    if code == 531:  # ACCOUNT_ERROR: a PermissionDeniedException
+        return RefusedError("CLOUDSTACK_PERMISSION_DENIED", f"CloudStack refused {command} for the API key's "
+                                                            f"account (531): {text}; give that account access to "
+                                                            "what the call names, or use an account that has it")
+    if code == 533:  # INSUFFICIENT_CAPACITY_ERROR
+        return TransientError("CLOUDSTACK_NO_CAPACITY", f"CloudStack has no capacity for {command} (533): {text}; "
+                                                        "free capacity in the zone or fail over fewer VMs at once")
+    if code == 535:  # RESOURCE_ALLOCATION_ERROR: the account's resource limit (checkResourceLimit)
+        return TransientError("CLOUDSTACK_RESOURCE_LIMIT", f"CloudStack refused {command} (535): {text}; the API "
+                                                           "key's account is at a resource limit: raise it "
+                                                           "(updateResourceLimit) or free what the account holds")
     return TransientError("CLOUDSTACK_ERROR", f"CloudStack failed {command} ({code}): {text}")
 
 

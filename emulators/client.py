@@ -80,6 +80,7 @@ class EmulatorControl:
         nth: int = 1,
         times: int = 1,
         variant: str | None = None,
+        errorcode: int | None = None,
     ) -> str:
         """Program a fault; its id."""
         body: dict[str, Any] = {"api": api, "kind": kind, "nth": nth, "times": times}
@@ -89,6 +90,8 @@ class EmulatorControl:
             body["match"] = match
         if variant is not None:
             body["variant"] = variant
+        if errorcode is not None:
+            body["errorcode"] = errorcode
         result = await self._request("POST", "faults", json=body)
         return str(result["id"])
 

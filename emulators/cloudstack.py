@@ -47,6 +47,12 @@ _REASONS = {
     INTERNAL_ERROR: "Internal Error",
 }
 AUTH_FAILED = "unable to verify user credentials and/or request signature"
+# what CloudStack says with a server error's code (ApiErrorCode), for a programmed fault
+_SERVER_ERRORS = {
+    531: "Injected fault: the account of the API key has no permission to operate on what {command} names",
+    533: "Injected fault: Insufficient capacity to deploy ({command}): unable to find a host with enough capacity",
+    535: "Maximum number of resources of type 'user_vm' for account name=admin in domain id=1 has been exceeded.",
+}
 
 
 def create_cloudstack_app(world: World) -> web.Application:
@@ -136,8 +142,9 @@ async def handle_api(request: web.Request) -> web.Response:
         text = f"The given command:{command} does not exist or it is not available for user"
         return _error(entry, name, UNSUPPORTED_ACTION_ERROR, text, CS_SERVER_API)
     if kind == "server_error" or (kind == "async_fail" and not spec.is_async):
-        text = f"Injected fault: internal error executing {command}"
-        return _error(entry, name, INTERNAL_ERROR, text, CS_CLOUD_RUNTIME)
+        code = fault.errorcode if fault is not None and fault.errorcode else INTERNAL_ERROR
+        text = _SERVER_ERRORS.get(code, "Injected fault: internal error executing {command}").format(command=command)
+        return _error(entry, name, code, text, CS_CLOUD_RUNTIME)
     if kind == "timeout" and not spec.is_async:
         entry["status"] = "timeout"
         await world.runner.hang()

@@ -42,6 +42,7 @@ class Fault:
     nth: int = 1
     times: int = 1
     variant: str = "truncated"
+    errorcode: int | None = None  # a cloudstack server_error's code (530-537; default 530)
     seen: int = 0
     fired: int = 0
 
@@ -81,6 +82,7 @@ class Fault:
             "times": self.times,
             "kind": self.kind,
             "variant": self.variant,
+            "errorcode": self.errorcode,
             "seen": self.seen,
             "fired": self.fired,
             "active": self.active,
@@ -120,6 +122,12 @@ def parse_fault(body: Mapping[str, Any]) -> Fault:
     variant = body.get("variant") or "truncated"
     if variant not in MALFORMED_VARIANTS:
         raise FaultSpecError(f"variant must be one of {', '.join(MALFORMED_VARIANTS)}")
+    errorcode = body.get("errorcode")
+    if errorcode is not None and (
+        api != "cloudstack" or kind != "server_error" or not isinstance(errorcode, int)
+        or isinstance(errorcode, bool) or not 530 <= errorcode <= 537
+    ):
+        raise FaultSpecError("errorcode applies to a cloudstack server_error only, and is one of 530-537")
     return Fault(
         id=new_id(),
         api=str(api),
@@ -129,6 +137,7 @@ def parse_fault(body: Mapping[str, Any]) -> Fault:
         nth=nth,
         times=times,
         variant=str(variant),
+        errorcode=errorcode,
     )
 
 

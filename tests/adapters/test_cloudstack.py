@@ -14,7 +14,13 @@ import pytest
 from adapters.cloudstack import CloudStackAdapter
 from emulators.client import EmulatorControl
 from emulators.runner import EmulatorHandle
-from statemachine.errors import MalformedResponse, RefusedError, StepError, TransientError
+from statemachine.errors import (
+    OUTAGE_CODES,
+    MalformedResponse,
+    RefusedError,
+    StepError,
+    TransientError,
+)
 from statemachine.ports import AsyncStart, CsSnapshot, DeploySpec
 
 from .conftest import CloudStackFactory
@@ -272,6 +278,25 @@ async def test_server_error_is_transient(cloudstack: CloudStackAdapter, emu: Emu
     assert caught.value.code == "CLOUDSTACK_ERROR"
     assert "530" in caught.value.message
     assert caught.value.transient
+
+
+@pytest.mark.parametrize(("errorcode", "kind", "code", "advice"), [
+    (531, RefusedError, "CLOUDSTACK_PERMISSION_DENIED", "give that account access"),
+    (533, TransientError, "CLOUDSTACK_NO_CAPACITY", "free capacity in the zone"),
+    (535, TransientError, "CLOUDSTACK_RESOURCE_LIMIT", "updateResourceLimit"),
+])
+async def test_server_errors_no_outage_explains_are_not_ridden_out_as_one(
+        cloudstack: CloudStackAdapter, emu: EmulatorHandle, control: EmulatorControl,
+        errorcode: int, kind: type[StepError], code: str, advice: str) -> None:
+    """A permission denied (531), no capacity (533) or the account's resource limit (535) is no
+    outage: the step tries it its attempts alone (or not again), not through the retry window,
+    and the message says what to do."""
+    await control.add_fault("cloudstack", "server_error", command="deployVirtualMachine", errorcode=errorcode)
+    with pytest.raises(StepError) as caught:
+        await cloudstack.deploy_vm(spec(emu))
+    assert type(caught.value) is kind and caught.value.code == code
+    assert f"({errorcode})" in caught.value.message and advice in caught.value.message
+    assert code not in OUTAGE_CODES
 
 
 # --------------------------------------------------------------- malformed answers, everywhere

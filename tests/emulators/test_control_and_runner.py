@@ -70,6 +70,10 @@ async def test_control_refuses_bad_setups(control: EmulatorControl) -> None:
         await control.set_latency(api_seconds=-1)
     with pytest.raises(EmulatorControlError, match="--event-bus-url"):  # started without an event bus
         await control.set_event_bus(True)
+    with pytest.raises(EmulatorControlError, match="errorcode"):
+        await control.add_fault("cloudstack", "server_error", errorcode=429)
+    with pytest.raises(EmulatorControlError, match="errorcode"):
+        await control.add_fault("volume-daemon", "server_error", errorcode=533)
     with pytest.raises(EmulatorControlError, match="max_calls"):
         await control.set_api_limit(-1)
     with pytest.raises(EmulatorControlError, match="interval_seconds"):
