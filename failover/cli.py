@@ -118,7 +118,12 @@ def serve(roles: str) -> None:
         raise click.BadParameter(problem)
 
     async def go() -> int:
-        await run_service(settings, wanted)
+        from adapters.db.migrate import SchemaBehind
+
+        try:
+            await run_service(settings, wanted)
+        except SchemaBehind as exc:
+            raise Exit(3, str(exc)) from None
         return 0
 
     _run(go())

@@ -24,12 +24,14 @@ from typing import Any
 import aiohttp
 from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from adapters import bus
 from adapters.cloudstack import CloudStackAdapter
 from adapters.cloudstack_events import CloudStackEvents
 from adapters.db.commands import CommandRecorder
 from adapters.db.engine import make_engine
+from adapters.db.migrate import SchemaBehind, schema_problem
 from adapters.db.outbox import OutboxStore
 from adapters.db.platform import PlatformTables
 from adapters.db.projections import Projections
@@ -237,6 +239,14 @@ async def _serve(svc: Service, settings: Settings, roles: tuple[str, ...], on_er
         # handshake, the dialect's set-up: 2% of serve's CPU with a thousand slow jobs)
         engine = make_engine(settings.database_url.get_secret_value(), pool_size=40, max_overflow=0)
         stack.push_async_callback(engine.dispose)
+        try:
+            problem = await schema_problem(engine)
+        except DBAPIError as exc:  # (unreachable: the start goes on and waits for it, as it did)
+            log.warning("could not read the database's migration (%s); serve starts without that check",
+                        type(exc).__name__)
+            problem = None
+        if problem is not None:
+            raise SchemaBehind(problem)
         # leases (jobs' and the relay's) on their own small pool: never starved by the commits
         lease_engine = make_engine(settings.database_url.get_secret_value(), pool_size=2)
         stack.push_async_callback(lease_engine.dispose)

@@ -37,6 +37,7 @@ class CsVm:
     id: str
     name: str
     state: str
+    display_name: str = ""  # ("": CloudStack did not say)
 
 
 @dataclass(frozen=True)

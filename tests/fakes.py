@@ -572,7 +572,7 @@ class FakeCloudStack:
         v = job_result.get("virtualmachine")
         if not isinstance(v, dict) or not {"id", "state"} <= v.keys():
             return None
-        return CsVm(v["id"], v.get("name", ""), v["state"])
+        return CsVm(v["id"], v.get("name", ""), v["state"], v.get("displayname", ""))
 
     async def create_snapshot(self, volume_id: str, name: str) -> AsyncStart:
         fault = await self._begin("createSnapshot", volumeid=volume_id, name=name)
@@ -624,7 +624,7 @@ class FakeCloudStack:
 
     async def find_vms(self, name: str) -> list[CsVm]:
         await self._sync("listVirtualMachines", name=name)
-        return [CsVm(vm.id, vm.name, vm.state) for vm in self.world.live_vms() if vm.name == name]
+        return [CsVm(vm.id, vm.name, vm.state, vm.display_name) for vm in self.world.live_vms() if vm.name == name]
 
     async def find_vm(self, name: str) -> CsVm | None:
         found = [vm for vm in await self.find_vms(name) if vm.state != "Error"]
@@ -633,7 +633,7 @@ class FakeCloudStack:
     async def get_vm(self, vm_id: str) -> CsVm | None:
         await self._sync("listVirtualMachines", id=vm_id)
         vm = self.world.vms.get(vm_id)
-        return CsVm(vm.id, vm.name, vm.state) if vm is not None and not vm.destroyed else None
+        return CsVm(vm.id, vm.name, vm.state, vm.display_name) if vm is not None and not vm.destroyed else None
 
     async def _vm_command(self, op: str, vm_id: str, action: Callable[[Vm, FaultKind | None], CsJob]) -> AsyncStart:
         fault = await self._begin(op, id=vm_id)

@@ -45,6 +45,16 @@ async def _tables(url: str) -> dict[str, list[str]]:
         await engine.dispose()
 
 
+async def _empty_database(database_url: str) -> tuple[str, str]:
+    """A new empty database on the server: its name and URL."""
+    name = f"failover_mig_{uuid.uuid4().hex[:8]}"
+    server = create_async_engine(make_url(database_url).set(database=""))
+    async with server.begin() as conn:
+        await conn.execute(text(f"CREATE DATABASE `{name}`"))
+    await server.dispose()
+    return name, _server_url(database_url, name)
+
+
 async def _drop(database_url: str, name: str) -> None:
     engine = create_async_engine(make_url(database_url).set(database=""))
     async with engine.begin() as conn:
@@ -76,12 +86,7 @@ async def test_db_upgrade_from_any_directory_creates_the_database(database_url: 
 
 
 async def test_existing_platform_tables_are_left_alone(database_url: str) -> None:
-    name = f"failover_mig_{uuid.uuid4().hex[:8]}"
-    url = _server_url(database_url, name)
-    server = create_async_engine(make_url(database_url).set(database=""))
-    async with server.begin() as conn:
-        await conn.execute(text(f"CREATE DATABASE `{name}`"))
-    await server.dispose()
+    name, url = await _empty_database(database_url)
     engine = create_async_engine(url)
     try:
         async with engine.begin() as conn:  # MigrateKit's own, richer table, with a row
@@ -99,6 +104,43 @@ async def test_existing_platform_tables_are_left_alone(database_url: str) -> Non
         async with engine.connect() as conn:
             assert (await conn.execute(text("SELECT vm_name FROM vm_replication_contexts"))).scalar_one() == "keep me"
         assert "failover_jobs" in tables
+    finally:
+        await engine.dispose()
+        await _drop(database_url, name)
+
+
+async def test_the_name_claims_go_to_the_jobs_that_recorded_a_vm_before_them(database_url: str) -> None:
+    """0002: a job that recorded a VM under a name before the claims existed, and may still
+    look it up by that name (running, or ended without its rollback), holds the name after the
+    upgrade (the oldest such job where two did); a job that completed or rolled back does not."""
+    from adapters.db.migrate import upgrade
+
+    name, url = await _empty_database(database_url)
+    engine = create_async_engine(url)
+    try:
+        await asyncio.to_thread(upgrade, url, "0001")
+        jobs = {  # job -> (VM name, ended, status, rolled_back)
+            "running-1": ("twin", 0, "vm-creation", None),
+            "running-2": ("twin", 0, "vm-creation", None),
+            "failed-left": ("left", 1, "failed", 0),
+            "rolled-back": ("undone", 1, "failed", 1),
+            "completed": ("done", 1, "completed", None),
+        }
+        async with engine.begin() as conn:
+            for job, (vm_name, ended, status, rolled_back) in jobs.items():
+                await conn.execute(text(
+                    "INSERT INTO failover_jobs (job_id, vm_id, job_type, status, source_vm_name, created_at,"
+                    " updated_at, request_id, correlation_id, ended, rolled_back) VALUES (:j, :j, 'live', :s, :n,"
+                    " UTC_TIMESTAMP(6), UTC_TIMESTAMP(6), :j, :j, :e, :r)"),
+                    {"j": job, "s": status, "n": vm_name, "e": ended, "r": rolled_back})
+                await conn.execute(text(
+                    "INSERT INTO resource_ledger (job_id, resource_key, resource_type, action, name, status,"
+                    " created_at, updated_at) VALUES (:j, 'vm', 'vm', 'create', :n, 'intended', UTC_TIMESTAMP(6),"
+                    " UTC_TIMESTAMP(6))"), {"j": job, "n": vm_name})
+        await asyncio.to_thread(upgrade, url)
+        async with engine.connect() as conn:
+            claims = dict((await conn.execute(text("SELECT name, job_id FROM vm_name_claims"))).all())
+        assert claims == {"twin": "running-1", "left": "failed-left"}
     finally:
         await engine.dispose()
         await _drop(database_url, name)

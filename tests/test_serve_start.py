@@ -94,3 +94,34 @@ async def test_the_intake_process_stopped_while_it_starts_gives_up_at_once(
         code = await _signalled_while_connecting(proc, log_path, accepted, signal.SIGTERM, "the intake", 5)
     assert code == 0, log_path.read_text()[-2000:]
     assert "stopped while starting" in log_path.read_text()
+
+
+async def test_serve_refuses_a_database_not_migrated_to_its_version(
+        database_url: str, amqp_url: str, emulators: EmulatorHandle, tmp_path: Path) -> None:
+    """A `serve` of this version on a database at an older migration would run jobs without
+    what the newer schema keeps (the VM name claims): it does not start, and says what to do."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from adapters.db.migrate import upgrade
+
+    name = f"failover_old_{tmp_path.name[-8:].replace('-', '_')}"
+    url = make_url(database_url).set(database=name).render_as_string(hide_password=False)
+    server = create_async_engine(make_url(database_url).set(database=""))
+    async with server.begin() as conn:
+        await conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
+        await conn.execute(text(f"CREATE DATABASE `{name}`"))
+    try:
+        await asyncio.to_thread(upgrade, url, "0001")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "failover.cli", "serve", env=service_env(url, amqp_url, emulators),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=str(ROOT))
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        text_out = out.decode()
+        assert proc.returncode == 3, text_out[-2000:]
+        assert "the database is at migration 0001" in text_out and "failoverctl db upgrade" in text_out, text_out[-2000:]
+    finally:
+        async with server.begin() as conn:
+            await conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
+        await server.dispose()

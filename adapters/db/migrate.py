@@ -6,8 +6,11 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .engine import make_engine
 
@@ -49,3 +52,36 @@ async def ensure_database(url: str) -> None:
 def upgrade(url: str, revision: str = "head") -> None:
     """Bring the database at `url` to `revision` (runs its own event loop)."""
     command.upgrade(alembic_config(url), revision)
+
+
+class SchemaBehind(RuntimeError):
+    """The database is not migrated to this code's migrations (`schema_problem`)."""
+
+
+def head_revision() -> str:
+    """The newest revision of the packaged migrations."""
+    head = ScriptDirectory.from_config(alembic_config("")).get_current_head()
+    assert head is not None  # (the package ships its migrations)
+    return head
+
+
+def known_revisions() -> set[str]:
+    return {s.revision for s in ScriptDirectory.from_config(alembic_config("")).walk_revisions()}
+
+
+async def schema_problem(engine: AsyncEngine) -> str | None:
+    """Why this code must not run on the database `engine` reaches (None: it may): not migrated,
+    or at an older revision than this code's (a job would run without what the newer schema
+    keeps, e.g. the VM name claims). A revision this code does not know is a newer one: let be."""
+    try:
+        async with engine.connect() as conn:
+            found = (await conn.execute(text(
+                "SELECT version_num FROM alembic_version"))).scalars().all()
+    except ProgrammingError:  # (no alembic_version table)
+        found = []
+    head = head_revision()
+    if head in found or any(v not in known_revisions() for v in found):
+        return None
+    at = ", ".join(found) or "none (not migrated)"
+    return (f"the database is at migration {at} and this version of the service needs {head}: stop every "
+            "`failoverctl serve`, run `failoverctl db upgrade`, then start them again")

@@ -623,7 +623,11 @@ class JobStore:
     async def claim_vm_name(self, job_id: str, name: str) -> NameHolder | None:
         """`JobStorePort.claim_vm_name`, in one round trip: the claim's row is inserted, or
         taken over when its job is gone or ended with nothing of its own left under the name
-        (MariaDB's row lock on the key orders two jobs that ask at once), then read back."""
+        (MariaDB's row lock on the key orders two jobs that ask at once), then read back; again
+        where MariaDB rolled it back for a deadlock or a lock wait."""
+        return await _again(lambda: self._claim_vm_name(job_id, name))
+
+    async def _claim_vm_name(self, job_id: str, name: str) -> NameHolder | None:
         async with raw.transaction(self.engine) as tx:
             claim = tx.sql(_CLAIM_NAME, {"name": name, "job_id": job_id, "now": utcnow()})
             look = tx.sql(_CLAIM_HOLDER, {"name": name})

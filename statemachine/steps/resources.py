@@ -201,7 +201,7 @@ async def ensure_vm(ctx: JobContext, spec: DeploySpec) -> str:
         return entry.resource_id
     if entry.cs_job_id is None and entry.resource_id is None:
         found = None
-        for vm in [] if fresh else await cs.find_vms(spec.name):
+        for vm in [] if fresh else _own(await cs.find_vms(spec.name), spec.display_name):
             if vm.state == "Error":  # a failed deploy of ours holds the name: remove it first
                 await _destroy_failed(ctx, entry, vm.id)
             elif found is None:
@@ -237,15 +237,25 @@ async def ensure_vm(ctx: JobContext, spec: DeploySpec) -> str:
     return deployed.id
 
 
-async def _claim_name(ctx: JobContext, name: str) -> None:
-    """Hold the VM's name for this job before its intent is recorded, and on every resume that
-    may look it up: between the intent and the deploy's answer the name is the job's only hold
-    on its VM, and another job that deployed under it meanwhile (for another source VM whose
-    name sanitises the same: a live failover's name is the source VM's alone) would have its
-    VM taken for this one's, then attached to, started, or destroyed by this one's rollback."""
-    holder = await ctx.ports.store.claim_vm_name(ctx.row.job_id, name)
+async def _claim_name(ctx: JobContext, name: str, *, owner: str | None = None, looking: bool = False) -> None:
+    """Hold the VM's name for this job before its intent is recorded, and on every resume or
+    rollback that may look it up: between the intent and the deploy's answer the name is the
+    job's only hold on its VM, and another job that deployed under it meanwhile (for another
+    source VM whose name sanitises the same: a live failover's name is the source VM's alone)
+    would have its VM taken for this one's, then attached to, started, or destroyed by this
+    one's rollback. `looking`: the job recorded its intent without the claim (before the
+    claims existed) and looks its VM up by the name, which another job now holds."""
+    holder = await ctx.ports.store.claim_vm_name(owner or ctx.row.job_id, name)
     if holder is None:
         return
+    if looking:
+        raise StepError(
+            "VM_NAME_TAKEN",
+            f"job {holder.job_id} ({holder.status}) holds the VM name {name}, under which this job recorded a "
+            "deploy before it held the name: a VM of that name may be either job's, so this job leaves it "
+            f"alone. Check the VMs named {name} in CloudStack (their display name is their source VM's name), "
+            "remove this job's by hand, then retry this job's rollback (RollbackRequested)",
+        )
     if holder.ended:
         what = (f"ended ({holder.status}) with what it made not rolled back: finish its rollback "
                 f"(RollbackRequested for job {holder.job_id}) once its cause is fixed")
@@ -268,7 +278,8 @@ async def _destroy_failed(ctx: JobContext, entry: LedgerEntry, vm_id: str) -> No
 
 
 async def vm_of(ctx: JobContext, ledger: dict[str, LedgerEntry]) -> CsVm | None:
-    """The job's VM as CloudStack has it now (by the ledger's id, else by its name)."""
+    """The job's VM as CloudStack has it now (by the ledger's id, else by its name: only while
+    the job holds the name, and only a VM of the job's display name)."""
     cs = ctx.ports.cloudstack
     entry = ledger.get("vm")
     if entry is None:
@@ -277,8 +288,23 @@ async def vm_of(ctx: JobContext, ledger: dict[str, LedgerEntry]) -> CsVm | None:
         return await cs.get_vm(entry.resource_id)
     if entry.data.get("refused") and entry.cs_job_id is None:
         return None  # its deploy was refused: a VM of its name is not the job's (ensure_vm)
-    found = await cs.find_vms(entry.name) if entry.name else []
-    return found[0] if found else None
+    if not entry.name:
+        return None
+    # (a cleanup looks at its failover's ledger: the name is that job's; a completed test
+    # failover recorded its VM's id, so this is the job's own ledger in practice)
+    owner = ctx.row.parent_job_id if ctx.row.job_type == "cleanup" and ctx.row.parent_job_id else ctx.row.job_id
+    await _claim_name(ctx, entry.name, owner=owner, looking=True)
+    own = _own(await cs.find_vms(entry.name), ctx.row.plan.get("display_name") if owner == ctx.row.job_id else None)
+    return own[0] if own else None
+
+
+def _own(vms: list[CsVm], display_name: str | None) -> list[CsVm]:
+    """Of the VMs of the job's name, those that may be its own: a VM whose display name CloudStack
+    gives and differs from the job's was made for another source VM of the same sanitised name
+    (the display name is the source VM's own name), or by hand."""
+    if not display_name:
+        return vms
+    return [vm for vm in vms if not vm.display_name or vm.display_name == display_name]
 
 
 async def run_vm_command(ctx: JobContext, key: str, vm_id: str, command: str) -> None:
