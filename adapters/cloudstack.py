@@ -40,7 +40,7 @@ _CLOCK_MARGIN = 120  # seconds taken off it: management servers behind one endpo
 # CloudStack's API throttling (ApiErrorCode.API_LIMIT_EXCEED): "The given user has reached
 # his/her account api limit, please retry after [N] ms." (adapters/pace.py)
 API_LIMIT_EXCEEDED = 429
-_RETRY_AFTER = re.compile(r"retry after \[(\d+)\] ms")
+_RETRY_AFTER = re.compile(r"retry after \[?(\d+)\]? ?ms")  # (older releases: no brackets)
 _THROTTLE_MIN, _THROTTLE_MAX = 0.05, 60.0  # seconds a refusal holds the calls, at least and at most
 _THROTTLE_SAY_EVERY = 60.0  # seconds between two warnings in the log
 _THROTTLE_ADVICE = ("Set FAILOVER_CLOUDSTACK_MAX_CALLS_PER_SECOND below the account's limit (CloudStack's "
@@ -87,9 +87,11 @@ class CloudStackAdapter:
                 try:
                     async with asyncio.timeout(self._timeout):
                         result = await getattr(self._cs, command)(**params)
+                    self._pace.ok()
                     break
                 except CloudStackApiException as exc:
                     if _code(exc) != API_LIMIT_EXCEEDED:
+                        self._pace.ok()  # (answered: it counted in CloudStack's window)
                         raise
                     self._throttled(command, exc, began)  # (raises once the wait would be too long)
             if not isinstance(result, dict):
@@ -337,7 +339,8 @@ class CloudStackAdapter:
 
     def _vm(self, v: dict[str, Any]) -> CsVm:
         try:
-            return CsVm(id=str(v["id"]), name=str(v.get("name", "")), state=str(v["state"]))
+            return CsVm(id=str(v["id"]), name=str(v.get("name", "")), state=str(v["state"]),
+                        display_name=str(v.get("displayname") or ""))
         except KeyError as exc:
             raise MalformedResponse("CloudStack", f"virtual machine without {exc}") from exc
 
@@ -417,10 +420,11 @@ def _translate(command: str, exc: CloudStackApiException) -> StepError:
     if code == 533:  # INSUFFICIENT_CAPACITY_ERROR
         return TransientError("CLOUDSTACK_NO_CAPACITY", f"CloudStack has no capacity for {command} (533): {text}; "
                                                         "free capacity in the zone or fail over fewer VMs at once")
-    if code == 535:  # RESOURCE_ALLOCATION_ERROR: the account's resource limit (checkResourceLimit)
-        return TransientError("CLOUDSTACK_RESOURCE_LIMIT", f"CloudStack refused {command} (535): {text}; the API "
-                                                           "key's account is at a resource limit: raise it "
-                                                           "(updateResourceLimit) or free what the account holds")
+    if code in (532, 535):  # ACCOUNT_RESOURCE_LIMIT_ERROR; RESOURCE_ALLOCATION_ERROR (mostly checkResourceLimit's)
+        return TransientError("CLOUDSTACK_RESOURCE_LIMIT", f"CloudStack could not allocate for {command} ({code}): "
+                                                           f"{text}; if the API key's account is at a resource "
+                                                           "limit, raise it (updateResourceLimit) or free what the "
+                                                           "account holds")
     return TransientError("CLOUDSTACK_ERROR", f"CloudStack failed {command} ({code}): {text}")
 
 

@@ -196,9 +196,9 @@ CLOUDSTACK_THROTTLED: Final = Counter(
     "failover_cloudstack_throttled_total",
     "Calls CloudStack refused because the API key's account reached its API limit (429: "
     "api.throttling.max calls per api.throttling.interval). Each was made again once CloudStack's "
-    "window ended, and the process's calls to CloudStack waited meanwhile: failovers slow down, "
-    "none fails for it. Rising: set FAILOVER_CLOUDSTACK_MAX_CALLS_PER_SECOND below the limit, or "
-    "raise the limit.",
+    "window ended, and the process's calls to CloudStack waited meanwhile, then went spaced to the "
+    "rate that got through: failovers slow down. Rising: set FAILOVER_CLOUDSTACK_MAX_CALLS_PER_SECOND "
+    "below the limit, or raise the limit.",
 )
 COMMANDS: Final = Counter(
     "failover_commands_total",

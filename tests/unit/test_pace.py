@@ -56,3 +56,32 @@ async def test_a_hold_stops_every_turn_until_it_ends_and_the_waiting_ones_go_spa
 def test_a_negative_rate_is_refused() -> None:
     with pytest.raises(ValueError):
         CallPace(rate=-1)
+
+
+async def test_a_refusal_teaches_the_spacing_that_got_through_and_a_quiet_spell_relaxes_it() -> None:
+    """Ten calls got through, then the eleventh was refused for 0.5 s: the window let ten
+    through in about half a second, so the calls after the hold go about 0.05 s apart (with a
+    margin), not all at once; after `relax_after` without a refusal the spacing halves."""
+    pace = CallPace(relax_after=0.4)
+    for _ in range(10):
+        await pace.turn()
+        pace.ok()
+    pace.hold(0.5)
+    assert 0.05 <= pace.spacing <= 0.05 * 1.1 * 1.2, pace.spacing  # (0.5 s + the calls' own time) / 10, +10 %
+    learned = pace.spacing
+    times = await _turns(pace, 4)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(g >= learned - 0.003 for g in gaps), (gaps, learned)
+    await asyncio.sleep(0.45)  # (the quiet spell the pace is told to wait for: nothing to wait on)
+    await pace.turn()
+    assert pace.spacing == learned / 2
+
+
+async def test_a_refusal_with_nothing_through_since_the_last_widens_the_spacing() -> None:
+    pace = CallPace()
+    pace.ok()
+    pace.hold(0.1)
+    first = pace.spacing
+    await pace.turn()  # (after the hold)
+    pace.hold(0.1)  # refused again before any call got through
+    assert pace.spacing >= 2 * first
