@@ -23,7 +23,7 @@ from typing import Any, Literal
 import aiohttp
 from cs import AIOCloudStack, CloudStackApiException, CloudStackException
 
-from adapters.pace import CallPace
+from adapters.pace import CallPace, PaceTimeout
 from adapters.poller import SharedPoller
 from schemas.common import is_uuid_text
 from statemachine.errors import MalformedResponse, RefusedError, StepError, TransientError
@@ -83,7 +83,12 @@ class CloudStackAdapter:
         outcome: CallOutcome = "error"
         try:
             while True:
-                await self._pace.turn()
+                try:
+                    await self._pace.turn(deadline=began + self._timeout)
+                except PaceTimeout:
+                    raise TransientError("CLOUDSTACK_THROTTLED", f"{command} waited {self._timeout:.0f} s for its "
+                                         f"turn under CloudStack's API limit; {_THROTTLE_ADVICE}") from None
+                sent = time.monotonic()
                 try:
                     async with asyncio.timeout(self._timeout):
                         result = await getattr(self._cs, command)(**params)
@@ -93,7 +98,7 @@ class CloudStackAdapter:
                     if _code(exc) != API_LIMIT_EXCEEDED:
                         self._pace.ok()  # (answered: it counted in CloudStack's window)
                         raise
-                    self._throttled(command, exc, began)  # (raises once the wait would be too long)
+                    self._throttled(command, exc, began, sent)  # (raises once the wait would be too long)
             if not isinstance(result, dict):
                 raise MalformedResponse("CloudStack", f"{command} answered {type(result).__name__}, not an object")
             outcome = "ok"
@@ -115,7 +120,7 @@ class CloudStackAdapter:
         finally:
             self._observe("cloudstack", command, outcome, time.monotonic() - began)
 
-    def _throttled(self, command: str, exc: CloudStackApiException, began: float) -> None:
+    def _throttled(self, command: str, exc: CloudStackApiException, began: float, sent: float) -> None:
         """CloudStack refused a call for the account's API limit (429): it did nothing, so it is
         made again once the window CloudStack names has ended, and until then no call of this
         process goes (they would be refused too). Raises `TransientError` once waiting would
@@ -125,7 +130,7 @@ class CloudStackAdapter:
         found = _RETRY_AFTER.search(text)
         wait = min(max(int(found.group(1)) / 1000 if found else 1.0, _THROTTLE_MIN), _THROTTLE_MAX)
         quiet = self._pace.held_for > 0  # (another call's refusal already holds them: said once)
-        self._pace.hold(wait)
+        self._pace.hold(wait, sent)
         if time.monotonic() + wait - began > self._timeout:
             raise TransientError("CLOUDSTACK_THROTTLED", f"CloudStack refused {command} for the account's API limit "
                                  f"for {self._timeout:.0f} s ({text}); {_THROTTLE_ADVICE}")

@@ -22,6 +22,10 @@ _MARGIN = 1.1  # a learned spacing is this much wider than the one that met the 
 _MIN_SPACING = 0.001  # a learned spacing relaxed below this is dropped
 
 
+class PaceTimeout(Exception):
+    """No turn could be given before the caller's deadline."""
+
+
 class CallPace:
     """Turns for calls to one endpoint: `await turn()` before each call, `ok()` after each that
     was not refused, `hold(seconds)` after one that was.
@@ -61,11 +65,14 @@ class CallPace:
         """A call got through (was not refused for the limit)."""
         self._oks.append(time.monotonic())
 
-    def hold(self, seconds: float) -> None:
-        """A call was refused until `seconds` from now: no turn until then (a longer hold already
-        given stays). The first refusal of a window learns the spacing that keeps under it."""
+    def hold(self, seconds: float, sent_at: float | None = None) -> None:
+        """A call (sent at `sent_at`, monotonic) was refused until `seconds` from now: no turn
+        until then (a longer hold already given stays). The first refusal of a window learns the
+        spacing that keeps under it (at most the window's length, as far as it is known); one
+        of a call sent before the last hold ended belongs to a window already learned from."""
         now = time.monotonic()
-        if now >= self._held_until:  # (the others of the same window say the same)
+        stale = sent_at is not None and sent_at < self._since
+        if now >= self._held_until and not stale:  # (the others of the same window say the same)
             began, through = now, 0  # the window's first call that got through, and how many did
             look_from = max(self._since, now - max(seconds, 1.0))
             for at in reversed(self._oks):
@@ -74,19 +81,24 @@ class CallPace:
                 began, through = at, through + 1
             span = now - began + seconds
             if through:
-                self._learned = span / through * _MARGIN
+                learned = span / through * _MARGIN
             else:  # not one got through at the spacing learned: twice as wide
-                self._learned = max(self._learned * 2, span / 2)
+                learned = max(self._learned * 2, span / 2)
+            self._learned = min(learned, max(seconds, 1.0))
             self._since, self._refused_at = now + seconds, now
         self._held_until = max(self._held_until, now + seconds)
 
-    async def turn(self) -> None:
+    async def turn(self, deadline: float | None = None) -> None:
+        """Wait for a turn; `PaceTimeout` if it would come after `deadline` (monotonic)."""
         while True:
             now = time.monotonic()
-            if self._learned and now - self._refused_at >= self._relax_after:
-                self._learned = self._learned / 2 if self._learned / 2 >= _MIN_SPACING else 0.0
-                self._refused_at = now
+            if self._learned and (quiet := int((now - self._refused_at) // self._relax_after)) > 0:
+                self._learned /= 2 ** min(quiet, 60)  # (halved for each quiet spell gone by)
+                self._learned = self._learned if self._learned >= _MIN_SPACING else 0.0
+                self._refused_at += quiet * self._relax_after
             at = max(now, self._held_until, self._next)
+            if deadline is not None and at > deadline:
+                raise PaceTimeout
             self._next = at + self.spacing
             if at > now:
                 await asyncio.sleep(at - now)

@@ -909,6 +909,10 @@ class FakeJobStore:
                 if row.job_type == "cleanup" and row.parent_job_id == parent_job_id and row.vm_id == vm_id
                 for e in self._ledgers.get(job_id, {}).values()]
 
+    async def vm_name_holder(self, name: str) -> str | None:
+        await _network_turn()
+        return self.claims.get(name)
+
     async def claim_vm_name(self, job_id: str, name: str) -> NameHolder | None:
         await _network_turn()
         holder = self.rows.get(self.claims.get(name, job_id))

@@ -11,6 +11,7 @@ import contextlib
 import json
 import signal
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -106,7 +107,7 @@ async def test_serve_refuses_a_database_not_migrated_to_its_version(
 
     from adapters.db.migrate import upgrade
 
-    name = f"failover_old_{tmp_path.name[-8:].replace('-', '_')}"
+    name = f"failover_old_{uuid.uuid4().hex[:8]}"
     url = make_url(database_url).set(database=name).render_as_string(hide_password=False)
     server = create_async_engine(make_url(database_url).set(database=""))
     async with server.begin() as conn:
@@ -117,7 +118,12 @@ async def test_serve_refuses_a_database_not_migrated_to_its_version(
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "failover.cli", "serve", env=service_env(url, amqp_url, emulators),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=str(ROOT))
-        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        finally:
+            if proc.returncode is None:  # (it started after all: not left running)
+                proc.kill()
+                await proc.wait()
         text_out = out.decode()
         assert proc.returncode == 3, text_out[-2000:]
         assert "the database is at migration 0001" in text_out and "failoverctl db upgrade" in text_out, text_out[-2000:]

@@ -34,7 +34,7 @@ from statemachine.ports import Commit, JobRow, LedgerEntry, NameHolder
 from . import raw
 from .engine import Hinted, db_now_plus, from_db_time, index_hint, to_db_time, utcnow
 from .outbox import OUTBOX_INSERT, outbox_row
-from .tables import failover_jobs, resource_ledger, vm_replication_contexts
+from .tables import failover_jobs, resource_ledger, vm_name_claims, vm_replication_contexts
 
 T = TypeVar("T")
 log = logging.getLogger("failover.db")
@@ -115,6 +115,7 @@ _CLAIM_NAME = text(
     "INSERT INTO vm_name_claims (name, job_id, claimed_at) VALUES (:name, :job_id, :now) "
     f"ON DUPLICATE KEY UPDATE claimed_at = IF({_TAKE}, VALUES(claimed_at), vm_name_claims.claimed_at), "
     f"job_id = IF({_TAKE}, VALUES(job_id), vm_name_claims.job_id)")  # (after claimed_at: it reads job_id)
+_NAME_HOLDER = select(vm_name_claims.c.job_id).where(vm_name_claims.c.name == bindparam("name"))
 _CLAIM_RESET = "SET @failover_claim_job = NULL, @failover_claim_status = NULL, @failover_claim_ended = NULL"
 _CLAIM_HOLDER = text(
     "SELECT c.job_id, j.status, j.ended INTO @failover_claim_job, @failover_claim_status, @failover_claim_ended "
@@ -626,6 +627,11 @@ class JobStore:
         (MariaDB's row lock on the key orders two jobs that ask at once), then read back; again
         where MariaDB rolled it back for a deadlock or a lock wait."""
         return await _again(lambda: self._claim_vm_name(job_id, name))
+
+    async def vm_name_holder(self, name: str) -> str | None:
+        async with raw.transaction(self.engine) as tx:  # the SELECT and its COMMIT in one request
+            (rows,) = await tx.fetch_all([(_NAME_HOLDER, {"name": name})], commit=True)
+        return str(rows[0].job_id) if rows else None
 
     async def _claim_vm_name(self, job_id: str, name: str) -> NameHolder | None:
         async with raw.transaction(self.engine) as tx:

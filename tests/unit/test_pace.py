@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 
 import pytest
 
-from adapters.pace import CallPace
+from adapters.pace import CallPace, PaceTimeout
 
 
 async def _turns(pace: CallPace, n: int, on_first: object = None) -> list[float]:
@@ -30,10 +29,17 @@ async def test_without_a_rate_or_a_hold_every_turn_is_given_at_once() -> None:
     assert max(times) - began < 0.5  # (no wait: well under a second even on a busy machine)
 
 
+def _no_earlier_than(times: list[float], start: float, spacing: float) -> None:
+    """The i-th turn came no earlier than its place: `start` + i spacings (a turn woken late
+    does not move the places of the others; the clock's slack allowed)."""
+    late = [(i, t - start) for i, t in enumerate(sorted(times)) if t < start + i * spacing - 0.003]
+    assert not late, (late, spacing)
+
+
 async def test_turns_are_spaced_to_the_rate_first_come_first_served() -> None:
+    start = time.monotonic()
     times = await _turns(CallPace(rate=50.0), 6)
-    gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert all(g >= 0.02 - 0.003 for g in gaps), gaps  # 1/50 s apart (the clock's slack allowed)
+    _no_earlier_than(times, start, 0.02)  # 1/50 s apart
     assert times == sorted(times)
 
 
@@ -46,10 +52,7 @@ async def test_a_hold_stops_every_turn_until_it_ends_and_the_waiting_ones_go_spa
         pace.hold(0.3)
 
     times = await _turns(pace, 5, on_first=hold)
-    later = sorted(times)[1:]
-    assert later[0] >= held_at[0] + 0.3 - 0.003, (held_at, later)  # none during the hold
-    gaps = [b - a for a, b in itertools.pairwise(later)]
-    assert all(g >= 0.02 - 0.003 for g in gaps), gaps  # and spaced again after it
+    _no_earlier_than(sorted(times)[1:], held_at[0] + 0.3, 0.02)  # none during the hold, spaced after it
     assert pace.held_for == 0.0
 
 
@@ -66,15 +69,16 @@ async def test_a_refusal_teaches_the_spacing_that_got_through_and_a_quiet_spell_
     for _ in range(10):
         await pace.turn()
         pace.ok()
+    held = time.monotonic()
     pace.hold(0.5)
     assert 0.05 <= pace.spacing <= 0.05 * 1.1 * 1.2, pace.spacing  # (0.5 s + the calls' own time) / 10, +10 %
     learned = pace.spacing
     times = await _turns(pace, 4)
-    gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert all(g >= learned - 0.003 for g in gaps), (gaps, learned)
+    _no_earlier_than(times, held + 0.5, learned)
     await asyncio.sleep(0.45)  # (the quiet spell the pace is told to wait for: nothing to wait on)
     await pace.turn()
-    assert pace.spacing == learned / 2
+    spells = int((time.monotonic() - held) // 0.4)  # (0.4 s each since the refusal: halved for each)
+    assert learned / 2 ** (spells + 1) <= pace.spacing <= learned / 2 ** max(spells - 1, 1), (pace.spacing, spells)
 
 
 async def test_a_refusal_with_nothing_through_since_the_last_widens_the_spacing() -> None:
@@ -85,3 +89,22 @@ async def test_a_refusal_with_nothing_through_since_the_last_widens_the_spacing(
     await pace.turn()  # (after the hold)
     pace.hold(0.1)  # refused again before any call got through
     assert pace.spacing >= 2 * first
+
+
+async def test_a_learned_spacing_is_never_wider_than_the_window_and_a_stale_refusal_teaches_nothing() -> None:
+    pace = CallPace()
+    for _ in range(8):  # refused again and again with nothing through: each doubles it, up to the window
+        await pace.turn()  # (once the last hold ended)
+        sent = time.monotonic()
+        pace.hold(0.02, sent)
+    assert 0.5 < pace.spacing <= 1.0, pace.spacing
+    learned = pace.spacing
+    pace.hold(0.2, sent_at=sent - 10)  # sent before the last hold ended: an old window's
+    assert pace.spacing == learned
+
+
+async def test_no_turn_is_given_past_the_callers_deadline() -> None:
+    pace = CallPace()
+    pace.hold(5.0)
+    with pytest.raises(PaceTimeout):
+        await pace.turn(deadline=time.monotonic() + 0.1)
