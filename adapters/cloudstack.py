@@ -76,6 +76,7 @@ class CloudStackAdapter:
             poll_interval, batch_from, self._query, self._list_jobs,
             # 432: the command "does not exist or is not available for" the key's role
             unsupported=lambda exc: isinstance(exc, RefusedError) and exc.code == "CLOUDSTACK_UNAVAILABLE",
+            asked_to_wait=lambda exc: isinstance(exc, TransientError) and exc.code == "CLOUDSTACK_THROTTLED",
             listing="CloudStack's listAsyncJobs (for the API key's role)")
 
     async def _call(self, command: str, **params: Any) -> dict[str, Any]:

@@ -70,12 +70,16 @@ class SharedPoller(Generic[T]):
     def __init__(self, interval: float, min_batch: int, poll_one: Callable[[str], Awaitable[T | None]],
                  poll_many: Callable[[Mapping[str, object]], Awaitable[dict[str, Outcome[T]]]], *,
                  unsupported: Callable[[BaseException], bool] = lambda exc: False,
+                 asked_to_wait: Callable[[BaseException], bool] = lambda exc: False,
                  listing: str = "the listing") -> None:
         self.interval = interval
         self.min_batch = min_batch
         # a refusal of the listing itself (an API the key's role may not call, a daemon without
         # the route) is for good: from then on every wait is polled on its own
         self._unsupported = unsupported
+        # the listing failed because the endpoint asked us to wait (CloudStack's API limit): the
+        # round asks nothing more (one ask per wait would be many calls where one was too many)
+        self._asked_to_wait = asked_to_wait
         self._listing = listing
         self._poll_one = poll_one
         self._poll_many = poll_many
@@ -191,6 +195,11 @@ class SharedPoller(Generic[T]):
             try:
                 outcomes = await self._poll_many({k: self._notes.get(k) for k in keys})
             except Exception as exc:  # this round, each wait is polled on its own instead
+                if self._asked_to_wait(exc):
+                    log.warning("%s failed (%s); this round asks nothing more, the next one lists again",
+                                self._listing, exc)
+                    self._settle({k: None for k in keys})  # (only the waits past their deadline end)
+                    return
                 if self._unsupported(exc):
                     self.min_batch = 2**62
                     log.warning("%s was refused (%s); every wait is polled on its own from now on: allow it "

@@ -308,3 +308,32 @@ async def test_the_first_ask_follows_the_rounds_and_what_recent_asks_found() -> 
     assert [poller.ask_first() for _ in range(PROBE_EVERY)] == [True] * PROBE_EVERY
     for task in held:
         await _cancelled(task)
+
+
+async def test_a_round_whose_listing_was_asked_to_wait_asks_nothing_more() -> None:
+    """CloudStack's API limit refused the round's listing for longer than a call may wait: the
+    round does not fall back to one ask per wait (many calls where one was too many); the next
+    round lists again and ends the waits."""
+    asked_alone: list[str] = []
+    listings: list[int] = []
+
+    class Throttled(Exception):
+        pass
+
+    async def one(key: str) -> str:
+        asked_alone.append(key)
+        return "done"
+
+    async def listing(keys: Mapping[str, object]) -> dict[str, Any]:
+        listings.append(len(keys))
+        if len(listings) == 1:
+            raise Throttled
+        return {k: "done" for k in keys}
+
+    poller: SharedPoller[Any] = SharedPoller(0.01, 2, one, listing,
+                                             asked_to_wait=lambda exc: isinstance(exc, Throttled))
+    for _ in range(12):
+        poller.asked_first(False)  # (the waits join the rounds without a first ask of their own)
+    done = await asyncio.gather(*(poller.wait(f"k{i}", 30, lambda: TimeoutError()) for i in range(3)))
+    assert done == ["done"] * 3
+    assert asked_alone == [] and len(listings) >= 2
