@@ -105,6 +105,8 @@ def main() -> None:
               help="Which parts to run in this process (comma separated), to scale them separately.")
 def serve(roles: str) -> None:
     """Run the orchestrator, the outbox relay and the projectors until SIGTERM."""
+    from adapters.db.migrate import SchemaBehind
+
     from .logs import configure
     from .service import ROLES, roles_problem, run_service
 
@@ -118,8 +120,6 @@ def serve(roles: str) -> None:
         raise click.BadParameter(problem)
 
     async def go() -> int:
-        from adapters.db.migrate import SchemaBehind
-
         try:
             await run_service(settings, wanted)
         except SchemaBehind as exc:

@@ -58,17 +58,6 @@ class SchemaBehind(RuntimeError):
     """The database is not migrated to this code's migrations (`schema_problem`)."""
 
 
-def head_revision() -> str:
-    """The newest revision of the packaged migrations."""
-    head = ScriptDirectory.from_config(alembic_config("")).get_current_head()
-    assert head is not None  # (the package ships its migrations)
-    return head
-
-
-def known_revisions() -> set[str]:
-    return {s.revision for s in ScriptDirectory.from_config(alembic_config("")).walk_revisions()}
-
-
 async def schema_problem(engine: AsyncEngine) -> str | None:
     """Why this code must not run on the database `engine` reaches (None: it may): not migrated,
     or at an older revision than this code's (a job would run without what the newer schema
@@ -79,8 +68,10 @@ async def schema_problem(engine: AsyncEngine) -> str | None:
                 "SELECT version_num FROM alembic_version"))).scalars().all()
     except ProgrammingError:  # (no alembic_version table)
         found = []
-    head = head_revision()
-    if head in found or any(v not in known_revisions() for v in found):
+    scripts = ScriptDirectory.from_config(alembic_config(""))  # (the packaged migrations, read once)
+    head = scripts.get_current_head()
+    known = {s.revision for s in scripts.walk_revisions()}
+    if head in found or any(v not in known for v in found):
         return None
     at = ", ".join(found) or "none (not migrated)"
     return (f"the database is at migration {at} and this version of the service needs {head}: stop every "
