@@ -184,9 +184,7 @@ class CloudStackAdapter:
             result = data.get("jobresult", {})
             return result if isinstance(result, dict) else {}
         if status == 2:
-            result = data.get("jobresult") or {}
-            text = result.get("errortext") if isinstance(result, dict) else str(result)
-            raise TransientError("CLOUDSTACK_JOB_FAILED", f"CloudStack async job {job_id} failed: {text}")
+            raise _job_failed(job_id, data)
         if status != 0:
             raise MalformedResponse("CloudStack", f"{command} jobstatus={status!r}")
         return None
@@ -407,6 +405,26 @@ def _text(exc: CloudStackApiException) -> str:
     return str(error.get("errortext") or exc)
 
 
+def _job_failed(job_id: str, data: dict[str, Any]) -> StepError:
+    """The error of a failed async job. Its `jobresult` carries the code of the command's own
+    error (CloudStack's ApiAsyncJobDispatcher: 533 for want of capacity, 535 past a resource
+    limit, 531 permission denied; `jobresultcode` the same): those are told apart as for a
+    call's answer, the rest (530, a 431 found once the job ran) stay CLOUDSTACK_JOB_FAILED, tried
+    its attempts. `failed_job` names the job either way: what it created may be left in Error."""
+    result = data.get("jobresult") or {}
+    text = str(result.get("errortext") if isinstance(result, dict) else result)
+    code = result.get("errorcode") if isinstance(result, dict) else None
+    if not isinstance(code, int) or isinstance(code, bool):
+        code = data.get("jobresultcode")
+    cmd = str(data.get("cmd") or "").rsplit(".", 1)[-1]  # org.apache.cloudstack...DeployVMCmd
+    what = f"async job {job_id}" + (f" ({cmd})" if cmd else "")
+    error = _server_error(what, code, text) if code in (531, 532, 533, 535) else None
+    if error is None:
+        error = TransientError("CLOUDSTACK_JOB_FAILED", f"CloudStack {what} failed: {text}")
+    error.failed_job = job_id
+    return error
+
+
 def _translate(command: str, exc: CloudStackApiException) -> StepError:
     code, text = _code(exc), _text(exc)
     if code == 401:
@@ -417,8 +435,13 @@ def _translate(command: str, exc: CloudStackApiException) -> StepError:
                                                       f"{command} for the API key's role")
     if isinstance(code, int) and 400 <= code < 500:
         return RefusedError("CLOUDSTACK_REFUSED", f"CloudStack refused {command} ({code}): {text}")
-    # CloudStack's server errors (ApiErrorCode) that no outage explains: tried the attempts
-    # alone, not through FAILOVER_RETRY_WINDOW_SECONDS (errors.OUTAGE_CODES), or not at all
+    return _server_error(command, code, text) or TransientError("CLOUDSTACK_ERROR", f"CloudStack failed {command} "
+                                                                                   f"({code}): {text}")
+
+
+def _server_error(command: str, code: object, text: str) -> StepError | None:
+    """CloudStack's server errors (ApiErrorCode) that no outage explains: tried the attempts
+    alone, not through FAILOVER_RETRY_WINDOW_SECONDS (errors.OUTAGE_CODES), or not at all."""
     if code == 531:  # ACCOUNT_ERROR: a PermissionDeniedException
         return RefusedError("CLOUDSTACK_PERMISSION_DENIED", f"CloudStack refused {command} for the API key's "
                                                             f"account (531): {text}; give that account access to "
@@ -431,7 +454,7 @@ def _translate(command: str, exc: CloudStackApiException) -> StepError:
                                                            f"{text}; if the API key's account is at a resource "
                                                            "limit, raise it (updateResourceLimit) or free what the "
                                                            "account holds")
-    return TransientError("CLOUDSTACK_ERROR", f"CloudStack failed {command} ({code}): {text}")
+    return None
 
 
 def _cs_time(text: str) -> datetime | None:

@@ -55,6 +55,10 @@ _SERVER_ERRORS = {
 }
 
 
+def _server_error_text(code: int, command: str) -> str:
+    return _SERVER_ERRORS.get(code, "Injected fault: internal error executing {command}").format(command=command)
+
+
 def create_cloudstack_app(world: World) -> web.Application:
     """The aiohttp app serving the CloudStack API and the control routes."""
     app = web.Application()
@@ -143,8 +147,7 @@ async def handle_api(request: web.Request) -> web.Response:
         return _error(entry, name, UNSUPPORTED_ACTION_ERROR, text, CS_SERVER_API)
     if kind == "server_error" or (kind == "async_fail" and not spec.is_async):
         code = fault.errorcode if fault is not None and fault.errorcode else INTERNAL_ERROR
-        text = _SERVER_ERRORS.get(code, "Injected fault: internal error executing {command}").format(command=command)
-        return _error(entry, name, code, text, CS_CLOUD_RUNTIME)
+        return _error(entry, name, code, _server_error_text(code, command), CS_CLOUD_RUNTIME)
     if kind == "timeout" and not spec.is_async:
         entry["status"] = "timeout"
         await world.runner.hang()
@@ -157,6 +160,9 @@ async def handle_api(request: web.Request) -> web.Response:
     except Exception as exc:  # an emulator bug must still answer like CloudStack
         log.exception("%s failed", command)
         return _error(entry, name, INTERNAL_ERROR, f"Internal error: {exc}", CS_CLOUD_RUNTIME)
+    if fault is not None and kind == "async_fail" and fault.errorcode and isinstance(inner.get("jobid"), str):
+        job = world.runner.jobs[inner["jobid"]]  # it fails as CloudStack's command would with that code
+        job.failure = CloudStackError(fault.errorcode, _server_error_text(fault.errorcode, command), CS_CLOUD_RUNTIME)
     if fault is not None and kind == "malformed":
         return _malformed(entry, name, inner, fault)
     return _json(200, {name: inner}, entry)

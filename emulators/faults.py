@@ -42,7 +42,7 @@ class Fault:
     nth: int = 1
     times: int = 1
     variant: str = "truncated"
-    errorcode: int | None = None  # a cloudstack server_error's code (530-537; default 530)
+    errorcode: int | None = None  # a cloudstack server_error's or async_fail's code (530-537; default 530)
     seen: int = 0
     fired: int = 0
 
@@ -124,10 +124,10 @@ def parse_fault(body: Mapping[str, Any]) -> Fault:
         raise FaultSpecError(f"variant must be one of {', '.join(MALFORMED_VARIANTS)}")
     errorcode = body.get("errorcode")
     if errorcode is not None and (
-        api != "cloudstack" or kind != "server_error" or not isinstance(errorcode, int)
+        api != "cloudstack" or kind not in ("server_error", "async_fail") or not isinstance(errorcode, int)
         or isinstance(errorcode, bool) or not 530 <= errorcode <= 537
     ):
-        raise FaultSpecError("errorcode applies to a cloudstack server_error only, and is one of 530-537")
+        raise FaultSpecError("errorcode applies to a cloudstack server_error or async_fail only, and is one of 530-537")
     return Fault(
         id=new_id(),
         api=str(api),

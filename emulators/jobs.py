@@ -106,13 +106,16 @@ class JobRunner:
         job.completed = cs_time()
         try:
             if injected_failure:
-                raise internal_error(f"Injected fault: the {job.command} job failed")
+                raise job.failure or internal_error(f"Injected fault: the {job.command} job failed")
             result = run()
         except Exception as exc:
             if on_fail is not None:
                 on_fail()
-            job.status, job.result_code = JOB_FAILED, 530
-            job.result = {"errorcode": 530, "errortext": _text(exc)}
+            # as CloudStack's ApiAsyncJobDispatcher: the code of the command's ServerApiException
+            # (533 for want of capacity, 535 past a resource limit ...), else 530
+            code = job.failure.errorcode if injected_failure and job.failure else 530
+            job.status, job.result_code = JOB_FAILED, code
+            job.result = {"errorcode": code, "errortext": _text(exc)}
         else:
             job.status, job.result_code, job.result = JOB_SUCCEEDED, 0, result
         if self.on_job_end is not None:

@@ -167,6 +167,7 @@ class AsyncJob:
     result: dict[str, Any] | None = None
     created: str = field(default_factory=cs_time)
     completed: str | None = None
+    failure: CloudStackError | None = None  # how an injected async_fail fails it (default: a 530)
 
 
 @dataclass(slots=True)

@@ -13,6 +13,9 @@ class StepError(Exception):
         self.message = message
         self.transient = transient
         self.attempts = 1  # how many tries it took (set by JobContext.retrying)
+        # the outside system's async job or operation whose failure this is: it ended, and what
+        # it created may be left behind (CloudStack keeps a failed deploy's VM, in Error)
+        self.failed_job: str | None = None
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"

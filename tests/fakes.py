@@ -553,7 +553,9 @@ class FakeCloudStack:
         if job is None:
             raise RefusedError("CLOUDSTACK_REFUSED", f"CloudStack refused queryAsyncJobResult (431): no job {job_id}")
         if job.status == 2:
-            raise TransientError("CLOUDSTACK_JOB_FAILED", f"CloudStack async job {job_id} failed: {job.error}")
+            failed = TransientError("CLOUDSTACK_JOB_FAILED", f"CloudStack async job {job_id} failed: {job.error}")
+            failed.failed_job = job_id  # as the adapter marks it
+            raise failed
         if job.status != 1:
             raise TransientError("CLOUDSTACK_JOB_TIMEOUT", f"CloudStack async job {job_id} did not finish")
         return job.result

@@ -89,7 +89,7 @@ async def _wait_cs(ctx: JobContext, entry: LedgerEntry, timeout: float) -> dict[
                           f"({exc.message}); looking at {entry.resource_type} {entry.resource_id or entry.name} "
                           "itself") from exc
     except StepError as exc:
-        if exc.code == "CLOUDSTACK_JOB_FAILED":
+        if exc.failed_job is not None:
             # CloudStack keeps what a failed job created (state Error): remember it, so the
             # rollback removes it too, and let a retry create a new one
             if entry.resource_id:

@@ -300,6 +300,35 @@ async def test_server_errors_no_outage_explains_are_not_ridden_out_as_one(
     assert code not in OUTAGE_CODES
 
 
+@pytest.mark.parametrize(("errorcode", "kind", "code"), [
+    (531, RefusedError, "CLOUDSTACK_PERMISSION_DENIED"),
+    (533, TransientError, "CLOUDSTACK_NO_CAPACITY"),
+    (535, TransientError, "CLOUDSTACK_RESOURCE_LIMIT"),
+    (530, TransientError, "CLOUDSTACK_JOB_FAILED"),
+])
+@pytest.mark.parametrize("wait", ["asked", "listed"])
+async def test_an_async_job_failed_with_the_commands_own_code_is_told_apart(
+        make_cloudstack: CloudStackFactory, emu: EmulatorHandle, control: EmulatorControl,
+        errorcode: int, kind: type[StepError], code: str, wait: str) -> None:
+    """CloudStack fails a deploy for want of capacity or past a resource limit in its async
+    job, with the command's code in the job's result: the failure says which, asked about on
+    its own or found in a poll round's listing, and names the job (what it made is in Error)."""
+    adapter = make_cloudstack(batch_from=1 if wait == "listed" else 1000, poll_interval=0.05)
+    await control.set_latency(async_job_seconds=0.3)
+    await control.add_fault("cloudstack", "async_fail", command="deployVirtualMachine", errorcode=errorcode)
+    started = await adapter.deploy_vm(spec(emu))
+    with pytest.raises(StepError) as caught:
+        await adapter.wait_job(started.job_id, timeout=10)
+    assert type(caught.value) is kind and caught.value.code == code
+    assert caught.value.failed_job == started.job_id
+    assert started.job_id in caught.value.message and "DeployVMCmd" in caught.value.message
+    assert code == "CLOUDSTACK_JOB_FAILED" or f"({errorcode})" in caught.value.message
+    assert code not in OUTAGE_CODES
+    assert started.resource_id is not None
+    vm = await adapter.get_vm(started.resource_id)
+    assert vm is not None and vm.state == "Error"
+
+
 # --------------------------------------------------------------- malformed answers, everywhere
 
 Call = Callable[[CloudStackAdapter, dict[str, str]], Awaitable[object]]

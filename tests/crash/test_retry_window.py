@@ -67,6 +67,7 @@ def _types(events: list[Event]) -> list[str]:
 
 @contextlib.asynccontextmanager
 async def _deploy_outage(cell: Cell, window: float, name: str, kind: str = "server_error",
+                         errorcode: int | None = None,
                          ) -> AsyncIterator[tuple[str, SeededVm, dict[str, Any], ServeProcess]]:
     """A serve with the retry window `window`, a test failover of a new VM whose every deploy
     CloudStack answers with an internal error (or fails as `kind` says) until the faults are
@@ -76,7 +77,8 @@ async def _deploy_outage(cell: Cell, window: float, name: str, kind: str = "serv
     try:
         vm = await _vm(cell, name)
         before = await view(cell.control, vm.volume_ids, cell.emu.appliance_vm_id)
-        await cell.control.add_fault(api="cloudstack", command="deployVirtualMachine", kind=kind, times=0)
+        await cell.control.add_fault(api="cloudstack", command="deployVirtualMachine", kind=kind, times=0,
+                                     errorcode=errorcode)
         yield await _request(cell, vm), vm, before, serve
     finally:
         await cell.control.clear_faults()
@@ -164,6 +166,33 @@ async def test_an_async_job_that_failed_is_not_retried_through_the_window(cell: 
         assert failed.step == "vm-creation" and failed.error.code == "CLOUDSTACK_JOB_FAILED"
         assert failed.attempts == 3  # FAILOVER_RETRY_ATTEMPTS
         await _restored(cell, vm, before)
+
+
+@pytest.mark.parametrize(("errorcode", "code", "attempts", "advice"), [
+    (535, "CLOUDSTACK_RESOURCE_LIMIT", 3, "updateResourceLimit"),
+    (531, "CLOUDSTACK_PERMISSION_DENIED", 1, "give that account access"),
+], ids=["resource-limit", "permission-denied"])
+async def test_a_deploy_job_failed_for_the_accounts_limit_or_rights_says_so_and_leaves_nothing(
+        cell: Cell, errorcode: int, code: str, attempts: int, advice: str) -> None:
+    """CloudStack fails a deploy's async job with the command's own code (its jobresult): past
+    the account's resource limit (535) the step tries its attempts, a permission denied (531)
+    is not tried again; the failure names the cause and what to do, and the VMs the failed
+    jobs left (in Error) are destroyed by the rollback."""
+    assert cell.log
+    async with _deploy_outage(cell, WINDOW, f"deploy fails {errorcode}", kind="async_fail",
+                              errorcode=errorcode) as (job, vm, before, _):
+        await cell.log.wait_ended([job], 30)
+        events = cell.log.stream(job)
+        failed: Any = next(e for e in events if e.type == "StepFailed")
+        assert failed.step == "vm-creation" and failed.error.code == code
+        assert failed.attempts == attempts and advice in failed.error.message
+        assert f"({errorcode})" in failed.error.message and "DeployVMCmd" in failed.error.message
+        assert _types(events)[-1] == "JobFailed"
+        assert cell.control
+        # each try deployed anew (a failed job's outcome does not change by asking again)
+        deploys = await cell.control.calls(api="cloudstack", command="deployVirtualMachine")
+        assert [c["params"].get("displayname") for c in deploys].count(vm.vm_name) == attempts
+        await _restored(cell, vm, before)  # no VM of the failed deploys left
 
 
 async def test_a_drain_stops_a_step_between_two_tries_and_the_next_process_resumes_it(cell: Cell) -> None:

@@ -74,6 +74,8 @@ async def test_control_refuses_bad_setups(control: EmulatorControl) -> None:
         await control.add_fault("cloudstack", "server_error", errorcode=429)
     with pytest.raises(EmulatorControlError, match="errorcode"):
         await control.add_fault("volume-daemon", "server_error", errorcode=533)
+    with pytest.raises(EmulatorControlError, match="errorcode"):
+        await control.add_fault("cloudstack", "refuse", errorcode=533)
     with pytest.raises(EmulatorControlError, match="max_calls"):
         await control.set_api_limit(-1)
     with pytest.raises(EmulatorControlError, match="interval_seconds"):

@@ -50,6 +50,19 @@ async def test_async_fail_fails_the_job(
     assert snapshot["state"] == "Error"
 
 
+async def test_async_fail_with_an_errorcode_fails_the_job_with_it(
+    emu: EmulatorHandle, cs: AIOCloudStack, control: EmulatorControl
+) -> None:
+    """As CloudStack's async job dispatcher: the job's result carries the command's own code."""
+    volume = await control.create_volume("v", 1)
+    await control.add_fault("cloudstack", "async_fail", command="createSnapshot", errorcode=535)
+    job = await run_job(cs, "createSnapshot", volumeid=volume["id"])
+    assert (job["jobstatus"], job["jobresultcode"]) == (2, 535)
+    assert job["jobresult"]["errorcode"] == 535 and "Maximum number of resources" in job["jobresult"]["errortext"]
+    [snapshot] = (await cs.listSnapshots())["snapshot"]
+    assert snapshot["state"] == "Error"
+
+
 async def test_async_fail_of_a_start_leaves_the_vm_stopped(
     emu: EmulatorHandle, cs: AIOCloudStack, control: EmulatorControl
 ) -> None:
