@@ -108,6 +108,7 @@ class JobContext:
     # how many times in a row the engine crashed on this job in its recorded state here (not
     # counting the database's or the network's troubles), and the last crash's exception
     engine_crashes: tuple[int, str] = (0, "")
+    _said: set[str] = field(default_factory=set)  # the keys of `log_once`'s lines said here
 
     # ------------------------------------------------------------------ events
 
@@ -122,6 +123,13 @@ class JobContext:
             "causation_id": causation_id or self.row.request_id,
             "occurred_at": utc_now(),
         }
+
+    def log_once(self, key: str, level: str, message: str, **fields: Any) -> None:
+        """`log`, once per `key` while this process drives the job: a warning that every look
+        at the same thing would repeat (a rollback looks at the job's VM in three undo steps)."""
+        if key not in self._said:
+            self._said.add(key)
+            self.log(level, message, **fields)
 
     def log(self, level: str, message: str, **fields: Any) -> None:
         """A structured log line of this job: a `LogRecorded` event (sent with the next

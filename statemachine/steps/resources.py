@@ -290,10 +290,11 @@ async def vm_of(ctx: JobContext, ledger: dict[str, LedgerEntry]) -> CsVm | None:
         # job holds now (or held, and released by completing), gets here: a VM of the name may
         # be that job's, and is never looked up. Its own, if its deploy went through with the
         # answer lost, is left for the operator.
-        ctx.log("WARN", f"the VM name {entry.name} is held by job {holder or '(none)'}, not this job: no VM of "
-                        f"that name is touched. If this job deployed one before its answer was recorded (before "
-                        f"the claims existed), remove it by hand (the VMs named {entry.name} in CloudStack; this "
-                        f"job's display name is {ctx.row.plan.get('display_name')!r})", vm_name=entry.name)
+        ctx.log_once(f"vm-name-held:{entry.name}", "WARN",
+                     f"the VM name {entry.name} is held by job {holder or '(none)'}, not this job: no VM of "
+                     f"that name is touched. If this job deployed one before its answer was recorded (before "
+                     f"the claims existed), remove it by hand (the VMs named {entry.name} in CloudStack; this "
+                     f"job's display name is {ctx.row.plan.get('display_name')!r})", vm_name=entry.name)
         return None
     own = _own(await cs.find_vms(entry.name), ctx.row.plan.get("display_name"))
     return own[0] if own else None
