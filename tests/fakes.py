@@ -19,7 +19,8 @@ CloudStack's, as DESIGN.md lists them (and `emulators/world.py` models them over
 `FakeWorld.faults` fails the Nth call of an operation, named as the API names it
 (`createSnapshot`, `deployVirtualMachine`, `startVirtualMachine`, `attach`, `attach-root`,
 `detach`, `get-volume`, `inject`, ...), with a `RefusedError`, a `TransientError`, or a job /
-operation that runs and fails (`job_fail`).
+operation that runs and fails (`job_fail`; `job_denied`: a CloudStack job failed with 531, a
+refusal, as the adapter reports it).
 
 `FakeJobStore` is the job's transactions: it keeps each `JobRow` and every column written, the
 events (the outbox) and the ledger, each commit all or nothing, copied (so what a crashed process
@@ -66,7 +67,7 @@ from statemachine.ports import (
     VmContext,
 )
 
-FaultKind = Literal["refused", "transient", "job_fail"]
+FaultKind = Literal["refused", "transient", "job_fail", "job_denied"]
 _HOSTNAME = re.compile(r"[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
@@ -189,6 +190,7 @@ class CsJob:
     status: int  # 0 pending, 1 succeeded, 2 failed
     result: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    denied: bool = False  # failed with a 531 (permission denied)
 
 
 @dataclass
@@ -316,7 +318,8 @@ class FakeWorld:
         job = CsJob(new_id(), command, resource_id, 0)
         self.jobs[job.id] = job
         try:
-            if fault == "job_fail":
+            if fault in ("job_fail", "job_denied"):
+                job.denied = fault == "job_denied"
                 raise Refusal(f"injected fault: {command} failed")
             job.result = run()
             job.status = 1
@@ -553,7 +556,10 @@ class FakeCloudStack:
         if job is None:
             raise RefusedError("CLOUDSTACK_REFUSED", f"CloudStack refused queryAsyncJobResult (431): no job {job_id}")
         if job.status == 2:
-            failed = TransientError("CLOUDSTACK_JOB_FAILED", f"CloudStack async job {job_id} failed: {job.error}")
+            failed: StepError = (
+                RefusedError("CLOUDSTACK_PERMISSION_DENIED", f"CloudStack refused async job {job_id} for the API key's "
+                                                             f"account (531): {job.error}") if job.denied else
+                TransientError("CLOUDSTACK_JOB_FAILED", f"CloudStack async job {job_id} failed: {job.error}"))
             failed.failed_job = job_id  # as the adapter marks it
             raise failed
         if job.status != 1:

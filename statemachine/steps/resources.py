@@ -77,8 +77,17 @@ async def _wait_cs(ctx: JobContext, entry: LedgerEntry, timeout: float) -> dict[
     assert entry.cs_job_id is not None
     try:
         return await ctx.ports.cloudstack.wait_job(entry.cs_job_id, timeout)
-    except RefusedError as exc:
-        if exc.code != "CLOUDSTACK_REFUSED":
+    except StepError as exc:
+        if exc.failed_job is not None:  # (also a refusal: a 531 in the job's result)
+            # CloudStack keeps what a failed job created (state Error): remember it, so the
+            # rollback removes it too, and let a retry (or a retried rollback) start anew
+            if entry.resource_id:
+                entry.data.setdefault("failed_ids", []).append(entry.resource_id)
+            entry.cs_job_id = None
+            entry.resource_id = None
+            await ctx.record(entry)
+            raise
+        if not isinstance(exc, RefusedError) or exc.code != "CLOUDSTACK_REFUSED":
             raise
         # CloudStack no longer knows the job (431 on queryAsyncJobResult: it purges ended jobs
         # after job.expire.minutes, a day by default): the retry looks at the resource itself
@@ -88,16 +97,6 @@ async def _wait_cs(ctx: JobContext, entry: LedgerEntry, timeout: float) -> dict[
         raise await _lost(ctx, entry, "CLOUDSTACK_JOB_LOST", f"CloudStack no longer knows async job {lost} "
                           f"({exc.message}); looking at {entry.resource_type} {entry.resource_id or entry.name} "
                           "itself") from exc
-    except StepError as exc:
-        if exc.failed_job is not None:
-            # CloudStack keeps what a failed job created (state Error): remember it, so the
-            # rollback removes it too, and let a retry create a new one
-            if entry.resource_id:
-                entry.data.setdefault("failed_ids", []).append(entry.resource_id)
-            entry.cs_job_id = None
-            entry.resource_id = None
-            await ctx.record(entry)
-        raise
 
 
 # --------------------------------------------------------------------------- snapshots

@@ -378,6 +378,31 @@ async def test_a_failed_rollback_lists_manual_actions_and_can_be_retried(h: Harn
     assert row.status == "failed" and row.rollback_requested is False
 
 
+async def test_a_rollback_whose_destroy_job_was_denied_destroys_anew_when_retried(
+        h: Harness, machine: AsyncMachine) -> None:
+    """The VM's destroy job fails for the account's rights (531 in its result: a refusal, not
+    tried again). Once the operator gave the account access, the retried rollback destroys the
+    VM with a new job, not by waiting on the failed one again (it would fail again until
+    CloudStack purged it, a day later)."""
+    vm = h.seed_vm("LNX-DENIED", os_type="Linux", disks=1)
+    before = h.world.observable()
+    h.faults.add("startVirtualMachine", "refused")
+    h.faults.add("destroyVirtualMachine", "job_denied")
+    ctx = h.new_job(vm, "test-failover")
+    job_id = ctx.row.job_id
+    assert await drive(machine, ctx) == "failed"
+    rb = last(h.events(job_id), "RollbackFailed")
+    assert rb.error.code == "CLOUDSTACK_PERMISSION_DENIED"
+    assert h.cloudstack.count("destroyVirtualMachine") == 1  # a refusal: not tried again
+
+    h.faults.clear()  # the account was given access
+    h.store.request_rollback(job_id)
+    assert await drive(machine, await h.resume_context(job_id)) == "failed"
+    assert [e.type for e in h.events(job_id) if e.type != "LogRecorded"][-2:] == ["RollbackCompleted", "JobFailed"]
+    assert h.cloudstack.count("destroyVirtualMachine") == 2
+    assert_restored(h, before, vm)
+
+
 async def test_a_failed_rollback_leaves_the_replicas_intact(h: Harness, machine: AsyncMachine) -> None:
     """The VM cannot be destroyed: the replicas were detached from it first, so none is lost."""
     vm = h.seed_vm("WIN-NODESTROY", os_type="Linux", disks=2)
