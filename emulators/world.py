@@ -361,15 +361,24 @@ class World(WorldState):
         return volume
 
     def revert_snapshot(self, snapshot: Snapshot, fault: str | None = None) -> AsyncJob:
-        """revertSnapshot: the volume's content becomes the snapshot's."""
-        self.check_revert(snapshot)
+        """revertSnapshot: the volume's content becomes the snapshot's. As CloudStack's, the
+        volume is Reverting while the job runs, and a revert needs it Ready."""
+        volume = self.check_revert(snapshot)
+        if volume.state != "Ready":
+            raise param_error("The volume is not in Ready state.")
+        volume.state = "Reverting"
 
         def run() -> dict[str, Any]:
-            volume = self.check_revert(snapshot)
+            volume.state = "Ready"
+            self.check_revert(snapshot)
             volume.content = snapshot.content or volume.content
             return {"snapshot": views.snapshot_json(snapshot)}
 
-        return self.runner.submit_job("revertSnapshot", "Snapshot", snapshot.id, run, None, fault)
+        def on_fail() -> None:
+            if volume.state == "Reverting":
+                volume.state = "Ready"
+
+        return self.runner.submit_job("revertSnapshot", "Snapshot", snapshot.id, run, on_fail, fault)
 
     def delete_snapshot(self, snapshot: Snapshot, fault: str | None = None) -> AsyncJob:
         """deleteSnapshot: the snapshot disappears from the lists."""

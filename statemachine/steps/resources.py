@@ -71,9 +71,12 @@ async def _lost(ctx: JobContext, entry: LedgerEntry, code: str, message: str) ->
     return TransientError(code, message)
 
 
-async def _wait_cs(ctx: JobContext, entry: LedgerEntry, timeout: float) -> dict[str, Any]:
-    """Wait for the entry's CloudStack job (its result); a failed job is forgotten so a retry
-    starts anew."""
+async def wait_cs(ctx: JobContext, entry: LedgerEntry, timeout: float, *, made: bool = True) -> dict[str, Any]:
+    """Wait for the entry's CloudStack job (its result). A failed job is forgotten so a retry
+    starts anew; any other failure (no answer, the API limit, a wait past its timeout) keeps
+    it, so a retry waits on the same job rather than starting a second one beside it (CloudStack
+    refuses a revert while one runs: the volume is not Ready). `made`: the job creates the
+    entry's resource (a snapshot, a VM), which a failed job leaves in Error for the rollback."""
     assert entry.cs_job_id is not None
     try:
         return await ctx.ports.cloudstack.wait_job(entry.cs_job_id, timeout)
@@ -81,10 +84,10 @@ async def _wait_cs(ctx: JobContext, entry: LedgerEntry, timeout: float) -> dict[
         if exc.failed_job is not None:  # (also a refusal: a 531 in the job's result)
             # CloudStack keeps what a failed job created (state Error): remember it, so the
             # rollback removes it too, and let a retry (or a retried rollback) start anew
-            if entry.resource_id:
+            if made and entry.resource_id:
                 entry.data.setdefault("failed_ids", []).append(entry.resource_id)
+                entry.resource_id = None
             entry.cs_job_id = None
-            entry.resource_id = None
             await ctx.record(entry)
             raise
         if not isinstance(exc, RefusedError) or exc.code != "CLOUDSTACK_REFUSED":
@@ -119,7 +122,7 @@ async def ensure_snapshot(ctx: JobContext, volume_id: str, name: str) -> CsSnaps
                 entry.resource_id, entry.cs_job_id = start.resource_id, start.job_id
             await ctx.record(entry)
         if entry.cs_job_id is not None:
-            taken = cs.snapshot_in(await _wait_cs(ctx, entry, ctx.config.snapshot_timeout))
+            taken = cs.snapshot_in(await wait_cs(ctx, entry, ctx.config.snapshot_timeout))
     if taken is not None and taken.id == entry.resource_id and taken.state == "BackedUp":
         snap: CsSnapshot | None = taken
     else:
@@ -224,7 +227,7 @@ async def ensure_vm(ctx: JobContext, spec: DeploySpec) -> str:
         await ctx.record(entry)
     deployed = None
     if entry.cs_job_id is not None:
-        deployed = cs.vm_in(await _wait_cs(ctx, entry, ctx.config.async_job_timeout))
+        deployed = cs.vm_in(await wait_cs(ctx, entry, ctx.config.async_job_timeout))
     if deployed is None or deployed.id != entry.resource_id:
         deployed = await cs.get_vm(entry.resource_id or "") if entry.resource_id else None
     if deployed is None:
@@ -332,7 +335,7 @@ async def run_vm_command(ctx: JobContext, key: str, vm_id: str, command: str) ->
         start = await call(vm_id)
         entry.cs_job_id = start.job_id
         await ctx.record(entry)
-    await _wait_cs(ctx, entry, ctx.config.async_job_timeout)
+    await wait_cs(ctx, entry, ctx.config.async_job_timeout, made=False)
     entry.status = "done"
     await ctx.record(entry, durable=False)  # its job id is recorded: a resume waits on it again
 

@@ -15,10 +15,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from statemachine.context import JobContext
-from statemachine.errors import NotFound, StepError
+from statemachine.errors import NotFound, RefusedError, StepError
 from statemachine.ports import LedgerEntry
 
-from .resources import ensure_attached, ensure_detached, progress_lines, run_vm_command, vm_of
+from .resources import (
+    ensure_attached,
+    ensure_detached,
+    progress_lines,
+    run_vm_command,
+    vm_of,
+    wait_cs,
+)
 
 
 @dataclass
@@ -181,12 +188,9 @@ async def revert_volumes(ctx: JobContext, target: Target, everything: bool) -> N
                 entry.cs_job_id = start.job_id
                 await ctx.record(entry)
                 target.ledger[key] = entry
-            try:
-                await cs.wait_job(entry.cs_job_id, ctx.config.async_job_timeout)
-            except StepError:
-                entry.cs_job_id = None
-                await ctx.record(entry)
-                raise
+            # a poll that failed (an outage, the API limit) waits on the same job again: a
+            # second revert beside it would be refused (the volume is not Ready while it runs)
+            await wait_cs(ctx, entry, ctx.config.async_job_timeout, made=False)
             entry.status = "done"
             await ctx.record(entry, durable=False)  # its job id is recorded: a resume waits on it again
 
@@ -226,6 +230,7 @@ async def reattach_to_appliance(ctx: JobContext, target: Target) -> None:
 
 async def delete_snapshots(ctx: JobContext, target: Target) -> None:
     cs = ctx.ports.cloudstack
+    deleting: dict[str, str] = {}  # snapshot id: its delete's job, while it is waited on
     for key, entry in list(target.ledger.items()):
         if not key.startswith("snapshot:"):
             continue
@@ -246,8 +251,16 @@ async def delete_snapshots(ctx: JobContext, target: Target) -> None:
                                 "be deleted yet; delete it once CloudStack has finished or failed it")
 
             async def delete(snapshot_id: str = snap.id) -> None:
-                start = await cs.delete_snapshot(snapshot_id)
-                await cs.wait_job(start.job_id, ctx.config.async_job_timeout)
+                # a poll that failed waits on the same job again (not a second delete of a
+                # snapshot being destroyed); a job that failed (or one purged) is tried anew
+                if snapshot_id not in deleting:
+                    deleting[snapshot_id] = (await cs.delete_snapshot(snapshot_id)).job_id
+                try:
+                    await cs.wait_job(deleting[snapshot_id], ctx.config.async_job_timeout)
+                except StepError as exc:
+                    if exc.failed_job is not None or isinstance(exc, RefusedError):
+                        del deleting[snapshot_id]
+                    raise
 
             await ctx.retrying(f"delete snapshot {snap.id}", delete)
             target.note("delete", "snapshot", snap.id)

@@ -315,6 +315,29 @@ async def test_snapshot_revert_and_delete(
     assert status == 431
 
 
+async def test_a_revert_while_one_runs_is_refused(
+    emu: EmulatorHandle, cs: AIOCloudStack, control: EmulatorControl
+) -> None:
+    """As CloudStack's: the volume is Reverting while a revert's job runs, and a revert needs
+    it Ready."""
+    volume = await control.create_volume("reverting", 5, content="v1")
+    snap = await succeed(cs, "createSnapshot", volumeid=volume["id"])
+    await control.set_latency(async_job_seconds=0.3)
+    first = await cs.revertSnapshot(id=snap["snapshot"]["id"])
+    [during] = (await cs.listVolumes(id=volume["id"]))["volume"]
+    assert during["state"] == "Reverting"
+    status, error = await refused(cs.revertSnapshot(id=snap["snapshot"]["id"]))
+    assert status == 431 and error["errortext"] == "The volume is not in Ready state."
+    assert (await wait_job(cs, first["jobid"]))["jobstatus"] == 1
+    [after] = (await cs.listVolumes(id=volume["id"]))["volume"]
+    assert after["state"] == "Ready"
+    await control.add_fault("cloudstack", "async_fail", command="revertSnapshot")
+    failed = await cs.revertSnapshot(id=snap["snapshot"]["id"])
+    assert (await wait_job(cs, failed["jobid"]))["jobstatus"] == 2
+    [after_failure] = (await cs.listVolumes(id=volume["id"]))["volume"]
+    assert after_failure["state"] == "Ready"
+
+
 async def test_revert_onto_a_detached_volume(
     emu: EmulatorHandle, cs: AIOCloudStack, control: EmulatorControl
 ) -> None:

@@ -403,6 +403,28 @@ async def test_a_rollback_whose_destroy_job_was_denied_destroys_anew_when_retrie
     assert_restored(h, before, vm)
 
 
+@pytest.mark.parametrize("command", ["revertSnapshot", "deleteSnapshot"])
+async def test_a_rollback_whose_wait_on_a_revert_or_delete_failed_waits_on_the_same_job_again(
+        h: Harness, machine: AsyncMachine, command: str) -> None:
+    """CloudStack does not answer one poll of the rollback's revert (or snapshot delete) job:
+    the retry waits on that job again, not a second revert beside it (CloudStack refuses a
+    revert while one runs: the volume is not Ready) or a second delete of a snapshot being
+    destroyed. The rollback completes with one call per volume."""
+    vm = h.seed_vm("WIN-POLLFAIL", os_type="Windows", disks=2)
+    before = h.world.observable()
+    h.faults.add("startVirtualMachine", "refused")
+    h.faults.arm_after(command, "queryAsyncJobResult", "transient")
+    ctx = h.new_job(vm, "test-failover")
+    assert await drive(machine, ctx) == "failed"
+    events = h.events(ctx.row.job_id)
+    assert last(events, "JobFailed").rolled_back is True
+    assert any(e.level == "WARN" and "retrying" in e.message and "CLOUDSTACK_ERROR" in str(e.fields)
+               for e in of_type(events, "LogRecorded"))  # the poll did fail
+    snapshots = [p["id"] for op, p in h.cloudstack.calls if op == command]
+    assert snapshots and len(snapshots) == len(set(snapshots)), snapshots  # one call per snapshot
+    assert_restored(h, before, vm)
+
+
 async def test_a_failed_rollback_leaves_the_replicas_intact(h: Harness, machine: AsyncMachine) -> None:
     """The VM cannot be destroyed: the replicas were detached from it first, so none is lost."""
     vm = h.seed_vm("WIN-NODESTROY", os_type="Linux", disks=2)
