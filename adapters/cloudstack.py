@@ -239,9 +239,13 @@ class CloudStackAdapter:
             created = data.get("created")  # CloudStack's own clock: where a listing of its jobs starts
             self._saw(created)
             since = created if isinstance(created, str) else None
+        # past its timeout a wait is over for good: waiting again would stretch the operator's
+        # FAILOVER_*_TIMEOUT_SECONDS by the attempts (the job is still CloudStack's to finish)
         return await self._poller.wait(
-            job_id, timeout, lambda: TransientError(
-                "CLOUDSTACK_JOB_TIMEOUT", f"CloudStack async job {job_id} did not finish within {timeout:.0f} s"),
+            job_id, timeout, lambda: StepError(
+                "CLOUDSTACK_JOB_TIMEOUT", f"CloudStack async job {job_id} did not finish within {timeout:.0f} s; "
+                "look at it in CloudStack (listAsyncJobs), and if it is only slow, raise "
+                "FAILOVER_SNAPSHOT_TIMEOUT_SECONDS (snapshots) or FAILOVER_ASYNC_JOB_TIMEOUT_SECONDS"),
             note=since)
 
     async def _list_jobs(self, notes: Mapping[str, object]) -> dict[str, Any]:

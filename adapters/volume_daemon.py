@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from statemachine.errors import MalformedResponse, NotFound, RefusedError, TransientError
+from statemachine.errors import MalformedResponse, NotFound, RefusedError, StepError, TransientError
 from statemachine.ports import DaemonOperation, DaemonVolume
 
 from .cloudstack import CallOutcome, Timer
@@ -120,8 +120,12 @@ class VolumeDaemonAdapter:
             self._poller.asked_first(done is not None)
             if done is not None:
                 return done
-        return await self._poller.wait(operation_id, timeout, lambda: TransientError(
-            "VOLUME_OPERATION_TIMEOUT", f"Volume Daemon operation {operation_id} did not finish within {timeout:.0f} s"))
+        # past its timeout a wait is over for good (not tried again: FAILOVER_RETRY_ATTEMPTS times
+        # the timeout is not what the operator set)
+        return await self._poller.wait(operation_id, timeout, lambda: StepError(
+            "VOLUME_OPERATION_TIMEOUT", f"Volume Daemon operation {operation_id} did not finish within {timeout:.0f} s; "
+            "look at it on the Volume Daemon (GET /api/v1/operations/<id>), and if it is only slow, raise "
+            "FAILOVER_VOLUME_OPERATION_TIMEOUT_SECONDS"))
 
     async def _running(self, keys: Mapping[str, object]) -> dict[str, DaemonOperation | BaseException | None]:
         """The operations still running, from one listing per running status: those still

@@ -563,7 +563,7 @@ class FakeCloudStack:
             failed.failed_job = job_id  # as the adapter marks it
             raise failed
         if job.status != 1:
-            raise TransientError("CLOUDSTACK_JOB_TIMEOUT", f"CloudStack async job {job_id} did not finish")
+            raise StepError("CLOUDSTACK_JOB_TIMEOUT", f"CloudStack async job {job_id} did not finish")  # (final)
         return job.result
 
     @staticmethod

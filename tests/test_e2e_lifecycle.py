@@ -54,6 +54,7 @@ FAULTS = [
     ("cloudstack-snapshot", "cloudstack", "createSnapshot", "async_fail", lambda vm, job: {"volumeid": vm.volume_ids[0]}),
     ("virtio-driver-injection", "inject", "inject", "exit_nonzero", lambda vm, job: {}),
     ("vm-creation", "cloudstack", "deployVirtualMachine", "async_fail", lambda vm, job: {}),
+    ("vm-creation", "cloudstack", "deployVirtualMachine", "timeout", lambda vm, job: {}),
     # every try of the step (FAILOVER_RETRY_ATTEMPTS=3) fails; the rollback's re-attach to the
     # appliance, also an "attach", then works
     ("volume-attachment", "volume-daemon", "attach", "async_fail", lambda vm, job: {"times": 3}),
@@ -79,6 +80,8 @@ async def test_failure_at_each_step_rolls_everything_back(
     check_stream(events, str(job_id))
     failed = [e for e in events if e.type == "StepFailed"]
     assert [e.step for e in failed] == [step], _types(events)
+    if kind == "timeout":  # a wait past FAILOVER_*_TIMEOUT_SECONDS is not waited again (the attempts)
+        assert failed[0].attempts == 1 and failed[0].error.code.endswith("_TIMEOUT"), failed[0]
     assert _types(events)[-3:] == ["RollbackStarted", "RollbackCompleted", "JobFailed"]
     assert events[-1].rolled_back is True and events[-1].failed_step == step
     assert_restored(before, await view(control, vm.volume_ids, emulators.appliance_vm_id))

@@ -26,8 +26,9 @@ _VM_BUSY = ("Starting", "Stopping", "Migrating")
 
 
 async def _settle(check: Callable[[], Awaitable[T | None]], timeout: float, code: str, what: str) -> T:
-    """Poll `check` (growing pauses) until it returns something; a TransientError after
-    `timeout`. For work an earlier run started but whose job id it could not record."""
+    """Poll `check` (growing pauses) until it returns something; a StepError after `timeout`,
+    not tried again (as a wait on a job past its timeout). For work an earlier run started but
+    whose job id it could not record."""
     deadline = time.monotonic() + timeout
     pause = 0.05
     while True:
@@ -35,7 +36,9 @@ async def _settle(check: Callable[[], Awaitable[T | None]], timeout: float, code
         if value is not None:
             return value
         if time.monotonic() >= deadline:
-            raise TransientError(code, f"{what} did not finish within {timeout:.0f} s")
+            raise StepError(code, f"{what} did not finish within {timeout:.0f} s; look at it in CloudStack, and "
+                                  "if it is only slow, raise FAILOVER_SNAPSHOT_TIMEOUT_SECONDS (snapshots) or "
+                                  "FAILOVER_ASYNC_JOB_TIMEOUT_SECONDS")
         await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
         pause = min(pause * 2, 2.0)
 

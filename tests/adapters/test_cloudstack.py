@@ -210,11 +210,11 @@ async def test_job_timeout_within_the_given_timeout(cloudstack: CloudStackAdapte
     await control.add_fault("cloudstack", "timeout", command="createSnapshot")
     started = await cloudstack.create_snapshot(volume_id, "never-done")
     began = time.monotonic()
-    with pytest.raises(TransientError) as caught:
+    with pytest.raises(StepError) as caught:
         await cloudstack.wait_job(started.job_id, timeout=0.3)
     elapsed = time.monotonic() - began
-    assert caught.value.code == "CLOUDSTACK_JOB_TIMEOUT"
-    assert started.job_id in caught.value.message
+    assert caught.value.code == "CLOUDSTACK_JOB_TIMEOUT" and not caught.value.transient  # (not waited again)
+    assert started.job_id in caught.value.message and "FAILOVER_ASYNC_JOB_TIMEOUT_SECONDS" in caught.value.message
     assert 0.3 <= elapsed < 1.5
     polls = await control.calls(api="cloudstack", command="queryAsyncJobResult")
     assert len(polls) >= 2 and all(p["params"] == {"jobid": started.job_id} for p in polls)

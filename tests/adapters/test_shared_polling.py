@@ -14,7 +14,7 @@ import pytest
 from adapters.poller import PROBE_EVERY, SharedPoller
 from emulators.client import EmulatorControl
 from emulators.runner import EmulatorHandle
-from statemachine.errors import TransientError
+from statemachine.errors import StepError, TransientError
 
 from .conftest import CloudStackFactory, DaemonFactory
 
@@ -88,7 +88,7 @@ async def test_waits_in_a_listing_time_out_each_after_its_own_timeout(
     began = loop.time()
     results = await asyncio.gather(*(cs.wait_job(s.job_id, timeout=0.3) for s in started), return_exceptions=True)
     assert loop.time() - began < 2.0
-    assert all(isinstance(r, TransientError) and r.code == "CLOUDSTACK_JOB_TIMEOUT" for r in results), results
+    assert all(isinstance(r, StepError) and r.code == "CLOUDSTACK_JOB_TIMEOUT" for r in results), results
     assert await control.calls(api="cloudstack", command="listAsyncJobs")
 
 

@@ -144,9 +144,10 @@ async def test_operation_timeout(daemon: VolumeDaemonAdapter, emu: EmulatorHandl
     await control.add_fault("volume-daemon", "timeout", command="detach")
     operation = await daemon.detach(volume_id)
     began = time.monotonic()
-    with pytest.raises(TransientError) as caught:
+    with pytest.raises(StepError) as caught:
         await daemon.wait_operation(operation, timeout=0.3)
     assert caught.value.code == "VOLUME_OPERATION_TIMEOUT" and operation in caught.value.message
+    assert not caught.value.transient and "FAILOVER_VOLUME_OPERATION_TIMEOUT_SECONDS" in caught.value.message
     assert 0.3 <= time.monotonic() - began < 1.5
 
 
