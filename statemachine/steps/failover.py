@@ -82,6 +82,11 @@ async def pre_failover_validation(ctx: JobContext) -> StepResult:
     vm = source.vm
     if vm is None:
         raise StepError("VM_NOT_FOUND", f"VM {vm_id!r} is not in vm_replication_contexts; replicate it first")
+    if not (vm.cpu_count or 0) > 0 or not (vm.memory_mb or 0) > 0:
+        # (a default would bring a production server up with 1 vCPU and 1 GiB, unsaid)
+        raise StepError("VM_SIZE_UNKNOWN", f"VM {vm_id!r} has no CPU count or memory in vm_replication_contexts "
+                                           f"(cpu_count={vm.cpu_count!r}, memory_mb={vm.memory_mb!r}); set them to "
+                                           "the source VM's vCPUs and MiB of memory and request the failover again")
     job = source.replication
     if job is None:
         raise StepError("NO_REPLICATION", f"VM {vm_id!r} has no replication job; replicate it first")
@@ -140,8 +145,8 @@ async def pre_failover_validation(ctx: JobContext) -> StepResult:
         "vm_name": vm.vm_name,
         "cs_name": test_vm_name(name, ctx.row.job_id) if test else name,
         "display_name": display_name(vm.vm_name, name),
-        "cpu_count": vm.cpu_count or 1,
-        "memory_mb": vm.memory_mb or 1024,
+        "cpu_count": vm.cpu_count,
+        "memory_mb": vm.memory_mb,
         "os_type": vm.os_type,
         "inject": inject,
         "inject_reason": f"options.driver_injection={option}, os_type={vm.os_type!r}",

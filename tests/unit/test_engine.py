@@ -237,6 +237,18 @@ def _volume_row_missing(h: Harness, vm) -> None:  # type: ignore[no-untyped-def]
     rows[0] = replace(rows[0], ossea_volume_id=None, volume_id=None)
 
 
+def _no_cpu_count(h: Harness, vm) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    h.platform.contexts[vm.vm_id] = replace(h.platform.contexts[vm.vm_id], cpu_count=None)
+
+
+def _no_memory(h: Harness, vm) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    h.platform.contexts[vm.vm_id] = replace(h.platform.contexts[vm.vm_id], memory_mb=0)
+
+
 def _volume_elsewhere(h: Harness, vm) -> None:  # type: ignore[no-untyped-def]
     other = h.world.add_vm("someone-else", "Stopped")
     volume = h.world.volumes[vm.volume_ids[1]]
@@ -254,6 +266,8 @@ def _volume_detached(h: Harness, vm) -> None:  # type: ignore[no-untyped-def]
         (_break_replication, "REPLICATION_NOT_COMPLETED"),
         (_no_disks, "NO_DISKS"),
         (_volume_row_missing, "VOLUME_NOT_FOUND"),
+        (_no_cpu_count, "VM_SIZE_UNKNOWN"),  # not deployed as 1 vCPU / 1 GiB unsaid
+        (_no_memory, "VM_SIZE_UNKNOWN"),
         (_volume_elsewhere, "VOLUME_NOT_ON_APPLIANCE"),
         (_volume_detached, "VOLUME_NOT_ON_APPLIANCE"),
     ],
