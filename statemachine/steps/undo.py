@@ -125,8 +125,19 @@ async def delete_vm(ctx: JobContext, target: Target) -> None:
         await _delete_leftovers(ctx, target, leftovers)
         return
     on_vm = await ctx.retrying("list VM volumes", lambda: cs.list_vm_volumes(vm.id))
-    # a data disk the deploy made (disk offering) survives the VM's destruction: delete it after
-    leftovers += [v.id for v in on_vm if v.id not in replicated and v.type != "ROOT" and v.id not in leftovers]
+    # a data disk the deploy made (disk offering) survives the VM's destruction: delete it
+    # after. Once volume-attachment began, the ledger names every disk the deploy made (its
+    # `discard:` entries: the template's ROOT at least): another volume on the VM is someone
+    # else's (attached to the test VM by hand, say), and the destroy leaves it detached, whole
+    extra = [v.id for v in on_vm if v.id not in replicated and v.type != "ROOT" and v.id not in leftovers]
+    if any(k.startswith("discard:") for k in target.ledger):
+        for foreign in extra:
+            target.note("keep", "volume", foreign, f"not made by this job: left detached from VM {vm.id}")
+            ctx.log("WARN", f"volume {foreign} on VM {vm.id} was not made by this job: it is not deleted, and "
+                            "the VM's destruction leaves it detached; attach it where it belongs",
+                    volume_id=foreign, vm_id=vm.id)
+    else:
+        leftovers += extra
     still = [v.id for v in on_vm if v.id in replicated]
     if still:  # guarantee 5: destroying the VM would destroy the replica attached as its ROOT
         raise StepError(

@@ -49,6 +49,28 @@ async def test_cleanup_puts_the_world_back(h: Harness, machine: AsyncMachine) ->
     assert outputs["snapshot-deletion"] == ["delete"] * 3
 
 
+async def test_a_volume_someone_attached_to_the_test_vm_is_left_whole(h: Harness, machine: AsyncMachine) -> None:
+    """During the test, someone attached a volume of their own to the test VM. The cleanup
+    destroys the VM (the volume comes off with it) but deletes only what the deploy made,
+    and says what it left."""
+    vm, before, failover_id = await _failed_over(h, machine, disks=2, gap=False)
+    test_vm = h.store.ledger_now(failover_id)["vm"].resource_id
+    assert test_vm is not None
+    theirs = h.world.add_volume("restored-scratch", vm_id=test_vm, content="their data")
+    cleanup = h.new_cleanup(failover_id)
+    assert await drive(machine, cleanup) == "completed"
+    kept = h.world.volumes[theirs.id]
+    assert not kept.destroyed and kept.vm_id is None and kept.content == "their data"
+    assert ("deleteVolume", {"id": theirs.id}) not in h.cloudstack.calls
+    events = h.events(cleanup.row.job_id)
+    assert any(e.level == "WARN" and theirs.id in e.message for e in of_type(events, "LogRecorded"))
+    outputs = {e.step: e.outputs["actions"] for e in of_type(events, "StepCompleted")}
+    assert {"action": "keep", "resource_type": "volume", "resource_id": theirs.id,
+            "detail": f"not made by this job: left detached from VM {test_vm}"} in outputs["vm-deletion"]
+    del h.world.volumes[theirs.id]  # (theirs: not in the world the failover began with)
+    assert_restored(h, before, vm)
+
+
 async def test_cleanup_resumes_at_every_commit(machine: AsyncMachine) -> None:
     failures = []
     probe = Harness()
