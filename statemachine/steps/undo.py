@@ -188,6 +188,11 @@ async def revert_volumes(ctx: JobContext, target: Target, everything: bool) -> N
             await ctx.ports.injection.wait_idle(path, progress_lines(ctx, device_path=path))
         state = await ctx.retrying("volume state", vd.get_volume, v)
         if state.vm_id is not None:  # revertSnapshot needs the volume detached (or its VM stopped)
+            earlier = target.ledger.get(f"undo:predetach:{v}")
+            if earlier is not None and earlier.status == "done":
+                # an earlier try of this rollback detached it, and it was attached again since
+                # (by hand, following the manual actions): detached again, not taken as done
+                earlier.status, earlier.operation_id = "intended", None
             await ctx.retrying(f"detach {v}", ensure_detached, ctx, f"undo:predetach:{v}", v,
                                data={"appliance_device_id": vol["appliance_device_id"]})
 
@@ -195,7 +200,19 @@ async def revert_volumes(ctx: JobContext, target: Target, everything: bool) -> N
             entry = target.ledger.get(key) or LedgerEntry(key=key, resource_type="volume", action="revert",
                                                            resource_id=v, data={"snapshot_id": snapshot})
             if entry.cs_job_id is None:
-                start = await cs.revert_snapshot(snapshot)
+                try:
+                    start = await cs.revert_snapshot(snapshot)
+                except RefusedError:
+                    if await cs.get_snapshot(snapshot) is not None:
+                        raise
+                    # the snapshot is gone: deleted by hand, which the manual actions ask for
+                    # only once the volume was reverted to it (the operator's word is all there is)
+                    ctx.log("WARN", f"snapshot {snapshot} of volume {v} is gone: the volume is taken as "
+                                    "reverted to it by hand", volume_id=v, snapshot_id=snapshot)
+                    entry.status, entry.data["by_hand"] = "done", True
+                    await ctx.record(entry)
+                    target.ledger[key] = entry
+                    return
                 entry.cs_job_id = start.job_id
                 await ctx.record(entry)
                 target.ledger[key] = entry
@@ -206,6 +223,9 @@ async def revert_volumes(ctx: JobContext, target: Target, everything: bool) -> N
             await ctx.record(entry, durable=False)  # its job id is recorded: a resume waits on it again
 
         await ctx.retrying(f"revert {v}", revert)
+        if target.ledger[key].data.get("by_hand"):
+            target.note("revert", "volume", v, f"to snapshot {snapshot}, by hand (the snapshot is gone)")
+            continue
         target.note("revert", "volume", v, f"to snapshot {snapshot}")
         ctx.log("INFO", f"volume {v} reverted to snapshot {snapshot}", volume_id=v, snapshot_id=snapshot)
 

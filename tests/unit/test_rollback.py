@@ -425,6 +425,43 @@ async def test_a_rollback_whose_wait_on_a_revert_or_delete_failed_waits_on_the_s
     assert_restored(h, before, vm)
 
 
+async def test_a_rollback_retried_after_its_manual_actions_were_done_by_hand_completes(
+        h: Harness, machine: AsyncMachine) -> None:
+    """The rollback failed at the revert (after detaching the replicas for it). The operator
+    does what `manual_actions` says (each volume reverted, back on the appliance, its snapshot
+    deleted), then retries the rollback, as the README says: it completes, taking the volumes
+    as reverted by hand, instead of trusting its earlier detach and failing the revert again."""
+    vm = h.seed_vm("WIN-BYHAND", os_type="Windows", disks=2)
+    before = h.world.observable()
+    h.faults.add("startVirtualMachine", "refused")
+    h.faults.add("revertSnapshot", "refused", times=None)
+    ctx = h.new_job(vm, "test-failover")
+    job_id = ctx.row.job_id
+    assert await drive(machine, ctx) == "failed"
+    manual = {(a.action, a.resource_type, a.resource_id) for a in last(h.events(job_id), "RollbackFailed").manual_actions}
+    assert all(h.world.volumes[v].vm_id is None for v in vm.volume_ids)  # detached for the revert
+
+    # by hand: revert each volume while detached, attach it back to the appliance in its
+    # original order, then delete the snapshots
+    snapshots = {s.volume_id: s for s in h.world.live_snapshots()}
+    for device, v in enumerate(vm.volume_ids, start=1):
+        assert ("revert", "volume", v) in manual and ("reattach", "volume", v) in manual
+        volume = h.world.volumes[v]
+        volume.content = snapshots[v].content
+        volume.vm_id, volume.device_id = h.world.appliance.id, before["volumes"][v][2]
+    for snap in snapshots.values():
+        assert ("delete", "snapshot", snap.id) in manual
+        snap.destroyed = True
+
+    h.faults.clear()
+    h.store.request_rollback(job_id)
+    assert await drive(machine, await h.resume_context(job_id)) == "failed"
+    events = h.events(job_id)
+    assert [e.type for e in events if e.type != "LogRecorded"][-2:] == ["RollbackCompleted", "JobFailed"]
+    assert any(e.level == "WARN" and "reverted to it by hand" in e.message for e in of_type(events, "LogRecorded"))
+    assert_restored(h, before, vm)
+
+
 async def test_a_failed_rollback_leaves_the_replicas_intact(h: Harness, machine: AsyncMachine) -> None:
     """The VM cannot be destroyed: the replicas were detached from it first, so none is lost."""
     vm = h.seed_vm("WIN-NODESTROY", os_type="Linux", disks=2)
