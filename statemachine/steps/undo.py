@@ -168,6 +168,15 @@ async def _delete_leftovers(ctx: JobContext, target: Target, volume_ids: Sequenc
         ctx.log("INFO", f"volume {volume_id} made by the deploy deleted", volume_id=volume_id)
 
 
+# a live failover may run on storage whose snapshots CloudStack cannot revert (revertable
+# false): its rollback cannot put the written volume back, and says what can
+_NOT_REVERTABLE = ("snapshot {snapshot} of volume {v} is not revertable on its storage (CloudStack's revertable "
+                   "false), so the volume cannot be reverted to it; it is left detached (the replication must "
+                   "not write onto it as it is). Restore its content another way (a volume made from the "
+                   "snapshot, copied onto it), or re-sync the replication in full; then attach it to the "
+                   "appliance, delete the snapshot and retry the rollback")
+
+
 async def revert_volumes(ctx: JobContext, target: Target, everything: bool) -> None:
     cs, vd = ctx.ports.cloudstack, ctx.ports.volumes
     for vol in target.written(everything):
@@ -201,9 +210,11 @@ async def revert_volumes(ctx: JobContext, target: Target, everything: bool) -> N
                                                            resource_id=v, data={"snapshot_id": snapshot})
             if entry.cs_job_id is None:
                 try:
+                    if target.ledger[f"snapshot:{v}"].data.get("revertable") is False:
+                        raise StepError("SNAPSHOT_NOT_REVERTABLE", _NOT_REVERTABLE.format(v=v, snapshot=snapshot))
                     start = await cs.revert_snapshot(snapshot)
-                except RefusedError:
-                    if await cs.get_snapshot(snapshot) is not None:
+                except StepError as exc:
+                    if exc.transient or await cs.get_snapshot(snapshot) is not None:
                         raise
                     # the snapshot is gone: deleted by hand, which the manual actions ask for
                     # only once the volume was reverted to it (the operator's word is all there is)
@@ -329,8 +340,12 @@ async def manual_actions(ctx: JobContext, target: Target, everything: bool) -> l
         v = vol["volume_id"]
         reverted = target.ledger.get(f"undo:revert:{v}")
         if v in written and not (reverted and reverted.status == "done"):
+            snap = target.ledger.get(f"snapshot:{v}")
             out.append({"action": "revert", "resource_type": "volume", "resource_id": v,
-                        "detail": f"revert to snapshot {target.snapshot_of(v)} while detached"})
+                        "detail": f"revert to snapshot {target.snapshot_of(v)} while detached" + (
+                            " (not revertable on its storage: restore its content from a volume made from the "
+                            "snapshot, or re-sync the replication in full)"
+                            if snap is not None and snap.data.get("revertable") is False else "")})
         try:
             state = await vd.get_volume(v)
             on_appliance = state.vm_id == appliance

@@ -283,6 +283,41 @@ async def test_a_non_revertable_snapshot_is_fine_for_a_live_failover(h: Harness,
     assert len(h.injection.calls) == 1
 
 
+async def test_a_live_failover_on_storage_that_cannot_revert_says_what_can_be_done_and_finishes_after_it(
+        h: Harness, machine: AsyncMachine) -> None:
+    """A live failover on storage whose snapshots CloudStack cannot revert fails after the
+    driver injection wrote its root volume. The rollback does not ask CloudStack for a revert
+    it refuses: it fails SNAPSHOT_NOT_REVERTABLE, the volume left detached (replication must
+    not write onto it as it is), and `manual_actions` says how to restore it another way.
+    Once the operator did, the retried rollback completes."""
+    vm = h.seed_vm("WIN-NOREVERT", os_type="Windows", disks=2, revertable=False)
+    before = h.world.observable()
+    h.faults.add("deployVirtualMachine", "refused")
+    ctx = h.new_job(vm, "live-failover")
+    job_id = ctx.row.job_id
+    assert await drive(machine, ctx) == "failed"
+    assert len(h.injection.calls) == 1  # the root was written
+    rb = last(h.events(job_id), "RollbackFailed")
+    assert rb.error.code == "SNAPSHOT_NOT_REVERTABLE" and "re-sync the replication" in rb.error.message
+    assert h.cloudstack.count("revertSnapshot") == 0
+    root = vm.volume_ids[0]
+    [revert] = [a for a in rb.manual_actions if a.action == "revert"]
+    assert revert.resource_id == root and "not revertable" in (revert.detail or "")
+    assert h.world.volumes[root].vm_id is None and not h.world.volumes[root].destroyed
+
+    # by hand: the root's content restored from its snapshot, the volume back on the appliance,
+    # the snapshot deleted
+    snapshot = next(s for s in h.world.live_snapshots() if s.volume_id == root)
+    volume = h.world.volumes[root]
+    volume.content = snapshot.content
+    volume.vm_id, volume.device_id = h.world.appliance.id, before["volumes"][root][2]
+    snapshot.destroyed = True
+    h.store.request_rollback(job_id)
+    assert await drive(machine, await h.resume_context(job_id)) == "failed"
+    assert [e.type for e in h.events(job_id) if e.type != "LogRecorded"][-2:] == ["RollbackCompleted", "JobFailed"]
+    assert_restored(h, before, vm)
+
+
 # --------------------------------------------------------------------------- cancel
 
 
