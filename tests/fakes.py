@@ -1049,7 +1049,7 @@ class Harness:
                 self.world.add_volume(f"other-{new_id()[:6]}", vm_id=appliance)
             volume = self.world.add_volume(f"{name}-disk{unit}", vm_id=appliance,
                                            content=f"replica:{name}:{unit}", revertable_storage=revertable)
-            disk_id = f"disk-{2000 + unit}"
+            disk_id = f"disk-{2000 + 16 * units[:i].count(unit) + unit}"  # (as VMware's keys: a controller's 16)
             volume_ids.append(volume.id)
             disk_ids.append(disk_id)
             rows.append(DiskVolume(disk_id, unit, 40 + unit, 100 + i, volume.id))

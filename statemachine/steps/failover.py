@@ -107,6 +107,12 @@ async def pre_failover_validation(ctx: JobContext) -> StepResult:
             "repair vm_disks.ossea_volume_id before failing over",
         )
     ordered = sorted(disks, key=lambda d: (d.unit_number if d.unit_number is not None else 1 << 30, d.disk_id))
+    tied = [d.disk_id for d in ordered if d.unit_number == ordered[0].unit_number]
+    if len(tied) > 1:  # (VMware numbers units per controller: scsi0:0 and scsi1:0 are both 0)
+        ctx.log("WARN", f"disks {', '.join(tied)} share the lowest unit_number ({ordered[0].unit_number}): "
+                        f"{tied[0]}, whose disk_id sorts first, is taken as the root (boot) disk; if another "
+                        "is the boot disk, correct vm_disks.unit_number and request the failover again",
+                disk_ids=tied, root_disk_id=tied[0])
     networks: list[str] = []
     for m in source.mappings:
         if m.destination_network_id not in networks:

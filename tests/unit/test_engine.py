@@ -299,6 +299,19 @@ async def test_validation_failures(h: Harness, machine: AsyncMachine, breakage, 
     assert (row.status, row.failed_step, row.error_code) == ("failed", "pre-failover-validation", code)
 
 
+async def test_disks_sharing_the_lowest_unit_number_say_which_is_taken_as_the_root(
+        h: Harness, machine: AsyncMachine) -> None:
+    """Two controllers' first disks (scsi0:0, scsi1:0) both have unit_number 0: the one whose
+    disk_id sorts first is the root, and the job's log says so and what to do if it is wrong."""
+    vm = h.seed_vm("LNX-TWOCTRL", os_type="Linux", disks=2, unit_numbers=[0, 0])
+    ctx = h.new_job(vm, "test-failover")
+    assert await drive(machine, ctx) == "completed"
+    [warned] = [e for e in of_type(h.events(ctx.row.job_id), "LogRecorded")
+                if e.level == "WARN" and "share the lowest unit_number" in e.message]
+    assert warned.fields["root_disk_id"] == sorted(vm.disk_ids)[0]
+    assert warned.fields["disk_ids"] == sorted(vm.disk_ids)
+
+
 async def test_unknown_vm_fails_validation(h: Harness, machine: AsyncMachine) -> None:
     vm = h.seed_vm("gone", disks=1)
     del h.platform.contexts[vm.vm_id]

@@ -479,7 +479,7 @@ async def test_a_rollback_retried_after_its_manual_actions_were_done_by_hand_com
     # by hand: revert each volume while detached, attach it back to the appliance in its
     # original order, then delete the snapshots
     snapshots = {s.volume_id: s for s in h.world.live_snapshots()}
-    for device, v in enumerate(vm.volume_ids, start=1):
+    for v in vm.volume_ids:
         assert ("revert", "volume", v) in manual and ("reattach", "volume", v) in manual
         volume = h.world.volumes[v]
         volume.content = snapshots[v].content
