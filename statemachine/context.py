@@ -21,7 +21,7 @@ from tenacity import (
 from schemas.common import utc_now
 from schemas.events import Event, LogRecorded
 
-from .errors import OUTAGE_CODES, CancelWhileRetrying, HandBack, StepError
+from .errors import OUTAGE_CODES, WAIT_TIMEOUT_CODES, CancelWhileRetrying, HandBack, StepError
 from .ports import (
     CloudStackPort,
     Commit,
@@ -265,10 +265,15 @@ class JobContext:
         A transient failure of it is handed to tenacity as its first attempt's outcome, so
         what follows (the note, the waits, the count of attempts) is as if tenacity had made
         that call itself."""
+        undoing = self.current_step is None or self.row.job_type == "cleanup"
+
+        def retriable(exc: BaseException) -> bool:
+            return isinstance(exc, StepError) and (exc.transient or (undoing and exc.code in WAIT_TIMEOUT_CODES))
+
         try:
             return await call(*args, **kwargs)
         except StepError as exc:
-            if not exc.transient:
+            if not retriable(exc):
                 raise  # (its `attempts` is 1 already)
             failed: StepError | None = exc
         cfg = self.config
@@ -297,7 +302,7 @@ class JobContext:
             sleep=pause,
             stop=stop,
             wait=wait_exponential(multiplier=cfg.retry_backoff, max=cfg.retry_backoff_max),
-            retry=retry_if_exception(lambda e: isinstance(e, StepError) and e.transient),
+            retry=retry_if_exception(retriable),
             reraise=True,
             before_sleep=note,
         )

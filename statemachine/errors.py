@@ -23,11 +23,17 @@ class StepError(Exception):
 
 # the transient failures an outage of CloudStack or the Volume Daemon gives (no answer, a 5xx,
 # work it forgot in a restart): retried through the retry window (EngineConfig.retry_window).
-# The others (an async job that failed, a wait past its timeout) are retried the attempts alone
+# The others (an async job that failed, no capacity) are retried the attempts alone
 OUTAGE_CODES = frozenset({
     "CLOUDSTACK_UNREACHABLE", "CLOUDSTACK_ERROR", "CLOUDSTACK_JOB_LOST", "CLOUDSTACK_THROTTLED",
     "VOLUME_DAEMON_UNREACHABLE", "VOLUME_DAEMON_ERROR", "VOLUME_OPERATION_LOST", "POLLER_STOPPED",
 })
+
+
+# a wait past its FAILOVER_*_TIMEOUT_SECONDS: final in a failover's step (the job rolls back),
+# tried the attempts in an undo (a rollback's or a cleanup's: undoing is worth waiting for, and
+# a retry waits on the same job)
+WAIT_TIMEOUT_CODES = frozenset({"CLOUDSTACK_JOB_TIMEOUT", "VOLUME_OPERATION_TIMEOUT", "SNAPSHOT_NOT_READY"})
 
 
 class TransientError(StepError):

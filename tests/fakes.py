@@ -20,7 +20,8 @@ CloudStack's, as DESIGN.md lists them (and `emulators/world.py` models them over
 (`createSnapshot`, `deployVirtualMachine`, `startVirtualMachine`, `attach`, `attach-root`,
 `detach`, `get-volume`, `inject`, ...), with a `RefusedError`, a `TransientError`, or a job /
 operation that runs and fails (`job_fail`; `job_denied`: a CloudStack job failed with 531, a
-refusal, as the adapter reports it).
+refusal, as the adapter reports it; `job_slow`: a CloudStack job whose first wait ends past its
+timeout, as the adapter reports it, and which has ended by the next).
 
 `FakeJobStore` is the job's transactions: it keeps each `JobRow` and every column written, the
 events (the outbox) and the ledger, each commit all or nothing, copied (so what a crashed process
@@ -67,7 +68,7 @@ from statemachine.ports import (
     VmContext,
 )
 
-FaultKind = Literal["refused", "transient", "job_fail", "job_denied"]
+FaultKind = Literal["refused", "transient", "job_fail", "job_denied", "job_slow"]
 _HOSTNAME = re.compile(r"[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
@@ -191,6 +192,7 @@ class CsJob:
     result: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     denied: bool = False  # failed with a 531 (permission denied)
+    slow: bool = False  # its first wait ends past its timeout
 
 
 @dataclass
@@ -315,7 +317,7 @@ class FakeWorld:
         on_fail: Callable[[], None] | None, fault: FaultKind | None,
     ) -> CsJob:
         """The job runs at once: its rules are checked again as it runs (a refusal fails it)."""
-        job = CsJob(new_id(), command, resource_id, 0)
+        job = CsJob(new_id(), command, resource_id, 0, slow=fault == "job_slow")
         self.jobs[job.id] = job
         try:
             if fault in ("job_fail", "job_denied"):
@@ -555,6 +557,10 @@ class FakeCloudStack:
         job = self.world.jobs.get(job_id)
         if job is None:
             raise RefusedError("CLOUDSTACK_REFUSED", f"CloudStack refused queryAsyncJobResult (431): no job {job_id}")
+        if job.slow:
+            job.slow = False
+            raise StepError("CLOUDSTACK_JOB_TIMEOUT", f"CloudStack async job {job_id} did not finish within "
+                                                      f"{timeout:.0f} s")  # (final, as the adapter's)
         if job.status == 2:
             failed: StepError = (
                 RefusedError("CLOUDSTACK_PERMISSION_DENIED", f"CloudStack refused async job {job_id} for the API key's "

@@ -285,8 +285,9 @@ async def volume_attachment(ctx: JobContext) -> StepResult:
     discarded = []
     for volume_id, kind in own:
         assert volume_id is not None
+        # (each entry names all the deploy made: a rollback deletes those, and no other volume)
         await ctx.retrying(f"detach {kind} {volume_id}", ensure_detached, ctx, f"discard:{volume_id}", volume_id,
-                           durable=True)
+                           durable=True, data={"deploy_volumes": [i for i, _ in own]})
         await ctx.retrying(f"delete volume {volume_id}", cs.delete_volume, volume_id)
         entry = ledger[f"discard:{volume_id}"]
         entry.data["deleted"] = True

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from statemachine.context import JobContext
-from statemachine.errors import NotFound, RefusedError, StepError
+from statemachine.errors import NotFound, RefusedError, StepError, TransientError
 from statemachine.ports import LedgerEntry
 
 from .resources import (
@@ -126,12 +126,15 @@ async def delete_vm(ctx: JobContext, target: Target) -> None:
         return
     on_vm = await ctx.retrying("list VM volumes", lambda: cs.list_vm_volumes(vm.id))
     # a data disk the deploy made (disk offering) survives the VM's destruction: delete it
-    # after. Once volume-attachment began, the ledger names every disk the deploy made (its
-    # `discard:` entries: the template's ROOT at least): another volume on the VM is someone
-    # else's (attached to the test VM by hand, say), and the destroy leaves it detached, whole
+    # after. Once volume-attachment began, the ledger names every disk the deploy made (each of
+    # its `discard:` entries lists them all): another volume on the VM is someone else's
+    # (attached to the test VM by hand, say), and the destroy leaves it detached, whole
     extra = [v.id for v in on_vm if v.id not in replicated and v.type != "ROOT" and v.id not in leftovers]
-    if any(k.startswith("discard:") for k in target.ledger):
-        for foreign in extra:
+    discards = [e for k, e in target.ledger.items() if k.startswith("discard:")]
+    if discards:
+        made = {i for e in discards for i in e.data.get("deploy_volumes", [e.resource_id])}
+        leftovers += [i for i in extra if i in made]
+        for foreign in (i for i in extra if i not in made):
             target.note("keep", "volume", foreign, f"not made by this job: left detached from VM {vm.id}")
             ctx.log("WARN", f"volume {foreign} on VM {vm.id} was not made by this job: it is not deleted, and "
                             "the VM's destruction leaves it detached; attach it where it belongs",
@@ -214,16 +217,29 @@ async def revert_volumes(ctx: JobContext, target: Target, everything: bool) -> N
                         raise StepError("SNAPSHOT_NOT_REVERTABLE", _NOT_REVERTABLE.format(v=v, snapshot=snapshot))
                     start = await cs.revert_snapshot(snapshot)
                 except StepError as exc:
-                    if exc.transient or await cs.get_snapshot(snapshot) is not None:
+                    if exc.transient:
                         raise
-                    # the snapshot is gone: deleted by hand, which the manual actions ask for
-                    # only once the volume was reverted to it (the operator's word is all there is)
-                    ctx.log("WARN", f"snapshot {snapshot} of volume {v} is gone: the volume is taken as "
-                                    "reverted to it by hand", volume_id=v, snapshot_id=snapshot)
-                    entry.status, entry.data["by_hand"] = "done", True
+                    gone = await cs.get_snapshot(snapshot) is None
+                    if gone and entry.data.get("refused"):
+                        # an earlier try was refused and said what to do; the snapshot is gone
+                        # since: deleted by hand, which the manual actions ask for only once the
+                        # volume was restored (the operator's word is all there is)
+                        ctx.log("WARN", f"snapshot {snapshot} of volume {v} is gone since an earlier try: the "
+                                        "volume is taken as restored by hand", volume_id=v, snapshot_id=snapshot)
+                        entry.status, entry.data["by_hand"] = "done", True
+                        await ctx.record(entry)
+                        target.ledger[key] = entry
+                        return
+                    entry.data["refused"] = True  # (a retry whose snapshot is gone by then: done by hand)
                     await ctx.record(entry)
                     target.ledger[key] = entry
-                    return
+                    if gone:
+                        raise StepError("SNAPSHOT_GONE", f"snapshot {snapshot} of volume {v} is gone (deleted "
+                                        "outside this job?), so the volume cannot be reverted to it; it is left "
+                                        "detached (the replication must not write onto it as it is). Restore its "
+                                        "content another way (re-sync the replication in full), attach it to the "
+                                        "appliance and retry: the retry takes it as restored") from exc
+                    raise
                 entry.cs_job_id = start.job_id
                 await ctx.record(entry)
                 target.ledger[key] = entry
@@ -233,7 +249,14 @@ async def revert_volumes(ctx: JobContext, target: Target, everything: bool) -> N
             entry.status = "done"
             await ctx.record(entry, durable=False)  # its job id is recorded: a resume waits on it again
 
-        await ctx.retrying(f"revert {v}", revert)
+        try:
+            await ctx.retrying(f"revert {v}", revert)
+        except StepError:
+            # the failure (and a rollback's manual actions) asks for the volumes left to revert to
+            # be restored by hand: each is marked as asked, so that a retry finding its snapshot
+            # deleted since takes it as restored (the revert above marked its own)
+            await _asked_by_hand(ctx, target, everything, after=v)
+            raise
         if target.ledger[key].data.get("by_hand"):
             target.note("revert", "volume", v, f"to snapshot {snapshot}, by hand (the snapshot is gone)")
             continue
@@ -270,9 +293,24 @@ async def reattach_to_appliance(ctx: JobContext, target: Target) -> None:
                 device_id=device)
 
 
+async def _asked_by_hand(ctx: JobContext, target: Target, everything: bool, after: str) -> None:
+    later = [vol["volume_id"] for vol in target.written(everything)]
+    for v in later[later.index(after) + 1:]:
+        key = f"undo:revert:{v}"
+        entry = target.ledger.get(key)
+        if entry is not None and (entry.status == "done" or entry.cs_job_id or entry.data.get("refused")):
+            continue
+        entry = entry or LedgerEntry(key=key, resource_type="volume", action="revert", resource_id=v,
+                                     data={"snapshot_id": target.snapshot_of(v)})
+        entry.data["refused"] = True
+        await ctx.record(entry)
+        target.ledger[key] = entry
+
+
 async def delete_snapshots(ctx: JobContext, target: Target) -> None:
     cs = ctx.ports.cloudstack
     deleting: dict[str, str] = {}  # snapshot id: its delete's job, while it is waited on
+    tried: set[str] = set()  # snapshots a delete was asked for
     for key, entry in list(target.ledger.items()):
         if not key.startswith("snapshot:"):
             continue
@@ -294,14 +332,22 @@ async def delete_snapshots(ctx: JobContext, target: Target) -> None:
 
             async def delete(snapshot_id: str = snap.id) -> None:
                 # a poll that failed waits on the same job again (not a second delete of a
-                # snapshot being destroyed); a job that failed (or one purged) is tried anew
+                # snapshot being destroyed); a job that failed (or one CloudStack purged) is
+                # tried anew, unless the snapshot is gone by then
                 if snapshot_id not in deleting:
+                    if snapshot_id in tried and await cs.get_snapshot(snapshot_id) is None:
+                        return
+                    tried.add(snapshot_id)
                     deleting[snapshot_id] = (await cs.delete_snapshot(snapshot_id)).job_id
                 try:
                     await cs.wait_job(deleting[snapshot_id], ctx.config.async_job_timeout)
                 except StepError as exc:
-                    if exc.failed_job is not None or isinstance(exc, RefusedError):
+                    if exc.failed_job is not None:
                         del deleting[snapshot_id]
+                    elif isinstance(exc, RefusedError) and exc.code == "CLOUDSTACK_REFUSED":
+                        lost = deleting.pop(snapshot_id)
+                        raise TransientError("CLOUDSTACK_JOB_LOST", f"CloudStack no longer knows async job {lost} "
+                                             f"({exc.message}); looking at snapshot {snapshot_id} itself") from exc
                     raise
 
             await ctx.retrying(f"delete snapshot {snap.id}", delete)
@@ -341,11 +387,14 @@ async def manual_actions(ctx: JobContext, target: Target, everything: bool) -> l
         reverted = target.ledger.get(f"undo:revert:{v}")
         if v in written and not (reverted and reverted.status == "done"):
             snap = target.ledger.get(f"snapshot:{v}")
-            out.append({"action": "revert", "resource_type": "volume", "resource_id": v,
-                        "detail": f"revert to snapshot {target.snapshot_of(v)} while detached" + (
-                            " (not revertable on its storage: restore its content from a volume made from the "
-                            "snapshot, or re-sync the replication in full)"
-                            if snap is not None and snap.data.get("revertable") is False else "")})
+            detail = f"revert to snapshot {target.snapshot_of(v)} while detached"
+            if reverted is not None and reverted.cs_job_id:
+                detail = (f"CloudStack's revert job {reverted.cs_job_id} for it (to snapshot "
+                          f"{target.snapshot_of(v)}) may still run: let it end, then retry the rollback")
+            elif snap is not None and snap.data.get("revertable") is False:
+                detail += (" (not revertable on its storage: restore its content from a volume made from the "
+                           "snapshot, or re-sync the replication in full)")
+            out.append({"action": "revert", "resource_type": "volume", "resource_id": v, "detail": detail})
         try:
             state = await vd.get_volume(v)
             on_appliance = state.vm_id == appliance
@@ -378,8 +427,8 @@ async def _cleanup_target(ctx: JobContext) -> Target:
     # their snapshots (they go last): its reverts done count (there is no snapshot left to
     # revert to again). Its other entries do not: what they moved, the world is read for.
     for e in await ctx.ports.store.cleanup_ledgers(parent, ctx.row.vm_id):
-        if e.key.startswith("undo:revert:") and e.status == "done":
-            ledger[e.key] = e
+        if e.key.startswith("undo:revert:") and (e.status == "done" or e.data.get("refused")):
+            ledger[e.key] = e  # (a refused one: an earlier cleanup said what to do by hand)
     # the cleanup's own entries (undo:*) make its phases resumable
     ledger.update({k: e for k, e in (await ctx.ledger()).items()})
     return Target(plan=ctx.row.plan, ledger=ledger)

@@ -105,6 +105,7 @@ async def test_a_failure_rolls_everything_back(
     [
         Failure("listVolumes", "volume-attachment"),  # before the deploy's disks are given up
         Failure("deleteVolume", "volume-attachment", nth=2),  # the ROOT is deleted, the DATA disk detached
+        Failure("detach", "volume-attachment"),  # the ROOT's detach refused: the DATA disk is still the deploy's
         Failure("attach", "volume-attachment"),
     ],
     ids=str,
@@ -460,40 +461,69 @@ async def test_a_rollback_whose_wait_on_a_revert_or_delete_failed_waits_on_the_s
     assert_restored(h, before, vm)
 
 
+@pytest.mark.parametrize("snapshots_deleted", [True, False], ids=["snapshots-deleted", "snapshots-kept"])
+@pytest.mark.parametrize("failing", ["startVirtualMachine", "deployVirtualMachine"],
+                         ids=["after-the-start: every volume", "after-the-injection: the root, predetached"])
 async def test_a_rollback_retried_after_its_manual_actions_were_done_by_hand_completes(
-        h: Harness, machine: AsyncMachine) -> None:
-    """The rollback failed at the revert (after detaching the replicas for it). The operator
-    does what `manual_actions` says (each volume reverted, back on the appliance, its snapshot
-    deleted), then retries the rollback, as the README says: it completes, taking the volumes
-    as reverted by hand, instead of trusting its earlier detach and failing the revert again."""
+        h: Harness, machine: AsyncMachine, snapshots_deleted: bool, failing: str) -> None:
+    """The rollback failed at the revert (after detaching the written volumes for it). The
+    operator does what `manual_actions` says (each volume reverted, back on the appliance, its
+    snapshot deleted or not), then retries the rollback, as the README says: it completes,
+    taking a volume whose snapshot is gone as restored by hand, and detaching again one it had
+    detached before (it trusted that detach and failed the revert again)."""
     vm = h.seed_vm("WIN-BYHAND", os_type="Windows", disks=2)
     before = h.world.observable()
-    h.faults.add("startVirtualMachine", "refused")
+    h.faults.add(failing, "refused")
     h.faults.add("revertSnapshot", "refused", times=None)
     ctx = h.new_job(vm, "test-failover")
     job_id = ctx.row.job_id
     assert await drive(machine, ctx) == "failed"
-    manual = {(a.action, a.resource_type, a.resource_id) for a in last(h.events(job_id), "RollbackFailed").manual_actions}
-    assert all(h.world.volumes[v].vm_id is None for v in vm.volume_ids)  # detached for the revert
+    manual = last(h.events(job_id), "RollbackFailed").manual_actions
+    written = [a.resource_id for a in manual if a.action == "revert"]
+    assert written == (vm.volume_ids if failing == "startVirtualMachine" else vm.volume_ids[:1])
+    assert all(h.world.volumes[v].vm_id is None for v in written)  # detached for the revert
 
-    # by hand: revert each volume while detached, attach it back to the appliance in its
-    # original order, then delete the snapshots
+    # by hand: revert each while detached, attach it back to the appliance where it was, then
+    # delete the snapshots (or not)
     snapshots = {s.volume_id: s for s in h.world.live_snapshots()}
-    for v in vm.volume_ids:
-        assert ("revert", "volume", v) in manual and ("reattach", "volume", v) in manual
+    for v in written:
+        assert ("reattach", "volume", v) in {(a.action, a.resource_type, a.resource_id) for a in manual}
         volume = h.world.volumes[v]
         volume.content = snapshots[v].content
         volume.vm_id, volume.device_id = h.world.appliance.id, before["volumes"][v][2]
     for snap in snapshots.values():
-        assert ("delete", "snapshot", snap.id) in manual
-        snap.destroyed = True
+        snap.destroyed = snapshots_deleted  # (kept: the retry reverts again, then deletes them)
 
     h.faults.clear()
     h.store.request_rollback(job_id)
     assert await drive(machine, await h.resume_context(job_id)) == "failed"
     events = h.events(job_id)
     assert [e.type for e in events if e.type != "LogRecorded"][-2:] == ["RollbackCompleted", "JobFailed"]
-    assert any(e.level == "WARN" and "reverted to it by hand" in e.message for e in of_type(events, "LogRecorded"))
+    by_hand = [e for e in of_type(events, "LogRecorded") if e.level == "WARN" and "restored by hand" in e.message]
+    assert len(by_hand) == (len(written) if snapshots_deleted else 0)
+    assert_restored(h, before, vm)
+
+
+async def test_a_wait_past_its_timeout_ends_a_failovers_step_but_not_a_rollback(
+        h: Harness, machine: AsyncMachine) -> None:
+    """A deploy job past FAILOVER_ASYNC_JOB_TIMEOUT_SECONDS fails its step at once (waiting
+    again would stretch the operator's timeout by the attempts); the rollback's revert past it
+    is waited on again, the same job, and the rollback completes (undoing is worth the wait)."""
+    vm = h.seed_vm("WIN-SLOW", os_type="Windows", disks=2)
+    before = h.world.observable()
+    h.faults.add("deployVirtualMachine", "job_slow")
+    h.faults.add("revertSnapshot", "job_slow")
+    ctx = h.new_job(vm, "test-failover")
+    assert await drive(machine, ctx) == "failed"
+    events = h.events(ctx.row.job_id)
+    failed = last(events, "StepFailed")
+    assert (failed.step, failed.error.code, failed.attempts) == ("vm-creation", "CLOUDSTACK_JOB_TIMEOUT", 1)
+    assert h.cloudstack.count("deployVirtualMachine") == 1
+    assert [e.type for e in events if e.type != "LogRecorded"][-2:] == ["RollbackCompleted", "JobFailed"]
+    assert any(e.level == "WARN" and e.message.startswith("revert") and "CLOUDSTACK_JOB_TIMEOUT" in str(e.fields)
+               for e in of_type(events, "LogRecorded"))
+    snapshots = [p["id"] for op, p in h.cloudstack.calls if op == "revertSnapshot"]
+    assert len(snapshots) == len(set(snapshots))  # the same job waited on again, not a second revert
     assert_restored(h, before, vm)
 
 
