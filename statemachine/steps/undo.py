@@ -180,8 +180,13 @@ _NOT_REVERTABLE = ("snapshot {snapshot} of volume {v} is not revertable on its s
                    "appliance, delete the snapshot and retry the rollback")
 
 
+_GONE = ("gone (deleted outside this job?): {which}. A volume cannot be reverted to a snapshot that is gone; "
+         "it is left detached (the replication must not write onto it as it is). Restore its content another "
+         "way (re-sync the replication in full), attach it to the appliance and retry: the retry takes it as "
+         "restored")
+
+
 async def revert_volumes(ctx: JobContext, target: Target, everything: bool) -> None:
-    cs, vd = ctx.ports.cloudstack, ctx.ports.volumes
     for vol in target.written(everything):
         v = vol["volume_id"]
         snapshot = target.snapshot_of(v)
@@ -190,78 +195,108 @@ async def revert_volumes(ctx: JobContext, target: Target, everything: bool) -> N
         key = f"undo:revert:{v}"
         if target.ledger.get(key) and target.ledger[key].status == "done":
             continue
-        wrote = target.ledger.get(f"write:{v}")
-        if wrote is not None and wrote.status != "done" and wrote.data.get("device_path") \
-                and ctx.row.job_type != "cleanup":
-            # the job's own injection did not finish: a run of it that outlived a killed process
-            # may still write the volume (still at that device: the injection comes before any
-            # move); it ends before the volume is detached and reverted
-            path = wrote.data["device_path"]
-            await ctx.ports.injection.wait_idle(path, progress_lines(ctx, device_path=path))
-        state = await ctx.retrying("volume state", vd.get_volume, v)
-        if state.vm_id is not None:  # revertSnapshot needs the volume detached (or its VM stopped)
-            earlier = target.ledger.get(f"undo:predetach:{v}")
-            if earlier is not None and earlier.status == "done":
-                # an earlier try of this rollback detached it, and it was attached again since
-                # (by hand, following the manual actions): detached again, not taken as done
-                earlier.status, earlier.operation_id = "intended", None
-            await ctx.retrying(f"detach {v}", ensure_detached, ctx, f"undo:predetach:{v}", v,
-                               data={"appliance_device_id": vol["appliance_device_id"]})
-
-        async def revert(v: str = v, snapshot: str = snapshot, key: str = key) -> None:
-            entry = target.ledger.get(key) or LedgerEntry(key=key, resource_type="volume", action="revert",
-                                                           resource_id=v, data={"snapshot_id": snapshot})
-            if entry.cs_job_id is None:
-                try:
-                    if target.ledger[f"snapshot:{v}"].data.get("revertable") is False:
-                        raise StepError("SNAPSHOT_NOT_REVERTABLE", _NOT_REVERTABLE.format(v=v, snapshot=snapshot))
-                    start = await cs.revert_snapshot(snapshot)
-                except StepError as exc:
-                    if exc.transient:
-                        raise
-                    gone = await cs.get_snapshot(snapshot) is None
-                    if gone and entry.data.get("refused"):
-                        # an earlier try was refused and said what to do; the snapshot is gone
-                        # since: deleted by hand, which the manual actions ask for only once the
-                        # volume was restored (the operator's word is all there is)
-                        ctx.log("WARN", f"snapshot {snapshot} of volume {v} is gone since an earlier try: the "
-                                        "volume is taken as restored by hand", volume_id=v, snapshot_id=snapshot)
-                        entry.status, entry.data["by_hand"] = "done", True
-                        await ctx.record(entry)
-                        target.ledger[key] = entry
-                        return
-                    entry.data["refused"] = True  # (a retry whose snapshot is gone by then: done by hand)
-                    await ctx.record(entry)
-                    target.ledger[key] = entry
-                    if gone:
-                        raise StepError("SNAPSHOT_GONE", f"snapshot {snapshot} of volume {v} is gone (deleted "
-                                        "outside this job?), so the volume cannot be reverted to it; it is left "
-                                        "detached (the replication must not write onto it as it is). Restore its "
-                                        "content another way (re-sync the replication in full), attach it to the "
-                                        "appliance and retry: the retry takes it as restored") from exc
-                    raise
-                entry.cs_job_id = start.job_id
-                await ctx.record(entry)
-                target.ledger[key] = entry
-            # a poll that failed (an outage, the API limit) waits on the same job again: a
-            # second revert beside it would be refused (the volume is not Ready while it runs)
-            await wait_cs(ctx, entry, ctx.config.async_job_timeout, made=False)
-            entry.status = "done"
-            await ctx.record(entry, durable=False)  # its job id is recorded: a resume waits on it again
-
         try:
-            await ctx.retrying(f"revert {v}", revert)
-        except StepError:
-            # the failure (and a rollback's manual actions) asks for the volumes left to revert to
-            # be restored by hand: each is marked as asked, so that a retry finding its snapshot
-            # deleted since takes it as restored (the revert above marked its own)
-            await _asked_by_hand(ctx, target, everything, after=v)
+            await _revert_one(ctx, target, vol, snapshot, key)
+        except StepError as exc:
+            # the failure (and a rollback's manual actions) asks for the volumes left to revert
+            # to be restored by hand: each is marked as asked (with the failure's commit), so
+            # that a retry finding its snapshot deleted since takes it as restored. A snapshot
+            # gone before any try is named in the failure, all of them at once
+            gone = await _ask_by_hand(ctx, target, everything, v, gone_too=exc.code == "SNAPSHOT_GONE")
+            if exc.code == "SNAPSHOT_GONE" and gone:
+                raise StepError("SNAPSHOT_GONE", _GONE.format(which=", ".join(
+                    f"snapshot {target.snapshot_of(u)} of volume {u}" for u in gone))) from exc
             raise
         if target.ledger[key].data.get("by_hand"):
             target.note("revert", "volume", v, f"to snapshot {snapshot}, by hand (the snapshot is gone)")
             continue
         target.note("revert", "volume", v, f"to snapshot {snapshot}")
         ctx.log("INFO", f"volume {v} reverted to snapshot {snapshot}", volume_id=v, snapshot_id=snapshot)
+
+
+async def _revert_one(ctx: JobContext, target: Target, vol: dict[str, Any], snapshot: str, key: str) -> None:
+    cs, vd, v = ctx.ports.cloudstack, ctx.ports.volumes, vol["volume_id"]
+    wrote = target.ledger.get(f"write:{v}")
+    if wrote is not None and wrote.status != "done" and wrote.data.get("device_path") \
+            and ctx.row.job_type != "cleanup":
+        # the job's own injection did not finish: a run of it that outlived a killed process
+        # may still write the volume (still at that device: the injection comes before any
+        # move); it ends before the volume is detached and reverted
+        path = wrote.data["device_path"]
+        await ctx.ports.injection.wait_idle(path, progress_lines(ctx, device_path=path))
+    state = await ctx.retrying("volume state", vd.get_volume, v)
+    if state.vm_id is not None:  # revertSnapshot needs the volume detached (or its VM stopped)
+        earlier = target.ledger.get(f"undo:predetach:{v}")
+        if earlier is not None and earlier.status == "done":
+            # an earlier try of this rollback detached it, and it was attached again since
+            # (by hand, following the manual actions): detached again, not taken as done
+            earlier.status, earlier.operation_id = "intended", None
+        await ctx.retrying(f"detach {v}", ensure_detached, ctx, f"undo:predetach:{v}", v,
+                           data={"appliance_device_id": vol["appliance_device_id"]})
+
+    async def revert() -> None:
+        entry = target.ledger.get(key) or LedgerEntry(key=key, resource_type="volume", action="revert",
+                                                       resource_id=v, data={"snapshot_id": snapshot})
+        if entry.cs_job_id is None:
+            try:
+                if target.ledger[f"snapshot:{v}"].data.get("revertable") is False:
+                    raise StepError("SNAPSHOT_NOT_REVERTABLE", _NOT_REVERTABLE.format(v=v, snapshot=snapshot))
+                start = await cs.revert_snapshot(snapshot)
+            except StepError as exc:
+                if exc.transient or await cs.get_snapshot(snapshot) is not None:
+                    raise
+                if entry.data.get("refused"):
+                    # an earlier try failed and asked for it by hand; the snapshot is gone
+                    # since: deleted by hand, which is asked for only once the volume was
+                    # restored (the operator's word is all there is)
+                    ctx.log("WARN", f"snapshot {snapshot} of volume {v} is gone since an earlier try: the "
+                                    "volume is taken as restored by hand", volume_id=v, snapshot_id=snapshot)
+                    entry.status, entry.data["by_hand"] = "done", True
+                    await ctx.record(entry)
+                    target.ledger[key] = entry
+                    return
+                raise StepError("SNAPSHOT_GONE", _GONE.format(which=f"snapshot {snapshot} of volume {v}")) from exc
+            entry.cs_job_id = start.job_id
+            await ctx.record(entry)
+            target.ledger[key] = entry
+        # a poll that failed (an outage, the API limit) waits on the same job again: a
+        # second revert beside it would be refused (the volume is not Ready while it runs)
+        await wait_cs(ctx, entry, ctx.config.async_job_timeout, made=False)
+        entry.status = "done"
+        await ctx.record(entry, durable=False)  # its job id is recorded: a resume waits on it again
+
+    await ctx.retrying(f"revert {v}", revert)
+
+
+async def _ask_by_hand(ctx: JobContext, target: Target, everything: bool, first: str, *,
+                       gone_too: bool) -> list[str]:
+    """Marks the volumes left to revert, from `first` on, as asked to be restored by hand: those
+    whose snapshot exists (the manual actions ask for a revert to it), and with `gone_too` those
+    whose snapshot is gone (the failure names them); returns the latter. A volume whose revert
+    job was recorded is not marked (a retry waits on it); a lookup that fails marks nothing. The
+    marks go with the failure's commit."""
+    left = [vol["volume_id"] for vol in target.written(everything)]
+    gone: list[str] = []
+    for v in left[left.index(first):]:
+        key = f"undo:revert:{v}"
+        entry = target.ledger.get(key)
+        snapshot = target.snapshot_of(v)
+        if snapshot is None or (entry is not None and (entry.status == "done" or entry.cs_job_id)):
+            continue
+        try:
+            exists = await ctx.ports.cloudstack.get_snapshot(snapshot) is not None
+        except StepError:
+            continue
+        if not exists:
+            gone.append(v)
+            if not gone_too:
+                continue
+        entry = entry or LedgerEntry(key=key, resource_type="volume", action="revert", resource_id=v,
+                                     data={"snapshot_id": snapshot})
+        entry.data["refused"] = True
+        await ctx.record(entry, durable=False)
+        target.ledger[key] = entry
+    return gone
 
 
 async def reattach_to_appliance(ctx: JobContext, target: Target) -> None:
@@ -291,20 +326,6 @@ async def reattach_to_appliance(ctx: JobContext, target: Target) -> None:
         target.note("reattach", "volume", v, f"to the appliance as device {device}")
         ctx.log("INFO", f"volume {v} re-attached to the appliance as device {device}", volume_id=v,
                 device_id=device)
-
-
-async def _asked_by_hand(ctx: JobContext, target: Target, everything: bool, after: str) -> None:
-    later = [vol["volume_id"] for vol in target.written(everything)]
-    for v in later[later.index(after) + 1:]:
-        key = f"undo:revert:{v}"
-        entry = target.ledger.get(key)
-        if entry is not None and (entry.status == "done" or entry.cs_job_id or entry.data.get("refused")):
-            continue
-        entry = entry or LedgerEntry(key=key, resource_type="volume", action="revert", resource_id=v,
-                                     data={"snapshot_id": target.snapshot_of(v)})
-        entry.data["refused"] = True
-        await ctx.record(entry)
-        target.ledger[key] = entry
 
 
 async def delete_snapshots(ctx: JobContext, target: Target) -> None:
@@ -365,6 +386,14 @@ async def undo_all(ctx: JobContext, target: Target, everything: bool) -> None:
     await delete_snapshots(ctx, target)
 
 
+async def _exists(cs: Any, snapshot_id: str) -> bool:
+    """Whether CloudStack lists the snapshot (True when the lookup fails: best effort)."""
+    try:
+        return await cs.get_snapshot(snapshot_id) is not None
+    except Exception:
+        return True
+
+
 async def manual_actions(ctx: JobContext, target: Target, everything: bool) -> list[dict[str, Any]]:
     """What an operator must still do, from the world as it is now (best effort: where a
     lookup fails, the ledger's ids are listed)."""
@@ -391,6 +420,9 @@ async def manual_actions(ctx: JobContext, target: Target, everything: bool) -> l
             if reverted is not None and reverted.cs_job_id:
                 detail = (f"CloudStack's revert job {reverted.cs_job_id} for it (to snapshot "
                           f"{target.snapshot_of(v)}) may still run: let it end, then retry the rollback")
+            elif snap is not None and snap.resource_id and not await _exists(cs, snap.resource_id):
+                detail = (f"its snapshot {snap.resource_id} is gone: restore its content another way (re-sync the "
+                          "replication in full) while detached")
             elif snap is not None and snap.data.get("revertable") is False:
                 detail += (" (not revertable on its storage: restore its content from a volume made from the "
                            "snapshot, or re-sync the replication in full)")
@@ -406,11 +438,7 @@ async def manual_actions(ctx: JobContext, target: Target, everything: bool) -> l
                                   f"{vol['appliance_device_id']})"})
     for key, entry in target.ledger.items():
         if key.startswith("snapshot:") and entry.resource_id:
-            try:
-                exists = await cs.get_snapshot(entry.resource_id) is not None
-            except Exception:
-                exists = True
-            if exists:
+            if await _exists(cs, entry.resource_id):
                 out.append({"action": "delete", "resource_type": "snapshot", "resource_id": entry.resource_id,
                             "detail": "delete it once the volume is reverted and back on the appliance"})
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from transitions.extensions.asyncio import AsyncMachine
 
 from schemas.common import CLEANUP_STEPS
@@ -120,28 +121,36 @@ async def test_a_failed_cleanup_is_not_rolled_back_and_can_run_again(h: Harness,
     assert h.store.row(failover_id).status == "cleaned_up"
 
 
+@pytest.mark.parametrize("deleted", [[1], [0, 1]], ids=["one", "both"])
 async def test_a_snapshot_deleted_outside_the_job_fails_the_cleanup_until_the_operator_restored_the_volume(
-        h: Harness, machine: AsyncMachine) -> None:
-    """Someone deleted a test failover's snapshot during the test. The cleanup cannot revert
-    that volume and does not pretend it did (the test VM's writes would go back to the
-    appliance and into the next failover): it fails SNAPSHOT_GONE, the volume left detached,
-    saying to re-sync it. Once the operator did, the next cleanup takes it as restored."""
+        h: Harness, machine: AsyncMachine, deleted: list[int]) -> None:
+    """Someone deleted a test failover's snapshots during the test. The cleanup cannot revert
+    those volumes and does not pretend it did (the test VM's writes would go back to the
+    appliance and into the next failover): it fails SNAPSHOT_GONE naming every one of them,
+    each left detached, saying to re-sync it. Once the operator did, the next cleanup takes
+    them as restored."""
     vm, before, failover_id = await _failed_over(h, machine, disks=2, gap=False)
-    gone = next(s for s in h.world.live_snapshots() if s.volume_id == vm.volume_ids[1])
-    gone.destroyed = True
+    volumes = [vm.volume_ids[i] for i in deleted]
+    gone = {s.volume_id: s for s in h.world.live_snapshots() if s.volume_id in volumes}
+    for snap in gone.values():
+        snap.destroyed = True
     first = h.new_cleanup(failover_id)
     assert await drive(machine, first) == "failed"
     end = last(h.events(first.row.job_id), "JobFailed")
     assert (end.failed_step, end.error.code) == ("snapshot-revert", "SNAPSHOT_GONE")
-    assert "re-sync" in end.error.message and h.world.volumes[vm.volume_ids[1]].vm_id is None
+    assert "re-sync" in end.error.message
+    for v in volumes:
+        assert f"snapshot {gone[v].id} of volume {v}" in end.error.message
+        assert h.world.volumes[v].vm_id is None
 
-    volume = h.world.volumes[vm.volume_ids[1]]  # by hand: re-synced, back on the appliance
-    volume.content = gone.content
-    volume.vm_id, volume.device_id = h.world.appliance.id, before["volumes"][volume.id][2]
+    for v in volumes:  # by hand: re-synced, back on the appliance
+        volume = h.world.volumes[v]
+        volume.content = gone[v].content
+        volume.vm_id, volume.device_id = h.world.appliance.id, before["volumes"][v][2]
     again = h.new_cleanup(failover_id)
     assert await drive(machine, again) == "completed"
-    assert any(e.level == "WARN" and "restored by hand" in e.message
-               for e in of_type(h.events(again.row.job_id), "LogRecorded"))
+    assert len([e for e in of_type(h.events(again.row.job_id), "LogRecorded")
+                if e.level == "WARN" and "restored by hand" in e.message]) == len(volumes)
     assert_restored(h, before, vm)
 
 

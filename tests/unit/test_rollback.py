@@ -464,8 +464,9 @@ async def test_a_rollback_whose_wait_on_a_revert_or_delete_failed_waits_on_the_s
 @pytest.mark.parametrize("snapshots_deleted", [True, False], ids=["snapshots-deleted", "snapshots-kept"])
 @pytest.mark.parametrize("failing", ["startVirtualMachine", "deployVirtualMachine"],
                          ids=["after-the-start: every volume", "after-the-injection: the root, predetached"])
+@pytest.mark.parametrize("revert", ["refused", "job_fail"], ids=["revert-refused", "revert-job-failed"])
 async def test_a_rollback_retried_after_its_manual_actions_were_done_by_hand_completes(
-        h: Harness, machine: AsyncMachine, snapshots_deleted: bool, failing: str) -> None:
+        h: Harness, machine: AsyncMachine, snapshots_deleted: bool, failing: str, revert: FaultKind) -> None:
     """The rollback failed at the revert (after detaching the written volumes for it). The
     operator does what `manual_actions` says (each volume reverted, back on the appliance, its
     snapshot deleted or not), then retries the rollback, as the README says: it completes,
@@ -474,7 +475,7 @@ async def test_a_rollback_retried_after_its_manual_actions_were_done_by_hand_com
     vm = h.seed_vm("WIN-BYHAND", os_type="Windows", disks=2)
     before = h.world.observable()
     h.faults.add(failing, "refused")
-    h.faults.add("revertSnapshot", "refused", times=None)
+    h.faults.add("revertSnapshot", revert, times=None)
     ctx = h.new_job(vm, "test-failover")
     job_id = ctx.row.job_id
     assert await drive(machine, ctx) == "failed"
