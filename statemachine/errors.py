@@ -33,7 +33,7 @@ OUTAGE_CODES = frozenset({
 # a wait past its FAILOVER_*_TIMEOUT_SECONDS: final in a failover's step (the job rolls back),
 # tried the attempts in an undo (a rollback's or a cleanup's: undoing is worth waiting for, and
 # a retry waits on the same job)
-WAIT_TIMEOUT_CODES = frozenset({"CLOUDSTACK_JOB_TIMEOUT", "VOLUME_OPERATION_TIMEOUT", "SNAPSHOT_NOT_READY"})
+WAIT_TIMEOUT_CODES = frozenset({"CLOUDSTACK_JOB_TIMEOUT", "VOLUME_OPERATION_TIMEOUT"})  # (an undo takes no snapshot)
 
 
 class TransientError(StepError):
