@@ -154,6 +154,22 @@ async def test_a_snapshot_deleted_outside_the_job_fails_the_cleanup_until_the_op
     assert_restored(h, before, vm)
 
 
+async def test_a_snapshot_delete_whose_job_cloudstack_no_longer_knows_is_looked_at_not_failed(
+        h: Harness, machine: AsyncMachine) -> None:
+    """CloudStack answers 431 for the snapshot delete's job (it purged it): the outcome is
+    unknown, not a refusal. The retry looks at the snapshot, finds it gone, and the cleanup
+    completes without a second delete."""
+    vm, before, failover_id = await _failed_over(h, machine, disks=2, gap=False)
+    h.faults.arm_after("deleteSnapshot", "queryAsyncJobResult", "refused")
+    cleanup = h.new_cleanup(failover_id)
+    assert await drive(machine, cleanup) == "completed"
+    assert any(e.level == "WARN" and "CLOUDSTACK_JOB_LOST" in str(e.fields)
+               for e in of_type(h.events(cleanup.row.job_id), "LogRecorded"))
+    deleted = [p["id"] for op, p in h.cloudstack.calls if op == "deleteSnapshot"]
+    assert len(deleted) == len(set(deleted)) == len(vm.volume_ids)
+    assert_restored(h, before, vm)
+
+
 async def test_a_cancelled_cleanup_stops_at_a_safe_point(h: Harness, machine: AsyncMachine) -> None:
     vm, before, failover_id = await _failed_over(h, machine)
     h.store.hooks.append(cancel_when(has_event("StepStarted", step="vm-deletion")))
