@@ -265,15 +265,10 @@ class JobContext:
         A transient failure of it is handed to tenacity as its first attempt's outcome, so
         what follows (the note, the waits, the count of attempts) is as if tenacity had made
         that call itself."""
-        undoing = self.current_step is None or self.row.job_type == "cleanup"
-
-        def retriable(exc: BaseException) -> bool:
-            return isinstance(exc, StepError) and (exc.transient or (undoing and exc.code in WAIT_TIMEOUT_CODES))
-
         try:
             return await call(*args, **kwargs)
         except StepError as exc:
-            if not retriable(exc):
+            if not self._retriable(exc):
                 raise  # (its `attempts` is 1 already)
             failed: StepError | None = exc
         cfg = self.config
@@ -302,7 +297,7 @@ class JobContext:
             sleep=pause,
             stop=stop,
             wait=wait_exponential(multiplier=cfg.retry_backoff, max=cfg.retry_backoff_max),
-            retry=retry_if_exception(retriable),
+            retry=retry_if_exception(self._retriable),
             reraise=True,
             before_sleep=note,
         )
@@ -319,6 +314,11 @@ class JobContext:
             exc.attempts = max(getattr(exc, "attempts", 1), tries)
             raise
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    def _retriable(self, exc: BaseException) -> bool:
+        """Transient; or, in an undo (a rollback, a cleanup), a wait past its timeout."""
+        return isinstance(exc, StepError) and (exc.transient or (
+            exc.code in WAIT_TIMEOUT_CODES and (self.current_step is None or self.row.job_type == "cleanup")))
 
     async def _retry_note(self, what: str, attempt: int, outcome: Any, pause: float) -> None:
         """Before the pause ahead of a retry: the note, written at once (an outage ridden out

@@ -386,18 +386,22 @@ async def undo_all(ctx: JobContext, target: Target, everything: bool) -> None:
     await delete_snapshots(ctx, target)
 
 
-async def _exists(cs: Any, snapshot_id: str) -> bool:
-    """Whether CloudStack lists the snapshot (True when the lookup fails: best effort)."""
-    try:
-        return await cs.get_snapshot(snapshot_id) is not None
-    except Exception:
-        return True
+async def _exists(cs: Any, snapshot_id: str, seen: dict[str, bool]) -> bool:
+    """Whether CloudStack lists the snapshot (True when the lookup fails: best effort), asked
+    once per snapshot (`seen`)."""
+    if snapshot_id not in seen:
+        try:
+            seen[snapshot_id] = await cs.get_snapshot(snapshot_id) is not None
+        except Exception:
+            seen[snapshot_id] = True
+    return seen[snapshot_id]
 
 
 async def manual_actions(ctx: JobContext, target: Target, everything: bool) -> list[dict[str, Any]]:
     """What an operator must still do, from the world as it is now (best effort: where a
     lookup fails, the ledger's ids are listed)."""
     out: list[dict[str, Any]] = []
+    seen: dict[str, bool] = {}  # snapshot id: whether CloudStack lists it
     cs, vd, appliance = ctx.ports.cloudstack, ctx.ports.volumes, ctx.config.appliance_vm_id
     try:
         vm = await vm_of(ctx, target.ledger)
@@ -420,7 +424,7 @@ async def manual_actions(ctx: JobContext, target: Target, everything: bool) -> l
             if reverted is not None and reverted.cs_job_id:
                 detail = (f"CloudStack's revert job {reverted.cs_job_id} for it (to snapshot "
                           f"{target.snapshot_of(v)}) may still run: let it end, then retry the rollback")
-            elif snap is not None and snap.resource_id and not await _exists(cs, snap.resource_id):
+            elif snap is not None and snap.resource_id and not await _exists(cs, snap.resource_id, seen):
                 detail = (f"its snapshot {snap.resource_id} is gone: restore its content another way (re-sync the "
                           "replication in full) while detached")
             elif snap is not None and snap.data.get("revertable") is False:
@@ -438,7 +442,7 @@ async def manual_actions(ctx: JobContext, target: Target, everything: bool) -> l
                                   f"{vol['appliance_device_id']})"})
     for key, entry in target.ledger.items():
         if key.startswith("snapshot:") and entry.resource_id:
-            if await _exists(cs, entry.resource_id):
+            if await _exists(cs, entry.resource_id, seen):
                 out.append({"action": "delete", "resource_type": "snapshot", "resource_id": entry.resource_id,
                             "detail": "delete it once the volume is reverted and back on the appliance"})
     return out
