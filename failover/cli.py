@@ -148,6 +148,91 @@ def upgrade(revision: str) -> None:
     click.echo(f"database {redact_url(url)} is at revision {revision}")
 
 
+_AGE_UNITS = {"h": 3600, "d": 86400, "w": 7 * 86400}
+MIN_RETENTION_SECONDS = 86400
+
+
+def retention_age(value: str) -> float:
+    """`--older-than`'s value in seconds: a whole number and a unit, h, d or w (30d); at least a
+    day, since a request redelivered after its job is pruned starts a new failover."""
+    text = value.strip().lower()
+    number, unit = text[:-1], text[-1:]
+    if unit not in _AGE_UNITS or not number.isdigit():
+        raise click.BadParameter(f"{value!r} is not an age: give a whole number and a unit, h, d or w (e.g. 30d)")
+    seconds = int(number) * _AGE_UNITS[unit]
+    if seconds < MIN_RETENTION_SECONDS:
+        raise click.BadParameter(
+            f"{value} is less than a day: a client's request redelivered after its job is pruned is taken "
+            "as a new one (the inbox row that recognised it is gone), so keep at least 1d; 30d is usual")
+    return seconds
+
+
+@db.command()
+@click.option("--older-than", "older_than", required=True,
+              help="Prune the jobs that ended longer ago than this: a number and h, d or w (e.g. 30d); at least 1d.")
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@click.option("--batch-size", default=200, show_default=True, type=click.IntRange(1, 5000),
+              help="Jobs deleted per transaction (smaller holds fewer locks at a time).")
+@click.option("--json", "as_json", is_flag=True, help="The report as one JSON object.")
+def prune(older_than: str, dry_run: bool, batch_size: int, as_json: bool) -> None:
+    """Delete every row about the jobs that ended before --older-than: their outbox events, log
+    lines, steps, tracking, ledger, inbox rows and VM name claims. A job that still holds its VM,
+    a test failover whose cleanup is recent, and a job whose events are not yet published or
+    projected are kept (the report says how many, and why). Safe while the service runs."""
+    from datetime import timedelta
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from adapters.db.engine import is_connection_error, utcnow
+    from adapters.db.retention import KEPT_REASONS, TABLES, PruneReport
+    from adapters.db.retention import prune as do_prune
+
+    try:
+        seconds = retention_age(older_than)
+    except click.BadParameter as exc:
+        exc.param_hint = "'--older-than'"
+        raise
+    cutoff = utcnow() - timedelta(seconds=seconds)
+
+    async def go() -> int:
+        bar = Progress(TextColumn("pruning jobs"), BarColumn(), MofNCompleteColumn(),
+                       console=Console(stderr=True), transient=True,
+                       disable=as_json or not sys.stderr.isatty())
+        task = bar.add_task("prune", total=None)
+
+        def shown(report: PruneReport) -> None:
+            done = report.jobs + sum(n for k, n in report.kept.items() if k != "blocks_vm")
+            bar.update(task, total=report.candidates, completed=done)
+
+        async with _db() as engine:
+            try:
+                with bar:
+                    report = await do_prune(engine, cutoff, batch=batch_size, dry_run=dry_run, progress=shown)
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
+                url = redact_url(_settings().database_url.get_secret_value())
+                raise Exit(BAD_SETTINGS, f"cannot reach the database at {url} (FAILOVER_DATABASE_URL): "
+                                         f"{type(exc).__name__}: {getattr(exc, 'orig', None) or exc}; "
+                                         "what was pruned before stays pruned: run the same command again") from exc
+        if as_json:
+            _json(report.as_dict())
+            return OK
+        verb = "would delete" if dry_run else "deleted"
+        console.print(f"{verb} {report.jobs:,} job(s) that ended before {cutoff:%Y-%m-%d %H:%M:%S} UTC"
+                      + (" (dry run: nothing was deleted)" if dry_run else ""), highlight=False)
+        table = Table("table", "rows")
+        for name in TABLES:
+            table.add_row(name, f"{report.rows.get(name, 0):,}")
+        console.print(table)
+        for reason, count in report.kept.items():
+            if count:
+                console.print(f"kept {count:,} failover(s) that {KEPT_REASONS[reason]}", highlight=False, markup=False)
+        return OK
+
+    _run(go())
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
 def emulate(ctx: click.Context) -> None:

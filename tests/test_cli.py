@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select, text, update
 
 from adapters.db.tables import job_tracking
 from emulators.client import EmulatorControl
@@ -237,6 +237,92 @@ async def test_watch_a_running_job_and_cancel_another(
     # and the job can no longer be cancelled
     again = await ctl("cancel", doomed_id, "--follow")
     assert again.code == 3 and "not_allowed" in again.err
+
+
+async def _rows_about(db: Any, job_ids: list[str], request_ids: list[str]) -> dict[str, int]:
+    """Every row about these jobs, by table (the inbox's by the jobs or the request ids)."""
+    from adapters.db import tables
+
+    counts = {}
+    async with db.connect() as conn:
+        for name in ("outbox", "resource_ledger", "log_events", "job_steps", "projected_events", "vm_name_claims",
+                     "failover_jobs"):
+            table = getattr(tables, name)
+            counts[name] = (await conn.execute(select(func.count()).select_from(table)
+                                               .where(table.c.job_id.in_(job_ids)))).scalar_one()
+        counts["job_tracking"] = (await conn.execute(select(func.count()).select_from(job_tracking)
+                                                     .where(job_tracking.c.id.in_(job_ids)))).scalar_one()
+        commands = tables.job_commands
+        counts["job_commands"] = (await conn.execute(select(func.count()).select_from(commands).where(
+            commands.c.job_id.in_(job_ids) | commands.c.request_id.in_(request_ids)))).scalar_one()
+    return counts
+
+
+async def test_db_prune_deletes_what_ended_long_ago_and_keeps_a_vm_still_failed_over(
+        serve: ServeProcess, ctl: Ctl, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
+    from adapters.db.tables import failover_jobs, job_commands
+
+    # a test failover and its cleanup; another not cleaned up (it holds its VM); a request rejected
+    cleaned_vm = await _seed(db, control, emulators, "prune me", disks=2)
+    done = await ctl("request", cleaned_vm.vm_id, "--follow", "--json")
+    assert done.code == 0, done.err
+    failover_id = done.json_lines()[0]["job_id"]
+    cleaned = await ctl("cleanup", failover_id, "--follow", "--json")
+    assert cleaned.code == 0, cleaned.err
+    cleanup_id = cleaned.json_lines()[0]["job_id"]
+    held_vm = await _seed(db, control, emulators, "prune me not", disks=1)
+    held = await ctl("request", held_vm.vm_id, "--follow", "--json")
+    assert held.code == 0, held.err
+    held_id = held.json_lines()[0]["job_id"]
+    rejected = await ctl("request", f"no-such-vm-{uuid.uuid4()}", "--json")
+    assert rejected.code == 3
+    rejected_rid = json.loads(rejected.out)["request_id"]
+    family = [failover_id, cleanup_id]
+    for job_id in (*family, held_id):  # the projector has every event (the cleanup's end is the last)
+        await wait_until(lambda job_id=job_id: _caught_up(db, job_id), 20, f"job {job_id} projected")
+    before = await _rows_about(db, family, [rejected_rid])
+    held_before = await _rows_about(db, [held_id], [])
+    assert before["failover_jobs"] == 2 and before["outbox"] > 20 and before["vm_name_claims"] == 1
+    # they ended 31 days ago, as far as the database knows
+    async with db.begin() as conn:
+        when = failover_jobs.c.updated_at - text("INTERVAL 31 DAY")
+        await conn.execute(update(failover_jobs).where(failover_jobs.c.job_id.in_([*family, held_id]))
+                           .values(updated_at=when))
+        await conn.execute(update(job_commands).where(
+            job_commands.c.job_id.in_([*family, held_id]) | (job_commands.c.request_id == rejected_rid))
+            .values(received_at=job_commands.c.received_at - text("INTERVAL 31 DAY")))
+
+    dry = await ctl("db", "prune", "--older-than", "30d", "--dry-run", "--json")
+    assert dry.code == 0, dry.err
+    assert await _rows_about(db, family, [rejected_rid]) == before
+    pruned = await ctl("db", "prune", "--older-than", "4w", "--json")
+    assert pruned.code == 0, pruned.err
+    report, dry_report = json.loads(pruned.out), json.loads(dry.out)
+    assert (report["jobs"], report["dry_run"], dry_report["dry_run"]) == (2, False, True)
+    assert report["rows"] == dry_report["rows"] == before
+    assert report["kept"] == {"blocks_vm": 1}
+    assert await _rows_about(db, family, [rejected_rid]) == dict.fromkeys(before, 0)
+    assert await _rows_about(db, [held_id], []) == held_before
+    gone = await ctl("show", failover_id)
+    assert gone.code == 3 and f"no job {failover_id}" in gone.err
+    # for people: what went and what stayed, and why; nothing is left to prune
+    again = await ctl("db", "prune", "--older-than", "30d")
+    assert again.code == 0, again.err
+    assert "deleted 0 job(s)" in again.out and "kept 1 failover(s) that still holds its VM" in again.out
+    # an age under a day is refused, saying why
+    short = await ctl("db", "prune", "--older-than", "12h")
+    assert short.code == 5 and "less than a day" in short.err and "redelivered" in short.err
+
+
+async def _caught_up(db: Any, job_id: str) -> bool:
+    from adapters.db.tables import failover_jobs
+
+    async with db.connect() as conn:
+        last = (await conn.execute(select(failover_jobs.c.last_sequence)
+                                   .where(failover_jobs.c.job_id == job_id))).scalar_one()
+        seen = (await conn.execute(select(job_tracking.c.last_sequence)
+                                   .where(job_tracking.c.id == job_id))).scalar()
+    return seen is not None and seen >= last
 
 
 async def test_bad_settings_exit_5_naming_the_variable(ctl: Ctl, amqp_url: str) -> None:

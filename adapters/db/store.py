@@ -80,7 +80,7 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and bool(code) and code[0] in _RETRYABLE
 
 
-async def _again(what: Callable[[], Awaitable[T]], tries: int = 4) -> T:
+async def again_if_deadlocked(what: Callable[[], Awaitable[T]], tries: int = 4) -> T:
     """Run a transaction again when MariaDB rolled it back for a deadlock or a lock wait
     timeout (nothing of it was written)."""
     for attempt in range(1, tries + 1):
@@ -106,9 +106,9 @@ LEDGER_UPSERT = _LEDGER_INSERT.on_duplicate_key_update(
 
 # A claim on a VM name is released by its job's end with nothing of its own left under the
 # name: completed (its VM the platform's now, found by any later job's look-up) or rolled back.
-_NAME_RELEASED_BY = ("completed", "cleaned_up")
+NAME_RELEASED_BY = ("completed", "cleaned_up")
 _HELD = ("SELECT 1 FROM failover_jobs AS holder WHERE holder.job_id = vm_name_claims.job_id AND NOT "
-         f"(holder.ended AND (holder.status IN ({', '.join(map(repr, _NAME_RELEASED_BY))}) "
+         f"(holder.ended AND (holder.status IN ({', '.join(map(repr, NAME_RELEASED_BY))}) "
          "OR holder.rolled_back IS TRUE))")
 _TAKE = f"vm_name_claims.job_id = VALUES(job_id) OR NOT EXISTS ({_HELD})"
 _CLAIM_NAME = text(
@@ -403,14 +403,14 @@ class JobStore:
         group = self._group_of()
         if group is None or group.alone():
             try:
-                cancel = await _again(lambda: self._write(job, commit, whole, full, head, quick=True))
+                cancel = await again_if_deadlocked(lambda: self._write(job, commit, whole, full, head, quick=True))
             finally:
                 if group is not None:
                     group.done()
         elif (written := await group.join((job, whole, full))) is True:
             cancel = False  # written with others in one transaction
         else:  # its fence failed (False: the long way), or it was not sent (None): alone
-            cancel = await _again(lambda: self._write(job, commit, whole, full, head, quick=written is None))
+            cancel = await again_if_deadlocked(lambda: self._write(job, commit, whole, full, head, quick=written is None))
         self.on_commit(job.job_id)
         if whole.events:
             self.on_outbox()
@@ -626,7 +626,7 @@ class JobStore:
         taken over when its job is gone or ended with nothing of its own left under the name
         (MariaDB's row lock on the key orders two jobs that ask at once), then read back; again
         where MariaDB rolled it back for a deadlock or a lock wait."""
-        return await _again(lambda: self._claim_vm_name(job_id, name))
+        return await again_if_deadlocked(lambda: self._claim_vm_name(job_id, name))
 
     async def vm_name_holder(self, name: str) -> str | None:
         async with raw.transaction(self.engine) as tx:  # the SELECT and its COMMIT in one request
@@ -679,7 +679,7 @@ class JobStore:
                     await conn.execute(self.claim_take([r.job_id for r in rows], lease_seconds))
                 return rows
 
-        rows = await _again(take_them)
+        rows = await again_if_deadlocked(take_them)
         return [row_to_job(r) for r in rows if r.job_id not in running]
 
     def claim_lock(self, candidates: Sequence[str], claimable: ColumnElement[bool]) -> Select[Any]:
@@ -721,7 +721,7 @@ class JobStore:
                                  {"owner": self.owner, "intake_owner": intake_owner(self.owner), **ids})
                 return await tx.fetch(_owned_rows(len(asked)), {"owner": self.owner, **ids})
 
-        return [row_to_job(r) for r in await _again(take_them)]
+        return [row_to_job(r) for r in await again_if_deadlocked(take_them)]
 
     def _take_statement(self, count: int, lease_seconds: float) -> Update:
         stmt = self._takes.get((count, lease_seconds))
@@ -755,7 +755,7 @@ class JobStore:
                         .values(lease_expires_at=self._expiry(lease_seconds))))
             return set(mine)
 
-        renewed = await _again(extend)
+        renewed = await again_if_deadlocked(extend)
         if len(renewed) == len(ids):  # the usual round: no second look, no connection for it
             return Renewal(renewed, {}, set())
         async with self.lease_engine.connect() as conn:
