@@ -21,7 +21,8 @@ CloudStack's, as DESIGN.md lists them (and `emulators/world.py` models them over
 `detach`, `get-volume`, `inject`, ...), with a `RefusedError`, a `TransientError`, or a job /
 operation that runs and fails (`job_fail`; `job_denied`: a CloudStack job failed with 531, a
 refusal, as the adapter reports it; `job_slow`: a CloudStack job whose first wait ends past its
-timeout, as the adapter reports it, and which has ended by the next).
+timeout, as the adapter reports it, and which has ended by the next; `job_late`: a CloudStack
+job still running, its resource untouched, until a wait on it finds it ended).
 
 `FakeJobStore` is the job's transactions: it keeps each `JobRow` and every column written, the
 events (the outbox) and the ledger, each commit all or nothing, copied (so what a crashed process
@@ -68,7 +69,7 @@ from statemachine.ports import (
     VmContext,
 )
 
-FaultKind = Literal["refused", "transient", "job_fail", "job_denied", "job_slow"]
+FaultKind = Literal["refused", "transient", "job_fail", "job_denied", "job_slow", "job_late"]
 _HOSTNAME = re.compile(r"[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
@@ -193,6 +194,7 @@ class CsJob:
     error: str | None = None
     denied: bool = False  # failed with a 531 (permission denied)
     slow: bool = False  # its first wait ends past its timeout
+    later: Callable[[], dict[str, Any]] | None = None  # a job still running: it runs as a wait asks
 
 
 @dataclass
@@ -323,6 +325,9 @@ class FakeWorld:
             if fault in ("job_fail", "job_denied"):
                 job.denied = fault == "job_denied"
                 raise Refusal(f"injected fault: {command} failed")
+            if fault == "job_late":
+                job.later = run
+                return job
             job.result = run()
             job.status = 1
         except Refusal as exc:
@@ -557,6 +562,8 @@ class FakeCloudStack:
         job = self.world.jobs.get(job_id)
         if job is None:
             raise RefusedError("CLOUDSTACK_REFUSED", f"CloudStack refused queryAsyncJobResult (431): no job {job_id}")
+        if job.later is not None:  # it has ended by now
+            job.result, job.status, job.later = job.later(), 1, None
         if job.slow:
             job.slow = False
             raise StepError("CLOUDSTACK_JOB_TIMEOUT", f"CloudStack async job {job_id} did not finish within "

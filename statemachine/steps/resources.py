@@ -265,9 +265,10 @@ async def _claim_name(ctx: JobContext, name: str) -> None:
 
 
 async def _destroy_failed(ctx: JobContext, entry: LedgerEntry, vm_id: str) -> None:
-    cs = ctx.ports.cloudstack
-    start = await cs.destroy_vm(vm_id)
-    await cs.wait_job(start.job_id, ctx.config.async_job_timeout)
+    """Destroy a VM a failed deploy of this job left in Error, its job id recorded (under the
+    rollback's own key for it) before the wait: a try after a wait that failed waits on the
+    same destroy rather than destroying again while it runs."""
+    await run_vm_command(ctx, f"undo:destroy:{vm_id}", vm_id, "destroy")
     ctx.log("WARN", f"removed VM {vm_id} left in state Error by a failed deploy", vm_id=vm_id)
     entry.data["failed_ids"] = [i for i in entry.data.get("failed_ids", []) if i != vm_id]
     await ctx.record(entry)

@@ -231,6 +231,26 @@ async def test_a_failed_snapshot_job_is_retried_and_the_failed_one_left_for_clea
     assert failed[0].id in entry.data.get("failed_ids", [])
 
 
+async def test_a_failed_deploys_vm_whose_destroy_was_not_seen_to_end_is_not_destroyed_twice(
+        h: Harness, machine: AsyncMachine) -> None:
+    """A deploy's job failed (its VM left in Error); the retry destroys that VM, and its wait on
+    the destroy fails (CloudStack did not answer) while the destroy runs: the next try waits on
+    the same destroy job rather than destroying again (CloudStack would run a second destroy
+    after the first, and fail it: the VM is gone), and the failover completes."""
+    vm = h.seed_vm("LNX-DEPLOYFAIL", os_type="Linux", disks=1)
+    h.faults.add("deployVirtualMachine", "job_fail")
+    h.faults.add("destroyVirtualMachine", "job_late")
+    h.faults.arm_after("destroyVirtualMachine", "queryAsyncJobResult", "transient")
+    ctx = h.new_job(vm, "test-failover")
+    assert await drive(machine, ctx) == "completed"
+    assert h.cloudstack.count("destroyVirtualMachine") == 1
+    assert [vm.state for vm in h.world.live_vms() if vm.state == "Error"] == []
+    events = h.events(ctx.row.job_id)
+    assert any(e.level == "WARN" and "left in state Error by a failed deploy" in e.message
+               for e in of_type(events, "LogRecorded"))
+    assert_failed_over(h, vm, last(events, "JobCompleted").outputs["destination_vm_id"])
+
+
 async def test_a_persistent_transient_failure_exhausts_the_retries(h: Harness, machine: AsyncMachine) -> None:
     vm = h.seed_vm("WIN-DOWN", os_type="Windows", disks=2)
     before = h.world.observable()
