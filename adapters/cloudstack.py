@@ -329,6 +329,15 @@ class CloudStackAdapter:
     async def revert_snapshot(self, snapshot_id: str) -> AsyncStart:
         return await self._async("revertSnapshot", id=snapshot_id)
 
+    async def volume_state(self, volume_id: str) -> str | None:
+        items = self._items(await self._call("listVolumes", id=volume_id), "volume")
+        if not items:
+            return None
+        state = items[0].get("state")
+        if not isinstance(state, str) or not state:
+            raise MalformedResponse("CloudStack", f"listVolumes id={volume_id}: state={state!r}")
+        return state
+
     async def delete_snapshot(self, snapshot_id: str) -> AsyncStart:
         return await self._async("deleteSnapshot", id=snapshot_id)
 

@@ -23,6 +23,7 @@ KINDS = (
     "exit_nonzero",
     "hang",
     "unavailable",
+    "lost_answer",
 )
 INJECT_KINDS = ("exit_nonzero", "hang", "timeout", "refuse", "server_error")
 MALFORMED_VARIANTS = ("truncated", "wrong_shape")
@@ -110,6 +111,8 @@ def parse_fault(body: Mapping[str, Any]) -> Fault:
         api != "cloudstack" or (command or "").lower() != "createsnapshot"
     ):
         raise FaultSpecError("not_revertable applies to cloudstack createSnapshot only")
+    if kind == "lost_answer" and api != "cloudstack":
+        raise FaultSpecError("lost_answer applies to the cloudstack api only")
     match = body.get("match") or {}
     if not isinstance(match, dict):
         raise FaultSpecError("match must be an object")

@@ -624,6 +624,11 @@ class FakeCloudStack:
             raise self._refused("revertSnapshot", exc) from None
         return AsyncStart(None, job.id)
 
+    async def volume_state(self, volume_id: str) -> str | None:
+        await self._sync("listVolumes", id=volume_id)
+        volume = self.world.volumes.get(volume_id)
+        return volume.state if volume is not None and not volume.destroyed else None
+
     async def delete_snapshot(self, snapshot_id: str) -> AsyncStart:
         fault = await self._begin("deleteSnapshot", id=snapshot_id)
         try:

@@ -25,7 +25,7 @@ T = TypeVar("T")
 _VM_BUSY = ("Starting", "Stopping", "Migrating")
 
 
-async def _settle(check: Callable[[], Awaitable[T | None]], timeout: float, code: str, what: str) -> T:
+async def settle(check: Callable[[], Awaitable[T | None]], timeout: float, code: str, what: str) -> T:
     """Poll `check` (growing pauses) until it returns something; a StepError after `timeout`,
     not tried again (as a wait on a job past its timeout). For work an earlier run started but
     whose job id it could not record."""
@@ -140,7 +140,7 @@ async def ensure_snapshot(ctx: JobContext, volume_id: str, name: str) -> CsSnaps
             busy = now is not None and now.state != "BackedUp" and now.state.lower() != "error"
             return None if busy else (now,)
 
-        (snap,) = await _settle(settled, ctx.config.snapshot_timeout, "SNAPSHOT_NOT_READY",
+        (snap,) = await settle(settled, ctx.config.snapshot_timeout, "SNAPSHOT_NOT_READY",
                                 f"snapshot {snapshot_id} of volume {volume_id}")
     if snap is None:
         entry.cs_job_id = entry.resource_id = None
@@ -328,7 +328,7 @@ async def run_vm_command(ctx: JobContext, key: str, vm_id: str, command: str) ->
             now = await cs.get_vm(vm_id)
             return None if now is not None and now.state in _VM_BUSY else (now,)
 
-        (vm,) = await _settle(not_busy, ctx.config.async_job_timeout, "CLOUDSTACK_JOB_TIMEOUT",
+        (vm,) = await settle(not_busy, ctx.config.async_job_timeout, "CLOUDSTACK_JOB_TIMEOUT",
                               f"the job working on VM {vm_id}")
         settled = {"start": ("Running",), "stop": ("Stopped",), "destroy": ("Destroyed", "Expunging")}[command]
         if (vm is None and command == "destroy") or (vm is not None and vm.state in settled):

@@ -23,6 +23,7 @@ from .resources import (
     ensure_detached,
     progress_lines,
     run_vm_command,
+    settle,
     vm_of,
     wait_cs,
 )
@@ -243,9 +244,11 @@ async def _revert_one(ctx: JobContext, target: Target, vol: dict[str, Any], snap
                     raise StepError("SNAPSHOT_NOT_REVERTABLE", _NOT_REVERTABLE.format(v=v, snapshot=snapshot))
                 start = await cs.revert_snapshot(snapshot)
             except StepError as exc:
-                if exc.transient or await cs.get_snapshot(snapshot) is not None:
+                if isinstance(exc, RefusedError) and await _revert_ended(ctx, v):
+                    start = await cs.revert_snapshot(snapshot)  # (again: `_revert_ended`)
+                elif exc.transient or await cs.get_snapshot(snapshot) is not None:
                     raise
-                if entry.data.get("refused"):
+                elif entry.data.get("refused"):
                     # an earlier try failed and asked for it by hand; the snapshot is gone
                     # since: deleted by hand, which is asked for only once the volume was
                     # restored (the operator's word is all there is)
@@ -255,7 +258,8 @@ async def _revert_one(ctx: JobContext, target: Target, vol: dict[str, Any], snap
                     await ctx.record(entry)
                     target.ledger[key] = entry
                     return
-                raise StepError("SNAPSHOT_GONE", _GONE.format(which=f"snapshot {snapshot} of volume {v}")) from exc
+                else:
+                    raise StepError("SNAPSHOT_GONE", _GONE.format(which=f"snapshot {snapshot} of volume {v}")) from exc
             entry.cs_job_id = start.job_id
             await ctx.record(entry)
             target.ledger[key] = entry
@@ -266,6 +270,27 @@ async def _revert_one(ctx: JobContext, target: Target, vol: dict[str, Any], snap
         await ctx.record(entry, durable=False)  # its job id is recorded: a resume waits on it again
 
     await ctx.retrying(f"revert {v}", revert)
+
+
+async def _revert_ended(ctx: JobContext, volume_id: str) -> bool:
+    """Whether a revert was running on the volume when CloudStack refused ours (it refuses a
+    revert while one runs: the volume is Reverting, not Ready), waited for until it ended.
+    Nothing but the job reverts a volume it holds: the running one is an earlier call of this
+    rollback whose answer was lost (no job id came back). The caller reverts again: to the
+    same snapshot a second revert changes nothing the first did, and does it if the first failed."""
+    cs = ctx.ports.cloudstack
+    if await cs.volume_state(volume_id) != "Reverting":
+        return False
+    ctx.log("WARN", f"a revert is already running on volume {volume_id} (an earlier call's of this rollback, "
+                    "whose answer was lost): waiting for it to end, then reverting again", volume_id=volume_id)
+
+    async def ended() -> tuple[str | None] | None:
+        state = await cs.volume_state(volume_id)
+        return None if state == "Reverting" else (state,)
+
+    await settle(ended, ctx.config.async_job_timeout, "CLOUDSTACK_JOB_TIMEOUT",
+                 f"the revert running on volume {volume_id}")
+    return True
 
 
 async def _ask_by_hand(ctx: JobContext, target: Target, everything: bool, first: str, *,

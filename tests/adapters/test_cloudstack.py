@@ -168,10 +168,23 @@ async def test_revert_snapshot_restores_the_content(cloudstack: CloudStackAdapte
     with pytest.raises(RefusedError):  # only onto a volume whose VM is stopped
         await cloudstack.revert_snapshot(snapshot.id)
     await cloudstack.wait_job((await cloudstack.stop_vm(vm["id"])).job_id, timeout=5)
-    started = await cloudstack.revert_snapshot(snapshot.id)
+    assert await cloudstack.volume_state(volume["id"]) == "Ready"
+    await control.set_latency(async_job_seconds=0.5)
+    try:
+        started = await cloudstack.revert_snapshot(snapshot.id)
+        # while it runs the volume is Reverting, and a second revert is refused
+        assert await cloudstack.volume_state(volume["id"]) == "Reverting"
+        with pytest.raises(RefusedError, match="not in Ready state"):
+            await cloudstack.revert_snapshot(snapshot.id)
+    finally:
+        await control.set_latency(async_job_seconds=0)
     assert started.resource_id is None and is_uuid(started.job_id)
     await cloudstack.wait_job(started.job_id, timeout=5)
     assert (await world_item(control, "volumes", volume["id"]))["content"] == "before"
+    assert await cloudstack.volume_state(volume["id"]) == "Ready"
+    removed = await control.create_volume("removed", 1)
+    await cloudstack.delete_volume(removed["id"])
+    assert await cloudstack.volume_state(removed["id"]) is None  # (listed no more)
 
 
 async def test_not_revertable_fault(cloudstack: CloudStackAdapter, emu: EmulatorHandle,

@@ -73,6 +73,25 @@ async def test_async_fail_of_a_start_leaves_the_vm_stopped(
     assert (await cs.listVirtualMachines(id=vm["id"]))["virtualmachine"][0]["state"] == "Stopped"
 
 
+async def test_lost_answer_does_the_command_and_answers_502(
+    emu: EmulatorHandle, cs: AIOCloudStack, control: EmulatorControl
+) -> None:
+    """The command is done (its job runs) and the answer is a proxy's 502, not CloudStack's."""
+    volume = await control.create_volume("v", 1)
+    await control.add_fault("cloudstack", "lost_answer", command="createSnapshot")
+    with pytest.raises(CloudStackException) as caught:
+        await cs.createSnapshot(volumeid=volume["id"])
+    assert caught.value.response.status == 502
+    [call] = await control.calls(api="cloudstack", command="createSnapshot")
+    assert call["status"] == 502
+
+    async def made() -> bool:
+        listed = (await cs.listSnapshots()).get("snapshot", [])
+        return [s["state"] for s in listed] == ["BackedUp"]
+
+    await wait_until(made, 5, "the snapshot whose answer was lost to be made")
+
+
 async def test_timeout_leaves_the_job_pending(
     emu: EmulatorHandle, cs: AIOCloudStack, control: EmulatorControl
 ) -> None:
@@ -162,6 +181,7 @@ async def test_invalid_fault_descriptions_are_400(control: EmulatorControl) -> N
         {"api": "cloudstack", "kind": "explode"},
         {"api": "cloudstack", "kind": "not_revertable", "command": "listZones"},
         {"api": "cloudstack", "kind": "refuse", "nth": 0},
+        {"api": "volume-daemon", "kind": "lost_answer"},
     ):
         with pytest.raises(EmulatorControlError) as caught:
             await control._request("POST", "faults", json=bad)
