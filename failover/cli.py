@@ -160,6 +160,8 @@ def retention_age(value: str) -> float:
     if unit not in _AGE_UNITS or not number.isdigit():
         raise click.BadParameter(f"{value!r} is not an age: give a whole number and a unit, h, d or w (e.g. 30d)")
     seconds = int(number) * _AGE_UNITS[unit]
+    if seconds > 100 * 365 * 86400:
+        raise click.BadParameter(f"{value} is more than a hundred years: nothing would be pruned")
     if seconds < MIN_RETENTION_SECONDS:
         raise click.BadParameter(
             f"{value} is less than a day: a client's request redelivered after its job is pruned is taken "
@@ -176,9 +178,10 @@ def retention_age(value: str) -> float:
 @click.option("--json", "as_json", is_flag=True, help="The report as one JSON object.")
 def prune(older_than: str, dry_run: bool, batch_size: int, as_json: bool) -> None:
     """Delete every row about the jobs that ended before --older-than: their outbox events, log
-    lines, steps, tracking, ledger, inbox rows and VM name claims. A job that still holds its VM,
-    a test failover whose cleanup is recent, and a job whose events are not yet published or
-    projected are kept (the report says how many, and why). Safe while the service runs."""
+    lines, steps, tracking, ledger, inbox rows and VM name claims, and old rejected requests. A
+    job that still holds its VM (a completed live failover for good), a test failover whose
+    cleanup is recent, a job whose events are not yet published or projected and one that still
+    holds its VM's name are kept (the report says how many, and why). Safe while serve runs."""
     from datetime import timedelta
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -201,8 +204,7 @@ def prune(older_than: str, dry_run: bool, batch_size: int, as_json: bool) -> Non
         task = bar.add_task("prune", total=None)
 
         def shown(report: PruneReport) -> None:
-            done = report.jobs + sum(n for k, n in report.kept.items() if k != "blocks_vm")
-            bar.update(task, total=report.candidates, completed=done)
+            bar.update(task, total=report.candidates, completed=min(report.scanned, report.candidates))
 
         async with _db() as engine:
             try:

@@ -21,11 +21,12 @@ from sqlalchemy import func, select, text, update
 from adapters.db.tables import job_tracking
 from emulators.client import EmulatorControl
 from emulators.runner import EmulatorHandle
+from failover.client import BusClient
 from failover.seed import SeededVm, seed_vm
 from schemas.common import FAILOVER_STEPS
 from schemas.parsing import parse_event
 
-from .helpers import ROOT, ServeProcess, failover_row, projected, wait_until
+from .helpers import ROOT, ServeProcess, failover, failover_row, projected, wait_until
 
 _PROGRAM = Path(sys.executable).with_name("failoverctl")
 FAILOVERCTL = [str(_PROGRAM)] if _PROGRAM.exists() else [sys.executable, "-m", "failover.cli"]
@@ -239,8 +240,8 @@ async def test_watch_a_running_job_and_cancel_another(
     assert again.code == 3 and "not_allowed" in again.err
 
 
-async def _rows_about(db: Any, job_ids: list[str], request_ids: list[str]) -> dict[str, int]:
-    """Every row about these jobs, by table (the inbox's by the jobs or the request ids)."""
+async def _rows_about(db: Any, ids: list[str]) -> dict[str, int]:
+    """Every row about these jobs or requests, by table."""
     from adapters.db import tables
 
     counts = {}
@@ -249,17 +250,18 @@ async def _rows_about(db: Any, job_ids: list[str], request_ids: list[str]) -> di
                      "failover_jobs"):
             table = getattr(tables, name)
             counts[name] = (await conn.execute(select(func.count()).select_from(table)
-                                               .where(table.c.job_id.in_(job_ids)))).scalar_one()
+                                               .where(table.c.job_id.in_(ids)))).scalar_one()
         counts["job_tracking"] = (await conn.execute(select(func.count()).select_from(job_tracking)
-                                                     .where(job_tracking.c.id.in_(job_ids)))).scalar_one()
+                                                     .where(job_tracking.c.id.in_(ids)))).scalar_one()
         commands = tables.job_commands
         counts["job_commands"] = (await conn.execute(select(func.count()).select_from(commands).where(
-            commands.c.job_id.in_(job_ids) | commands.c.request_id.in_(request_ids)))).scalar_one()
+            commands.c.job_id.in_(ids) | commands.c.request_id.in_(ids)))).scalar_one()
     return counts
 
 
 async def test_db_prune_deletes_what_ended_long_ago_and_keeps_a_vm_still_failed_over(
-        serve: ServeProcess, ctl: Ctl, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
+        serve: ServeProcess, ctl: Ctl, bus: BusClient, db: Any, control: EmulatorControl,
+        emulators: EmulatorHandle) -> None:
     from adapters.db.tables import failover_jobs, job_commands
 
     # a test failover and its cleanup; another not cleaned up (it holds its VM); a request rejected
@@ -277,41 +279,53 @@ async def test_db_prune_deletes_what_ended_long_ago_and_keeps_a_vm_still_failed_
     rejected = await ctl("request", f"no-such-vm-{uuid.uuid4()}", "--json")
     assert rejected.code == 3
     rejected_rid = json.loads(rejected.out)["request_id"]
-    family = [failover_id, cleanup_id]
-    for job_id in (*family, held_id):  # the projector has every event (the cleanup's end is the last)
+    gone = [failover_id, cleanup_id, rejected_rid]
+    for job_id in (failover_id, cleanup_id, held_id):  # the projector has every event
         await wait_until(lambda job_id=job_id: _caught_up(db, job_id), 20, f"job {job_id} projected")
-    before = await _rows_about(db, family, [rejected_rid])
-    held_before = await _rows_about(db, [held_id], [])
+    await wait_until(lambda: _sent(db, rejected_rid), 20, "the JobRejected published")
+    before = await _rows_about(db, gone)
+    held_before = await _rows_about(db, [held_id])
     assert before["failover_jobs"] == 2 and before["outbox"] > 20 and before["vm_name_claims"] == 1
     # they ended 31 days ago, as far as the database knows
     async with db.begin() as conn:
         when = failover_jobs.c.updated_at - text("INTERVAL 31 DAY")
-        await conn.execute(update(failover_jobs).where(failover_jobs.c.job_id.in_([*family, held_id]))
+        await conn.execute(update(failover_jobs).where(failover_jobs.c.job_id.in_([*gone, held_id]))
                            .values(updated_at=when))
         await conn.execute(update(job_commands).where(
-            job_commands.c.job_id.in_([*family, held_id]) | (job_commands.c.request_id == rejected_rid))
+            job_commands.c.job_id.in_([*gone, held_id]) | job_commands.c.request_id.in_(gone))
             .values(received_at=job_commands.c.received_at - text("INTERVAL 31 DAY")))
 
     dry = await ctl("db", "prune", "--older-than", "30d", "--dry-run", "--json")
     assert dry.code == 0, dry.err
-    assert await _rows_about(db, family, [rejected_rid]) == before
-    pruned = await ctl("db", "prune", "--older-than", "4w", "--json")
+    assert await _rows_about(db, gone) == before
+    pruned = await ctl("db", "prune", "--older-than", "30d", "--json")
     assert pruned.code == 0, pruned.err
     report, dry_report = json.loads(pruned.out), json.loads(dry.out)
     assert (report["jobs"], report["dry_run"], dry_report["dry_run"]) == (2, False, True)
     assert report["rows"] == dry_report["rows"] == before
     assert report["kept"] == {"blocks_vm": 1}
-    assert await _rows_about(db, family, [rejected_rid]) == dict.fromkeys(before, 0)
-    assert await _rows_about(db, [held_id], []) == held_before
-    gone = await ctl("show", failover_id)
-    assert gone.code == 3 and f"no job {failover_id}" in gone.err
-    # for people: what went and what stayed, and why; nothing is left to prune
-    again = await ctl("db", "prune", "--older-than", "30d")
-    assert again.code == 0, again.err
-    assert "deleted 0 job(s)" in again.out and "kept 1 failover(s) that still holds its VM" in again.out
+    assert await _rows_about(db, gone) == dict.fromkeys(before, 0)
+    assert await _rows_about(db, [held_id]) == held_before
+    shown = await ctl("show", failover_id)
+    assert shown.code == 3 and f"no job {failover_id}" in shown.err
+    # the rejected request sent again, now for a VM that is there: a new failover, completed
+    again = await failover(bus, cleaned_vm.vm_id, request_id=uuid.UUID(rejected_rid))
+    assert [again[0].type, again[-1].type] == ["JobAccepted", "JobCompleted"]
+    # for people: what went and what stayed, and why
+    table = await ctl("db", "prune", "--older-than", "4w")
+    assert table.code == 0, table.err
+    assert "deleted 0 job(s)" in table.out and "kept 1 failover(s) that still holds its VM" in table.out
     # an age under a day is refused, saying why
     short = await ctl("db", "prune", "--older-than", "12h")
     assert short.code == 5 and "less than a day" in short.err and "redelivered" in short.err
+
+
+async def _sent(db: Any, job_id: str) -> bool:
+    from adapters.db.tables import outbox
+
+    async with db.connect() as conn:
+        return (await conn.execute(select(func.count()).select_from(outbox).where(
+            outbox.c.job_id == job_id, outbox.c.published_at.is_not(None)))).scalar_one() > 0
 
 
 async def _caught_up(db: Any, job_id: str) -> bool:

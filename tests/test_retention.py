@@ -1,7 +1,10 @@
 """`adapters.db.retention.prune` against the real MariaDB, on a database of its own: which ended
 jobs it deletes (with every row about them) and which it keeps, and why. The jobs are written
-as the service leaves them, row by row, so that each rule is met by exactly one family; the
-end-to-end twin (real jobs from `serve`, pruned by `failoverctl db prune`) is in test_cli.py."""
+row by row as the service leaves them, so that each rule is met by exactly one family; a few
+(a cleanup younger than its failover, a job that ended failed without its rollback but holds
+no VM) are states only a database edited by hand, or by an older version, holds, for the rules
+that guard against them. The end-to-end twin (real jobs from `serve`, pruned by `failoverctl db
+prune`) is in test_cli.py."""
 
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ async def db(database_url: str) -> AsyncIterator[AsyncEngine]:
 
 
 async def _job(db: AsyncEngine, *, age: timedelta = OLD, parent: str | None = None, status: str = "completed",
-               ended: bool = True, blocks: bool = False, rolled_back: bool | None = None, events: int = 3,
+               live: bool = False, ended: bool = True, blocks: bool = False, rolled_back: bool | None = None, events: int = 3,
                published: int | None = None, projected: int | None = None, name: bool = True) -> str:
     """A job as the service leaves it: its row, its events (published and projected unless
     said), its steps, log lines, ledger (a VM under a claimed name), tracking and inbox row."""
@@ -55,7 +58,7 @@ async def _job(db: AsyncEngine, *, age: timedelta = OLD, parent: str | None = No
     projected = events if projected is None else projected
     async with db.begin() as conn:
         await conn.execute(insert(failover_jobs).values(
-            job_id=job_id, vm_id=vm_id, job_type="cleanup" if parent else "test", status=status,
+            job_id=job_id, vm_id=vm_id, job_type="cleanup" if parent else "live" if live else "test", status=status,
             source_vm_name="source", created_at=at, updated_at=at, completed_at=at if ended else None,
             request_id=request_id, correlation_id=parent or job_id, parent_job_id=parent,
             plan={} if parent else {"cs_name": cs_name}, last_sequence=events, ended=ended,
@@ -114,6 +117,7 @@ async def test_prunes_ended_families_with_every_row_and_keeps_each_job_something
     gone = [cleaned, *cleanups, rolled, cancelled]
     # kept, one for each reason
     blocking = await _job(db, status="completed", blocks=True)  # a test failover not cleaned up
+    live = await _job(db, status="completed", live=True, blocks=True)  # for good
     recent_cleanup = await _job(db, status="cleaned_up")
     await _job(db, parent=recent_cleanup, age=timedelta(days=2))
     unpublished = await _job(db, status="failed", rolled_back=True, published=2)
@@ -121,7 +125,7 @@ async def test_prunes_ended_families_with_every_row_and_keeps_each_job_something
     never_projected = await _job(db, status="failed", rolled_back=True, projected=0)
     holds_name = await _job(db, status="failed", rolled_back=False)  # what it made may be left under its name
     young = await _job(db, status="cleaned_up", age=timedelta(days=29))
-    kept = [blocking, recent_cleanup, unpublished, unprojected, never_projected, holds_name, young]
+    kept = [blocking, live, recent_cleanup, unpublished, unprojected, never_projected, holds_name, young]
     before = await _rows(db, gone)
     kept_before = await _rows(db, kept)
     assert before["failover_jobs"] == 5 and before["outbox"] == 15 and before["vm_name_claims"] == 2
@@ -132,8 +136,8 @@ async def test_prunes_ended_families_with_every_row_and_keeps_each_job_something
 
     assert report.jobs == dry.jobs == 5
     assert dict(report.rows) == dict(dry.rows) == {t: before[t] for t in TABLES if before[t]}
-    assert report.kept == dry.kept == {"blocks_vm": 1, "cleanup_recent": 1, "unpublished": 1, "unprojected": 2,
-                                       "holds_name": 1}
+    assert report.kept == dry.kept == {"live": 1, "blocks_vm": 1, "cleanup_recent": 1, "unpublished": 1,
+                                       "unprojected": 2, "holds_name": 1}
     assert await _rows(db, gone) == dict.fromkeys(before, 0)
     assert await _rows(db, kept) == kept_before
     # once more: nothing left to prune, the same kept
@@ -145,32 +149,48 @@ async def test_a_kept_job_is_pruned_once_what_kept_it_is_done(db: AsyncEngine) -
     unpublished = await _job(db, status="failed", rolled_back=True, published=1)
     unprojected = await _job(db, status="failed", rolled_back=True, projected=1)
     first = await prune(db, _cutoff())
-    assert first.jobs == 0 and first.kept == {"blocks_vm": 0, "unpublished": 1, "unprojected": 1}
+    assert first.jobs == 0 and first.kept == {"unpublished": 1, "unprojected": 1}
     async with db.begin() as conn:  # the relay and the projector caught up
         await conn.execute(update(outbox).where(outbox.c.job_id == unpublished).values(published_at=utcnow()))
         await conn.execute(update(job_tracking).where(job_tracking.c.id == unprojected).values(last_sequence=3))
     second = await prune(db, _cutoff())
-    assert second.jobs == 2 and second.kept == {"blocks_vm": 0}
+    assert second.jobs == 2 and second.kept == {}
     assert await _rows(db, [unpublished, unprojected]) == dict.fromkeys(TABLES, 0)
 
 
-async def test_old_inbox_rows_of_gone_jobs_and_rejected_requests_are_swept(db: AsyncEngine) -> None:
+async def test_old_inbox_rows_of_gone_jobs_and_rejected_requests_are_swept_with_their_events(
+        db: AsyncEngine) -> None:
+    """As the service records them: a rejected request's row names no job, and its JobRejected
+    (and the projector's mark of it) sit under the request's own id; a signalled cancel's row
+    names none; an accepted RollbackRequested's names its job."""
     old, young = utcnow() - OLD, utcnow() - timedelta(days=1)
-    live = await _job(db, status="completed", blocks=True)
+    live = await _job(db, status="completed", live=True, blocks=True)
     rows: list[dict[str, Any]] = [
-        {"outcome": "rejected_not_found", "job_id": None, "received_at": old},  # swept
-        {"outcome": "signalled", "job_id": str(uuid.uuid4()), "received_at": old},  # its job is gone: swept
+        {"outcome": "rejected_not_found", "job_id": None, "received_at": old},  # swept, with its event
+        {"outcome": "signalled", "job_id": None, "received_at": old},  # a cancel's: swept
         {"outcome": "rejected_not_found", "job_id": None, "received_at": young},  # too young
-        {"outcome": "rejected_conflict", "job_id": live, "received_at": old},  # its job is kept
+        {"outcome": "accepted", "job_id": live, "received_at": old},  # its job is kept
+        {"outcome": "rejected_conflict", "job_id": None, "received_at": old},  # its event not yet sent
     ]
     ids = [str(uuid.uuid4()) for _ in rows]
     async with db.begin() as conn:
         await conn.execute(insert(job_commands), [
             {"request_id": rid, "command_type": "FailoverRequested", **row} for rid, row in zip(ids, rows, strict=True)])
+        for i in (0, 2, 4):  # the rejected requests' JobRejected, and the projector's mark of each
+            await conn.execute(insert(outbox).values(
+                event_id=str(uuid.uuid4()), job_id=ids[i], sequence=1, event_type="JobRejected",
+                correlation_id=ids[i], body="{}", created_at=rows[i]["received_at"],
+                published_at=None if i == 4 else rows[i]["received_at"]))
+            if i != 4:
+                await conn.execute(insert(projected_events).values(job_id=ids[i], sequence=1,
+                                                                   projected_at=rows[i]["received_at"]))
     dry = await prune(db, _cutoff(), dry_run=True)
     report = await prune(db, _cutoff())
-    assert dry.rows["job_commands"] == report.rows["job_commands"] == 2
+    assert {t: n for t, n in dry.rows.items() if n} == {t: n for t, n in report.rows.items() if n} == {
+        "job_commands": 2, "outbox": 1, "projected_events": 1}
     async with db.connect() as conn:
         left = set((await conn.execute(select(job_commands.c.request_id)
                                        .where(job_commands.c.request_id.in_(ids)))).scalars())
-    assert left == {ids[2], ids[3]}
+        events = set((await conn.execute(select(outbox.c.job_id).where(outbox.c.job_id.in_(ids)))).scalars())
+    assert left == {ids[2], ids[3], ids[4]}
+    assert events == {ids[2], ids[4]}

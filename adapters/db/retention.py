@@ -5,18 +5,24 @@ inbox rows and a VM name claim; nothing else ever deletes them. A prune deletes,
 that ended before a cutoff, every row the service wrote about them, in one transaction per
 batch of jobs, and keeps a job whenever anything may still need it:
 
-- a job that blocks its VM (`active_vm_id`: a test failover not cleaned up, a live failover, a
-  rollback not complete) is kept with all its rows: a cleanup or a retried rollback reads them;
+- a job that holds its VM (`active_vm_id`: a test failover not cleaned up, a rollback not
+  complete, the failover of a cleanup that failed) is kept with all its rows: a cleanup or a
+  retried rollback reads them. A completed live failover holds its VM for good: it is kept as
+  the record of it, and counted on its own;
 - a test failover goes together with its cleanups (a cleanup reads its failover's ledger, a
   later cleanup the earlier ones'), and only when all of them ended before the cutoff;
 - a job with an event not yet published (the relay behind, or the broker down since) or not
   yet projected (`job_tracking` behind its last event) is kept until they are;
 - a job that still holds a VM name by the claim rule (`store.NAME_RELEASED_BY`: ended with
   nothing of its own left under it) is kept, so that no other job takes the name meanwhile.
+The last two and the cleanup's time are checked though the service does not leave a job that
+ended and holds no VM in those states: a database edited by hand, or by an older version, may.
 
-Then the inbox rows older than the cutoff of commands whose job is gone (or that named none:
-rejected requests) are deleted. A request redelivered after its job was pruned is a new request:
-the cutoff is also the window in which a redelivered request is recognised as a duplicate.
+Then the inbox rows older than the cutoff of commands whose job is gone (or that named none: a
+rejected request, or a cancel signalled) are deleted, with the events a rejected request left
+under its own id (its `JobRejected`, published, and its `projected_events` row). A request
+redelivered after its job was pruned is a new request: the cutoff is also the window in which a
+redelivered request is recognised as a duplicate.
 
 Each batch's rows are locked and every condition checked again inside its transaction, under
 READ COMMITTED (no gap locks on the job tables a running service inserts into).
@@ -34,7 +40,7 @@ from typing import Any
 from sqlalchemy import Table, and_, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .store import NAME_RELEASED_BY, again_if_deadlocked
+from .store import NAME_RELEASED_BY, SEED_JOB_TYPES, again_if_deadlocked
 from .tables import (
     failover_jobs,
     job_commands,
@@ -51,12 +57,14 @@ __all__ = ["KEPT_REASONS", "PruneReport", "prune"]
 
 # what keeps an ended job's rows, as the report names it
 KEPT_REASONS = {
-    "blocks_vm": "still holds its VM (a test failover not cleaned up, a live failover, or a rollback "
-                 "not complete): kept while it does",
+    "live": "is a completed live failover (its VM is the platform's now): kept as the record of it",
+    "blocks_vm": "still holds its VM (a test failover not cleaned up, or a rollback not complete): "
+                 "kept while it does",
     "cleanup_recent": "its cleanup is running or ended after the cutoff: kept with it",
     "unpublished": "has events the relay has not published yet (is the broker reachable and the relay "
                    "running?): kept until they are",
-    "unprojected": "is not projected up to its last event yet (is the projector running?): kept until it is",
+    "unprojected": "is not projected up to its last event yet (is the projector running? an event of it in "
+                   "failover.dead stays unprojected): kept until it is",
     "holds_name": "still holds its VM name (something it made may be left under it): kept while it does",
 }
 
@@ -76,6 +84,7 @@ class PruneReport:
     rows: Counter[str] = field(default_factory=Counter)  # by table
     kept: Counter[str] = field(default_factory=Counter)  # ended before the cutoff, kept: by KEPT_REASONS key
     candidates: int = 0  # failovers ended before the cutoff that block no VM (with their cleanups: families)
+    scanned: int = 0  # of the candidates, those looked at so far
 
     def as_dict(self) -> dict[str, Any]:
         return {"cutoff": self.cutoff.isoformat() + "Z", "dry_run": self.dry_run, "jobs": self.jobs,
@@ -119,10 +128,15 @@ async def prune(engine: AsyncEngine, cutoff: datetime, *, batch: int = 200, dry_
     (naive UTC) and that nothing needs any more; see the module's docstring."""
     report = PruneReport(cutoff=cutoff, dry_run=dry_run)
     async with engine.connect() as conn:
-        blocking = select(func.count()).select_from(failover_jobs).where(
+        live = and_(failover_jobs.c.job_type == SEED_JOB_TYPES["live-failover"],
+                    failover_jobs.c.status == "completed")
+        blocking = select(live, func.count()).where(
             failover_jobs.c.ended.is_(True), failover_jobs.c.active_vm_id.is_not(None),
-            failover_jobs.c.updated_at < cutoff)
-        report.kept["blocks_vm"] = int((await conn.execute(blocking)).scalar_one())
+            failover_jobs.c.updated_at < cutoff).group_by(live)
+        counts = {bool(is_live): n for is_live, n in (await conn.execute(blocking)).all()}
+        for reason, n in (("live", counts.get(True, 0)), ("blocks_vm", counts.get(False, 0))):
+            if n:
+                report.kept[reason] = n
         heads = _HEADS.where(failover_jobs.c.updated_at < cutoff)
         report.candidates = int((await conn.execute(
             select(func.count()).select_from(heads.subquery()))).scalar_one())
@@ -137,6 +151,7 @@ async def prune(engine: AsyncEngine, cutoff: datetime, *, batch: int = 200, dry_
         if not found:
             break
         after = found[-1].id
+        report.scanned += len(found)
         jobs = await again_if_deadlocked(partial(_prune_batch, engine, found, cutoff, report, dry_run))
         if dry_run:
             pruned.update((j.request_id, j.job_id) for j in jobs)
@@ -253,6 +268,11 @@ async def _delete(conn: AsyncConnection, jobs: list[_Job], rows: Counter[str], d
         wheres.append((vm_name_claims, and_(vm_name_claims.c.name.in_(names), vm_name_claims.c.job_id.in_(ids))))
     wheres.append((job_commands, job_commands.c.request_id.in_([j.request_id for j in jobs])))
     wheres.append((failover_jobs, failover_jobs.c.job_id.in_(ids)))
+    await _remove(conn, wheres, rows, dry_run)
+
+
+async def _remove(conn: AsyncConnection, wheres: list[tuple[Table, Any]], rows: Counter[str], dry_run: bool) -> None:
+    """Delete (or count) each table's rows `where`, adding to `rows` by table."""
     for table, where in wheres:
         if dry_run:
             rows[table.name] += int((await conn.execute(
@@ -264,8 +284,9 @@ async def _delete(conn: AsyncConnection, jobs: list[_Job], rows: Counter[str], d
 async def _sweep_commands(engine: AsyncEngine, cutoff: datetime, report: PruneReport, dry_run: bool,
                           pruned: dict[str, str], chunk: int = 1000) -> None:
     """The inbox rows older than the cutoff whose job is gone (pruned now or before), or that
-    named none (a request rejected before it became a job): read in primary-key order, a chunk
-    at a time, so that no statement scans the table."""
+    named none (a rejected request, a cancel signalled), with what a rejected request left
+    under its own id: read in primary-key order, a chunk at a time (no statement scans the
+    table), each chunk's deletes in one transaction under READ COMMITTED."""
     after = ""
     gone_jobs = set(pruned.values())
     while True:
@@ -273,22 +294,40 @@ async def _sweep_commands(engine: AsyncEngine, cutoff: datetime, report: PruneRe
             found = (await conn.execute(
                 select(job_commands.c.request_id, job_commands.c.job_id, job_commands.c.received_at)
                 .where(job_commands.c.request_id > after).order_by(job_commands.c.request_id).limit(chunk))).all()
-            if not found:
-                return
-            after = found[-1].request_id
-            # (a dry run's pruned jobs are still there: their own commands were counted with them)
-            old = [r for r in found if r.received_at < cutoff and r.request_id not in pruned]
-            named = {r.job_id for r in old if r.job_id}
+        if not found:
+            return
+        after = found[-1].request_id
+        # (a dry run's pruned jobs are still there: their own commands were counted with them)
+        old = [r for r in found if r.received_at < cutoff and r.request_id not in pruned]
+        if old:
+            rows = await again_if_deadlocked(partial(_sweep_chunk, engine, old, cutoff, dry_run, gone_jobs))
+            report.rows.update(rows)
+
+
+async def _sweep_chunk(engine: AsyncEngine, old: Sequence[Any], cutoff: datetime, dry_run: bool,
+                       gone_jobs: set[str]) -> Counter[str]:
+    rows: Counter[str] = Counter()
+    async with engine.connect() as conn:
+        conn = await conn.execution_options(isolation_level="READ COMMITTED")
+        trans = await conn.begin()
+        try:
+            ids = {r.job_id for r in old if r.job_id} | {r.request_id for r in old}
             existing = set((await conn.execute(select(failover_jobs.c.job_id).where(
-                failover_jobs.c.job_id.in_(named)))).scalars().all()) if named else set()
-            gone = [r.request_id for r in old if not r.job_id or r.job_id not in existing or r.job_id in gone_jobs]
-        if gone and not dry_run:
-            async with engine.begin() as tx:
+                failover_jobs.c.job_id.in_(ids)))).scalars().all()) - gone_jobs
+            # what a rejected request left under its own id, kept while its event is unpublished
+            unsent = set((await conn.execute(select(outbox.c.job_id).distinct().where(
+                outbox.c.job_id.in_([r.request_id for r in old]), outbox.c.published_at.is_(None)))).scalars().all())
+            gone = [r.request_id for r in old
+                    if (not r.job_id or r.job_id not in existing) and r.request_id not in existing | unsent]
+            if gone:
                 # (checked again in the statement: a job that appeared meanwhile keeps its rows)
                 exists = select(failover_jobs.c.job_id).where(failover_jobs.c.job_id == job_commands.c.job_id)
-                report.rows["job_commands"] += (await tx.execute(delete(job_commands).where(
-                    job_commands.c.request_id.in_(gone), job_commands.c.received_at < cutoff,
-                    ~exists.exists()))).rowcount
-        else:
-            report.rows["job_commands"] += len(gone)
-
+                command = and_(job_commands.c.request_id.in_(gone), job_commands.c.received_at < cutoff)
+                await _remove(conn, [(job_commands, command if dry_run else and_(command, ~exists.exists()))],
+                              rows, dry_run)
+                await _remove(conn, [(table, table.c[col].in_(gone)) for table, col in _BY_JOB], rows, dry_run)
+        except BaseException:
+            await trans.rollback()
+            raise
+        await (trans.rollback() if dry_run else trans.commit())
+    return rows
