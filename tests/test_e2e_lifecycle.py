@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from typing import Any
 
+import aiohttp
 import pytest
 from sqlalchemy import select
 
@@ -196,6 +197,61 @@ async def test_failed_rollback_lists_manual_actions_and_rollback_requested_finis
     # and a second retry is not allowed any more
     refused = await run_command(bus, RollbackRequested(request_id=(rid := uuid.uuid4()), job_id=job_id), rid)
     assert refused[0].type == "JobRejected" and refused[0].reason == "not_allowed"
+
+
+@pytest.mark.parametrize("snapshots_deleted", [True, False], ids=["snapshots-deleted", "snapshots-kept"])
+async def test_a_rollback_retried_after_its_manual_actions_were_done_by_hand_completes_end_to_end(
+        serve: ServeProcess, bus: BusClient, db: Any, control: EmulatorControl, emulators: EmulatorHandle,
+        snapshots_deleted: bool) -> None:
+    """The twin of tests/unit/test_rollback.py's, through the emulators' own APIs: the rollback
+    fails at the root's revert (refused); the operator does what `manual_actions` says with
+    CloudStack's API and the Volume Daemon's (the revert, the volume back on the appliance, the
+    snapshots deleted or not), then retries the rollback, and it completes."""
+    from cs import AIOCloudStack
+
+    from tests.emulators.helpers import run_job
+
+    vm = await _seed(db, control, emulators, f"by hand {snapshots_deleted}", disks=2)
+    before = await view(control, vm.volume_ids, emulators.appliance_vm_id)
+    await control.add_fault(api="cloudstack", command="deployVirtualMachine", kind="refuse", times=0)
+    await control.add_fault(api="cloudstack", command="revertSnapshot", kind="refuse", times=0)
+    job_id = uuid.uuid4()
+    try:
+        events = await failover(bus, vm.vm_id, request_id=job_id, timeout=120)
+    finally:
+        await control.clear_faults()
+    assert _types(events)[-3:] == ["RollbackStarted", "RollbackFailed", "JobFailed"], _types(events)
+    manual = events[-2].model_dump(mode="json")["manual_actions"]
+    root = vm.volume_ids[0]
+    assert {(a["action"], a["resource_id"]) for a in manual} >= {("revert", root), ("reattach", root)}
+    snapshots = {s["volumeid"]: s["id"] for s in (await control.state())["snapshots"] if s["volumeid"] in vm.volume_ids
+                 and not s.get("destroyed")}
+    assert set(snapshots) == set(vm.volume_ids)
+
+    # by hand, as an operator: revertSnapshot, the Volume Daemon's attach, deleteSnapshot
+    async with AIOCloudStack(emulators.cloudstack_url, emulators.api_key, emulators.secret_key,
+                             fetch_result=False, timeout=10) as cs, aiohttp.ClientSession() as http:
+        assert (await run_job(cs, "revertSnapshot", id=snapshots[root]))["jobstatus"] == 1
+        attach = await http.post(f"{emulators.volume_daemon_url}/api/v1/volumes/{root}/attach",
+                                 json={"vm_id": emulators.appliance_vm_id})
+        assert attach.status == 201, await attach.text()
+
+        async def attached() -> bool:
+            now = await view(control, vm.volume_ids, emulators.appliance_vm_id)
+            return now["holders"] == before["holders"]
+
+        await wait_until(attached, 10, "the root back on the appliance")
+        if snapshots_deleted:
+            for snapshot in snapshots.values():
+                assert (await run_job(cs, "deleteSnapshot", id=snapshot))["jobstatus"] == 1
+
+    retry = RollbackRequested(request_id=uuid.uuid4(), job_id=job_id)
+    more = await run_command(bus, retry, job_id)
+    assert _types(more) == ["RollbackStarted", "RollbackCompleted", "JobFailed"], _types(more)
+    assert more[-1].rolled_back is True
+    by_hand = [e for e in more if e.type == "LogRecorded" and e.level == "WARN" and "restored by hand" in e.message]
+    assert len(by_hand) == (1 if snapshots_deleted else 0)
+    assert_restored(before, await view(control, vm.volume_ids, emulators.appliance_vm_id))
 
 
 async def _run_cancelling(bus: BusClient, first: Any, job_id: uuid.UUID, on: tuple[str, str | None],
