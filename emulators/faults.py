@@ -111,8 +111,8 @@ def parse_fault(body: Mapping[str, Any]) -> Fault:
         api != "cloudstack" or (command or "").lower() != "createsnapshot"
     ):
         raise FaultSpecError("not_revertable applies to cloudstack createSnapshot only")
-    if kind == "lost_answer" and api != "cloudstack":
-        raise FaultSpecError("lost_answer applies to the cloudstack api only")
+    if kind == "lost_answer" and api == "inject":
+        raise FaultSpecError("lost_answer applies to the cloudstack and volume-daemon apis only")
     match = body.get("match") or {}
     if not isinstance(match, dict):
         raise FaultSpecError("match must be an object")

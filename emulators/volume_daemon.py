@@ -78,7 +78,12 @@ async def _fault_answer(
 
 
 def _served(entry: dict[str, Any], status: int, body: Any, fault: Fault | None) -> web.Response:
-    """The normal answer, or its garbled form under a ``malformed`` fault."""
+    """The normal answer, its garbled form under a ``malformed`` fault, or a proxy's 502 under
+    ``lost_answer`` (the request served all the same)."""
+    if fault is not None and fault.kind == "lost_answer":
+        entry["status"] = 502
+        return web.Response(status=502, text="<html><body><h1>502 Bad Gateway</h1></body></html>",
+                            content_type="text/html")
     if fault is None or fault.kind != "malformed":
         return _respond(entry, status, body)
     entry["status"] = status

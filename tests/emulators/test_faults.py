@@ -181,7 +181,7 @@ async def test_invalid_fault_descriptions_are_400(control: EmulatorControl) -> N
         {"api": "cloudstack", "kind": "explode"},
         {"api": "cloudstack", "kind": "not_revertable", "command": "listZones"},
         {"api": "cloudstack", "kind": "refuse", "nth": 0},
-        {"api": "volume-daemon", "kind": "lost_answer"},
+        {"api": "inject", "kind": "lost_answer"},
     ):
         with pytest.raises(EmulatorControlError) as caught:
             await control._request("POST", "faults", json=bad)
@@ -211,6 +211,23 @@ async def test_daemon_refuse_and_server_error(
         assert response.status == 500
         assert (await response.json())["code"] == "INTERNAL_ERROR"
     assert (await control.state())["operations"] == []
+
+
+async def test_daemon_lost_answer_does_the_operation_and_answers_502(
+    emu: EmulatorHandle, http: aiohttp.ClientSession, control: EmulatorControl
+) -> None:
+    volume = await control.create_volume("v", 1)
+    await control.add_fault("volume-daemon", "lost_answer", command="attach")
+    async with await _attach(http, emu, volume["id"]) as response:
+        assert response.status == 502
+
+    async def attached() -> bool:
+        [op] = (await control.state())["operations"]
+        return op["status"] == "completed"
+
+    await wait_until(attached, 5, "the operation whose answer was lost to complete")
+    listed = {v["id"]: v for v in (await control.state())["volumes"]}
+    assert listed[volume["id"]]["virtualmachineid"] == emu.appliance_vm_id
 
 
 async def test_daemon_async_fail_and_timeout(
