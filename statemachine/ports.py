@@ -157,6 +157,7 @@ class VmContext:
     cpu_count: int | None
     memory_mb: int | None
     os_type: str | None
+    power_state: str | None = None  # VMware's: poweredOn | poweredOff | suspended
 
 
 @dataclass(frozen=True)

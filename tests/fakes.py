@@ -1054,6 +1054,7 @@ class Harness:
         self, name: str = "WIN-SQL01", *, os_type: str | None = "Windows Server 2019", disks: int = 3,
         replication_status: str = "completed", gap: bool = False, unit_numbers: list[int] | None = None,
         revertable: bool = True, test_mappings: bool = True, prod_mappings: bool = True,
+        power_state: str | None = "poweredOff",
     ) -> SeededVm:
         """A replicated VM: its context, a replication job, disks and their volumes on the
         appliance (with `gap`, an unrelated volume sits between each two of them)."""
@@ -1072,7 +1073,7 @@ class Harness:
             disk_ids.append(disk_id)
             rows.append(DiskVolume(disk_id, unit, 40 + unit, 100 + i, volume.id))
         self.platform.contexts[vm_id] = VmContext(vm_id, f"ctx-{new_id()[:8]}", name, "ready_for_failover",
-                                                  4, 8192, os_type)
+                                                  4, 8192, os_type, power_state)
         self.platform.replication_jobs[vm_id] = [ReplicationJob(f"job-{new_id()[:8]}", "completed"), job]
         self.platform.disk_rows[job.id] = list(reversed(rows))  # the table's order is not the unit order
         if test_mappings:

@@ -480,9 +480,9 @@ async def test_a_live_failover_never_touches_another_vm_of_its_name(
         stopped: bool) -> None:
     """A live failover names its VM after the source VM alone (no job id in it): a VM of that
     name already in CloudStack (made by hand, or for another source VM whose name sanitises
-    the same) is not the job's. The job fails before it changes anything, saying so, and that
-    VM and its disks are left as they were (its rollback had destroyed it, and a retried step
-    would have taken it as the job's own)."""
+    the same) is not the job's. The job fails in its validation, before it changes anything
+    (no snapshot taken, no root written), saying so, and that VM and its disks are left as they
+    were (its rollback had destroyed it, and a retried step would have taken it as the job's own)."""
     vm = await _seed(db, control, emulators, f"Bystander {int(stopped)}", live_network_id=emulators.network_id)
     name = sanitize_vm_name(f"Bystander {int(stopped)}")
     other = await control.create_vm(name, state="Stopped" if stopped else "Running")
@@ -492,7 +492,7 @@ async def test_a_live_failover_never_touches_another_vm_of_its_name(
     assert events[-1].type == "JobFailed", _types(events)
     failed = events[-1].model_dump(mode="json")
     assert failed["error"]["code"] == "VM_NAME_TAKEN" and other["id"] in failed["error"]["message"], failed
-    assert failed["failed_step"] == "vm-creation" and failed["rolled_back"] is True
+    assert failed["failed_step"] == "pre-failover-validation" and failed["rolled_back"] is True
     world = await control.state()
     kept = [v for v in world["vms"] if v["id"] == other["id"]]
     assert kept and kept[0]["state"] == ("Stopped" if stopped else "Running"), kept

@@ -59,7 +59,7 @@ class PlatformTables:
             r = contexts[0]
             vm = VmContext(vm_id=r.vmware_vm_id, context_id=r.context_id, vm_name=r.vm_name,
                            current_status=r.current_status, cpu_count=r.cpu_count, memory_mb=r.memory_mb,
-                           os_type=r.os_type)
+                           os_type=r.os_type, power_state=r.power_state)
         return PlatformSource(
             vm=vm,
             replication=ReplicationJob(id=jobs[0].id, status=jobs[0].status) if jobs else None,

@@ -17,6 +17,7 @@ from .resources import (
     ensure_detached,
     ensure_snapshot,
     ensure_vm,
+    name_taken,
     progress_lines,
     run_vm_command,
 )
@@ -120,6 +121,11 @@ async def pre_failover_validation(ctx: JobContext) -> StepResult:
     network_source = ("test" if test else "production") + " network mappings"
     if not networks:
         networks, network_source = [ctx.config.default_network_id], "FAILOVER_NETWORK_ID"
+        if not test:  # (the contract's fallback; a production VM on it is worth a word)
+            ctx.log("WARN", f"no production network mappings for VM {vm.vm_name} (network_mappings rows with "
+                            f"is_test_network=0): the live VM goes on FAILOVER_NETWORK_ID "
+                            f"({ctx.config.default_network_id}); if that is not its production network, "
+                            "add its mappings and fail it over again", network_id=ctx.config.default_network_id)
     appliance = ctx.config.appliance_vm_id
     volumes: list[dict[str, Any]] = []
     for index, disk in enumerate(ordered):
@@ -160,6 +166,17 @@ async def pre_failover_validation(ctx: JobContext) -> StepResult:
         "network_source": network_source,
         "volumes": volumes,
     }
+    if not test and (vm.power_state or "").lower() == "poweredon":
+        ctx.log("WARN", f"the source VM {vm.vm_name} is powered on (vm_replication_contexts.power_state): the live "
+                        "VM starts from the last replication, and whatever the source wrote since is not in it; "
+                        "power the source off and let a final replication complete before a live failover",
+                power_state=vm.power_state)
+    if not test:
+        # a live VM's name is the source VM's alone: a VM of that name in CloudStack now is found
+        # here, before the injection writes the root (on storage that cannot revert, a re-sync)
+        taken = await ctx.retrying("VMs of the name", ctx.ports.cloudstack.find_vms, name)
+        if taken:
+            raise name_taken(name, taken)
     ctx.row.plan = plan
     ctx.log("INFO", f"validated VM {vm.vm_name}: {len(volumes)} volume(s), networks from {network_source}",
             volumes=[v["volume_id"] for v in volumes], networks=networks)

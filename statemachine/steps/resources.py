@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from statemachine.context import JobContext
@@ -90,6 +90,8 @@ async def wait_cs(ctx: JobContext, entry: LedgerEntry, timeout: float, *, made: 
             if made and entry.resource_id:
                 entry.data.setdefault("failed_ids", []).append(entry.resource_id)
                 entry.resource_id = None
+            if "calls" in entry.data:  # (a start's: `never_started`)
+                entry.data["failed_calls"] = entry.data.get("failed_calls", 0) + 1
             entry.cs_job_id = None
             await ctx.record(entry)
             raise
@@ -189,14 +191,7 @@ async def ensure_vm(ctx: JobContext, spec: DeploySpec) -> str:
     if held is None or (held.data.get("refused") and not held.resource_id and held.cs_job_id is None):
         taken = await cs.find_vms(spec.name)
         if taken:
-            raise StepError(
-                "VM_NAME_TAKEN",
-                f"CloudStack already has a VM named {spec.name} ("
-                + ", ".join(f"{vm.id}, {vm.state}" for vm in taken)
-                + "), which this job did not make; nothing was changed. Rename or remove that VM (or the "
-                "source VM's name, if another source VM sanitises to the same name), then request the "
-                "failover again",
-            )
+            raise name_taken(spec.name, taken)
     entry, fresh = await _entry(ctx, "vm", "vm", "create", name=spec.name)
     if entry.data.get("refused") and not entry.resource_id and entry.cs_job_id is None:
         fresh = True  # (its earlier deploy was refused: nothing of it exists under the name)
@@ -240,6 +235,16 @@ async def ensure_vm(ctx: JobContext, spec: DeploySpec) -> str:
     entry.status = "done"
     await ctx.record(entry, durable=False)  # its id is recorded: a resume finds it deployed
     return deployed.id
+
+
+def name_taken(name: str, taken: Sequence[CsVm]) -> StepError:
+    """VMs of the job's name exist in CloudStack, which the job did not make."""
+    return StepError(
+        "VM_NAME_TAKEN",
+        f"CloudStack already has a VM named {name} (" + ", ".join(f"{vm.id}, {vm.state}" for vm in taken)
+        + "), which this job did not make; nothing was changed. Rename or remove that VM (or the source VM's "
+        "name, if another source VM sanitises to the same name), then request the failover again",
+    )
 
 
 async def _claim_name(ctx: JobContext, name: str) -> None:
@@ -315,6 +320,19 @@ def _own(vms: list[CsVm], display_name: str | None) -> list[CsVm]:
     return [vm for vm in vms if not vm.display_name or vm.display_name == display_name]
 
 
+def never_started(entry: LedgerEntry | None) -> bool:
+    """Whether the job's VM never ran under this start intent (`start:vm`): every start call
+    CloudStack answered was refused, or its job failed (no capacity on any host, say), and none
+    went unanswered (a call whose answer was lost may have started it). Then only what the
+    injection wrote changed: the data disks need no revert. An entry without the count (made
+    before the count was, or intent recorded and no call counted yet) may have started."""
+    if entry is None:
+        return True
+    if entry.status == "done" or entry.cs_job_id is not None or "calls" not in entry.data:
+        return False
+    return int(entry.data.get("failed_calls", 0)) >= int(entry.data["calls"])
+
+
 async def run_vm_command(ctx: JobContext, key: str, vm_id: str, command: str) -> None:
     """start / stop / destroy, with the async job id saved before waiting."""
     cs = ctx.ports.cloudstack
@@ -336,7 +354,16 @@ async def run_vm_command(ctx: JobContext, key: str, vm_id: str, command: str) ->
             await ctx.record(entry, durable=False)  # nothing was called: a resume looks again
             return
         call = {"start": cs.start_vm, "stop": cs.stop_vm, "destroy": cs.destroy_vm}[command]
-        start = await call(vm_id)
+        if command == "start":  # counted (see `never_started`): with the next commit, or the failure's
+            entry.data["calls"] = entry.data.get("calls", 0) + 1
+            await ctx.record(entry, durable=False)
+        try:
+            start = await call(vm_id)
+        except StepError as exc:
+            if command == "start" and not exc.transient:  # answered: nothing was started
+                entry.data["failed_calls"] = entry.data.get("failed_calls", 0) + 1
+                await ctx.record(entry, durable=False)
+            raise
         entry.cs_job_id = start.job_id
         await ctx.record(entry)
     await wait_cs(ctx, entry, ctx.config.async_job_timeout, made=False)

@@ -21,6 +21,7 @@ from statemachine.ports import LedgerEntry
 from .resources import (
     ensure_attached,
     ensure_detached,
+    never_started,
     progress_lines,
     run_vm_command,
     settle,
@@ -42,9 +43,9 @@ class Target:
         return list(self.plan.get("volumes") or [])
 
     def written(self, everything: bool) -> list[dict[str, Any]]:
-        """Volumes whose content may have changed: all once the VM was started (or for a
+        """Volumes whose content may have changed: all once the VM may have run (or for a
         cleanup), else the root volume if the injection ran."""
-        if everything or "start:vm" in self.ledger:
+        if everything or not never_started(self.ledger.get("start:vm")):
             return self.volumes
         return [v for v in self.volumes if f"write:{v['volume_id']}" in self.ledger]
 

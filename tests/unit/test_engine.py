@@ -433,3 +433,20 @@ async def test_a_finished_jobs_objects_are_freed_without_the_cycle_collector(h: 
         gc.garbage.clear()
         gc.enable()
     assert models == [] and bound == [], f"{len(models)} job models and {len(bound)} partials left to the collector"
+
+
+async def test_a_live_failover_warns_of_a_source_powered_on_and_of_no_production_networks(
+        h: Harness, machine: AsyncMachine) -> None:
+    """Both are the platform's to decide (the contract's fallback network; the platform's own
+    final sync), so neither stops the failover, but each is said at WARN, saying what to do;
+    a test failover of the same VM says neither."""
+    vm = h.seed_vm("LNX-PROD", os_type="Linux", disks=1, prod_mappings=False, power_state="poweredOn")
+    live = h.new_job(vm, "live-failover")
+    assert await drive(machine, live) == "completed"
+    warned = [e.message for e in of_type(h.events(live.row.job_id), "LogRecorded") if e.level == "WARN"]
+    assert any("no production network mappings" in w and "FAILOVER_NETWORK_ID" in w for w in warned), warned
+    assert any("is powered on" in w and "final replication" in w for w in warned), warned
+    other = h.seed_vm("LNX-TEST", os_type="Linux", disks=1, prod_mappings=False, power_state="poweredOn")
+    test = h.new_job(other, "test-failover")
+    assert await drive(machine, test) == "completed"
+    assert [e for e in of_type(h.events(test.row.job_id), "LogRecorded") if e.level == "WARN"] == []

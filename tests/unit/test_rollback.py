@@ -251,6 +251,28 @@ async def test_a_failed_deploys_vm_whose_destroy_was_not_seen_to_end_is_not_dest
     assert_failed_over(h, vm, last(events, "JobCompleted").outputs["destination_vm_id"])
 
 
+@pytest.mark.parametrize(("fault", "all_reverted"), [("job_fail", False), ("refused", False), ("transient", True)],
+                         ids=["start-jobs-failed", "start-refused", "start-unanswered"])
+async def test_a_start_that_never_ran_has_only_the_injected_root_reverted(
+        h: Harness, machine: AsyncMachine, fault: FaultKind, all_reverted: bool) -> None:
+    """A live failover whose start CloudStack refused, or whose start jobs all failed (no host
+    with capacity, say): the VM never ran, so its rollback reverts the root the injection wrote
+    and leaves the data disks as they were (on storage that cannot revert, one disk to re-sync
+    rather than every one). A start that went unanswered may have run: every disk is reverted."""
+    vm = h.seed_vm("WIN-NOHOST", os_type="Windows Server 2019", disks=3)  # (the injection writes its root)
+    before = h.world.observable()
+    h.faults.add("startVirtualMachine", fault, times=None)
+    ctx = h.new_job(vm, "live-failover")
+    assert await drive(machine, ctx) == "failed"
+    events = h.events(ctx.row.job_id)
+    assert last(events, "StepFailed").step == "vm-startup-validation"
+    assert last(events, "JobFailed").rolled_back is True
+    snapshots = {s.id: s.volume_id for s in h.world.snapshots.values()}
+    reverted = [snapshots[p["id"]] for op, p in h.cloudstack.calls if op == "revertSnapshot"]
+    assert reverted == (vm.volume_ids if all_reverted else vm.volume_ids[:1])
+    assert_restored(h, before, vm)
+
+
 async def test_a_persistent_transient_failure_exhausts_the_retries(h: Harness, machine: AsyncMachine) -> None:
     vm = h.seed_vm("WIN-DOWN", os_type="Windows", disks=2)
     before = h.world.observable()
@@ -392,7 +414,7 @@ async def test_cancel_during_the_last_step_rolls_back(h: Harness, machine: Async
 async def test_a_failed_rollback_lists_manual_actions_and_can_be_retried(h: Harness, machine: AsyncMachine) -> None:
     vm = h.seed_vm("WIN-STUCK", os_type="Windows", disks=2)
     before = h.world.observable()
-    h.faults.add("startVirtualMachine", "refused")
+    h.faults.add("startVirtualMachine", "transient", times=None)  # unanswered: the VM may have run
     h.faults.add("revertSnapshot", "refused", times=None)
     ctx = h.new_job(vm, "test-failover")
     job_id = ctx.row.job_id
@@ -428,7 +450,7 @@ async def test_a_failed_rollback_lists_manual_actions_and_can_be_retried(h: Harn
     kinds = [e.type for e in events if e.type != "LogRecorded"]
     assert kinds[-3:] == ["RollbackStarted", "RollbackCompleted", "JobFailed"]
     end = last(events, "JobFailed")
-    assert (end.rolled_back, end.failed_step, end.error.code) == (True, "vm-startup-validation", "CLOUDSTACK_REFUSED")
+    assert (end.rolled_back, end.failed_step, end.error.code) == (True, "vm-startup-validation", "CLOUDSTACK_ERROR")
     assert_restored(h, before, vm)
     row = h.store.row(job_id)
     assert row.status == "failed" and row.rollback_requested is False
@@ -494,7 +516,8 @@ async def test_a_rollback_retried_after_its_manual_actions_were_done_by_hand_com
     detached before (it trusted that detach and failed the revert again)."""
     vm = h.seed_vm("WIN-BYHAND", os_type="Windows", disks=2)
     before = h.world.observable()
-    h.faults.add(failing, "refused")
+    # (a start unanswered, every try, may have run the VM: every volume is to revert)
+    h.faults.add(failing, "transient" if failing == "startVirtualMachine" else "refused", times=None)
     h.faults.add("revertSnapshot", revert, times=None)
     ctx = h.new_job(vm, "test-failover")
     job_id = ctx.row.job_id

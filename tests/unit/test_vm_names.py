@@ -88,3 +88,20 @@ async def test_a_vm_of_the_jobs_name_and_another_display_name_is_never_taken_for
     assert last(events, "JobFailed").rolled_back is True
     other = h.world.vms[made[0]]
     assert not other.destroyed and other.state == "Running" and h.world.attached(other.id) == []
+
+
+async def test_a_live_failover_whose_name_a_vm_has_already_fails_validation_before_writing_anything(
+        h: Harness, machine: AsyncMachine) -> None:
+    """A live VM's name is the source VM's alone: a VM of that name in CloudStack now (made by
+    hand, or left by another platform) is found by the validation, before the snapshots and the
+    injection's write to the root (on storage that cannot revert, a full re-sync)."""
+    vm = h.seed_vm("app 07", os_type="Windows Server 2019", disks=2)
+    there = h.world.add_vm(sanitize_vm_name(vm.vm_name), "Stopped")
+    before = h.world.observable()
+    ctx = h.new_job(vm, "live-failover")
+    assert await drive(machine, ctx) == "failed"
+    failed = last(h.events(ctx.row.job_id), "StepFailed")
+    assert (failed.step, failed.error.code) == ("pre-failover-validation", "VM_NAME_TAKEN")
+    assert there.id in failed.error.message and "nothing was changed" in failed.error.message
+    assert h.world.observable() == before
+    assert [op for op, _ in h.cloudstack.calls if op in ("createSnapshot", "deployVirtualMachine")] == []
