@@ -95,6 +95,20 @@ class JobRunner:
             )
         return job
 
+    def submit_failed_job(self, command: str, instance_type: str | None, instance_id: str | None,
+                          error: Exception) -> AsyncJob:
+        """A job whose command's rules failed it as it began (CloudStack checks many of them in
+        the job, not at the call): it fails on the next loop turn, whatever the latency."""
+        job = AsyncJob(new_id(), command, instance_type, instance_id)
+        self.jobs[job.id] = job
+        self.job_order.append(job)
+
+        def run() -> dict[str, Any]:
+            raise error
+
+        self._timers[job.id] = asyncio.get_running_loop().call_later(0, self._finish_job, job, run, None, False)
+        return job
+
     def _finish_job(
         self,
         job: AsyncJob,

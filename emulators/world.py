@@ -21,6 +21,7 @@ from emulators import views
 from emulators.model import (
     GIB,
     AsyncJob,
+    CloudStackError,
     DiskOffering,
     Network,
     ServiceOffering,
@@ -361,12 +362,20 @@ class World(WorldState):
         return volume
 
     def revert_snapshot(self, snapshot: Snapshot, fault: str | None = None) -> AsyncJob:
-        """revertSnapshot: the volume's content becomes the snapshot's. As CloudStack's, the
-        volume is Reverting while the job runs, and a revert needs it Ready."""
-        volume = self.check_revert(snapshot)
-        if volume.state != "Ready":
-            raise param_error("The volume is not in Ready state.")
-        volume.state = "Reverting"
+        """revertSnapshot: the volume's content becomes the snapshot's. As CloudStack's
+        (RevertSnapshotCmd is async, and SnapshotManagerImpl.revertSnapshot runs in its job): a
+        snapshot deleted is refused at the call (the id's look-up, 431), every other rule fails
+        the job as it begins (530, the rule's text): a volume not Ready (RevertSnapshotting while
+        a revert runs), its VM not stopped, a snapshot not BackedUp or not revertable."""
+        if snapshot.destroyed:
+            raise param_error(f"Snapshot {snapshot.id} has been deleted")
+        try:
+            volume = self.check_revert(snapshot)
+            if volume.state != "Ready":
+                raise param_error("The volume is not in Ready state.")
+        except CloudStackError as exc:
+            return self.runner.submit_failed_job("revertSnapshot", "Snapshot", snapshot.id, exc)
+        volume.state = "RevertSnapshotting"
 
         def run() -> dict[str, Any]:
             volume.state = "Ready"
@@ -375,7 +384,7 @@ class World(WorldState):
             return {"snapshot": views.snapshot_json(snapshot)}
 
         def on_fail() -> None:
-            if volume.state == "Reverting":
+            if volume.state == "RevertSnapshotting":
                 volume.state = "Ready"
 
         return self.runner.submit_job("revertSnapshot", "Snapshot", snapshot.id, run, on_fail, fault)

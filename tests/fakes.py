@@ -492,7 +492,7 @@ class FakeWorld:
         return volume
 
     def revert(self, snap: Snapshot, fault: FaultKind | None) -> CsJob:
-        self.check_revert(snap)
+        """As CloudStack's: its rules are the job's (a deleted snapshot alone is refused at the call)."""
 
         def run() -> dict[str, Any]:
             volume = self.check_revert(snap)

@@ -13,6 +13,7 @@ from statemachine.naming import sanitize_vm_name, test_vm_name
 from statemachine.ports import DeploySpec, LedgerEntry
 
 from .resources import (
+    claim_name,
     ensure_attached,
     ensure_detached,
     ensure_snapshot,
@@ -172,8 +173,10 @@ async def pre_failover_validation(ctx: JobContext) -> StepResult:
                         "power the source off and let a final replication complete before a live failover",
                 power_state=vm.power_state)
     if not test:
-        # a live VM's name is the source VM's alone: a VM of that name in CloudStack now is found
-        # here, before the injection writes the root (on storage that cannot revert, a re-sync)
+        # a live VM's name is the source VM's alone: another job's hold on it, or a VM of it in
+        # CloudStack now, is found here, before the injection writes the root (on storage that
+        # cannot revert, a re-sync); the claim is kept (vm-creation's own is the same)
+        await claim_name(ctx, name)
         taken = await ctx.retrying("VMs of the name", ctx.ports.cloudstack.find_vms, name)
         if taken:
             raise name_taken(name, taken)

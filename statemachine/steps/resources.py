@@ -185,7 +185,7 @@ async def ensure_vm(ctx: JobContext, spec: DeploySpec) -> str:
     ledger = await ctx.ledger()
     held = ledger.get("vm")
     if held is None or held.status != "done" or not held.resource_id:
-        await _claim_name(ctx, spec.name)
+        await claim_name(ctx, spec.name)
     # (a test failover's name carries 8 hex digits of its job's id: another job's VM left
     # behind can still hold it, so it is looked up too)
     if held is None or (held.data.get("refused") and not held.resource_id and held.cs_job_id is None):
@@ -247,7 +247,7 @@ def name_taken(name: str, taken: Sequence[CsVm]) -> StepError:
     )
 
 
-async def _claim_name(ctx: JobContext, name: str) -> None:
+async def claim_name(ctx: JobContext, name: str) -> None:
     """Hold the VM's name for this job before its intent is recorded, and on every resume or
     rollback that may look it up: between the intent and the deploy's answer the name is the
     job's only hold on its VM, and another job that deployed under it meanwhile (for another
@@ -323,12 +323,14 @@ def _own(vms: list[CsVm], display_name: str | None) -> list[CsVm]:
 def never_started(entry: LedgerEntry | None) -> bool:
     """Whether the job's VM never ran under this start intent (`start:vm`): every start call
     CloudStack answered was refused, or its job failed (no capacity on any host, say), and none
-    went unanswered (a call whose answer was lost may have started it). Then only what the
-    injection wrote changed: the data disks need no revert. An entry without the count (made
-    before the count was, or intent recorded and no call counted yet) may have started."""
+    went unanswered (a call whose answer was lost may have started it), and the rollback did
+    not find the VM running (`ran`: CloudStack can fail a start's job after the hypervisor
+    booted the VM). Then only what the injection wrote changed: the data disks need no revert.
+    An entry without the count (made before the count was, or its first call's count lost in a
+    crash) may have started."""
     if entry is None:
         return True
-    if entry.status == "done" or entry.cs_job_id is not None or "calls" not in entry.data:
+    if entry.status == "done" or entry.cs_job_id is not None or "calls" not in entry.data or entry.data.get("ran"):
         return False
     return int(entry.data.get("failed_calls", 0)) >= int(entry.data["calls"])
 
@@ -354,13 +356,17 @@ async def run_vm_command(ctx: JobContext, key: str, vm_id: str, command: str) ->
             await ctx.record(entry, durable=False)  # nothing was called: a resume looks again
             return
         call = {"start": cs.start_vm, "stop": cs.stop_vm, "destroy": cs.destroy_vm}[command]
-        if command == "start":  # counted (see `never_started`): with the next commit, or the failure's
+        if command == "start":  # counted (see `never_started`)
+            # the first call's count goes with the next commit (lost in a crash, the entry
+            # has none: the VM may have run); a later one's before the call, since a crash
+            # would leave the failures counted before it equal to the calls
+            again = "calls" in entry.data
             entry.data["calls"] = entry.data.get("calls", 0) + 1
-            await ctx.record(entry, durable=False)
+            await ctx.record(entry, durable=again)
         try:
             start = await call(vm_id)
-        except StepError as exc:
-            if command == "start" and not exc.transient:  # answered: nothing was started
+        except RefusedError:
+            if command == "start":  # refused: nothing was started (a malformed answer is not this)
                 entry.data["failed_calls"] = entry.data.get("failed_calls", 0) + 1
                 await ctx.record(entry, durable=False)
             raise

@@ -93,6 +93,13 @@ def planned_actions(target: Target, everything: bool) -> list[dict[str, Any]]:
 async def power_off(ctx: JobContext, target: Target) -> None:
     vm = await ctx.retrying("VM state", lambda: vm_of(ctx, target.ledger))
     if vm is not None and vm.state in ("Running", "Starting", "Migrating", "Stopping"):
+        start = target.ledger.get("start:vm")
+        if ctx.row.job_type != "cleanup" and start is not None and never_started(start):
+            # every start's job failed, yet the VM runs: it ran, and every volume is reverted
+            start.data["ran"] = True
+            target.ledger["start:vm"] = await ctx.record(start)
+            ctx.log("WARN", f"VM {vm.id} is {vm.state} though every start of it failed: it ran, so every "
+                            "volume is reverted", vm_id=vm.id)
         await ctx.retrying("stop VM", lambda: run_vm_command(ctx, "undo:stop", vm.id, "stop"))
         target.note("stop", "vm", vm.id)
         ctx.log("INFO", f"VM {vm.id} stopped", vm_id=vm.id)
@@ -245,9 +252,7 @@ async def _revert_one(ctx: JobContext, target: Target, vol: dict[str, Any], snap
                     raise StepError("SNAPSHOT_NOT_REVERTABLE", _NOT_REVERTABLE.format(v=v, snapshot=snapshot))
                 start = await cs.revert_snapshot(snapshot)
             except StepError as exc:
-                if isinstance(exc, RefusedError) and await _revert_ended(ctx, v):
-                    start = await cs.revert_snapshot(snapshot)  # (again: `_revert_ended`)
-                elif exc.transient or await cs.get_snapshot(snapshot) is not None:
+                if exc.transient or await cs.get_snapshot(snapshot) is not None:
                     raise
                 elif entry.data.get("refused"):
                     # an earlier try failed and asked for it by hand; the snapshot is gone
@@ -265,29 +270,40 @@ async def _revert_one(ctx: JobContext, target: Target, vol: dict[str, Any], snap
             await ctx.record(entry)
             target.ledger[key] = entry
         # a poll that failed (an outage, the API limit) waits on the same job again: a
-        # second revert beside it would be refused (the volume is not Ready while it runs)
-        await wait_cs(ctx, entry, ctx.config.async_job_timeout, made=False)
+        # second revert beside it would fail (the volume is not Ready while it runs)
+        try:
+            await wait_cs(ctx, entry, ctx.config.async_job_timeout, made=False)
+        except StepError as exc:
+            if exc.failed_job is not None and await _revert_ended(ctx, v):
+                raise TransientError("REVERT_RAN_BESIDE", f"revert of volume {v} failed while another revert of it "
+                                     "ran; that one has ended: reverting again") from exc
+            raise
         entry.status = "done"
         await ctx.record(entry, durable=False)  # its job id is recorded: a resume waits on it again
 
     await ctx.retrying(f"revert {v}", revert)
 
 
+REVERTING = "RevertSnapshotting"  # CloudStack's Volume.State while a revert runs
+
+
 async def _revert_ended(ctx: JobContext, volume_id: str) -> bool:
-    """Whether a revert was running on the volume when CloudStack refused ours (it refuses a
-    revert while one runs: the volume is Reverting, not Ready), waited for until it ended.
-    Nothing but the job reverts a volume it holds: the running one is an earlier call of this
-    rollback whose answer was lost (no job id came back). The caller reverts again: to the
-    same snapshot a second revert changes nothing the first did, and does it if the first failed."""
+    """Whether another revert was running on the volume when ours failed (CloudStack fails a
+    revert's job at once while one runs: the volume is RevertSnapshotting, not Ready), waited
+    for until it ended. It is most likely an earlier call of this rollback whose answer was
+    lost (no job id came back), or another revert to the same snapshot (an earlier cleanup's,
+    an operator's following the manual actions): the caller reverts again once it ended; to
+    the same snapshot a second revert changes nothing the first did, and does it if the first
+    failed."""
     cs = ctx.ports.cloudstack
-    if await cs.volume_state(volume_id) != "Reverting":
+    if await cs.volume_state(volume_id) != REVERTING:
         return False
-    ctx.log("WARN", f"a revert is already running on volume {volume_id} (an earlier call's of this rollback, "
-                    "whose answer was lost): waiting for it to end, then reverting again", volume_id=volume_id)
+    ctx.log("WARN", f"another revert is running on volume {volume_id} (an earlier call's whose answer was lost, "
+                    "most likely): waiting for it to end, then reverting again", volume_id=volume_id)
 
     async def ended() -> tuple[str | None] | None:
         state = await cs.volume_state(volume_id)
-        return None if state == "Reverting" else (state,)
+        return None if state == REVERTING else (state,)
 
     await settle(ended, ctx.config.async_job_timeout, "CLOUDSTACK_JOB_TIMEOUT",
                  f"the revert running on volume {volume_id}")

@@ -165,17 +165,19 @@ async def test_revert_snapshot_restores_the_content(cloudstack: CloudStackAdapte
     snapshot = await snapshot_of(cloudstack, volume["id"], "before-boot")
     await cloudstack.wait_job((await cloudstack.start_vm(vm["id"])).job_id, timeout=5)
     assert (await world_item(control, "volumes", volume["id"]))["content"] != "before"  # booted
-    with pytest.raises(RefusedError):  # only onto a volume whose VM is stopped
-        await cloudstack.revert_snapshot(snapshot.id)
+    # only onto a volume whose VM is stopped: CloudStack takes the call, and its job fails
+    with pytest.raises(StepError, match="not in the shutdown state") as refused:
+        await cloudstack.wait_job((await cloudstack.revert_snapshot(snapshot.id)).job_id, timeout=5)
+    assert refused.value.failed_job is not None
     await cloudstack.wait_job((await cloudstack.stop_vm(vm["id"])).job_id, timeout=5)
     assert await cloudstack.volume_state(volume["id"]) == "Ready"
     await control.set_latency(async_job_seconds=0.5)
     try:
         started = await cloudstack.revert_snapshot(snapshot.id)
-        # while it runs the volume is Reverting, and a second revert is refused
-        assert await cloudstack.volume_state(volume["id"]) == "Reverting"
-        with pytest.raises(RefusedError, match="not in Ready state"):
-            await cloudstack.revert_snapshot(snapshot.id)
+        # while it runs the volume is RevertSnapshotting, and a second revert's job fails
+        assert await cloudstack.volume_state(volume["id"]) == "RevertSnapshotting"
+        with pytest.raises(StepError, match="not in Ready state"):
+            await cloudstack.wait_job((await cloudstack.revert_snapshot(snapshot.id)).job_id, timeout=5)
     finally:
         await control.set_latency(async_job_seconds=0)
     assert started.resource_id is None and is_uuid(started.job_id)
@@ -195,8 +197,8 @@ async def test_not_revertable_fault(cloudstack: CloudStackAdapter, emu: Emulator
     assert snapshot.state == "BackedUp" and snapshot.revertable is False
     found = await cloudstack.find_snapshot("on-ceph", volume_id)
     assert found is not None and found.revertable is False
-    with pytest.raises(RefusedError):  # CloudStack refuses the revert at once
-        await cloudstack.revert_snapshot(snapshot.id)
+    with pytest.raises(StepError, match="not revertable"):  # CloudStack takes the revert; its job fails at once
+        await cloudstack.wait_job((await cloudstack.revert_snapshot(snapshot.id)).job_id, timeout=5)
 
 
 async def test_async_fail_is_a_transient_job_failure(cloudstack: CloudStackAdapter, emu: EmulatorHandle,

@@ -247,7 +247,8 @@ async def test_a_vm_name_another_job_holds_is_not_deployed_or_taken_meanwhile(ce
         events = cell.log.stream(str(second))
         assert events[-1].type == "JobFailed", _types(events)
         failed: Any = events[-1]
-        assert failed.failed_step == "vm-creation" and failed.rolled_back is True
+        # (in its validation: before its snapshots and its injection)
+        assert failed.failed_step == "pre-failover-validation" and failed.rolled_back is True
         assert failed.error.code == "VM_NAME_TAKEN" and str(first) in failed.error.message, failed.error
         assert "still running" in failed.error.message and name in failed.error.message
         world = await cell.control.state()

@@ -11,7 +11,7 @@ from cs import AIOCloudStack
 from emulators.client import EmulatorControl
 from emulators.runner import EmulatorHandle
 
-from .helpers import raw_call, refused, succeed, wait_job
+from .helpers import raw_call, refused, run_job, succeed, wait_job
 
 
 async def deploy(emu: EmulatorHandle, cs: AIOCloudStack, name: str, **extra: Any) -> dict[str, Any]:
@@ -299,9 +299,10 @@ async def test_snapshot_revert_and_delete(
     assert "created" in snapshot
     await control.set_latency(async_job_seconds=0)
     saved = await content(control, root["id"])
-    # the VM runs: refused
-    status, error = await refused(cs.revertSnapshot(id=snapshot["id"]))
-    assert status == 431 and "shutdown" in error["errortext"]
+    # the VM runs: the revert is taken, and its job fails (the rules are the job's)
+    job = await run_job(cs, "revertSnapshot", id=snapshot["id"])
+    assert job["jobstatus"] == 2 and "shutdown" in job["jobresult"]["errortext"]
+    assert await content(control, root["id"]) == saved
     await succeed(cs, "stopVirtualMachine", id=vm["id"])
     await succeed(cs, "startVirtualMachine", id=vm["id"])
     await succeed(cs, "stopVirtualMachine", id=vm["id"])
@@ -318,16 +319,17 @@ async def test_snapshot_revert_and_delete(
 async def test_a_revert_while_one_runs_is_refused(
     emu: EmulatorHandle, cs: AIOCloudStack, control: EmulatorControl
 ) -> None:
-    """As CloudStack's: the volume is Reverting while a revert's job runs, and a revert needs
-    it Ready."""
+    """As CloudStack's: the volume is RevertSnapshotting while a revert's job runs, and a
+    revert needs it Ready, which its job checks as it begins (it fails at once)."""
     volume = await control.create_volume("reverting", 5, content="v1")
     snap = await succeed(cs, "createSnapshot", volumeid=volume["id"])
     await control.set_latency(async_job_seconds=0.3)
     first = await cs.revertSnapshot(id=snap["snapshot"]["id"])
     [during] = (await cs.listVolumes(id=volume["id"]))["volume"]
-    assert during["state"] == "Reverting"
-    status, error = await refused(cs.revertSnapshot(id=snap["snapshot"]["id"]))
-    assert status == 431 and error["errortext"] == "The volume is not in Ready state."
+    assert during["state"] == "RevertSnapshotting"
+    second = await cs.revertSnapshot(id=snap["snapshot"]["id"])  # taken: its job fails
+    beside = await wait_job(cs, second["jobid"], timeout=0.2)  # (before the first's 0.3 s)
+    assert (beside["jobstatus"], beside["jobresult"]["errortext"]) == (2, "The volume is not in Ready state.")
     assert (await wait_job(cs, first["jobid"]))["jobstatus"] == 1
     [after] = (await cs.listVolumes(id=volume["id"]))["volume"]
     assert after["state"] == "Ready"

@@ -103,8 +103,10 @@ async def test_revert_rules(h: Harness) -> None:
     snap = await h.cloudstack.get_snapshot(start.resource_id or "")
     assert snap is not None and (snap.state, snap.revertable) == ("BackedUp", True)
     h.world.write(vol, "after")
-    with pytest.raises(RefusedError, match="shutdown"):  # on the running appliance
-        await h.cloudstack.revert_snapshot(snap.id)
+    # on the running appliance: taken, and its job fails (as CloudStack's: the rules are the job's)
+    with pytest.raises(StepError, match="shutdown") as failed:
+        await h.cloudstack.wait_job((await h.cloudstack.revert_snapshot(snap.id)).job_id, 1)
+    assert failed.value.failed_job is not None
     await h.volumes.detach(vol.id)
     job = await h.cloudstack.revert_snapshot(snap.id)
     await h.cloudstack.wait_job(job.job_id, 1)
@@ -112,7 +114,10 @@ async def test_revert_rules(h: Harness) -> None:
     other = h.world.add_volume("nr", revertable_storage=False)
     start = await h.cloudstack.create_snapshot(other.id, "nr-snap")
     await h.cloudstack.wait_job(start.job_id, 1)
-    with pytest.raises(RefusedError, match="not revertable"):
+    with pytest.raises(StepError, match="not revertable"):
+        await h.cloudstack.wait_job((await h.cloudstack.revert_snapshot(start.resource_id or "")).job_id, 1)
+    h.world.snapshots[start.resource_id or ""].destroyed = True
+    with pytest.raises(RefusedError, match="Unable to find snapshot"):  # a deleted one: at the call
         await h.cloudstack.revert_snapshot(start.resource_id or "")
 
 

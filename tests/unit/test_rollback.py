@@ -11,7 +11,8 @@ from transitions.extensions.asyncio import AsyncMachine
 
 from schemas.common import FAILOVER_STEPS
 from statemachine.engine import drive
-from tests.fakes import FaultKind, Harness, cancel_when, has_event
+from statemachine.ports import Commit, JobRow
+from tests.fakes import FakeJobStore, FaultKind, Harness, cancel_when, has_event
 
 from .helpers import (
     appliance_order,
@@ -270,6 +271,31 @@ async def test_a_start_that_never_ran_has_only_the_injected_root_reverted(
     snapshots = {s.id: s.volume_id for s in h.world.snapshots.values()}
     reverted = [snapshots[p["id"]] for op, p in h.cloudstack.calls if op == "revertSnapshot"]
     assert reverted == (vm.volume_ids if all_reverted else vm.volume_ids[:1])
+    assert_restored(h, before, vm)
+
+
+async def test_a_vm_found_running_though_every_start_failed_has_every_volume_reverted(
+        h: Harness, machine: AsyncMachine) -> None:
+    """CloudStack can fail a start's job after the hypervisor booted the VM: the rollback finds
+    it running, takes it as having run, and reverts every volume (not only the injected root)."""
+    vm = h.seed_vm("WIN-BOOTED", os_type="Windows Server 2019", disks=3)
+    before = h.world.observable()
+    h.faults.add("startVirtualMachine", "job_fail", times=None)
+
+    def boots_anyway(store: FakeJobStore, job: JobRow, commit: Commit) -> None:
+        if any(e.type == "StepFailed" for e in commit.with_tail().events):
+            [made] = [v for v in h.world.vms.values() if v.name.startswith("win-booted")]
+            made.state = "Running"
+
+    h.store.hooks.append(boots_anyway)
+    ctx = h.new_job(vm, "live-failover")
+    assert await drive(machine, ctx) == "failed"
+    events = h.events(ctx.row.job_id)
+    assert last(events, "JobFailed").rolled_back is True
+    assert any(e.level == "WARN" and "though every start of it failed" in e.message
+               for e in of_type(events, "LogRecorded"))
+    snapshots = {s.id: s.volume_id for s in h.world.snapshots.values()}
+    assert [snapshots[p["id"]] for op, p in h.cloudstack.calls if op == "revertSnapshot"] == vm.volume_ids
     assert_restored(h, before, vm)
 
 
