@@ -18,7 +18,7 @@ from aiohttp import web
 from emulators.control import WORLD, add_control_routes
 from emulators.cs_commands import COMMANDS
 from emulators.cs_params import Params
-from emulators.faults import Fault
+from emulators.faults import Fault, lost_answer_response
 from emulators.model import (
     API_LIMIT_EXCEED,
     CS_CLOUD_RUNTIME,
@@ -165,8 +165,6 @@ async def handle_api(request: web.Request) -> web.Response:
         job.failure = CloudStackError(fault.errorcode, _server_error_text(fault.errorcode, command), CS_CLOUD_RUNTIME)
     if fault is not None and kind == "malformed":
         return _malformed(entry, name, inner, fault)
-    if kind == "lost_answer":  # done, and the answer lost on its way (a proxy's 502, say)
-        entry["status"] = 502
-        return web.Response(status=502, text="<html><body><h1>502 Bad Gateway</h1></body></html>",
-                            content_type="text/html")
+    if kind == "lost_answer":  # done, and the answer lost on its way
+        return lost_answer_response(entry)
     return _json(200, {name: inner}, entry)

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp import web
+
 from emulators.model import new_id
 
 APIS = ("cloudstack", "volume-daemon", "inject")
@@ -170,3 +172,11 @@ class FaultBook:
             if fault.active and fault.matches(api, command, params) and fault.count():
                 fired = fired or fault
         return fired
+
+
+def lost_answer_response(entry: dict[str, Any]) -> web.Response:
+    """What a ``lost_answer`` fault sends once the request was served: a proxy's 502, not the
+    system's answer (the call log records the 502)."""
+    entry["status"] = 502
+    return web.Response(status=502, text="<html><body><h1>502 Bad Gateway</h1></body></html>",
+                        content_type="text/html")

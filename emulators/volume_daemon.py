@@ -18,7 +18,7 @@ from aiohttp import web
 
 from emulators import views
 from emulators.control import WORLD, add_control_routes
-from emulators.faults import Fault
+from emulators.faults import Fault, lost_answer_response
 from emulators.jobs import OperationAction
 from emulators.model import Volume
 from emulators.world import World
@@ -81,9 +81,7 @@ def _served(entry: dict[str, Any], status: int, body: Any, fault: Fault | None) 
     """The normal answer, its garbled form under a ``malformed`` fault, or a proxy's 502 under
     ``lost_answer`` (the request served all the same)."""
     if fault is not None and fault.kind == "lost_answer":
-        entry["status"] = 502
-        return web.Response(status=502, text="<html><body><h1>502 Bad Gateway</h1></body></html>",
-                            content_type="text/html")
+        return lost_answer_response(entry)
     if fault is None or fault.kind != "malformed":
         return _respond(entry, status, body)
     entry["status"] = status

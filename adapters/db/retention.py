@@ -31,7 +31,8 @@ READ COMMITTED (no gap locks on the job tables a running service inserts into).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -163,32 +164,40 @@ async def prune(engine: AsyncEngine, cutoff: datetime, *, batch: int = 200, dry_
     return report
 
 
+@asynccontextmanager
+async def _transaction(engine: AsyncEngine, dry_run: bool) -> AsyncIterator[AsyncConnection]:
+    """One transaction under READ COMMITTED (no gap locks on the tables a running service
+    inserts into), committed, or with `dry_run` rolled back."""
+    async with engine.connect() as conn:
+        conn = await conn.execution_options(isolation_level="READ COMMITTED")
+        trans = await conn.begin()
+        try:
+            yield conn
+        except BaseException:
+            await trans.rollback()
+            raise
+        await (trans.rollback() if dry_run else trans.commit())
+
+
 async def _prune_batch(engine: AsyncEngine, heads: Sequence[Any], cutoff: datetime, report: PruneReport,
                        dry_run: bool) -> list[_Job]:
     """One batch of families, in one transaction: locked, checked again, deleted."""
     kept: Counter[str] = Counter()
     rows: Counter[str] = Counter()
-    async with engine.connect() as conn:
-        conn = await conn.execution_options(isolation_level="READ COMMITTED")
-        trans = await conn.begin()
-        try:
-            families = await _families(conn, heads)
-            checks = [_ended_before(cutoff), await _published(conn, families), await _projected(conn, families),
-                      await _names_released(conn, families)]
-            chosen: list[list[_Job]] = []
-            for family in families.values():
-                reason = next((r for check in checks if (r := check(family)) is not None), None)
-                if reason is None:
-                    chosen.append(family)
-                else:
-                    kept[reason] += 1
-            jobs = [j for family in chosen for j in family]
-            if jobs:
-                await _delete(conn, jobs, rows, dry_run)
-        except BaseException:
-            await trans.rollback()
-            raise
-        await (trans.rollback() if dry_run else trans.commit())
+    async with _transaction(engine, dry_run) as conn:
+        families = await _families(conn, heads)
+        checks = [_ended_before(cutoff), await _published(conn, families), await _projected(conn, families),
+                  await _names_released(conn, families)]
+        chosen: list[list[_Job]] = []
+        for family in families.values():
+            reason = next((r for check in checks if (r := check(family)) is not None), None)
+            if reason is None:
+                chosen.append(family)
+            else:
+                kept[reason] += 1
+        jobs = [j for family in chosen for j in family]
+        if jobs:
+            await _delete(conn, jobs, rows, dry_run)
     # (counted once the transaction committed: a deadlock's try again counts afresh)
     report.kept.update(kept)
     report.rows.update(rows)
@@ -307,27 +316,20 @@ async def _sweep_commands(engine: AsyncEngine, cutoff: datetime, report: PruneRe
 async def _sweep_chunk(engine: AsyncEngine, old: Sequence[Any], cutoff: datetime, dry_run: bool,
                        gone_jobs: set[str]) -> Counter[str]:
     rows: Counter[str] = Counter()
-    async with engine.connect() as conn:
-        conn = await conn.execution_options(isolation_level="READ COMMITTED")
-        trans = await conn.begin()
-        try:
-            ids = {r.job_id for r in old if r.job_id} | {r.request_id for r in old}
-            existing = set((await conn.execute(select(failover_jobs.c.job_id).where(
-                failover_jobs.c.job_id.in_(ids)))).scalars().all()) - gone_jobs
-            # what a rejected request left under its own id, kept while its event is unpublished
-            unsent = set((await conn.execute(select(outbox.c.job_id).distinct().where(
-                outbox.c.job_id.in_([r.request_id for r in old]), outbox.c.published_at.is_(None)))).scalars().all())
-            gone = [r.request_id for r in old
-                    if (not r.job_id or r.job_id not in existing) and r.request_id not in existing | unsent]
-            if gone:
-                # (checked again in the statement: a job that appeared meanwhile keeps its rows)
-                exists = select(failover_jobs.c.job_id).where(failover_jobs.c.job_id == job_commands.c.job_id)
-                command = and_(job_commands.c.request_id.in_(gone), job_commands.c.received_at < cutoff)
-                await _remove(conn, [(job_commands, command if dry_run else and_(command, ~exists.exists()))],
-                              rows, dry_run)
-                await _remove(conn, [(table, table.c[col].in_(gone)) for table, col in _BY_JOB], rows, dry_run)
-        except BaseException:
-            await trans.rollback()
-            raise
-        await (trans.rollback() if dry_run else trans.commit())
+    async with _transaction(engine, dry_run) as conn:
+        ids = {r.job_id for r in old if r.job_id} | {r.request_id for r in old}
+        existing = set((await conn.execute(select(failover_jobs.c.job_id).where(
+            failover_jobs.c.job_id.in_(ids)))).scalars().all()) - gone_jobs
+        # what a rejected request left under its own id, kept while its event is unpublished
+        unsent = set((await conn.execute(select(outbox.c.job_id).distinct().where(
+            outbox.c.job_id.in_([r.request_id for r in old]), outbox.c.published_at.is_(None)))).scalars().all())
+        gone = [r.request_id for r in old
+                if (not r.job_id or r.job_id not in existing) and r.request_id not in existing | unsent]
+        if gone:
+            # (checked again in the statement: a job that appeared meanwhile keeps its rows)
+            exists = select(failover_jobs.c.job_id).where(failover_jobs.c.job_id == job_commands.c.job_id)
+            command = and_(job_commands.c.request_id.in_(gone), job_commands.c.received_at < cutoff)
+            await _remove(conn, [(job_commands, command if dry_run else and_(command, ~exists.exists()))],
+                          rows, dry_run)
+            await _remove(conn, [(table, table.c[col].in_(gone)) for table, col in _BY_JOB], rows, dry_run)
     return rows

@@ -167,12 +167,12 @@ async def pre_failover_validation(ctx: JobContext) -> StepResult:
         "network_source": network_source,
         "volumes": volumes,
     }
-    if not test and (vm.power_state or "").lower() == "poweredon":
-        ctx.log("WARN", f"the source VM {vm.vm_name} is powered on (vm_replication_contexts.power_state): the live "
-                        "VM starts from the last replication, and whatever the source wrote since is not in it; "
-                        "power the source off and let a final replication complete before a live failover",
-                power_state=vm.power_state)
     if not test:
+        if (vm.power_state or "").lower() == "poweredon":
+            ctx.log("WARN", f"the source VM {vm.vm_name} is powered on (vm_replication_contexts.power_state): the "
+                            "live VM starts from the last replication, and whatever the source wrote since is not "
+                            "in it; power the source off and let a final replication complete before a live "
+                            "failover", power_state=vm.power_state)
         # a live VM's name is the source VM's alone: another job's hold on it, or a VM of it in
         # CloudStack now, is found here, before the injection writes the root (on storage that
         # cannot revert, a re-sync); the claim is kept (vm-creation's own is the same)
