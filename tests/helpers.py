@@ -226,16 +226,24 @@ async def failover_row(db: AsyncEngine, job_id: str) -> Any:
 
 async def metric(serve: ServeProcess, name: str, labels: dict[str, str] | None = None) -> float:
     """A sample's value from the process's /metrics (0 when absent)."""
+    (value,) = await metrics(serve, (name, labels))
+    return value
+
+
+async def metrics(serve: ServeProcess, *queries: tuple[str, dict[str, str] | None]) -> list[float]:
+    """Several samples' values, (name, labels) each, from ONE scrape of the process's /metrics
+    (0 when absent): values compared with each other must come from the same moment."""
     from prometheus_client.parser import text_string_to_metric_families
 
     async with aiohttp.ClientSession() as http, http.get(serve.metrics_url + "/metrics") as resp:
         body = await resp.text()
-    total = 0.0
+    totals = [0.0] * len(queries)
     for family in text_string_to_metric_families(body):
         for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
-                total += sample.value
-    return total
+            for i, (name, labels) in enumerate(queries):
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                    totals[i] += sample.value
+    return totals
 
 
 async def watched_exchange(channel: Any, prefix: str) -> tuple[Any, Any]:

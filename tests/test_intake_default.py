@@ -30,7 +30,7 @@ from failover.client import BusClient
 from failover.seed import seed_vm
 from schemas.commands import FailoverRequested
 
-from .helpers import ServeProcess, metric, service_env, wait_until
+from .helpers import ServeProcess, metric, metrics, service_env, wait_until
 
 
 async def _serving(env: dict[str, str], log: Path, roles: str | None = None) -> tuple[ServeProcess, dict[str, Any]]:
@@ -150,9 +150,10 @@ def _intake_child(log: Path) -> int | None:
 
 
 async def _late_wakes(serve: ServeProcess, name: str, above: str = "0.5") -> tuple[float, float]:
-    """(samples, samples later than `above` seconds) of the lag histogram `name` on serve's /metrics."""
-    count = await metric(serve, f"{name}_count")
-    return count, count - await metric(serve, f"{name}_bucket", {"le": above})
+    """(samples, samples later than `above` seconds) of the lag histogram `name` on serve's /metrics
+    (both from one scrape: a sample taken between two would count as a negative late one)."""
+    count, within = await metrics(serve, (f"{name}_count", None), (f"{name}_bucket", {"le": above}))
+    return count, count - within
 
 
 @pytest.mark.parametrize("place", ["thread", "process"])
