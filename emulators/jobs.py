@@ -33,6 +33,7 @@ class JobRunner:
     def __init__(self, latency: Callable[[], Latency]) -> None:
         self._latency = latency
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._begins: dict[str, Callable[[], None]] = {}  # jobs' work not under way yet
         self._closing = asyncio.Event()
         self.jobs: dict[str, AsyncJob] = {}
         self.operations: dict[str, Operation] = {}
@@ -47,6 +48,7 @@ class JobRunner:
     def reset(self) -> None:
         """Forget every job and operation; the pending ones never finish."""
         self._cancel_timers()
+        self._begins.clear()
         self.jobs = {}
         self.operations = {}
         self.job_order, self.unended = [], {}
@@ -74,16 +76,23 @@ class JobRunner:
         run: JobAction,
         on_fail: Callable[[], None] | None = None,
         fault: str | None = None,
+        begin: Callable[[], None] | None = None,
     ) -> AsyncJob:
         """Queue an async job whose ``run`` applies its effect after the job latency.
 
         ``run`` returns the job result (e.g. ``{"volume": {...}}``) or raises CloudStackError,
         which fails the job. Fault ``async_fail`` fails it without running; ``timeout`` leaves
         it pending forever. ``on_fail`` undoes a transitional state when the job fails.
+        ``begin`` is the job under way (a state its resource shows while it works): at half
+        the latency, and before ``run`` in any case.
         """
         job = AsyncJob(new_id(), command, instance_type, instance_id)
         self.jobs[job.id] = job
         self.job_order.append(job)
+        if begin is not None:
+            self._begins[job.id] = begin
+            self._timers[f"{job.id}:begin"] = asyncio.get_running_loop().call_later(
+                self._latency().async_job_seconds / 2, self._begin, job.id)
         if fault != "timeout":
             self._timers[job.id] = asyncio.get_running_loop().call_later(
                 self._latency().async_job_seconds,
@@ -109,6 +118,15 @@ class JobRunner:
         self._timers[job.id] = asyncio.get_running_loop().call_later(0, self._finish_job, job, run, None, False)
         return job
 
+    def _begin(self, job_id: str) -> None:
+        """The job's work under way, once (at its timer, or as it ends if that came first)."""
+        handle = self._timers.pop(f"{job_id}:begin", None)
+        if handle is not None:
+            handle.cancel()
+        begin = self._begins.pop(job_id, None)
+        if begin is not None:
+            begin()
+
     def _finish_job(
         self,
         job: AsyncJob,
@@ -117,6 +135,7 @@ class JobRunner:
         injected_failure: bool,
     ) -> None:
         self._timers.pop(job.id, None)
+        self._begin(job.id)
         job.completed = cs_time()
         try:
             if injected_failure:

@@ -149,7 +149,7 @@ class Snapshot:
     volume_name: str
     volume_type: str
     zone_id: str
-    state: str = "Creating"
+    state: str = "Allocated"
     revertable: bool = True
     content: str | None = None
     created: str = field(default_factory=cs_time)

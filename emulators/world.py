@@ -308,8 +308,9 @@ class World(WorldState):
     def create_snapshot(
         self, volume: Volume, name: str | None, fault: str | None = None
     ) -> tuple[Snapshot, AsyncJob]:
-        """createSnapshot: Creating at once, BackedUp with the volume's content when the job
-        runs (``not_revertable`` fault: revertable false)."""
+        """createSnapshot: Allocated at once (CloudStack's create step), BackingUp while the job
+        works (the copy to secondary storage, the long part), BackedUp with the volume's content
+        when it ends (``not_revertable`` fault: revertable false)."""
         if volume.destroyed:
             raise param_error(f"Volume {volume.name} ({volume.id}) has been removed")
         if volume.state != "Ready":
@@ -335,7 +336,11 @@ class World(WorldState):
         def on_fail() -> None:
             snapshot.state = "Error"
 
-        job = self.runner.submit_job("createSnapshot", "Snapshot", snapshot.id, run, on_fail, fault)
+        def begin() -> None:
+            if snapshot.state == "Allocated":
+                snapshot.state = "BackingUp"
+
+        job = self.runner.submit_job("createSnapshot", "Snapshot", snapshot.id, run, on_fail, fault, begin)
         return snapshot, job
 
     def check_revert(self, snapshot: Snapshot) -> Volume:
@@ -390,13 +395,25 @@ class World(WorldState):
         return self.runner.submit_job("revertSnapshot", "Snapshot", snapshot.id, run, on_fail, fault)
 
     def delete_snapshot(self, snapshot: Snapshot, fault: str | None = None) -> AsyncJob:
-        """deleteSnapshot: the snapshot disappears from the lists."""
-        if snapshot.destroyed:
-            raise param_error(f"Snapshot {snapshot.id} has already been deleted")
-        if snapshot.state == "Creating":
-            raise param_error(f"Can't delete snapshot {snapshot.id} with state Creating")
+        """deleteSnapshot: the snapshot disappears from the lists. As CloudStack's (the id's
+        look-up includes removed rows; SnapshotManagerImpl.deleteSnapshot and the snapshot
+        strategy run in the job), every rule fails the job: a snapshot already deleted, or
+        one still being taken (only BackedUp and Error can go), checked as the job begins
+        (it fails at once) and again as it ends."""
+
+        def check() -> None:
+            if snapshot.destroyed:
+                raise param_error(f"Snapshot with id: {snapshot.id} is already destroyed")
+            if snapshot.state not in ("BackedUp", "Error"):
+                raise param_error(f"Can't delete snapshot {snapshot.id} due to it is in {snapshot.state} Status")
+
+        try:
+            check()
+        except CloudStackError as exc:
+            return self.runner.submit_failed_job("deleteSnapshot", "Snapshot", snapshot.id, exc)
 
         def run() -> dict[str, Any]:
+            check()
             snapshot.destroyed, snapshot.state = True, "Destroyed"
             return {"success": True}
 

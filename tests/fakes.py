@@ -22,7 +22,9 @@ CloudStack's, as DESIGN.md lists them (and `emulators/world.py` models them over
 operation that runs and fails (`job_fail`; `job_denied`: a CloudStack job failed with 531, a
 refusal, as the adapter reports it; `job_slow`: a CloudStack job whose first wait ends past its
 timeout, as the adapter reports it, and which has ended by the next; `job_late`: a CloudStack
-job still running, its resource untouched, until a wait on it finds it ended).
+job still running, its resource untouched, until a wait on it finds it ended; `job_stuck`: a
+CloudStack job still running (a snapshot in BackingUp) until the test ends it with
+`FakeWorld.finish`, every wait on it meanwhile ending past its timeout).
 
 `FakeJobStore` is the job's transactions: it keeps each `JobRow` and every column written, the
 events (the outbox) and the ledger, each commit all or nothing, copied (so what a crashed process
@@ -69,7 +71,7 @@ from statemachine.ports import (
     VmContext,
 )
 
-FaultKind = Literal["refused", "transient", "job_fail", "job_denied", "job_slow", "job_late"]
+FaultKind = Literal["refused", "transient", "job_fail", "job_denied", "job_slow", "job_late", "job_stuck"]
 _HOSTNAME = re.compile(r"[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
@@ -178,7 +180,7 @@ class Snapshot:
     id: str
     name: str
     volume_id: str
-    state: str  # Creating | BackedUp | Error
+    state: str  # Allocated (at the call) | BackingUp (its job running) | BackedUp | Error
     revertable: bool = False
     content: str | None = None
     destroyed: bool = False
@@ -195,6 +197,8 @@ class CsJob:
     denied: bool = False  # failed with a 531 (permission denied)
     slow: bool = False  # its first wait ends past its timeout
     later: Callable[[], dict[str, Any]] | None = None  # a job still running: it runs as a wait asks
+    stuck: bool = False  # still running until `FakeWorld.finish` ends it
+    on_fail: Callable[[], None] | None = None
 
 
 @dataclass
@@ -317,24 +321,41 @@ class FakeWorld:
     def submit_job(
         self, command: str, resource_id: str | None, run: Callable[[], dict[str, Any]],
         on_fail: Callable[[], None] | None, fault: FaultKind | None,
+        begin: Callable[[], None] | None = None,
     ) -> CsJob:
-        """The job runs at once: its rules are checked again as it runs (a refusal fails it)."""
-        job = CsJob(new_id(), command, resource_id, 0, slow=fault == "job_slow")
+        """The job runs at once: its rules are checked as it runs (a refusal fails it).
+        `begin` is the job starting its work (a state it shows while it runs)."""
+        job = CsJob(new_id(), command, resource_id, 0, slow=fault == "job_slow", on_fail=on_fail)
         self.jobs[job.id] = job
+        if begin is not None:
+            begin()
+        if fault in ("job_late", "job_stuck"):
+            job.later, job.stuck = run, fault == "job_stuck"
+            return job
         try:
             if fault in ("job_fail", "job_denied"):
                 job.denied = fault == "job_denied"
                 raise Refusal(f"injected fault: {command} failed")
-            if fault == "job_late":
-                job.later = run
-                return job
             job.result = run()
             job.status = 1
         except Refusal as exc:
-            job.status, job.error = 2, str(exc)
-            if on_fail is not None:
-                on_fail()
+            self._failed(job, exc)
         return job
+
+    def _failed(self, job: CsJob, exc: Refusal) -> None:
+        job.status, job.error = 2, str(exc)
+        if job.on_fail is not None:
+            job.on_fail()
+
+    def finish(self, job_id: str) -> None:
+        """A job still running (`job_late`, `job_stuck`) ends now."""
+        job = self.jobs[job_id]
+        run, job.later, job.stuck = job.later, None, False
+        assert run is not None, f"job {job_id} is not running"
+        try:
+            job.result, job.status = run(), 1
+        except Refusal as exc:
+            self._failed(job, exc)
 
     # ------------------------------------------------------------------ VMs
     def write(self, volume: Volume, tag: str) -> None:
@@ -466,8 +487,11 @@ class FakeWorld:
     def create_snapshot(self, volume: Volume, name: str, fault: FaultKind | None) -> tuple[Snapshot, CsJob]:
         if volume.state != "Ready":
             raise Refusal(f"VolumeId: {volume.id} is not in Ready state but {volume.state}")
-        snap = Snapshot(new_id(), name, volume.id, "Creating")
+        snap = Snapshot(new_id(), name, volume.id, "Allocated")
         self.snapshots[snap.id] = snap
+
+        def begin() -> None:
+            snap.state = "BackingUp"
 
         def run() -> dict[str, Any]:
             snap.content = volume.content
@@ -479,7 +503,7 @@ class FakeWorld:
         def on_fail() -> None:
             snap.state = "Error"
 
-        return snap, self.submit_job("createSnapshot", snap.id, run, on_fail, fault)
+        return snap, self.submit_job("createSnapshot", snap.id, run, on_fail, fault, begin)
 
     def check_revert(self, snap: Snapshot) -> Volume:
         if snap.state != "BackedUp":
@@ -502,10 +526,13 @@ class FakeWorld:
         return self.submit_job("revertSnapshot", snap.id, run, None, fault)
 
     def delete_snapshot(self, snap: Snapshot, fault: FaultKind | None) -> CsJob:
-        if snap.state == "Creating":
-            raise Refusal(f"Can't delete snapshot {snap.id} with state Creating")
+        """As CloudStack's: its rules are the job's (a snapshot still being taken fails it)."""
 
         def run() -> dict[str, Any]:
+            if snap.destroyed:
+                raise Refusal(f"Snapshot with id: {snap.id} is already destroyed")
+            if snap.state not in ("BackedUp", "Error"):
+                raise Refusal(f"Can't delete snapshot {snap.id} due to it is in {snap.state} Status")
             snap.destroyed = True
             return {"success": True}
 
@@ -562,8 +589,11 @@ class FakeCloudStack:
         job = self.world.jobs.get(job_id)
         if job is None:
             raise RefusedError("CLOUDSTACK_REFUSED", f"CloudStack refused queryAsyncJobResult (431): no job {job_id}")
+        if job.stuck:
+            raise StepError("CLOUDSTACK_JOB_TIMEOUT", f"CloudStack async job {job_id} did not finish within "
+                                                      f"{timeout:.0f} s")  # (final, as the adapter's)
         if job.later is not None:  # it has ended by now
-            job.result, job.status, job.later = job.later(), 1, None
+            self.world.finish(job_id)
         if job.slow:
             job.slow = False
             raise StepError("CLOUDSTACK_JOB_TIMEOUT", f"CloudStack async job {job_id} did not finish within "

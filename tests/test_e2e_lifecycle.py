@@ -144,6 +144,38 @@ async def test_a_snapshot_that_never_finishes_is_left_to_the_operator_by_id(
     assert after["vms"] == before["vms"] and len(after["snapshots"]) == 1
 
 
+async def test_a_snapshot_still_being_taken_at_the_rollback_is_deleted_once_it_is_taken(
+        serve: ServeProcess, bus: BusClient, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
+    """A snapshot slower than FAILOVER_SNAPSHOT_TIMEOUT_SECONDS (3 s here) fails its step, and
+    is still BackingUp when the rollback comes to delete it (CloudStack would fail the delete):
+    the rollback waits for it, deletes it once, and completes."""
+    vm = await _seed(db, control, emulators, "slow snapshot")
+    before = await view(control, vm.volume_ids, emulators.appliance_vm_id)
+    await control.set_latency(async_job_seconds=4.5)
+    calls = len(await control.calls())
+    job_id = uuid.uuid4()
+    queue = await bus.bind(f"job.{job_id}.#")
+    events: list[Event] = []
+    try:
+        await bus.publish(_test_failover(vm.vm_id, job_id))
+
+        async def collect() -> None:
+            async for event in bus.events(queue):
+                events.append(event)
+                if event.type == "StepFailed":  # (the slow snapshot's job is under way: its end stays 4.5 s)
+                    await control.set_latency(async_job_seconds=0)
+
+        await asyncio.wait_for(collect(), 120)
+    finally:
+        await queue.delete(if_unused=False, if_empty=False)
+        await control.set_latency(async_job_seconds=0)
+    assert _types(events)[-3:] == ["RollbackStarted", "RollbackCompleted", "JobFailed"], _types(events)
+    assert next(e for e in events if e.type == "StepFailed").error.code == "CLOUDSTACK_JOB_TIMEOUT"
+    deletes = [c for c in (await control.calls())[calls:] if c["command"] == "deleteSnapshot"]
+    assert len(deletes) == 1  # none while it was being taken
+    assert_restored(before, await view(control, vm.volume_ids, emulators.appliance_vm_id))
+
+
 async def test_a_transient_failure_is_retried_and_the_job_completes(
         serve: ServeProcess, bus: BusClient, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
     vm = await _seed(db, control, emulators, "flaky cloud")

@@ -16,7 +16,7 @@ from typing import Any
 
 from statemachine.context import JobContext
 from statemachine.errors import NotFound, RefusedError, StepError, TransientError
-from statemachine.ports import LedgerEntry
+from statemachine.ports import CsSnapshot, LedgerEntry
 
 from .resources import (
     ensure_attached,
@@ -370,6 +370,34 @@ async def reattach_to_appliance(ctx: JobContext, target: Target) -> None:
                 device_id=device)
 
 
+# a snapshot's states while a job works on it (CloudStack's Snapshot.State): Allocated at the
+# call, then Creating, CreatedOnPrimary, BackingUp (the copy to secondary storage, the long
+# part) or Copying; Destroying while a delete runs. deleteSnapshot fails in these (but for
+# CreatedOnPrimary, which it marks Destroyed under the job still backing it up)
+SNAPSHOT_IN_WORK = ("Allocated", "Creating", "CreatedOnPrimary", "BackingUp", "Copying", "Destroying")
+
+
+async def _snapshot_settled(ctx: JobContext, snapshot_id: str, volume_id: str) -> CsSnapshot | None:
+    """The snapshot once no job works on it (None: gone), waited for up to
+    FAILOVER_SNAPSHOT_TIMEOUT_SECONDS."""
+    cs = ctx.ports.cloudstack
+
+    async def settled() -> tuple[CsSnapshot | None] | None:
+        now = await ctx.retrying("snapshot state", cs.get_snapshot, snapshot_id)
+        return None if now is not None and now.state in SNAPSHOT_IN_WORK else (now,)
+
+    try:
+        (snap,) = await settle(settled, ctx.config.snapshot_timeout, "SNAPSHOT_STILL_CREATING",
+                               f"snapshot {snapshot_id} of volume {volume_id}")
+    except StepError as exc:
+        raise StepError("SNAPSHOT_STILL_CREATING",
+                        f"snapshot {snapshot_id} of volume {volume_id} is still being worked on by CloudStack "
+                        f"after {ctx.config.snapshot_timeout:.0f} s, so it cannot be deleted yet; once CloudStack "
+                        "has finished or failed it, retry (or delete it by hand); if CloudStack is only slow, raise "
+                        "FAILOVER_SNAPSHOT_TIMEOUT_SECONDS") from exc
+    return snap
+
+
 async def delete_snapshots(ctx: JobContext, target: Target) -> None:
     cs = ctx.ports.cloudstack
     deleting: dict[str, str] = {}  # snapshot id: its delete's job, while it is waited on
@@ -386,12 +414,13 @@ async def delete_snapshots(ctx: JobContext, target: Target) -> None:
             ids |= {s.id for s in named}
         for snapshot_id in sorted(ids):
             snap = await ctx.retrying("snapshot state", cs.get_snapshot, snapshot_id)
+            if snap is not None and snap.state in SNAPSHOT_IN_WORK:
+                # CloudStack refuses to delete it until its job ends (a snapshot whose wait
+                # timed out, or taken by a run a crash cut short): wait for that, as long as
+                # a snapshot may take
+                snap = await _snapshot_settled(ctx, snap.id, volume_id)
             if snap is None:
                 continue
-            if snap.state == "Creating":
-                raise StepError("SNAPSHOT_STILL_CREATING",
-                                f"snapshot {snap.id} of volume {volume_id} is still being created, so it cannot "
-                                "be deleted yet; delete it once CloudStack has finished or failed it")
 
             async def delete(snapshot_id: str = snap.id) -> None:
                 # a poll that failed waits on the same job again (not a second delete of a

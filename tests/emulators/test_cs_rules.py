@@ -11,7 +11,7 @@ from cs import AIOCloudStack
 from emulators.client import EmulatorControl
 from emulators.runner import EmulatorHandle
 
-from .helpers import raw_call, refused, run_job, succeed, wait_job
+from .helpers import raw_call, refused, run_job, succeed, wait_job, wait_until
 
 
 async def deploy(emu: EmulatorHandle, cs: AIOCloudStack, name: str, **extra: Any) -> dict[str, Any]:
@@ -282,7 +282,7 @@ async def test_snapshot_revert_and_delete(
     await control.set_latency(async_job_seconds=0.05)
     answer = await cs.createSnapshot(volumeid=root["id"], name="before")
     [creating] = (await cs.listSnapshots(id=answer["id"]))["snapshot"]
-    assert creating["state"] == "Creating"
+    assert creating["state"] in ("Allocated", "BackingUp")  # (test_a_snapshot_being_taken_...)
     job = await wait_job(cs, answer["jobid"])
     snapshot = job["jobresult"]["snapshot"]
     assert snapshot == {
@@ -314,6 +314,37 @@ async def test_snapshot_revert_and_delete(
     assert await cs.listSnapshots(volumeid=root["id"]) == {}
     status, _ = await refused(cs.revertSnapshot(id=snapshot["id"]))
     assert status == 431
+
+
+async def test_a_snapshot_being_taken_shows_its_state_and_cannot_be_deleted(
+    emu: EmulatorHandle, cs: AIOCloudStack, control: EmulatorControl
+) -> None:
+    """As CloudStack's: Allocated once the call answered, BackingUp while its job copies it,
+    BackedUp at the end. deleteSnapshot's rules are its job's: a snapshot still being taken,
+    or already deleted, fails the job (the call is taken)."""
+    volume = await control.create_volume("taking", 5, content="v1")
+    await control.set_latency(async_job_seconds=2.0)
+    answer = await cs.createSnapshot(volumeid=volume["id"])
+
+    async def state() -> str:
+        [snapshot] = (await cs.listSnapshots(id=answer["id"]))["snapshot"]
+        return str(snapshot["state"])
+
+    async def backing_up() -> bool:
+        return await state() == "BackingUp"
+
+    assert await state() == "Allocated"
+    await wait_until(backing_up, 3, "the snapshot's job under way")
+    await control.set_latency(async_job_seconds=0)
+    early = await wait_job(cs, (await cs.deleteSnapshot(id=answer["id"]))["jobid"])
+    assert (early["jobstatus"], early["jobresult"]["errortext"]) == (
+        2, f"Can't delete snapshot {answer['id']} due to it is in BackingUp Status")
+    assert (await wait_job(cs, answer["jobid"], timeout=5))["jobstatus"] == 1
+    assert await state() == "BackedUp"
+    assert await succeed(cs, "deleteSnapshot", id=answer["id"]) == {"success": True}
+    again = await wait_job(cs, (await cs.deleteSnapshot(id=answer["id"]))["jobid"])
+    assert (again["jobstatus"], again["jobresult"]["errortext"]) == (
+        2, f"Snapshot with id: {answer['id']} is already destroyed")
 
 
 async def test_a_revert_while_one_runs_is_refused(

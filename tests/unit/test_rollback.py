@@ -4,6 +4,8 @@ appliance in its original relative order with its pre-failover content)."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -609,3 +611,50 @@ async def test_a_failed_rollback_leaves_the_replicas_intact(h: Harness, machine:
     assert ("destroy", "vm", vm_cs_id) in {(a.action, a.resource_type, a.resource_id) for a in rb.manual_actions}
     assert not any(h.world.volumes[v].destroyed for v in vm.volume_ids)
     assert all(h.world.volumes[v].vm_id is None for v in vm.volume_ids)
+
+
+def _stuck_snapshot_job(h: Harness) -> str:
+    [job] = [j for j in h.world.jobs.values() if j.stuck and j.command == "createSnapshot"]
+    return job.id
+
+
+async def test_a_snapshot_still_being_taken_is_deleted_once_its_job_ends(h: Harness, machine: AsyncMachine) -> None:
+    """A snapshot whose wait timed out is still being taken (BackingUp: the copy to secondary
+    storage) when the rollback comes to delete it, and CloudStack fails a delete then: the
+    rollback waits for the snapshot's job to end and deletes it once, and the world is as
+    before."""
+    vm = h.seed_vm("LNX-SLOWSNAP", os_type="Linux", disks=2)
+    before = h.world.observable()
+    h.faults.add("createSnapshot", "job_stuck", nth=2)
+
+    def ends_later(store: FakeJobStore, job: JobRow, commit: Commit) -> None:
+        if any(e.type == "RollbackStarted" for e in commit.with_tail().events):
+            asyncio.get_running_loop().call_later(0.3, h.world.finish, _stuck_snapshot_job(h))
+
+    h.store.hooks.append(ends_later)
+    ctx = h.new_job(vm, "test-failover")
+    assert await drive(machine, ctx) == "failed"
+    events = h.events(ctx.row.job_id)
+    assert last(events, "StepFailed").error.code == "CLOUDSTACK_JOB_TIMEOUT"
+    assert last(events, "JobFailed").rolled_back is True
+    assert h.world.live_snapshots() == []
+    assert h.cloudstack.count("deleteSnapshot") == 2  # each once: none while its snapshot was being taken
+    assert_restored(h, before, vm)
+
+
+async def test_a_snapshot_never_finished_fails_the_rollback_saying_so(h: Harness, machine: AsyncMachine) -> None:
+    """The snapshot's job never ends: the rollback waits FAILOVER_SNAPSHOT_TIMEOUT_SECONDS for it,
+    then fails naming it (a delete now would fail), and lists its deletion as a manual action."""
+    vm = h.seed_vm("LNX-STUCKSNAP", os_type="Linux", disks=1)
+    h.config = dataclasses.replace(h.config, snapshot_timeout=0.4)
+    h.faults.add("createSnapshot", "job_stuck")
+    ctx = h.new_job(vm, "test-failover")
+    assert await drive(machine, ctx) == "failed"
+    rb = last(h.events(ctx.row.job_id), "RollbackFailed")
+    [snapshot] = h.world.live_snapshots()
+    assert snapshot.state == "BackingUp"
+    assert rb.error.code == "SNAPSHOT_STILL_CREATING"
+    assert snapshot.id in rb.error.message and "FAILOVER_SNAPSHOT_TIMEOUT_SECONDS" in rb.error.message
+    assert ("delete", "snapshot", snapshot.id) in {(a.action, a.resource_type, a.resource_id)
+                                                   for a in rb.manual_actions}
+    assert h.cloudstack.count("deleteSnapshot") == 0
