@@ -161,6 +161,17 @@ class CloudStackAdapter:
             raise MalformedResponse("CloudStack", f"list of {key} has the wrong shape")
         return items
 
+    async def listing(self, command: str, key: str, **params: Any) -> list[dict[str, Any]]:
+        """A list command's items (`failoverctl check`'s look at the settings' ids)."""
+        return self._items(await self._call(command, **params), key)
+
+    async def capabilities(self) -> dict[str, Any]:
+        """listCapabilities: what CloudStack allows the API key's account."""
+        found = (await self._call("listCapabilities")).get("capability", {})
+        if not isinstance(found, dict):
+            raise MalformedResponse("CloudStack", "listCapabilities answered a capability of the wrong shape")
+        return found
+
     # ------------------------------------------------------------------ port
 
     async def resolve_zone(self, zone: str) -> str:

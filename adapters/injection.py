@@ -100,6 +100,27 @@ class InjectionScript:
         finally:
             os.close(fd)  # (the lock, if taken, goes with it)
 
+    def _not_runnable(self) -> str | None:
+        """Why the command cannot be started here (None: it can)."""
+        if self._flock is None:
+            return ("`flock` (util-linux) is not installed: it holds the device's lock for as long as the "
+                    "injection command runs; install util-linux")
+        if not self._argv or shutil.which(self._argv[0]) is None:
+            return (f"cannot run the injection command {self._argv[0] if self._argv else ''!r}: no such executable "
+                    "file; check FAILOVER_VIRTIO_INJECT_COMMAND")
+        return None
+
+    def problem(self) -> str | None:
+        """Why no injection could run on this machine now (None: one could): the command, `flock`,
+        the lock directory (`failoverctl check`)."""
+        if (problem := self._not_runnable()) is not None:
+            return problem
+        try:
+            os.close(self._open(self.lock_dir / ".failoverctl-check.lock"))
+        except InjectionFailed as exc:
+            return exc.message
+        return None
+
     def _open(self, path: Path) -> int:
         try:
             self.lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -118,16 +139,11 @@ class InjectionScript:
 
     async def _run(self, device_path: str, job_id: str, on_line: Callable[[str], Awaitable[None]]) -> bool:
         """One run under the device's lock; False if another run took the lock first."""
-        if self._flock is None:
-            raise InjectionFailed("DRIVER_INJECTION_NOT_RUN",
-                                  "`flock` (util-linux) is not installed: it holds the device's lock for as long as "
-                                  "the injection command runs; install util-linux")
         argv = [*self._argv, device_path, job_id]
-        if shutil.which(argv[0]) is None:  # (`flock` would say so only in its output)
+        if (problem := self._not_runnable()) is not None:  # (`flock` would say so only in its output)
             self._observe("injection", "inject", "error", 0.0)
-            raise InjectionFailed("DRIVER_INJECTION_NOT_RUN",
-                                  f"cannot run the injection command {argv[0]!r}: no such executable file; check "
-                                  "FAILOVER_VIRTIO_INJECT_COMMAND")
+            raise InjectionFailed("DRIVER_INJECTION_NOT_RUN", problem)
+        assert self._flock is not None
         # `flock` takes the lock, runs the command as its child and keeps the lock until it
         # ends: also past serve's own end (SIGKILL), and whatever descriptors the command
         # (sudo, say) closes

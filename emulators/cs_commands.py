@@ -19,6 +19,9 @@ from emulators.model import Volume, cs_time
 from emulators.world import World
 
 Handler = Callable[[World, Params, str | None], dict[str, Any]]
+# the version whose rules this emulator follows (where it was checked against Apache CloudStack's
+# source: the 4.19-4.20 line)
+CLOUDSTACK_VERSION = "4.20.0.0"
 TEMPLATE_FILTERS = (
     "featured", "self", "selfexecutable", "sharedexecutable", "executable", "community", "all",
 )  # fmt: skip
@@ -197,6 +200,15 @@ def list_async_jobs(world: World, p: Params, fault: str | None) -> dict[str, Any
     return {"count": count, "asyncjobs": [views.job_json(world, job) for job in shown]}
 
 
+def list_capabilities(world: World, p: Params, fault: str | None) -> dict[str, Any]:
+    """listCapabilities: a few of CloudStack's fields (those a client of this emulator reads)."""
+    return {"capability": {
+        "cloudstackversion": CLOUDSTACK_VERSION,
+        "allowuserexpungerecovervm": world.allow_user_expunge_recover_vm,
+        "allowuserforcestopvm": True,
+    }}
+
+
 def deploy_virtual_machine(world: World, p: Params, fault: str | None) -> dict[str, Any]:
     """deployVirtualMachine(serviceofferingid, templateid, zoneid, name?, displayname?,
     networkids?, startvm?, details[0].cpuNumber?, details[0].memory?, diskofferingid?)."""
@@ -276,6 +288,7 @@ def delete_snapshot(world: World, p: Params, fault: str | None) -> dict[str, Any
 
 COMMANDS: dict[str, Command] = {
     "listZones": Command(list_zones, False),
+    "listCapabilities": Command(list_capabilities, False),
     "listServiceOfferings": Command(list_service_offerings, False),
     "listDiskOfferings": Command(list_disk_offerings, False),
     "listTemplates": Command(list_templates, False),

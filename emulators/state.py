@@ -87,6 +87,9 @@ class WorldState:
         self.faults.clear()
         self.latency = Latency()
         self.api_limit = ApiLimit()
+        # CloudStack's allow.user.expunge.recover.vm for the key's account (false by default:
+        # a user account may not expunge; listCapabilities shows it)
+        self.allow_user_expunge_recover_vm = False
         self.zones = {self.zone_id: Zone(self.zone_id, "zone1")}
         self.service_offerings = {
             self.service_offering_id: ServiceOffering(self.service_offering_id, "Custom")

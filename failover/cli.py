@@ -235,6 +235,37 @@ def prune(older_than: str, dry_run: bool, batch_size: int, as_json: bool) -> Non
     _run(go())
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per check.")
+def check(as_json: bool) -> None:
+    """Look at everything a failover needs before one is asked for: the database, RabbitMQ,
+    CloudStack and each id the settings name, the Volume Daemon, the driver injection.
+    Exit 0 when every check passed, 1 when one failed (notes do not fail)."""
+    from .preflight import run_checks
+
+    settings = _settings(Settings)
+    for noisy in ("aiormq", "aio_pika"):  # (their connection errors come back in the check's line)
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+
+    async def go() -> int:
+        checks = await run_checks(settings)
+        if as_json:
+            for c in checks:
+                _json(c.as_dict())
+        else:
+            table = Table("check", "", "found / what to do")
+            for c in checks:
+                mark = {True: "[green]ok[/]", False: "[red]FAILED[/]", None: "[yellow]note[/]"}[c.ok]
+                table.add_row(c.name, mark, escape(c.detail))
+            console.print(table)
+            failed = [c.name for c in checks if c.ok is False]
+            console.print(f"{len(failed)} check(s) failed: {', '.join(failed)}" if failed
+                          else "every check passed: a failover can run with these settings", highlight=False)
+        return 1 if any(c.ok is False for c in checks) else 0
+
+    _run(go())
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
 def emulate(ctx: click.Context) -> None:

@@ -1,0 +1,223 @@
+"""`failoverctl check`: whether this machine's settings would let a failover run, looked at
+before one is asked for (before a DR test, after a change of settings), not discovered by the
+first job at its fourth step.
+
+Each check reads, never writes (but for the injection's lock directory, which `serve` would
+create the same way): the database (reachable, migrated), RabbitMQ (reachable), CloudStack
+(reachable, the API key accepted, and every id the settings name: the zone, the template ready
+in it, the offerings, the network, the appliance VM; and whether the key's account may
+expunge), the Volume Daemon (reachable) and the driver injection (the command, `flock`, the
+lock directory). A check that fails says what to set or do; a note is something to know that
+need not stop a failover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import aiohttp
+
+from adapters.bus import connect
+from adapters.cloudstack import CloudStackAdapter
+from adapters.db.engine import make_engine
+from adapters.db.migrate import schema_problem
+from adapters.injection import InjectionScript
+from statemachine.errors import StepError
+
+from .settings import Settings, redact_url
+
+__all__ = ["CHECK_TIMEOUT_SECONDS", "Check", "run_checks"]
+
+# one look's time at most (a system down answers nothing: the check says so, not hangs)
+CHECK_TIMEOUT_SECONDS = 15.0
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool | None  # passed; failed; None: a note, not a failure
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Failed(Exception):
+    """A check's failure, with what to do."""
+
+
+async def _timed(look: Awaitable[str | tuple[bool | None, str]], what: str) -> tuple[bool | None, str]:
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
+            found = await look
+    except TimeoutError:
+        return False, f"{what} did not answer within {CHECK_TIMEOUT_SECONDS:.0f} s"
+    except _Failed as exc:
+        return False, str(exc)
+    except StepError as exc:
+        return False, exc.message
+    return found if isinstance(found, tuple) else (True, found)
+
+
+async def run_checks(settings: Settings) -> list[Check]:
+    """Every check, in order; none raises."""
+    checks: list[Check] = []
+
+    async def check(name: str, look: Callable[[], Awaitable[str | tuple[bool | None, str]]], what: str) -> bool:
+        ok, detail = await _timed(look(), what)
+        checks.append(Check(name, ok, detail))
+        return ok is not False
+
+    await check("database", lambda: _database(settings), "MariaDB")
+    await check("broker", lambda: _broker(settings), "RabbitMQ")
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        cs = CloudStackAdapter(settings.cloudstack_url, settings.cloudstack_api_key.get_secret_value(),
+                               settings.cloudstack_secret_key.get_secret_value(), session=http,
+                               timeout=CHECK_TIMEOUT_SECONDS)
+        if await check("cloudstack", lambda: _cloudstack(cs), "CloudStack"):
+            zone: list[str] = []
+            if await check("zone", lambda: _zone(cs, settings.zone, zone), "CloudStack"):
+                await check("template", lambda: _template(cs, settings.template_id, zone[0]), "CloudStack")
+                await check("network", lambda: _network(cs, settings.network_id, zone[0]), "CloudStack")
+            await check("service offering", lambda: _one(
+                cs, "listServiceOfferings", "serviceoffering", settings.service_offering_id,
+                "FAILOVER_SERVICE_OFFERING_ID"), "CloudStack")
+            if settings.disk_offering_id:
+                await check("disk offering", lambda: _one(
+                    cs, "listDiskOfferings", "diskoffering", settings.disk_offering_id or "",
+                    "FAILOVER_DISK_OFFERING_ID"), "CloudStack")
+            await check("appliance VM", lambda: _appliance(cs, settings.appliance_vm_id), "CloudStack")
+            await check("expunge", lambda: _expunge(cs), "CloudStack")
+        await check("volume daemon", lambda: _volume_daemon(http, settings), "the Volume Daemon")
+    await check("driver injection", lambda: _injection(settings), "the injection's lock directory")
+    return checks
+
+
+async def _database(settings: Settings) -> str:
+    url = settings.database_url.get_secret_value()
+    engine = make_engine(url, pool_size=1)
+    try:
+        try:
+            problem = await schema_problem(engine)
+        except Exception as exc:
+            raise _Failed(f"cannot reach MariaDB at {redact_url(url)} (FAILOVER_DATABASE_URL): "
+                          f"{type(exc).__name__}: {exc}") from exc
+        if problem is not None:
+            raise _Failed(problem)
+        return f"reachable at {redact_url(url)}, migrated"
+    finally:
+        await engine.dispose()
+
+
+async def _broker(settings: Settings) -> str:
+    url = settings.amqp_url.get_secret_value()
+    try:
+        connection = await connect(url, ca_file=settings.amqp_ca_file, name="failoverctl check")
+    except Exception as exc:
+        raise _Failed(f"cannot reach RabbitMQ at {redact_url(url)} (FAILOVER_AMQP_URL): "
+                      f"{type(exc).__name__}: {exc}") from exc
+    await connection.close()
+    return f"reachable at {redact_url(url)}"
+
+
+async def _cloudstack(cs: CloudStackAdapter) -> str:
+    capabilities = await cs.capabilities()  # (any call: the key and the signature are checked)
+    version = capabilities.get("cloudstackversion")
+    return f"reachable, the API key accepted{f' (CloudStack {version})' if version else ''}"
+
+
+async def _zone(cs: CloudStackAdapter, zone: str, found: list[str]) -> str:
+    zone_id = await cs.resolve_zone(zone)
+    zones = await _listed(cs, "listZones", "zone", "FAILOVER_ZONE", id=zone_id)
+    if not zones:
+        raise _Failed(f"CloudStack lists no zone {zone_id} for this API key; check FAILOVER_ZONE")
+    found.append(zone_id)
+    return f"{zones[0].get('name', '?')} ({zone_id})"
+
+
+async def _template(cs: CloudStackAdapter, template_id: str, zone_id: str) -> tuple[bool | None, str]:
+    items = await _listed(cs, "listTemplates", "template", "FAILOVER_TEMPLATE_ID", id=template_id,
+                          templatefilter="executable", zoneid=zone_id)
+    here = [t for t in items if t.get("id") == template_id and t.get("zoneid", zone_id) == zone_id]
+    if not here:
+        raise _Failed(f"CloudStack lists no template {template_id} this API key may deploy from in zone {zone_id}; "
+                      "check FAILOVER_TEMPLATE_ID (and that the template is in that zone)")
+    if not here[0].get("isready"):
+        raise _Failed(f"template {template_id} ({here[0].get('name', '?')}) is not ready in zone {zone_id} "
+                      f"({here[0].get('status', 'no status')}); wait until CloudStack shows it ready")
+    return True, f"{here[0].get('name', '?')} ({template_id}), ready in the zone"
+
+
+async def _network(cs: CloudStackAdapter, network_id: str, zone_id: str) -> str:
+    items = await _listed(cs, "listNetworks", "network", "FAILOVER_NETWORK_ID", id=network_id)
+    if not items:
+        raise _Failed(f"CloudStack lists no network {network_id} for this API key; check FAILOVER_NETWORK_ID")
+    if items[0].get("zoneid") not in (None, zone_id):
+        raise _Failed(f"network {network_id} is in zone {items[0].get('zoneid')}, not in FAILOVER_ZONE's "
+                      f"{zone_id}; check FAILOVER_NETWORK_ID and FAILOVER_ZONE")
+    return f"{items[0].get('name', '?')} ({network_id})"
+
+
+async def _one(cs: CloudStackAdapter, command: str, key: str, wanted: str, setting: str) -> str:
+    items = await _listed(cs, command, key, setting, id=wanted)
+    if not items:
+        raise _Failed(f"CloudStack lists no {key} {wanted} for this API key; check {setting}")
+    return f"{items[0].get('name', '?')} ({wanted})"
+
+
+async def _listed(cs: CloudStackAdapter, command: str, key: str, setting: str, **params: Any) -> list[dict[str, Any]]:
+    """A listing by id; an id CloudStack refuses (not one, or not of this kind) fails, naming
+    the setting."""
+    try:
+        return await cs.listing(command, key, **params)
+    except StepError as exc:
+        if exc.code != "CLOUDSTACK_REFUSED":
+            raise
+        raise _Failed(f"{exc.message}; check {setting}") from exc
+
+
+async def _appliance(cs: CloudStackAdapter, vm_id: str) -> tuple[bool | None, str]:
+    items = await _listed(cs, "listVirtualMachines", "virtualmachine", "FAILOVER_APPLIANCE_VM_ID", id=vm_id)
+    if not items:
+        raise _Failed(f"CloudStack lists no VM {vm_id} for this API key; set FAILOVER_APPLIANCE_VM_ID to the "
+                      "appliance (OMA) VM the replicated volumes are attached to")
+    name, state = items[0].get("name", "?"), items[0].get("state", "?")
+    if state != "Running":
+        return None, (f"{name} ({vm_id}) is {state}: the replicated volumes go back to it after each test; "
+                      "a failover does not need it running, the replication does")
+    return True, f"{name} ({vm_id}), {state}"
+
+
+async def _expunge(cs: CloudStackAdapter) -> tuple[bool | None, str]:
+    allowed = (await cs.capabilities()).get("allowuserexpungerecovervm")
+    if allowed is True:
+        return True, "the key's account may expunge VMs (allow.user.expunge.recover.vm is true)"
+    return None, ("allow.user.expunge.recover.vm is not true for the key's account: rollbacks and cleanups "
+                  "destroy test VMs with expunge=true, which CloudStack then allows only an admin or domain "
+                  "admin account's key (README, Configuration: what the CloudStack API key must be allowed)")
+
+
+async def _volume_daemon(http: aiohttp.ClientSession, settings: Settings) -> str:
+    url = f"{settings.volume_daemon_url.rstrip('/')}/api/v1/health"
+    try:
+        async with http.get(url, timeout=aiohttp.ClientTimeout(total=CHECK_TIMEOUT_SECONDS)) as response:
+            status = response.status
+    except (aiohttp.ClientError, OSError) as exc:
+        raise _Failed(f"cannot reach the Volume Daemon at {settings.volume_daemon_url} (FAILOVER_VOLUME_DAEMON_URL): "
+                      f"{type(exc).__name__}: {exc}") from exc
+    if status >= 500:
+        raise _Failed(f"the Volume Daemon at {settings.volume_daemon_url} answered {status} to GET /api/v1/health; "
+                      "look at its log")
+    return f"reachable at {settings.volume_daemon_url}" + ("" if status < 300 else f" (GET /api/v1/health: {status})")
+
+
+async def _injection(settings: Settings) -> str:
+    script = InjectionScript(settings.inject_argv, timeout=settings.inject_timeout_seconds,
+                             lock_dir=settings.inject_lock_dir or None)
+    problem = await asyncio.to_thread(script.problem)
+    if problem is not None:
+        raise _Failed(problem)
+    return f"{settings.inject_argv[0]} runs under flock, locks in {script.lock_dir}"
