@@ -236,11 +236,14 @@ def prune(older_than: str, dry_run: bool, batch_size: int, as_json: bool) -> Non
 
 
 @main.command()
+@click.option("--vm", "vm_ids", multiple=True, metavar="VM_ID",
+              help="Also validate this VM as a test failover's first step would (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per check.")
-def check(as_json: bool) -> None:
+def check(vm_ids: tuple[str, ...], as_json: bool) -> None:
     """Look at everything a failover needs before one is asked for: the database, RabbitMQ,
-    CloudStack and each id the settings name, the Volume Daemon, the driver injection.
-    Exit 0 when every check passed, 1 when one failed (notes do not fail)."""
+    CloudStack and each id the settings name, the Volume Daemon, the driver injection, and
+    with --vm the VMs to fail over. Exit 0 when every check passed, 1 when one failed (notes
+    do not fail)."""
     from .preflight import run_checks
 
     settings = _settings(Settings)
@@ -248,7 +251,7 @@ def check(as_json: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
 
     async def go() -> int:
-        checks = await run_checks(settings)
+        checks = await run_checks(settings, vm_ids)
         if as_json:
             for c in checks:
                 _json(c.as_dict())

@@ -9,23 +9,38 @@ in it, the offerings, the network, the appliance VM; and whether the key's accou
 expunge), the Volume Daemon (reachable) and the driver injection (the command, `flock`, the
 lock directory). A check that fails says what to set or do; a note is something to know that
 need not stop a failover.
+
+With `--vm`, each VM named is also validated as a test failover's first step validates it (the
+same code, `pre_failover_validation`, on the platform tables and the Volume Daemon: read only),
+and looked up among the jobs: one holding it would have the request rejected.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import dataclasses
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import aiohttp
+from sqlalchemy import select
 
 from adapters.bus import connect
 from adapters.cloudstack import CloudStackAdapter
 from adapters.db.engine import make_engine
 from adapters.db.migrate import schema_problem
+from adapters.db.platform import PlatformTables
+from adapters.db.tables import failover_jobs
 from adapters.injection import InjectionScript
+from adapters.volume_daemon import VolumeDaemonAdapter
+from statemachine.context import JobContext, Ports
 from statemachine.errors import StepError
+from statemachine.ports import JobRow, JobStorePort
+from statemachine.steps.failover import pre_failover_validation
 
 from .settings import Settings, redact_url
 
@@ -62,8 +77,8 @@ async def _timed(look: Awaitable[str | tuple[bool | None, str]], what: str) -> t
     return found if isinstance(found, tuple) else (True, found)
 
 
-async def run_checks(settings: Settings) -> list[Check]:
-    """Every check, in order; none raises."""
+async def run_checks(settings: Settings, vm_ids: Sequence[str] = ()) -> list[Check]:
+    """Every check, in order (with each of `vm_ids` validated last); none raises."""
     checks: list[Check] = []
 
     async def check(name: str, look: Callable[[], Awaitable[str | tuple[bool | None, str]]], what: str) -> bool:
@@ -91,9 +106,56 @@ async def run_checks(settings: Settings) -> list[Check]:
                     "FAILOVER_DISK_OFFERING_ID"), "CloudStack")
             await check("appliance VM", lambda: _appliance(cs, settings.appliance_vm_id), "CloudStack")
             await check("expunge", lambda: _expunge(cs), "CloudStack")
-        await check("volume daemon", lambda: _volume_daemon(http, settings), "the Volume Daemon")
-    await check("driver injection", lambda: _injection(settings), "the injection's lock directory")
+        daemon = await check("volume daemon", lambda: _volume_daemon(http, settings), "the Volume Daemon")
+        await check("driver injection", lambda: _injection(settings), "the injection's lock directory")
+        if vm_ids and not (checks[0].ok and daemon):
+            checks.append(Check("VMs", False, "not validated: the database and the Volume Daemon must pass first"))
+        elif vm_ids:
+            engine = make_engine(settings.database_url.get_secret_value(), pool_size=2)
+            try:
+                for vm_id in vm_ids:
+                    notes: list[str] = []
+                    await check(f"VM {vm_id}", partial(_vm, settings, engine, cs, http, vm_id, notes), "the validation")
+                    checks.extend(Check(f"VM {vm_id}", None, note) for note in notes)
+            finally:
+                await engine.dispose()
     return checks
+
+
+async def _vm(settings: Settings, engine: Any, cs: CloudStackAdapter, http: aiohttp.ClientSession, vm_id: str,
+              notes: list[str]) -> str:
+    """A test failover's validation of `vm_id`, run as its first step runs it (tried once); its
+    warnings go to `notes`."""
+    from .service import engine_config
+
+    async with engine.connect() as conn:
+        holder = (await conn.execute(select(failover_jobs.c.job_id, failover_jobs.c.status).where(
+            failover_jobs.c.active_vm_id == vm_id))).first()
+    if holder is not None:
+        raise _Failed(f"job {holder.job_id} ({holder.status}) holds this VM: a request would be rejected "
+                      "(conflict) until it ends, or its test failover is cleaned up")
+    ports = Ports(cloudstack=cs,
+                  volumes=VolumeDaemonAdapter(settings.volume_daemon_url, session=http, timeout=CHECK_TIMEOUT_SECONDS),
+                  injection=InjectionScript(settings.inject_argv, timeout=settings.inject_timeout_seconds),
+                  platform=PlatformTables(engine),
+                  store=cast(JobStorePort, None))  # (a test failover's validation writes nothing)
+    config = dataclasses.replace(engine_config(settings), retry_attempts=1, retry_window=0.0)
+    job_id = str(uuid.uuid4())
+    row = JobRow(job_id=job_id, request_id=job_id, job_type="test-failover", vm_id=vm_id, vm_name="",
+                 correlation_id=job_id, parent_job_id=None, requested_by="failoverctl check", status="checking",
+                 last_sequence=0, resume_state=None, options={}, plan={}, cancel_requested=False,
+                 rollback_requested=False, failed_step=None, error_code=None, error_message=None,
+                 created_at=time.time(), started_at=None)
+    ctx = JobContext(row=row, ports=ports, config=config)
+    ctx.current_step = "pre-failover-validation"
+    try:
+        result = await pre_failover_validation(ctx)
+    finally:
+        notes.extend(message for level, message, _, _ in ctx.pending_lines() if level in ("WARN", "ERROR"))
+    plan = ctx.row.plan
+    return (f"{plan['vm_name']}: {len(plan['volumes'])} volume(s) on the appliance, root {result.outputs['root_volume_id']}; "
+            f"networks from {plan['network_source']}; driver injection {'yes' if plan['inject'] else 'no'} "
+            f"({plan['inject_reason']})")
 
 
 async def _database(settings: Settings) -> str:

@@ -224,6 +224,10 @@ class JobContext:
             self.cancel_seen = self.cancel_seen or cancel
             return cancel
 
+    def pending_lines(self) -> list[tuple[str, str, str | None, dict[str, Any]]]:
+        """The log lines not written yet: (level, message, step, fields)."""
+        return list(self._pending_logs)
+
     async def flush(self) -> None:
         """Send the pending log lines (and what is staged) now (long steps call it to show
         progress; a drain before it stops)."""

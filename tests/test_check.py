@@ -10,13 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from adapters.db.tables import failover_jobs, outbox, vm_name_claims
+from emulators.client import EmulatorControl
 from emulators.runner import EmulatorHandle
+from failover.client import BusClient
+from failover.seed import seed_vm
 
-from .helpers import free_port, service_env
+from .helpers import ServeProcess, failover, free_port, service_env
 from .test_cli import Ctl, Result
 
 _ALL = ["database", "broker", "cloudstack", "zone", "template", "network", "service offering", "appliance VM",
@@ -111,3 +115,43 @@ async def test_a_database_not_migrated_fails_saying_to_upgrade(check_ctl: Ctl, e
     assert result.code == 1
     assert checks["database"]["ok"] is False and "failoverctl db upgrade" in checks["database"]["detail"]
     assert all(c["ok"] is not False for n, c in checks.items() if n != "database"), checks
+
+
+async def test_vms_are_validated_as_a_test_failovers_first_step_would(
+        check_ctl: Ctl, db: Any, control: EmulatorControl, emulators: EmulatorHandle, serve: ServeProcess,
+        bus: BusClient) -> None:
+    """--vm runs the step's own validation, read only: a VM ready to fail over passes (its
+    volumes, networks and driver choice said), one whose replication has not completed, one
+    never replicated and one a job holds each fail, saying why."""
+    ready = await seed_vm(db, control, emulators.appliance_vm_id, vm_name="check-ready", os_type="windows2019srv_64Guest",
+                          test_network_id=emulators.test_network_id)
+    syncing = await seed_vm(db, control, emulators.appliance_vm_id, vm_name="check-syncing",
+                            replication_status="replicating")
+    held = await seed_vm(db, control, emulators.appliance_vm_id, vm_name="check-held")
+    done = await failover(bus, held.vm_id, timeout=60)
+    assert done[-1].type == "JobCompleted"  # (a test failover not cleaned up holds its VM)
+    calls, rows = len(await control.calls()), await _job_rows(db)
+    unknown = "4205" + uuid.uuid4().hex[:4] + "-no-such-vm"
+    result = await check_ctl("check", "--json", "--vm", ready.vm_id, "--vm", syncing.vm_id, "--vm", unknown,
+                             "--vm", held.vm_id)
+    assert result.code == 1
+    by_vm = {c["name"]: c for c in result.json_lines() if c["name"].startswith("VM ")}
+    passed = by_vm[f"VM {ready.vm_id}"]
+    assert passed["ok"] is True, passed
+    assert "2 volume(s) on the appliance" in passed["detail"] and "test network mappings" in passed["detail"]
+    assert "driver injection yes" in passed["detail"]
+    assert by_vm[f"VM {syncing.vm_id}"]["ok"] is False and "'replicating'" in by_vm[f"VM {syncing.vm_id}"]["detail"]
+    assert by_vm[f"VM {unknown}"]["ok"] is False and "vm_replication_contexts" in by_vm[f"VM {unknown}"]["detail"]
+    holder = by_vm[f"VM {held.vm_id}"]
+    assert holder["ok"] is False and str(done[-1].job_id) in holder["detail"] and "rejected" in holder["detail"]
+    # read only: CloudStack saw lookups, nothing made or moved
+    made = [c["command"] for c in (await control.calls())[calls:] if not c["command"].startswith(("list", "get", "query", "health"))]
+    assert made == [], made
+    assert await _job_rows(db) == rows
+
+
+async def _job_rows(db: Any) -> tuple[int, int, int]:
+    async with db.connect() as conn:
+        counts = [(await conn.execute(select(func.count()).select_from(t))).scalar_one()
+                  for t in (failover_jobs, vm_name_claims, outbox)]
+    return counts[0], counts[1], counts[2]
