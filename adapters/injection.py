@@ -112,25 +112,36 @@ class InjectionScript:
 
     def problem(self) -> str | None:
         """Why no injection could run on this machine now (None: one could): the command, `flock`,
-        the lock directory (`failoverctl check`)."""
+        the lock directory (`failoverctl check`). Nothing is made: a directory made by whoever
+        runs the check would be theirs, not serve's user's."""
         if (problem := self._not_runnable()) is not None:
             return problem
-        try:
-            os.close(self._open(self.lock_dir / ".failoverctl-check.lock"))
-        except InjectionFailed as exc:
-            return exc.message
+        if not self.lock_dir.exists():
+            parent = next((d for d in self.lock_dir.parents if d.exists()), None)
+            if parent is None or not os.access(parent, os.W_OK | os.X_OK):
+                return (f"the injection's lock directory {self.lock_dir} does not exist and {parent} is not writable "
+                        "here; create it for serve's user, or point FAILOVER_INJECT_LOCK_DIR at one")
+            return None
+        return self._not_own(self.lock_dir) or (
+            None if os.access(self.lock_dir, os.W_OK | os.X_OK) else
+            f"the injection's lock directory {self.lock_dir} is not writable here; check FAILOVER_INJECT_LOCK_DIR")
+
+    @staticmethod
+    def _not_own(directory: Path) -> str | None:
+        """Why `directory` is not fit to hold the locks (None: it is): a directory of this user's
+        own that no one else can write."""
+        st = os.lstat(directory)  # (a symbolic link is not the user's own directory)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            return (f"the injection's lock directory {directory} is not this user's own (owner uid {st.st_uid}, "
+                    f"mode {st.st_mode & 0o777:o}); point FAILOVER_INJECT_LOCK_DIR at a directory only serve's user "
+                    "can write")
         return None
 
     def _open(self, path: Path) -> int:
         try:
             self.lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            st = os.lstat(self.lock_dir)  # (a symbolic link is not the user's own directory)
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-                raise InjectionFailed(
-                    "DRIVER_INJECTION_NOT_RUN",
-                    f"the injection's lock directory {self.lock_dir} is not this user's own (owner uid {st.st_uid}, "
-                    f"mode {st.st_mode & 0o777:o}); point FAILOVER_INJECT_LOCK_DIR at a directory only serve's user "
-                    "can write")
+            if (problem := self._not_own(self.lock_dir)) is not None:
+                raise InjectionFailed("DRIVER_INJECTION_NOT_RUN", problem)
             return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
             raise InjectionFailed("DRIVER_INJECTION_NOT_RUN",

@@ -127,6 +127,15 @@ class VolumeDaemonAdapter:
             "look at it on the Volume Daemon (GET /api/v1/operations/<id>), and if it is only slow, raise "
             "FAILOVER_VOLUME_OPERATION_TIMEOUT_SECONDS"))
 
+    async def operations_running(self) -> int:
+        """How many operations the daemon is running (`failoverctl check`: its API answers)."""
+        running: set[str] = set()
+        for status in _RUNNING:
+            listed = await self._request("GET", f"/operations?status={status}", "list_operations", expect=list)
+            running |= {op["id"] for op in listed if isinstance(op, dict) and op.get("status") in _RUNNING
+                        and isinstance(op.get("id"), str)}
+        return len(running)
+
     async def _running(self, keys: Mapping[str, object]) -> dict[str, DaemonOperation | BaseException | None]:
         """The operations still running, from one listing per running status: those still
         running are settled (None); the others finished (or began after the listing) and are

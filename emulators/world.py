@@ -328,6 +328,8 @@ class World(WorldState):
         def run() -> dict[str, Any]:
             if volume.destroyed:
                 raise internal_error(f"Volume {volume.name} was removed during the snapshot")
+            if snapshot.destroyed:  # (deleted while Allocated: CloudStack allows that)
+                raise internal_error(f"Snapshot {snapshot.id} was deleted before it was taken")
             snapshot.content = volume.content
             snapshot.state = "BackedUp"
             snapshot.revertable = fault != "not_revertable"
@@ -398,13 +400,14 @@ class World(WorldState):
         """deleteSnapshot: the snapshot disappears from the lists. As CloudStack's (the id's
         look-up includes removed rows; SnapshotManagerImpl.deleteSnapshot and the snapshot
         strategy run in the job), every rule fails the job: a snapshot already deleted, or
-        one still being taken (only BackedUp and Error can go), checked as the job begins
+        one a job is taking (DefaultSnapshotStrategy refuses Creating, BackingUp and Copying,
+        and deletes one in any other state, Allocated included), checked as the job begins
         (it fails at once) and again as it ends."""
 
         def check() -> None:
             if snapshot.destroyed:
                 raise param_error(f"Snapshot with id: {snapshot.id} is already destroyed")
-            if snapshot.state not in ("BackedUp", "Error"):
+            if snapshot.state in ("Creating", "BackingUp", "Copying"):
                 raise param_error(f"Can't delete snapshot {snapshot.id} due to it is in {snapshot.state} Status")
 
         try:

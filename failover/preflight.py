@@ -2,13 +2,12 @@
 before one is asked for (before a DR test, after a change of settings), not discovered by the
 first job at its fourth step.
 
-Each check reads, never writes (but for the injection's lock directory, which `serve` would
-create the same way): the database (reachable, migrated), RabbitMQ (reachable), CloudStack
-(reachable, the API key accepted, and every id the settings name: the zone, the template ready
-in it, the offerings, the network, the appliance VM; and whether the key's account may
-expunge), the Volume Daemon (reachable) and the driver injection (the command, `flock`, the
-lock directory). A check that fails says what to set or do; a note is something to know that
-need not stop a failover.
+Each check reads, never writes: the database (reachable, migrated), RabbitMQ (reachable),
+CloudStack (reachable, the API key accepted, and every id the settings name: the zone, the
+template ready in it, the offerings, the network, the appliance VM; and whether the key's
+account may expunge and force-stop VMs), the Volume Daemon (its API, as the service asks it)
+and the driver injection (the command, `flock`, the lock directory). A check that fails says
+what to set or do; a note is something to know that need not stop a failover.
 
 With `--vm`, each VM named is also validated as a test failover's first step validates it (the
 same code, `pre_failover_validation`, on the platform tables and the Volume Daemon: read only),
@@ -97,15 +96,13 @@ async def run_checks(settings: Settings, vm_ids: Sequence[str] = ()) -> list[Che
             if await check("zone", lambda: _zone(cs, settings.zone, zone), "CloudStack"):
                 await check("template", lambda: _template(cs, settings.template_id, zone[0]), "CloudStack")
                 await check("network", lambda: _network(cs, settings.network_id, zone[0]), "CloudStack")
-            await check("service offering", lambda: _one(
-                cs, "listServiceOfferings", "serviceoffering", settings.service_offering_id,
-                "FAILOVER_SERVICE_OFFERING_ID"), "CloudStack")
+            await check("service offering", lambda: _offering(cs, settings.service_offering_id), "CloudStack")
             if settings.disk_offering_id:
                 await check("disk offering", lambda: _one(
                     cs, "listDiskOfferings", "diskoffering", settings.disk_offering_id or "",
                     "FAILOVER_DISK_OFFERING_ID"), "CloudStack")
             await check("appliance VM", lambda: _appliance(cs, settings.appliance_vm_id), "CloudStack")
-            await check("expunge", lambda: _expunge(cs), "CloudStack")
+            await check("account rights", lambda: _rights(cs), "CloudStack")
         daemon = await check("volume daemon", lambda: _volume_daemon(http, settings), "the Volume Daemon")
         await check("driver injection", lambda: _injection(settings), "the injection's lock directory")
         if vm_ids and not (checks[0].ok and daemon):
@@ -160,9 +157,10 @@ async def _vm(settings: Settings, engine: Any, cs: CloudStackAdapter, http: aioh
 
 async def _database(settings: Settings) -> str:
     url = settings.database_url.get_secret_value()
-    engine = make_engine(url, pool_size=1)
+    engine = None
     try:
         try:
+            engine = make_engine(url, pool_size=1)  # (a TLS option's file missing fails here)
             problem = await schema_problem(engine)
         except Exception as exc:
             raise _Failed(f"cannot reach MariaDB at {redact_url(url)} (FAILOVER_DATABASE_URL): "
@@ -171,7 +169,8 @@ async def _database(settings: Settings) -> str:
             raise _Failed(problem)
         return f"reachable at {redact_url(url)}, migrated"
     finally:
-        await engine.dispose()
+        if engine is not None:
+            await engine.dispose()
 
 
 async def _broker(settings: Settings) -> str:
@@ -223,11 +222,25 @@ async def _network(cs: CloudStackAdapter, network_id: str, zone_id: str) -> str:
     return f"{items[0].get('name', '?')} ({network_id})"
 
 
-async def _one(cs: CloudStackAdapter, command: str, key: str, wanted: str, setting: str) -> str:
+async def _offering(cs: CloudStackAdapter, offering_id: str) -> tuple[bool | None, str]:
+    offering = await _item(cs, "listServiceOfferings", "serviceoffering", offering_id, "FAILOVER_SERVICE_OFFERING_ID")
+    name = offering.get("name", "?")
+    if offering.get("iscustomized") is False:
+        return None, (f"{name} ({offering_id}) is a fixed-size offering: CloudStack sizes a VM by it, not by the "
+                      "source VM's CPU count and memory the deploy passes (those are a custom offering's); use a "
+                      "custom offering for test VMs the size of their source")
+    return True, f"{name} ({offering_id}), custom: the source VM's CPU count and memory"
+
+
+async def _item(cs: CloudStackAdapter, command: str, key: str, wanted: str, setting: str) -> dict[str, Any]:
     items = await _listed(cs, command, key, setting, id=wanted)
     if not items:
         raise _Failed(f"CloudStack lists no {key} {wanted} for this API key; check {setting}")
-    return f"{items[0].get('name', '?')} ({wanted})"
+    return items[0]
+
+
+async def _one(cs: CloudStackAdapter, command: str, key: str, wanted: str, setting: str) -> str:
+    return f"{(await _item(cs, command, key, wanted, setting)).get('name', '?')} ({wanted})"
 
 
 async def _listed(cs: CloudStackAdapter, command: str, key: str, setting: str, **params: Any) -> list[dict[str, Any]]:
@@ -253,27 +266,32 @@ async def _appliance(cs: CloudStackAdapter, vm_id: str) -> tuple[bool | None, st
     return True, f"{name} ({vm_id}), {state}"
 
 
-async def _expunge(cs: CloudStackAdapter) -> tuple[bool | None, str]:
-    allowed = (await cs.capabilities()).get("allowuserexpungerecovervm")
-    if allowed is True:
-        return True, "the key's account may expunge VMs (allow.user.expunge.recover.vm is true)"
-    return None, ("allow.user.expunge.recover.vm is not true for the key's account: rollbacks and cleanups "
-                  "destroy test VMs with expunge=true, which CloudStack then allows only an admin or domain "
-                  "admin account's key (README, Configuration: what the CloudStack API key must be allowed)")
+async def _rights(cs: CloudStackAdapter) -> tuple[bool | None, str]:
+    """What CloudStack lets a user account do that the undo needs (an admin's key may anyway)."""
+    capabilities = await cs.capabilities()
+    said = []
+    if capabilities.get("allowuserexpungerecovervm") is not True:
+        said.append("allow.user.expunge.recover.vm is not true for the key's account: a user account's key could "
+                    "not expunge the test VMs that rollbacks and cleanups destroy")
+    if capabilities.get("allowuserforcestopvm") is False:
+        said.append("allow.user.force.stop.vm is false for the key's account: a user account's key could not "
+                    "force the stop of a test VM")
+    if said:
+        return None, ("; ".join(said) + ". Fine if the key is an admin's or a domain admin's (README, Configuration: "
+                      "what the CloudStack API key must be allowed)")
+    return True, "the key's account may expunge and force-stop VMs"
 
 
 async def _volume_daemon(http: aiohttp.ClientSession, settings: Settings) -> str:
-    url = f"{settings.volume_daemon_url.rstrip('/')}/api/v1/health"
+    """The daemon's API as the adapter uses it (its listing of running operations): an answer
+    of any other server, a 404 page say, fails."""
+    shown = redact_url(settings.volume_daemon_url)
+    daemon = VolumeDaemonAdapter(settings.volume_daemon_url, session=http, timeout=CHECK_TIMEOUT_SECONDS)
     try:
-        async with http.get(url, timeout=aiohttp.ClientTimeout(total=CHECK_TIMEOUT_SECONDS)) as response:
-            status = response.status
-    except (aiohttp.ClientError, OSError) as exc:
-        raise _Failed(f"cannot reach the Volume Daemon at {settings.volume_daemon_url} (FAILOVER_VOLUME_DAEMON_URL): "
-                      f"{type(exc).__name__}: {exc}") from exc
-    if status >= 500:
-        raise _Failed(f"the Volume Daemon at {settings.volume_daemon_url} answered {status} to GET /api/v1/health; "
-                      "look at its log")
-    return f"reachable at {settings.volume_daemon_url}" + ("" if status < 300 else f" (GET /api/v1/health: {status})")
+        running = await daemon.operations_running()
+    except StepError as exc:
+        raise _Failed(f"the Volume Daemon at {shown} (FAILOVER_VOLUME_DAEMON_URL): {exc.message}") from exc
+    return f"its API answers at {shown} ({running} operation(s) running)"
 
 
 async def _injection(settings: Settings) -> str:

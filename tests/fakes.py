@@ -494,6 +494,8 @@ class FakeWorld:
             snap.state = "BackingUp"
 
         def run() -> dict[str, Any]:
+            if snap.destroyed:  # (deleted while Allocated: CloudStack allows that)
+                raise Refusal(f"Snapshot {snap.id} was deleted before it was taken")
             snap.content = volume.content
             snap.state = "BackedUp"
             snap.revertable = volume.revertable_storage
@@ -526,12 +528,13 @@ class FakeWorld:
         return self.submit_job("revertSnapshot", snap.id, run, None, fault)
 
     def delete_snapshot(self, snap: Snapshot, fault: FaultKind | None) -> CsJob:
-        """As CloudStack's: its rules are the job's (a snapshot still being taken fails it)."""
+        """As CloudStack's: its rules are the job's (a snapshot a job is taking fails it; one
+        Allocated, whose job has not begun or failed first, goes)."""
 
         def run() -> dict[str, Any]:
             if snap.destroyed:
                 raise Refusal(f"Snapshot with id: {snap.id} is already destroyed")
-            if snap.state not in ("BackedUp", "Error"):
+            if snap.state in ("Creating", "BackingUp", "Copying"):
                 raise Refusal(f"Can't delete snapshot {snap.id} due to it is in {snap.state} Status")
             snap.destroyed = True
             return {"success": True}
@@ -1024,6 +1027,16 @@ def cancel_when(predicate: Callable[[Commit], bool]) -> CommitHook:
             store.cancel_after.add(job.job_id)  # once this commit is in: it is not gated by it
 
     fired: list[bool] = []
+    return hook
+
+
+def at_commit(predicate: Callable[[Commit], bool], action: Callable[[], None]) -> CommitHook:
+    """A hook: `action` runs at each commit `predicate` matches (the world changing then)."""
+
+    def hook(store: FakeJobStore, job: JobRow, commit: Commit) -> None:
+        if predicate(commit):
+            action()
+
     return hook
 
 

@@ -24,7 +24,7 @@ from .helpers import ServeProcess, failover, free_port, service_env
 from .test_cli import Ctl, Result
 
 _ALL = ["database", "broker", "cloudstack", "zone", "template", "network", "service offering", "appliance VM",
-        "expunge", "volume daemon", "driver injection"]
+        "account rights", "volume daemon", "driver injection"]
 
 
 @pytest.fixture
@@ -43,9 +43,11 @@ async def test_every_check_passes_with_right_settings(check_ctl: Ctl, emulators:
     checks = _by_name(result)
     assert list(checks) == _ALL, result.err
     assert result.code == 0, checks
-    assert {n: c["ok"] for n, c in checks.items()} == {**{n: True for n in _ALL}, "expunge": None}
+    assert {n: c["ok"] for n, c in checks.items()} == {**{n: True for n in _ALL}, "account rights": None}
     # a note, not a failure: CloudStack's default for a user account (the emulator's too)
-    assert "allow.user.expunge.recover.vm" in checks["expunge"]["detail"]
+    assert "allow.user.expunge.recover.vm" in checks["account rights"]["detail"]
+    assert "custom" in checks["service offering"]["detail"]
+    assert "its API answers" in checks["volume daemon"]["detail"]
     assert emulators.template_id in checks["template"]["detail"]
     assert "ready" in checks["template"]["detail"]
     assert emulators.appliance_vm_id in checks["appliance VM"]["detail"]
@@ -64,6 +66,17 @@ async def test_each_wrong_id_fails_its_own_check_naming_the_setting(check_ctl: C
     assert all(checks[n]["ok"] is not False for n in _ALL if n not in wrong.values()), checks
     table = await check_ctl("check", FAILOVER_TEMPLATE_ID=str(uuid.uuid4()))
     assert table.code == 1 and "FAILED" in table.out and "1 check(s) failed: template" in table.out
+
+
+async def test_a_volume_daemon_url_of_another_server_fails(check_ctl: Ctl, emulators: EmulatorHandle) -> None:
+    """A URL that answers, but not as the Volume Daemon (here CloudStack's emulator: a 404 for
+    the daemon's path) fails: the check asks what the adapter asks; a password in it is not shown."""
+    other = emulators.cloudstack_url.replace("http://", "http://ops:secret-pw@").rsplit("/client/api", 1)[0]
+    result = await check_ctl("check", "--json", FAILOVER_VOLUME_DAEMON_URL=other)
+    checks = _by_name(result)
+    assert result.code == 1
+    assert checks["volume daemon"]["ok"] is False and "FAILOVER_VOLUME_DAEMON_URL" in checks["volume daemon"]["detail"]
+    assert "secret-pw" not in result.out + result.err
 
 
 async def test_a_zone_not_found_skips_what_needs_it(check_ctl: Ctl) -> None:

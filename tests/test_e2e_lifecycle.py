@@ -173,6 +173,7 @@ async def test_a_snapshot_still_being_taken_at_the_rollback_is_deleted_once_it_i
     assert next(e for e in events if e.type == "StepFailed").error.code == "CLOUDSTACK_JOB_TIMEOUT"
     deletes = [c for c in (await control.calls())[calls:] if c["command"] == "deleteSnapshot"]
     assert len(deletes) == 1  # none while it was being taken
+    assert any(e.type == "LogRecorded" and "waiting for CloudStack to finish it" in e.message for e in events)
     assert_restored(before, await view(control, vm.volume_ids, emulators.appliance_vm_id))
 
 

@@ -10,6 +10,7 @@ order, and delete the snapshots last.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -370,31 +371,24 @@ async def reattach_to_appliance(ctx: JobContext, target: Target) -> None:
                 device_id=device)
 
 
-# a snapshot's states while a job works on it (CloudStack's Snapshot.State): Allocated at the
-# call, then Creating, CreatedOnPrimary, BackingUp (the copy to secondary storage, the long
-# part) or Copying; Destroying while a delete runs. deleteSnapshot fails in these (but for
-# CreatedOnPrimary, which it marks Destroyed under the job still backing it up)
-SNAPSHOT_IN_WORK = ("Allocated", "Creating", "CreatedOnPrimary", "BackingUp", "Copying", "Destroying")
+# the states in which CloudStack's deleteSnapshot refuses a snapshot (DefaultSnapshotStrategy:
+# a job is taking it, or copying it); it deletes one in any other (Allocated, CreatedOnPrimary,
+# Error, Destroying, BackedUp)
+SNAPSHOT_IN_WORK = ("Creating", "BackingUp", "Copying")
 
 
-async def _snapshot_settled(ctx: JobContext, snapshot_id: str, volume_id: str) -> CsSnapshot | None:
-    """The snapshot once no job works on it (None: gone), waited for up to
-    FAILOVER_SNAPSHOT_TIMEOUT_SECONDS."""
+async def _snapshot_settled(ctx: JobContext, snapshot_id: str, deadline: float) -> CsSnapshot | None:
+    """The snapshot once no job works on it (None: gone), or as it is at `deadline`."""
     cs = ctx.ports.cloudstack
 
     async def settled() -> tuple[CsSnapshot | None] | None:
         now = await ctx.retrying("snapshot state", cs.get_snapshot, snapshot_id)
-        return None if now is not None and now.state in SNAPSHOT_IN_WORK else (now,)
+        done = now is None or now.state not in SNAPSHOT_IN_WORK or time.monotonic() >= deadline
+        return (now,) if done else None
 
-    try:
-        (snap,) = await settle(settled, ctx.config.snapshot_timeout, "SNAPSHOT_STILL_CREATING",
-                               f"snapshot {snapshot_id} of volume {volume_id}")
-    except StepError as exc:
-        raise StepError("SNAPSHOT_STILL_CREATING",
-                        f"snapshot {snapshot_id} of volume {volume_id} is still being worked on by CloudStack "
-                        f"after {ctx.config.snapshot_timeout:.0f} s, so it cannot be deleted yet; once CloudStack "
-                        "has finished or failed it, retry (or delete it by hand); if CloudStack is only slow, raise "
-                        "FAILOVER_SNAPSHOT_TIMEOUT_SECONDS") from exc
+    # (its own deadline is only a bound on the looks themselves: `settled` ends at `deadline`)
+    (snap,) = await settle(settled, max(0.0, deadline - time.monotonic()) + ctx.config.snapshot_timeout,
+                           "SNAPSHOT_STILL_CREATING", f"snapshot {snapshot_id}")
     return snap
 
 
@@ -402,6 +396,10 @@ async def delete_snapshots(ctx: JobContext, target: Target) -> None:
     cs = ctx.ports.cloudstack
     deleting: dict[str, str] = {}  # snapshot id: its delete's job, while it is waited on
     tried: set[str] = set()  # snapshots a delete was asked for
+    # how long the phase waits, all told, for snapshots CloudStack is still taking; those still
+    # in work then are left (and named), the others deleted
+    deadline = time.monotonic() + ctx.config.snapshot_timeout
+    stuck: list[str] = []
     for key, entry in list(target.ledger.items()):
         if not key.startswith("snapshot:"):
             continue
@@ -416,9 +414,13 @@ async def delete_snapshots(ctx: JobContext, target: Target) -> None:
             snap = await ctx.retrying("snapshot state", cs.get_snapshot, snapshot_id)
             if snap is not None and snap.state in SNAPSHOT_IN_WORK:
                 # CloudStack refuses to delete it until its job ends (a snapshot whose wait
-                # timed out, or taken by a run a crash cut short): wait for that, as long as
-                # a snapshot may take
-                snap = await _snapshot_settled(ctx, snap.id, volume_id)
+                # timed out, or taken by a run a crash cut short): wait for that
+                ctx.log("INFO", f"snapshot {snap.id} of volume {volume_id} is {snap.state}: waiting for CloudStack "
+                                "to finish it before deleting it", snapshot_id=snap.id)
+                snap = await _snapshot_settled(ctx, snap.id, deadline)
+                if snap is not None and snap.state in SNAPSHOT_IN_WORK:
+                    stuck.append(f"snapshot {snap.id} of volume {volume_id} ({snap.state})")
+                    continue
             if snap is None:
                 continue
 
@@ -445,6 +447,12 @@ async def delete_snapshots(ctx: JobContext, target: Target) -> None:
             await ctx.retrying(f"delete snapshot {snap.id}", delete)
             target.note("delete", "snapshot", snap.id)
             ctx.log("INFO", f"snapshot {snap.id} deleted", snapshot_id=snap.id)
+    if stuck:
+        raise StepError("SNAPSHOT_STILL_CREATING",
+                        f"{', '.join(stuck)} still being taken by CloudStack after "
+                        f"{ctx.config.snapshot_timeout:.0f} s, so not deleted (CloudStack refuses to while its job "
+                        "works on it); once CloudStack has finished or failed it, retry (or delete it by hand); if "
+                        "CloudStack is only slow, raise FAILOVER_SNAPSHOT_TIMEOUT_SECONDS")
 
 
 async def undo_all(ctx: JobContext, target: Target, everything: bool) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from transitions.extensions.asyncio import AsyncMachine
 
 from schemas.common import CLEANUP_STEPS
 from statemachine.engine import drive
-from tests.fakes import Harness, SeededVm, cancel_when, has_event, lose_lease_at
+from tests.fakes import Harness, SeededVm, at_commit, cancel_when, has_event, lose_lease_at
 
 from .helpers import assert_restored, assert_stream_ok, last, of_type
 
@@ -185,4 +187,33 @@ async def test_a_cancelled_cleanup_stops_at_a_safe_point(h: Harness, machine: As
     # a new cleanup finishes the job
     h.store.hooks.clear()
     assert await drive(machine, h.new_cleanup(failover_id)) == "completed"
+    assert_restored(h, before, vm)
+
+
+async def test_a_snapshot_still_being_copied_is_waited_for_the_others_deleted_and_it_named(
+        h: Harness, machine: AsyncMachine) -> None:
+    """CloudStack is copying one snapshot (Copying: copySnapshot to another zone, say) when the
+    cleanup comes to delete them, and refuses to delete it meanwhile: the others are deleted,
+    that one waited for up to FAILOVER_SNAPSHOT_TIMEOUT_SECONDS and then named in the failure;
+    the cleanup sent again once the copy has ended deletes it and completes."""
+    vm, before, failover_id = await _failed_over(h, machine, "LNX-COPYING", disks=3)
+    h.config = dataclasses.replace(h.config, snapshot_timeout=0.3)
+    snapshots = sorted(h.world.live_snapshots(), key=lambda s: vm.volume_ids.index(s.volume_id))
+    copying = snapshots[0]  # (the first one looked at: the others come after its wait)
+
+    copy_begins = at_commit(has_event("StepStarted", step="snapshot-deletion"),
+                            lambda: setattr(copying, "state", "Copying"))
+    h.store.hooks.append(copy_begins)
+    cleanup = h.new_cleanup(failover_id)
+    assert await drive(machine, cleanup) == "failed"
+    failed = last(h.events(cleanup.row.job_id), "StepFailed")
+    assert (failed.step, failed.error.code) == ("snapshot-deletion", "SNAPSHOT_STILL_CREATING")
+    assert copying.id in failed.error.message and all(s.id not in failed.error.message for s in snapshots[1:])
+    assert h.world.live_snapshots() == [copying]
+    assert h.cloudstack.count("deleteSnapshot") == 2  # none of it while it was being copied
+
+    h.store.hooks.remove(copy_begins)
+    copying.state = "BackedUp"  # the copy ended
+    again = h.new_cleanup(failover_id)
+    assert await drive(machine, again) == "completed"
     assert_restored(h, before, vm)

@@ -14,7 +14,7 @@ from transitions.extensions.asyncio import AsyncMachine
 from schemas.common import FAILOVER_STEPS
 from statemachine.engine import drive
 from statemachine.ports import Commit, JobRow
-from tests.fakes import FakeJobStore, FaultKind, Harness, cancel_when, has_event
+from tests.fakes import FakeJobStore, FaultKind, Harness, at_commit, cancel_when, has_event
 
 from .helpers import (
     appliance_order,
@@ -627,11 +627,8 @@ async def test_a_snapshot_still_being_taken_is_deleted_once_its_job_ends(h: Harn
     before = h.world.observable()
     h.faults.add("createSnapshot", "job_stuck", nth=2)
 
-    def ends_later(store: FakeJobStore, job: JobRow, commit: Commit) -> None:
-        if any(e.type == "RollbackStarted" for e in commit.with_tail().events):
-            asyncio.get_running_loop().call_later(0.3, h.world.finish, _stuck_snapshot_job(h))
-
-    h.store.hooks.append(ends_later)
+    h.store.hooks.append(at_commit(has_event("RollbackStarted"), lambda: asyncio.get_running_loop().call_later(
+        0.3, h.world.finish, _stuck_snapshot_job(h))))
     ctx = h.new_job(vm, "test-failover")
     assert await drive(machine, ctx) == "failed"
     events = h.events(ctx.row.job_id)
@@ -658,3 +655,28 @@ async def test_a_snapshot_never_finished_fails_the_rollback_saying_so(h: Harness
     assert ("delete", "snapshot", snapshot.id) in {(a.action, a.resource_type, a.resource_id)
                                                    for a in rb.manual_actions}
     assert h.cloudstack.count("deleteSnapshot") == 0
+
+
+async def test_a_snapshot_left_allocated_by_a_failed_job_is_deleted_without_waiting(
+        h: Harness, machine: AsyncMachine) -> None:
+    """CloudStack can fail a snapshot's job before it began taking it (the volume not Ready,
+    say), leaving the snapshot Allocated; its delete removes such a snapshot. The rollback
+    deletes it at once, not after waiting for a job that has ended."""
+    vm = h.seed_vm("LNX-ALLOCATED", os_type="Linux", disks=2)
+    before = h.world.observable()
+    h.config = dataclasses.replace(h.config, snapshot_timeout=2)
+    h.faults.add("createSnapshot", "job_fail", nth=2, times=None)
+
+    def left_allocated() -> None:
+        for snap in h.world.live_snapshots():
+            if snap.state == "Error":
+                snap.state = "Allocated"
+
+    h.store.hooks.append(at_commit(has_event("RollbackStarted"), left_allocated))
+    ctx = h.new_job(vm, "test-failover")
+    assert await drive(machine, ctx) == "failed"
+    events = h.events(ctx.row.job_id)
+    assert last(events, "JobFailed").rolled_back is True
+    assert h.world.live_snapshots() == []
+    assert not any("waiting for CloudStack" in e.message for e in of_type(events, "LogRecorded"))
+    assert_restored(h, before, vm)
