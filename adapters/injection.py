@@ -116,6 +116,13 @@ class InjectionScript:
         runs the check would be theirs, not serve's user's."""
         if (problem := self._not_runnable()) is not None:
             return problem
+        try:
+            return self._lock_dir_problem()
+        except OSError as exc:  # (a directory on the way this user may not look into)
+            return (f"cannot look at the injection's lock directory {self.lock_dir}: {exc.strerror}; check "
+                    "FAILOVER_INJECT_LOCK_DIR (a directory serve's user can write)")
+
+    def _lock_dir_problem(self) -> str | None:
         if not self.lock_dir.exists():
             parent = next((d for d in self.lock_dir.parents if d.exists()), None)
             if parent is None or not os.access(parent, os.W_OK | os.X_OK):

@@ -129,23 +129,22 @@ class VolumeDaemonAdapter:
 
     async def operations_running(self) -> int:
         """How many operations the daemon is running (`failoverctl check`: its API answers)."""
+        return len(await self._running_ids())
+
+    async def _running_ids(self) -> set[str]:
+        """The operations still running, from one listing per running status (the filter is not
+        taken on trust: one listed as finished is not counted)."""
         running: set[str] = set()
         for status in _RUNNING:
             listed = await self._request("GET", f"/operations?status={status}", "list_operations", expect=list)
-            running |= {op["id"] for op in listed if isinstance(op, dict) and op.get("status") in _RUNNING
-                        and isinstance(op.get("id"), str)}
-        return len(running)
+            running |= {op["id"] for op in listed if isinstance(op, dict) and isinstance(op.get("id"), str)
+                        and op.get("status") in _RUNNING}
+        return running
 
     async def _running(self, keys: Mapping[str, object]) -> dict[str, DaemonOperation | BaseException | None]:
-        """The operations still running, from one listing per running status: those still
-        running are settled (None); the others finished (or began after the listing) and are
-        asked about on their own."""
-        running: set[str] = set()
-        for status in _RUNNING:
-            listed = await self._request("GET", f"/operations?status={status}", "list_operations", expect=list)
-            for op in listed:  # the filter is not taken on trust: a finished one is fetched
-                if isinstance(op, dict) and isinstance(op.get("id"), str) and op.get("status") in _RUNNING:
-                    running.add(op["id"])
+        """The waits whose operations are still running, settled (None); the others finished (or
+        began after the listing) and are asked about on their own."""
+        running = await self._running_ids()
         return {k: None for k in keys if k in running}
 
 

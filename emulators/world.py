@@ -336,7 +336,8 @@ class World(WorldState):
             return {"snapshot": views.snapshot_json(snapshot)}
 
         def on_fail() -> None:
-            snapshot.state = "Error"
+            if not snapshot.destroyed:
+                snapshot.state = "Error"
 
         def begin() -> None:
             if snapshot.state == "Allocated":

@@ -37,7 +37,7 @@ from adapters.db.tables import failover_jobs
 from adapters.injection import InjectionScript
 from adapters.volume_daemon import VolumeDaemonAdapter
 from statemachine.context import JobContext, Ports
-from statemachine.errors import StepError
+from statemachine.errors import NotFound, RefusedError, StepError
 from statemachine.ports import JobRow, JobStorePort
 from statemachine.steps.failover import pre_failover_validation
 
@@ -73,6 +73,8 @@ async def _timed(look: Awaitable[str | tuple[bool | None, str]], what: str) -> t
         return False, str(exc)
     except StepError as exc:
         return False, exc.message
+    except Exception as exc:  # (a check's own bug or an error no one foresaw: said, not a traceback)
+        return False, f"the check failed: {type(exc).__name__}: {exc}"
     return found if isinstance(found, tuple) else (True, found)
 
 
@@ -282,16 +284,21 @@ async def _rights(cs: CloudStackAdapter) -> tuple[bool | None, str]:
     return True, "the key's account may expunge and force-stop VMs"
 
 
-async def _volume_daemon(http: aiohttp.ClientSession, settings: Settings) -> str:
-    """The daemon's API as the adapter uses it (its listing of running operations): an answer
-    of any other server, a 404 page say, fails."""
+async def _volume_daemon(http: aiohttp.ClientSession, settings: Settings) -> tuple[bool | None, str]:
+    """The daemon's API as the adapter uses it (its listing of running operations). A listing
+    refused (a 404: another server, or a daemon without that route, whose waits the service
+    then polls one by one) is a note; no answer, or a failure of the daemon's, fails."""
     shown = redact_url(settings.volume_daemon_url)
     daemon = VolumeDaemonAdapter(settings.volume_daemon_url, session=http, timeout=CHECK_TIMEOUT_SECONDS)
     try:
         running = await daemon.operations_running()
+    except (NotFound, RefusedError) as exc:
+        return None, (f"{shown} refused the Volume Daemon's listing of operations ({exc.message}): check that "
+                      "FAILOVER_VOLUME_DAEMON_URL is the daemon's base URL; a daemon without that listing works, its "
+                      "operations then waited on one by one")
     except StepError as exc:
         raise _Failed(f"the Volume Daemon at {shown} (FAILOVER_VOLUME_DAEMON_URL): {exc.message}") from exc
-    return f"its API answers at {shown} ({running} operation(s) running)"
+    return True, f"its API answers at {shown} ({running} operation(s) running)"
 
 
 async def _injection(settings: Settings) -> str:

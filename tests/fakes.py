@@ -503,7 +503,8 @@ class FakeWorld:
                                  "revertable": snap.revertable}}
 
         def on_fail() -> None:
-            snap.state = "Error"
+            if not snap.destroyed:
+                snap.state = "Error"
 
         return snap, self.submit_job("createSnapshot", snap.id, run, on_fail, fault, begin)
 

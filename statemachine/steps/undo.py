@@ -420,6 +420,8 @@ async def delete_snapshots(ctx: JobContext, target: Target) -> None:
                 snap = await _snapshot_settled(ctx, snap.id, deadline)
                 if snap is not None and snap.state in SNAPSHOT_IN_WORK:
                     stuck.append(f"snapshot {snap.id} of volume {volume_id} ({snap.state})")
+                    ctx.log("WARN", f"snapshot {snap.id} of volume {volume_id} is still {snap.state}: not deleted "
+                                    "(CloudStack refuses to while its job works on it)", snapshot_id=snap.id)
                     continue
             if snap is None:
                 continue
@@ -449,10 +451,10 @@ async def delete_snapshots(ctx: JobContext, target: Target) -> None:
             ctx.log("INFO", f"snapshot {snap.id} deleted", snapshot_id=snap.id)
     if stuck:
         raise StepError("SNAPSHOT_STILL_CREATING",
-                        f"{', '.join(stuck)} still being taken by CloudStack after "
-                        f"{ctx.config.snapshot_timeout:.0f} s, so not deleted (CloudStack refuses to while its job "
-                        "works on it); once CloudStack has finished or failed it, retry (or delete it by hand); if "
-                        "CloudStack is only slow, raise FAILOVER_SNAPSHOT_TIMEOUT_SECONDS")
+                        f"still in work in CloudStack after {ctx.config.snapshot_timeout:.0f} s, so not deleted "
+                        f"(CloudStack refuses to while a job works on a snapshot): {', '.join(stuck)}; once "
+                        "CloudStack has finished or failed that work, retry (or delete them by hand); if CloudStack "
+                        "is only slow, raise FAILOVER_SNAPSHOT_TIMEOUT_SECONDS")
 
 
 async def undo_all(ctx: JobContext, target: Target, everything: bool) -> None:
