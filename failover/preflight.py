@@ -26,17 +26,16 @@ from functools import partial
 from typing import Any, cast
 
 import aiohttp
-from sqlalchemy import select
 
 from adapters.bus import connect
 from adapters.cloudstack import CloudStackAdapter
+from adapters.db.commands import BLOCKER, conflict_detail
 from adapters.db.engine import make_engine
 from adapters.db.migrate import schema_problem
 from adapters.db.platform import PlatformTables
-from adapters.db.tables import failover_jobs
 from adapters.injection import InjectionScript
 from adapters.volume_daemon import VolumeDaemonAdapter
-from statemachine.context import JobContext, Ports
+from statemachine.context import EngineConfig, JobContext, Ports
 from statemachine.errors import NotFound, RefusedError, StepError
 from statemachine.ports import JobRow, JobStorePort
 from statemachine.steps.failover import pre_failover_validation
@@ -93,6 +92,7 @@ async def run_checks(settings: Settings, vm_ids: Sequence[str] = ()) -> list[Che
         cs = CloudStackAdapter(settings.cloudstack_url, settings.cloudstack_api_key.get_secret_value(),
                                settings.cloudstack_secret_key.get_secret_value(), session=http,
                                timeout=CHECK_TIMEOUT_SECONDS)
+        daemon = VolumeDaemonAdapter(settings.volume_daemon_url, session=http, timeout=CHECK_TIMEOUT_SECONDS)
         if await check("cloudstack", lambda: _cloudstack(cs), "CloudStack"):
             zone: list[str] = []
             if await check("zone", lambda: _zone(cs, settings.zone, zone), "CloudStack"):
@@ -105,40 +105,36 @@ async def run_checks(settings: Settings, vm_ids: Sequence[str] = ()) -> list[Che
                     "FAILOVER_DISK_OFFERING_ID"), "CloudStack")
             await check("appliance VM", lambda: _appliance(cs, settings.appliance_vm_id), "CloudStack")
             await check("account rights", lambda: _rights(cs), "CloudStack")
-        daemon = await check("volume daemon", lambda: _volume_daemon(http, settings), "the Volume Daemon")
+        daemon_ok = await check("volume daemon", lambda: _volume_daemon(daemon, settings), "the Volume Daemon")
         await check("driver injection", lambda: _injection(settings), "the injection's lock directory")
-        if vm_ids and not (checks[0].ok and daemon):
+        if vm_ids and not (checks[0].ok and daemon_ok):
             checks.append(Check("VMs", False, "not validated: the database and the Volume Daemon must pass first"))
         elif vm_ids:
+            from .service import engine_config
+
             engine = make_engine(settings.database_url.get_secret_value(), pool_size=2)
+            ports = Ports(cloudstack=cs, volumes=daemon,
+                          injection=InjectionScript(settings.inject_argv, timeout=settings.inject_timeout_seconds),
+                          platform=PlatformTables(engine),
+                          store=cast(JobStorePort, None))  # (a test failover's validation writes nothing)
+            config = dataclasses.replace(engine_config(settings), retry_attempts=1, retry_window=0.0)
             try:
                 for vm_id in vm_ids:
                     notes: list[str] = []
-                    await check(f"VM {vm_id}", partial(_vm, settings, engine, cs, http, vm_id, notes), "the validation")
+                    await check(f"VM {vm_id}", partial(_vm, engine, ports, config, vm_id, notes), "the validation")
                     checks.extend(Check(f"VM {vm_id}", None, note) for note in notes)
             finally:
                 await engine.dispose()
     return checks
 
 
-async def _vm(settings: Settings, engine: Any, cs: CloudStackAdapter, http: aiohttp.ClientSession, vm_id: str,
-              notes: list[str]) -> str:
+async def _vm(engine: Any, ports: Ports, config: EngineConfig, vm_id: str, notes: list[str]) -> str:
     """A test failover's validation of `vm_id`, run as its first step runs it (tried once); its
-    warnings go to `notes`."""
-    from .service import engine_config
-
+    warnings go to `notes`. A job holding the VM fails it, said as the intake would reject it."""
     async with engine.connect() as conn:
-        holder = (await conn.execute(select(failover_jobs.c.job_id, failover_jobs.c.status).where(
-            failover_jobs.c.active_vm_id == vm_id))).first()
+        holder = (await conn.execute(BLOCKER, {"vm_id": vm_id})).first()
     if holder is not None:
-        raise _Failed(f"job {holder.job_id} ({holder.status}) holds this VM: a request would be rejected "
-                      "(conflict) until it ends, or its test failover is cleaned up")
-    ports = Ports(cloudstack=cs,
-                  volumes=VolumeDaemonAdapter(settings.volume_daemon_url, session=http, timeout=CHECK_TIMEOUT_SECONDS),
-                  injection=InjectionScript(settings.inject_argv, timeout=settings.inject_timeout_seconds),
-                  platform=PlatformTables(engine),
-                  store=cast(JobStorePort, None))  # (a test failover's validation writes nothing)
-    config = dataclasses.replace(engine_config(settings), retry_attempts=1, retry_window=0.0)
+        raise _Failed(f"a request would be rejected (conflict): {conflict_detail(vm_id, holder)}")
     job_id = str(uuid.uuid4())
     row = JobRow(job_id=job_id, request_id=job_id, job_type="test-failover", vm_id=vm_id, vm_name="",
                  correlation_id=job_id, parent_job_id=None, requested_by="failoverctl check", status="checking",
@@ -284,12 +280,11 @@ async def _rights(cs: CloudStackAdapter) -> tuple[bool | None, str]:
     return True, "the key's account may expunge and force-stop VMs"
 
 
-async def _volume_daemon(http: aiohttp.ClientSession, settings: Settings) -> tuple[bool | None, str]:
+async def _volume_daemon(daemon: VolumeDaemonAdapter, settings: Settings) -> tuple[bool | None, str]:
     """The daemon's API as the adapter uses it (its listing of running operations). A listing
     refused (a 404: another server, or a daemon without that route, whose waits the service
     then polls one by one) is a note; no answer, or a failure of the daemon's, fails."""
     shown = redact_url(settings.volume_daemon_url)
-    daemon = VolumeDaemonAdapter(settings.volume_daemon_url, session=http, timeout=CHECK_TIMEOUT_SECONDS)
     try:
         running = await daemon.operations_running()
     except (NotFound, RefusedError) as exc:

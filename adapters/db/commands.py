@@ -35,7 +35,7 @@ _COMMAND_OUTCOME = (update(job_commands).where(job_commands.c.request_id == bind
                     .values(outcome=bindparam("v_outcome"), job_id=bindparam("v_job_id"),
                             detail=bindparam("v_detail")))
 _VM_NAME = select(vm_replication_contexts.c.vm_name).where(vm_replication_contexts.c.vmware_vm_id == bindparam("vm_id"))
-_BLOCKER = select(failover_jobs.c.job_id, failover_jobs.c.job_type, failover_jobs.c.status,
+BLOCKER = select(failover_jobs.c.job_id, failover_jobs.c.job_type, failover_jobs.c.status,
                   failover_jobs.c.rolled_back).where(failover_jobs.c.active_vm_id == bindparam("vm_id"))
 _JOB_FOR_UPDATE = select(failover_jobs).where(failover_jobs.c.job_id == bindparam("job_id")).with_for_update()
 _SET_CLEANUP = (update(failover_jobs).where(failover_jobs.c.job_id == bindparam("job_id"))
@@ -219,8 +219,8 @@ class CommandRecorder:
 
     async def _conflict(self, tx: raw.Transaction, cmd: FailoverRequested) -> Decision:
         """The VM is held by another job: `JobRejected` `conflict`, naming it."""
-        blocker = next(iter(await tx.fetch(_BLOCKER, {"vm_id": cmd.vm_id})), None)
-        return await self._reject(tx, cmd.request_id, "conflict", _conflict_detail(cmd.vm_id, blocker),
+        blocker = next(iter(await tx.fetch(BLOCKER, {"vm_id": cmd.vm_id})), None)
+        return await self._reject(tx, cmd.request_id, "conflict", conflict_detail(cmd.vm_id, blocker),
                                   job_type=cmd.job_type, vm_id=cmd.vm_id)
 
     async def _cleanup(self, tx: raw.Transaction, cmd: CleanupRequested) -> Decision:
@@ -297,7 +297,8 @@ def _outcome(cmd: Command, decision: Decision) -> dict[str, Any]:
             "v_detail": decision.detail}
 
 
-def _conflict_detail(vm_id: str, blocker: Any) -> str:
+def conflict_detail(vm_id: str, blocker: Any) -> str:
+    """Why a request for `vm_id` is rejected `conflict` (`blocker`: the BLOCKER row), and what to do."""
     if blocker is None:
         return f"VM {vm_id!r} has another job starting at this moment; retry later"
     what = {"test": "test failover", "live": "live failover", "cleanup": "cleanup"}.get(blocker.job_type,
