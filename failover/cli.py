@@ -15,9 +15,9 @@ import logging
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 from pydantic import ValidationError
@@ -384,9 +384,10 @@ async def _new_job(command: Any, *, follow: bool, as_json: bool, timeout: float)
             if not as_json:
                 console.print(f"published {command.type} {job_id}", highlight=False)
             return await follow_events(client, queue, as_json=as_json, timeout=timeout)
-        try:
-            async with asyncio.timeout(min(timeout, ANSWER_SECONDS)):
-                first = await anext(client.events(queue, until_terminal=False))
+        try:  # (the events closed before the connection is: their consumer ends cleanly)
+            async with asyncio.timeout(min(timeout, ANSWER_SECONDS)), \
+                    aclosing(client.events(queue, until_terminal=False)) as events:
+                first = await anext(events)
         except TimeoutError:
             raise Exit(NO_ANSWER, f"{command.type} {job_id} was published, but the service did not answer "
                                   f"within {min(timeout, ANSWER_SECONDS):g} s: is `failoverctl serve` running?") from None
@@ -426,11 +427,12 @@ async def _signal_job(command: Any, job_id: str, *, follow: bool, as_json: bool,
             return await follow_events(client, queue, as_json=as_json, timeout=timeout, outcome=outcome)
 
         async def on_bus() -> tuple[str, str | None, str | None]:
-            async for event in client.events(queue, until_terminal=False):
-                if event.type == "JobRejected" and str(event.job_id) == rid:
-                    return "rejected", event.reason, event.detail
-                if event.type in started:
-                    return "accepted", None, None
+            async with aclosing(client.events(queue, until_terminal=False)) as events:
+                async for event in events:
+                    if event.type == "JobRejected" and str(event.job_id) == rid:
+                        return "rejected", event.reason, event.detail
+                    if event.type in started:
+                        return "accepted", None, None
             raise AssertionError("unreachable")  # pragma: no cover
 
         async def in_database() -> tuple[str, str | None, str | None]:
@@ -468,35 +470,158 @@ def _follow_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--follow", "-f", is_flag=True, help="Show live progress until the job ends.")(f)
 
 
+_VMS_FILE_HELP = "Also the VMs listed in FILE: one per line (the line's first word), # comments; - reads stdin."
+
+
+def _wave_ids(given: tuple[str, ...], path: str | None, what: str) -> list[str]:
+    from .wave import WaveInputError, read_ids
+
+    try:
+        return read_ids(given, path, what)
+    except WaveInputError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+async def _wave(jobs: list[Any], *, title: str, follow: bool, as_json: bool, timeout: float,
+                refused: tuple[int, ...] = ()) -> int:
+    """Publish the wave's commands, then follow them all (or wait for their answers)."""
+    from .wave import answer_code, answers, follow_wave, publish_all, wave_exit_code
+
+    async with _bus() as client:
+        queue = await client.private_queue()
+        if not as_json:
+            console.print(f"publishing {len(jobs)} {jobs[0].command.type} ...", highlight=False)
+        await publish_all(client, jobs, queue)
+        if follow:
+            code = await follow_wave(client, queue, jobs, title=title, as_json=as_json, timeout=timeout)
+            return wave_exit_code([code, *refused])
+        await answers(client, queue, jobs, min(timeout, ANSWER_SECONDS))
+    codes = [answer_code(job) for job in jobs]
+    for job, code in zip(jobs, codes, strict=True):
+        status = {OK: "accepted", REJECTED: "rejected"}.get(code, "no_answer")
+        d = job.first.model_dump(mode="json") if job.first is not None else {}
+        if as_json:
+            asked = job.command.model_dump(mode="json", include={"vm_id", "failover_job_id"})
+            _json({"request_id": job.job_id, "type": job.command.type, "job_id": job.job_id, "status": status,
+                   "vm_id": d.get("vm_id"), "vm_name": d.get("vm_name"), **asked,
+                   **({"reason": d["reason"], "detail": d["detail"]} if code == REJECTED else {})})
+        if code == REJECTED:
+            click.echo(f"{job.label}: rejected ({d['reason']}): {d['detail']}", err=True)
+        elif code != OK:
+            click.echo(f"{job.label}: {job.command.type} {job.job_id} was published, but the service did not answer "
+                       f"within {min(timeout, ANSWER_SECONDS):g} s: is `failoverctl serve` running?", err=True)
+        elif not as_json:
+            console.print(f"accepted: {escape(job.label)}: job {job.job_id}", highlight=False)
+    accepted = codes.count(OK)
+    if not as_json and accepted:
+        console.print(f"{accepted} of {len(jobs)} accepted; follow them with: failoverctl jobs --limit {accepted}",
+                      highlight=False)
+    return wave_exit_code([*codes, *refused])
+
+
 @main.command()
-@click.argument("vm_id")
+@click.argument("vm_ids", nargs=-1, metavar="[VM_ID]...")
+@click.option("--vms-file", metavar="FILE", help=_VMS_FILE_HELP)
 @click.option("--live", is_flag=True, help="A live (permanent) failover instead of a test failover.")
 @click.option("--driver-injection", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True)
 @click.option("--requested-by", default="failoverctl", show_default=True)
 @_follow_options
-def request(vm_id: str, live: bool, driver_injection: DriverInjection, requested_by: str, follow: bool, as_json: bool,
-            timeout: float) -> None:
-    """Request a failover of VM_ID (the source VM's vmware_vm_id).
+def request(vm_ids: tuple[str, ...], vms_file: str | None, live: bool, driver_injection: DriverInjection,
+            requested_by: str, follow: bool, as_json: bool, timeout: float) -> None:
+    """Request a failover of each VM_ID (the source VM's vmware_vm_id).
 
-    Exit code: 0 accepted (with --follow: completed), 1 failed, 3 rejected (the reason on stderr)."""
+    Several VMs make a wave: one job each, all followed together with --follow.
+
+    Exit code: 0 accepted (with --follow: completed); else, of any job, the first of 1 failed,
+    2 cancelled, 3 rejected (the reasons on stderr), 4 no answer (or end) in time."""
     from schemas.commands import FailoverRequested, FailoverRequestedOptions
 
-    cmd = FailoverRequested(request_id=uuid.uuid4(), vm_id=vm_id, failover_type="live" if live else "test",
-                            requested_by=requested_by,
-                            options=FailoverRequestedOptions(driver_injection=driver_injection))
-    _run(_new_job(cmd, follow=follow, as_json=as_json, timeout=timeout))
+    from .wave import WaveJob
+
+    ids = _wave_ids(vm_ids, vms_file, "VM")
+    kind: Literal["test", "live"] = "live" if live else "test"
+    commands = [FailoverRequested(request_id=uuid.uuid4(), vm_id=vm_id, failover_type=kind, requested_by=requested_by,
+                                  options=FailoverRequestedOptions(driver_injection=driver_injection))
+                for vm_id in ids]
+
+    async def go() -> int:
+        if len(commands) == 1:
+            return await _new_job(commands[0], follow=follow, as_json=as_json, timeout=timeout)
+        jobs = [WaveJob(job_id=str(c.request_id), label=c.vm_id, command=c) for c in commands]
+        code = await _wave(jobs, title=f"{kind} failover of {len(jobs)} VMs", follow=follow, as_json=as_json,
+                           timeout=timeout)
+        done = [str(job.last.vm_id) for job in jobs if job.last is not None and job.last.type == "JobCompleted"]
+        if follow and not as_json and kind == "test" and done:
+            whole_file = vms_file not in (None, "-") and not vm_ids and len(done) == len(jobs)
+            how = f"--vms-file {vms_file}" if whole_file else " ".join(f"--vm {vm}" for vm in done)
+            console.print(f"undo the {len(done)} test failover(s) with: failoverctl cleanup {how}", highlight=False,
+                          markup=False, soft_wrap=True)  # (one line, to copy)
+        return code
+
+    _run(go())
+
+
+async def _resolve_cleanups(vm_ids: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Each VM's test failover to clean up (the job that holds the VM), and the VMs without one
+    with the reason."""
+    from .reads import holders
+
+    async with _db() as engine:
+        held = await _read(holders(engine, vm_ids))
+    found, missing = [], []
+    for vm_id in vm_ids:
+        job = held.get(vm_id)
+        if job is not None and job["job_type"] == "test":
+            found.append(job["job_id"])  # (the service says whether its state allows a cleanup)
+        elif job is None:
+            missing.append((vm_id, "no test failover to clean up: no job holds the VM (failoverctl jobs lists "
+                                   "the recent ones)"))
+        else:
+            what = {"live": "a live failover", "cleanup": "a cleanup"}.get(job["job_type"], job["job_type"])
+            missing.append((vm_id, f"no test failover to clean up: the VM is held by {what}, job {job['job_id']} "
+                                   f"({job['status']})"))
+    return found, missing
 
 
 @main.command()
-@click.argument("job_id", type=click.UUID)
+@click.argument("job_ids", nargs=-1, type=click.UUID, metavar="[JOB_ID]...")
+@click.option("--vm", "vms", multiple=True, metavar="VM_ID",
+              help="The test failover of this VM (the job that holds it); repeatable.")
+@click.option("--vms-file", metavar="FILE", help=_VMS_FILE_HELP)
 @click.option("--requested-by", default="failoverctl", show_default=True)
 @_follow_options
-def cleanup(job_id: uuid.UUID, requested_by: str, follow: bool, as_json: bool, timeout: float) -> None:
-    """Undo the completed test failover JOB_ID (a new cleanup job)."""
+def cleanup(job_ids: tuple[uuid.UUID, ...], vms: tuple[str, ...], vms_file: str | None, requested_by: str,
+            follow: bool, as_json: bool, timeout: float) -> None:
+    """Undo the completed test failover JOB_ID (a new cleanup job), or that of each VM given.
+
+    Several make a wave, as for `request`; the same exit codes."""
     from schemas.commands import CleanupRequested
 
-    cmd = CleanupRequested(request_id=uuid.uuid4(), failover_job_id=job_id, requested_by=requested_by)
-    _run(_new_job(cmd, follow=follow, as_json=as_json, timeout=timeout))
+    from .wave import WaveJob
+
+    async def go() -> int:
+        given = [str(j) for j in job_ids]
+        missing: list[tuple[str, str]] = []
+        if vms or vms_file:
+            found, missing = await _resolve_cleanups(_wave_ids(vms, vms_file, "VM"))
+            given += found
+        elif not given:
+            raise click.UsageError("give the test failovers to clean up: JOB_ID ..., --vm VM_ID or --vms-file FILE")
+        for vm_id, why in missing:
+            click.echo(f"{vm_id}: {why}", err=True)
+        parents = _wave_ids(tuple(given), None, "job") if given else []
+        commands = [CleanupRequested(request_id=uuid.uuid4(), failover_job_id=uuid.UUID(p), requested_by=requested_by)
+                    for p in parents]
+        refused = (REJECTED,) if missing else ()
+        if not commands:
+            return REJECTED
+        if len(commands) == 1 and not missing:
+            return await _new_job(commands[0], follow=follow, as_json=as_json, timeout=timeout)
+        jobs = [WaveJob(job_id=str(c.request_id), label=f"failover {c.failover_job_id}", command=c) for c in commands]
+        return await _wave(jobs, title=f"cleanup of {len(jobs)} test failovers", follow=follow, as_json=as_json,
+                           timeout=timeout, refused=refused)
+
+    _run(go())
 
 
 @main.command()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -57,12 +57,16 @@ class BusClient:
 
     async def bind(self, pattern: str) -> AbstractQueue:
         """A private queue on `failover.events` (bind before publishing to miss nothing)."""
-        queue = await self.channel.declare_queue(exclusive=True, auto_delete=True)
+        queue = await self.private_queue()
         await queue.bind(EVENTS_EXCHANGE, routing_key=pattern)
         return queue
 
+    async def private_queue(self) -> AbstractQueue:
+        """A queue of this connection's own, bound to nothing yet (gone with the connection)."""
+        return await self.channel.declare_queue(exclusive=True, auto_delete=True)
+
     async def events(self, queue: AbstractQueue, *, until_terminal: bool = True,
-                     timeout: float | None = None, after: dict[str, int] | None = None) -> AsyncIterator[Event]:
+                     timeout: float | None = None, after: dict[str, int] | None = None) -> AsyncGenerator[Event, None]:
         """Events in `sequence` order per job, without duplicates, until a job's last event.
 
         A job's stream starts after `after[job_id]` when given, else at the first event seen

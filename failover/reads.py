@@ -21,7 +21,7 @@ from adapters.db.tables import (
     outbox,
 )
 
-__all__ = ["ENDED", "LEVELS", "command_outcome", "job_detail", "job_events", "job_logs", "recent_jobs"]
+__all__ = ["ENDED", "LEVELS", "command_outcome", "holders", "job_detail", "job_events", "job_logs", "recent_jobs"]
 
 LEVELS = ["DEBUG", "INFO", "WARN", "ERROR"]
 ENDED = ("completed", "failed", "cancelled")  # job_tracking.status of a job that has ended
@@ -151,3 +151,20 @@ async def command_outcome(engine: AsyncEngine, request_id: str) -> dict[str, Any
     if row is None or row.outcome == "received":
         return None
     return _plain(row)
+
+
+async def holders(engine: AsyncEngine, vm_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """For each of these VMs that a job holds (a test failover not cleaned up, a live failover,
+    a running job, a rollback not completed: `failover_jobs.active_vm_id`), that job's id, type
+    and status; VMs no job holds are left out."""
+    out: dict[str, dict[str, Any]] = {}
+    async with engine.connect() as conn:
+        for at in range(0, len(vm_ids), 500):
+            rows = (await conn.execute(select(
+                failover_jobs.c.active_vm_id, failover_jobs.c.job_id, failover_jobs.c.job_type,
+                failover_jobs.c.status, failover_jobs.c.cleanup_job_id)
+                .where(failover_jobs.c.active_vm_id.in_(vm_ids[at:at + 500])))).all()
+            for r in rows:
+                out[r.active_vm_id] = {"job_id": r.job_id, "job_type": r.job_type, "status": r.status,
+                                       "cleanup_job_id": r.cleanup_job_id}
+    return out

@@ -178,6 +178,7 @@ async def test_rejected_requests_exit_3_with_the_reason_on_stderr(serve: ServePr
     plain = await ctl("request", unknown)
     assert plain.code == 3
     assert "rejected (not_found)" in plain.err and unknown in plain.err
+    assert "Traceback" not in plain.err, plain.err
     followed = await ctl("request", unknown, "--follow", "--json")
     assert followed.code == 3
     assert [e["type"] for e in followed.json_lines()] == ["JobRejected"]
@@ -215,6 +216,7 @@ async def test_watch_a_running_job_and_cancel_another(
         assert joined.startswith("joined") and "rolling" not in joined, joined
         cancel = await ctl("cancel", doomed_id)
         assert cancel.code == 0, cancel.err
+        assert "Traceback" not in cancel.err, cancel.err
         assert "cancel recorded" in cancel.out and doomed_id in cancel.out
 
         watched = await ctl.finish(watch_json)
@@ -384,26 +386,179 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-async def test_follow_on_a_terminal_draws_live_bars(
-        serve: ServeProcess, cli_env: dict[str, str], tmp_path: Path, db: Any, control: EmulatorControl,
-        emulators: EmulatorHandle) -> None:
-    vm = await _seed(db, control, emulators, "cli [terminal] *bold*", os_type="ubuntu64Guest")
+async def _on_a_terminal(env: dict[str, str], cwd: Path, *args: str, timeout: float = 120) -> tuple[int, str]:
+    """`failoverctl ARGS` on a pseudo-terminal: its exit code and everything it drew."""
     leader, follower = pty.openpty()
     try:
         proc = await asyncio.create_subprocess_exec(
-            *FAILOVERCTL, "request", vm.vm_id, "--follow", env={**cli_env, "TERM": "xterm-256color"},
-            cwd=str(tmp_path), stdin=follower, stdout=follower, stderr=follower)
+            *FAILOVERCTL, *args, env={**env, "TERM": "xterm-256color"}, cwd=str(cwd), stdin=follower,
+            stdout=follower, stderr=follower)
         os.close(follower)
         follower = -1
         reader = asyncio.create_task(asyncio.to_thread(_read_all, leader))
-        code = await asyncio.wait_for(proc.wait(), 90)
-        screen = (await asyncio.wait_for(reader, 10)).decode(errors="replace")
+        code = await asyncio.wait_for(proc.wait(), timeout)
+        return code, (await asyncio.wait_for(reader, 10)).decode(errors="replace")
     finally:
         os.close(leader)
         if follower >= 0:
             os.close(follower)
+
+
+async def test_follow_on_a_terminal_draws_live_bars(
+        serve: ServeProcess, cli_env: dict[str, str], tmp_path: Path, db: Any, control: EmulatorControl,
+        emulators: EmulatorHandle) -> None:
+    vm = await _seed(db, control, emulators, "cli [terminal] *bold*", os_type="ubuntu64Guest")
+    code, screen = await _on_a_terminal(cli_env, tmp_path, "request", vm.vm_id, "--follow")
     assert code == 0, screen
     assert "Traceback" not in screen
     assert "\x1b[" in screen and "━" in screen  # redrawn in place, with bars
     assert "vm-startup-validation" in screen and "completed in" in screen
     assert "cli [terminal] *bold*" in screen  # names are shown as they are, never read as markup
+
+
+# --------------------------------------------------------------------------- waves
+
+async def _vm_jobs(db: Any, vm_id: str) -> list[Any]:
+    from adapters.db.tables import failover_jobs
+
+    async with db.connect() as conn:
+        return list((await conn.execute(select(failover_jobs).where(failover_jobs.c.vm_id == vm_id)
+                                        .order_by(failover_jobs.c.created_at))).all())
+
+
+async def test_a_wave_followed_from_a_file_then_cleaned_up_by_its_vms(
+        serve: ServeProcess, ctl: Ctl, db: Any, control: EmulatorControl, emulators: EmulatorHandle,
+        tmp_path: Path) -> None:
+    good = [await _seed(db, control, emulators, f"wave good {n}", disks=1, os_type="ubuntu64Guest") for n in range(3)]
+    stale = await _seed(db, control, emulators, "wave stale", disks=1, os_type="ubuntu64Guest",
+                        replication_status="running")  # fails its pre-failover-validation
+    unknown = f"no-such-vm-{uuid.uuid4()}"
+    listing = tmp_path / "wave.txt"
+    listing.write_text(f"# the wave\n{good[1].vm_id}  web tier\n\n{good[2].vm_id}\n{stale.vm_id} # old replica\n"
+                       f"{unknown}\n")
+    run = await ctl("request", good[0].vm_id, "--vms-file", str(listing), "--follow", timeout=120)
+    # failed comes before rejected in the exit code; each job that did not complete is named on stderr
+    assert run.code == 1, run.out + run.err
+    assert "2 of 5 jobs completed" not in run.err and "3 of 5 jobs completed; the others:" in run.err
+    assert "wave stale" in run.err and "failed at pre-failover-validation" in run.err
+    assert unknown in run.err and "rejected (not_found)" in run.err
+    for vm in good:  # one line per step, led by the VM's name, in a pipe
+        assert f"wave good {good.index(vm)}" in run.out
+        jobs = await _vm_jobs(db, vm.vm_id)
+        assert [(j.job_type, j.status) for j in jobs] == [("test", "completed")]
+    assert "6/6 vm-startup-validation: running" in run.out
+    assert [(j.job_type, j.status, bool(j.rolled_back)) for j in await _vm_jobs(db, stale.vm_id)] == [
+        ("test", "failed", True)]
+    hint = next(line for line in run.out.splitlines() if line.startswith("undo the 3 test failover(s) with:"))
+    named = hint.split(" with: failoverctl cleanup ")[1].split("--vm")
+    assert named[0] == "" and sorted(w.strip() for w in named[1:]) == sorted(vm.vm_id for vm in good)
+
+    # the same list undoes the wave: the VMs without a test failover are named, the others cleaned up
+    undo = await ctl("cleanup", "--vm", good[0].vm_id, "--vms-file", str(listing), "--follow", "--json", timeout=120)
+    assert undo.code == 3, undo.out + undo.err  # nothing failed; two VMs had nothing to clean up
+    assert f"{stale.vm_id}: no test failover to clean up" in undo.err and f"{unknown}: no test failover" in undo.err
+    events = undo.json_lines()
+    ends = {e["correlation_id"]: e["type"] for e in events if e["type"] in ("JobCompleted", "JobFailed")}
+    parents = {str((await _vm_jobs(db, vm.vm_id))[0].job_id) for vm in good}
+    assert ends == dict.fromkeys(parents, "JobCompleted")
+    assert {e["job_type"] for e in events} == {"cleanup"}
+    for vm in good:
+        assert [(j.job_type, j.status) for j in await _vm_jobs(db, vm.vm_id)] == [("test", "cleaned_up"),
+                                                                              ("cleanup", "completed")]
+    again = await ctl("cleanup", "--vm", good[0].vm_id)  # nothing holds it any more
+    assert again.code == 3 and "no test failover to clean up" in again.err
+
+
+async def test_a_wave_without_follow_answers_each_and_bad_lists_publish_nothing(
+        serve: ServeProcess, ctl: Ctl, db: Any, control: EmulatorControl, emulators: EmulatorHandle,
+        tmp_path: Path) -> None:
+    a, b = [await _seed(db, control, emulators, f"wave answer {n}", disks=1, os_type="ubuntu64Guest") for n in "ab"]
+    twice = await ctl("request", a.vm_id, b.vm_id, a.vm_id)
+    assert twice.code == 5 and f"VM {a.vm_id} is given twice (argument 1 and argument 3)" in twice.err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nobody yet\n\n")
+    none = await ctl("request", "--vms-file", str(empty))
+    assert none.code == 5 and "no VM given" in none.err
+    missing = await ctl("request", "--vms-file", str(tmp_path / "absent.txt"))
+    assert missing.code == 5 and "cannot read" in missing.err
+    assert await _vm_jobs(db, a.vm_id) == [] and await _vm_jobs(db, b.vm_id) == []  # nothing was published
+
+    unknown = f"no-such-vm-{uuid.uuid4()}"
+    answered = await ctl("request", a.vm_id, b.vm_id, unknown, "--json")
+    assert answered.code == 3, answered.err
+    lines = answered.json_lines()
+    assert [(line["vm_id"], line["vm_name"], line["status"]) for line in lines] == [
+        (a.vm_id, "wave answer a", "accepted"), (b.vm_id, "wave answer b", "accepted"), (unknown, None, "rejected")]
+    assert lines[2]["reason"] == "not_found" and f"{unknown}: rejected (not_found)" in answered.err
+    ids = [line["job_id"] for line in lines[:2]]
+
+    async def ended(job_id: str) -> bool:
+        return (await failover_row(db, job_id)).status == "completed"
+
+    for job_id in ids:
+        await wait_until(lambda job_id=job_id: ended(job_id), 60, f"test failover {job_id} to complete")
+    undo = await ctl("cleanup", *ids)
+    assert undo.code == 0, undo.err
+    assert undo.out.count("accepted: ") == 2 and "2 of 2 accepted" in undo.out
+    for vm in (a, b):
+        await wait_until(lambda vm=vm: _cleaned(db, vm.vm_id), 60, f"{vm.vm_id} cleaned up")
+    no_args = await ctl("cleanup")
+    assert no_args.code == 5 and "give the test failovers to clean up" in no_args.err
+
+
+async def _cleaned(db: Any, vm_id: str) -> bool:
+    return [j.status for j in await _vm_jobs(db, vm_id)] == ["cleaned_up", "completed"]
+
+
+async def test_a_wave_not_ended_in_time_exits_4_and_goes_on(
+        serve: ServeProcess, ctl: Ctl, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
+    a, b = [await _seed(db, control, emulators, f"wave slow {n}", disks=1, os_type="ubuntu64Guest") for n in "ab"]
+    await control.set_latency(async_job_seconds=1.5, operation_seconds=0.5)
+    try:
+        run = await ctl("request", a.vm_id, b.vm_id, "--follow", "--timeout", "2")
+    finally:
+        await control.set_latency(async_job_seconds=0, operation_seconds=0)
+    assert run.code == 4, run.out + run.err
+    assert "0 of 2 jobs completed" in run.err and run.err.count("no end within 2 s; it goes on") == 2
+    for vm in (a, b):  # the jobs went on without the client
+        await wait_until(lambda vm=vm: _status_is(db, vm.vm_id, "completed"), 60, f"{vm.vm_id} to complete")
+
+
+async def _status_is(db: Any, vm_id: str, status: str) -> bool:
+    return [j.status for j in await _vm_jobs(db, vm_id)] == [status]
+
+
+async def test_a_wave_on_a_terminal_draws_one_board(
+        serve: ServeProcess, cli_env: dict[str, str], tmp_path: Path, db: Any, control: EmulatorControl,
+        emulators: EmulatorHandle) -> None:
+    vms = [await _seed(db, control, emulators, f"wave [tty] {n}", disks=1, os_type="ubuntu64Guest") for n in range(3)]
+    code, screen = await _on_a_terminal(cli_env, tmp_path, "request", *(vm.vm_id for vm in vms), "--follow")
+    assert code == 0, screen
+    assert "Traceback" not in screen, screen[screen.index("Traceback") - 300:]
+    assert "\x1b[" in screen and "━" in screen  # redrawn in place, with a bar
+    assert "test failover of 3 VMs" in screen and "3 completed" in screen and "all 3 jobs completed" in screen
+    for n in range(3):
+        assert f"done   wave [tty] {n}" in screen  # a line as each ends, names as they are (no markup)
+
+
+async def test_a_wave_of_a_hundred_vms_follows_every_job_to_its_end(
+        serve: ServeProcess, ctl: Ctl, db: Any, control: EmulatorControl, emulators: EmulatorHandle,
+        tmp_path: Path) -> None:
+    vms = [await _seed(db, control, emulators, f"wave hundred {n}", disks=1, os_type="ubuntu64Guest")
+           for n in range(100)]
+    listing = tmp_path / "hundred.txt"
+    listing.write_text("".join(f"{vm.vm_id}\n" for vm in vms))
+    run = await ctl("request", "--vms-file", str(listing), "--follow", "--json", timeout=240)
+    assert run.code == 0, run.err[-2000:]
+    by_job: dict[str, list[Any]] = {}
+    for event in run.json_lines():
+        by_job.setdefault(event["job_id"], []).append(event)
+    assert len(by_job) == 100 and {e[0]["vm_id"] for e in by_job.values()} == {vm.vm_id for vm in vms}
+    for events in by_job.values():  # each job's whole stream, in order, once
+        assert [e["sequence"] for e in events] == list(range(1, len(events) + 1))
+        assert events[0]["type"] == "JobAccepted" and events[-1]["type"] == "JobCompleted"
+    undo = await ctl("cleanup", "--vms-file", str(listing), "--follow", timeout=240)
+    assert undo.code == 0, undo.err[-2000:]
+    assert "all 100 jobs completed" in undo.out and undo.out.count("completed in") == 100
+    for vm in vms[::10]:
+        assert await _cleaned(db, vm.vm_id)

@@ -1,0 +1,313 @@
+"""Many jobs at once from `failoverctl` (a wave): `request VM_ID VM_ID ...` or `--vms-file`, and
+`cleanup JOB_ID ...`, `--vm` or `--vms-file` to undo the wave's test failovers.
+
+A wave publishes one command per job on one connection, each job's events bound before its
+command goes (so nothing is missed), then either waits for every job's answer (accepted or
+rejected) or follows them all to their ends: on a terminal, one bar for the wave, its counts and
+a table of the jobs running now, redrawn in place, with a line above it as each job ends; into a
+pipe, one line per step and per end, each led by the VM's name; with `--json`, every event, one
+per line. The exit code is 0 when every job completed (or, without `--follow`, was accepted),
+else the first of 1 (a job failed), 2 (cancelled), 3 (rejected), 4 (no answer or end in time)
+that any job had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aio_pika.abc import AbstractQueue
+from pydantic import BaseModel
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markup import escape
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from schemas.events import Event
+
+from .client import BusClient
+from .progress import EXIT, exit_code, summary
+
+__all__ = ["WaveJob", "answers", "follow_wave", "publish_all", "read_ids", "wave_exit_code"]
+
+PUBLISH_AT_ONCE = 32  # commands (each with its binding) in flight on the connection at once
+_ENDS = ("JobCompleted", "JobFailed", "JobCancelled", "JobRejected")
+_ORDER = (EXIT["failed"], EXIT["cancelled"], EXIT["rejected"], EXIT["no_answer"])
+
+
+class WaveInputError(ValueError):
+    """The list of VMs or jobs cannot make a wave (nothing was published)."""
+
+
+def read_ids(given: Sequence[str], path: str | None, what: str) -> list[str]:
+    """The ids given as arguments, then those of `path` (one per line: the first word; blank
+    lines and `#` comments skipped; `-` is stdin), in order. A repeated id is an error: one job
+    per VM (or per failover) at a time."""
+    items: list[tuple[str, str]] = [(value.strip(), f"argument {n}") for n, value in enumerate(given, 1)]
+    if path is not None:
+        try:
+            text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise WaveInputError(f"cannot read {path}: {exc}") from exc
+        for number, line in enumerate(text.splitlines(), 1):
+            words = line.split("#", 1)[0].split()
+            if words:
+                items.append((words[0], f"{path} line {number}"))
+    seen: dict[str, str] = {}
+    for value, where in items:
+        if not value:
+            raise WaveInputError(f"{where}: an empty {what}")
+        if value in seen:
+            raise WaveInputError(f"{what} {value} is given twice ({seen[value]} and {where}): a wave has one "
+                                 "job each; remove one and run again (nothing was published)")
+        seen[value] = where
+    if not seen:
+        raise WaveInputError(f"no {what} given" + (f" ({path} has none)" if path is not None else ""))
+    return list(seen)
+
+
+def wave_exit_code(codes: Iterable[int]) -> int:
+    """0 when every job's code is 0; else the first of failed, cancelled, rejected, no answer."""
+    present = set(codes)
+    return next((code for code in _ORDER if code in present), EXIT["completed"])
+
+
+@dataclass
+class WaveJob:
+    """One job of the wave: its command, the label it shows under, and what is known of it."""
+
+    job_id: str
+    label: str  # the VM's id (its name once the job is accepted), or for a cleanup its job
+    command: BaseModel
+    first: Event | None = None  # JobAccepted or JobRejected
+    last: Event | None = None
+    step: str = ""
+    step_order: int = 0
+    total_steps: int = 0
+    percent: int = 0
+    state: str = "waiting"  # waiting | running | rolling back | the end event's type
+    started: float | None = None
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def ended(self) -> bool:
+        return self.last is not None and self.last.type in _ENDS
+
+    def see(self, event: Event) -> None:
+        d: dict[str, Any] = event.model_dump(mode="json")
+        if self.first is None:
+            self.first = event
+        if event.type == "JobAccepted" and d.get("vm_name"):
+            self.label = d["vm_name"]
+        elif event.type == "StepStarted":
+            self.step, self.step_order, self.total_steps = d["step"], d["step_order"], d["total_steps"]
+            self.percent = d["percent_complete"]
+            self.state = "running"
+            self.started = self.started or time.monotonic()
+        elif event.type in ("StepCompleted", "StepSkipped"):
+            self.percent = d["percent_complete"]
+        elif event.type == "RollbackStarted":
+            self.state = "rolling back"
+        if event.type in _ENDS:
+            self.state = event.type
+        self.last = event
+
+
+async def publish_all(client: BusClient, jobs: Sequence[WaveJob], queue: AbstractQueue,
+                      on_published: Any = None) -> None:
+    """Bind each job's events to `queue`, then publish its command (a few jobs at a time)."""
+    from adapters.bus import EVENTS_EXCHANGE
+
+    gate = asyncio.Semaphore(PUBLISH_AT_ONCE)
+
+    async def one(job: WaveJob) -> None:
+        async with gate:
+            await queue.bind(EVENTS_EXCHANGE, routing_key=f"job.{job.job_id}.#")
+            await client.publish(job.command)
+            if on_published is not None:
+                on_published(job)
+
+    await asyncio.gather(*(one(job) for job in jobs))
+
+
+async def answers(client: BusClient, queue: AbstractQueue, jobs: Sequence[WaveJob], timeout: float) -> None:
+    """Wait until every job has its first event (accepted or rejected), `timeout` s at most."""
+    by_id = {job.job_id: job for job in jobs}
+    left = len(jobs)
+    try:
+        async with asyncio.timeout(timeout), aclosing(client.events(queue, until_terminal=False)) as events:
+            async for event in events:  # (closed before the connection is: its consumer ends cleanly)
+                job = by_id.get(str(event.job_id))
+                if job is None or job.first is not None:
+                    continue
+                job.see(event)
+                left -= 1
+                if not left:
+                    return
+    except TimeoutError:
+        pass
+
+
+def answer_code(job: WaveJob) -> int:
+    """Without --follow: 0 accepted, 3 rejected, 4 no answer."""
+    if job.first is None:
+        return EXIT["no_answer"]
+    return EXIT["rejected"] if job.first.type == "JobRejected" else EXIT["completed"]
+
+
+class _Board:
+    """The terminal's view of a wave: a bar and the counts, the jobs running now, and a line
+    printed above as each job ends."""
+
+    def __init__(self, jobs: Sequence[WaveJob], title: str, console: Console) -> None:
+        self.jobs = jobs
+        self.title = title
+        self.console = console
+        self.began = time.monotonic()
+
+    def counts(self) -> dict[str, int]:
+        out = {"completed": 0, "failed": 0, "cancelled": 0, "rejected": 0, "rolling back": 0, "running": 0,
+               "waiting": 0}
+        for job in self.jobs:
+            key = {"JobCompleted": "completed", "JobFailed": "failed", "JobCancelled": "cancelled",
+                   "JobRejected": "rejected"}.get(job.state, job.state)
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    def percent(self) -> float:
+        return sum(100 if job.ended else job.percent for job in self.jobs) / max(1, len(self.jobs))
+
+    def __rich__(self) -> Group:
+        percent = self.percent()
+        head = Table.grid(padding=(0, 1))
+        head.add_row(Text(self.title, style="bold"), ProgressBar(total=100, completed=percent, width=40),
+                     f"{percent:3.0f}%", _clock(time.monotonic() - self.began))
+        counts = ", ".join(f"{n} {what}" for what, n in self.counts().items() if n)
+        parts: list[Any] = [head, Text(counts)]
+        active = [job for job in self.jobs if job.state in ("running", "rolling back")]
+        if active:
+            room = max(3, self.console.height - 5)
+            table = Table("VM", "step", "%", "running for", box=None, pad_edge=False, show_edge=False)
+            now = time.monotonic()
+            for job in active[:room]:
+                step = escape(f"{job.step} ({job.step_order}/{job.total_steps})" if job.step else "-")
+                if job.state == "rolling back":
+                    step = f"[yellow]rolling back[/] after {step}"
+                table.add_row(escape(job.label[:40]), step, str(job.percent), _clock(now - (job.started or now)))
+            parts.append(table)
+            if len(active) > room:
+                parts.append(Text(f"... and {len(active) - room} more running"))
+        return Group(*parts)
+
+
+def _outcome(job: WaveJob) -> str:
+    """How a job ended, in one line (a completed failover: its CloudStack VM, not all its outputs)."""
+    assert job.last is not None
+    d = job.last.model_dump(mode="json")
+    if job.last.type != "JobCompleted":
+        return summary(job.last)
+    outputs = d["outputs"]
+    made = (f": VM {outputs['vm_name']} ({outputs['destination_vm_id']})"
+            if outputs.get("destination_vm_id") and outputs.get("vm_name") else "")
+    return f"completed in {d['duration_seconds']:.1f} s{made}"
+
+
+def _end_line(job: WaveJob) -> str:
+    return f"{job.label} ({job.job_id}): {_outcome(job)}"
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+async def follow_wave(client: BusClient, queue: AbstractQueue, jobs: Sequence[WaveJob], *, title: str,
+                      as_json: bool, timeout: float, console: Console | None = None) -> int:
+    """Show the wave's events until every job has ended (or `timeout` s); return the exit code."""
+    console = console or Console()
+    err = Console(stderr=True, highlight=False)
+    by_id = {job.job_id: job for job in jobs}
+    left = len(jobs)
+    board = _Board(jobs, title, console)
+    plain = not as_json and not console.is_terminal
+    width = min(40, max(len(job.label) for job in jobs))
+
+    def note(job: WaveJob, event: Event) -> str | None:
+        """The plain line of an event worth a line."""
+        d = event.model_dump(mode="json")
+        if event.type == "JobAccepted":
+            return f"accepted ({job.job_id}), {len(d['steps'])} steps"
+        if event.type == "StepStarted":
+            return f"{d['step_order']}/{d['total_steps']} {d['step']}: running ({d['percent_complete']}%)"
+        if event.type == "StepFailed":
+            return f"step {d['step']} failed: {d['error']['code']}: {d['error']['message']}"
+        if event.type == "RollbackStarted":
+            return f"rolling back ({d['reason']}): {len(d['actions'])} action(s)"
+        if event.type in _ENDS:
+            return _outcome(job)
+        return None
+
+    live: Live | None = None
+    try:
+        async with asyncio.timeout(timeout), aclosing(client.events(queue, until_terminal=False)) as events:
+            if not as_json and not plain:
+                live = Live(board, console=console, refresh_per_second=4, transient=False)
+                live.start()
+            async for event in events:
+                job = by_id.get(str(event.job_id))
+                if job is None or job.ended:
+                    continue
+                job.see(event)
+                if as_json:
+                    sys.stdout.write(event.model_dump_json() + "\n")
+                    sys.stdout.flush()
+                elif plain:
+                    line = note(job, event)
+                    if line is not None:
+                        console.print(f"{job.label[:40]:<{width}}  {line}", highlight=False, markup=False,
+                                      soft_wrap=True)
+                elif job.ended:
+                    ok = event.type == "JobCompleted"
+                    console.print(Text(("done   " if ok else "ENDED  ") + _end_line(job),
+                                       style="green" if ok else "red"))
+                if job.ended:
+                    left -= 1
+                    if not left:
+                        break
+    except TimeoutError:
+        pass
+    finally:
+        if live is not None:
+            live.stop()
+    codes = [exit_code(job.last) if job.ended else EXIT["no_answer"] for job in jobs]
+    if not as_json:
+        _wave_summary(jobs, codes, console, err, timeout)
+    return wave_exit_code(codes)
+
+
+def _wave_summary(jobs: Sequence[WaveJob], codes: Sequence[int], console: Console, err: Console,
+                  timeout: float) -> None:
+    """The wave's end: its counts on stdout when all completed, else each job that did not on stderr."""
+    done = sum(1 for code in codes if code == 0)
+    if done == len(jobs):
+        console.print(f"[green]all {len(jobs)} jobs completed", highlight=False)
+        return
+    err.print(f"{done} of {len(jobs)} jobs completed; the others:", markup=False)
+    for job, code in zip(jobs, codes, strict=True):
+        if code == 0:
+            continue
+        if job.ended:
+            err.print(f"  {_end_line(job)}", markup=False)
+        else:
+            err.print(f"  {job.label} ({job.job_id}): no end within {timeout:g} s; it goes on "
+                      f"(failoverctl watch {job.job_id})" if job.first is not None else
+                      f"  {job.label} ({job.job_id}): no answer within {timeout:g} s: is `failoverctl serve` running?",
+                      markup=False)
