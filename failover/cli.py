@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shlex
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -323,6 +324,29 @@ async def _bus() -> AsyncIterator[Any]:
         yield client
 
 
+def _not_taken(exc: Exception) -> str:
+    """Why RabbitMQ did not take a command (a DeliveryError), and what to do."""
+    from pamqp.commands import Basic
+
+    url = redact_url(_settings().amqp_url.get_secret_value())
+    if isinstance(getattr(exc, "frame", None), Basic.Return):
+        return (f"RabbitMQ at {url} (FAILOVER_AMQP_URL) returned the command: no queue is bound to the exchange "
+                "failover.commands there, so `failoverctl serve` has never started on this broker and vhost: "
+                "start it there, or fix FAILOVER_AMQP_URL")
+    return (f"RabbitMQ at {url} (FAILOVER_AMQP_URL) did not take the command ({exc}): see its log (a disk or "
+            "memory alarm?), then send the command again")
+
+
+async def _publish(client: Any, command: Any) -> None:
+    """Publish one command; one that RabbitMQ did not take is exit code 4, with the reason."""
+    from aiormq.exceptions import DeliveryError
+
+    try:
+        await client.publish(command)
+    except DeliveryError as exc:
+        raise Exit(NO_ANSWER, _not_taken(exc)) from None
+
+
 @asynccontextmanager
 async def _db() -> AsyncIterator[Any]:
     from adapters.db.engine import make_engine
@@ -379,7 +403,7 @@ async def _new_job(command: Any, *, follow: bool, as_json: bool, timeout: float)
     job_id = str(command.request_id)
     async with _bus() as client:
         queue = await client.bind(f"job.{job_id}.#")  # before publishing: nothing is missed
-        await client.publish(command)
+        await _publish(client, command)
         if follow:
             if not as_json:
                 console.print(f"published {command.type} {job_id}", highlight=False)
@@ -420,7 +444,7 @@ async def _signal_job(command: Any, job_id: str, *, follow: bool, as_json: bool,
     async with _bus() as client:
         queue = await client.bind(f"job.{rid}.JobRejected")
         await queue.bind(EVENTS_EXCHANGE, routing_key=f"job.{job_id}.#")
-        await client.publish(command)
+        await _publish(client, command)
         if follow:
             if not as_json:
                 console.print(f"published {command.type} {rid} for job {job_id}", highlight=False)
@@ -464,7 +488,7 @@ async def _signal_job(command: Any, job_id: str, *, follow: bool, as_json: bool,
 
 def _follow_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--timeout", default=7200.0, show_default=True,
-                     help="Seconds to wait for the end of the job with --follow.")(f)
+                     help="Seconds to wait for the end of the job with --follow (for a wave: of all its jobs).")(f)
     f = click.option("--json", "as_json", is_flag=True,
                      help="JSON on stdout (one event per line with --follow).")(f)
     return click.option("--follow", "-f", is_flag=True, help="Show live progress until the job ends.")(f)
@@ -473,31 +497,57 @@ def _follow_options(f: Callable[..., Any]) -> Callable[..., Any]:
 _VMS_FILE_HELP = "Also the VMs listed in FILE: one per line (the line's first word), # comments; - reads stdin."
 
 
-def _wave_ids(given: tuple[str, ...], path: str | None, what: str) -> list[str]:
+def _wave_ids(given: tuple[str, ...], path: str | None, what: str, given_as: str = "argument") -> list[str]:
     from .wave import WaveInputError, read_ids
 
     try:
-        return read_ids(given, path, what)
+        return read_ids(given, path, what, given_as=given_as)
     except WaveInputError as exc:
         raise click.UsageError(str(exc)) from None
 
 
 async def _wave(jobs: list[Any], *, title: str, follow: bool, as_json: bool, timeout: float,
-                refused: tuple[int, ...] = ()) -> int:
-    """Publish the wave's commands, then follow them all (or wait for their answers)."""
+                refused: list[tuple[str, str]] | None = None) -> int:
+    """Publish the wave's commands, then follow them all (or wait for their answers). `refused`:
+    (label, reason) of what never became a command (counted as rejected, named at the end).
+    Interrupted (Ctrl-C), it says which commands went out: their jobs go on without it."""
     from .wave import answer_code, answers, follow_wave, publish_all, wave_exit_code
 
-    async with _bus() as client:
-        queue = await client.private_queue()
-        if not as_json:
-            console.print(f"publishing {len(jobs)} {jobs[0].command.type} ...", highlight=False)
-        await publish_all(client, jobs, queue)
-        if follow:
-            code = await follow_wave(client, queue, jobs, title=title, as_json=as_json, timeout=timeout)
-            return wave_exit_code([code, *refused])
-        await answers(client, queue, jobs, min(timeout, ANSWER_SECONDS))
-    codes = [answer_code(job) for job in jobs]
-    for job, code in zip(jobs, codes, strict=True):
+    refused = list(refused or [])
+    try:
+        async with _bus() as client:
+            queue = await client.private_queue()
+            if not as_json:
+                console.print(f"publishing {len(jobs)} {jobs[0].command.type} ...", highlight=False)
+            await publish_all(client, jobs, queue, _not_taken)
+            taken = [job for job in jobs if job.not_taken is None]
+            if not taken:
+                raise Exit(NO_ANSWER, f"none of the {len(jobs)} commands was taken: {jobs[0].not_taken}")
+            lost = [(job.label, job.not_taken) for job in jobs if job.not_taken is not None]
+            for label, why in lost:
+                click.echo(f"{label}: {why}", err=True)
+            if follow:
+                code = await follow_wave(client, queue, taken, title=title, as_json=as_json, timeout=timeout,
+                                         refused=[*refused, *lost])
+                return wave_exit_code([code, *(NO_ANSWER for _ in lost)])
+            await answers(client, queue, taken, min(timeout, ANSWER_SECONDS))
+    except asyncio.CancelledError:  # Ctrl-C: what went out goes on
+        sent = [job for job in jobs if job.published]
+        click.echo(f"interrupted: {len(sent)} of {len(jobs)} commands were published; their jobs go on without "
+                   "this client (failoverctl watch JOB_ID follows one):", err=True)
+        for job in sent:
+            click.echo(f"  {job.label} {job.job_id}", err=True)
+        raise
+    codes = [answer_code(job) for job in taken]
+    if codes and all(code == NO_ANSWER for code in codes):
+        raise Exit(NO_ANSWER, f"the {len(codes)} commands were published, but the service answered none within "
+                              f"{min(timeout, ANSWER_SECONDS):g} s: is `failoverctl serve` running? (the commands "
+                              "wait in RabbitMQ for it)")
+    for label, why in refused:
+        if as_json:
+            _json({"label": label, "status": "refused", "detail": why})
+        click.echo(f"{label}: {why}", err=True)
+    for job, code in zip(taken, codes, strict=True):
         status = {OK: "accepted", REJECTED: "rejected"}.get(code, "no_answer")
         d = job.first.model_dump(mode="json") if job.first is not None else {}
         if as_json:
@@ -508,15 +558,14 @@ async def _wave(jobs: list[Any], *, title: str, follow: bool, as_json: bool, tim
         if code == REJECTED:
             click.echo(f"{job.label}: rejected ({d['reason']}): {d['detail']}", err=True)
         elif code != OK:
-            click.echo(f"{job.label}: {job.command.type} {job.job_id} was published, but the service did not answer "
-                       f"within {min(timeout, ANSWER_SECONDS):g} s: is `failoverctl serve` running?", err=True)
+            click.echo(f"{job.label}: no answer to {job.command.type} {job.job_id} within {ANSWER_SECONDS:g} s of "
+                       f"the last answer; it may still be taken (failoverctl watch {job.job_id})", err=True)
         elif not as_json:
             console.print(f"accepted: {escape(job.label)}: job {job.job_id}", highlight=False)
-    accepted = codes.count(OK)
-    if not as_json and accepted:
-        console.print(f"{accepted} of {len(jobs)} accepted; follow them with: failoverctl jobs --limit {accepted}",
-                      highlight=False)
-    return wave_exit_code([*codes, *refused])
+    if not as_json:
+        console.print(f"{codes.count(OK)} of {len(jobs) + len(refused)} accepted; failoverctl watch JOB_ID follows "
+                      "one", highlight=False)
+    return wave_exit_code([*codes, *(REJECTED for _ in refused), *(NO_ANSWER for _ in lost)])
 
 
 @main.command()
@@ -530,7 +579,8 @@ def request(vm_ids: tuple[str, ...], vms_file: str | None, live: bool, driver_in
             requested_by: str, follow: bool, as_json: bool, timeout: float) -> None:
     """Request a failover of each VM_ID (the source VM's vmware_vm_id).
 
-    Several VMs make a wave: one job each, all followed together with --follow.
+    Several VMs, or any --vms-file, make a wave: one job each, all followed together with
+    --follow (--timeout then covers the whole wave).
 
     Exit code: 0 accepted (with --follow: completed); else, of any job, the first of 1 failed,
     2 cancelled, 3 rejected (the reasons on stderr), 4 no answer (or end) in time."""
@@ -545,7 +595,7 @@ def request(vm_ids: tuple[str, ...], vms_file: str | None, live: bool, driver_in
                 for vm_id in ids]
 
     async def go() -> int:
-        if len(commands) == 1:
+        if len(commands) == 1 and vms_file is None:
             return await _new_job(commands[0], follow=follow, as_json=as_json, timeout=timeout)
         jobs = [WaveJob(job_id=str(c.request_id), label=c.vm_id, command=c) for c in commands]
         code = await _wave(jobs, title=f"{kind} failover of {len(jobs)} VMs", follow=follow, as_json=as_json,
@@ -553,7 +603,8 @@ def request(vm_ids: tuple[str, ...], vms_file: str | None, live: bool, driver_in
         done = [str(job.last.vm_id) for job in jobs if job.last is not None and job.last.type == "JobCompleted"]
         if follow and not as_json and kind == "test" and done:
             whole_file = vms_file not in (None, "-") and not vm_ids and len(done) == len(jobs)
-            how = f"--vms-file {vms_file}" if whole_file else " ".join(f"--vm {vm}" for vm in done)
+            how = (f"--vms-file {shlex.quote(str(vms_file))}" if whole_file
+                   else " ".join(f"--vm {shlex.quote(vm)}" for vm in done))
             console.print(f"undo the {len(done)} test failover(s) with: failoverctl cleanup {how}", highlight=False,
                           markup=False, soft_wrap=True)  # (one line, to copy)
         return code
@@ -561,25 +612,24 @@ def request(vm_ids: tuple[str, ...], vms_file: str | None, live: bool, driver_in
     _run(go())
 
 
-async def _resolve_cleanups(vm_ids: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Each VM's test failover to clean up (the job that holds the VM), and the VMs without one
-    with the reason."""
+async def _resolve_cleanups(vm_ids: list[str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Each VM's test failover to clean up (the job that holds the VM), as (VM, job), and the VMs
+    without one, as (VM, the reason)."""
     from .reads import holders
 
     async with _db() as engine:
         held = await _read(holders(engine, vm_ids))
     found, missing = [], []
     for vm_id in vm_ids:
-        job = held.get(vm_id)
+        job = held.get(vm_id.casefold())
         if job is not None and job["job_type"] == "test":
-            found.append(job["job_id"])  # (the service says whether its state allows a cleanup)
+            found.append((vm_id, job["job_id"]))  # (the service says whether its state allows a cleanup)
         elif job is None:
-            missing.append((vm_id, "no test failover to clean up: no job holds the VM (failoverctl jobs lists "
-                                   "the recent ones)"))
+            missing.append((vm_id, "no test failover to clean up: no job holds the VM (it was cleaned up, its "
+                                    "failover rolled back, or it never had one; failoverctl jobs lists the recent)"))
         else:
-            what = {"live": "a live failover", "cleanup": "a cleanup"}.get(job["job_type"], job["job_type"])
-            missing.append((vm_id, f"no test failover to clean up: the VM is held by {what}, job {job['job_id']} "
-                                   f"({job['status']})"))
+            missing.append((vm_id, f"no test failover to clean up: the VM is held by a {job['job_type']} failover, "
+                                   f"job {job['job_id']} ({job['status']})"))
     return found, missing
 
 
@@ -594,32 +644,32 @@ def cleanup(job_ids: tuple[uuid.UUID, ...], vms: tuple[str, ...], vms_file: str 
             follow: bool, as_json: bool, timeout: float) -> None:
     """Undo the completed test failover JOB_ID (a new cleanup job), or that of each VM given.
 
-    Several make a wave, as for `request`; the same exit codes."""
+    Several, or any --vm or --vms-file, make a wave, as for `request`; the same exit codes (3 also
+    for a VM that no test failover holds)."""
     from schemas.commands import CleanupRequested
 
     from .wave import WaveJob
 
+    if not (job_ids or vms or vms_file):
+        raise click.UsageError("give the test failovers to clean up: JOB_ID ..., --vm VM_ID or --vms-file FILE")
+    by_vm = bool(vms or vms_file)
+    vm_ids = _wave_ids(vms, vms_file, "VM", given_as="--vm") if by_vm else []
+
     async def go() -> int:
-        given = [str(j) for j in job_ids]
-        missing: list[tuple[str, str]] = []
-        if vms or vms_file:
-            found, missing = await _resolve_cleanups(_wave_ids(vms, vms_file, "VM"))
-            given += found
-        elif not given:
-            raise click.UsageError("give the test failovers to clean up: JOB_ID ..., --vm VM_ID or --vms-file FILE")
-        for vm_id, why in missing:
-            click.echo(f"{vm_id}: {why}", err=True)
-        parents = _wave_ids(tuple(given), None, "job") if given else []
+        found, missing = await _resolve_cleanups(vm_ids) if by_vm else ([], [])
+        labels = {str(j): f"failover {j}" for j in job_ids}
+        labels.update({job: vm for vm, job in found if job not in labels})  # (a failover named twice: once)
         commands = [CleanupRequested(request_id=uuid.uuid4(), failover_job_id=uuid.UUID(p), requested_by=requested_by)
-                    for p in parents]
-        refused = (REJECTED,) if missing else ()
+                    for p in labels]
         if not commands:
+            for vm_id, why in missing:
+                click.echo(f"{vm_id}: {why}", err=True)
             return REJECTED
-        if len(commands) == 1 and not missing:
+        if len(commands) == 1 and not by_vm:
             return await _new_job(commands[0], follow=follow, as_json=as_json, timeout=timeout)
-        jobs = [WaveJob(job_id=str(c.request_id), label=f"failover {c.failover_job_id}", command=c) for c in commands]
+        jobs = [WaveJob(job_id=str(c.request_id), label=labels[str(c.failover_job_id)], command=c) for c in commands]
         return await _wave(jobs, title=f"cleanup of {len(jobs)} test failovers", follow=follow, as_json=as_json,
-                           timeout=timeout, refused=refused)
+                           timeout=timeout, refused=missing)
 
     _run(go())
 

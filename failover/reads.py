@@ -155,16 +155,15 @@ async def command_outcome(engine: AsyncEngine, request_id: str) -> dict[str, Any
 
 async def holders(engine: AsyncEngine, vm_ids: list[str]) -> dict[str, dict[str, Any]]:
     """For each of these VMs that a job holds (a test failover not cleaned up, a live failover,
-    a running job, a rollback not completed: `failover_jobs.active_vm_id`), that job's id, type
-    and status; VMs no job holds are left out."""
+    a running failover, a rollback not completed: `failover_jobs.active_vm_id`), that job's id,
+    type and status, by the VM id casefolded (the column compares without case); VMs no job
+    holds are left out."""
     out: dict[str, dict[str, Any]] = {}
     async with engine.connect() as conn:
         for at in range(0, len(vm_ids), 500):
             rows = (await conn.execute(select(
                 failover_jobs.c.active_vm_id, failover_jobs.c.job_id, failover_jobs.c.job_type,
-                failover_jobs.c.status, failover_jobs.c.cleanup_job_id)
-                .where(failover_jobs.c.active_vm_id.in_(vm_ids[at:at + 500])))).all()
+                failover_jobs.c.status).where(failover_jobs.c.active_vm_id.in_(vm_ids[at:at + 500])))).all()
             for r in rows:
-                out[r.active_vm_id] = {"job_id": r.job_id, "job_type": r.job_type, "status": r.status,
-                                       "cleanup_job_id": r.cleanup_job_id}
+                out[r.active_vm_id.casefold()] = {"job_id": r.job_id, "job_type": r.job_type, "status": r.status}
     return out

@@ -6,9 +6,9 @@ command goes (so nothing is missed), then either waits for every job's answer (a
 rejected) or follows them all to their ends: on a terminal, one bar for the wave, its counts and
 a table of the jobs running now, redrawn in place, with a line above it as each job ends; into a
 pipe, one line per step and per end, each led by the VM's name; with `--json`, every event, one
-per line. The exit code is 0 when every job completed (or, without `--follow`, was accepted),
-else the first of 1 (a job failed), 2 (cancelled), 3 (rejected), 4 (no answer or end in time)
-that any job had.
+per line on stdout. Reasons always go to stderr. The exit code is 0 when every job completed
+(or, without `--follow`, was accepted), else the first of 1 (a job failed), 2 (cancelled), 3
+(rejected), 4 (no answer or end in time) that any job had.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +36,11 @@ from schemas.events import Event
 from .client import BusClient
 from .progress import EXIT, exit_code, summary
 
-__all__ = ["WaveJob", "answers", "follow_wave", "publish_all", "read_ids", "wave_exit_code"]
+__all__ = ["WaveInputError", "WaveJob", "answer_code", "answers", "follow_wave", "publish_all", "read_ids",
+           "wave_exit_code"]
 
 PUBLISH_AT_ONCE = 32  # commands (each with its binding) in flight on the connection at once
+ANSWER_SECONDS = 30.0  # no answer from any job this long: say once that serve may not be running
 _ENDS = ("JobCompleted", "JobFailed", "JobCancelled", "JobRejected")
 _ORDER = (EXIT["failed"], EXIT["cancelled"], EXIT["rejected"], EXIT["no_answer"])
 
@@ -47,30 +49,31 @@ class WaveInputError(ValueError):
     """The list of VMs or jobs cannot make a wave (nothing was published)."""
 
 
-def read_ids(given: Sequence[str], path: str | None, what: str) -> list[str]:
-    """The ids given as arguments, then those of `path` (one per line: the first word; blank
-    lines and `#` comments skipped; `-` is stdin), in order. A repeated id is an error: one job
-    per VM (or per failover) at a time."""
-    items: list[tuple[str, str]] = [(value.strip(), f"argument {n}") for n, value in enumerate(given, 1)]
+def read_ids(given: Sequence[str], path: str | None, what: str, *, given_as: str = "argument") -> list[str]:
+    """The ids given (`given_as` 1, 2, ...), then those of `path` (one per line: the first word;
+    blank lines and `#` comments skipped; `-` is stdin), in order. A repeated id is an error: one
+    job per VM (or per failover) at a time."""
+    items: list[tuple[str, str]] = [(value.strip(), f"{given_as} {n}") for n, value in enumerate(given, 1)]
     if path is not None:
-        try:
-            text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        try:  # (utf-8-sig: a file saved with a byte-order mark, as Excel and PowerShell do, reads the same)
+            text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             raise WaveInputError(f"cannot read {path}: {exc}") from exc
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(text.lstrip("\ufeff").splitlines(), 1):
             words = line.split("#", 1)[0].split()
             if words:
                 items.append((words[0], f"{path} line {number}"))
     seen: dict[str, str] = {}
     for value, where in items:
         if not value:
-            raise WaveInputError(f"{where}: an empty {what}")
+            raise WaveInputError(f"{where} is empty: give a {what} id there")
         if value in seen:
             raise WaveInputError(f"{what} {value} is given twice ({seen[value]} and {where}): a wave has one "
                                  "job each; remove one and run again (nothing was published)")
         seen[value] = where
     if not seen:
-        raise WaveInputError(f"no {what} given" + (f" ({path} has none)" if path is not None else ""))
+        raise WaveInputError(f"no {what} given" + (f" ({path} lists none)" if path is not None else "")
+                             + f": give {what} ids as arguments, or a file of them with --vms-file")
     return list(seen)
 
 
@@ -85,7 +88,7 @@ class WaveJob:
     """One job of the wave: its command, the label it shows under, and what is known of it."""
 
     job_id: str
-    label: str  # the VM's id (its name once the job is accepted), or for a cleanup its job
+    label: str  # the VM's id (its name once the job is accepted), or for a cleanup its failover's
     command: BaseModel
     first: Event | None = None  # JobAccepted or JobRejected
     last: Event | None = None
@@ -95,7 +98,9 @@ class WaveJob:
     percent: int = 0
     state: str = "waiting"  # waiting | running | rolling back | the end event's type
     started: float | None = None
-    events: list[Event] = field(default_factory=list)
+    published: bool = False
+    not_taken: str | None = None  # why RabbitMQ did not take its command (then it has no job)
+    manual: list[str] = field(default_factory=list)  # what an operator must still undo (RollbackFailed)
 
     @property
     def ended(self) -> bool:
@@ -116,14 +121,22 @@ class WaveJob:
             self.percent = d["percent_complete"]
         elif event.type == "RollbackStarted":
             self.state = "rolling back"
+        elif event.type == "RollbackFailed":
+            self.manual = [f"{a['action']} {a['resource_type']} {a['resource_id']}"
+                           + (f" ({a['detail']})" if a.get("detail") else "") for a in d["manual_actions"]]
+        elif event.type == "RollbackCompleted":
+            self.manual = []
         if event.type in _ENDS:
             self.state = event.type
         self.last = event
 
 
 async def publish_all(client: BusClient, jobs: Sequence[WaveJob], queue: AbstractQueue,
-                      on_published: Any = None) -> None:
-    """Bind each job's events to `queue`, then publish its command (a few jobs at a time)."""
+                      why: Callable[[Exception], str]) -> None:
+    """Bind each job's events to `queue`, then publish its command (a few jobs at a time). A
+    command RabbitMQ did not take (returned unroutable, or refused) is `not_taken`: `why(error)`."""
+    from aiormq.exceptions import DeliveryError
+
     from adapters.bus import EVENTS_EXCHANGE
 
     gate = asyncio.Semaphore(PUBLISH_AT_ONCE)
@@ -131,24 +144,31 @@ async def publish_all(client: BusClient, jobs: Sequence[WaveJob], queue: Abstrac
     async def one(job: WaveJob) -> None:
         async with gate:
             await queue.bind(EVENTS_EXCHANGE, routing_key=f"job.{job.job_id}.#")
-            await client.publish(job.command)
-            if on_published is not None:
-                on_published(job)
+            try:
+                await client.publish(job.command)
+            except DeliveryError as exc:
+                job.not_taken = why(exc)
+            else:
+                job.published = True
 
     await asyncio.gather(*(one(job) for job in jobs))
 
 
-async def answers(client: BusClient, queue: AbstractQueue, jobs: Sequence[WaveJob], timeout: float) -> None:
-    """Wait until every job has its first event (accepted or rejected), `timeout` s at most."""
+async def answers(client: BusClient, queue: AbstractQueue, jobs: Sequence[WaveJob], idle: float) -> None:
+    """Wait until every job has its first event (accepted or rejected), or no new answer came
+    for `idle` s (a big wave is answered for as long as answers keep coming)."""
     by_id = {job.job_id: job for job in jobs}
     left = len(jobs)
+    loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(timeout), aclosing(client.events(queue, until_terminal=False)) as events:
+        async with asyncio.timeout(idle) as within, \
+                aclosing(client.events(queue, until_terminal=False)) as events:
             async for event in events:  # (closed before the connection is: its consumer ends cleanly)
                 job = by_id.get(str(event.job_id))
                 if job is None or job.first is not None:
                     continue
                 job.see(event)
+                within.reschedule(loop.time() + idle)
                 left -= 1
                 if not left:
                     return
@@ -163,9 +183,14 @@ def answer_code(job: WaveJob) -> int:
     return EXIT["rejected"] if job.first.type == "JobRejected" else EXIT["completed"]
 
 
+def _middle(label: str, width: int = 40) -> str:
+    """A long name cut in its middle: VMs named alike differ at their ends."""
+    return label if len(label) <= width else label[: width // 2 - 1] + "…" + label[-(width - width // 2):]
+
+
 class _Board:
-    """The terminal's view of a wave: a bar and the counts, the jobs running now, and a line
-    printed above as each job ends."""
+    """The terminal's view of a wave: a bar and the counts, the jobs running now (rolling back
+    first), one line each, and a line printed above as each job ends."""
 
     def __init__(self, jobs: Sequence[WaveJob], title: str, console: Console) -> None:
         self.jobs = jobs
@@ -188,23 +213,32 @@ class _Board:
     def __rich__(self) -> Group:
         percent = self.percent()
         head = Table.grid(padding=(0, 1))
-        head.add_row(Text(self.title, style="bold"), ProgressBar(total=100, completed=percent, width=40),
+        head.add_row(Text(self.title, style="bold", no_wrap=True, overflow="ellipsis"),
+                     ProgressBar(total=100, completed=percent, width=max(10, min(40, self.console.width - 40))),
                      f"{percent:3.0f}%", _clock(time.monotonic() - self.began))
         counts = ", ".join(f"{n} {what}" for what, n in self.counts().items() if n)
-        parts: list[Any] = [head, Text(counts)]
-        active = [job for job in self.jobs if job.state in ("running", "rolling back")]
+        parts: list[Any] = [head, Text(counts, no_wrap=True, overflow="ellipsis")]
+        active = sorted((job for job in self.jobs if job.state in ("running", "rolling back")),
+                        key=lambda job: job.state != "rolling back")
         if active:
-            room = max(3, self.console.height - 5)
-            table = Table("VM", "step", "%", "running for", box=None, pad_edge=False, show_edge=False)
+            room = max(1, self.console.height - 6)  # the two lines above, the header, "... more", a spare
+            named = max(12, min(40, self.console.width // 3))  # the VM column; the step's gives way first
+            table = Table(box=None, pad_edge=False, show_edge=False)
+            table.add_column("VM", no_wrap=True, min_width=named, max_width=named)
+            table.add_column("step", no_wrap=True, overflow="ellipsis",  # (what the other columns leave)
+                             max_width=max(8, self.console.width - named - 3 - 11 - 6))
+            table.add_column("%", no_wrap=True, justify="right", min_width=3)
+            table.add_column("running for", no_wrap=True, min_width=11)
             now = time.monotonic()
             for job in active[:room]:
                 step = escape(f"{job.step} ({job.step_order}/{job.total_steps})" if job.step else "-")
                 if job.state == "rolling back":
                     step = f"[yellow]rolling back[/] after {step}"
-                table.add_row(escape(job.label[:40]), step, str(job.percent), _clock(now - (job.started or now)))
+                table.add_row(escape(_middle(job.label, named)), step, str(job.percent),
+                              _clock(now - (job.started or now)))
             parts.append(table)
             if len(active) > room:
-                parts.append(Text(f"... and {len(active) - room} more running"))
+                parts.append(Text(f"... and {len(active) - room} more running", no_wrap=True))
         return Group(*parts)
 
 
@@ -230,32 +264,45 @@ def _clock(seconds: float) -> str:
 
 
 async def follow_wave(client: BusClient, queue: AbstractQueue, jobs: Sequence[WaveJob], *, title: str,
-                      as_json: bool, timeout: float, console: Console | None = None) -> int:
-    """Show the wave's events until every job has ended (or `timeout` s); return the exit code."""
+                      as_json: bool, timeout: float, refused: Sequence[tuple[str, str]] = (),
+                      console: Console | None = None) -> int:
+    """Show the wave's events until every job has ended (or `timeout` s); return the exit code.
+    `refused`: (label, reason) of what never became a command (repeated in the summary)."""
     console = console or Console()
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)  # (a reason is one line, however long)
     by_id = {job.job_id: job for job in jobs}
     left = len(jobs)
     board = _Board(jobs, title, console)
     plain = not as_json and not console.is_terminal
-    width = min(40, max(len(job.label) for job in jobs))
+    width = max(len(job.label) for job in jobs)
 
-    def note(job: WaveJob, event: Event) -> str | None:
-        """The plain line of an event worth a line."""
+    def note(job: WaveJob, event: Event) -> list[str]:
+        """The plain lines of an event worth a line."""
         d = event.model_dump(mode="json")
         if event.type == "JobAccepted":
-            return f"accepted ({job.job_id}), {len(d['steps'])} steps"
+            return [f"accepted ({job.job_id}), {len(d['steps'])} steps"]
         if event.type == "StepStarted":
-            return f"{d['step_order']}/{d['total_steps']} {d['step']}: running ({d['percent_complete']}%)"
+            return [f"{d['step_order']}/{d['total_steps']} {d['step']}: running ({d['percent_complete']}%)"]
         if event.type == "StepFailed":
-            return f"step {d['step']} failed: {d['error']['code']}: {d['error']['message']}"
+            return [f"step {d['step']} failed: {d['error']['code']}: {d['error']['message']}"]
         if event.type == "RollbackStarted":
-            return f"rolling back ({d['reason']}): {len(d['actions'])} action(s)"
+            return [f"rolling back ({d['reason']}): {len(d['actions'])} action(s)"]
+        if event.type == "RollbackFailed":
+            return [f"rollback failed: {d['error']['code']}: {d['error']['message']}; an operator must still:",
+                    *(f"  - {line}" for line in job.manual)]
         if event.type in _ENDS:
-            return _outcome(job)
-        return None
+            return [_outcome(job)]
+        return []
+
+    async def no_answer_yet() -> None:
+        await asyncio.sleep(min(ANSWER_SECONDS, timeout))
+        if not any(job.first is not None for job in jobs):
+            err.print(f"no answer from the service for any of the {len(jobs)} jobs after {ANSWER_SECONDS:g} s: "
+                      "is `failoverctl serve` running? (still waiting; the commands wait in RabbitMQ for it)",
+                      markup=False)
 
     live: Live | None = None
+    watchdog = asyncio.create_task(no_answer_yet())
     try:
         async with asyncio.timeout(timeout), aclosing(client.events(queue, until_terminal=False)) as events:
             if not as_json and not plain:
@@ -270,10 +317,11 @@ async def follow_wave(client: BusClient, queue: AbstractQueue, jobs: Sequence[Wa
                     sys.stdout.write(event.model_dump_json() + "\n")
                     sys.stdout.flush()
                 elif plain:
-                    line = note(job, event)
-                    if line is not None:
-                        console.print(f"{job.label[:40]:<{width}}  {line}", highlight=False, markup=False,
-                                      soft_wrap=True)
+                    for line in note(job, event):
+                        console.print(f"{job.label:<{width}}  {line}", highlight=False, markup=False, soft_wrap=True)
+                elif event.type == "RollbackFailed":
+                    console.print(Text(f"       {job.label}: rollback failed; an operator must still: "
+                                       + "; ".join(job.manual), style="red"))
                 elif job.ended:
                     ok = event.type == "JobCompleted"
                     console.print(Text(("done   " if ok else "ENDED  ") + _end_line(job),
@@ -285,29 +333,37 @@ async def follow_wave(client: BusClient, queue: AbstractQueue, jobs: Sequence[Wa
     except TimeoutError:
         pass
     finally:
+        watchdog.cancel()
         if live is not None:
             live.stop()
     codes = [exit_code(job.last) if job.ended else EXIT["no_answer"] for job in jobs]
-    if not as_json:
-        _wave_summary(jobs, codes, console, err, timeout)
-    return wave_exit_code(codes)
+    _wave_summary(jobs, codes, refused, console if not as_json else None, err, timeout)
+    return wave_exit_code([*codes, *(EXIT["rejected"] for _ in refused)])
 
 
-def _wave_summary(jobs: Sequence[WaveJob], codes: Sequence[int], console: Console, err: Console,
-                  timeout: float) -> None:
-    """The wave's end: its counts on stdout when all completed, else each job that did not on stderr."""
+def _wave_summary(jobs: Sequence[WaveJob], codes: Sequence[int], refused: Sequence[tuple[str, str]],
+                  console: Console | None, err: Console, timeout: float) -> None:
+    """The wave's end: each job that did not complete (and each item refused before the wave)
+    on stderr with its reason and what to do; "all completed" on stdout (`console`) otherwise."""
     done = sum(1 for code in codes if code == 0)
-    if done == len(jobs):
-        console.print(f"[green]all {len(jobs)} jobs completed", highlight=False)
+    if done == len(jobs) and not refused:
+        if console is not None:
+            console.print(f"[green]all {len(jobs)} jobs completed", highlight=False)
         return
-    err.print(f"{done} of {len(jobs)} jobs completed; the others:", markup=False)
+    err.print(f"{done} of {len(jobs) + len(refused)} completed; the others:", markup=False)
+    for label, why in refused:
+        err.print(f"  {label}: {why}", markup=False)
     for job, code in zip(jobs, codes, strict=True):
         if code == 0:
             continue
         if job.ended:
             err.print(f"  {_end_line(job)}", markup=False)
-        else:
+            if job.manual:
+                err.print(f"    an operator must still: {'; '.join(job.manual)}; then: failoverctl rollback "
+                          f"{job.job_id} (failoverctl show {job.job_id} has the details)", markup=False)
+        elif job.first is not None:
             err.print(f"  {job.label} ({job.job_id}): no end within {timeout:g} s; it goes on "
-                      f"(failoverctl watch {job.job_id})" if job.first is not None else
-                      f"  {job.label} ({job.job_id}): no answer within {timeout:g} s: is `failoverctl serve` running?",
-                      markup=False)
+                      f"(failoverctl watch {job.job_id})", markup=False)
+        else:
+            err.print(f"  {job.label} ({job.job_id}): no answer within {timeout:g} s: is `failoverctl serve` "
+                      "running? (the command waits in RabbitMQ for it)", markup=False)

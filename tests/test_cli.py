@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import pty
+import signal
 import sys
 import uuid
 from dataclasses import dataclass
@@ -432,16 +433,25 @@ async def test_a_wave_followed_from_a_file_then_cleaned_up_by_its_vms(
     good = [await _seed(db, control, emulators, f"wave good {n}", disks=1, os_type="ubuntu64Guest") for n in range(3)]
     stale = await _seed(db, control, emulators, "wave stale", disks=1, os_type="ubuntu64Guest",
                         replication_status="running")  # fails its pre-failover-validation
+    hung = await _seed(db, control, emulators, "wave hung", disks=1, os_type="ubuntu64Guest")
+    await control.add_fault(api="cloudstack", command="createSnapshot", kind="timeout",
+                            match={"volumeid": hung.volume_ids[0]}, times=0)  # its rollback cannot complete
     unknown = f"no-such-vm-{uuid.uuid4()}"
     listing = tmp_path / "wave.txt"
     listing.write_text(f"# the wave\n{good[1].vm_id}  web tier\n\n{good[2].vm_id}\n{stale.vm_id} # old replica\n"
-                       f"{unknown}\n")
+                       f"{unknown}\n{hung.vm_id}\n")
     run = await ctl("request", good[0].vm_id, "--vms-file", str(listing), "--follow", timeout=120)
     # failed comes before rejected in the exit code; each job that did not complete is named on stderr
     assert run.code == 1, run.out + run.err
-    assert "2 of 5 jobs completed" not in run.err and "3 of 5 jobs completed; the others:" in run.err
+    assert "3 of 6 completed; the others:" in run.err
     assert "wave stale" in run.err and "failed at pre-failover-validation" in run.err
     assert unknown in run.err and "rejected (not_found)" in run.err
+    hung_job = str((await _vm_jobs(db, hung.vm_id))[0].job_id)
+    assert "wave hung" in run.err and "(rolled back: false)" in run.err
+    assert f"then: failoverctl rollback {hung_job}" in run.err  # and what is left to undo by hand, named:
+    assert "an operator must still: delete snapshot" in run.err
+    assert any(line.startswith("wave hung ") and "rollback failed: SNAPSHOT_STILL_CREATING" in line
+               for line in run.out.splitlines())
     for vm in good:  # one line per step, led by the VM's name, in a pipe
         assert f"wave good {good.index(vm)}" in run.out
         jobs = await _vm_jobs(db, vm.vm_id)
@@ -455,13 +465,17 @@ async def test_a_wave_followed_from_a_file_then_cleaned_up_by_its_vms(
 
     # the same list undoes the wave: the VMs without a test failover are named, the others cleaned up
     undo = await ctl("cleanup", "--vm", good[0].vm_id, "--vms-file", str(listing), "--follow", "--json", timeout=120)
-    assert undo.code == 3, undo.out + undo.err  # nothing failed; two VMs had nothing to clean up
+    assert undo.code == 3, undo.out + undo.err  # nothing failed; two VMs had nothing to clean up, one was refused
     assert f"{stale.vm_id}: no test failover to clean up" in undo.err and f"{unknown}: no test failover" in undo.err
+    refused = next(line for line in undo.err.splitlines() if line.startswith(f"  {hung.vm_id} ("))  # by its VM
+    assert "rejected (not_allowed)" in refused and "only a completed test failover can be cleaned up" in refused
     events = undo.json_lines()
-    ends = {e["correlation_id"]: e["type"] for e in events if e["type"] in ("JobCompleted", "JobFailed")}
+    ends = {e["correlation_id"]: e["type"] for e in events if e["type"] in ("JobCompleted", "JobFailed")
+            and e["correlation_id"] != hung_job}
     parents = {str((await _vm_jobs(db, vm.vm_id))[0].job_id) for vm in good}
     assert ends == dict.fromkeys(parents, "JobCompleted")
     assert {e["job_type"] for e in events} == {"cleanup"}
+    assert [e["type"] for e in events if e["correlation_id"] == hung_job] == ["JobRejected"]
     for vm in good:
         assert [(j.job_type, j.status) for j in await _vm_jobs(db, vm.vm_id)] == [("test", "cleaned_up"),
                                                                               ("cleanup", "completed")]
@@ -513,13 +527,15 @@ async def _cleaned(db: Any, vm_id: str) -> bool:
 async def test_a_wave_not_ended_in_time_exits_4_and_goes_on(
         serve: ServeProcess, ctl: Ctl, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
     a, b = [await _seed(db, control, emulators, f"wave slow {n}", disks=1, os_type="ubuntu64Guest") for n in "ab"]
-    await control.set_latency(async_job_seconds=1.5, operation_seconds=0.5)
+    await control.set_latency(async_job_seconds=3, operation_seconds=1)  # each job takes 10 s at least
     try:
-        run = await ctl("request", a.vm_id, b.vm_id, "--follow", "--timeout", "2")
+        run = await ctl("request", a.vm_id, b.vm_id, "--follow", "--json", "--timeout", "5")
     finally:
         await control.set_latency(async_job_seconds=0, operation_seconds=0)
     assert run.code == 4, run.out + run.err
-    assert "0 of 2 jobs completed" in run.err and run.err.count("no end within 2 s; it goes on") == 2
+    # with --json too, the reasons are on stderr
+    assert "0 of 2 completed" in run.err and run.err.count("no end within 5 s; it goes on") == 2
+    assert {e["type"] for e in run.json_lines()} >= {"JobAccepted", "StepStarted"}
     for vm in (a, b):  # the jobs went on without the client
         await wait_until(lambda vm=vm: _status_is(db, vm.vm_id, "completed"), 60, f"{vm.vm_id} to complete")
 
@@ -532,11 +548,16 @@ async def test_a_wave_on_a_terminal_draws_one_board(
         serve: ServeProcess, cli_env: dict[str, str], tmp_path: Path, db: Any, control: EmulatorControl,
         emulators: EmulatorHandle) -> None:
     vms = [await _seed(db, control, emulators, f"wave [tty] {n}", disks=1, os_type="ubuntu64Guest") for n in range(3)]
-    code, screen = await _on_a_terminal(cli_env, tmp_path, "request", *(vm.vm_id for vm in vms), "--follow")
+    await control.set_latency(async_job_seconds=0.5, operation_seconds=0.2)  # (the board draws running jobs)
+    try:
+        code, screen = await _on_a_terminal(cli_env, tmp_path, "request", *(vm.vm_id for vm in vms), "--follow")
+    finally:
+        await control.set_latency(async_job_seconds=0, operation_seconds=0)
     assert code == 0, screen
     assert "Traceback" not in screen, screen[screen.index("Traceback") - 300:]
     assert "\x1b[" in screen and "━" in screen  # redrawn in place, with a bar
     assert "test failover of 3 VMs" in screen and "3 completed" in screen and "all 3 jobs completed" in screen
+    assert "running for" in screen and "volume-attachment (5/6)" in screen  # the running jobs' table
     for n in range(3):
         assert f"done   wave [tty] {n}" in screen  # a line as each ends, names as they are (no markup)
 
@@ -562,3 +583,53 @@ async def test_a_wave_of_a_hundred_vms_follows_every_job_to_its_end(
     assert "all 100 jobs completed" in undo.out and undo.out.count("completed in") == 100
     for vm in vms[::10]:
         assert await _cleaned(db, vm.vm_id)
+
+
+async def test_a_command_no_queue_takes_exits_4_saying_serve_never_ran_there(
+        serve: ServeProcess, ctl: Ctl, amqp_url: str) -> None:
+    """RabbitMQ returns a command that no queue takes (the service never started on that broker
+    and vhost): the client says so and what to do, instead of a traceback."""
+    import aio_pika
+
+    from adapters.bus import COMMANDS_EXCHANGE, COMMANDS_QUEUE
+
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(COMMANDS_QUEUE, ensure=True)
+        await queue.unbind(COMMANDS_EXCHANGE, "#")  # the service's own binding, for this test only
+        try:
+            one = await ctl("request", f"vm-{uuid.uuid4()}")
+            many = await ctl("request", f"vm-{uuid.uuid4()}", f"vm-{uuid.uuid4()}", "--follow")
+            cancel = await ctl("cancel", str(uuid.uuid4()))
+        finally:
+            await queue.bind(COMMANDS_EXCHANGE, "#")
+    for result in (one, many, cancel):
+        assert result.code == 4, result.out + result.err
+        assert "Traceback" not in result.err, result.err
+        assert "returned the command: no queue is bound to the exchange failover.commands" in result.err
+        assert "start it there, or fix FAILOVER_AMQP_URL" in result.err
+    assert "none of the 2 commands was taken" in many.err
+
+
+async def test_a_wave_interrupted_says_which_jobs_go_on(
+        serve: ServeProcess, ctl: Ctl, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
+    a, b = [await _seed(db, control, emulators, f"wave interrupted {n}", disks=1, os_type="ubuntu64Guest")
+            for n in "ab"]
+    await control.set_latency(async_job_seconds=1, operation_seconds=0.5)
+    try:
+        proc = await ctl.start("request", a.vm_id, b.vm_id, "--follow", PYTHONUNBUFFERED="1")
+        assert proc.stdout is not None
+        async with asyncio.timeout(60):
+            while b"running" not in await proc.stdout.readline():  # a job has started
+                pass
+        proc.send_signal(signal.SIGINT)
+        run = await ctl.finish(proc)
+    finally:
+        await control.set_latency(async_job_seconds=0, operation_seconds=0)
+    assert run.code == 130, run.out + run.err
+    assert "interrupted: 2 of 2 commands were published; their jobs go on" in run.err
+    jobs = {str((await _vm_jobs(db, vm.vm_id))[0].job_id) for vm in (a, b)}
+    assert all(job in run.err for job in jobs)
+    for vm in (a, b):  # they did
+        await wait_until(lambda vm=vm: _status_is(db, vm.vm_id, "completed"), 60, f"{vm.vm_id} to complete")

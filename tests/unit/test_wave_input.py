@@ -1,0 +1,60 @@
+"""A wave's list of VMs (failover/wave.py `read_ids`) and its exit code: no broker needed."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from failover.wave import WaveInputError, _middle, read_ids, wave_exit_code
+
+
+def test_a_file_gives_the_first_word_of_each_line_after_the_arguments(tmp_path: Path) -> None:
+    listing = tmp_path / "wave.txt"
+    # saved with a byte-order mark, as Excel and PowerShell do; comments, blanks, extra words
+    listing.write_bytes("\ufeffvm-1  web tier\r\n\n  # a comment\nvm-2#inline\n\tvm-3 \n".encode())
+    assert read_ids(["vm-0"], str(listing), "VM") == ["vm-0", "vm-1", "vm-2", "vm-3"]
+
+
+def test_stdin_is_a_file_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("vm-a\nvm-b\n"))
+    assert read_ids([], "-", "VM") == ["vm-a", "vm-b"]
+
+
+@pytest.mark.parametrize(("given", "text", "said"), [
+    (["vm-1", "vm-2", "vm-1"], None, "VM vm-1 is given twice (--vm 1 and --vm 3)"),
+    (["vm-1"], "vm-2\nvm-1\n", "VM vm-1 is given twice (--vm 1 and LIST line 2)"),
+    ([" "], None, "--vm 1 is empty: give a VM id there"),
+    ([], "# nobody\n\n", "no VM given (LIST lists none): give VM ids as arguments, or a file of them with --vms-file"),
+    ([], None, "no VM given: give VM ids"),
+])
+def test_a_bad_list_is_refused_naming_where(tmp_path: Path, given: list[str], text: str | None, said: str) -> None:
+    path = None
+    if text is not None:
+        path = str(tmp_path / "list.txt")
+        Path(path).write_text(text)
+    with pytest.raises(WaveInputError) as caught:
+        read_ids(given, path, "VM", given_as="--vm")
+    assert said.replace("LIST", str(path)) in str(caught.value)
+
+
+def test_an_unreadable_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(WaveInputError, match=r"cannot read .*absent\.txt"):
+        read_ids([], str(tmp_path / "absent.txt"), "VM")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("vm-\xe9\n".encode("latin-1"))
+    with pytest.raises(WaveInputError, match=r"cannot read .*latin1\.txt"):
+        read_ids([], str(latin), "VM")
+
+
+@pytest.mark.parametrize(("codes", "expected"), [
+    ([0, 0, 0], 0), ([], 0), ([0, 3, 1, 4], 1), ([4, 2, 3], 2), ([0, 4, 3], 3), ([0, 4], 4)])
+def test_the_wave_exit_code_is_the_worst_by_a_fixed_order(codes: list[int], expected: int) -> None:
+    assert wave_exit_code(codes) == expected
+
+
+def test_long_names_are_cut_in_the_middle_where_alike_names_still_differ() -> None:
+    a, b = "production-web-frontend-cluster-node-0001", "production-web-frontend-cluster-node-0002"
+    assert _middle(a) != _middle(b) and len(_middle(a)) == 40 and _middle(a).endswith("node-0001")
+    assert _middle("short") == "short"
