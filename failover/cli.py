@@ -14,6 +14,7 @@ import json
 import logging
 import shlex
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
@@ -506,14 +507,41 @@ def _wave_ids(given: tuple[str, ...], path: str | None, what: str, given_as: str
         raise click.UsageError(str(exc)) from None
 
 
+async def _recorded_answers(jobs: list[Any], idle: float) -> dict[str, tuple[str, str | None, str | None]]:
+    """The service's record of each signal command (a cancel) of a wave: job id -> (accepted or
+    rejected, reason, detail), read until all are answered or none came for `idle` s."""
+    from .reads import command_outcomes
+
+    rids = {job.request_id: job.job_id for job in jobs}
+    out: dict[str, tuple[str, str | None, str | None]] = {}
+    last = time.monotonic()
+    async with _db() as engine:
+        while len(out) < len(rids) and time.monotonic() - last < idle:
+            found = await _read(command_outcomes(engine, [r for r in rids if rids[r] not in out]))
+            for rid, record in found.items():
+                rejected = record["outcome"].startswith("rejected_")
+                out[rids[rid]] = (("rejected", record["outcome"].removeprefix("rejected_"), record["detail"])
+                                  if rejected else ("accepted", None, None))
+                last = time.monotonic()
+            if len(out) < len(rids):
+                await asyncio.sleep(0.25)  # the service records a command within milliseconds
+    return out
+
+
 async def _wave(jobs: list[Any], *, title: str, follow: bool, as_json: bool, timeout: float,
-                refused: list[tuple[str, str]] | None = None) -> int:
+                refused: list[tuple[str, str]] | None = None, outcome: Callable[[Any], int] | None = None,
+                success: str = "completed") -> int:
     """Publish the wave's commands, then follow them all (or wait for their answers). `refused`:
     (label, reason) of what never became a command (counted as rejected, named at the end).
-    Interrupted (Ctrl-C), it says which commands went out: their jobs go on without it."""
-    from .wave import answer_code, answers, follow_wave, publish_all, wave_exit_code
+    Commands about existing jobs (cancels) are answered by the service's record of them, and
+    followed to their jobs' ends with `outcome` (0: `success`). Interrupted (Ctrl-C), it says
+    which commands went out: their jobs go on without it."""
+    from .progress import exit_code
+    from .wave import answers, follow_wave, publish_all, wave_exit_code
 
     refused = list(refused or [])
+    signals = any(job.request_id for job in jobs)
+    answered: dict[str, tuple[str, str | None, str | None]] = {}
     try:
         async with _bus() as client:
             queue = await client.private_queue()
@@ -528,9 +556,17 @@ async def _wave(jobs: list[Any], *, title: str, follow: bool, as_json: bool, tim
                 click.echo(f"{label}: {why}", err=True)
             if follow:
                 code = await follow_wave(client, queue, taken, title=title, as_json=as_json, timeout=timeout,
-                                         refused=[*refused, *lost])
+                                         refused=[*refused, *lost], outcome=outcome or exit_code, success=success)
                 return wave_exit_code([code, *(NO_ANSWER for _ in lost)])
-            await answers(client, queue, taken, min(timeout, ANSWER_SECONDS))
+            if signals:
+                answered = await _recorded_answers(taken, min(timeout, ANSWER_SECONDS))
+            else:
+                await answers(client, queue, taken, min(timeout, ANSWER_SECONDS))
+                for job in taken:
+                    if job.first is not None:
+                        d = job.first.model_dump(mode="json")
+                        answered[job.job_id] = (("rejected", d["reason"], d["detail"]) if d["type"] == "JobRejected"
+                                                else ("accepted", None, None))
     except asyncio.CancelledError:  # Ctrl-C: what went out goes on
         sent = [job for job in jobs if job.published]
         click.echo(f"interrupted: {len(sent)} of {len(jobs)} commands were published; their jobs go on without "
@@ -538,33 +574,36 @@ async def _wave(jobs: list[Any], *, title: str, follow: bool, as_json: bool, tim
         for job in sent:
             click.echo(f"  {job.label} {job.job_id}", err=True)
         raise
-    codes = [answer_code(job) for job in taken]
-    if codes and all(code == NO_ANSWER for code in codes):
-        raise Exit(NO_ANSWER, f"the {len(codes)} commands were published, but the service answered none within "
+    if not answered:
+        raise Exit(NO_ANSWER, f"the {len(taken)} commands were published, but the service answered none within "
                               f"{min(timeout, ANSWER_SECONDS):g} s: is `failoverctl serve` running? (the commands "
                               "wait in RabbitMQ for it)")
     for label, why in refused:
         if as_json:
             _json({"label": label, "status": "refused", "detail": why})
         click.echo(f"{label}: {why}", err=True)
-    for job, code in zip(taken, codes, strict=True):
-        status = {OK: "accepted", REJECTED: "rejected"}.get(code, "no_answer")
-        d = job.first.model_dump(mode="json") if job.first is not None else {}
+    codes = []
+    for job in taken:
+        status, reason, detail = answered.get(job.job_id, ("no_answer", None, None))
+        codes.append({"accepted": OK, "rejected": REJECTED}.get(status, NO_ANSWER))
+        d = job.first.model_dump(mode="json") if job.first is not None and not signals else {}
         if as_json:
-            asked = job.command.model_dump(mode="json", include={"vm_id", "failover_job_id"})
-            _json({"request_id": job.job_id, "type": job.command.type, "job_id": job.job_id, "status": status,
-                   "vm_id": d.get("vm_id"), "vm_name": d.get("vm_name"), **asked,
-                   **({"reason": d["reason"], "detail": d["detail"]} if code == REJECTED else {})})
-        if code == REJECTED:
-            click.echo(f"{job.label}: rejected ({d['reason']}): {d['detail']}", err=True)
-        elif code != OK:
-            click.echo(f"{job.label}: no answer to {job.command.type} {job.job_id} within {ANSWER_SECONDS:g} s of "
-                       f"the last answer; it may still be taken (failoverctl watch {job.job_id})", err=True)
+            asked = job.command.model_dump(mode="json", include={"vm_id", "failover_job_id", "job_id"})
+            _json({"request_id": job.request_id or job.job_id, "type": job.command.type, "job_id": job.job_id,
+                   "status": status, "vm_id": d.get("vm_id"), "vm_name": d.get("vm_name"), **asked,
+                   **({"reason": reason, "detail": detail} if status == "rejected" else {})})
+        if status == "rejected":
+            click.echo(f"{job.label}: rejected ({reason}): {detail}", err=True)
+        elif status != "accepted":
+            click.echo(f"{job.label}: no answer to {job.command.type} for job {job.job_id} within "
+                       f"{ANSWER_SECONDS:g} s of the last answer; it may still be taken (failoverctl watch "
+                       f"{job.job_id})", err=True)
         elif not as_json:
-            console.print(f"accepted: {escape(job.label)}: job {job.job_id}", highlight=False)
+            console.print(f"{'recorded' if signals else 'accepted'}: {escape(job.label)}: job {job.job_id}",
+                          highlight=False)
     if not as_json:
-        console.print(f"{codes.count(OK)} of {len(jobs) + len(refused)} accepted; failoverctl watch JOB_ID follows "
-                      "one", highlight=False)
+        console.print(f"{codes.count(OK)} of {len(jobs) + len(refused)} {'recorded' if signals else 'accepted'}; "
+                      "failoverctl watch JOB_ID follows one", highlight=False)
     return wave_exit_code([*codes, *(REJECTED for _ in refused), *(NO_ANSWER for _ in lost)])
 
 
@@ -674,19 +713,82 @@ def cleanup(job_ids: tuple[uuid.UUID, ...], vms: tuple[str, ...], vms_file: str 
     _run(go())
 
 
+async def _resolve_running(vm_ids: list[str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Each VM's running job (a failover, or a cleanup), as (VM, job), and the VMs without one, as
+    (VM, the reason and what to do)."""
+    from .reads import holders, running_jobs
+
+    async with _db() as engine:
+        running = await _read(running_jobs(engine, vm_ids))
+        held = await _read(holders(engine, [v for v in vm_ids if v.casefold() not in running]))
+    found, missing = [], []
+    for vm_id in vm_ids:
+        job = running.get(vm_id.casefold())
+        if job is not None:
+            found.append((vm_id, job["job_id"]))
+            continue
+        holder = held.get(vm_id.casefold())
+        if holder is None:
+            why = "no job is running for the VM"
+        elif holder["status"] == "completed" and holder["job_type"] == "test":
+            why = (f"no job is running for the VM: its test failover {holder['job_id']} completed (undo it with "
+                   f"failoverctl cleanup --vm {shlex.quote(vm_id)})")
+        else:
+            why = f"no job is running for the VM: its {holder['job_type']} failover {holder['job_id']} is {holder['status']}"
+        missing.append((vm_id, why))
+    return found, missing
+
+
 @main.command()
-@click.argument("job_id", type=click.UUID)
+@click.argument("job_ids", nargs=-1, type=click.UUID, metavar="[JOB_ID]...")
+@click.option("--vm", "vms", multiple=True, metavar="VM_ID", help="The job running for this VM; repeatable.")
+@click.option("--vms-file", metavar="FILE", help=_VMS_FILE_HELP)
 @_follow_options
-def cancel(job_id: uuid.UUID, follow: bool, as_json: bool, timeout: float) -> None:
-    """Stop the running job JOB_ID at its next safe point and roll it back.
+def cancel(job_ids: tuple[uuid.UUID, ...], vms: tuple[str, ...], vms_file: str | None, follow: bool, as_json: bool,
+           timeout: float) -> None:
+    """Stop the running job JOB_ID at its next safe point and roll it back; or the job running
+    for each VM given (a wave: to stop a whole wave, give its --vms-file).
 
     Exit code: 0 the cancel was recorded (with --follow: the job ended cancelled), 1 the job
-    ended otherwise, 3 rejected (e.g. the job is not running)."""
+    ended otherwise, 3 rejected (e.g. the job is not running, or a VM runs none); for a wave, the
+    first of 1, 3, 4 that any job had."""
     from schemas.commands import CancelRequested
 
-    _run(_signal_job(CancelRequested(request_id=uuid.uuid4(), job_id=job_id), str(job_id), follow=follow,
-                     as_json=as_json, timeout=timeout, started=("RollbackStarted", "JobCancelled"),
-                     succeeded=lambda last: last.type == "JobCancelled"))
+    from .wave import WaveJob
+
+    if not (job_ids or vms or vms_file):
+        raise click.UsageError("give the jobs to cancel: JOB_ID ..., --vm VM_ID or --vms-file FILE")
+    by_vm = bool(vms or vms_file)
+    vm_ids = _wave_ids(vms, vms_file, "VM", given_as="--vm") if by_vm else []
+
+    def cancelled(last: Any) -> int:
+        if last is None:
+            return NO_ANSWER
+        if last.type == "JobRejected":
+            return REJECTED
+        return OK if last.type == "JobCancelled" else FAILED
+
+    async def go() -> int:
+        if not by_vm and len(job_ids) == 1:
+            return await _signal_job(CancelRequested(request_id=uuid.uuid4(), job_id=job_ids[0]), str(job_ids[0]),
+                                     follow=follow, as_json=as_json, timeout=timeout,
+                                     started=("RollbackStarted", "JobCancelled"), succeeded=lambda last: cancelled(last) == OK)
+        found, missing = await _resolve_running(vm_ids) if by_vm else ([], [])
+        labels = {str(j): f"job {j}" for j in job_ids}
+        labels.update({job: vm for vm, job in found if job not in labels})  # (a job named twice: once)
+        if not labels:
+            for vm_id, why in missing:
+                click.echo(f"{vm_id}: {why}", err=True)
+            return REJECTED
+        jobs = []
+        for job_id, label in labels.items():
+            cmd = CancelRequested(request_id=uuid.uuid4(), job_id=uuid.UUID(job_id))
+            jobs.append(WaveJob(job_id=job_id, label=label, command=cmd, request_id=str(cmd.request_id),
+                                state="cancel sent"))
+        return await _wave(jobs, title=f"cancel of {len(jobs)} jobs", follow=follow, as_json=as_json, timeout=timeout,
+                           refused=missing, outcome=cancelled, success="cancelled")
+
+    _run(go())
 
 
 @main.command()

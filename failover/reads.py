@@ -21,7 +21,8 @@ from adapters.db.tables import (
     outbox,
 )
 
-__all__ = ["ENDED", "LEVELS", "command_outcome", "holders", "job_detail", "job_events", "job_logs", "recent_jobs"]
+__all__ = ["ENDED", "LEVELS", "command_outcome", "command_outcomes", "holders", "job_detail", "job_events", "job_logs",
+           "recent_jobs", "running_jobs"]
 
 LEVELS = ["DEBUG", "INFO", "WARN", "ERROR"]
 ENDED = ("completed", "failed", "cancelled")  # job_tracking.status of a job that has ended
@@ -166,4 +167,30 @@ async def holders(engine: AsyncEngine, vm_ids: list[str]) -> dict[str, dict[str,
                 failover_jobs.c.status).where(failover_jobs.c.active_vm_id.in_(vm_ids[at:at + 500])))).all()
             for r in rows:
                 out[r.active_vm_id.casefold()] = {"job_id": r.job_id, "job_type": r.job_type, "status": r.status}
+    return out
+
+
+async def running_jobs(engine: AsyncEngine, vm_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The job running for each of these VMs (a failover, or a cleanup), by the VM id casefolded;
+    VMs with none are left out."""
+    out: dict[str, dict[str, Any]] = {}
+    async with engine.connect() as conn:
+        for at in range(0, len(vm_ids), 500):
+            rows = (await conn.execute(select(
+                failover_jobs.c.vm_id, failover_jobs.c.job_id, failover_jobs.c.job_type, failover_jobs.c.status)
+                .where(failover_jobs.c.vm_id.in_(vm_ids[at:at + 500]), failover_jobs.c.ended.is_(False)))).all()
+            for r in rows:
+                out[r.vm_id.casefold()] = {"job_id": r.job_id, "job_type": r.job_type, "status": r.status}
+    return out
+
+
+async def command_outcomes(engine: AsyncEngine, request_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """How the service answered each of these commands, for those it has (`command_outcome`)."""
+    out: dict[str, dict[str, Any]] = {}
+    async with engine.connect() as conn:
+        for at in range(0, len(request_ids), 500):
+            rows = (await conn.execute(select(job_commands.c.request_id, job_commands.c.outcome, job_commands.c.detail)
+                                       .where(job_commands.c.request_id.in_(request_ids[at:at + 500]),
+                                              job_commands.c.outcome != "received"))).all()
+            out.update({r.request_id: {"outcome": r.outcome, "detail": r.detail} for r in rows})
     return out

@@ -90,6 +90,9 @@ class WaveJob:
     job_id: str
     label: str  # the VM's id (its name once the job is accepted), or for a cleanup its failover's
     command: BaseModel
+    # a cancel's own id (its JobRejected comes under it); None for a new job's command, whose id
+    # is the job's
+    request_id: str | None = None
     first: Event | None = None  # JobAccepted or JobRejected
     last: Event | None = None
     step: str = ""
@@ -144,6 +147,8 @@ async def publish_all(client: BusClient, jobs: Sequence[WaveJob], queue: Abstrac
     async def one(job: WaveJob) -> None:
         async with gate:
             await queue.bind(EVENTS_EXCHANGE, routing_key=f"job.{job.job_id}.#")
+            if job.request_id is not None:  # (a refusal of a command about an existing job)
+                await queue.bind(EVENTS_EXCHANGE, routing_key=f"job.{job.request_id}.JobRejected")
             try:
                 await client.publish(job.command)
             except DeliveryError as exc:
@@ -265,12 +270,14 @@ def _clock(seconds: float) -> str:
 
 async def follow_wave(client: BusClient, queue: AbstractQueue, jobs: Sequence[WaveJob], *, title: str,
                       as_json: bool, timeout: float, refused: Sequence[tuple[str, str]] = (),
+                      outcome: Callable[[Event | None], int] = exit_code, success: str = "completed",
                       console: Console | None = None) -> int:
-    """Show the wave's events until every job has ended (or `timeout` s); return the exit code.
-    `refused`: (label, reason) of what never became a command (repeated in the summary)."""
+    """Show the wave's events until every job has ended (or `timeout` s); return the exit code
+    (each job's by `outcome` of its last event; 0 is `success`). `refused`: (label, reason) of
+    what never became a command (repeated in the summary)."""
     console = console or Console()
     err = Console(stderr=True, highlight=False, soft_wrap=True)  # (a reason is one line, however long)
-    by_id = {job.job_id: job for job in jobs}
+    by_id = {job.job_id: job for job in jobs} | {job.request_id: job for job in jobs if job.request_id}
     left = len(jobs)
     board = _Board(jobs, title, console)
     plain = not as_json and not console.is_terminal
@@ -302,7 +309,9 @@ async def follow_wave(client: BusClient, queue: AbstractQueue, jobs: Sequence[Wa
                       markup=False)
 
     live: Live | None = None
-    watchdog = asyncio.create_task(no_answer_yet())
+    # (a cancel's answer is the service's record of it, and its job's next event may be minutes
+    # away, at its next safe point: no such warning for a wave of cancels)
+    watchdog = asyncio.create_task(no_answer_yet() if not any(job.request_id for job in jobs) else asyncio.sleep(0))
     try:
         async with asyncio.timeout(timeout), aclosing(client.events(queue, until_terminal=False)) as events:
             if not as_json and not plain:
@@ -336,21 +345,21 @@ async def follow_wave(client: BusClient, queue: AbstractQueue, jobs: Sequence[Wa
         watchdog.cancel()
         if live is not None:
             live.stop()
-    codes = [exit_code(job.last) if job.ended else EXIT["no_answer"] for job in jobs]
-    _wave_summary(jobs, codes, refused, console if not as_json else None, err, timeout)
+    codes = [outcome(job.last) if job.ended else EXIT["no_answer"] for job in jobs]
+    _wave_summary(jobs, codes, refused, console if not as_json else None, err, timeout, success)
     return wave_exit_code([*codes, *(EXIT["rejected"] for _ in refused)])
 
 
 def _wave_summary(jobs: Sequence[WaveJob], codes: Sequence[int], refused: Sequence[tuple[str, str]],
-                  console: Console | None, err: Console, timeout: float) -> None:
-    """The wave's end: each job that did not complete (and each item refused before the wave)
-    on stderr with its reason and what to do; "all completed" on stdout (`console`) otherwise."""
+                  console: Console | None, err: Console, timeout: float, success: str = "completed") -> None:
+    """The wave's end: each job that did not end as asked (and each item refused before the
+    wave) on stderr with its reason and what to do; "all completed" on stdout (`console`) otherwise."""
     done = sum(1 for code in codes if code == 0)
     if done == len(jobs) and not refused:
         if console is not None:
-            console.print(f"[green]all {len(jobs)} jobs completed", highlight=False)
+            console.print(f"[green]all {len(jobs)} jobs {success}", highlight=False)
         return
-    err.print(f"{done} of {len(jobs) + len(refused)} completed; the others:", markup=False)
+    err.print(f"{done} of {len(jobs) + len(refused)} {success}; the others:", markup=False)
     for label, why in refused:
         err.print(f"  {label}: {why}", markup=False)
     for job, code in zip(jobs, codes, strict=True):

@@ -633,3 +633,42 @@ async def test_a_wave_interrupted_says_which_jobs_go_on(
     assert all(job in run.err for job in jobs)
     for vm in (a, b):  # they did
         await wait_until(lambda vm=vm: _status_is(db, vm.vm_id, "completed"), 60, f"{vm.vm_id} to complete")
+
+
+async def test_a_wave_of_cancels_by_vm_and_by_job(
+        serve: ServeProcess, ctl: Ctl, db: Any, control: EmulatorControl, emulators: EmulatorHandle,
+        tmp_path: Path) -> None:
+    done = await _seed(db, control, emulators, "cancel done", disks=1, os_type="ubuntu64Guest")
+    finished = await ctl("request", done.vm_id, "--follow", "--json")
+    assert finished.code == 0, finished.err
+    done_job = finished.json_lines()[0]["job_id"]
+    vms = [await _seed(db, control, emulators, f"cancel wave {n}", disks=1, os_type="ubuntu64Guest") for n in range(3)]
+    await control.set_latency(async_job_seconds=1, operation_seconds=0.5)  # long enough to be cancelled
+    try:
+        started = await ctl("request", *(vm.vm_id for vm in vms), "--json")
+        assert started.code == 0, started.err
+        ids = [line["job_id"] for line in started.json_lines()]
+        for job_id in ids:
+            await wait_until(lambda job_id=job_id: _is_running(db, job_id), 30, f"{job_id} to run")
+        unknown = f"no-such-vm-{uuid.uuid4()}"
+        listing = tmp_path / "stop.txt"
+        listing.write_text(f"{vms[0].vm_id}\n{vms[1].vm_id}\n{unknown}\n")
+        stopped = await ctl("cancel", "--vms-file", str(listing), "--follow", timeout=120)
+        # the last, by its job id with the finished job's, and the finished VM: without --follow
+        recorded = await ctl("cancel", ids[2], done_job, "--vm", done.vm_id)
+    finally:
+        await control.set_latency(async_job_seconds=0, operation_seconds=0)
+    assert stopped.code == 3, stopped.out + stopped.err  # both cancelled; the unknown VM runs nothing
+    assert "2 of 3 cancelled; the others:" in stopped.err and f"{unknown}: no job is running for the VM" in stopped.err
+    assert stopped.out.count("cancelled (rolled back: true)") == 2
+    assert recorded.code == 3, recorded.out + recorded.err
+    assert f"recorded: job {ids[2]}: job {ids[2]}" in recorded.out
+    assert f"job {done_job}: rejected (not_allowed)" in recorded.err
+    assert f"{done.vm_id}: no job is running for the VM: its test failover {done_job} completed (undo it with " \
+           f"failoverctl cleanup --vm {done.vm_id})" in recorded.err
+    for vm in vms:
+        await wait_until(lambda vm=vm: _status_is(db, vm.vm_id, "cancelled"), 60, f"{vm.vm_id} cancelled")
+
+
+async def _is_running(db: Any, job_id: str) -> bool:
+    return await _tracking_status(db, job_id) == "running"
