@@ -14,7 +14,6 @@ import json
 import logging
 import shlex
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
@@ -382,19 +381,82 @@ def _json(value: Any) -> None:
 
 def _answer(command: Any, job_id: str, status: str, as_json: bool, *, reason: str | None = None,
             detail: str | None = None) -> int:
-    """Report how the service answered a command (without --follow)."""
+    """Report how the service answered a command (without --follow). An accepted command's
+    `detail` is the service's note on it (a cancel of a job already rolling back: what happens
+    instead)."""
     rid = str(command.request_id)
     if as_json:
         _json({"request_id": rid, "type": command.type, "job_id": job_id, "status": status,
-               **({"reason": reason, "detail": detail} if status == "rejected" else {})})
+               **({"reason": reason} if status == "rejected" else {}), **({"detail": detail} if detail else {})})
     if status == "rejected":
         click.echo(f"{command.type} rejected ({reason}): {detail}", err=True)
         return REJECTED
     if not as_json:
         what = {"CancelRequested": "cancel recorded: the job stops at its next safe point and rolls back",
                 "RollbackRequested": "rollback retry started"}.get(command.type, "accepted")
+        if detail:
+            what = f"{command.type} recorded, but {detail}"
         console.print(f"{what}: job {job_id}; follow it with: failoverctl watch {job_id}", highlight=False)
     return OK
+
+
+async def _signal_answers(client: Any, queue: Any, wanted: dict[str, str], started: tuple[str, ...],
+                          idle: float) -> dict[str, tuple[str, str | None, str | None]]:
+    """How the service answered each command about an existing job (request id -> that job's
+    id): request id -> (accepted or rejected, reason, detail). From the bus, a JobRejected under
+    the request id, or the job's own `started` events; and the service's record of the command
+    whenever the database is reachable (a client with the broker alone goes by the bus), which
+    also carries its note on an accepted one. Until all are answered, or none came for `idle` s."""
+    from .reads import command_outcomes
+
+    out: dict[str, tuple[str, str | None, str | None]] = {}
+    by_job = {job_id: rid for rid, job_id in wanted.items()}
+    news = asyncio.Event()
+
+    def got(rid: str, answer: tuple[str, str | None, str | None]) -> None:
+        if rid not in out or (answer[0] == out[rid][0] and answer[2] and not out[rid][2]):  # (the note, later)
+            out[rid] = answer
+            news.set()
+
+    async def on_bus() -> None:
+        async with aclosing(client.events(queue, until_terminal=False)) as events:
+            async for event in events:
+                key = str(event.job_id)
+                if event.type == "JobRejected" and key in wanted:
+                    got(key, ("rejected", event.reason, event.detail))
+                elif event.type in started and key in by_job:
+                    got(by_job[key], ("accepted", None, None))
+
+    async def in_database() -> None:
+        recorded: set[str] = set()
+        async with _db() as engine:
+            while left := [rid for rid in wanted if rid not in recorded]:
+                found = await _read(command_outcomes(engine, left), required=False)
+                if found is _UNREADABLE:
+                    return  # no database here: the bus answers alone
+                for rid, record in found.items():
+                    recorded.add(rid)
+                    outcome = record["outcome"]
+                    got(rid, ("rejected", outcome.removeprefix("rejected_"), record["detail"])
+                        if outcome.startswith("rejected_") else ("accepted", None, record["detail"]))
+                await asyncio.sleep(0.2)  # the service records a command within milliseconds
+
+    bus, database = asyncio.create_task(on_bus()), asyncio.create_task(in_database())
+    try:
+        while len(out) < len(wanted):
+            news.clear()
+            try:
+                await asyncio.wait_for(news.wait(), idle)
+            except TimeoutError:
+                break
+        else:  # all answered: the records (with their notes) a moment more at most
+            await asyncio.wait([database], timeout=2)
+    finally:
+        for task in (bus, database):
+            task.cancel()
+        await asyncio.gather(bus, database, return_exceptions=True)
+    return out
+
 
 
 async def _new_job(command: Any, *, follow: bool, as_json: bool, timeout: float) -> int:
@@ -431,7 +493,6 @@ async def _signal_job(command: Any, job_id: str, *, follow: bool, as_json: bool,
     from adapters.bus import EVENTS_EXCHANGE
 
     from .progress import follow as follow_events
-    from .reads import command_outcome
 
     rid = str(command.request_id)
 
@@ -451,39 +512,11 @@ async def _signal_job(command: Any, job_id: str, *, follow: bool, as_json: bool,
                 console.print(f"published {command.type} {rid} for job {job_id}", highlight=False)
             return await follow_events(client, queue, as_json=as_json, timeout=timeout, outcome=outcome)
 
-        async def on_bus() -> tuple[str, str | None, str | None]:
-            async with aclosing(client.events(queue, until_terminal=False)) as events:
-                async for event in events:
-                    if event.type == "JobRejected" and str(event.job_id) == rid:
-                        return "rejected", event.reason, event.detail
-                    if event.type in started:
-                        return "accepted", None, None
-            raise AssertionError("unreachable")  # pragma: no cover
-
-        async def in_database() -> tuple[str, str | None, str | None]:
-            async with _db() as engine:
-                while True:
-                    record = await _read(command_outcome(engine, rid), required=False)
-                    if record is _UNREADABLE:
-                        await asyncio.Event().wait()  # no database here: the bus answers alone
-                    if record:
-                        if record["outcome"].startswith("rejected_"):
-                            return "rejected", record["outcome"].removeprefix("rejected_"), record["detail"]
-                        return "accepted", None, None
-                    await asyncio.sleep(0.2)  # the service records a command within milliseconds
-
-        tasks = [asyncio.create_task(on_bus()), asyncio.create_task(in_database())]
-        try:
-            done, _ = await asyncio.wait(tasks, timeout=min(timeout, ANSWER_SECONDS),
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        if not done:
+        answers = await _signal_answers(client, queue, {rid: job_id}, started, min(timeout, ANSWER_SECONDS))
+        if rid not in answers:
             raise Exit(NO_ANSWER, f"{command.type} {rid} was published, but the service did not answer "
                                   f"within {min(timeout, ANSWER_SECONDS):g} s: is `failoverctl serve` running?")
-        status, reason, detail = next(iter(done)).result()
+        status, reason, detail = answers[rid]
     return _answer(command, job_id, status, as_json, reason=reason, detail=detail)
 
 
@@ -507,59 +540,73 @@ def _wave_ids(given: tuple[str, ...], path: str | None, what: str, given_as: str
         raise click.UsageError(str(exc)) from None
 
 
-async def _recorded_answers(jobs: list[Any], idle: float) -> dict[str, tuple[str, str | None, str | None]]:
-    """The service's record of each signal command (a cancel) of a wave: job id -> (accepted or
-    rejected, reason, detail), read until all are answered or none came for `idle` s."""
+async def _note_records(jobs: list[Any]) -> None:
+    """While a wave of cancels is followed: the service's record of each (`job.recorded`: its
+    outcome and note), read every second while the database is reachable."""
     from .reads import command_outcomes
 
-    rids = {job.request_id: job.job_id for job in jobs}
-    out: dict[str, tuple[str, str | None, str | None]] = {}
-    last = time.monotonic()
+    rids = {job.request_id: job for job in jobs}
     async with _db() as engine:
-        while len(out) < len(rids) and time.monotonic() - last < idle:
-            found = await _read(command_outcomes(engine, [r for r in rids if rids[r] not in out]))
+        while left := [rid for rid, job in rids.items() if job.recorded is None]:
+            found = await _read(command_outcomes(engine, left), required=False)
+            if found is _UNREADABLE:
+                return
             for rid, record in found.items():
-                rejected = record["outcome"].startswith("rejected_")
-                out[rids[rid]] = (("rejected", record["outcome"].removeprefix("rejected_"), record["detail"])
-                                  if rejected else ("accepted", None, None))
-                last = time.monotonic()
-            if len(out) < len(rids):
-                await asyncio.sleep(0.25)  # the service records a command within milliseconds
-    return out
+                rids[rid].recorded = (record["outcome"], record["detail"])
+            await asyncio.sleep(1.0)
+
+
+PUBLISH_SECONDS = 60.0  # a wave's commands all confirmed by RabbitMQ within this, or it says why not
 
 
 async def _wave(jobs: list[Any], *, title: str, follow: bool, as_json: bool, timeout: float,
                 refused: list[tuple[str, str]] | None = None, outcome: Callable[[Any], int] | None = None,
-                success: str = "completed") -> int:
+                success: str = "completed", started: tuple[str, ...] = ()) -> int:
     """Publish the wave's commands, then follow them all (or wait for their answers). `refused`:
     (label, reason) of what never became a command (counted as rejected, named at the end).
-    Commands about existing jobs (cancels) are answered by the service's record of them, and
+    Commands about existing jobs (cancels: `job.request_id` set) are answered by a JobRejected
+    under their own id, the service's record of them, or their job's `started` events, and
     followed to their jobs' ends with `outcome` (0: `success`). Interrupted (Ctrl-C), it says
-    which commands went out: their jobs go on without it."""
+    which commands went out: the service acts on them without this client."""
     from .progress import exit_code
     from .wave import answers, follow_wave, publish_all, wave_exit_code
 
     refused = list(refused or [])
     signals = any(job.request_id for job in jobs)
     answered: dict[str, tuple[str, str | None, str | None]] = {}
+    lost: list[tuple[str, str]] = []
     try:
         async with _bus() as client:
             queue = await client.private_queue()
             if not as_json:
                 console.print(f"publishing {len(jobs)} {jobs[0].command.type} ...", highlight=False)
-            await publish_all(client, jobs, queue, _not_taken)
+            try:
+                async with asyncio.timeout(PUBLISH_SECONDS):
+                    await publish_all(client, jobs, queue, _not_taken)
+            except TimeoutError:
+                sent = sum(1 for job in jobs if job.published)
+                raise Exit(NO_ANSWER, f"RabbitMQ did not confirm the commands within {PUBLISH_SECONDS:g} s ({sent} "
+                                      f"of {len(jobs)} confirmed): a memory or disk alarm blocks publishers "
+                                      "(rabbitmqctl status; its log). Those confirmed go ahead; send the others "
+                                      "again once it is resolved") from None
             taken = [job for job in jobs if job.not_taken is None]
+            lost = [(job.label, str(job.not_taken)) for job in jobs if job.not_taken is not None]
             if not taken:
                 raise Exit(NO_ANSWER, f"none of the {len(jobs)} commands was taken: {jobs[0].not_taken}")
-            lost = [(job.label, job.not_taken) for job in jobs if job.not_taken is not None]
-            for label, why in lost:
-                click.echo(f"{label}: {why}", err=True)
             if follow:
-                code = await follow_wave(client, queue, taken, title=title, as_json=as_json, timeout=timeout,
-                                         refused=[*refused, *lost], outcome=outcome or exit_code, success=success)
-                return wave_exit_code([code, *(NO_ANSWER for _ in lost)])
+                records = asyncio.create_task(_note_records(taken)) if signals else None
+                try:
+                    return await follow_wave(client, queue, taken, title=title, as_json=as_json, timeout=timeout,
+                                             refused=refused, lost=lost, outcome=outcome or exit_code,
+                                             success=success)
+                finally:
+                    if records is not None:
+                        records.cancel()
+                        await asyncio.gather(records, return_exceptions=True)
             if signals:
-                answered = await _recorded_answers(taken, min(timeout, ANSWER_SECONDS))
+                by_rid = await _signal_answers(client, queue, {job.request_id: job.job_id for job in taken}, started,
+                                               min(timeout, ANSWER_SECONDS))
+                answered = {job.job_id: by_rid[job.request_id] for job in taken if job.request_id in by_rid}
             else:
                 await answers(client, queue, taken, min(timeout, ANSWER_SECONDS))
                 for job in taken:
@@ -568,20 +615,20 @@ async def _wave(jobs: list[Any], *, title: str, follow: bool, as_json: bool, tim
                         answered[job.job_id] = (("rejected", d["reason"], d["detail"]) if d["type"] == "JobRejected"
                                                 else ("accepted", None, None))
     except asyncio.CancelledError:  # Ctrl-C: what went out goes on
-        sent = [job for job in jobs if job.published]
-        click.echo(f"interrupted: {len(sent)} of {len(jobs)} commands were published; their jobs go on without "
-                   "this client (failoverctl watch JOB_ID follows one):", err=True)
-        for job in sent:
+        sent_jobs = [job for job in jobs if job.published]
+        click.echo(f"interrupted: at least {len(sent_jobs)} of {len(jobs)} commands were published; the service "
+                   "acts on them without this client (failoverctl watch JOB_ID follows a job):", err=True)
+        for job in sent_jobs:
             click.echo(f"  {job.label} {job.job_id}", err=True)
         raise
+    for label, why in [*refused, *lost]:
+        if as_json:
+            _json({"label": label, "status": "refused" if (label, why) in refused else "not_taken", "detail": why})
+        click.echo(f"{label}: {why}", err=True)
     if not answered:
         raise Exit(NO_ANSWER, f"the {len(taken)} commands were published, but the service answered none within "
                               f"{min(timeout, ANSWER_SECONDS):g} s: is `failoverctl serve` running? (the commands "
                               "wait in RabbitMQ for it)")
-    for label, why in refused:
-        if as_json:
-            _json({"label": label, "status": "refused", "detail": why})
-        click.echo(f"{label}: {why}", err=True)
     codes = []
     for job in taken:
         status, reason, detail = answered.get(job.job_id, ("no_answer", None, None))
@@ -590,17 +637,18 @@ async def _wave(jobs: list[Any], *, title: str, follow: bool, as_json: bool, tim
         if as_json:
             asked = job.command.model_dump(mode="json", include={"vm_id", "failover_job_id", "job_id"})
             _json({"request_id": job.request_id or job.job_id, "type": job.command.type, "job_id": job.job_id,
-                   "status": status, "vm_id": d.get("vm_id"), "vm_name": d.get("vm_name"), **asked,
-                   **({"reason": reason, "detail": detail} if status == "rejected" else {})})
+                   "status": status, "vm_id": d.get("vm_id") or job.vm_id, "vm_name": d.get("vm_name"), **asked,
+                   **({"reason": reason} if status == "rejected" else {}), **({"detail": detail} if detail else {})})
+        named = job.label if job.label == f"job {job.job_id}" else f"{job.label}: job {job.job_id}"
         if status == "rejected":
-            click.echo(f"{job.label}: rejected ({reason}): {detail}", err=True)
+            click.echo(f"{named}: rejected ({reason}): {detail}", err=True)
         elif status != "accepted":
-            click.echo(f"{job.label}: no answer to {job.command.type} for job {job.job_id} within "
-                       f"{ANSWER_SECONDS:g} s of the last answer; it may still be taken (failoverctl watch "
-                       f"{job.job_id})", err=True)
+            click.echo(f"{named}: no answer to its {job.command.type} within {min(timeout, ANSWER_SECONDS):g} s of "
+                       f"the last answer; it may still be taken (failoverctl watch {job.job_id})", err=True)
+        elif detail:  # (a cancel of a job rolling back already: what happens instead)
+            click.echo(f"{named}: {job.command.type} recorded, but {detail}", err=True)
         elif not as_json:
-            console.print(f"{'recorded' if signals else 'accepted'}: {escape(job.label)}: job {job.job_id}",
-                          highlight=False)
+            console.print(f"{'recorded' if signals else 'accepted'}: {escape(named)}", highlight=False)
     if not as_json:
         console.print(f"{codes.count(OK)} of {len(jobs) + len(refused)} {'recorded' if signals else 'accepted'}; "
                       "failoverctl watch JOB_ID follows one", highlight=False)
@@ -636,9 +684,9 @@ def request(vm_ids: tuple[str, ...], vms_file: str | None, live: bool, driver_in
     async def go() -> int:
         if len(commands) == 1 and vms_file is None:
             return await _new_job(commands[0], follow=follow, as_json=as_json, timeout=timeout)
-        jobs = [WaveJob(job_id=str(c.request_id), label=c.vm_id, command=c) for c in commands]
-        code = await _wave(jobs, title=f"{kind} failover of {len(jobs)} VMs", follow=follow, as_json=as_json,
-                           timeout=timeout)
+        jobs = [WaveJob(job_id=str(c.request_id), label=c.vm_id, command=c, vm_id=c.vm_id) for c in commands]
+        code = await _wave(jobs, title=f"{kind} failover of {_count(len(jobs), 'VM')}", follow=follow,
+                           as_json=as_json, timeout=timeout)
         done = [str(job.last.vm_id) for job in jobs if job.last is not None and job.last.type == "JobCompleted"]
         if follow and not as_json and kind == "test" and done:
             whole_file = vms_file not in (None, "-") and not vm_ids and len(done) == len(jobs)
@@ -706,16 +754,19 @@ def cleanup(job_ids: tuple[uuid.UUID, ...], vms: tuple[str, ...], vms_file: str 
             return REJECTED
         if len(commands) == 1 and not by_vm:
             return await _new_job(commands[0], follow=follow, as_json=as_json, timeout=timeout)
-        jobs = [WaveJob(job_id=str(c.request_id), label=labels[str(c.failover_job_id)], command=c) for c in commands]
-        return await _wave(jobs, title=f"cleanup of {len(jobs)} test failovers", follow=follow, as_json=as_json,
-                           timeout=timeout, refused=missing)
+        vm_of = {job: vm for vm, job in found}
+        jobs = [WaveJob(job_id=str(c.request_id), label=labels[str(c.failover_job_id)], command=c,
+                        vm_id=vm_of.get(str(c.failover_job_id))) for c in commands]
+        return await _wave(jobs, title=f"cleanup of {_count(len(jobs), 'test failover')}", follow=follow,
+                           as_json=as_json, timeout=timeout, refused=missing)
 
     _run(go())
 
 
 async def _resolve_running(vm_ids: list[str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Each VM's running job (a failover, or a cleanup), as (VM, job), and the VMs without one, as
-    (VM, the reason and what to do)."""
+    """Each VM's running failover, as (VM, job), and the VMs without one, as (VM, the reason and
+    what to do). A running cleanup is not taken by VM (a cancelled cleanup stops between its steps
+    and is not rolled back: a wave's file must not stop its undo by mistake); it is named."""
     from .reads import holders, running_jobs
 
     async with _db() as engine:
@@ -724,19 +775,29 @@ async def _resolve_running(vm_ids: list[str]) -> tuple[list[tuple[str, str]], li
     found, missing = [], []
     for vm_id in vm_ids:
         job = running.get(vm_id.casefold())
-        if job is not None:
+        holder = held.get(vm_id.casefold())
+        if job is not None and job["job_type"] != "cleanup":
             found.append((vm_id, job["job_id"]))
             continue
-        holder = held.get(vm_id.casefold())
-        if holder is None:
-            why = "no job is running for the VM"
+        if job is not None:
+            why = (f"its running job is cleanup {job['job_id']}, which is not cancelled by VM (a cancelled cleanup "
+                   f"is not rolled back); to stop it anyway: failoverctl cancel {job['job_id']}")
+        elif holder is None:
+            why = "no job is running for the VM (check the id; failoverctl jobs lists the recent ones)"
         elif holder["status"] == "completed" and holder["job_type"] == "test":
             why = (f"no job is running for the VM: its test failover {holder['job_id']} completed (undo it with "
                    f"failoverctl cleanup --vm {shlex.quote(vm_id)})")
+        elif holder["status"] == "completed":
+            why = f"no job is running for the VM: its live failover {holder['job_id']} completed, for good"
         else:
-            why = f"no job is running for the VM: its {holder['job_type']} failover {holder['job_id']} is {holder['status']}"
+            why = (f"no job is running for the VM: its {holder['job_type']} failover {holder['job_id']} is "
+                   f"{holder['status']} and its rollback did not complete (failoverctl rollback {holder['job_id']})")
         missing.append((vm_id, why))
     return found, missing
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
 
 
 @main.command()
@@ -780,13 +841,15 @@ def cancel(job_ids: tuple[uuid.UUID, ...], vms: tuple[str, ...], vms_file: str |
             for vm_id, why in missing:
                 click.echo(f"{vm_id}: {why}", err=True)
             return REJECTED
+        vm_of = {job: vm for vm, job in found}
         jobs = []
         for job_id, label in labels.items():
             cmd = CancelRequested(request_id=uuid.uuid4(), job_id=uuid.UUID(job_id))
             jobs.append(WaveJob(job_id=job_id, label=label, command=cmd, request_id=str(cmd.request_id),
-                                state="cancel sent"))
-        return await _wave(jobs, title=f"cancel of {len(jobs)} jobs", follow=follow, as_json=as_json, timeout=timeout,
-                           refused=missing, outcome=cancelled, success="cancelled")
+                                state="cancel sent", vm_id=vm_of.get(job_id)))
+        return await _wave(jobs, title=f"cancel of {_count(len(jobs), 'job')}", follow=follow, as_json=as_json,
+                           timeout=timeout, refused=missing, outcome=cancelled, success="cancelled",
+                           started=("RollbackStarted", "JobCancelled"))
 
     _run(go())
 

@@ -57,24 +57,30 @@ def read_ids(given: Sequence[str], path: str | None, what: str, *, given_as: str
     if path is not None:
         try:  # (utf-8-sig: a file saved with a byte-order mark, as Excel and PowerShell do, reads the same)
             text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as exc:
+        except UnicodeDecodeError as exc:
+            raise WaveInputError(f"cannot read {path}: it is not UTF-8 ({exc}); save it as UTF-8 (PowerShell: "
+                                 "Out-File -Encoding utf8) and run again") from exc
+        except OSError as exc:
             raise WaveInputError(f"cannot read {path}: {exc}") from exc
         for number, line in enumerate(text.lstrip("\ufeff").splitlines(), 1):
             words = line.split("#", 1)[0].split()
             if words:
                 items.append((words[0], f"{path} line {number}"))
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, str]] = {}  # (ids compare without case, as the database's columns do)
     for value, where in items:
         if not value:
             raise WaveInputError(f"{where} is empty: give a {what} id there")
-        if value in seen:
-            raise WaveInputError(f"{what} {value} is given twice ({seen[value]} and {where}): a wave has one "
-                                 "job each; remove one and run again (nothing was published)")
-        seen[value] = where
+        if value.casefold() in seen:
+            first, at = seen[value.casefold()]
+            raise WaveInputError(f"{what} {value} is given twice ({at}" + (f", as {first}," if first != value else "")
+                                 + f" and {where}): a wave has one job each; remove one and run again (nothing "
+                                 "was published)")
+        seen[value.casefold()] = (value, where)
     if not seen:
+        how = "as arguments" if given_as == "argument" else f"with {given_as} {what.upper()}_ID"
         raise WaveInputError(f"no {what} given" + (f" ({path} lists none)" if path is not None else "")
-                             + f": give {what} ids as arguments, or a file of them with --vms-file")
-    return list(seen)
+                             + f": give {what} ids {how}, or a file of them with --vms-file")
+    return [value for value, _ in seen.values()]
 
 
 def wave_exit_code(codes: Iterable[int]) -> int:
@@ -93,6 +99,8 @@ class WaveJob:
     # a cancel's own id (its JobRejected comes under it); None for a new job's command, whose id
     # is the job's
     request_id: str | None = None
+    vm_id: str | None = None  # the VM it was asked for, when it was asked for by VM
+    recorded: tuple[str, str | None] | None = None  # a cancel's record: its outcome and the service's note
     first: Event | None = None  # JobAccepted or JobRejected
     last: Event | None = None
     step: str = ""
@@ -238,9 +246,9 @@ class _Board:
             for job in active[:room]:
                 step = escape(f"{job.step} ({job.step_order}/{job.total_steps})" if job.step else "-")
                 if job.state == "rolling back":
-                    step = f"[yellow]rolling back[/] after {step}"
-                table.add_row(escape(_middle(job.label, named)), step, str(job.percent),
-                              _clock(now - (job.started or now)))
+                    step = "[yellow]rolling back[/]" + (f" after {step}" if job.step else "")
+                table.add_row(escape(_middle(job.label, named)), step, str(job.percent) if job.step else "-",
+                              _clock(now - job.started) if job.started is not None else "-")
             parts.append(table)
             if len(active) > room:
                 parts.append(Text(f"... and {len(active) - room} more running", no_wrap=True))
@@ -270,11 +278,12 @@ def _clock(seconds: float) -> str:
 
 async def follow_wave(client: BusClient, queue: AbstractQueue, jobs: Sequence[WaveJob], *, title: str,
                       as_json: bool, timeout: float, refused: Sequence[tuple[str, str]] = (),
-                      outcome: Callable[[Event | None], int] = exit_code, success: str = "completed",
-                      console: Console | None = None) -> int:
+                      lost: Sequence[tuple[str, str]] = (), outcome: Callable[[Event | None], int] = exit_code,
+                      success: str = "completed", console: Console | None = None) -> int:
     """Show the wave's events until every job has ended (or `timeout` s); return the exit code
     (each job's by `outcome` of its last event; 0 is `success`). `refused`: (label, reason) of
-    what never became a command (repeated in the summary)."""
+    what never became a command (counted as rejected); `lost`: of commands RabbitMQ did not take
+    (counted as no answer); both named in the summary."""
     console = console or Console()
     err = Console(stderr=True, highlight=False, soft_wrap=True)  # (a reason is one line, however long)
     by_id = {job.job_id: job for job in jobs} | {job.request_id: job for job in jobs if job.request_id}
@@ -302,16 +311,15 @@ async def follow_wave(client: BusClient, queue: AbstractQueue, jobs: Sequence[Wa
         return []
 
     async def no_answer_yet() -> None:
-        await asyncio.sleep(min(ANSWER_SECONDS, timeout))
-        if not any(job.first is not None for job in jobs):
-            err.print(f"no answer from the service for any of the {len(jobs)} jobs after {ANSWER_SECONDS:g} s: "
-                      "is `failoverctl serve` running? (still waiting; the commands wait in RabbitMQ for it)",
+        wait = min(ANSWER_SECONDS, timeout)
+        await asyncio.sleep(wait)
+        if not any(job.first is not None or job.recorded is not None for job in jobs):
+            err.print(f"no answer from the service for any of the {len(jobs)} jobs after {wait:g} s: is "
+                      "`failoverctl serve` running? (still waiting; the commands wait in RabbitMQ for it)",
                       markup=False)
 
     live: Live | None = None
-    # (a cancel's answer is the service's record of it, and its job's next event may be minutes
-    # away, at its next safe point: no such warning for a wave of cancels)
-    watchdog = asyncio.create_task(no_answer_yet() if not any(job.request_id for job in jobs) else asyncio.sleep(0))
+    watchdog = asyncio.create_task(no_answer_yet())
     try:
         async with asyncio.timeout(timeout), aclosing(client.events(queue, until_terminal=False)) as events:
             if not as_json and not plain:
@@ -332,7 +340,7 @@ async def follow_wave(client: BusClient, queue: AbstractQueue, jobs: Sequence[Wa
                     console.print(Text(f"       {job.label}: rollback failed; an operator must still: "
                                        + "; ".join(job.manual), style="red"))
                 elif job.ended:
-                    ok = event.type == "JobCompleted"
+                    ok = outcome(job.last) == 0
                     console.print(Text(("done   " if ok else "ENDED  ") + _end_line(job),
                                        style="green" if ok else "red"))
                 if job.ended:
@@ -346,8 +354,8 @@ async def follow_wave(client: BusClient, queue: AbstractQueue, jobs: Sequence[Wa
         if live is not None:
             live.stop()
     codes = [outcome(job.last) if job.ended else EXIT["no_answer"] for job in jobs]
-    _wave_summary(jobs, codes, refused, console if not as_json else None, err, timeout, success)
-    return wave_exit_code([*codes, *(EXIT["rejected"] for _ in refused)])
+    _wave_summary(jobs, codes, [*refused, *lost], console if not as_json else None, err, timeout, success)
+    return wave_exit_code([*codes, *(EXIT["rejected"] for _ in refused), *(EXIT["no_answer"] for _ in lost)])
 
 
 def _wave_summary(jobs: Sequence[WaveJob], codes: Sequence[int], refused: Sequence[tuple[str, str]],
@@ -365,11 +373,23 @@ def _wave_summary(jobs: Sequence[WaveJob], codes: Sequence[int], refused: Sequen
     for job, code in zip(jobs, codes, strict=True):
         if code == 0:
             continue
+        note = job.recorded[1] if job.recorded is not None else None
         if job.ended:
             err.print(f"  {_end_line(job)}", markup=False)
             if job.manual:
                 err.print(f"    an operator must still: {'; '.join(job.manual)}; then: failoverctl rollback "
                           f"{job.job_id} (failoverctl show {job.job_id} has the details)", markup=False)
+            if note:  # (a cancel of a job rolling back already: why it did not end cancelled)
+                err.print(f"    its cancel was recorded, but {note}", markup=False)
+            elif job.request_id and job.last is not None and job.last.type == "JobCompleted":
+                err.print("    it completed before the cancel took effect" + (
+                    f"; undo a test failover with: failoverctl cleanup {job.job_id}"
+                    if job.last.job_type == "test-failover" else ""), markup=False)
+        elif job.recorded is not None and not job.recorded[0].startswith("rejected_"):
+            err.print(f"  {job.label} ({job.job_id}): its {getattr(job.command, 'type', 'command')} was recorded; "
+                      f"no end within "
+                      f"{timeout:g} s: the job acts on it at its next safe point (failoverctl watch {job.job_id})"
+                      + (f"; note: {note}" if note else ""), markup=False)
         elif job.first is not None:
             err.print(f"  {job.label} ({job.job_id}): no end within {timeout:g} s; it goes on "
                       f"(failoverctl watch {job.job_id})", markup=False)

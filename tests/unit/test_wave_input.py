@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
-from failover.wave import WaveInputError, _middle, read_ids, wave_exit_code
+from failover.wave import WaveInputError, WaveJob, _Board, _middle, read_ids, wave_exit_code
 
 
 def test_a_file_gives_the_first_word_of_each_line_after_the_arguments(tmp_path: Path) -> None:
@@ -26,8 +28,9 @@ def test_stdin_is_a_file_too(monkeypatch: pytest.MonkeyPatch) -> None:
     (["vm-1", "vm-2", "vm-1"], None, "VM vm-1 is given twice (--vm 1 and --vm 3)"),
     (["vm-1"], "vm-2\nvm-1\n", "VM vm-1 is given twice (--vm 1 and LIST line 2)"),
     ([" "], None, "--vm 1 is empty: give a VM id there"),
-    ([], "# nobody\n\n", "no VM given (LIST lists none): give VM ids as arguments, or a file of them with --vms-file"),
-    ([], None, "no VM given: give VM ids"),
+    ([], "# nobody\n\n", "no VM given (LIST lists none): give VM ids with --vm VM_ID, or a file of them with --vms-file"),
+    ([], None, "no VM given: give VM ids with --vm VM_ID, or a file of them with --vms-file"),
+    (["VM-1", "vm-1"], None, "VM vm-1 is given twice (--vm 1, as VM-1, and --vm 2)"),  # ids compare without case
 ])
 def test_a_bad_list_is_refused_naming_where(tmp_path: Path, given: list[str], text: str | None, said: str) -> None:
     path = None
@@ -42,10 +45,10 @@ def test_a_bad_list_is_refused_naming_where(tmp_path: Path, given: list[str], te
 def test_an_unreadable_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(WaveInputError, match=r"cannot read .*absent\.txt"):
         read_ids([], str(tmp_path / "absent.txt"), "VM")
-    latin = tmp_path / "latin1.txt"
-    latin.write_bytes("vm-\xe9\n".encode("latin-1"))
-    with pytest.raises(WaveInputError, match=r"cannot read .*latin1\.txt"):
-        read_ids([], str(latin), "VM")
+    utf16 = tmp_path / "utf16.txt"  # what PowerShell's > writes
+    utf16.write_bytes("vm-1\n".encode("utf-16"))
+    with pytest.raises(WaveInputError, match=r"cannot read .*utf16\.txt: it is not UTF-8 .*save it as UTF-8"):
+        read_ids([], str(utf16), "VM")
 
 
 @pytest.mark.parametrize(("codes", "expected"), [
@@ -58,3 +61,29 @@ def test_long_names_are_cut_in_the_middle_where_alike_names_still_differ() -> No
     a, b = "production-web-frontend-cluster-node-0001", "production-web-frontend-cluster-node-0002"
     assert _middle(a) != _middle(b) and len(_middle(a)) == 40 and _middle(a).endswith("node-0001")
     assert _middle("short") == "short"
+
+
+def _board_lines(width: int, height: int) -> list[str]:
+    jobs = []
+    for n in range(500):
+        job = WaveJob(job_id=str(n), label=f"production-web-frontend-cluster-node-{n:04d}", command=None)  # type: ignore[arg-type]
+        job.state = ("running", "rolling back", "waiting", "JobCompleted")[n % 4]
+        job.last = None
+        job.step, job.step_order, job.total_steps, job.percent = "volume-attachment", 5, 6, 67
+        job.started = time.monotonic() - 75
+        jobs.append(job)
+    console = Console(width=width, height=height, record=True, file=io.StringIO())
+    console.print(_Board(jobs, "test failover of 500 VMs", console))
+    return console.export_text().splitlines()
+
+
+@pytest.mark.parametrize(("width", "height"), [(80, 24), (50, 12), (160, 50)])
+def test_the_board_fits_the_terminal_and_keeps_names_and_times_readable(width: int, height: int) -> None:
+    lines = _board_lines(width, height)
+    assert len(lines) <= height - 1 and all(len(line) <= width for line in lines)
+    assert lines[1].startswith("125 completed, 125 rolling back, 125 running, 125 waiting"[: width - 1])
+    rows = [line for line in lines[3:] if line.startswith("produ")]
+    assert rows and all("rolling back" in row for row in rows)  # rolling back first
+    assert all("0:01:1" in row for row in rows)  # how long, not cut away
+    assert rows[0].split()[0].endswith("ode-0001")  # the name's distinct end, kept
+    assert lines[-1].startswith(f"... and {250 - len(rows)} more running")
