@@ -869,28 +869,40 @@ def rollback(job_id: uuid.UUID, follow: bool, as_json: bool, timeout: float) -> 
                      succeeded=lambda last: last.type == "JobFailed" and last.rolled_back))
 
 
-@main.command()
-@click.argument("job_id", type=click.UUID)
-@click.option("--json", "as_json", is_flag=True, help="One event per line on stdout.")
-@click.option("--timeout", default=7200.0, show_default=True, help="Seconds to wait for the end of the job.")
-def watch(job_id: uuid.UUID, as_json: bool, timeout: float) -> None:
-    """Follow a job until it ends: its steps so far (from the read model), then its events.
+_ENDINGS = ("RollbackStarted", "JobCompleted", "JobFailed", "JobCancelled")  # (a retried rollback reopens a job)
 
-    Exit code: 0 completed, 1 failed, 2 cancelled, 3 no such job, 4 not ended in time."""
+
+@main.command()
+@click.argument("job_ids", nargs=-1, type=click.UUID, metavar="[JOB_ID]...")
+@click.option("--vm", "vms", multiple=True, metavar="VM_ID", help="The newest job of this VM; repeatable.")
+@click.option("--vms-file", metavar="FILE", help=_VMS_FILE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="One event per line on stdout.")
+@click.option("--timeout", default=7200.0, show_default=True,
+              help="Seconds to wait for the end of the job (for several: of all of them).")
+def watch(job_ids: tuple[uuid.UUID, ...], vms: tuple[str, ...], vms_file: str | None, as_json: bool,
+          timeout: float) -> None:
+    """Follow a job until it ends: its steps so far (from the read model), then its events. Or
+    several (a wave): JOB_IDs, or the newest job of each VM given (--vm, --vms-file), on one board.
+
+    Exit code: 0 completed, 1 failed, 2 cancelled, 3 no such job, 4 not ended in time; for
+    several, the first of 1, 2, 3, 4 that any had."""
     from schemas.parsing import parse_event
 
     from .progress import exit_code, summary
     from .progress import follow as follow_events
     from .reads import job_detail, job_events
 
-    async def go() -> int:
-        jid = str(job_id)
+    if not (job_ids or vms or vms_file):
+        raise click.UsageError("give the jobs to watch: JOB_ID ..., --vm VM_ID or --vms-file FILE")
+    by_vm = bool(vms or vms_file)
+    vm_ids = _wave_ids(vms, vms_file, "VM", given_as="--vm") if by_vm else []
+
+    async def one(jid: str) -> int:
         async with _bus() as client:
             queue = await client.bind(f"job.{jid}.#")  # first: what happens from now on is not missed
             async with _db() as engine:
                 detail = await _read(job_detail(engine, jid), required=False)
-                ends = await _read(job_events(engine, jid, ("RollbackStarted", "JobCompleted", "JobFailed",
-                                                            "JobCancelled")), required=False)
+                ends = await _read(job_events(engine, jid, _ENDINGS), required=False)
             if detail is None:
                 raise Exit(REJECTED, f"no job {jid} (the read model and the service know none)")
             if detail is not _UNREADABLE and ends is not _UNREADABLE and ends and ends[-1]["type"] != "RollbackStarted":
@@ -907,7 +919,48 @@ def watch(job_id: uuid.UUID, as_json: bool, timeout: float) -> None:
             initial = None if detail is _UNREADABLE else detail
             return await follow_events(client, queue, as_json=as_json, timeout=timeout, initial=initial)
 
-    _run(go())
+    async def several() -> int:
+        from adapters.bus import EVENTS_EXCHANGE
+
+        from .reads import newest_jobs
+        from .wave import WaveJob, follow_wave
+
+        labels = {str(j): f"job {j}" for j in job_ids}
+        refused: list[tuple[str, str]] = []
+        if by_vm:
+            async with _db() as engine:
+                newest = await _read(newest_jobs(engine, vm_ids))
+            for vm_id in vm_ids:
+                if vm_id.casefold() in newest:
+                    labels.setdefault(newest[vm_id.casefold()], vm_id)
+                else:
+                    refused.append((vm_id, "the VM has no job (check the id; failoverctl jobs lists the recent ones)"))
+        async with _bus() as client:
+            queue = await client.private_queue()
+            jobs = []
+            async with _db() as engine:
+                for jid, label in labels.items():
+                    await queue.bind(EVENTS_EXCHANGE, routing_key=f"job.{jid}.#")  # first: nothing is missed
+                    detail = await _read(job_detail(engine, jid))
+                    if detail is None:
+                        refused.append((label, f"no job {jid} (the read model and the service know none)"))
+                        continue
+                    job = WaveJob(job_id=jid, label=label, command=None)
+                    job.seed(detail)
+                    ends = await _read(job_events(engine, jid, _ENDINGS))
+                    if ends and ends[-1]["type"] != "RollbackStarted":  # ended already
+                        job.see(parse_event(json.dumps(ends[-1]).encode()))
+                        if as_json:
+                            _json(ends[-1])
+                    jobs.append(job)
+            if not jobs:
+                for label, why in refused:
+                    click.echo(f"{label}: {why}", err=True)
+                return REJECTED
+            return await follow_wave(client, queue, jobs, title=f"watching {_count(len(jobs), 'job')}",
+                                     as_json=as_json, timeout=timeout, refused=refused, watched=True)
+
+    _run(one(str(job_ids[0])) if len(job_ids) == 1 and not by_vm else several())
 
 
 # --------------------------------------------------------------------------- reads

@@ -22,7 +22,7 @@ from adapters.db.tables import (
 )
 
 __all__ = ["ENDED", "LEVELS", "command_outcome", "command_outcomes", "holders", "job_detail", "job_events", "job_logs",
-           "recent_jobs", "running_jobs"]
+           "newest_jobs", "recent_jobs", "running_jobs"]
 
 LEVELS = ["DEBUG", "INFO", "WARN", "ERROR"]
 ENDED = ("completed", "failed", "cancelled")  # job_tracking.status of a job that has ended
@@ -193,4 +193,17 @@ async def command_outcomes(engine: AsyncEngine, request_ids: list[str]) -> dict[
                                        .where(job_commands.c.request_id.in_(request_ids[at:at + 500]),
                                               job_commands.c.outcome != "received"))).all()
             out.update({r.request_id: {"outcome": r.outcome, "detail": r.detail} for r in rows})
+    return out
+
+
+async def newest_jobs(engine: AsyncEngine, vm_ids: list[str]) -> dict[str, str]:
+    """The newest job of each of these VMs (a failover or a cleanup), by the VM id casefolded."""
+    out: dict[str, str] = {}
+    async with engine.connect() as conn:
+        for at in range(0, len(vm_ids), 500):
+            rows = (await conn.execute(select(failover_jobs.c.vm_id, failover_jobs.c.job_id)
+                                       .where(failover_jobs.c.vm_id.in_(vm_ids[at:at + 500]))
+                                       .order_by(failover_jobs.c.created_at.desc(), failover_jobs.c.job_id))).all()
+            for r in rows:
+                out.setdefault(r.vm_id.casefold(), r.job_id)
     return out

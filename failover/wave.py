@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,7 @@ from schemas.events import Event
 from .client import BusClient
 from .progress import EXIT, exit_code, summary
 
-__all__ = ["WaveInputError", "WaveJob", "answer_code", "answers", "follow_wave", "publish_all", "read_ids",
-           "wave_exit_code"]
+__all__ = ["WaveInputError", "WaveJob", "answers", "follow_wave", "publish_all", "read_ids", "wave_exit_code"]
 
 PUBLISH_AT_ONCE = 32  # commands (each with its binding) in flight on the connection at once
 ANSWER_SECONDS = 30.0  # no answer from any job this long: say once that serve may not be running
@@ -95,7 +95,7 @@ class WaveJob:
 
     job_id: str
     label: str  # the VM's id (its name once the job is accepted), or for a cleanup its failover's
-    command: BaseModel
+    command: BaseModel | None  # (None: a job watched, not asked for)
     # a cancel's own id (its JobRejected comes under it); None for a new job's command, whose id
     # is the job's
     request_id: str | None = None
@@ -116,6 +116,21 @@ class WaveJob:
     @property
     def ended(self) -> bool:
         return self.last is not None and self.last.type in _ENDS
+
+    def seed(self, detail: dict[str, Any]) -> None:
+        """Start from the read model (`reads.job_detail`) of a job joined while it runs."""
+        job = detail["job"]
+        self.label = job.get("vm_name") or self.label
+        self.percent = job.get("percent_complete") or 0
+        if job.get("current_step"):
+            self.step = job["current_step"]
+            self.step_order = next((s["step_order"] for s in detail["steps"] if s["step_name"] == self.step), 0)
+            self.total_steps = len(detail["steps"])
+        self.state = {"running": "running", "pending": "waiting"}.get(job.get("status"), self.state)
+        if job.get("started_at"):
+            began = datetime.fromisoformat(job["started_at"])
+            self.started = time.monotonic() - (datetime.now(UTC) - (began if began.tzinfo else
+                                                                   began.replace(tzinfo=UTC))).total_seconds()
 
     def see(self, event: Event) -> None:
         d: dict[str, Any] = event.model_dump(mode="json")
@@ -157,6 +172,7 @@ async def publish_all(client: BusClient, jobs: Sequence[WaveJob], queue: Abstrac
             await queue.bind(EVENTS_EXCHANGE, routing_key=f"job.{job.job_id}.#")
             if job.request_id is not None:  # (a refusal of a command about an existing job)
                 await queue.bind(EVENTS_EXCHANGE, routing_key=f"job.{job.request_id}.JobRejected")
+            assert job.command is not None
             try:
                 await client.publish(job.command)
             except DeliveryError as exc:
@@ -187,13 +203,6 @@ async def answers(client: BusClient, queue: AbstractQueue, jobs: Sequence[WaveJo
                     return
     except TimeoutError:
         pass
-
-
-def answer_code(job: WaveJob) -> int:
-    """Without --follow: 0 accepted, 3 rejected, 4 no answer."""
-    if job.first is None:
-        return EXIT["no_answer"]
-    return EXIT["rejected"] if job.first.type == "JobRejected" else EXIT["completed"]
 
 
 def _middle(label: str, width: int = 40) -> str:
@@ -279,15 +288,16 @@ def _clock(seconds: float) -> str:
 async def follow_wave(client: BusClient, queue: AbstractQueue, jobs: Sequence[WaveJob], *, title: str,
                       as_json: bool, timeout: float, refused: Sequence[tuple[str, str]] = (),
                       lost: Sequence[tuple[str, str]] = (), outcome: Callable[[Event | None], int] = exit_code,
-                      success: str = "completed", console: Console | None = None) -> int:
+                      success: str = "completed", watched: bool = False, console: Console | None = None) -> int:
     """Show the wave's events until every job has ended (or `timeout` s); return the exit code
     (each job's by `outcome` of its last event; 0 is `success`). `refused`: (label, reason) of
     what never became a command (counted as rejected); `lost`: of commands RabbitMQ did not take
-    (counted as no answer); both named in the summary."""
+    (counted as no answer); both named in the summary. `watched`: jobs joined, not asked for
+    (nothing to answer; some may have ended already)."""
     console = console or Console()
     err = Console(stderr=True, highlight=False, soft_wrap=True)  # (a reason is one line, however long)
     by_id = {job.job_id: job for job in jobs} | {job.request_id: job for job in jobs if job.request_id}
-    left = len(jobs)
+    left = sum(1 for job in jobs if not job.ended)
     board = _Board(jobs, title, console)
     plain = not as_json and not console.is_terminal
     width = max(len(job.label) for job in jobs)
@@ -319,34 +329,35 @@ async def follow_wave(client: BusClient, queue: AbstractQueue, jobs: Sequence[Wa
                       markup=False)
 
     live: Live | None = None
-    watchdog = asyncio.create_task(no_answer_yet())
+    watchdog = asyncio.create_task(no_answer_yet() if not watched else asyncio.sleep(0))
     try:
         async with asyncio.timeout(timeout), aclosing(client.events(queue, until_terminal=False)) as events:
             if not as_json and not plain:
                 live = Live(board, console=console, refresh_per_second=4, transient=False)
                 live.start()
-            async for event in events:
-                job = by_id.get(str(event.job_id))
-                if job is None or job.ended:
-                    continue
-                job.see(event)
-                if as_json:
-                    sys.stdout.write(event.model_dump_json() + "\n")
-                    sys.stdout.flush()
-                elif plain:
-                    for line in note(job, event):
-                        console.print(f"{job.label:<{width}}  {line}", highlight=False, markup=False, soft_wrap=True)
-                elif event.type == "RollbackFailed":
-                    console.print(Text(f"       {job.label}: rollback failed; an operator must still: "
-                                       + "; ".join(job.manual), style="red"))
-                elif job.ended:
-                    ok = outcome(job.last) == 0
-                    console.print(Text(("done   " if ok else "ENDED  ") + _end_line(job),
-                                       style="green" if ok else "red"))
-                if job.ended:
-                    left -= 1
-                    if not left:
-                        break
+            if left:  # (else every job watched has ended already)
+                async for event in events:
+                    job = by_id.get(str(event.job_id))
+                    if job is None or job.ended:
+                        continue
+                    job.see(event)
+                    if as_json:
+                        sys.stdout.write(event.model_dump_json() + "\n")
+                        sys.stdout.flush()
+                    elif plain:
+                        for line in note(job, event):
+                            console.print(f"{job.label:<{width}}  {line}", highlight=False, markup=False, soft_wrap=True)
+                    elif event.type == "RollbackFailed":
+                        console.print(Text(f"       {job.label}: rollback failed; an operator must still: "
+                                           + "; ".join(job.manual), style="red"))
+                    elif job.ended:
+                        ok = outcome(job.last) == 0
+                        console.print(Text(("done   " if ok else "ENDED  ") + _end_line(job),
+                                           style="green" if ok else "red"))
+                    if job.ended:
+                        left -= 1
+                        if not left:
+                            break
     except TimeoutError:
         pass
     finally:
@@ -354,12 +365,13 @@ async def follow_wave(client: BusClient, queue: AbstractQueue, jobs: Sequence[Wa
         if live is not None:
             live.stop()
     codes = [outcome(job.last) if job.ended else EXIT["no_answer"] for job in jobs]
-    _wave_summary(jobs, codes, [*refused, *lost], console if not as_json else None, err, timeout, success)
+    _wave_summary(jobs, codes, [*refused, *lost], console if not as_json else None, err, timeout, success, watched)
     return wave_exit_code([*codes, *(EXIT["rejected"] for _ in refused), *(EXIT["no_answer"] for _ in lost)])
 
 
 def _wave_summary(jobs: Sequence[WaveJob], codes: Sequence[int], refused: Sequence[tuple[str, str]],
-                  console: Console | None, err: Console, timeout: float, success: str = "completed") -> None:
+                  console: Console | None, err: Console, timeout: float, success: str = "completed",
+                  watched: bool = False) -> None:
     """The wave's end: each job that did not end as asked (and each item refused before the
     wave) on stderr with its reason and what to do; "all completed" on stdout (`console`) otherwise."""
     done = sum(1 for code in codes if code == 0)
@@ -373,7 +385,8 @@ def _wave_summary(jobs: Sequence[WaveJob], codes: Sequence[int], refused: Sequen
     for job, code in zip(jobs, codes, strict=True):
         if code == 0:
             continue
-        note = job.recorded[1] if job.recorded is not None else None
+        # the service's note on a cancel it recorded (one of a job rolling back already)
+        note = job.recorded[1] if job.recorded is not None and not job.recorded[0].startswith("rejected_") else None
         if job.ended:
             err.print(f"  {_end_line(job)}", markup=False)
             if job.manual:
@@ -386,11 +399,11 @@ def _wave_summary(jobs: Sequence[WaveJob], codes: Sequence[int], refused: Sequen
                     f"; undo a test failover with: failoverctl cleanup {job.job_id}"
                     if job.last.job_type == "test-failover" else ""), markup=False)
         elif job.recorded is not None and not job.recorded[0].startswith("rejected_"):
-            err.print(f"  {job.label} ({job.job_id}): its {getattr(job.command, 'type', 'command')} was recorded; "
-                      f"no end within "
-                      f"{timeout:g} s: the job acts on it at its next safe point (failoverctl watch {job.job_id})"
+            what = getattr(job.command, "type", "command")
+            err.print(f"  {job.label} ({job.job_id}): its {what} was recorded; no end within {timeout:g} s: the "
+                      f"job acts on it at its next safe point (failoverctl watch {job.job_id})"
                       + (f"; note: {note}" if note else ""), markup=False)
-        elif job.first is not None:
+        elif job.first is not None or watched:
             err.print(f"  {job.label} ({job.job_id}): no end within {timeout:g} s; it goes on "
                       f"(failoverctl watch {job.job_id})", markup=False)
         else:

@@ -507,12 +507,14 @@ async def test_a_wave_without_follow_answers_each_and_bad_lists_publish_nothing(
     assert lines[2]["reason"] == "not_found" and f"{unknown}: job {lines[2]['job_id']}: rejected (not_found)" \
         in answered.err
     ids = [line["job_id"] for line in lines[:2]]
-
-    async def ended(job_id: str) -> bool:
-        return (await failover_row(db, job_id)).status == "completed"
-
-    for job_id in ids:
-        await wait_until(lambda job_id=job_id: ended(job_id), 60, f"test failover {job_id} to complete")
+    # the wave, watched by its VMs to its end: each job from wherever it is (ended already, or not)
+    watched = await ctl("watch", "--vm", a.vm_id, "--vm", b.vm_id, "--vm", unknown, "--json")
+    assert watched.code == 3, watched.out + watched.err  # both completed; the unknown VM has no job
+    assert f"{unknown}: the VM has no job" in watched.err
+    ends = {e["job_id"]: e["type"] for e in watched.json_lines() if e["type"] in ("JobCompleted", "JobFailed")}
+    assert ends == dict.fromkeys(ids, "JobCompleted")
+    again = await ctl("watch", *ids)  # all ended already: at once
+    assert again.code == 0 and "all 2 jobs completed" in again.out, again.out + again.err
     undo = await ctl("cleanup", *ids)
     assert undo.code == 0, undo.err
     assert undo.out.count("accepted: ") == 2 and "2 of 2 accepted" in undo.out
