@@ -413,8 +413,10 @@ async def _signal_answers(client: Any, queue: Any, wanted: dict[str, str], start
     by_job = {job_id: rid for rid, job_id in wanted.items()}
     news = asyncio.Event()
 
-    def got(rid: str, answer: tuple[str, str | None, str | None]) -> None:
-        if rid not in out or (answer[0] == out[rid][0] and answer[2] and not out[rid][2]):  # (the note, later)
+    def got(rid: str, answer: tuple[str, str | None, str | None], *, record: bool = False) -> None:
+        # the service's record of the command always wins: a job's RollbackStarted on the bus may
+        # have another cause (its own failed step, another client's retry) than this command
+        if rid not in out or record:
             out[rid] = answer
             news.set()
 
@@ -438,7 +440,7 @@ async def _signal_answers(client: Any, queue: Any, wanted: dict[str, str], start
                     recorded.add(rid)
                     outcome = record["outcome"]
                     got(rid, ("rejected", outcome.removeprefix("rejected_"), record["detail"])
-                        if outcome.startswith("rejected_") else ("accepted", None, record["detail"]))
+                        if outcome.startswith("rejected_") else ("accepted", None, record["detail"]), record=True)
                 await asyncio.sleep(0.2)  # the service records a command within milliseconds
 
     bus, database = asyncio.create_task(on_bus()), asyncio.create_task(in_database())
@@ -456,7 +458,6 @@ async def _signal_answers(client: Any, queue: Any, wanted: dict[str, str], start
             task.cancel()
         await asyncio.gather(bus, database, return_exceptions=True)
     return out
-
 
 
 async def _new_job(command: Any, *, follow: bool, as_json: bool, timeout: float) -> int:
@@ -584,11 +585,13 @@ async def _wave(jobs: list[Any], *, title: str, follow: bool, as_json: bool, tim
                 async with asyncio.timeout(PUBLISH_SECONDS):
                     await publish_all(client, jobs, queue, _not_taken)
             except TimeoutError:
-                sent = sum(1 for job in jobs if job.published)
-                raise Exit(NO_ANSWER, f"RabbitMQ did not confirm the commands within {PUBLISH_SECONDS:g} s ({sent} "
-                                      f"of {len(jobs)} confirmed): a memory or disk alarm blocks publishers "
-                                      "(rabbitmqctl status; its log). Those confirmed go ahead; send the others "
-                                      "again once it is resolved") from None
+                sent = [job for job in jobs if job.published]
+                for job in sent:
+                    click.echo(f"confirmed: {job.label} {job.job_id}", err=True)
+                raise Exit(NO_ANSWER, f"RabbitMQ did not confirm the commands within {PUBLISH_SECONDS:g} s ({len(sent)} "
+                                      f"of {len(jobs)} confirmed, listed above): a memory or disk alarm blocks "
+                                      "publishers (rabbitmqctl status; its log). Those confirmed go ahead; send the "
+                                      "others again once it is resolved") from None
             taken = [job for job in jobs if job.not_taken is None]
             lost = [(job.label, str(job.not_taken)) for job in jobs if job.not_taken is not None]
             if not taken:
@@ -923,7 +926,7 @@ def watch(job_ids: tuple[uuid.UUID, ...], vms: tuple[str, ...], vms_file: str | 
         from adapters.bus import EVENTS_EXCHANGE
 
         from .reads import newest_jobs
-        from .wave import WaveJob, follow_wave
+        from .wave import WaveJob, end_line, follow_wave
 
         labels = {str(j): f"job {j}" for j in job_ids}
         refused: list[tuple[str, str]] = []
@@ -943,15 +946,23 @@ def watch(job_ids: tuple[uuid.UUID, ...], vms: tuple[str, ...], vms_file: str | 
                     await queue.bind(EVENTS_EXCHANGE, routing_key=f"job.{jid}.#")  # first: nothing is missed
                     detail = await _read(job_detail(engine, jid))
                     if detail is None:
-                        refused.append((label, f"no job {jid} (the read model and the service know none)"))
+                        refused.append((label, f"no job {jid} (the read model and the service know none): check the "
+                                               "id; failoverctl jobs lists the recent ones"))
                         continue
                     job = WaveJob(job_id=jid, label=label, command=None)
                     job.seed(detail)
                     ends = await _read(job_events(engine, jid, _ENDINGS))
-                    if ends and ends[-1]["type"] != "RollbackStarted":  # ended already
+                    if ends:  # ended already; or rolling back (a retry of its rollback, too)
                         job.see(parse_event(json.dumps(ends[-1]).encode()))
+                    if job.ended:
                         if as_json:
                             _json(ends[-1])
+                        else:  # (when: the newest job of a VM may be an older one than the wave's)
+                            when = detail["job"].get("completed_at") or ends[-1].get("occurred_at") or "?"
+                            line = f"ended already ({str(when)[:19]} UTC): {end_line(job)}"
+                            if job.manual:
+                                line += f"; an operator must still: {'; '.join(job.manual)}"
+                            console.print(line, highlight=False, markup=False, soft_wrap=True)
                     jobs.append(job)
             if not jobs:
                 for label, why in refused:

@@ -37,11 +37,13 @@ from schemas.events import Event
 from .client import BusClient
 from .progress import EXIT, exit_code, summary
 
-__all__ = ["WaveInputError", "WaveJob", "answers", "follow_wave", "publish_all", "read_ids", "wave_exit_code"]
+__all__ = ["WaveInputError", "WaveJob", "answers", "end_line", "follow_wave", "publish_all", "read_ids",
+           "wave_exit_code"]
 
 PUBLISH_AT_ONCE = 32  # commands (each with its binding) in flight on the connection at once
 ANSWER_SECONDS = 30.0  # no answer from any job this long: say once that serve may not be running
 _ENDS = ("JobCompleted", "JobFailed", "JobCancelled", "JobRejected")
+_ROLLBACK_STEPS = ("rolling_back", "rolled_back", "rollback_failed")
 _ORDER = (EXIT["failed"], EXIT["cancelled"], EXIT["rejected"], EXIT["no_answer"])
 
 
@@ -74,7 +76,7 @@ def read_ids(given: Sequence[str], path: str | None, what: str, *, given_as: str
             first, at = seen[value.casefold()]
             raise WaveInputError(f"{what} {value} is given twice ({at}" + (f", as {first}," if first != value else "")
                                  + f" and {where}): a wave has one job each; remove one and run again (nothing "
-                                 "was published)")
+                                 "was done)")
         seen[value.casefold()] = (value, where)
     if not seen:
         how = "as arguments" if given_as == "argument" else f"with {given_as} {what.upper()}_ID"
@@ -122,15 +124,21 @@ class WaveJob:
         job = detail["job"]
         self.label = job.get("vm_name") or self.label
         self.percent = job.get("percent_complete") or 0
-        if job.get("current_step"):
-            self.step = job["current_step"]
-            self.step_order = next((s["step_order"] for s in detail["steps"] if s["step_name"] == self.step), 0)
-            self.total_steps = len(detail["steps"])
         self.state = {"running": "running", "pending": "waiting"}.get(job.get("status"), self.state)
-        if job.get("started_at"):
-            began = datetime.fromisoformat(job["started_at"])
-            self.started = time.monotonic() - (datetime.now(UTC) - (began if began.tzinfo else
-                                                                   began.replace(tzinfo=UTC))).total_seconds()
+        current = job.get("current_step")
+        if current in _ROLLBACK_STEPS:  # (the read model's step while a job rolls back)
+            self.state = "rolling back"
+        elif current:
+            self.step = current
+            self.step_order = next((s["step_order"] for s in detail["steps"] if s["step_name"] == current), 0)
+            self.total_steps = len(detail["steps"])
+        self.manual = [f"{a['action']} {a['resource_type']} {a['resource_id']}"
+                       + (f" ({a['detail']})" if a.get("detail") else "") for a in detail.get("manual_actions") or []]
+        began = min((s["started_at"] for s in detail["steps"] if s.get("started_at")), default=None)
+        if began:  # (its first step's start: the wait for its turn is not its run)
+            at = datetime.fromisoformat(began)
+            ran = (datetime.now(UTC) - (at if at.tzinfo else at.replace(tzinfo=UTC))).total_seconds()
+            self.started = time.monotonic() - max(0.0, ran)
 
     def see(self, event: Event) -> None:
         d: dict[str, Any] = event.model_dump(mode="json")
@@ -276,12 +284,12 @@ def _outcome(job: WaveJob) -> str:
     return f"completed in {d['duration_seconds']:.1f} s{made}"
 
 
-def _end_line(job: WaveJob) -> str:
+def end_line(job: WaveJob) -> str:
     return f"{job.label} ({job.job_id}): {_outcome(job)}"
 
 
 def _clock(seconds: float) -> str:
-    s = int(seconds)
+    s = max(0, int(seconds))  # (another machine's clock may run ahead)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
@@ -325,7 +333,9 @@ async def follow_wave(client: BusClient, queue: AbstractQueue, jobs: Sequence[Wa
         await asyncio.sleep(wait)
         if not any(job.first is not None or job.recorded is not None for job in jobs):
             err.print(f"no answer from the service for any of the {len(jobs)} jobs after {wait:g} s: is "
-                      "`failoverctl serve` running? (still waiting; the commands wait in RabbitMQ for it)",
+                      "`failoverctl serve` running? (still waiting; the commands wait in RabbitMQ for it"
+                      + ("; a cancel shows in its job's events only at the job's next safe point, and without "
+                         "the database nothing confirms it sooner)" if any(j.request_id for j in jobs) else ")"),
                       markup=False)
 
     live: Live | None = None
@@ -352,7 +362,7 @@ async def follow_wave(client: BusClient, queue: AbstractQueue, jobs: Sequence[Wa
                                            + "; ".join(job.manual), style="red"))
                     elif job.ended:
                         ok = outcome(job.last) == 0
-                        console.print(Text(("done   " if ok else "ENDED  ") + _end_line(job),
+                        console.print(Text(("done   " if ok else "ENDED  ") + end_line(job),
                                            style="green" if ok else "red"))
                     if job.ended:
                         left -= 1
@@ -388,7 +398,7 @@ def _wave_summary(jobs: Sequence[WaveJob], codes: Sequence[int], refused: Sequen
         # the service's note on a cancel it recorded (one of a job rolling back already)
         note = job.recorded[1] if job.recorded is not None and not job.recorded[0].startswith("rejected_") else None
         if job.ended:
-            err.print(f"  {_end_line(job)}", markup=False)
+            err.print(f"  {end_line(job)}", markup=False)
             if job.manual:
                 err.print(f"    an operator must still: {'; '.join(job.manual)}; then: failoverctl rollback "
                           f"{job.job_id} (failoverctl show {job.job_id} has the details)", markup=False)

@@ -66,7 +66,7 @@ def test_long_names_are_cut_in_the_middle_where_alike_names_still_differ() -> No
 def _board_lines(width: int, height: int) -> list[str]:
     jobs = []
     for n in range(500):
-        job = WaveJob(job_id=str(n), label=f"production-web-frontend-cluster-node-{n:04d}", command=None)  # type: ignore[arg-type]
+        job = WaveJob(job_id=str(n), label=f"production-web-frontend-cluster-node-{n:04d}", command=None)
         job.state = ("running", "rolling back", "waiting", "JobCompleted")[n % 4]
         job.last = None
         job.step, job.step_order, job.total_steps, job.percent = "volume-attachment", 5, 6, 67
@@ -87,3 +87,25 @@ def test_the_board_fits_the_terminal_and_keeps_names_and_times_readable(width: i
     assert all("0:01:1" in row for row in rows)  # how long, not cut away
     assert rows[0].split()[0].endswith("ode-0001")  # the name's distinct end, kept
     assert lines[-1].startswith(f"... and {250 - len(rows)} more running")
+
+
+def test_a_watched_job_is_seeded_from_the_read_model() -> None:
+    steps = [{"step_name": name, "step_order": n, "started_at": "2026-12-08T01:00:00+00:00" if n < 3 else None}
+             for n, name in enumerate(["pre-failover-validation", "cloudstack-snapshot", "virtio-driver-injection",
+                                       "vm-creation", "volume-attachment", "vm-startup-validation"], 1)]
+    running = WaveJob(job_id="j1", label="vm-1", command=None)
+    running.seed({"job": {"vm_name": "web 1", "percent_complete": 33, "status": "running",
+                          "current_step": "virtio-driver-injection"}, "steps": steps, "manual_actions": []})
+    assert (running.label, running.state, running.step, running.step_order, running.total_steps, running.percent) == (
+        "web 1", "running", "virtio-driver-injection", 3, 6, 33)
+    assert running.started is not None and time.monotonic() - running.started > 3600  # since its first step
+    rolling = WaveJob(job_id="j2", label="vm-2", command=None)
+    rolling.seed({"job": {"vm_name": None, "percent_complete": 50, "status": "running", "current_step": "rolling_back"},
+                  "steps": steps, "manual_actions": [{"action": "delete", "resource_type": "snapshot",
+                                                      "resource_id": "s-1", "detail": None}]})
+    assert (rolling.label, rolling.state, rolling.step) == ("vm-2", "rolling back", "")  # not a step named so
+    assert rolling.manual == ["delete snapshot s-1"]
+    pending = WaveJob(job_id="j3", label="vm-3", command=None)  # accepted, not projected yet (a synthetic row)
+    pending.seed({"job": {"id": "j3", "job_type": None, "status": "pending", "percent_complete": 0, "vm_id": "vm-3",
+                          "vm_name": "db 3", "current_step": None}, "steps": [], "manual_actions": []})
+    assert (pending.label, pending.state, pending.started) == ("db 3", "waiting", None)
