@@ -747,8 +747,7 @@ def cleanup(job_ids: tuple[uuid.UUID, ...], vms: tuple[str, ...], vms_file: str 
 
     async def go() -> int:
         found, missing = await _resolve_cleanups(vm_ids) if by_vm else ([], [])
-        labels = {str(j): f"failover {j}" for j in job_ids}
-        labels.update({job: vm for vm, job in found if job not in labels})  # (a failover named twice: once)
+        labels, vm_of = _targets(job_ids, found, "failover")
         commands = [CleanupRequested(request_id=uuid.uuid4(), failover_job_id=uuid.UUID(p), requested_by=requested_by)
                     for p in labels]
         if not commands:
@@ -757,7 +756,6 @@ def cleanup(job_ids: tuple[uuid.UUID, ...], vms: tuple[str, ...], vms_file: str 
             return REJECTED
         if len(commands) == 1 and not by_vm:
             return await _new_job(commands[0], follow=follow, as_json=as_json, timeout=timeout)
-        vm_of = {job: vm for vm, job in found}
         jobs = [WaveJob(job_id=str(c.request_id), label=labels[str(c.failover_job_id)], command=c,
                         vm_id=vm_of.get(str(c.failover_job_id))) for c in commands]
         return await _wave(jobs, title=f"cleanup of {_count(len(jobs), 'test failover')}", follow=follow,
@@ -799,6 +797,15 @@ async def _resolve_running(vm_ids: list[str]) -> tuple[list[tuple[str, str]], li
     return found, missing
 
 
+def _targets(job_ids: tuple[uuid.UUID, ...], found: list[tuple[str, str]], what: str
+             ) -> tuple[dict[str, str], dict[str, str]]:
+    """The jobs a wave acts on, given by id and found by VM (one named both ways: once): job id ->
+    its label (`what JOB_ID`, or the VM it was found by); and job id -> that VM."""
+    labels = {str(j): f"{what} {j}" for j in job_ids}
+    labels.update({job: vm for vm, job in found if job not in labels})
+    return labels, {job: vm for vm, job in found}
+
+
 def _count(n: int, what: str) -> str:
     return f"{n} {what}" + ("" if n == 1 else "s")
 
@@ -838,13 +845,11 @@ def cancel(job_ids: tuple[uuid.UUID, ...], vms: tuple[str, ...], vms_file: str |
                                      follow=follow, as_json=as_json, timeout=timeout,
                                      started=("RollbackStarted", "JobCancelled"), succeeded=lambda last: cancelled(last) == OK)
         found, missing = await _resolve_running(vm_ids) if by_vm else ([], [])
-        labels = {str(j): f"job {j}" for j in job_ids}
-        labels.update({job: vm for vm, job in found if job not in labels})  # (a job named twice: once)
+        labels, vm_of = _targets(job_ids, found, "job")
         if not labels:
             for vm_id, why in missing:
                 click.echo(f"{vm_id}: {why}", err=True)
             return REJECTED
-        vm_of = {job: vm for vm, job in found}
         jobs = []
         for job_id, label in labels.items():
             cmd = CancelRequested(request_id=uuid.uuid4(), job_id=uuid.UUID(job_id))

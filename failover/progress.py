@@ -22,7 +22,7 @@ from schemas.events import Event
 
 from .client import BusClient
 
-__all__ = ["EXIT", "exit_code", "follow", "summary"]
+__all__ = ["EXIT", "action_text", "exit_code", "follow", "summary"]
 
 EXIT = {"completed": 0, "failed": 1, "cancelled": 2, "rejected": 3, "no_answer": 4, "bad_settings": 5}
 
@@ -53,9 +53,14 @@ def summary(event: Event) -> str:
     return event.type
 
 
-def _action(action: dict[str, Any]) -> str:
+def action_text(action: dict[str, Any]) -> str:
+    """A ledger action (of RollbackStarted / RollbackFailed) in one plain line."""
     text = f"{action['action']} {action['resource_type']} {action['resource_id']}"
-    return escape(text + (f" ({action['detail']})" if action.get("detail") else ""))
+    return text + (f" ({action['detail']})" if action.get("detail") else "")
+
+
+def _action(action: dict[str, Any]) -> str:
+    return escape(action_text(action))
 
 
 class _View:

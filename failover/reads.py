@@ -51,6 +51,11 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     return round(max(0.0, (end - start).total_seconds()), 3)
 
 
+def _chunks(ids: list[str], size: int = 500) -> list[list[str]]:
+    """`ids` in lists short enough for one `IN (...)` each."""
+    return [ids[at:at + size] for at in range(0, len(ids), size)]
+
+
 def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)  # the columns hold naive UTC
 
@@ -161,10 +166,10 @@ async def holders(engine: AsyncEngine, vm_ids: list[str]) -> dict[str, dict[str,
     holds are left out."""
     out: dict[str, dict[str, Any]] = {}
     async with engine.connect() as conn:
-        for at in range(0, len(vm_ids), 500):
+        for chunk in _chunks(vm_ids):
             rows = (await conn.execute(select(
                 failover_jobs.c.active_vm_id, failover_jobs.c.job_id, failover_jobs.c.job_type,
-                failover_jobs.c.status).where(failover_jobs.c.active_vm_id.in_(vm_ids[at:at + 500])))).all()
+                failover_jobs.c.status).where(failover_jobs.c.active_vm_id.in_(chunk)))).all()
             for r in rows:
                 out[r.active_vm_id.casefold()] = {"job_id": r.job_id, "job_type": r.job_type, "status": r.status}
     return out
@@ -175,10 +180,10 @@ async def running_jobs(engine: AsyncEngine, vm_ids: list[str]) -> dict[str, dict
     VMs with none are left out."""
     out: dict[str, dict[str, Any]] = {}
     async with engine.connect() as conn:
-        for at in range(0, len(vm_ids), 500):
+        for chunk in _chunks(vm_ids):
             rows = (await conn.execute(select(
                 failover_jobs.c.vm_id, failover_jobs.c.job_id, failover_jobs.c.job_type, failover_jobs.c.status)
-                .where(failover_jobs.c.vm_id.in_(vm_ids[at:at + 500]), failover_jobs.c.ended.is_(False)))).all()
+                .where(failover_jobs.c.vm_id.in_(chunk), failover_jobs.c.ended.is_(False)))).all()
             for r in rows:
                 out[r.vm_id.casefold()] = {"job_id": r.job_id, "job_type": r.job_type, "status": r.status}
     return out
@@ -188,9 +193,9 @@ async def command_outcomes(engine: AsyncEngine, request_ids: list[str]) -> dict[
     """How the service answered each of these commands, for those it has (`command_outcome`)."""
     out: dict[str, dict[str, Any]] = {}
     async with engine.connect() as conn:
-        for at in range(0, len(request_ids), 500):
+        for chunk in _chunks(request_ids):
             rows = (await conn.execute(select(job_commands.c.request_id, job_commands.c.outcome, job_commands.c.detail)
-                                       .where(job_commands.c.request_id.in_(request_ids[at:at + 500]),
+                                       .where(job_commands.c.request_id.in_(chunk),
                                               job_commands.c.outcome != "received"))).all()
             out.update({r.request_id: {"outcome": r.outcome, "detail": r.detail} for r in rows})
     return out
@@ -200,9 +205,9 @@ async def newest_jobs(engine: AsyncEngine, vm_ids: list[str]) -> dict[str, str]:
     """The newest job of each of these VMs (a failover or a cleanup), by the VM id casefolded."""
     out: dict[str, str] = {}
     async with engine.connect() as conn:
-        for at in range(0, len(vm_ids), 500):
+        for chunk in _chunks(vm_ids):
             rows = (await conn.execute(select(failover_jobs.c.vm_id, failover_jobs.c.job_id)
-                                       .where(failover_jobs.c.vm_id.in_(vm_ids[at:at + 500]))
+                                       .where(failover_jobs.c.vm_id.in_(chunk))
                                        .order_by(failover_jobs.c.created_at.desc(), failover_jobs.c.job_id))).all()
             for r in rows:
                 out.setdefault(r.vm_id.casefold(), r.job_id)

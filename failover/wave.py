@@ -34,15 +34,14 @@ from rich.text import Text
 
 from schemas.events import Event
 
-from .client import BusClient
-from .progress import EXIT, exit_code, summary
+from .client import TERMINAL, BusClient
+from .progress import EXIT, action_text, exit_code, summary
 
 __all__ = ["WaveInputError", "WaveJob", "answers", "end_line", "follow_wave", "publish_all", "read_ids",
            "wave_exit_code"]
 
 PUBLISH_AT_ONCE = 32  # commands (each with its binding) in flight on the connection at once
 ANSWER_SECONDS = 30.0  # no answer from any job this long: say once that serve may not be running
-_ENDS = ("JobCompleted", "JobFailed", "JobCancelled", "JobRejected")
 _ROLLBACK_STEPS = ("rolling_back", "rolled_back", "rollback_failed")
 _ORDER = (EXIT["failed"], EXIT["cancelled"], EXIT["rejected"], EXIT["no_answer"])
 
@@ -117,7 +116,7 @@ class WaveJob:
 
     @property
     def ended(self) -> bool:
-        return self.last is not None and self.last.type in _ENDS
+        return self.last is not None and self.last.type in TERMINAL
 
     def seed(self, detail: dict[str, Any]) -> None:
         """Start from the read model (`reads.job_detail`) of a job joined while it runs."""
@@ -132,8 +131,7 @@ class WaveJob:
             self.step = current
             self.step_order = next((s["step_order"] for s in detail["steps"] if s["step_name"] == current), 0)
             self.total_steps = len(detail["steps"])
-        self.manual = [f"{a['action']} {a['resource_type']} {a['resource_id']}"
-                       + (f" ({a['detail']})" if a.get("detail") else "") for a in detail.get("manual_actions") or []]
+        self.manual = [action_text(a) for a in detail.get("manual_actions") or []]
         began = min((s["started_at"] for s in detail["steps"] if s.get("started_at")), default=None)
         if began:  # (its first step's start: the wait for its turn is not its run)
             at = datetime.fromisoformat(began)
@@ -156,11 +154,10 @@ class WaveJob:
         elif event.type == "RollbackStarted":
             self.state = "rolling back"
         elif event.type == "RollbackFailed":
-            self.manual = [f"{a['action']} {a['resource_type']} {a['resource_id']}"
-                           + (f" ({a['detail']})" if a.get("detail") else "") for a in d["manual_actions"]]
+            self.manual = [action_text(a) for a in d["manual_actions"]]
         elif event.type == "RollbackCompleted":
             self.manual = []
-        if event.type in _ENDS:
+        if event.type in TERMINAL:
             self.state = event.type
         self.last = event
 
@@ -324,7 +321,7 @@ async def follow_wave(client: BusClient, queue: AbstractQueue, jobs: Sequence[Wa
         if event.type == "RollbackFailed":
             return [f"rollback failed: {d['error']['code']}: {d['error']['message']}; an operator must still:",
                     *(f"  - {line}" for line in job.manual)]
-        if event.type in _ENDS:
+        if event.type in TERMINAL:
             return [_outcome(job)]
         return []
 
@@ -339,7 +336,7 @@ async def follow_wave(client: BusClient, queue: AbstractQueue, jobs: Sequence[Wa
                       markup=False)
 
     live: Live | None = None
-    watchdog = asyncio.create_task(no_answer_yet() if not watched else asyncio.sleep(0))
+    watchdog = None if watched else asyncio.create_task(no_answer_yet())  # (watched: nothing to answer)
     try:
         async with asyncio.timeout(timeout), aclosing(client.events(queue, until_terminal=False)) as events:
             if not as_json and not plain:
@@ -371,7 +368,8 @@ async def follow_wave(client: BusClient, queue: AbstractQueue, jobs: Sequence[Wa
     except TimeoutError:
         pass
     finally:
-        watchdog.cancel()
+        if watchdog is not None:
+            watchdog.cancel()
         if live is not None:
             live.stop()
     codes = [outcome(job.last) if job.ended else EXIT["no_answer"] for job in jobs]
