@@ -877,9 +877,6 @@ def rollback(job_id: uuid.UUID, follow: bool, as_json: bool, timeout: float) -> 
                      succeeded=lambda last: last.type == "JobFailed" and last.rolled_back))
 
 
-_ENDINGS = ("RollbackStarted", "JobCompleted", "JobFailed", "JobCancelled")  # (a retried rollback reopens a job)
-
-
 @main.command()
 @click.argument("job_ids", nargs=-1, type=click.UUID, metavar="[JOB_ID]...")
 @click.option("--vm", "vms", multiple=True, metavar="VM_ID", help="The newest job of this VM; repeatable.")
@@ -898,7 +895,7 @@ def watch(job_ids: tuple[uuid.UUID, ...], vms: tuple[str, ...], vms_file: str | 
 
     from .progress import exit_code, summary
     from .progress import follow as follow_events
-    from .reads import job_detail, job_events
+    from .reads import job_detail, job_details
 
     if not (job_ids or vms or vms_file):
         raise click.UsageError("give the jobs to watch: JOB_ID ..., --vm VM_ID or --vms-file FILE")
@@ -910,10 +907,10 @@ def watch(job_ids: tuple[uuid.UUID, ...], vms: tuple[str, ...], vms_file: str | 
             queue = await client.bind(f"job.{jid}.#")  # first: what happens from now on is not missed
             async with _db() as engine:
                 detail = await _read(job_detail(engine, jid), required=False)
-                ends = await _read(job_events(engine, jid, _ENDINGS), required=False)
             if detail is None:
                 raise Exit(REJECTED, f"no job {jid} (the read model and the service know none)")
-            if detail is not _UNREADABLE and ends is not _UNREADABLE and ends and ends[-1]["type"] != "RollbackStarted":
+            ends = [] if detail is _UNREADABLE else detail["ends"]
+            if ends and ends[-1]["type"] != "RollbackStarted":
                 last = parse_event(json.dumps(ends[-1]).encode())
                 if as_json:
                     _json(ends[-1])
@@ -945,30 +942,30 @@ def watch(job_ids: tuple[uuid.UUID, ...], vms: tuple[str, ...], vms_file: str | 
                     refused.append((vm_id, "the VM has no job (check the id; failoverctl jobs lists the recent ones)"))
         async with _bus() as client:
             queue = await client.private_queue()
-            jobs = []
+            for jid in labels:  # first: what happens from now on is not missed
+                await queue.bind(EVENTS_EXCHANGE, routing_key=f"job.{jid}.#")
             async with _db() as engine:
-                for jid, label in labels.items():
-                    await queue.bind(EVENTS_EXCHANGE, routing_key=f"job.{jid}.#")  # first: nothing is missed
-                    detail = await _read(job_detail(engine, jid))
-                    if detail is None:
-                        refused.append((label, f"no job {jid} (the read model and the service know none): check the "
-                                               "id; failoverctl jobs lists the recent ones"))
-                        continue
-                    job = WaveJob(job_id=jid, label=label, command=None)
-                    job.seed(detail)
-                    ends = await _read(job_events(engine, jid, _ENDINGS))
-                    if ends:  # ended already; or rolling back (a retry of its rollback, too)
-                        job.see(parse_event(json.dumps(ends[-1]).encode()))
-                    if job.ended:
-                        if as_json:
-                            _json(ends[-1])
-                        else:  # (when: the newest job of a VM may be an older one than the wave's)
-                            when = detail["job"].get("completed_at") or ends[-1].get("occurred_at") or "?"
-                            line = f"ended already ({str(when)[:19]} UTC): {end_line(job)}"
-                            if job.manual:
-                                line += f"; an operator must still: {'; '.join(job.manual)}"
-                            console.print(line, highlight=False, markup=False, soft_wrap=True)
-                    jobs.append(job)
+                details = await _read(job_details(engine, list(labels)))
+            jobs = []
+            for jid, label in labels.items():
+                if (detail := details.get(jid)) is None:
+                    refused.append((label, f"no job {jid} (the read model and the service know none): check the "
+                                           "id; failoverctl jobs lists the recent ones"))
+                    continue
+                job = WaveJob(job_id=jid, label=label, command=None)
+                job.seed(detail)
+                if ends := detail["ends"]:  # ended already; or rolling back (a retry of its rollback, too)
+                    job.see(parse_event(json.dumps(ends[-1]).encode()))
+                if job.ended:
+                    if as_json:
+                        _json(ends[-1])
+                    else:  # (when: the newest job of a VM may be an older one than the wave's)
+                        when = detail["job"].get("completed_at") or ends[-1].get("occurred_at") or "?"
+                        line = f"ended already ({str(when)[:19]} UTC): {end_line(job)}"
+                        if job.manual:
+                            line += f"; an operator must still: {'; '.join(job.manual)}"
+                        console.print(line, highlight=False, markup=False, soft_wrap=True)
+                jobs.append(job)
             if not jobs:
                 for label, why in refused:
                     click.echo(f"{label}: {why}", err=True)

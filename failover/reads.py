@@ -11,7 +11,6 @@ from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from adapters.db.engine import index_hint
-from adapters.db.store import LEDGER_OF_JOB
 from adapters.db.tables import (
     failover_jobs,
     job_commands,
@@ -19,9 +18,10 @@ from adapters.db.tables import (
     job_tracking,
     log_events,
     outbox,
+    resource_ledger,
 )
 
-__all__ = ["ENDED", "LEVELS", "command_outcome", "command_outcomes", "holders", "job_detail", "job_events", "job_logs",
+__all__ = ["ENDED", "LEVELS", "command_outcome", "command_outcomes", "holders", "job_detail", "job_details", "job_events", "job_logs",
            "newest_jobs", "recent_jobs", "running_jobs"]
 
 LEVELS = ["DEBUG", "INFO", "WARN", "ERROR"]
@@ -35,6 +35,8 @@ _FAILOVER_COLUMNS = ("job_id", "vm_id", "job_type", "status", "source_vm_name", 
 # the events that tell a job's outcome, errors and what is left to do
 _OUTCOME_EVENTS = ("StepFailed", "RollbackStarted", "RollbackCompleted", "RollbackFailed", "JobCompleted",
                    "JobFailed", "JobCancelled")
+# of them, those that end a job or reopen it (a retried rollback): the last tells whether it ended
+_ENDS = ("RollbackStarted", "JobCompleted", "JobFailed", "JobCancelled")
 
 
 def _iso(value: datetime) -> str:
@@ -96,23 +98,59 @@ async def job_detail(engine: AsyncEngine, job_id: str) -> dict[str, Any] | None:
     """Everything `show` prints: the job, its steps (with times), ledger, outputs and errors.
 
     None when neither the read model nor the service knows the job."""
+    return (await job_details(engine, [job_id])).get(job_id)
+
+
+def _of_jobs(table: Any, column: Any, ids: list[str], *order: Any) -> Select[Any]:
+    return select(table).where(column.in_(ids)).order_by(column, *order)
+
+
+def details_queries(ids: list[str]) -> dict[str, Select[Any]]:
+    """The reads of `job_details` for one chunk of jobs, each by the index that starts with the
+    job's id (tests/test_query_plans.py)."""
+    return {
+        "tracking": _of_jobs(job_tracking, job_tracking.c.id, ids),
+        "jobs": _of_jobs(failover_jobs, failover_jobs.c.job_id, ids),
+        "steps": _of_jobs(job_steps, job_steps.c.job_id, ids, job_steps.c.step_order),
+        "ledger": index_hint(_of_jobs(resource_ledger, resource_ledger.c.job_id, ids, resource_ledger.c.id),
+                             "FORCE INDEX (uq_ledger_job_key)", resource_ledger),
+        "events": select(outbox.c.job_id, outbox.c.body).where(
+            outbox.c.job_id.in_(ids), outbox.c.event_type.in_(_OUTCOME_EVENTS))
+        .order_by(outbox.c.job_id, outbox.c.sequence),
+    }
+
+
+async def job_details(engine: AsyncEngine, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """`job_detail` of each of these jobs, by its id, read a chunk of jobs at a time (five reads
+    for up to 500 jobs, where one by one takes six a job: a wave of hundreds watched at once);
+    jobs neither the read model nor the service knows are left out. Each also carries `ends`:
+    its RollbackStarted and end events, oldest first (the last tells whether it has ended)."""
+    out: dict[str, dict[str, Any]] = {}
     async with engine.connect() as conn:
-        tracking = (await conn.execute(select(job_tracking).where(job_tracking.c.id == job_id))).first()
-        job = (await conn.execute(select(failover_jobs).where(failover_jobs.c.job_id == job_id))).first()
-        if tracking is None and job is None:
-            return None
-        steps = (await conn.execute(select(job_steps).where(job_steps.c.job_id == job_id)
-                                    .order_by(job_steps.c.step_order))).all()
-        ledger = (await conn.execute(LEDGER_OF_JOB, {"job_id": job_id})).all()
+        for chunk in _chunks(list(dict.fromkeys(job_ids))):
+            rows: dict[str, dict[str, list[Any]]] = {}
+            for name, query in details_queries(chunk).items():
+                for row in (await conn.execute(query)).all():
+                    rows.setdefault(row.job_id if name != "tracking" else row.id, {}).setdefault(name, []).append(row)
+            for job_id in chunk:
+                found = rows.get(job_id, {})
+                if found.get("tracking") or found.get("jobs"):
+                    out[job_id] = _detail(job_id, found)
+    return out
+
+
+def _detail(job_id: str, found: dict[str, list[Any]]) -> dict[str, Any]:
+    tracking = (found.get("tracking") or [None])[0]
+    job = (found.get("jobs") or [None])[0]
     step_rows = []
-    for s in steps:
+    for s in found.get("steps", []):
         item = {k: v for k, v in _plain(s).items() if k not in ("id", "status_sequence")}
         item["duration_seconds"] = _seconds(s.started_at, s.completed_at)
         step_rows.append(item)
     failover = None
     if job is not None:
         failover = {k: v for k, v in _plain(job).items() if k in _FAILOVER_COLUMNS}
-    events = await job_events(engine, job_id, _OUTCOME_EVENTS)
+    events = [json.loads(r.body) for r in found.get("events", [])]
     outputs: dict[str, Any] = {}
     errors: list[dict[str, Any]] = []
     manual: list[dict[str, Any]] = []
@@ -135,8 +173,9 @@ async def job_detail(engine: AsyncEngine, job_id: str) -> dict[str, Any] | None:
             "vm_name": job.source_vm_name, "current_step": None, "error_message": job.error_message,
             "created_at": _iso(job.created_at), "completed_at": None}
     return {"job": job_row, "steps": step_rows, "failover_job": failover,
-            "ledger": [{k: v for k, v in _plain(e).items() if k != "id"} for e in ledger],
-            "outputs": outputs, "errors": errors, "manual_actions": manual}
+            "ledger": [{k: v for k, v in _plain(e).items() if k != "id"} for e in found.get("ledger", [])],
+            "outputs": outputs, "errors": errors, "manual_actions": manual,
+            "ends": [e for e in events if e["type"] in _ENDS]}
 
 
 async def job_logs(engine: AsyncEngine, job_id: str, *, level: str = "DEBUG", after: int = 0) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ from adapters.db.tables import (
     outbox,
     resource_ledger,
 )
-from failover.reads import job_detail, job_logs, recent_jobs
+from failover.reads import job_detail, job_details, job_logs, recent_jobs
 from tests.crash.support import database_of_its_own
 
 HISTORY = 2000  # finished jobs
@@ -182,5 +182,10 @@ async def test_an_operators_reads_touch_what_they_show(history: tuple[AsyncEngin
     touched, detail = await rows_touched(engine, lambda: job_detail(engine, "old-000042"))
     assert detail is not None and len(detail["steps"]) == STEPS and len(detail["ledger"]) == LEDGER
     assert touched < SLACK, f"showing one job read {touched} rows"
+    one = touched
+    wave = [f"old-{i:06d}" for i in range(100, 150)]  # `watch` of a wave: its jobs a chunk at a time
+    touched, details = await rows_touched(engine, lambda: job_details(engine, [*wave, "no-such-job"]))
+    assert sorted(details) == wave and all(len(d["ledger"]) == LEDGER for d in details.values())
+    assert touched <= (len(wave) + 1) * one, f"showing {len(wave)} jobs and an unknown one read {touched} rows, one alone {one}"
     touched, lines = await rows_touched(engine, lambda: job_logs(engine, live[0]))
     assert [line["message"] for line in lines] == ["started"] and touched < SLACK, touched

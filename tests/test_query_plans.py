@@ -34,7 +34,7 @@ from adapters.db.outbox import BACKLOG, _unsent
 from adapters.db.projections import _link_of
 from adapters.db.store import LEDGER_OF_JOB, JobStore
 from adapters.db.tables import failover_jobs, job_steps, log_events, outbox, resource_ledger
-from failover.reads import recent_jobs_query
+from failover.reads import details_queries, recent_jobs_query
 from tests.crash.support import database_of_its_own
 
 OWNER = "plans-test"
@@ -124,3 +124,13 @@ async def test_the_projector_links_a_batchs_lines_to_their_steps(fresh: AsyncEng
 async def test_failoverctl_list_by_the_creation_index(fresh: AsyncEngine) -> None:
     # the newest first: the creation index walked from its end, stopping at the LIMIT
     assert_by(await plan(fresh, recent_jobs_query(20)), ("job_tracking", "ix_job_tracking_created"), walk=True)
+
+
+async def test_a_waves_details_by_each_tables_job_index(fresh: AsyncEngine) -> None:
+    """`failoverctl watch` of hundreds of jobs reads them a chunk at a time (`job_details`)."""
+    queries = details_queries([JOB, "job-2", "job-3"])
+    assert_by(await plan(fresh, queries["tracking"]), ("job_tracking", "PRIMARY"))
+    assert_by(await plan(fresh, queries["jobs"]), ("failover_jobs", "job_id"))
+    assert_by(await plan(fresh, queries["steps"]), ("job_steps", "uq_job_steps_job_step"))
+    assert_by(await plan(fresh, queries["ledger"]), ("resource_ledger", "uq_ledger_job_key"))
+    assert_by(await plan(fresh, queries["events"]), ("outbox", "uq_outbox_job_sequence"))
