@@ -511,7 +511,13 @@ async def _signal_job(command: Any, job_id: str, *, follow: bool, as_json: bool,
         if follow:
             if not as_json:
                 console.print(f"published {command.type} {rid} for job {job_id}", highlight=False)
-            return await follow_events(client, queue, as_json=as_json, timeout=timeout, outcome=outcome)
+            noted = asyncio.create_task(_say_note(command, as_json))
+            try:
+                return await follow_events(client, queue, as_json=as_json, timeout=timeout, outcome=outcome,
+                                           console=console)
+            finally:
+                noted.cancel()
+                await asyncio.gather(noted, return_exceptions=True)
 
         answers = await _signal_answers(client, queue, {rid: job_id}, started, min(timeout, ANSWER_SECONDS))
         if rid not in answers:
@@ -519,6 +525,27 @@ async def _signal_job(command: Any, job_id: str, *, follow: bool, as_json: bool,
                                   f"within {min(timeout, ANSWER_SECONDS):g} s: is `failoverctl serve` running?")
         status, reason, detail = answers[rid]
     return _answer(command, job_id, status, as_json, reason=reason, detail=detail)
+
+
+async def _say_note(command: Any, as_json: bool) -> None:
+    """While a command about an existing job is followed: the service's note on it, once it has
+    recorded the command (a cancel of a job rolling back already changes nothing, and says so;
+    its job's stream shows nothing of it). Nothing without the database, or without a note."""
+    from .reads import command_outcome
+
+    async with _db() as engine:
+        while True:
+            record = await _read(command_outcome(engine, str(command.request_id)), required=False)
+            if record is not None:
+                break
+            await asyncio.sleep(0.2)  # the service records a command within milliseconds
+    if record is _UNREADABLE or record["outcome"].startswith("rejected_") or not record["detail"]:
+        return  # (a refusal comes as a JobRejected, in the stream)
+    line = f"{command.type} recorded, but {record['detail']}"
+    if as_json:
+        click.echo(line, err=True)
+    else:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def _follow_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -597,6 +624,11 @@ async def _wave(jobs: list[Any], *, title: str, follow: bool, as_json: bool, tim
             if not taken:
                 raise Exit(NO_ANSWER, f"none of the {len(jobs)} commands was taken: {jobs[0].not_taken}")
             if follow:
+                if as_json:  # (a refused command's JobRejected comes under its own id: which job it was for)
+                    for job in taken:
+                        if job.request_id is not None:
+                            _json({"request_id": job.request_id, "type": job.command.type, "job_id": job.job_id,
+                                   "status": "published"})
                 records = asyncio.create_task(_note_records(taken)) if signals else None
                 try:
                     return await follow_wave(client, queue, taken, title=title, as_json=as_json, timeout=timeout,

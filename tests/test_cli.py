@@ -688,6 +688,43 @@ async def test_a_wave_of_cancels_by_vm_and_by_job(
         await wait_until(lambda vm=vm: _status_is(db, vm.vm_id, "cancelled"), 60, f"{vm.vm_id} cancelled")
 
 
+async def test_a_followed_cancel_of_a_job_rolling_back_says_so_and_a_refused_ones_json_names_its_job(
+        serve: ServeProcess, ctl: Ctl, db: Any, control: EmulatorControl, emulators: EmulatorHandle) -> None:
+    rolling = await _seed(db, control, emulators, "cancel followed", disks=1, os_type="ubuntu64Guest")
+    # CloudStack's jobs outlast the service's 3 s wait for them (tests/helpers.py): the snapshot
+    # step fails, and its undo waits as long (then looks again): a rollback of 9 s or so to send
+    # the cancel into
+    await control.set_latency(async_job_seconds=6, operation_seconds=1)
+    try:
+        started = await ctl("request", rolling.vm_id, "--json")
+        assert started.code == 0, started.err
+        job_id = started.json_lines()[0]["job_id"]
+        await wait_until(lambda: _state_is(db, job_id, "rolling_back"), 60, "the failed job to roll back")
+        followed = await ctl("cancel", job_id, "--follow", timeout=120)
+    finally:
+        await control.set_latency(async_job_seconds=0, operation_seconds=0)
+    # the job ends as its rollback does, and the cancel's follower says why it did not end cancelled
+    assert followed.code == 1, followed.out + followed.err
+    assert f"CancelRequested recorded, but job {job_id} is rolling back already" in followed.out, followed.out
+    assert "a rollback is not stopped" in followed.out
+    end = " ".join(followed.err.split())  # (wrapped at 80 columns in a pipe)
+    assert end.startswith("failed at cloudstack-snapshot") and end.endswith("(rolled back: true)"), end
+    # a wave of cancels of ended jobs, with --json: each refusal comes under its cancel's own id,
+    # which the published lines tie to the job it was for
+    other = await ctl("request", (await _seed(db, control, emulators, "cancel ended", disks=1,
+                                              os_type="ubuntu64Guest")).vm_id, "--follow", "--json")
+    assert other.code == 0, other.err
+    ended = [job_id, other.json_lines()[0]["job_id"]]
+    refused = await ctl("cancel", *ended, "--follow", "--json")
+    assert refused.code == 3, refused.out + refused.err
+    lines = refused.json_lines()
+    published = {line["request_id"]: line["job_id"] for line in lines if line.get("status") == "published"}
+    assert sorted(published.values()) == sorted(ended), lines
+    rejections = [line for line in lines if line.get("type") == "JobRejected"]
+    assert sorted(published[r["job_id"]] for r in rejections) == sorted(ended), lines
+    assert all(f"job {published[r['job_id']]} has already ended" in r["detail"] for r in rejections), rejections
+
+
 async def _state_is(db: Any, job_id: str, state: str) -> bool:
     return (await failover_row(db, job_id)).status == state
 
