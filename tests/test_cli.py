@@ -655,16 +655,20 @@ async def test_a_wave_of_cancels_by_vm_and_by_job(
     done_job = finished.json_lines()[0]["job_id"]
     vms = [await _seed(db, control, emulators, f"cancel wave {n}", disks=1, os_type="ubuntu64Guest") for n in range(3)]
     rolling = await _seed(db, control, emulators, "cancel rolling", disks=2, os_type="ubuntu64Guest")
-    await control.add_fault(api="cloudstack", command="createSnapshot", kind="refuse",
-                            match={"volumeid": rolling.volume_ids[1]}, times=0)  # fails, then rolls back slowly
+    # its start, the first in this test, is refused: its last step fails, and the rollback undoes
+    # every step (ten or so waits, over 10 s) while the wave is asked for and cancelled
+    await control.add_fault(api="cloudstack", command="startVirtualMachine", kind="refuse", times=1)
     await control.set_latency(async_job_seconds=3, operation_seconds=1)  # long enough to be cancelled
     try:
-        started = await ctl("request", *(vm.vm_id for vm in vms), rolling.vm_id, "--json")
+        failing = await ctl("request", rolling.vm_id, "--json")
+        assert failing.code == 0, failing.err
+        rolling_id = failing.json_lines()[0]["job_id"]
+        await wait_until(lambda: _state_is(db, rolling_id, "rolling_back"), 90, "the failed job to roll back")
+        started = await ctl("request", *(vm.vm_id for vm in vms), "--json")
         assert started.code == 0, started.err
-        ids = [line["job_id"] for line in started.json_lines()]
+        ids = [line["job_id"] for line in started.json_lines()] + [rolling_id]
         for job_id in ids[:3]:
             await wait_until(lambda job_id=job_id: _is_running(db, job_id), 30, f"{job_id} to run")
-        await wait_until(lambda: _state_is(db, ids[3], "rolling_back"), 30, "the failed job to roll back")
         # without --follow: the last of the wave and the one rolling back by job id, a finished job,
         # and the finished VM
         recorded = await ctl("cancel", ids[2], ids[3], done_job, "--vm", done.vm_id)
