@@ -14,6 +14,7 @@ import json
 import logging
 import shlex
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
@@ -513,8 +514,10 @@ async def _signal_job(command: Any, job_id: str, *, follow: bool, as_json: bool,
                 console.print(f"published {command.type} {rid} for job {job_id}", highlight=False)
             noted = asyncio.create_task(_say_note(command, as_json))
             try:
-                return await follow_events(client, queue, as_json=as_json, timeout=timeout, outcome=outcome,
+                code = await follow_events(client, queue, as_json=as_json, timeout=timeout, outcome=outcome,
                                            console=console)
+                await asyncio.wait([noted], timeout=2)  # a job that ended at once: its note a moment more
+                return code
             finally:
                 noted.cancel()
                 await asyncio.gather(noted, return_exceptions=True)
@@ -533,12 +536,14 @@ async def _say_note(command: Any, as_json: bool) -> None:
     its job's stream shows nothing of it). Nothing without the database, or without a note."""
     from .reads import command_outcome
 
+    began = time.monotonic()
     async with _db() as engine:
         while True:
             record = await _read(command_outcome(engine, str(command.request_id)), required=False)
             if record is not None:
                 break
-            await asyncio.sleep(0.2)  # the service records a command within milliseconds
+            # the service records a command within milliseconds once it runs (not running: seldom)
+            await asyncio.sleep(0.2 if time.monotonic() - began < 30 else 2.0)
     if record is _UNREADABLE or record["outcome"].startswith("rejected_") or not record["detail"]:
         return  # (a refusal comes as a JobRejected, in the stream)
     line = f"{command.type} recorded, but {record['detail']}"
@@ -1049,6 +1054,102 @@ def jobs(limit: int, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("job_ids", nargs=-1, type=click.UUID, metavar="[JOB_ID]...")
+@click.option("--vm", "vms", multiple=True, metavar="VM_ID", help="The newest failover of this VM; repeatable.")
+@click.option("--vms-file", metavar="FILE", help=_VMS_FILE_HELP)
+@click.option("--since", metavar="WHEN",
+              help="Only failovers requested since WHEN: a time ago (90m, 2h, 1d) or a time (2026-12-08T02:00, UTC).")
+@click.option("--json", "as_json", is_flag=True, help="The rows and the summary as one JSON object.")
+@click.option("--csv", "as_csv", is_flag=True, help="One CSV row per VM, with a header.")
+def report(job_ids: tuple[uuid.UUID, ...], vms: tuple[str, ...], vms_file: str | None, since: str | None,
+           as_json: bool, as_csv: bool) -> None:
+    """A DR test's evidence: for each VM (--vm, --vms-file: the wave's file) its newest failover,
+    or each failover JOB_ID: whether its VM came up (started, and Running in CloudStack), the time
+    from the request to Running and of the start itself, where and why it failed, and whether the
+    test VM was cleaned up; then the counts and the times of the whole.
+
+    Exit code: 0 every VM's failover completed, else the first of 1 failed, 2 cancelled, 3 a VM
+    with no failover (since WHEN) or no such job, 4 still running."""
+    from datetime import UTC, datetime
+
+    from .reads import failover_runs
+    from .report import (
+        SinceError,
+        cleanup_text,
+        csv_text,
+        exit_code,
+        note,
+        parse_since,
+        run_row,
+        summary,
+    )
+
+    if not (job_ids or vms or vms_file):
+        raise click.UsageError("give what to report on: --vms-file FILE (the wave's), --vm VM_ID or JOB_ID ...")
+    if as_json and as_csv:
+        raise click.UsageError("--json and --csv: choose one")
+    try:
+        after = parse_since(since, datetime.now(UTC)) if since else None
+    except SinceError as exc:
+        raise click.UsageError(str(exc)) from None
+    vm_ids = _wave_ids(vms, vms_file, "VM", given_as="--vm") if (vms or vms_file) else []
+    jobs = list(dict.fromkeys(str(j) for j in job_ids))
+
+    async def go() -> int:
+        async with _db() as engine:
+            by_vm, by_job = await _read(failover_runs(engine, vm_ids=vm_ids, job_ids=jobs, since=after))
+        none = "no failover" + (f" requested since {after.isoformat(sep=' ', timespec='seconds')} UTC" if after else "")
+        rows = [run_row(vm, by_vm.get(vm.casefold()), f"{none} (check the id; failoverctl jobs lists the recent)")
+                for vm in vm_ids]
+        for job_id in jobs:
+            run = by_job.get(job_id)
+            if run is not None and run["job_type"] == "cleanup":
+                rows.append(run_row(job_id, None, f"job {job_id} is a cleanup; report its failover "
+                                                  f"{run['parent_job_id']}"))
+            else:
+                rows.append(run_row(job_id, run, f"no job {job_id} (failoverctl jobs lists the recent ones)"))
+        total = summary(rows)
+        if as_json:
+            _json({"since": after.isoformat() + "+00:00" if after else None, "vms": rows, "summary": total})
+        elif as_csv:
+            click.echo(csv_text(rows), nl=False)
+        else:
+            table = Table("VM", "type", "outcome", "to Running", "start", "note")
+            for r in rows:
+                style = _STATE_STYLE.get(r["outcome"], "red" if r["outcome"] == "none" else "white")
+                table.add_row(escape(r["vm_name"] or r["given"]), r["failover_type"] or "-",
+                              f"[{style}]{r['outcome']}", _duration(r["seconds_to_running"]),
+                              _duration(r["startup_seconds"]), escape(note(r)))
+            console.print(table)
+            console.print(_report_line(total), highlight=False, markup=False, soft_wrap=True)
+            for r in rows:  # in full: why each did not come up, and what to do
+                if r["outcome"] != "completed":
+                    console.print(f"  {r['vm_name'] or r['given']}: {r['detail']}", highlight=False, markup=False,
+                                  soft_wrap=True)
+            left = [r["job_id"] for r in rows if cleanup_text(r, short=True) == "not cleaned up"]
+            if left:
+                console.print(f"undo the {_count(len(left), 'test failover')} not cleaned up with: failoverctl "
+                              f"cleanup {' '.join(left)}", highlight=False, markup=False, soft_wrap=True)
+        return exit_code(rows)
+
+    _run(go())
+
+
+def _report_line(total: dict[str, Any]) -> str:
+    counts = ", ".join(f"{total[k]} {label}" for k, label in (
+        ("completed", "came up"), ("failed", "failed"), ("cancelled", "cancelled"), ("running", "still running"),
+        ("none", "with no failover")) if total[k])
+    line = f"{_count(total['vms'], 'VM')}: {counts}"
+    if total["seconds_to_running_median"] is not None:
+        line += (f"; request -> Running median {_duration(total['seconds_to_running_median'])}, "
+                 f"max {_duration(total['seconds_to_running_max'])}")
+    if total["wave_seconds"] is not None:
+        line += (f"; first request {total['first_request'][:19]} UTC, last VM Running {total['last_running'][:19]} "
+                 f"UTC ({_duration(total['wave_seconds'])})")
+    return line
+
+
+@main.command()
 @click.argument("job_id", type=click.UUID)
 @click.option("--json", "as_json", is_flag=True, help="The job, steps, ledger, outputs and errors as one JSON object.")
 def show(job_id: uuid.UUID, as_json: bool) -> None:
@@ -1061,6 +1162,7 @@ def show(job_id: uuid.UUID, as_json: bool) -> None:
             detail = await _read(job_detail(engine, str(job_id)))
         if detail is None:
             raise Exit(REJECTED, f"no job {job_id}")
+        detail.pop("ends")  # (its end events: for watch; the outputs and errors carry what they say)
         if as_json:
             _json(detail)
         else:

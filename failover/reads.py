@@ -4,6 +4,7 @@ the job's recorded events, as plain JSON-ready dicts. Times are ISO 8601 in UTC.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -127,13 +128,17 @@ async def job_details(engine: AsyncEngine, job_ids: list[str]) -> dict[str, dict
     its RollbackStarted and end events, oldest first (the last tells whether it has ended)."""
     out: dict[str, dict[str, Any]] = {}
     async with engine.connect() as conn:
-        for chunk in _chunks(list(dict.fromkeys(job_ids))):
+        unique: dict[str, str] = {}  # (the ids compare without case, as the columns do: the first spelling)
+        for job_id in job_ids:
+            unique.setdefault(job_id.casefold(), job_id)
+        for chunk in _chunks(list(unique.values())):
             rows: dict[str, dict[str, list[Any]]] = {}
             for name, query in details_queries(chunk).items():
                 for row in (await conn.execute(query)).all():
-                    rows.setdefault(row.job_id if name != "tracking" else row.id, {}).setdefault(name, []).append(row)
+                    key = (row.job_id if name != "tracking" else row.id).casefold()
+                    rows.setdefault(key, {}).setdefault(name, []).append(row)
             for job_id in chunk:
-                found = rows.get(job_id, {})
+                found = rows.get(job_id.casefold(), {})
                 if found.get("tracking") or found.get("jobs"):
                     out[job_id] = _detail(job_id, found)
     return out
@@ -251,3 +256,61 @@ async def newest_jobs(engine: AsyncEngine, vm_ids: list[str]) -> dict[str, str]:
             for r in rows:
                 out.setdefault(r.vm_id.casefold(), r.job_id)
     return out
+
+
+_RUN_COLUMNS = (failover_jobs.c.job_id, failover_jobs.c.vm_id, failover_jobs.c.job_type, failover_jobs.c.status,
+                failover_jobs.c.source_vm_name, failover_jobs.c.destination_vm_id, failover_jobs.c.error_message,
+                failover_jobs.c.failed_step, failover_jobs.c.error_code, failover_jobs.c.rolled_back,
+                failover_jobs.c.created_at, failover_jobs.c.started_at, failover_jobs.c.completed_at,
+                failover_jobs.c.cleanup_job_id, failover_jobs.c.parent_job_id, failover_jobs.c.requested_by)
+_FAILOVER_TYPES = ("test", "live")
+STARTUP_STEP = "vm-startup-validation"  # the failover's last step: the VM started and Running
+
+
+def newest_failovers_query(vm_ids: list[str], since: datetime | None) -> Select[Any]:
+    """Each of these VMs' failovers (test or live), newest first, by the VM's index."""
+    query = select(*_RUN_COLUMNS).where(failover_jobs.c.vm_id.in_(vm_ids),
+                                        failover_jobs.c.job_type.in_(_FAILOVER_TYPES))
+    if since is not None:
+        query = query.where(failover_jobs.c.created_at >= since)
+    return query.order_by(failover_jobs.c.vm_id, failover_jobs.c.created_at.desc(), failover_jobs.c.job_id)
+
+
+async def failover_runs(engine: AsyncEngine, *, vm_ids: Sequence[str] = (), job_ids: Sequence[str] = (),
+                        since: datetime | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """What `failoverctl report` shows: the newest failover of each of these VMs (requested at
+    or after `since`, naive UTC), by the VM id casefolded; and these jobs, by id. Each with its
+    cleanup's row (`cleanup`: a test failover's cleanup job, or None) and `startup_seconds` (its
+    last step's time: the VM's start until CloudStack said Running, once that step completed).
+    VMs and jobs not found are left out. Times are ISO 8601 UTC."""
+    by_vm: dict[str, Any] = {}
+    by_job: dict[str, Any] = {}
+    async with engine.connect() as conn:
+        for chunk in _chunks(list(vm_ids)):
+            for row in (await conn.execute(newest_failovers_query(chunk, since))).all():
+                by_vm.setdefault(row.vm_id.casefold(), row)
+        for chunk in _chunks(list(job_ids)):
+            rows = (await conn.execute(select(*_RUN_COLUMNS).where(failover_jobs.c.job_id.in_(chunk)))).all()
+            by_job.update({row.job_id: row for row in rows})
+        runs = {row.job_id: row for row in [*by_vm.values(), *by_job.values()]}
+        cleanups: dict[str, Any] = {}
+        startups: dict[str, Any] = {}
+        for chunk in _chunks(sorted(str(r.cleanup_job_id) for r in runs.values() if r.cleanup_job_id)):
+            ends = (await conn.execute(select(
+                failover_jobs.c.job_id, failover_jobs.c.status, failover_jobs.c.completed_at,
+                failover_jobs.c.failed_step, failover_jobs.c.error_code).where(failover_jobs.c.job_id.in_(chunk)))).all()
+            cleanups.update({row.job_id: row for row in ends})
+        for chunk in _chunks(sorted(runs)):
+            steps = (await conn.execute(select(job_steps.c.job_id, job_steps.c.started_at, job_steps.c.completed_at)
+                                        .where(job_steps.c.job_id.in_(chunk), job_steps.c.step_name == STARTUP_STEP,
+                                               job_steps.c.status == "completed"))).all()
+            startups.update({row.job_id: _seconds(row.started_at, row.completed_at) for row in steps})
+
+    def plain(row: Any) -> dict[str, Any]:
+        item = _plain(row)
+        cleanup = cleanups.get(str(row.cleanup_job_id)) if row.cleanup_job_id else None
+        item["cleanup"] = _plain(cleanup) if cleanup is not None else None
+        item["startup_seconds"] = startups.get(row.job_id)
+        return item
+
+    return ({vm: plain(row) for vm, row in by_vm.items()}, {job: plain(row) for job, row in by_job.items()})

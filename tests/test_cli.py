@@ -6,6 +6,8 @@ codes (0 completed, 1 failed, 2 cancelled, 3 rejected, 5 bad settings), the --js
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import os
 import pty
@@ -483,6 +485,71 @@ async def test_a_wave_followed_from_a_file_then_cleaned_up_by_its_vms(
                                                                               ("cleanup", "completed")]
     again = await ctl("cleanup", "--vm", good[0].vm_id)  # nothing holds it any more
     assert again.code == 3 and "no test failover to clean up" in again.err
+
+
+async def test_a_report_of_a_wave_says_which_vms_came_up_how_fast_and_what_was_left(
+        serve: ServeProcess, ctl: Ctl, db: Any, control: EmulatorControl, emulators: EmulatorHandle,
+        tmp_path: Path) -> None:
+    good = [await _seed(db, control, emulators, f"report good {n}", disks=1, os_type="ubuntu64Guest") for n in range(2)]
+    stale = await _seed(db, control, emulators, "report stale", disks=1, os_type="ubuntu64Guest",
+                        replication_status="running")  # fails its pre-failover-validation
+    unknown = f"no-such-vm-{uuid.uuid4()}"
+    listing = tmp_path / "wave.txt"
+    listing.write_text("".join(f"{vm}\n" for vm in (good[0].vm_id, good[1].vm_id, stale.vm_id, unknown)))
+    since = (await _db_now(db)).isoformat(timespec="seconds")
+    run = await ctl("request", "--vms-file", str(listing), "--follow", "--json", timeout=120)
+    assert run.code == 1, run.out + run.err
+    undo = await ctl("cleanup", "--vm", good[0].vm_id, "--follow", timeout=120)
+    assert undo.code == 0, undo.out + undo.err
+    jobs = {vm.vm_id: (await _vm_jobs(db, vm.vm_id))[0] for vm in (*good, stale)}
+
+    answer = await ctl("report", "--vms-file", str(listing), "--since", since, "--json")
+    assert answer.code == 1, answer.out + answer.err  # a failed one comes before the VM with no failover
+    report = json.loads(answer.out)
+    rows = {row["given"]: row for row in report["vms"]}
+    assert list(rows) == [good[0].vm_id, good[1].vm_id, stale.vm_id, unknown]
+    for vm in good:
+        row = rows[vm.vm_id]
+        job = jobs[vm.vm_id]
+        assert (row["outcome"], row["job_id"], row["vm_name"]) == ("completed", job.job_id, job.source_vm_name)
+        assert row["destination_vm_id"] == job.destination_vm_id and row["destination_vm_id"]
+        assert 0 < row["startup_seconds"] < row["seconds_to_running"], row
+    cleaned, left = rows[good[0].vm_id], rows[good[1].vm_id]
+    assert cleaned["status"] == "cleaned_up" and cleaned["cleanup"]["status"] == "completed"
+    assert left["status"] == "completed" and left["cleanup"] is None
+    failed = rows[stale.vm_id]
+    assert (failed["outcome"], failed["failed_step"], failed["rolled_back"]) == (
+        "failed", "pre-failover-validation", True)
+    assert failed["seconds_to_running"] is None and failed["error_code"]
+    assert rows[unknown]["outcome"] == "none" and "no failover requested since" in rows[unknown]["detail"]
+    total = report["summary"]
+    assert (total["vms"], total["completed"], total["failed"], total["none"]) == (4, 2, 1, 1)
+    assert total["seconds_to_running_max"] == max(rows[vm.vm_id]["seconds_to_running"] for vm in good)
+
+    table = await ctl("report", "--vms-file", str(listing))
+    assert table.code == 1, table.out + table.err
+    assert "4 VMs: 2 came up, 1 failed, 1 with no failover; request -> Running median" in table.out
+    assert all(name in table.out for name in ("report good 0", "report good 1", "report stale", unknown))
+    assert f"undo the 1 test failover not cleaned up with: failoverctl cleanup {left['job_id']}" in table.out
+    assert f"report stale: failed at pre-failover-validation: {failed['error_code']}" in table.out
+
+    sheet = await ctl("report", "--vm", good[1].vm_id, "--csv")
+    assert sheet.code == 0, sheet.err  # the one VM came up
+    (line,) = csv.DictReader(io.StringIO(sheet.out))
+    assert (line["outcome"], line["job_id"]) == ("completed", left["job_id"])
+    assert line["cleanup"] == f"not cleaned up (failoverctl cleanup {left['job_id']})"
+    later = await ctl("report", "--vm", good[1].vm_id, "--since", "2099-01-01T00:00")
+    assert later.code == 3 and "no failover requested since 2099-01-01 00:00:00 UTC" in later.out, later.out
+    of_cleanup = await ctl("report", cleaned["cleanup"]["job_id"])
+    assert of_cleanup.code == 3 and f"is a cleanup; report its failover {cleaned['job_id']}" in of_cleanup.out
+    wrong = await ctl("report", "--vm", good[1].vm_id, "--since", "yesterday")
+    assert wrong.code == 5 and "neither a time ago" in wrong.err  # (a usage error, as every command's)
+
+
+async def _db_now(db: Any) -> Any:
+    """The database's clock (the times the service writes), a second back: a --since before the wave."""
+    async with db.connect() as conn:
+        return (await conn.execute(text("SELECT UTC_TIMESTAMP() - INTERVAL 1 SECOND"))).scalar()
 
 
 async def test_a_wave_without_follow_answers_each_and_bad_lists_publish_nothing(

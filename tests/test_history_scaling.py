@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, text
+from sqlalchemy import event, insert, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from adapters.db.engine import make_engine, utcnow
@@ -31,7 +31,7 @@ from adapters.db.tables import (
     outbox,
     resource_ledger,
 )
-from failover.reads import job_detail, job_details, job_logs, recent_jobs
+from failover.reads import failover_runs, job_detail, job_details, job_logs, recent_jobs
 from tests.crash.support import database_of_its_own
 
 HISTORY = 2000  # finished jobs
@@ -187,5 +187,28 @@ async def test_an_operators_reads_touch_what_they_show(history: tuple[AsyncEngin
     touched, details = await rows_touched(engine, lambda: job_details(engine, [*wave, "no-such-job"]))
     assert sorted(details) == wave and all(len(d["ledger"]) == LEDGER for d in details.values())
     assert touched <= (len(wave) + 1) * one, f"showing {len(wave)} jobs and an unknown one read {touched} rows, one alone {one}"
+    vms = [f"vm-old-{i:06d}" for i in range(300, 320)]  # `failoverctl report` of a wave of 20 VMs
+    touched, (runs, _) = await rows_touched(engine, lambda: failover_runs(engine, vm_ids=vms))
+    assert sorted(runs) == vms and all(run["status"] == "completed" for run in runs.values())
+    assert touched < 3 * len(vms) + SLACK, f"reporting {len(vms)} VMs read {touched} rows"
     touched, lines = await rows_touched(engine, lambda: job_logs(engine, live[0]))
     assert [line["message"] for line in lines] == ["started"] and touched < SLACK, touched
+
+
+async def test_a_waves_details_are_read_five_statements_a_chunk(history: tuple[AsyncEngine, list[str]]) -> None:
+    """`failoverctl watch` of a wave: 501 jobs (one named twice, in another case) in two chunks of
+    five reads each, not six reads a job."""
+    engine, _ = history
+    wave = [f"old-{i:06d}" for i in range(600, 1101)]
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", seen)
+    try:
+        details = await job_details(engine, [*wave, wave[7].upper()])
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", seen)
+    assert list(details) == wave and all(len(d["steps"]) == STEPS for d in details.values())
+    assert len([s for s in statements if s.lstrip().upper().startswith("SELECT")]) == 10, statements

@@ -34,7 +34,7 @@ from adapters.db.outbox import BACKLOG, _unsent
 from adapters.db.projections import _link_of
 from adapters.db.store import LEDGER_OF_JOB, JobStore
 from adapters.db.tables import failover_jobs, job_steps, log_events, outbox, resource_ledger
-from failover.reads import details_queries, recent_jobs_query
+from failover.reads import details_queries, newest_failovers_query, recent_jobs_query
 from tests.crash.support import database_of_its_own
 
 OWNER = "plans-test"
@@ -134,3 +134,10 @@ async def test_a_waves_details_by_each_tables_job_index(fresh: AsyncEngine) -> N
     assert_by(await plan(fresh, queries["steps"]), ("job_steps", "uq_job_steps_job_step"))
     assert_by(await plan(fresh, queries["ledger"]), ("resource_ledger", "uq_ledger_job_key"))
     assert_by(await plan(fresh, queries["events"]), ("outbox", "uq_outbox_job_sequence"))
+
+
+async def test_a_reports_failovers_by_the_vms_index(fresh: AsyncEngine) -> None:
+    """`failoverctl report --vms-file`: each VM's failovers, newest first (since a time, or ever)."""
+    assert_by(await plan(fresh, newest_failovers_query(["vm-1", "vm-2"], None)), ("failover_jobs", "ix_failover_jobs_vm"))
+    assert_by(await plan(fresh, newest_failovers_query(["vm-1", "vm-2"], utcnow())),
+              ("failover_jobs", "ix_failover_jobs_vm"))
