@@ -1063,13 +1063,14 @@ def jobs(limit: int, as_json: bool) -> None:
 @click.option("--csv", "as_csv", is_flag=True, help="One CSV row per VM, with a header.")
 def report(job_ids: tuple[uuid.UUID, ...], vms: tuple[str, ...], vms_file: str | None, since: str | None,
            as_json: bool, as_csv: bool) -> None:
-    """A DR test's evidence: for each VM (--vm, --vms-file: the wave's file) its newest failover,
-    or each failover JOB_ID: whether its VM came up (started, and Running in CloudStack), the time
-    from the request to Running and of the start itself, where and why it failed, and whether the
-    test VM was cleaned up; then the counts and the times of the whole.
+    """A DR test's evidence: for each VM (--vm, --vms-file: the wave's file) its newest failover
+    (since WHEN), or each failover JOB_ID: whether its VM came up (started, and Running in
+    CloudStack), the time from the request to Running (the job's completion) and of the start
+    itself, where and why it failed, and whether the test VM was cleaned up; then the counts and
+    the times of the whole.
 
-    Exit code: 0 every VM's failover completed, else the first of 1 failed, 2 cancelled, 3 a VM
-    with no failover (since WHEN) or no such job, 4 still running."""
+    Exit code: 0 every VM's failover completed, else the first of 1 failed (rolling back, too),
+    2 cancelled, 3 a VM with no failover (since WHEN) or no such failover job, 4 still running."""
     from datetime import UTC, datetime
 
     from .reads import failover_runs
@@ -1101,8 +1102,11 @@ def report(job_ids: tuple[uuid.UUID, ...], vms: tuple[str, ...], vms_file: str |
         none = "no failover" + (f" requested since {after.isoformat(sep=' ', timespec='seconds')} UTC" if after else "")
         rows = [run_row(vm, by_vm.get(vm.casefold()), f"{none} (check the id; failoverctl jobs lists the recent)")
                 for vm in vm_ids]
-        for job_id in jobs:
-            run = by_job.get(job_id)
+        reported = {r["job_id"] for r in rows if r["job_id"]}
+        for job_id in jobs:  # (--since is for VMs: a job named is the one wanted)
+            run = by_job.get(job_id.casefold())
+            if run is not None and run["job_id"] in reported:
+                continue  # (named by its VM too: one row)
             if run is not None and run["job_type"] == "cleanup":
                 rows.append(run_row(job_id, None, f"job {job_id} is a cleanup; report its failover "
                                                   f"{run['parent_job_id']}"))
@@ -1114,22 +1118,28 @@ def report(job_ids: tuple[uuid.UUID, ...], vms: tuple[str, ...], vms_file: str |
         elif as_csv:
             click.echo(csv_text(rows), nl=False)
         else:
-            table = Table("VM", "type", "outcome", "to Running", "start", "note")
+            table = Table("VM", "job", "requested UTC", "outcome", "to Running", "start took", "note")
             for r in rows:
                 style = _STATE_STYLE.get(r["outcome"], "red" if r["outcome"] == "none" else "white")
-                table.add_row(escape(r["vm_name"] or r["given"]), r["failover_type"] or "-",
-                              f"[{style}]{r['outcome']}", _duration(r["seconds_to_running"]),
-                              _duration(r["startup_seconds"]), escape(note(r)))
-            console.print(table)
+                table.add_row(escape(r["vm_name"] or r["given"]), (r["job_id"] or "-")[:8],
+                              (r["requested_at"] or "-")[5:16].replace("T", " "), f"[{style}]{r['outcome']}",
+                              _duration(r["seconds_to_running"]), _duration(r["startup_seconds"]), escape(note(r)))
+            # (into a file or a pipe: wide enough for its rows, not the 80 columns rich assumes there)
+            (console if console.is_terminal else Console(width=160)).print(table)
             console.print(_report_line(total), highlight=False, markup=False, soft_wrap=True)
             for r in rows:  # in full: why each did not come up, and what to do
                 if r["outcome"] != "completed":
-                    console.print(f"  {r['vm_name'] or r['given']}: {r['detail']}", highlight=False, markup=False,
-                                  soft_wrap=True)
+                    job = f" (job {r['job_id']})" if r["job_id"] else ""
+                    console.print(f"  {r['vm_name'] or r['given']}{job}: {r['detail']}", highlight=False,
+                                  markup=False, soft_wrap=True)
             left = [r["job_id"] for r in rows if cleanup_text(r, short=True) == "not cleaned up"]
             if left:
                 console.print(f"undo the {_count(len(left), 'test failover')} not cleaned up with: failoverctl "
                               f"cleanup {' '.join(left)}", highlight=False, markup=False, soft_wrap=True)
+            if vm_ids and after is None:  # (an older test's run is no evidence of this one)
+                click.echo("each VM's newest failover ever was reported: give --since the test's start (2h, or a "
+                           "UTC time) so that an older run cannot stand in for a VM this test did not fail over",
+                           err=True)
         return exit_code(rows)
 
     _run(go())

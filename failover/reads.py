@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, select, union_all
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from adapters.db.engine import index_hint
@@ -261,56 +261,79 @@ async def newest_jobs(engine: AsyncEngine, vm_ids: list[str]) -> dict[str, str]:
 _RUN_COLUMNS = (failover_jobs.c.job_id, failover_jobs.c.vm_id, failover_jobs.c.job_type, failover_jobs.c.status,
                 failover_jobs.c.source_vm_name, failover_jobs.c.destination_vm_id, failover_jobs.c.error_message,
                 failover_jobs.c.failed_step, failover_jobs.c.error_code, failover_jobs.c.rolled_back,
-                failover_jobs.c.created_at, failover_jobs.c.started_at, failover_jobs.c.completed_at,
-                failover_jobs.c.cleanup_job_id, failover_jobs.c.parent_job_id, failover_jobs.c.requested_by)
+                failover_jobs.c.cancel_requested, failover_jobs.c.created_at, failover_jobs.c.started_at,
+                failover_jobs.c.completed_at, failover_jobs.c.parent_job_id, failover_jobs.c.requested_by)
 _FAILOVER_TYPES = ("test", "live")
 STARTUP_STEP = "vm-startup-validation"  # the failover's last step: the VM started and Running
+_PER_STATEMENT = 100  # VMs looked up in one statement (one index dive each)
 
 
-def newest_failovers_query(vm_ids: list[str], since: datetime | None) -> Select[Any]:
-    """Each of these VMs' failovers (test or live), newest first, by the VM's index."""
-    query = select(*_RUN_COLUMNS).where(failover_jobs.c.vm_id.in_(vm_ids),
-                                        failover_jobs.c.job_type.in_(_FAILOVER_TYPES))
-    if since is not None:
-        query = query.where(failover_jobs.c.created_at >= since)
-    return query.order_by(failover_jobs.c.vm_id, failover_jobs.c.created_at.desc(), failover_jobs.c.job_id)
+def _newest(*where: Any) -> Select[Any]:
+    """The newest job that matches, by the VMs' index walked from its newest end (a VM's history,
+    however long, is not read: its newest rows until one matches)."""
+    return (select(*_RUN_COLUMNS).where(*where)
+            .order_by(failover_jobs.c.created_at.desc(), failover_jobs.c.id.desc()).limit(1))
+
+
+def _each(parts: list[Select[Any]]) -> Any:
+    return parts[0] if len(parts) == 1 else union_all(*parts)
+
+
+def newest_failovers_query(vm_ids: list[str], since: datetime | None) -> Any:
+    """The newest failover (test or live, requested at or after `since`) of each of these VMs."""
+    after = [failover_jobs.c.created_at >= since] if since is not None else []
+    return _each([_newest(failover_jobs.c.vm_id == vm, failover_jobs.c.job_type.in_(_FAILOVER_TYPES), *after)
+                  for vm in vm_ids])
+
+
+def newest_cleanups_query(failovers: list[tuple[str, str]]) -> Any:
+    """The newest cleanup of each of these (VM, failover job) (a failed one included: the
+    failover's `cleanup_job_id` is cleared when its cleanup fails), by the same index."""
+    return _each([_newest(failover_jobs.c.vm_id == vm, failover_jobs.c.job_type == "cleanup",
+                          failover_jobs.c.parent_job_id == job) for vm, job in failovers])
+
+
+def _slices(items: list[Any]) -> list[list[Any]]:
+    return [items[at:at + _PER_STATEMENT] for at in range(0, len(items), _PER_STATEMENT)]
 
 
 async def failover_runs(engine: AsyncEngine, *, vm_ids: Sequence[str] = (), job_ids: Sequence[str] = (),
                         since: datetime | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """What `failoverctl report` shows: the newest failover of each of these VMs (requested at
-    or after `since`, naive UTC), by the VM id casefolded; and these jobs, by id. Each with its
-    cleanup's row (`cleanup`: a test failover's cleanup job, or None) and `startup_seconds` (its
-    last step's time: the VM's start until CloudStack said Running, once that step completed).
-    VMs and jobs not found are left out. Times are ISO 8601 UTC."""
+    or after `since`, naive UTC), by the VM id casefolded; and these jobs, by their id
+    casefolded. Each with its newest cleanup (`cleanup`: a test failover's cleanup job's id,
+    status, completion and error, or None) and `startup_seconds` (its last step's time: the VM's
+    start until CloudStack said Running, once that step completed). VMs and jobs not found are
+    left out. Times are ISO 8601 UTC."""
     by_vm: dict[str, Any] = {}
     by_job: dict[str, Any] = {}
     async with engine.connect() as conn:
-        for chunk in _chunks(list(vm_ids)):
-            for row in (await conn.execute(newest_failovers_query(chunk, since))).all():
+        for part in _slices(list(vm_ids)):
+            for row in (await conn.execute(newest_failovers_query(part, since))).all():
                 by_vm.setdefault(row.vm_id.casefold(), row)
         for chunk in _chunks(list(job_ids)):
             rows = (await conn.execute(select(*_RUN_COLUMNS).where(failover_jobs.c.job_id.in_(chunk)))).all()
-            by_job.update({row.job_id: row for row in rows})
+            by_job.update({row.job_id.casefold(): row for row in rows})
         runs = {row.job_id: row for row in [*by_vm.values(), *by_job.values()]}
         cleanups: dict[str, Any] = {}
         startups: dict[str, Any] = {}
-        for chunk in _chunks(sorted(str(r.cleanup_job_id) for r in runs.values() if r.cleanup_job_id)):
-            ends = (await conn.execute(select(
-                failover_jobs.c.job_id, failover_jobs.c.status, failover_jobs.c.completed_at,
-                failover_jobs.c.failed_step, failover_jobs.c.error_code).where(failover_jobs.c.job_id.in_(chunk)))).all()
-            cleanups.update({row.job_id: row for row in ends})
+        tests = sorted((r.vm_id, r.job_id) for r in runs.values() if r.job_type == "test")
+        for part in _slices(tests):
+            for row in (await conn.execute(newest_cleanups_query(part))).all():
+                cleanups.setdefault(row.parent_job_id.casefold(), row)
         for chunk in _chunks(sorted(runs)):
             steps = (await conn.execute(select(job_steps.c.job_id, job_steps.c.started_at, job_steps.c.completed_at)
                                         .where(job_steps.c.job_id.in_(chunk), job_steps.c.step_name == STARTUP_STEP,
                                                job_steps.c.status == "completed"))).all()
-            startups.update({row.job_id: _seconds(row.started_at, row.completed_at) for row in steps})
+            startups.update({row.job_id.casefold(): _seconds(row.started_at, row.completed_at) for row in steps})
 
     def plain(row: Any) -> dict[str, Any]:
         item = _plain(row)
-        cleanup = cleanups.get(str(row.cleanup_job_id)) if row.cleanup_job_id else None
-        item["cleanup"] = _plain(cleanup) if cleanup is not None else None
-        item["startup_seconds"] = startups.get(row.job_id)
+        cleanup = cleanups.get(row.job_id.casefold())
+        item["cleanup"] = None if cleanup is None else {
+            k: v for k, v in _plain(cleanup).items()
+            if k in ("job_id", "status", "completed_at", "failed_step", "error_code", "error_message")}
+        item["startup_seconds"] = startups.get(row.job_id.casefold())
         return item
 
     return ({vm: plain(row) for vm, row in by_vm.items()}, {job: plain(row) for job, row in by_job.items()})

@@ -531,7 +531,10 @@ async def test_a_report_of_a_wave_says_which_vms_came_up_how_fast_and_what_was_l
     assert "4 VMs: 2 came up, 1 failed, 1 with no failover; request -> Running median" in table.out
     assert all(name in table.out for name in ("report good 0", "report good 1", "report stale", unknown))
     assert f"undo the 1 test failover not cleaned up with: failoverctl cleanup {left['job_id']}" in table.out
-    assert f"report stale: failed at pre-failover-validation: {failed['error_code']}" in table.out
+    assert f"report stale (job {failed['job_id']}): failed at pre-failover-validation: {failed['error_code']}" \
+        in table.out and f"(its log: failoverctl logs {failed['job_id']})" in table.out
+    assert "give --since the test's start" in table.err  # (each VM's newest failover ever was reported)
+    assert "give --since" not in answer.err
 
     sheet = await ctl("report", "--vm", good[1].vm_id, "--csv")
     assert sheet.code == 0, sheet.err  # the one VM came up
@@ -542,6 +545,8 @@ async def test_a_report_of_a_wave_says_which_vms_came_up_how_fast_and_what_was_l
     assert later.code == 3 and "no failover requested since 2099-01-01 00:00:00 UTC" in later.out, later.out
     of_cleanup = await ctl("report", cleaned["cleanup"]["job_id"])
     assert of_cleanup.code == 3 and f"is a cleanup; report its failover {cleaned['job_id']}" in of_cleanup.out
+    both = await ctl("report", "--vm", good[1].vm_id.upper(), left["job_id"], "--json")  # one failover, one row
+    assert both.code == 0 and [r["job_id"] for r in json.loads(both.out)["vms"]] == [left["job_id"]], both.out
     wrong = await ctl("report", "--vm", good[1].vm_id, "--since", "yesterday")
     assert wrong.code == 5 and "neither a time ago" in wrong.err  # (a usage error, as every command's)
 

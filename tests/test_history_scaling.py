@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import event, insert, text
+from sqlalchemy import delete, event, insert, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from adapters.db.engine import make_engine, utcnow
@@ -40,6 +40,7 @@ LIVE = 3  # unended jobs, each with one unsent event
 OWNER = "history-test"
 # rows a read may touch beyond what it returns (index dives, a filesort's re-reads, the live rows)
 SLACK = 60
+RUNS = 200  # a VM's test failovers (each with its cleanup) in the report's test
 
 
 TABLES = ("failover_jobs", "outbox", "resource_ledger", "job_tracking", "job_steps", "log_events")
@@ -212,3 +213,30 @@ async def test_a_waves_details_are_read_five_statements_a_chunk(history: tuple[A
         event.remove(engine.sync_engine, "before_cursor_execute", seen)
     assert list(details) == wave and all(len(d["steps"]) == STEPS for d in details.values())
     assert len([s for s in statements if s.lstrip().upper().startswith("SELECT")]) == 10, statements
+
+
+async def test_a_report_reads_a_vms_newest_failover_not_its_history(history: tuple[AsyncEngine, list[str]]) -> None:
+    """A VM tested every week for years: `failoverctl report` reads its newest failover and
+    cleanup, not each of its hundreds of runs (given in another case than stored, too)."""
+    engine, _ = history
+    old = utcnow() - timedelta(days=400)
+    runs = [f"many-{n:04d}" for n in range(RUNS)]
+    job = {"vm_id": "vm-tested-weekly", "source_vm_name": "web", "options": {}, "ended": True,
+           "lease_owner": "gone", "lease_expires_at": old}
+    async with engine.begin() as conn:
+        for n, run in enumerate(runs):  # each test failover, then its cleanup, a week apart
+            at = old + timedelta(days=7 * n)
+            await conn.execute(insert(failover_jobs), [
+                {**job, "job_id": run, "job_type": "test", "status": "cleaned_up", "parent_job_id": None, "created_at": at,
+                 "updated_at": at, "completed_at": at + timedelta(minutes=2), "request_id": run, "correlation_id": run},
+                {**job, "job_id": f"c-{run}", "job_type": "cleanup", "status": "completed", "parent_job_id": run,
+                 "created_at": at + timedelta(hours=1), "updated_at": at, "completed_at": at + timedelta(hours=1),
+                 "request_id": f"c-{run}", "correlation_id": f"c-{run}"}])
+    try:
+        touched, (found, _) = await rows_touched(engine, lambda: failover_runs(engine, vm_ids=["VM-Tested-Weekly"]))
+        newest = found["vm-tested-weekly"]
+        assert newest["job_id"] == runs[-1] and newest["cleanup"]["job_id"] == f"c-{runs[-1]}"
+        assert touched < SLACK, f"reporting a VM with {RUNS} runs read {touched} rows"
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(delete(failover_jobs).where(failover_jobs.c.vm_id == "vm-tested-weekly"))
