@@ -1122,17 +1122,19 @@ def report(job_ids: tuple[uuid.UUID, ...], vms: tuple[str, ...], vms_file: str |
             for r in rows:
                 style = _STATE_STYLE.get(r["outcome"], "red" if r["outcome"] == "none" else "white")
                 table.add_row(escape(r["vm_name"] or r["given"]), (r["job_id"] or "-")[:8],
-                              (r["requested_at"] or "-")[5:16].replace("T", " "), f"[{style}]{r['outcome']}",
+                              (r["requested_at"] or "-")[:16].replace("T", " "), f"[{style}]{r['outcome']}",
                               _duration(r["seconds_to_running"]), _duration(r["startup_seconds"]), escape(note(r)))
             # (into a file or a pipe: wide enough for its rows, not the 80 columns rich assumes there)
             (console if console.is_terminal else Console(width=160)).print(table)
             console.print(_report_line(total), highlight=False, markup=False, soft_wrap=True)
-            for r in rows:  # in full: why each did not come up, and what to do
-                if r["outcome"] != "completed":
+            failed_cleanup = ("cleanup failed", "cleanup cancelled")
+            for r in rows:  # in full: why each did not come up (or its test VM was not undone), what to do
+                if r["outcome"] != "completed" or cleanup_text(r, short=True) in failed_cleanup:
                     job = f" (job {r['job_id']})" if r["job_id"] else ""
-                    console.print(f"  {r['vm_name'] or r['given']}{job}: {r['detail']}", highlight=False,
+                    why = r["detail"] if r["outcome"] != "completed" else cleanup_text(r)
+                    console.print(f"  {r['vm_name'] or r['given']}{job}: {why}", highlight=False,
                                   markup=False, soft_wrap=True)
-            left = [r["job_id"] for r in rows if cleanup_text(r, short=True) == "not cleaned up"]
+            left = [r["job_id"] for r in rows if cleanup_text(r, short=True) in ("not cleaned up", *failed_cleanup)]
             if left:
                 console.print(f"undo the {_count(len(left), 'test failover')} not cleaned up with: failoverctl "
                               f"cleanup {' '.join(left)}", highlight=False, markup=False, soft_wrap=True)

@@ -286,11 +286,14 @@ def newest_failovers_query(vm_ids: list[str], since: datetime | None) -> Any:
                   for vm in vm_ids])
 
 
-def newest_cleanups_query(failovers: list[tuple[str, str]]) -> Any:
-    """The newest cleanup of each of these (VM, failover job) (a failed one included: the
-    failover's `cleanup_job_id` is cleared when its cleanup fails), by the same index."""
-    return _each([_newest(failover_jobs.c.vm_id == vm, failover_jobs.c.job_type == "cleanup",
-                          failover_jobs.c.parent_job_id == job) for vm, job in failovers])
+def newest_cleanups_query(failovers: list[tuple[str, str, datetime]]) -> Any:
+    """The newest cleanup of each of these (VM, failover job, its request time) (a failed one
+    included: the failover's `cleanup_job_id` is cleared when its cleanup fails), by the same
+    index, read from the VM's newest rows back to the failover's request (a cleanup comes after
+    its failover), not further, whether or not it has one."""
+    return _each([_newest(failover_jobs.c.vm_id == vm, failover_jobs.c.created_at >= at,
+                          failover_jobs.c.job_type == "cleanup", failover_jobs.c.parent_job_id == job)
+                  for vm, job, at in failovers])
 
 
 def _slices(items: list[Any]) -> list[list[Any]]:
@@ -317,7 +320,7 @@ async def failover_runs(engine: AsyncEngine, *, vm_ids: Sequence[str] = (), job_
         runs = {row.job_id: row for row in [*by_vm.values(), *by_job.values()]}
         cleanups: dict[str, Any] = {}
         startups: dict[str, Any] = {}
-        tests = sorted((r.vm_id, r.job_id) for r in runs.values() if r.job_type == "test")
+        tests = sorted((r.vm_id, r.job_id, r.created_at) for r in runs.values() if r.job_type == "test")
         for part in _slices(tests):
             for row in (await conn.execute(newest_cleanups_query(part))).all():
                 cleanups.setdefault(row.parent_job_id.casefold(), row)

@@ -68,8 +68,9 @@ def _outcome(run: dict[str, Any]) -> str:
     rolling back is already failed (a step failed) or cancelled (a cancel, no step failed)."""
     if run["status"] in _ENDED_AS:
         return _ENDED_AS[run["status"]]
-    if run["status"] == "rolling_back":
-        return "cancelled" if run["cancel_requested"] and not run["failed_step"] else "failed"
+    if run["status"] == "rolling_back":  # (as the engine will end it: `JobModel.ends_cancelled`)
+        cancelled = run["cancel_requested"] and not run["failed_step"] and not run["error_code"]
+        return "cancelled" if cancelled and run["rolled_back"] is not False else "failed"
     return "running"
 
 
@@ -111,7 +112,8 @@ def run_row(given: str, run: dict[str, Any] | None, why_none: str = "") -> dict[
         "rolled_back": run["rolled_back"],
         "cleanup": None if cleanup is None else {
             "job_id": cleanup["job_id"], "status": cleanup["status"], "completed_at": _at(cleanup["completed_at"]),
-            "failed_step": cleanup["failed_step"], "error_code": cleanup["error_code"]},
+            "failed_step": cleanup["failed_step"], "error_code": cleanup["error_code"],
+            "error_message": cleanup["error_message"]},
     }
 
 
@@ -127,9 +129,10 @@ def cleanup_text(row: dict[str, Any], *, short: bool = False) -> str:
     if cleanup is None:
         return "not cleaned up" + ("" if short else f" (failoverctl cleanup {row['job_id']})")
     if cleanup["status"] in ("failed", "cancelled"):
+        why = f" at {cleanup['failed_step'] or '?'}: {cleanup['error_code'] or '?'}: {cleanup['error_message'] or ''}"
         return f"cleanup {cleanup['status']}" + ("" if short else (
-            f" at {cleanup['failed_step'] or '?'}: {cleanup['error_code'] or '?'} (failoverctl show "
-            f"{cleanup['job_id']}; then failoverctl cleanup {row['job_id']} again)"))
+            f"{why.rstrip(': ')} (failoverctl show {cleanup['job_id']}; then failoverctl cleanup {row['job_id']} "
+            "again)"))
     return "cleanup running" + ("" if short else f": {cleanup['job_id']}")
 
 

@@ -237,6 +237,15 @@ async def test_a_report_reads_a_vms_newest_failover_not_its_history(history: tup
         newest = found["vm-tested-weekly"]
         assert newest["job_id"] == runs[-1] and newest["cleanup"]["job_id"] == f"c-{runs[-1]}"
         assert touched < SLACK, f"reporting a VM with {RUNS} runs read {touched} rows"
+        this_week = "many-this-week"  # and this week's test, not cleaned up yet: no cleanup is looked for far
+        at = old + timedelta(days=7 * RUNS)
+        async with engine.begin() as conn:
+            await conn.execute(insert(failover_jobs).values(
+                **job, job_id=this_week, job_type="test", status="completed", created_at=at, updated_at=at,
+                completed_at=at, request_id=this_week, correlation_id=this_week))
+        touched, (found, _) = await rows_touched(engine, lambda: failover_runs(engine, vm_ids=["vm-tested-weekly"]))
+        assert found["vm-tested-weekly"]["job_id"] == this_week and found["vm-tested-weekly"]["cleanup"] is None
+        assert touched < SLACK, f"reporting a VM with {RUNS} runs and no cleanup yet read {touched} rows"
     finally:
         async with engine.begin() as conn:
             await conn.execute(delete(failover_jobs).where(failover_jobs.c.vm_id == "vm-tested-weekly"))

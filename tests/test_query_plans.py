@@ -145,7 +145,7 @@ async def test_a_reports_failovers_by_the_vms_index(fresh: AsyncEngine) -> None:
     """`failoverctl report --vms-file`: each VM's newest failover, and its newest cleanup, one
     dive into the VMs' index each (a VM's history, however long, is not read)."""
     for query in (newest_failovers_query(["vm-1", "vm-2"], None), newest_failovers_query(["vm-1"], utcnow()),
-                  newest_cleanups_query([("vm-1", JOB), ("vm-2", "job-2")])):
+                  newest_cleanups_query([("vm-1", JOB, utcnow()), ("vm-2", "job-2", utcnow())])):
         found = [row for row in await plan(fresh, query) if not row[0].startswith("<union")]  # (the union's result)
         assert found and all(key == "ix_failover_jobs_vm" and access in BY_KEY for table, access, key in found
                              if table == "failover_jobs") and {t for t, _, _ in found} == {"failover_jobs"}, found

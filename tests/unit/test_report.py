@@ -63,6 +63,10 @@ def test_a_completed_failover_came_up_with_its_times_and_its_cleanup() -> None:
     assert note(failed) == "cleanup failed"
     assert cleanup_text(failed) == ("cleanup failed at power-off: CLOUDSTACK_ERROR (failoverctl show c-2; then "
                                     "failoverctl cleanup job-1 again)")
+    said = run_row("vm-1", _run("completed", cleanup=_cleanup("c-4", "cancelled", failed_step="vm-deletion",
+                                                              error_code="CANCELLED", error_message="stopped")))
+    assert cleanup_text(said) == ("cleanup cancelled at vm-deletion: CANCELLED: stopped (failoverctl show c-4; then "
+                                  "failoverctl cleanup job-1 again)")
     running = run_row("vm-1", _run("completed", cleanup=_cleanup("c-3", "volume-detachment")))
     assert note(running) == "cleanup running" and cleanup_text(running) == "cleanup running: c-3"
     live = run_row("vm-1", _run("completed", job_type="live"))
@@ -90,6 +94,11 @@ def test_a_failed_or_cancelled_failover_says_where_and_whether_it_rolled_back() 
     assert "; rolling back now (failoverctl watch job-1)" in undoing["detail"]
     stopping = run_row("vm-1", _run("rolling_back", completed_at=None, cancel_requested=True))
     assert stopping["outcome"] == "cancelled" and note(stopping) == "cancelled; rolling back"
+    # as the engine ends it: a cancel with an error (the engine gave up on the job) or with a
+    # rollback that did not complete ends failed
+    for how in ({"error_code": "ENGINE_CRASHED"}, {"rolled_back": False}):
+        assert run_row("vm-1", _run("rolling_back", completed_at=None, cancel_requested=True, **how))["outcome"] \
+            == "failed", how
     assert exit_code([run_row("a", _run("completed")), undoing]) == 1
     none = run_row("vm-9", None, "no failover (check the id)")
     assert none["outcome"] == "none" and none["detail"] == "no failover (check the id)"
