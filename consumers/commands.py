@@ -94,7 +94,7 @@ def _error_reason(exc: BaseException, deliveries: int) -> str:
 
 class CommandConsumer:
     def __init__(self, queue: AbstractQueue, dlx: AbstractExchange, recorder: CommandRecorder, *,
-                 max_bytes: int, on_accepted: Callable[[str], None],
+                 max_bytes: int, on_accepted: Callable[[str, bool], None],
                  count: Callable[[str, str], None], db_outage_seconds: float = 300.0,
                  delivery_limit: int | None = None,
                  publish_first: Callable[[Sequence[OutboxEvent]], Awaitable[object]] | None = None,
@@ -186,8 +186,8 @@ class CommandConsumer:
             # before the job can start (and emit more): its first event leads its stream
             await self._publish_first(decision)
             await message.ack()
-            if decision.job_id:
-                self.on_accepted(decision.job_id)
+            if decision.job_id:  # (a live failover before the jobs waiting: `JobRunner.adopt`)
+                self.on_accepted(decision.job_id, getattr(command, "failover_type", None) == "live")
         finally:  # adopted, or (recorded or not) claimable: a recorded job is resumed by a claim
             self.unhold(held)
         self.count(command.type, "accepted" if decision.outcome == "signalled" else decision.outcome)

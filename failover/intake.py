@@ -19,7 +19,8 @@ told the runner and the relay, in the same order:
     {"m": "hold", "job": ...}        a command that may create this job is being recorded
     {"m": "sending", "ids": [...]}   its first events are committed and being published now
     {"m": "sent", "events": [[id, type], ...]}, {"m": "unsent", "ids": [...]}
-    {"m": "adopt", "job": ...}       run it (its JobAccepted is confirmed, or left to the relay)
+    {"m": "adopt", "job": ..., "first": bool}  run it (its JobAccepted is confirmed, or left to the
+                                     relay); first: a live failover, before the others waiting
     {"m": "unhold", "job": ...}
     {"m": "count", "type": ..., "outcome": ...}   the commands metric, counted by `serve`
     {"m": "ready"}                    consuming
@@ -80,7 +81,7 @@ class _Supervisor(abc.ABC):
     what = "the intake"
 
     def __init__(self, owner: str, *, hold: Callable[[str], None], unhold: Callable[[str], None],
-                 adopt: Callable[[str], None], relay: Any, count: Callable[[str, str], None],
+                 adopt: Callable[[str, bool], None], relay: Any, count: Callable[[str, str], None],
                  stop_seconds: float = 15.0, restart_pause: float = RESTART_PAUSE,
                  restarted: Callable[[], None] = lambda: None,
                  lag: Callable[[float], None] = lambda seconds: None) -> None:
@@ -164,7 +165,7 @@ class _Supervisor(abc.ABC):
             self.unhold(msg["job"])
             self.relay.release_elsewhere(msg["job"])
         elif kind == "adopt":
-            self.adopt(msg["job"])
+            self.adopt(msg["job"], bool(msg.get("first")))
         elif kind == "sending":
             self._sending.update(msg["ids"])
             self.relay.sending_elsewhere(msg["ids"])
@@ -532,7 +533,7 @@ async def _intake(settings: Settings, owner: str, send: Callable[..., None], sto
         dlx = await channel.get_exchange(bus.DLX_EXCHANGE)
         consumer = CommandConsumer(
             queue, dlx, recorder, max_bytes=settings.max_message_bytes,
-            on_accepted=lambda job_id: send("adopt", job=job_id),
+            on_accepted=lambda job_id, first: send("adopt", job=job_id, first=first),
             count=lambda t, o: send("count", type=t, outcome=o),
             publish_first=publish_first,
             hold=lambda job_id: send("hold", job=job_id),

@@ -81,6 +81,9 @@ class JobRunner:
         # or stops here: the in-progress gauge moves by one instead of being recounted
         self.on_state: Callable[[str | None, str | None], None] = lambda before, after: None
         self._adopted: deque[str] = deque()
+        # of the adopted, the live failovers: started before the others (a disaster's failovers do
+        # not wait behind a DR test's wave for this process's room)
+        self._first: deque[str] = deque()
         # jobs being recorded whose first event is not yet confirmed by the broker: not claimed
         # (the job's next events would go out before it), started once adopted. Counted: two
         # deliveries of one request (a client's retry) each hold it until each is done
@@ -126,10 +129,16 @@ class JobRunner:
         else:  # (pop: an unhold with no hold left, from an intake whose holds were released, is no error)
             self._held.pop(job_id, None)
 
-    def adopt(self, job_id: str) -> None:
-        """A job this process just accepted (and holds the lease of): run it soon."""
-        self._adopted.append(job_id)
+    def adopt(self, job_id: str, first: bool = False) -> None:
+        """A job this process just accepted (and holds the lease of): run it soon, in its turn;
+        `first` (a live failover) before every job adopted without it."""
+        (self._first if first else self._adopted).append(job_id)
         self._wake.set()
+
+    @property
+    def waiting(self) -> int:
+        """Adopted jobs waiting for this process's room."""
+        return len(self._first) + len(self._adopted)
 
     def state_changed(self, job_id: str, old: str | None, new: str | None) -> None:
         before = self.entered.pop(job_id, None)
@@ -154,7 +163,7 @@ class JobRunner:
                         log.exception("claiming jobs failed; retrying")
                     await asyncio.sleep(1.0)
                 self._wake.clear()
-                if self._adopted and len(self.running) < self.capacity:
+                if self.waiting and len(self.running) < self.capacity:
                     continue
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.claim_interval)
@@ -169,13 +178,13 @@ class JobRunner:
                 self._renew_task = renew  # cancelled by drain()
 
     async def _fill(self) -> None:
-        while self._adopted and len(self.running) < self.capacity and not self._stopping:
+        while self.waiting and len(self.running) < self.capacity and not self._stopping:
             # all the adopted jobs there is room for, in one transaction: one at a time, a
             # thousand accepted at once took 20 s to start while the first ones ran
             room = self.capacity - len(self.running)
             batch: list[str] = []
-            while self._adopted and len(batch) < room:
-                job_id = self._adopted.popleft()
+            while self.waiting and len(batch) < room:
+                job_id = (self._first or self._adopted).popleft()
                 if job_id not in self.running and job_id not in batch:
                     batch.append(job_id)
             if not batch:
@@ -185,11 +194,13 @@ class JobRunner:
             # here for capacity), except those another process has claimed meanwhile
             try:
                 rows = await self.store.take(batch, self.lease_seconds)
-            except BaseException:
-                self._adopted.extendleft(reversed(batch))  # tried again by the next round
+            except BaseException:  # tried again by the next round (the batch's live failovers
+                self._adopted.extendleft(reversed(batch))  # lead it, ahead of the others still)
                 raise
-            for row in rows:
-                if row.job_id not in self.running and not is_ended(row.status):
+            by_id = {row.job_id: row for row in rows}
+            for job_id in batch:  # (in the batch's order: the live failovers first)
+                row = by_id.get(job_id)
+                if row is not None and row.job_id not in self.running and not is_ended(row.status):
                     self._start(row, asked, taken_over=False)
         free = self.capacity - len(self.running)
         if free > 0 and not self._stopping:

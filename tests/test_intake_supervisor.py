@@ -70,7 +70,7 @@ class Relay:
 
 
 def _intake(tmp_path: Path, plan: str, relay: Relay, pause: float = 0.05) -> IntakeProcess:
-    return IntakeProcess("owner", hold=lambda j: None, unhold=lambda j: None, adopt=lambda j: None,
+    return IntakeProcess("owner", hold=lambda j: None, unhold=lambda j: None, adopt=lambda j, first: None,
                          relay=relay, count=lambda t, o: None, restart_pause=pause,
                          argv=[sys.executable, "-c", CHILD, str(tmp_path / "starts"), plan])
 
@@ -154,7 +154,7 @@ async def _pausing(intake: IntakeProcess | IntakeThread) -> bool:
 
 def _thread(relay: Relay, body: Any, pause: float = 0.05, switch_seconds: float | None = None,
             **told: Any) -> IntakeThread:
-    kwargs: dict[str, Any] = dict(hold=lambda j: None, unhold=lambda j: None, adopt=lambda j: None,
+    kwargs: dict[str, Any] = dict(hold=lambda j: None, unhold=lambda j: None, adopt=lambda j, first: None,
                                   count=lambda t, o: None)
     kwargs.update(told)
     return IntakeThread("owner", None, body=body, relay=relay, restart_pause=pause, switch_seconds=switch_seconds,
@@ -206,18 +206,23 @@ async def test_a_first_intake_thread_that_cannot_start_fails_serves_start() -> N
 
 async def test_an_intake_threads_messages_are_applied_in_serves_loop_in_order() -> None:
     applied: list[tuple[str, str, int]] = []
+    firsts: list[str] = []
     serve_thread = threading.get_ident()
 
     async def body(settings: object, owner: str, send: Any, stop: asyncio.Event) -> None:
         send("ready")
         for i in range(200):  # as fast as the thread can: every message lands, in order
             send("hold", job=f"j{i}")
-            send("adopt", job=f"j{i}")
+            send("adopt", job=f"j{i}", first=i % 50 == 0)  # (a live failover now and then)
         await stop.wait()
 
+    def adopt(job_id: str, first: bool) -> None:
+        applied.append(("adopt", job_id, threading.get_ident()))
+        if first:
+            firsts.append(job_id)
+
     relay = Relay()
-    intake = _thread(relay, body, hold=lambda j: applied.append(("hold", j, threading.get_ident())),
-                     adopt=lambda j: applied.append(("adopt", j, threading.get_ident())))
+    intake = _thread(relay, body, hold=lambda j: applied.append(("hold", j, threading.get_ident())), adopt=adopt)
     await intake.start(timeout=10)
     try:
         await wait_until(lambda: _count(applied, 400), 10, "the messages to be applied", interval=0.01)
@@ -225,6 +230,7 @@ async def test_an_intake_threads_messages_are_applied_in_serves_loop_in_order() 
         await intake.stop(5)
     assert [(k, j) for k, j, _ in applied] == [(k, f"j{i}") for i in range(200) for k in ("hold", "adopt")]
     assert {t for _, _, t in applied} == {serve_thread}
+    assert firsts == ["j0", "j50", "j100", "j150"]  # the runner is told which jobs go first
 
 
 async def test_an_intake_thread_that_will_not_stop_is_left_behind_and_then_ignored() -> None:
@@ -239,7 +245,7 @@ async def test_an_intake_thread_that_will_not_stop_is_left_behind_and_then_ignor
         said_late.set()
 
     relay, adopted = Relay(), list[str]()
-    intake = _thread(relay, stubborn, adopt=adopted.append)
+    intake = _thread(relay, stubborn, adopt=lambda j, first: adopted.append(j))
     await intake.start(timeout=10)
     assert relay.held == {"j1": 1}
     began = time.monotonic()

@@ -9,7 +9,7 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any, cast
 
 import aio_pika
@@ -53,6 +53,23 @@ async def _a_vm(db: AsyncEngine) -> str:
     return vm_id
 
 
+@contextlib.asynccontextmanager
+async def _consuming(db: AsyncEngine, amqp_url: str, runner: JobRunner,
+                     publish_first: Callable[[Sequence[OutboxEvent]], Awaitable[bool]],
+                     outcomes: list[str]) -> AsyncIterator[tuple[Any, Any, CommandConsumer]]:
+    """serve's command consumer, as serve wires it to `runner`, on a queue of its own: its
+    channel, its queue, itself (started; the caller stops it)."""
+    connection = await aio_pika.connect_robust(amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.declare_queue(exclusive=True)
+        consumer = CommandConsumer(queue, channel.default_exchange, CommandRecorder(db, runner.owner, LEASE),
+                                   max_bytes=65536, on_accepted=runner.adopt, count=lambda t, o: outcomes.append(o),
+                                   publish_first=publish_first, hold=runner.hold, unhold=runner.unhold)
+        await consumer.start()
+        yield channel, queue, consumer
+
+
 async def test_a_job_starts_only_after_its_first_event_is_confirmed(runner_db: AsyncEngine, amqp_url: str) -> None:
     """The recorder gives this process the new job's lease as it commits; the runner's claim,
     which also takes jobs this process owns but does not run, must pass it by while its
@@ -84,14 +101,7 @@ async def test_a_job_starts_only_after_its_first_event_is_confirmed(runner_db: A
         return True
 
     request_id = uuid.uuid4()
-    connection = await aio_pika.connect_robust(amqp_url)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        queue = await channel.declare_queue(exclusive=True)
-        consumer = CommandConsumer(queue, channel.default_exchange, CommandRecorder(runner_db, owner, LEASE),
-                                   max_bytes=65536, on_accepted=runner.adopt, count=lambda t, o: outcomes.append(o),
-                                   publish_first=publish_first, hold=runner.hold, unhold=runner.unhold)
-        await consumer.start()
+    async with _consuming(runner_db, amqp_url, runner, publish_first, outcomes) as (channel, queue, consumer):
         try:
             command = FailoverRequested(request_id=request_id, vm_id=await _a_vm(runner_db), failover_type="test")
             await channel.default_exchange.publish(
@@ -128,6 +138,72 @@ async def test_a_job_starts_only_after_its_first_event_is_confirmed(runner_db: A
         finally:
             await asyncio.gather(*runner.running.values(), return_exceptions=True)
             await consumer.stop()
+
+
+async def test_a_live_failover_starts_before_the_test_failovers_waiting_for_room(
+        runner_db: AsyncEngine, amqp_url: str) -> None:
+    """A disaster during a DR test: this process's room is taken, a wave's test failovers wait
+    for it, and a live failover asked for after them starts first, through serve's consumer as
+    it hands jobs over (and through the claim of jobs not handed over: nobody's, oldest first
+    otherwise)."""
+    owner = f"live-first-{uuid.uuid4().hex[:6]}"
+    config = EngineConfig(zone="z", template_id="t", service_offering_id="s", disk_offering_id=None,
+                          default_network_id="n", appliance_vm_id="a")
+    started: list[str] = []
+
+    def make_context(row: JobRow) -> JobContext:  # it stops at once (as if drained): its room is free again
+        started.append(row.job_id)
+        return JobContext(row=row, ports=cast(Any, None), config=config, draining=True)
+
+    runner = JobRunner(JobStore(runner_db, owner, lease_seconds=LEASE), build_machine(), make_context,
+                       capacity=1, lease_seconds=LEASE, claim_interval=60)
+
+    async def publish_first(events: Sequence[OutboxEvent]) -> bool:
+        return True
+
+    outcomes: list[str] = []
+    async with _consuming(runner_db, amqp_url, runner, publish_first, outcomes) as (channel, queue, consumer):
+        kinds = ["test", "test", "live", "test"]
+        commands = [FailoverRequested(request_id=uuid.uuid4(), vm_id=await _a_vm(runner_db), failover_type=kind)
+                    for kind in kinds]
+        try:
+            for n, command in enumerate(commands, 1):  # one at a time: in this order
+                await channel.default_exchange.publish(
+                    aio_pika.Message(command.model_dump_json().encode(), content_type="application/json"),
+                    routing_key=queue.name)
+                await wait_until(holds(lambda n=n: len(outcomes) == n), 10, "the command to be recorded")
+            assert outcomes == ["accepted"] * 4 and runner.waiting == 4
+            end = time.monotonic() + 10
+            while len(started) < 4:  # one at a time: the room is one job
+                assert time.monotonic() < end, f"only {started} started"
+                await runner._fill()
+                await asyncio.gather(*runner.running.values(), return_exceptions=True)
+                await asyncio.sleep(0)
+            ids = [str(c.request_id) for c in commands]
+            assert started == [ids[2], ids[0], ids[1], ids[3]]  # the live one first, the others in turn
+        finally:
+            await asyncio.gather(*runner.running.values(), return_exceptions=True)
+            await consumer.stop()
+            for command in commands:
+                await _end(runner_db, str(command.request_id))
+
+    # jobs nobody handed over (recorded by a process that died): the claim takes the live first
+    claims = JobStore(runner_db, f"claims-{uuid.uuid4().hex[:6]}", lease_seconds=LEASE)
+    orphans = [str(uuid.uuid4()) for _ in range(3)]
+    now = utcnow()
+    async with runner_db.begin() as conn:
+        for job_id, kind in zip(orphans, ["test", "test", "live"], strict=True):
+            await conn.execute(failover_jobs.insert().values(
+                job_id=job_id, request_id=job_id, correlation_id=job_id, vm_id=await _a_vm(runner_db), job_type=kind,
+                source_vm_name="runner-test", options={}, status="pending", created_at=now, updated_at=now))
+    try:
+        taken = await claims.claim(1, LEASE)
+        assert [row.job_id for row in taken] == [orphans[2]]
+        taken = await claims.claim(5, LEASE, running=[orphans[2]])
+        assert orphans[0] in {row.job_id for row in taken} and orphans[1] in {row.job_id for row in taken}
+    finally:
+        for job_id in orphans:
+            await _end(runner_db, job_id)
 
 
 async def _running_job(db: AsyncEngine, owner: str, lease: float) -> tuple[JobRunner, str, asyncio.Task[None]]:
@@ -333,7 +409,7 @@ async def test_a_new_jobs_first_event_is_published_once_when_a_relay_round_reads
         commands = await channel.declare_queue(exclusive=True)
         outcomes: list[str] = []
         consumer = CommandConsumer(commands, channel.default_exchange, recorder, max_bytes=65536,
-                                   on_accepted=lambda job_id: None, count=lambda t, o: outcomes.append(o),
+                                   on_accepted=lambda job_id, first: None, count=lambda t, o: outcomes.append(o),
                                    publish_first=relay.publish_now,
                                    hold=functools.partial(service._hold, runner, relay),
                                    unhold=functools.partial(service._unhold, runner, relay))

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Select,
     and_,
     bindparam,
+    case,
     column,
     func,
     or_,
@@ -199,8 +200,11 @@ def by_job_key(statement: Hinted) -> Hinted:
 
 
 def _candidates(claimable: ColumnElement[bool], limit: int) -> Select[Any]:
-    """Up to `limit` jobs meeting `claimable`, oldest first, through the claim index."""
-    return index_hint(select(failover_jobs.c.job_id).where(claimable).order_by(failover_jobs.c.id).limit(limit),
+    """Up to `limit` jobs meeting `claimable`, through the claim index: the live failovers first
+    (a disaster's do not wait behind a DR test's wave), then the oldest first."""
+    live_first = case((failover_jobs.c.job_type == "live", 0), else_=1)
+    return index_hint(select(failover_jobs.c.job_id).where(claimable)
+                      .order_by(live_first, failover_jobs.c.id).limit(limit),
                       "FORCE INDEX (ix_failover_jobs_claim)", failover_jobs)
 
 
@@ -703,8 +707,8 @@ class JobStore:
         return and_(_UNENDED, or_(free, mine))
 
     def claim_candidates(self, limit: int, running: Collection[str] = ()) -> Select[Any]:
-        """The claim's look: up to `limit` claimable jobs, oldest first, through the claim index
-        (the unended jobs), never the whole history in id order."""
+        """The claim's look: up to `limit` claimable jobs, live failovers first, then the oldest
+        first, through the claim index (the unended jobs), never the whole history in id order."""
         return _candidates(self._claimable(running), limit)
 
     async def take(self, job_ids: Sequence[str], lease_seconds: float) -> list[JobRow]:

@@ -34,7 +34,7 @@ async def test_a_delivery_that_keeps_failing_is_dead_lettered_once_with_the_erro
             counted: list[tuple[str, str]] = []
             accepted: list[str] = []
             consumer = CommandConsumer(queue, topology.dlx, CommandRecorder(engine, "poison-test", 5.0),
-                                       max_bytes=256 * 1024, on_accepted=accepted.append,
+                                       max_bytes=256 * 1024, on_accepted=lambda job_id, first: accepted.append(job_id),
                                        count=lambda t, o: counted.append((t, o)), db_outage_seconds=5)
             await consumer.start()
             watcher = await Watcher.start(stack.amqp_url)

@@ -15,7 +15,7 @@ from consumers.commands import CommandConsumer
 
 def _consumer(outage: float = 5.0) -> CommandConsumer:
     # (`_with_db` uses none of the broker's objects nor the recorder)
-    return CommandConsumer(None, None, None, max_bytes=1024, on_accepted=lambda j: None,  # type: ignore[arg-type]
+    return CommandConsumer(None, None, None, max_bytes=1024, on_accepted=lambda j, first: None,  # type: ignore[arg-type]
                            count=lambda t, o: None, db_outage_seconds=outage, delivery_limit=5)
 
 
