@@ -187,7 +187,7 @@ class CommandConsumer:
             await self._publish_first(decision)
             await message.ack()
             if decision.job_id:  # (a live failover before the jobs waiting: `JobRunner.adopt`)
-                self.on_accepted(decision.job_id, getattr(command, "failover_type", None) == "live")
+                self.on_accepted(decision.job_id, decision.first)
         finally:  # adopted, or (recorded or not) claimable: a recorded job is resumed by a claim
             self.unhold(held)
         self.count(command.type, "accepted" if decision.outcome == "signalled" else decision.outcome)

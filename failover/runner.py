@@ -183,10 +183,13 @@ class JobRunner:
             # thousand accepted at once took 20 s to start while the first ones ran
             room = self.capacity - len(self.running)
             batch: list[str] = []
+            firsts = 0  # of the batch, those from `_first` (they lead it)
             while self.waiting and len(batch) < room:
+                first = bool(self._first)
                 job_id = (self._first or self._adopted).popleft()
                 if job_id not in self.running and job_id not in batch:
                     batch.append(job_id)
+                    firsts += first
             if not batch:
                 continue
             asked = time.monotonic()
@@ -194,8 +197,9 @@ class JobRunner:
             # here for capacity), except those another process has claimed meanwhile
             try:
                 rows = await self.store.take(batch, self.lease_seconds)
-            except BaseException:  # tried again by the next round (the batch's live failovers
-                self._adopted.extendleft(reversed(batch))  # lead it, ahead of the others still)
+            except BaseException:  # tried again by the next round, each in its place
+                self._first.extendleft(reversed(batch[:firsts]))
+                self._adopted.extendleft(reversed(batch[firsts:]))
                 raise
             by_id = {row.job_id: row for row in rows}
             for job_id in batch:  # (in the batch's order: the live failovers first)

@@ -29,6 +29,8 @@ from .outbox import OUTBOX_INSERT, OutboxEvent, insert_event, outbox_event, outb
 from .store import SEED_JOB_TYPES
 from .tables import failover_jobs, job_commands, vm_replication_contexts
 
+_LIVE = SEED_JOB_TYPES["live-failover"]  # failover_jobs.job_type of a live failover
+
 # The statements of the recording transaction, built once (run on the driver: adapters/db/raw.py)
 _COMMAND_INSERT = job_commands.insert()
 _COMMAND_OUTCOME = (update(job_commands).where(job_commands.c.request_id == bindparam("request_id"))
@@ -57,6 +59,9 @@ class Decision:
     # the first event of a new stream written with the decision (JobAccepted, JobRejected): no
     # earlier event of its job can be waiting in the outbox, so it may be published at once
     events: tuple[OutboxEvent, ...] = ()
+    # the job is a live failover (new, or its rollback retried): started before the jobs waiting
+    # for room (`JobRunner.adopt`)
+    first: bool = False
 
 
 def _is_duplicate_key(exc: IntegrityError, key: str) -> bool:
@@ -137,7 +142,8 @@ class CommandRecorder:
                     raise
                 decision = await self._conflict(tx, cmd)
             else:
-                return Decision("accepted", job_id=job["job_id"], events=(outbox_event(int(got[0][0]), row),))
+                return Decision("accepted", job_id=job["job_id"], events=(outbox_event(int(got[0][0]), row),),
+                                first=job["job_type"] == _LIVE)
         await tx.execute(_COMMAND_OUTCOME, _outcome(cmd, decision))
         return decision
 
@@ -215,7 +221,8 @@ class CommandRecorder:
             if not _is_duplicate_key(exc, "active_vm_id"):
                 raise
             return await self._conflict(tx, cmd)
-        return Decision("accepted", job_id=str(cmd.request_id), events=(accepted,))
+        return Decision("accepted", job_id=str(cmd.request_id), events=(accepted,),
+                        first=SEED_JOB_TYPES[cmd.job_type] == _LIVE)
 
     async def _conflict(self, tx: raw.Transaction, cmd: FailoverRequested) -> Decision:
         """The VM is held by another job: `JobRejected` `conflict`, naming it."""
@@ -283,7 +290,7 @@ class CommandRecorder:
                                       "did not complete", job_type=None, vm_id=job.vm_id)
         await tx.execute(self._retake_for_rollback, {"job_id": job.job_id, "v_owner": self.owner,
                                                      "v_updated_at": utcnow()})
-        return Decision("accepted", job_id=job.job_id)
+        return Decision("accepted", job_id=job.job_id, first=job.job_type == _LIVE)
 
 
 def _received(cmd: Command) -> dict[str, Any]:

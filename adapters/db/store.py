@@ -202,7 +202,7 @@ def by_job_key(statement: Hinted) -> Hinted:
 def _candidates(claimable: ColumnElement[bool], limit: int) -> Select[Any]:
     """Up to `limit` jobs meeting `claimable`, through the claim index: the live failovers first
     (a disaster's do not wait behind a DR test's wave), then the oldest first."""
-    live_first = case((failover_jobs.c.job_type == "live", 0), else_=1)
+    live_first = case((failover_jobs.c.job_type == SEED_JOB_TYPES["live-failover"], 0), else_=1)
     return index_hint(select(failover_jobs.c.job_id).where(claimable)
                       .order_by(live_first, failover_jobs.c.id).limit(limit),
                       "FORCE INDEX (ix_failover_jobs_claim)", failover_jobs)
