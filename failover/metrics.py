@@ -50,6 +50,7 @@ __all__ = [
     "JOBS_ENDED",
     "JOBS_IN_PROGRESS",
     "JOBS_STARTED",
+    "JOBS_WAITING",
     "JOB_DURATION",
     "JOB_OUTCOMES",
     "JOB_STATE_OLDEST",
@@ -152,6 +153,14 @@ JOBS_IN_PROGRESS: Final = Gauge(
     "Jobs this process is running, by state-machine state (a step name or rolling_back).",
     ["state"],
 )
+JOBS_WAITING: Final = Gauge(
+    "failover_jobs_waiting",
+    "Jobs this process accepted and has no room for yet, by priority (live: live failovers and their "
+    "rollbacks retried, started before the others).",
+    ["priority"],
+)
+for _priority in ("live", "other"):
+    JOBS_WAITING.labels(priority=_priority).set(0)
 JOB_STATE_OLDEST: Final = Gauge(
     "failover_job_state_oldest_seconds",
     "Time the oldest job this process runs has spent in its current state, by state.",
@@ -315,6 +324,7 @@ ALL_METRIC_NAMES: Final[frozenset[str]] = frozenset(
         "failover_job_duration_seconds",
         "failover_step_duration_seconds",
         "failover_jobs_in_progress",
+        "failover_jobs_waiting",
         "failover_job_state_oldest_seconds",
         "failover_adapter_calls_total",
         "failover_adapter_call_duration_seconds",

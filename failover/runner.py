@@ -140,6 +140,11 @@ class JobRunner:
         """Adopted jobs waiting for this process's room."""
         return len(self._first) + len(self._adopted)
 
+    @property
+    def waiting_first(self) -> int:
+        """Of those, the ones that go first (live failovers)."""
+        return len(self._first)
+
     def state_changed(self, job_id: str, old: str | None, new: str | None) -> None:
         before = self.entered.pop(job_id, None)
         if new is not None:

@@ -481,10 +481,17 @@ async def _bounded(call: Awaitable[object], seconds: float, what: str) -> None:
         log.warning("%s failed (%s); going on", what, type(exc).__name__)
 
 
+def set_waiting_gauges(runner: JobRunner) -> None:
+    """`failover_jobs_waiting{priority}` from the runner's queues."""
+    m.JOBS_WAITING.labels(priority="live").set(runner.waiting_first)
+    m.JOBS_WAITING.labels(priority="other").set(runner.waiting - runner.waiting_first)
+
+
 async def _gauges(runner: JobRunner, outbox: OutboxStore) -> None:
     while True:
         with contextlib.suppress(Exception):
             m.set_job_state_gauges(runner.entered.values(), time.time(), known_states=_GAUGE_STATES)
+            set_waiting_gauges(runner)
             count, age = await outbox.backlog()
             m.OUTBOX_BACKLOG.set(count)
             m.OUTBOX_OLDEST_UNSENT_AGE.set(age)

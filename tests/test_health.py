@@ -254,6 +254,7 @@ async def test_metrics_types_and_labels(http: aiohttp.ClientSession, server: Hea
         "failover_job_duration_seconds": "histogram",
         "failover_step_duration_seconds": "histogram",
         "failover_jobs_in_progress": "gauge",
+        "failover_jobs_waiting": "gauge",
         "failover_job_state_oldest_seconds": "gauge",
         "failover_adapter_calls": "counter",
         "failover_adapter_call_duration_seconds": "histogram",

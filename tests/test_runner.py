@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import aio_pika
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -173,6 +174,9 @@ async def test_a_live_failover_starts_before_the_test_failovers_waiting_for_room
                     routing_key=queue.name)
                 await wait_until(holds(lambda n=n: len(outcomes) == n), 10, "the command to be recorded")
             assert outcomes == ["accepted"] * 4 and runner.waiting == 4
+            service.set_waiting_gauges(runner)  # (what serve's /metrics shows: one live failover waits)
+            assert [REGISTRY.get_sample_value("failover_jobs_waiting", {"priority": p}) for p in ("live", "other")] \
+                == [1.0, 3.0]
             end = time.monotonic() + 10
             while len(started) < 4:  # one at a time: the room is one job
                 assert time.monotonic() < end, f"only {started} started"
