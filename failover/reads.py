@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Select, select, union_all
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -21,9 +21,12 @@ from adapters.db.tables import (
     outbox,
     resource_ledger,
 )
+from schemas.common import FAILOVER_STEPS
 
-__all__ = ["ENDED", "LEVELS", "command_outcome", "command_outcomes", "holders", "job_detail", "job_details", "job_events", "job_logs",
+__all__ = ["ENDED", "LEVELS", "command_outcome", "command_outcomes", "holders", "job_detail", "job_details", "job_logs",
            "newest_jobs", "recent_jobs", "running_jobs"]
+
+T = TypeVar("T")
 
 LEVELS = ["DEBUG", "INFO", "WARN", "ERROR"]
 ENDED = ("completed", "failed", "cancelled")  # job_tracking.status of a job that has ended
@@ -54,8 +57,8 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     return round(max(0.0, (end - start).total_seconds()), 3)
 
 
-def _chunks(ids: list[str], size: int = 500) -> list[list[str]]:
-    """`ids` in lists short enough for one `IN (...)` each."""
+def _chunks(ids: list[T], size: int = 500) -> list[list[T]]:
+    """`ids` in lists short enough for one `IN (...)` (or one statement) each."""
     return [ids[at:at + size] for at in range(0, len(ids), size)]
 
 
@@ -83,16 +86,6 @@ async def recent_jobs(engine: AsyncEngine, limit: int = 20) -> list[dict[str, An
         item["duration_seconds"] = _seconds(row.started_at or row.created_at, row.completed_at) if ended else None
         out.append(item)
     return out
-
-
-async def job_events(engine: AsyncEngine, job_id: str, types: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
-    """The job's events as the service recorded them (its outbox), in sequence order."""
-    query = select(outbox.c.body).where(outbox.c.job_id == job_id)
-    if types:
-        query = query.where(outbox.c.event_type.in_(types))
-    async with engine.connect() as conn:
-        bodies = (await conn.execute(query.order_by(outbox.c.sequence))).scalars().all()
-    return [json.loads(body) for body in bodies]
 
 
 async def job_detail(engine: AsyncEngine, job_id: str) -> dict[str, Any] | None:
@@ -245,17 +238,6 @@ async def command_outcomes(engine: AsyncEngine, request_ids: list[str]) -> dict[
     return out
 
 
-async def newest_jobs(engine: AsyncEngine, vm_ids: list[str]) -> dict[str, str]:
-    """The newest job of each of these VMs (a failover or a cleanup), by the VM id casefolded."""
-    out: dict[str, str] = {}
-    async with engine.connect() as conn:
-        for chunk in _chunks(vm_ids):
-            rows = (await conn.execute(select(failover_jobs.c.vm_id, failover_jobs.c.job_id)
-                                       .where(failover_jobs.c.vm_id.in_(chunk))
-                                       .order_by(failover_jobs.c.created_at.desc(), failover_jobs.c.job_id))).all()
-            for r in rows:
-                out.setdefault(r.vm_id.casefold(), r.job_id)
-    return out
 
 
 _RUN_COLUMNS = (failover_jobs.c.job_id, failover_jobs.c.vm_id, failover_jobs.c.job_type, failover_jobs.c.status,
@@ -264,7 +246,7 @@ _RUN_COLUMNS = (failover_jobs.c.job_id, failover_jobs.c.vm_id, failover_jobs.c.j
                 failover_jobs.c.cancel_requested, failover_jobs.c.created_at, failover_jobs.c.started_at,
                 failover_jobs.c.completed_at, failover_jobs.c.parent_job_id, failover_jobs.c.requested_by)
 _FAILOVER_TYPES = ("test", "live")
-STARTUP_STEP = "vm-startup-validation"  # the failover's last step: the VM started and Running
+STARTUP_STEP = FAILOVER_STEPS[-1]  # vm-startup-validation: the VM started and Running
 _PER_STATEMENT = 100  # VMs looked up in one statement (one index dive each)
 
 
@@ -296,22 +278,29 @@ def newest_cleanups_query(failovers: list[tuple[str, str, datetime]]) -> Any:
                   for vm, job, at in failovers])
 
 
-def _slices(items: list[Any]) -> list[list[Any]]:
-    return [items[at:at + _PER_STATEMENT] for at in range(0, len(items), _PER_STATEMENT)]
+async def newest_jobs(engine: AsyncEngine, vm_ids: list[str]) -> dict[str, str]:
+    """The newest job of each of these VMs (a failover or a cleanup), by the VM id casefolded;
+    one index dive each, however long the VM's history."""
+    out: dict[str, str] = {}
+    async with engine.connect() as conn:
+        for part in _chunks(vm_ids, _PER_STATEMENT):
+            for r in (await conn.execute(_each([_newest(failover_jobs.c.vm_id == vm) for vm in part]))).all():
+                out.setdefault(r.vm_id.casefold(), r.job_id)
+    return out
 
 
 async def failover_runs(engine: AsyncEngine, *, vm_ids: Sequence[str] = (), job_ids: Sequence[str] = (),
                         since: datetime | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """What `failoverctl report` shows: the newest failover of each of these VMs (requested at
     or after `since`, naive UTC), by the VM id casefolded; and these jobs, by their id
-    casefolded. Each with its newest cleanup (`cleanup`: a test failover's cleanup job's id,
-    status, completion and error, or None) and `startup_seconds` (its last step's time: the VM's
-    start until CloudStack said Running, once that step completed). VMs and jobs not found are
+    casefolded. Each with its newest cleanup (`cleanup`: a test failover's cleanup job's row, or
+    None) and `startup_seconds` (its last step's time: the VM's start until CloudStack said
+    Running, once that step completed). VMs and jobs not found are
     left out. Times are ISO 8601 UTC."""
     by_vm: dict[str, Any] = {}
     by_job: dict[str, Any] = {}
     async with engine.connect() as conn:
-        for part in _slices(list(vm_ids)):
+        for part in _chunks(list(vm_ids), _PER_STATEMENT):
             for row in (await conn.execute(newest_failovers_query(part, since))).all():
                 by_vm.setdefault(row.vm_id.casefold(), row)
         for chunk in _chunks(list(job_ids)):
@@ -321,8 +310,8 @@ async def failover_runs(engine: AsyncEngine, *, vm_ids: Sequence[str] = (), job_
         cleanups: dict[str, Any] = {}
         startups: dict[str, Any] = {}
         tests = sorted((r.vm_id, r.job_id, r.created_at) for r in runs.values() if r.job_type == "test")
-        for part in _slices(tests):
-            for row in (await conn.execute(newest_cleanups_query(part))).all():
+        for some in _chunks(tests, _PER_STATEMENT):
+            for row in (await conn.execute(newest_cleanups_query(some))).all():
                 cleanups.setdefault(row.parent_job_id.casefold(), row)
         for chunk in _chunks(sorted(runs)):
             steps = (await conn.execute(select(job_steps.c.job_id, job_steps.c.started_at, job_steps.c.completed_at)
@@ -333,9 +322,7 @@ async def failover_runs(engine: AsyncEngine, *, vm_ids: Sequence[str] = (), job_
     def plain(row: Any) -> dict[str, Any]:
         item = _plain(row)
         cleanup = cleanups.get(row.job_id.casefold())
-        item["cleanup"] = None if cleanup is None else {
-            k: v for k, v in _plain(cleanup).items()
-            if k in ("job_id", "status", "completed_at", "failed_step", "error_code", "error_message")}
+        item["cleanup"] = None if cleanup is None else _plain(cleanup)
         item["startup_seconds"] = startups.get(row.job_id.casefold())
         return item
 
